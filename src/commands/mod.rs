@@ -1,0 +1,172 @@
+//! Command-line interface: `run`, `check`, `seed`, `authorize`, `status`, `demo`.
+
+mod seed;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tokenrelay",
+    version,
+    about = "Reverse-proxy sidecar that attaches OAuth2 bearer tokens and keeps them fresh"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format (overrides log.format in the config).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Config file (YAML).
+    #[arg(long, short = 'c', env = "TOKENRELAY_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve: one listener per upstream plus the admin listener.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Worker threads (overrides runtime.worker_threads; default: one per core).
+        #[arg(long)]
+        worker_threads: Option<usize>,
+    },
+    /// Validate the config and print it resolved, secrets redacted; exit 1 on errors.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Store an initial refresh token obtained elsewhere.
+    Seed {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        credential: String,
+        /// File holding the refresh token, or - for standard input.
+        #[arg(long)]
+        refresh_token_file: PathBuf,
+    },
+    /// Per credential: state, generation, expiries (never token values).
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    let log_format = cli.log_format.map(|f| match f {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    match cli.command {
+        Command::Check { config } => match Config::load(&config.config) {
+            Ok(c) => {
+                print!("{}", c.to_redacted_yaml());
+                eprintln!("{}: configuration is valid", config.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&config.config, &e),
+        },
+        Command::Run {
+            config,
+            worker_threads,
+        } => {
+            let cfg = match Config::load(&config.config) {
+                Ok(c) => c,
+                Err(e) => return config_error(&config.config, &e),
+            };
+            crate::logging::init(
+                log_format.unwrap_or(cfg.log.format),
+                cfg.log.level.as_deref(),
+            );
+            let threads = worker_threads.or(cfg.runtime.worker_threads);
+            let rt = match runtime(threads) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(crate::app::run(cfg, crate::shutdown::signal(), |_| {})) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "tokenrelay stopped with an error");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Seed {
+            config,
+            credential,
+            refresh_token_file,
+        } => with_config(&config, log_format, |cfg| {
+            seed::run(cfg, &credential, &refresh_token_file)
+        }),
+        Command::Status { config } => with_config(&config, log_format, status::run),
+    }
+}
+
+fn config_error(path: &std::path::Path, e: &crate::config::ConfigError) -> ExitCode {
+    eprintln!("{}: invalid configuration:", path.display());
+    for p in &e.problems {
+        eprintln!("  - {p}");
+    }
+    ExitCode::FAILURE
+}
+
+/// Loads the config and runs a short async command on a small runtime.
+fn with_config<F, Fut>(config: &ConfigArg, log_format: Option<LogFormat>, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let cfg = match Config::load(&config.config) {
+        Ok(c) => c,
+        Err(e) => return config_error(&config.config, &e),
+    };
+    crate::logging::init(
+        log_format.unwrap_or(cfg.log.format),
+        Some(cfg.log.level.as_deref().unwrap_or("warn")),
+    );
+    let rt = match runtime(Some(1)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A multi-threaded runtime with `threads` workers (all cores when unset).
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all().thread_name("tokenrelay").build()
+}

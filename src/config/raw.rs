@@ -1,0 +1,126 @@
+//! The config file's shape, exactly as written in YAML. Unknown keys are rejected
+//! (`deny_unknown_fields`); meaning and cross-checks come in `validate`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::units::{ByteSize, HumanDuration};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    #[serde(default)]
+    pub credentials: BTreeMap<String, RawCredential>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub path: Option<PathBuf>,
+    pub url: Option<String>,
+    pub endpoints: Option<Vec<String>>,
+    pub key_prefix: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub encryption_key_file: Option<PathBuf>,
+    pub poll_interval: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub worker_threads: Option<usize>,
+    pub shutdown_grace: Option<HumanDuration>,
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub grant: Option<String>,
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub client_auth: Option<String>,
+    pub request_format: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub authorize_url: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub extra_params: BTreeMap<String, String>,
+    pub refresh_at: Option<f64>,
+    pub refresh_before: Option<HumanDuration>,
+    pub token_timeout: Option<HumanDuration>,
+    pub default_expires_in: Option<HumanDuration>,
+    #[serde(default)]
+    pub token_headers: BTreeMap<String, String>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub listen: Option<String>,
+    pub url: Option<String>,
+    pub credential: Option<String>,
+    pub header: Option<String>,
+    pub format: Option<String>,
+    pub inbound_authorization: Option<String>,
+    pub retry_on_401: Option<bool>,
+    pub retry_body_limit: Option<ByteSize>,
+    pub timeout: Option<HumanDuration>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub header_read_timeout: Option<HumanDuration>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub max_header_size: Option<ByteSize>,
+}

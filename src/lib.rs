@@ -1,0 +1,36 @@
+//! tokenrelay: a reverse-proxy sidecar for apps that must call an OAuth2-protected API but
+//! cannot do OAuth2 themselves. Each upstream gets a local listener; every request is
+//! forwarded with the credential's current access token attached, and a background
+//! refresher keeps that token fresh without ever losing or double-spending a rotating
+//! refresh token.
+//!
+//! # Layout
+//! - [`config`]: YAML → validated [`config::Config`]; every error names its key path.
+//! - [`secret`]: the redacting string type that carries every token and secret.
+//! - [`oauth`]: token endpoint requests and strict answer parsing.
+//! - [`credential`]: the lock-free token cell, state, and the single-flight refresher.
+//! - [`store`]: durable shared state (`load`, CAS, lease, watch); file backend; encryption.
+//! - [`proxy`]: the forwarding path (headers, bodies, 401 retry, errors).
+//! - [`server`]: inbound listeners with limits and graceful drain.
+//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! - [`metrics`]: the Prometheus families.
+//! - [`app`]: wiring and shutdown. [`commands`]: the CLI.
+//! - [`demo`]: the demo authorization server and API used by `tokenrelay demo` and tests.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod commands;
+pub mod config;
+pub mod credential;
+pub mod demo;
+pub mod logging;
+pub mod metrics;
+pub mod oauth;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,5 @@
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    tokenrelay::commands::main(tokenrelay::commands::Cli::parse())
+}

@@ -1,0 +1,216 @@
+//! Sends token requests for one credential: client authentication (`request_body` or HTTP
+//! Basic per RFC 6749 §2.3.1), `form` or `json` bodies, scopes, extra parameters and
+//! headers. Redirects are never followed, so the client secret only reaches `token_url`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+
+use super::response::{parse, TokenError, TokenResponse};
+use crate::config::{ClientAuth, CredentialConfig, RequestFormat};
+use crate::secret::Secret;
+
+/// Largest token endpoint answer read; real ones are a few KiB.
+const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
+
+/// Which grant a token request uses.
+pub enum GrantRequest<'a> {
+    ClientCredentials,
+    Password,
+    RefreshToken(&'a Secret),
+    AuthorizationCode {
+        code: &'a str,
+        code_verifier: Option<&'a str>,
+    },
+}
+
+impl GrantRequest<'_> {
+    fn grant_type(&self) -> &'static str {
+        match self {
+            GrantRequest::ClientCredentials => "client_credentials",
+            GrantRequest::Password => "password",
+            GrantRequest::RefreshToken(_) => "refresh_token",
+            GrantRequest::AuthorizationCode { .. } => "authorization_code",
+        }
+    }
+}
+
+/// Token endpoint client of one credential.
+pub struct TokenClient {
+    http: reqwest::Client,
+    config: Arc<CredentialConfig>,
+}
+
+impl std::fmt::Debug for TokenClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenClient")
+            .field("credential", &self.config.name)
+            .finish()
+    }
+}
+
+impl TokenClient {
+    /// Builds the HTTP client (TLS 1.2+, verified, optional private CA, no redirects).
+    pub fn new(config: Arc<CredentialConfig>) -> Result<TokenClient, String> {
+        let tls = crate::tls::client_config(config.ca_file.as_deref(), &[b"http/1.1"])?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.token_timeout.0)
+            .connect_timeout(config.token_timeout.0.min(Duration::from_secs(5)))
+            .user_agent(concat!("tokenrelay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build token client: {e}"))?;
+        Ok(TokenClient { http, config })
+    }
+
+    /// The request parameters, in a stable order (secrets included; never log them).
+    fn params(&self, grant: &GrantRequest<'_>) -> Vec<(&str, String)> {
+        let c = &self.config;
+        let mut p: Vec<(&str, String)> = vec![("grant_type", grant.grant_type().into())];
+        match grant {
+            GrantRequest::ClientCredentials => {}
+            GrantRequest::Password => {
+                p.push(("username", c.username.clone().unwrap_or_default()));
+                if let Some(pw) = &c.password {
+                    p.push(("password", pw.expose().into()));
+                }
+            }
+            GrantRequest::RefreshToken(rt) => p.push(("refresh_token", rt.expose().into())),
+            GrantRequest::AuthorizationCode {
+                code,
+                code_verifier,
+            } => {
+                p.push(("code", (*code).into()));
+                if let Some(v) = code_verifier {
+                    p.push(("code_verifier", (*v).into()));
+                }
+            }
+        }
+        // Some providers (amoCRM among them) require redirect_uri on refresh too.
+        if let Some(r) = &c.redirect_uri {
+            if !matches!(
+                grant,
+                GrantRequest::ClientCredentials | GrantRequest::Password
+            ) {
+                p.push(("redirect_uri", r.clone()));
+            }
+        }
+        if !c.scopes.is_empty() && !matches!(grant, GrantRequest::AuthorizationCode { .. }) {
+            p.push(("scope", c.scopes.join(" ")));
+        }
+        if c.client_auth == ClientAuth::RequestBody {
+            if let Some(id) = &c.client_id {
+                p.push(("client_id", id.clone()));
+            }
+            if let Some(s) = &c.client_secret {
+                p.push(("client_secret", s.expose().into()));
+            }
+        } else if c.client_secret.is_none() {
+            // A public client still identifies itself.
+            if let Some(id) = &c.client_id {
+                p.push(("client_id", id.clone()));
+            }
+        }
+        for (k, v) in &c.extra_params {
+            p.push((k.as_str(), v.clone()));
+        }
+        p
+    }
+
+    /// Sends one token request and parses the answer.
+    pub async fn request(&self, grant: GrantRequest<'_>) -> Result<TokenResponse, TokenError> {
+        let c = &self.config;
+        let url = c
+            .token_url
+            .clone()
+            .ok_or_else(|| TokenError::Transient("credential has no token_url".into()))?;
+        let params = self.params(&grant);
+        let mut req = self
+            .http
+            .post(url)
+            .header(http::header::ACCEPT, "application/json");
+        req = match c.request_format {
+            RequestFormat::Form => {
+                let body = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
+                    .finish();
+                req.header(
+                    http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body)
+            }
+            RequestFormat::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+                    .collect();
+                req.json(&map)
+            }
+        };
+        if c.client_auth == ClientAuth::Basic {
+            if let Some(secret) = &c.client_secret {
+                let enc =
+                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let raw = format!(
+                    "{}:{}",
+                    enc(c.client_id.as_deref().unwrap_or_default()),
+                    enc(secret.expose())
+                );
+                let mut value = http::HeaderValue::from_str(&format!("Basic {}", B64.encode(raw)))
+                    .map_err(|_| {
+                        TokenError::Transient("client credentials not encodable".into())
+                    })?;
+                value.set_sensitive(true);
+                req = req.header(http::header::AUTHORIZATION, value);
+            }
+        }
+        for (k, v) in &c.token_headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let resp = req.send().await.map_err(describe_reqwest)?;
+        let status = resp.status().as_u16();
+        let body = read_limited(resp).await?;
+        parse(status, &body, c.default_expires_in.0)
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, TokenError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(describe_reqwest)? {
+        if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+            return Err(TokenError::Transient(format!(
+                "token endpoint answer is larger than {MAX_TOKEN_RESPONSE} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Describes a transport failure without the URL's query or any body.
+fn describe_reqwest(e: reqwest::Error) -> TokenError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "reading the answer failed"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(&e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    TokenError::Transient(if detail.is_empty() {
+        format!("token request {kind}")
+    } else {
+        format!("token request {kind}: {detail}")
+    })
+}

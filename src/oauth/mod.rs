@@ -1,0 +1,7 @@
+//! The token endpoint: building token requests (RFC 6749 §4–6) and parsing their answers.
+
+mod client;
+mod response;
+
+pub use client::{GrantRequest, TokenClient};
+pub use response::{TokenError, TokenResponse};

@@ -1,0 +1,161 @@
+//! Encoding of [`StoredState`] to bytes and back, shared by every backend: JSON with the
+//! generation in clear (so CAS and watch need no key) and the tokens either plain or
+//! sealed with [`Cipher`].
+
+use serde::{Deserialize, Serialize};
+
+use super::crypto::{Cipher, Sealed};
+use super::StoredState;
+use crate::secret::Secret;
+
+const FORMAT_VERSION: u32 = 1;
+
+/// Encodes and decodes stored states; holds the optional at-rest key.
+#[derive(Debug)]
+pub struct Codec {
+    cipher: Option<Cipher>,
+}
+
+/// On-disk envelope.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    version: u32,
+    generation: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<Payload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encrypted: Option<EncryptedPayload>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptedPayload {
+    alg: String,
+    nonce: String,
+    ciphertext: String,
+}
+
+/// The fields of a state, with secrets as plain strings. Private to this module so the
+/// exposed values exist only on their way to and from the backend.
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    access_token: Option<String>,
+    access_expires_at_ms: Option<u64>,
+    refresh_token: Option<String>,
+    obtained_at_ms: u64,
+    updated_at_ms: u64,
+    updated_by: String,
+    #[serde(default)]
+    reauthorization_required: Option<String>,
+}
+
+fn aad(name: &str, generation: u64) -> Vec<u8> {
+    format!("tokenrelay/v{FORMAT_VERSION}/{name}/{generation}").into_bytes()
+}
+
+impl Codec {
+    /// A codec that encrypts when `key` is given.
+    pub fn new(key: Option<&Secret>) -> Result<Codec, String> {
+        Ok(Codec {
+            cipher: key.map(Cipher::new).transpose()?,
+        })
+    }
+
+    /// True when values are encrypted at rest.
+    pub fn encrypts(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    /// Serializes (and seals) a state.
+    pub fn encode(&self, name: &str, s: &StoredState) -> Result<Vec<u8>, String> {
+        let payload = Payload {
+            access_token: s.access_token.as_ref().map(|t| t.expose().to_string()),
+            access_expires_at_ms: s.access_expires_at_ms,
+            refresh_token: s.refresh_token.as_ref().map(|t| t.expose().to_string()),
+            obtained_at_ms: s.obtained_at_ms,
+            updated_at_ms: s.updated_at_ms,
+            updated_by: s.updated_by.clone(),
+            reauthorization_required: s.reauthorization_required.clone(),
+        };
+        let mut env = Envelope {
+            version: FORMAT_VERSION,
+            generation: s.generation,
+            state: None,
+            encrypted: None,
+        };
+        match &self.cipher {
+            None => env.state = Some(payload),
+            Some(c) => {
+                let plain = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
+                let sealed = c.seal(&aad(name, s.generation), &plain)?;
+                env.encrypted = Some(EncryptedPayload {
+                    alg: "AES-256-GCM".into(),
+                    nonce: sealed.nonce,
+                    ciphertext: sealed.ciphertext,
+                });
+            }
+        }
+        let mut out = serde_json::to_vec_pretty(&env).map_err(|e| e.to_string())?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// Reads only the generation (no key needed).
+    pub fn generation(bytes: &[u8]) -> Result<u64, String> {
+        #[derive(Deserialize)]
+        struct Gen {
+            generation: u64,
+        }
+        serde_json::from_slice::<Gen>(bytes)
+            .map(|g| g.generation)
+            .map_err(|e| format!("not a tokenrelay state file: {e}"))
+    }
+
+    /// Parses (and opens) a state; errors never contain token material.
+    pub fn decode(&self, name: &str, bytes: &[u8]) -> Result<StoredState, String> {
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "not a tokenrelay state file (line {}, column {})",
+                e.line(),
+                e.column()
+            )
+        })?;
+        if env.version != FORMAT_VERSION {
+            return Err(format!("unsupported state format version {}", env.version));
+        }
+        let payload = match (env.state, env.encrypted, &self.cipher) {
+            (Some(p), None, _) => p,
+            (None, Some(_), None) => {
+                return Err(
+                    "state is encrypted but no store.encryption_key_file is configured".into(),
+                )
+            }
+            (None, Some(e), Some(c)) => {
+                if e.alg != "AES-256-GCM" {
+                    return Err(format!("unsupported encryption algorithm {:?}", e.alg));
+                }
+                let plain = c.open(
+                    &aad(name, env.generation),
+                    &Sealed {
+                        nonce: e.nonce,
+                        ciphertext: e.ciphertext,
+                    },
+                )?;
+                serde_json::from_slice(&plain)
+                    .map_err(|_| "decrypted state is not valid".to_string())?
+            }
+            _ => return Err("state must hold exactly one of state or encrypted".into()),
+        };
+        Ok(StoredState {
+            generation: env.generation,
+            access_token: payload.access_token.map(Secret::new),
+            access_expires_at_ms: payload.access_expires_at_ms,
+            refresh_token: payload.refresh_token.map(Secret::new),
+            obtained_at_ms: payload.obtained_at_ms,
+            updated_at_ms: payload.updated_at_ms,
+            updated_by: payload.updated_by,
+            reauthorization_required: payload.reauthorization_required,
+        })
+    }
+}

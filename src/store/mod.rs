@@ -1,0 +1,131 @@
+//! Durable, shared credential state (the store contract of DESIGN.md).
+//!
+//! Every backend implements [`Store`]: `load`, `compare_and_swap` on the generation,
+//! a cluster-wide refresh `lease`, and `watch` for changes made by other processes.
+//! Values are encoded (and optionally encrypted) by [`codec`] before they leave the process.
+
+pub mod codec;
+pub mod crypto;
+pub mod file;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::config::{StoreBackend, StoreConfig};
+use crate::secret::Secret;
+
+/// What is stored per credential. Generation 0 means "nothing stored yet".
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredState {
+    /// +1 per rotation (and per seed/authorize/rejection); the CAS key.
+    pub generation: u64,
+    pub access_token: Option<Secret>,
+    /// Unix time (milliseconds) at which the access token expires.
+    pub access_expires_at_ms: Option<u64>,
+    pub refresh_token: Option<Secret>,
+    /// Unix time (ms) the token pair was obtained from the token endpoint.
+    pub obtained_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Instance id of the writer (host/pid or the configured id).
+    pub updated_by: String,
+    /// Set when the refresh token was rejected (`invalid_grant`): why, and that a human
+    /// must seed or authorize again. Never cleared except by a new seed/authorize.
+    pub reauthorization_required: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Result of a compare-and-swap.
+#[derive(Debug, PartialEq)]
+pub enum CasOutcome {
+    /// Written durably.
+    Swapped,
+    /// The stored generation was not the expected one; nothing written.
+    Conflict { current_generation: u64 },
+}
+
+/// Store failures. Messages name the credential and the operation, never a token.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {op} for credential {credential:?} failed: {message}")]
+    Backend {
+        op: &'static str,
+        credential: String,
+        message: String,
+    },
+    #[error("stored state of credential {credential:?} is unreadable: {message}")]
+    Corrupt { credential: String, message: String },
+}
+
+impl StoreError {
+    pub fn backend(op: &'static str, credential: &str, e: impl std::fmt::Display) -> Self {
+        StoreError::Backend {
+            op,
+            credential: credential.to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A held refresh lease. Dropping it releases it (best effort); prefer `release`.
+#[async_trait]
+pub trait Lease: Send + Sync {
+    /// True while the lease is certainly held for at least `needed` more time. A refresher
+    /// checks this right before sending a refresh token and never sends it otherwise.
+    fn is_held_for(&self, needed: Duration) -> bool;
+    /// Releases the lease so another process may refresh at once.
+    async fn release(self: Box<Self>);
+}
+
+/// The store contract shared by the file, Redis and etcd backends.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name for logs, metrics and `/status` (`file`, `redis`, `etcd`).
+    fn kind(&self) -> &'static str;
+    /// Current state, or `None` if nothing was ever stored.
+    async fn load(&self, name: &str) -> Result<Option<StoredState>, StoreError>;
+    /// Writes `new` if the stored generation equals `expected` (0 = nothing stored).
+    /// Atomic and durable when it returns `Swapped`.
+    async fn compare_and_swap(
+        &self,
+        name: &str,
+        expected: u64,
+        new: &StoredState,
+    ) -> Result<CasOutcome, StoreError>;
+    /// Tries once to take the refresh lease for `ttl`; `None` if another holder has it.
+    async fn try_lease(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn Lease>>, StoreError>;
+    /// Notifies the stored generation whenever it may have changed (at least every poll
+    /// interval). The receiver's value is the last generation seen.
+    fn watch(&self, name: &str) -> watch::Receiver<u64>;
+}
+
+/// Builds the configured store.
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let codec = codec::Codec::new(config.encryption_key.as_ref())
+        .map_err(|e| StoreError::backend("open", "*", e))?;
+    match &config.backend {
+        StoreBackend::File { path } => Ok(Arc::new(file::FileStore::open(
+            path,
+            codec,
+            config.poll_interval.0,
+        )?)),
+        StoreBackend::Redis { .. } | StoreBackend::Etcd { .. } => Err(StoreError::backend(
+            "open",
+            "*",
+            "this build supports only store type file",
+        )),
+    }
+}
