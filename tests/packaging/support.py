@@ -1,0 +1,187 @@
+"""Shared helpers for the packaging tests: rendering the chart, reading manifests."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "tokenrelay"
+CI_DIR = CHART / "ci"
+EXAMPLE = CHART / "examples" / "app-with-sidecar"
+RELEASE = "rel"
+NAMESPACE = "tokenrelay-test"
+
+#: Prometheus Operator kinds: not in the Kubernetes OpenAPI schemas, checked structurally.
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+MONITORING_API = "monitoring.coreos.com/v1"
+
+#: Metric families tokenrelay exports (DESIGN.md, "Metrics").
+METRICS = {
+    "tokenrelay_requests_total",
+    "tokenrelay_request_duration_seconds",
+    "tokenrelay_upstream_errors_total",
+    "tokenrelay_token_refresh_total",
+    "tokenrelay_token_refresh_duration_seconds",
+    "tokenrelay_token_expiry_timestamp_seconds",
+    "tokenrelay_token_generation",
+    "tokenrelay_credential_ready",
+    "tokenrelay_credential_state",
+    "tokenrelay_last_refresh_success_timestamp_seconds",
+    "tokenrelay_refresh_waiters_total",
+    "tokenrelay_upstream_401_retries_total",
+    "tokenrelay_store_operations_total",
+    "tokenrelay_build_info",
+}
+HISTOGRAMS = {"tokenrelay_request_duration_seconds", "tokenrelay_token_refresh_duration_seconds"}
+
+
+def value_set_names() -> list[str]:
+    """Names of the chart-testing value sets: ci/NAME-values.yaml."""
+    return sorted(p.name[: -len("-values.yaml")] for p in CI_DIR.glob("*-values.yaml"))
+
+
+def load_values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CI_DIR / f"{name}-values.yaml").read_text()) or {}
+
+
+def is_sidecar_set(name: str) -> bool:
+    return load_values(name).get("mode") == "sidecar"
+
+
+def helm():
+    import helm_python
+
+    return helm_python
+
+
+def render_chart(chart: Path, values: dict[str, Any] | None) -> dict[str, str]:
+    """Render a chart offline, as `helm template` would."""
+    with helm().Chart.load(str(chart)) as loaded:
+        return loaded.render(values=values or {}, name=RELEASE, namespace=NAMESPACE)
+
+
+@functools.lru_cache(maxsize=None)
+def _render_set_json(name: str) -> str:
+    return json.dumps(render_chart(CHART, load_values(name)))
+
+
+def render_set(name: str) -> dict[str, str]:
+    """Rendered templates of the chart with ci/NAME-values.yaml (cached)."""
+    return json.loads(_render_set_json(name))
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """Every Kubernetes object in the rendered output (NOTES.txt left out)."""
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt") or not text.strip():
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc is None:
+                continue
+            assert isinstance(doc, dict), f"{path}: a document that is not a mapping"
+            doc.setdefault("__template__", path)
+            docs.append(doc)
+    return docs
+
+
+def strip_meta(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "__template__"}
+
+
+def notes(rendered: dict[str, str], chart_name: str = "tokenrelay") -> str:
+    for path, text in rendered.items():
+        if path == f"{chart_name}/templates/NOTES.txt":
+            return text
+    raise AssertionError("no NOTES.txt rendered")
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [d for d in of_kind(docs, "ConfigMap") if "config.yaml" in (d.get("data") or {})]
+    assert len(found) == 1, f"expected one ConfigMap with config.yaml, found {len(found)}"
+    return found[0]
+
+
+def config_text(docs: list[dict[str, Any]]) -> str:
+    return config_map(docs)["data"]["config.yaml"]
+
+
+def config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(config_text(docs))
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["template"]["spec"]
+
+
+def tokenrelay_container(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The tokenrelay container of a pod spec and where it is ("containers"/"initContainers")."""
+    hits = [
+        (c, where)
+        for where in ("initContainers", "containers")
+        for c in spec.get(where) or []
+        if c.get("args", [])[:1] == ["run"] and "/etc/tokenrelay/config.yaml" in c.get("args", [])
+    ]
+    assert len(hits) == 1, f"expected one tokenrelay container, found {len(hits)}"
+    return hits[0]
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float:
+    m = _DURATION.match(str(text))
+    assert m, f"not a duration: {text!r}"
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def build_example(workdir: Path) -> Path:
+    """Copy the example consumer chart with the tokenrelay chart beside it, and run
+    `helm dependency update` on it, as a user would (file://../.. repository)."""
+    root = workdir / "charts" / "tokenrelay"
+    shutil.copytree(CHART, root, ignore=shutil.ignore_patterns("charts", "Chart.lock"))
+    example = root / "examples" / "app-with-sidecar"
+    env_keys = {
+        "HELM_CACHE_HOME": workdir / "helm-cache",
+        "HELM_CONFIG_HOME": workdir / "helm-config",
+        "HELM_DATA_HOME": workdir / "helm-data",
+    }
+    saved = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update({k: str(v) for k, v in env_keys.items()})
+    try:
+        helm().dependency_update(str(example), skip_refresh=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert list((example / "charts").glob("tokenrelay-*.tgz")), "dependency update packaged no tokenrelay chart"
+    return example
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 300)
+    return subprocess.run(cmd, check=False, **kw)
