@@ -1,5 +1,7 @@
 //! Command-line interface: `run`, `check`, `seed`, `authorize`, `status`, `demo`.
 
+mod authorize;
+mod demo;
 mod seed;
 mod status;
 
@@ -62,10 +64,27 @@ pub enum Command {
         #[arg(long)]
         refresh_token_file: PathBuf,
     },
+    /// One-time bootstrap: exchange an authorization code and store the refresh token.
+    Authorize {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        credential: String,
+        /// A code copied from the provider's UI; without it, the authorize URL is printed
+        /// and the redirect_uri callback is served locally.
+        #[arg(long)]
+        code: Option<String>,
+    },
     /// Per credential: state, generation, expiries (never token values).
     Status {
         #[command(flatten)]
         config: ConfigArg,
+    },
+    /// Try it with nothing else installed: demo authorization server, demo API, tokenrelay.
+    Demo {
+        /// Directory for the demo's file store.
+        #[arg(long, default_value = "./tokenrelay-demo-state")]
+        state_dir: PathBuf,
     },
 }
 
@@ -120,7 +139,27 @@ pub fn main(cli: Cli) -> ExitCode {
         } => with_config(&config, log_format, |cfg| {
             seed::run(cfg, &credential, &refresh_token_file)
         }),
+        Command::Authorize { config, credential, code } => {
+            with_config(&config, log_format, |cfg| authorize::run(cfg, &credential, code))
+        }
         Command::Status { config } => with_config(&config, log_format, status::run),
+        Command::Demo { state_dir } => {
+            crate::logging::init(log_format.unwrap_or(LogFormat::Text), None);
+            let rt = match runtime(None) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(demo::run(&state_dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

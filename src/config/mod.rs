@@ -162,7 +162,7 @@ pub enum InboundAuthorization {
 }
 
 /// One OAuth2 credential: how to obtain and refresh its access token.
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CredentialConfig {
     pub name: String,
     pub grant: Grant,

@@ -16,7 +16,8 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// Builds the client of one upstream.
 pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
-    let tls = crate::tls::client_config(config.ca_file.as_deref(), &[b"h2", b"http/1.1"])?;
+    // hyper-rustls sets ALPN (h2, http/1.1) itself from the enabled protocols.
+    let tls = crate::tls::client_config(config.ca_file.as_deref(), &[])?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -1,0 +1,162 @@
+//! `tokenrelay authorize`: the one-time bootstrap of a `refresh_token` credential.
+//!
+//! With `--code`, exchanges a code pasted from the provider's UI. Without it, prints the
+//! authorize URL (with `state` and PKCE S256) and, when `redirect_uri` points at this
+//! machine (`http://127.0.0.1:PORT/...` or `localhost`), serves that callback itself and
+//! exchanges the code it receives. Either way the result is stored as the next generation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, CredentialConfig, Grant};
+use crate::oauth::{GrantRequest, TokenClient};
+
+/// How long the callback server waits for the browser (codes expire in minutes anyway).
+const CALLBACK_WAIT: Duration = Duration::from_secs(15 * 60);
+
+pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow::Result<()> {
+    let Some(c) = cfg.credentials.get(credential) else {
+        bail!("credential {credential:?} is not in the config");
+    };
+    if c.grant != Grant::RefreshToken {
+        bail!("credential {credential:?} uses grant {:?}; authorize applies only to grant refresh_token", c.grant);
+    }
+    crate::tls::install_crypto_provider();
+    let client = TokenClient::new(Arc::new(c.clone())).map_err(anyhow::Error::msg)?;
+    let (code, verifier) = match code {
+        Some(code) => (code.trim().to_string(), None),
+        None => obtain_code(c).await?,
+    };
+    let resp = client
+        .request(GrantRequest::AuthorizationCode { code: &code, code_verifier: verifier.as_deref() })
+        .await
+        .map_err(|e| {
+            if e.is_invalid_grant() {
+                anyhow::anyhow!("the authorization code was rejected ({e}). Codes work once and expire within minutes: obtain a new one and run authorize again promptly")
+            } else {
+                anyhow::anyhow!("exchanging the authorization code failed: {e}")
+            }
+        })?;
+    let Some(refresh) = resp.refresh_token else {
+        bail!("the token endpoint issued no refresh_token; check the scopes (some providers need offline_access) and the client's settings");
+    };
+    let expires = SystemTime::now() + resp.expires_in;
+    let expires_ms = expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
+    let generation = super::seed::store_new_grant(&cfg, credential, refresh, Some((resp.access_token, expires_ms))).await?;
+    println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
+    Ok(())
+}
+
+fn random_b64(n: usize) -> String {
+    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    B64URL.encode(bytes)
+}
+
+/// Prints the authorize URL and waits for the provider to redirect back with a code.
+async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<String>)> {
+    let Some(authorize_url) = &c.authorize_url else {
+        bail!("credentials.{}.authorize_url is not set: set it to the provider's authorization endpoint, or pass --code with a code obtained in the provider's UI", c.name);
+    };
+    let Some(redirect) = &c.redirect_uri else {
+        bail!("credentials.{}.redirect_uri is required to authorize", c.name);
+    };
+    let redirect_url = url::Url::parse(redirect).context("redirect_uri is not a URL")?;
+    let state = random_b64(16);
+    let verifier = random_b64(32);
+    let challenge = B64URL.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
+    let mut url = authorize_url.clone();
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("response_type", "code")
+            .append_pair("client_id", c.client_id.as_deref().unwrap_or_default())
+            .append_pair("redirect_uri", redirect)
+            .append_pair("state", &state)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        if !c.scopes.is_empty() {
+            q.append_pair("scope", &c.scopes.join(" "));
+        }
+    }
+    println!("Open this URL in a browser and approve access:\n\n  {url}\n");
+    let local = matches!(redirect_url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) && redirect_url.scheme() == "http";
+    if !local {
+        bail!("redirect_uri {redirect} is not on this machine, so its callback cannot be served here: after approving, copy the `code` parameter from the address the browser lands on and run authorize again with --code CODE (quickly: codes expire within minutes)");
+    }
+    let port = redirect_url.port_or_known_default().unwrap_or(80);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the redirect_uri callback"))?;
+    println!("Waiting for the callback on {redirect} ...");
+    let (tx, mut rx) = mpsc::channel::<Result<String, String>>(1);
+    let path = redirect_url.path().to_string();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let tx = tx.clone();
+            let state = state.clone();
+            let path = path.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let result = callback_result(&req, &path, &state);
+                    let tx = tx.clone();
+                    async move {
+                        let (status, msg) = match &result {
+                            Some(Ok(_)) => (200, "Authorized. You can close this window; tokenrelay is storing the tokens."),
+                            Some(Err(_)) => (400, "Authorization failed; see the terminal running tokenrelay authorize."),
+                            None => (404, "Not the callback path."),
+                        };
+                        if let Some(r) = result {
+                            let _ = tx.send(r).await;
+                        }
+                        let mut resp = http::Response::new(Full::new(Bytes::from(msg)));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    let got = tokio::time::timeout(CALLBACK_WAIT, rx.recv()).await;
+    server.abort();
+    match got {
+        Err(_) => bail!("no callback within {} minutes", CALLBACK_WAIT.as_secs() / 60),
+        Ok(None) => bail!("callback server stopped"),
+        Ok(Some(Err(e))) => bail!("authorization failed: {e}"),
+        Ok(Some(Ok(code))) => Ok((code, Some(verifier))),
+    }
+}
+
+/// `Some(Ok(code))` for a valid callback, `Some(Err)` for a provider error or bad state,
+/// `None` for unrelated requests (favicon and the like).
+fn callback_result<B>(req: &http::Request<B>, path: &str, state: &str) -> Option<Result<String, String>> {
+    if req.uri().path() != path {
+        return None;
+    }
+    let q: std::collections::HashMap<String, String> = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    if let Some(err) = q.get("error") {
+        let desc = q.get("error_description").map(|d| format!(": {d}")).unwrap_or_default();
+        return Some(Err(format!("the provider answered {err}{desc}")));
+    }
+    if q.get("state").map(String::as_str) != Some(state) {
+        return Some(Err("the callback's state does not match (stale or forged request)".into()));
+    }
+    match q.get("code") {
+        Some(code) if !code.is_empty() => Some(Ok(code.clone())),
+        _ => Some(Err("the callback carries no code".into())),
+    }
+}
