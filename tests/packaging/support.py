@@ -145,14 +145,18 @@ def tokenrelay_container(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return hits[0]
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def duration_seconds(text: str) -> float:
-    m = _DURATION.match(str(text))
-    assert m, f"not a duration: {text!r}"
-    return float(m.group(1)) * _UNITS[m.group(2)]
+def duration_seconds(text: str | int) -> float:
+    """Seconds in a config duration: 30s, 1m30s, 250ms, or a bare number of seconds."""
+    text = str(text)
+    if text.isdigit():
+        return float(text)
+    assert _DURATION.match(text), f"not a duration: {text!r}"
+    return sum(float(n) * _UNITS[u] for n, u in _PART.findall(text))
 
 
 def build_example(workdir: Path) -> Path:

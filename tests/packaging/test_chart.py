@@ -286,9 +286,8 @@ def test_config_file_and_state_volumes(name: str, example_chart: Path) -> None:
 def test_termination_grace_exceeds_drain(name: str) -> None:
     docs = support.manifests(support.render_set(name))
     spec = support.pod_spec(support.one(docs, "Deployment"))
-    cfg = support.config(docs)
-    longest = max([30.0] + [support.duration_seconds(u["timeout"]) for u in cfg["upstreams"].values() if "timeout" in u])
-    assert spec["terminationGracePeriodSeconds"] > longest
+    grace = support.duration_seconds(support.config(docs)["runtime"]["shutdown_grace"])
+    assert spec["terminationGracePeriodSeconds"] > grace
 
 
 @pytest.mark.parametrize("name", STANDALONE_SETS)
@@ -378,8 +377,15 @@ def test_redis_url_comes_from_a_secret_through_env() -> None:
 
 def test_etcd_store_lists_its_endpoints() -> None:
     cfg = support.config(support.manifests(support.render_set("etcd")))
-    assert cfg["store"]["type"] == "etcd"
-    assert cfg["store"]["endpoints"] == support.load_values("etcd")["store"]["etcd"]["endpoints"]
+    assert cfg["store"] == {
+        "type": "etcd",
+        "endpoints": support.load_values("etcd")["store"]["etcd"]["endpoints"],
+        "password_file": "/run/secrets/tokenrelay/store/password",
+        "username": "tokenrelay",
+        "key_prefix": "/tokenrelay/",
+        "poll_interval": "2s",
+    }
+    assert cfg["log"] == {"format": "text", "level": "info,tokenrelay=debug", "access_log": True}
     assert cfg["credentials"]["erp"]["password_file"] == "/run/secrets/tokenrelay/credentials/erp/password"
 
 
@@ -426,7 +432,8 @@ def test_sidecar_is_wired_into_the_app_pod(example_chart: Path, name: str) -> No
     assert meta["labels"]["tokenrelay-sidecar"] == cm["metadata"]["name"]
     config_volume = next(v for v in spec["volumes"] if v["name"] == "tokenrelay-config")
     assert config_volume["configMap"]["name"] == cm["metadata"]["name"]
-    assert spec["terminationGracePeriodSeconds"] > 30
+    drain = support.duration_seconds(support.config(docs)["runtime"]["shutdown_grace"])
+    assert spec["terminationGracePeriodSeconds"] > drain + values["sidecar"].get("preStopSleepSeconds", 0)
     # The PodMonitor selects the app's pods.
     for pm in support.of_kind(docs, "PodMonitor"):
         match = pm["spec"]["selector"]["matchLabels"]
@@ -515,6 +522,8 @@ def test_schema_accepts_env_reference_for_inline_secrets() -> None:
 
 
 GUARDS = [
+    ({"terminationGracePeriodSeconds": 15}, "must exceed runtime.shutdown_grace"),
+    ({"runtime": {"shutdown_grace": "1m30s"}, "terminationGracePeriodSeconds": 90}, "must exceed runtime.shutdown_grace"),
     ({"replicaCount": 2}, "file store holds a credential for one process only"),
     ({"store": {"type": "redis"}}, "store.redis.urlSecretRef.name"),
     ({"store": {"type": "etcd"}}, "store.etcd.endpoints"),

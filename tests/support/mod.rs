@@ -195,3 +195,89 @@ pub async fn wait_ready(url: &str, within: Duration) -> bool {
     })
     .await
 }
+
+/// Demo authorization server plus an upstream API that accepts only its tokens.
+pub struct DemoServers {
+    pub auth: tokenrelay::demo::AuthServer,
+    pub api: tokenrelay::demo::ApiServer,
+}
+
+/// Starts the demo servers on loopback (`opts` for the authorization server).
+pub async fn demo_servers(opts: tokenrelay::demo::AuthServerOptions) -> DemoServers {
+    let auth = tokenrelay::demo::AuthServer::start(opts).await.unwrap();
+    let api = tokenrelay::demo::ApiServer::start(Some(auth.validator()))
+        .await
+        .unwrap();
+    DemoServers { auth, api }
+}
+
+/// A config with one client_credentials credential `api` (demo-client/demo-secret at
+/// `token_url`) and one upstream `api` in front of `upstream_url`, plain http allowed.
+/// `credential_extra` and `upstream_extra` are extra YAML flow-mapping entries, e.g.
+/// `"timeout: 1s, limits: { max_connections: 2 }"`.
+pub fn one_upstream_yaml(
+    token_url: &str,
+    upstream_url: &str,
+    credential_extra: &str,
+    upstream_extra: &str,
+) -> String {
+    let ce = if credential_extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {credential_extra}")
+    };
+    let ue = if upstream_extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {upstream_extra}")
+    };
+    format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         credentials:\n  \
+           api: {{ grant: client_credentials, token_url: {token_url}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true{ce} }}\n\
+         upstreams:\n  \
+           api: {{ listen: 127.0.0.1:0, url: {upstream_url}, credential: api, allow_insecure_http: true{ue} }}\n"
+    )
+}
+
+/// Writes `request` on a fresh connection to `addr` and reads until the peer closes the
+/// connection or `within` passes; returns what was read (lossy UTF-8).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], within: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 response (`HTTP/1.1 400 Bad Request` → 400).
+pub fn raw_status(response: &str) -> Option<u16> {
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The body of a raw, non-chunked HTTP/1.1 response.
+pub fn raw_body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+}
+
+/// The state of `credential` in the admin `/status` document (`""` when unreachable).
+pub async fn credential_state(running: &Running, credential: &str) -> String {
+    let Ok(resp) = client().get(running.admin_url("/status")).send().await else {
+        return String::new();
+    };
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    v["credentials"][credential]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}

@@ -107,6 +107,11 @@ Secret files the container mounts, as a YAML list of
 {{- end }}
 {{- end }}
 {{- end }}
+{{- with .Values.store.passwordSecretRef }}
+{{- if .name }}
+{{- $files = append $files (dict "credential" "" "configKey" "password_file" "secretName" .name "secretKey" .key "path" "store/password") }}
+{{- end }}
+{{- end }}
 {{- with .Values.store.encryptionKeySecretRef }}
 {{- if .name }}
 {{- $files = append $files (dict "credential" "" "configKey" "encryption_key_file" "secretName" .name "secretKey" .key "path" "store/encryption-key") }}
@@ -149,6 +154,10 @@ Fail early with a clear message on values the schema cannot check.
 {{- end }}
 {{- if and (not (include "tokenrelay.isSidecar" .)) (eq .Values.store.type "file") (gt (int .Values.replicaCount) 1) }}
 {{- fail "replicaCount: the file store holds a credential for one process only; use store.type=redis or etcd to run more than one replica" }}
+{{- end }}
+{{- $grace := include "tokenrelay.durationSeconds" (.Values.runtime.shutdown_grace | default "15s") | int }}
+{{- if and (not (include "tokenrelay.isSidecar" .)) (le (int .Values.terminationGracePeriodSeconds) $grace) }}
+{{- fail (printf "terminationGracePeriodSeconds: %d must exceed runtime.shutdown_grace (%s), or in-flight requests are cut off at shutdown" (int .Values.terminationGracePeriodSeconds) (toString .Values.runtime.shutdown_grace)) }}
 {{- end }}
 {{- if and (include "tokenrelay.isSidecar" .) .Values.sidecar.native (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) }}
 {{- fail (printf "sidecar.native: native sidecars need Kubernetes 1.29 or later (cluster: %s); set sidecar.native=false" .Capabilities.KubeVersion.Version) }}
@@ -198,8 +207,33 @@ keys, so the output is stable and its checksum changes only when the config does
 {{- $_ := set $upstreams .name $u }}
 {{- end }}
 {{- $config := dict "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port))) "store" $store "credentials" $credentials "upstreams" $upstreams }}
+{{- with .Values.log }}
+{{- $_ := set $config "log" (deepCopy .) }}
+{{- end }}
+{{- with .Values.runtime }}
+{{- $_ := set $config "runtime" (deepCopy .) }}
+{{- end }}
 {{- $config = merge $config (deepCopy .Values.extraConfig) }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+Whole seconds in a duration such as 15s, 1m30s, 250ms or a bare number of seconds.
+*/}}
+{{- define "tokenrelay.durationSeconds" -}}
+{{- $s := toString . }}
+{{- $total := 0.0 }}
+{{- if regexMatch "^[0-9]+$" $s }}
+{{- $total = float64 $s }}
+{{- else }}
+{{- range regexFindAll "[0-9.]+(ms|h|m|s)" $s -1 }}
+{{- $n := regexFind "^[0-9.]+" . }}
+{{- $unit := trimPrefix $n . }}
+{{- $scale := get (dict "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0) $unit }}
+{{- $total = addf $total (mulf (float64 $n) $scale) }}
+{{- end }}
+{{- end }}
+{{- ceil $total | int }}
 {{- end }}
 
 {{- define "tokenrelay.configChecksum" -}}
