@@ -30,6 +30,7 @@ impl Admin {
             "/readyz" => self.readyz(),
             "/status" => json(StatusCode::OK, &self.status()),
             "/metrics" => self.metrics(),
+            "/" => html(&crate::status_page::render(&self.status())),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /status, /metrics, /healthz, /readyz\n",
@@ -70,12 +71,15 @@ impl Admin {
             .upstreams
             .iter()
             .map(|u| {
+                let counts = u.request_counts();
                 (
                     u.config.name.clone(),
                     serde_json::json!({
                         "listen": u.config.listen.to_string(),
                         "url": u.config.url.as_str(),
                         "credential": u.config.credential,
+                        "requests_total": counts.iter().map(|(_, n)| n).sum::<u64>(),
+                        "requests": counts.iter().map(|(c, n)| (c.to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
                     }),
                 )
             })
@@ -107,6 +111,19 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn html(body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
     );
     r
 }

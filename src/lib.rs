@@ -12,7 +12,7 @@
 //! - [`store`]: durable shared state (`load`, CAS, lease, watch); file backend; encryption.
 //! - [`proxy`]: the forwarding path (headers, bodies, 401 retry, errors).
 //! - [`server`]: inbound listeners with limits and graceful drain.
-//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`; [`status_page`]: `GET /`.
 //! - [`metrics`]: the Prometheus families.
 //! - [`app`]: wiring and shutdown. [`commands`]: the CLI.
 //! - [`demo`]: the demo authorization server and API used by `tokenrelay demo` and tests.
@@ -32,5 +32,6 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod status_page;
 pub mod store;
 pub mod tls;

@@ -239,6 +239,16 @@ impl UpstreamMetrics {
         }
     }
 
+    /// Requests answered so far, by status code (for `/status` and the status page).
+    pub fn counts(&self) -> Vec<(u16, u64)> {
+        self.by_code
+            .iter()
+            .enumerate()
+            .filter_map(|(code, slot)| slot.get().map(|c| (code as u16, c.get())))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     /// Counts one upstream failure.
     pub fn error(&self, kind: UpstreamErrorKind) {
         match kind {

@@ -53,7 +53,13 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
     };
     let expires = SystemTime::now() + resp.expires_in;
     let expires_ms = expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
-    let generation = super::seed::store_new_grant(&cfg, credential, refresh, Some((resp.access_token, expires_ms))).await?;
+    let generation = super::seed::store_new_grant(
+        &cfg,
+        credential,
+        refresh,
+        Some((resp.access_token, expires_ms)),
+    )
+    .await?;
     println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
     Ok(())
 }
@@ -69,12 +75,18 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
         bail!("credentials.{}.authorize_url is not set: set it to the provider's authorization endpoint, or pass --code with a code obtained in the provider's UI", c.name);
     };
     let Some(redirect) = &c.redirect_uri else {
-        bail!("credentials.{}.redirect_uri is required to authorize", c.name);
+        bail!(
+            "credentials.{}.redirect_uri is required to authorize",
+            c.name
+        );
     };
     let redirect_url = url::Url::parse(redirect).context("redirect_uri is not a URL")?;
     let state = random_b64(16);
     let verifier = random_b64(32);
-    let challenge = B64URL.encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
+    let challenge = B64URL.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ));
     let mut url = authorize_url.clone();
     {
         let mut q = url.query_pairs_mut();
@@ -89,7 +101,10 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
         }
     }
     println!("Open this URL in a browser and approve access:\n\n  {url}\n");
-    let local = matches!(redirect_url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) && redirect_url.scheme() == "http";
+    let local = matches!(
+        redirect_url.host_str(),
+        Some("127.0.0.1" | "localhost" | "[::1]")
+    ) && redirect_url.scheme() == "http";
     if !local {
         bail!("redirect_uri {redirect} is not on this machine, so its callback cannot be served here: after approving, copy the `code` parameter from the address the browser lands on and run authorize again with --code CODE (quickly: codes expire within minutes)");
     }
@@ -103,7 +118,9 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
     let path = redirect_url.path().to_string();
     let server = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let tx = tx.clone();
             let state = state.clone();
             let path = path.clone();
@@ -121,18 +138,24 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
                             let _ = tx.send(r).await;
                         }
                         let mut resp = http::Response::new(Full::new(Bytes::from(msg)));
-                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        *resp.status_mut() =
+                            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
     let got = tokio::time::timeout(CALLBACK_WAIT, rx.recv()).await;
     server.abort();
     match got {
-        Err(_) => bail!("no callback within {} minutes", CALLBACK_WAIT.as_secs() / 60),
+        Err(_) => bail!(
+            "no callback within {} minutes",
+            CALLBACK_WAIT.as_secs() / 60
+        ),
         Ok(None) => bail!("callback server stopped"),
         Ok(Some(Err(e))) => bail!("authorization failed: {e}"),
         Ok(Some(Ok(code))) => Ok((code, Some(verifier))),
@@ -141,19 +164,29 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
 
 /// `Some(Ok(code))` for a valid callback, `Some(Err)` for a provider error or bad state,
 /// `None` for unrelated requests (favicon and the like).
-fn callback_result<B>(req: &http::Request<B>, path: &str, state: &str) -> Option<Result<String, String>> {
+fn callback_result<B>(
+    req: &http::Request<B>,
+    path: &str,
+    state: &str,
+) -> Option<Result<String, String>> {
     if req.uri().path() != path {
         return None;
     }
-    let q: std::collections::HashMap<String, String> = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect();
+    let q: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     if let Some(err) = q.get("error") {
-        let desc = q.get("error_description").map(|d| format!(": {d}")).unwrap_or_default();
+        let desc = q
+            .get("error_description")
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
         return Some(Err(format!("the provider answered {err}{desc}")));
     }
     if q.get("state").map(String::as_str) != Some(state) {
-        return Some(Err("the callback's state does not match (stale or forged request)".into()));
+        return Some(Err(
+            "the callback's state does not match (stale or forged request)".into(),
+        ));
     }
     match q.get("code") {
         Some(code) if !code.is_empty() => Some(Ok(code.clone())),

@@ -61,7 +61,13 @@ upstreams:
     let config = Config::from_yaml(&yaml, Path::new("."), &|_| None)
         .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
     // Every demo start is a fresh authorization, as if a user had just approved access.
-    super::seed::store_new_grant(&config, "demo", crate::secret::Secret::new(auth.new_grant()), None).await?;
+    super::seed::store_new_grant(
+        &config,
+        "demo",
+        crate::secret::Secret::new(auth.new_grant()),
+        None,
+    )
+    .await?;
     crate::app::run(config, crate::shutdown::signal(), |bound| {
         let proxy = bound.upstreams["demo"];
         println!(

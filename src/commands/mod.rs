@@ -139,9 +139,13 @@ pub fn main(cli: Cli) -> ExitCode {
         } => with_config(&config, log_format, |cfg| {
             seed::run(cfg, &credential, &refresh_token_file)
         }),
-        Command::Authorize { config, credential, code } => {
-            with_config(&config, log_format, |cfg| authorize::run(cfg, &credential, code))
-        }
+        Command::Authorize {
+            config,
+            credential,
+            code,
+        } => with_config(&config, log_format, |cfg| {
+            authorize::run(cfg, &credential, code)
+        }),
         Command::Status { config } => with_config(&config, log_format, status::run),
         Command::Demo { state_dir } => {
             crate::logging::init(log_format.unwrap_or(LogFormat::Text), None);

@@ -85,6 +85,11 @@ impl Upstream {
         })
     }
 
+    /// Requests answered so far by this upstream's listener, by status code.
+    pub fn request_counts(&self) -> Vec<(u16, u64)> {
+        self.metrics.counts()
+    }
+
     /// Handles one request; never fails (errors become JSON responses).
     pub async fn handle(&self, req: Request<Incoming>, local: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();

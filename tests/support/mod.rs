@@ -57,7 +57,10 @@ pub async fn start(yaml: &str) -> Running {
 
 pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Running {
     tokenrelay::tls::install_crypto_provider();
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let config = Config::from_yaml(yaml, Path::new("."), &move |k| {
         env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     })
@@ -137,7 +140,11 @@ pub struct ChildProc {
 impl ChildProc {
     /// Starts `tokenrelay run --config <config>`.
     pub fn spawn(config: &Path, log: &Path, extra_env: &[(&str, &str)]) -> ChildProc {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let mut cmd = Command::new(binary());
         cmd.args(["run", "--config"])
             .arg(config)
@@ -162,7 +169,10 @@ impl ChildProc {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
@@ -267,7 +277,10 @@ pub fn raw_status(response: &str) -> Option<u16> {
 
 /// The body of a raw, non-chunked HTTP/1.1 response.
 pub fn raw_body(response: &str) -> &str {
-    response.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("")
 }
 
 /// The state of `credential` in the admin `/status` document (`""` when unreachable).

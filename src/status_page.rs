@@ -1,0 +1,158 @@
+//! `GET /` on the admin listener: a small self-contained HTML page (no scripts, no
+//! external assets) rendered from the same document as `/status`, refreshing itself.
+
+use serde_json::Value;
+
+/// Escapes text for HTML element content and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "–".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn expires(v: &Value) -> String {
+    match v.as_i64() {
+        None => "–".into(),
+        Some(s) if s <= 0 => "expired".into(),
+        Some(s) if s >= 100 * 365 * 86400 / 2 => "never (static)".into(),
+        Some(s) if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        Some(s) if s >= 60 => format!("{}m {}s", s / 60, s % 60),
+        Some(s) => format!("{s}s"),
+    }
+}
+
+/// Renders the page from the `/status` document.
+pub fn render(status: &Value) -> String {
+    let mut creds = String::new();
+    if let Some(map) = status["credentials"].as_object() {
+        for (name, c) in map {
+            let state = text(&c["state"]);
+            let last = &c["last_refresh"];
+            let last_text = if last.is_null() {
+                "–".to_string()
+            } else {
+                format!(
+                    "{} · {} · {}",
+                    text(&last["at"]),
+                    text(&last["trigger"]),
+                    text(&last["result"])
+                )
+            };
+            let mut problem = [&last["error"], &c["store_error"], &c["detail"]]
+                .iter()
+                .filter(|v| !v.is_null())
+                .map(|v| text(v))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if let Some(action) = c["reauthorization_required"]["action"].as_str() {
+                problem = format!("{problem} — {action}");
+            }
+            creds.push_str(&format!(
+                "<tr><td>{}</td><td><span class=\"state {}\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>\n",
+                esc(name),
+                esc(&state),
+                esc(&state),
+                esc(&text(&c["grant"])),
+                esc(&text(&c["generation"])),
+                esc(&expires(&c["expires_in_seconds"])),
+                esc(&last_text),
+                esc(&problem),
+            ));
+        }
+    }
+    let mut ups = String::new();
+    if let Some(map) = status["upstreams"].as_object() {
+        for (name, u) in map {
+            let counts = u["requests"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(code, n)| format!("{code}: {}", text(n)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "none yet".into());
+            ups.push_str(&format!(
+                "<tr><td>{}</td><td>http://{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                esc(name),
+                esc(&text(&u["listen"])),
+                esc(&text(&u["url"])),
+                esc(&text(&u["credential"])),
+                esc(&text(&u["requests_total"])),
+                esc(&counts),
+            ));
+        }
+    }
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tokenrelay status</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 2em; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .4em .8em; border-bottom: 1px solid #ddd; vertical-align: top; }}
+th {{ background: #f4f4f4; }}
+.state {{ padding: .1em .5em; border-radius: .3em; color: #fff; background: #777; }}
+.ready {{ background: #2e7d32; }} .degraded {{ background: #ef6c00; }}
+.unavailable, .reauthorization_required {{ background: #c62828; }} .initializing {{ background: #1565c0; }}
+.err {{ color: #c62828; }} footer {{ margin-top: 2em; color: #777; }}
+</style></head>
+<body>
+<h1>tokenrelay {version}</h1>
+<p>Store: {store}. This page refreshes every 5 seconds; machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
+<h2>Credentials</h2>
+<table><thead><tr><th>credential</th><th>state</th><th>grant</th><th>generation</th><th>expires in</th><th>last refresh</th><th>problem</th></tr></thead>
+<tbody>
+{creds}</tbody></table>
+<h2>Upstreams</h2>
+<table><thead><tr><th>upstream</th><th>listen</th><th>forwards to</th><th>credential</th><th>requests</th><th>by status</th></tr></thead>
+<tbody>
+{ups}</tbody></table>
+<footer>Token values are never shown here or anywhere else.</footer>
+</body></html>
+"#,
+        version = esc(&text(&status["version"])),
+        store = esc(&text(&status["store"])),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_shows_names() {
+        let status = serde_json::json!({
+            "version": "1", "store": "file",
+            "credentials": {"crm": {"state": "ready", "grant": "refresh_token", "generation": 3,
+                "expires_in_seconds": 125, "last_refresh": null, "detail": "<script>"}},
+            "upstreams": {"crm": {"listen": "127.0.0.1:1", "url": "https://x", "credential": "crm",
+                "requests_total": 2, "requests": {"200": 2}}}
+        });
+        let html = render(&status);
+        assert!(html.contains("<td>crm</td>"));
+        assert!(html.contains("2m 5s"));
+        assert!(html.contains("200: 2"));
+        assert!(!html.contains("<script>"));
+    }
+}
