@@ -107,6 +107,11 @@ impl ActiveToken {
         now < self.usable_until
     }
 
+    /// Time since this process published the token.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.expires_at - self.lifetime)
+    }
+
     pub fn remaining(&self, now: Instant) -> Duration {
         self.usable_until.saturating_duration_since(now)
     }

@@ -26,6 +26,9 @@ pub fn lease_ttl(token_timeout: Duration) -> Duration {
     token_timeout * 3 + Duration::from_secs(5)
 }
 
+/// An upstream 401 refreshes only a token at least this old (see the demand handling).
+const MIN_TOKEN_AGE_FOR_401_REFRESH: Duration = Duration::from_secs(1);
+
 /// Outcome of one attempt, as the loop needs it.
 enum Attempt {
     /// A new or adopted token is published.
@@ -121,9 +124,16 @@ impl Refresher {
                 }
                 _ = self.cred.demand_notify.notified() => {
                     let Some(d) = self.cred.take_demand() else { continue };
-                    let current = self.cred.usable(Instant::now());
-                    if current.as_ref().is_some_and(|t| t.generation > d.generation) || self.idle {
-                        // Already satisfied, or nothing can be done until the store changes.
+                    let now = Instant::now();
+                    let current = self.cred.usable(now);
+                    let satisfied = current.as_ref().is_some_and(|t| t.generation > d.generation);
+                    // Failing refreshes keep their backoff even when requests ask.
+                    let backing_off = self.failures > 0 && self.retry_at.is_some_and(|t| t > now);
+                    // A token rejected within a second of its issue is not refreshed again at
+                    // once: an upstream that rejects every token must not spin the rotation.
+                    let too_fresh = d.trigger == Trigger::Upstream401
+                        && current.as_ref().is_some_and(|t| t.age(now) < MIN_TOKEN_AGE_FOR_401_REFRESH);
+                    if satisfied || self.idle || backing_off || too_fresh {
                         self.cred.wake_waiters();
                         continue;
                     }
@@ -192,9 +202,7 @@ impl Refresher {
                 let delay = schedule::backoff(self.failures, remaining, rand::random::<f64>());
                 self.failures = self.failures.saturating_add(1);
                 self.retry_at = Some(Instant::now() + delay);
-                if remaining.is_none() {
-                    self.cred.set_retry_not_before(delay);
-                }
+                self.cred.set_retry_not_before(delay);
             }
         }
     }
@@ -255,8 +263,10 @@ impl Refresher {
             return false;
         };
         let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(exp);
-        // Worth adopting only if it outlives the safety margin.
-        if exp <= now_ms() + 3_000 {
+        // Worth adopting only if it outlives the margin the cell applies anyway.
+        let lifetime = Duration::from_millis(exp.saturating_sub(s.obtained_at_ms));
+        let margin = super::EXPIRY_MARGIN.min(lifetime / 4);
+        if exp <= now_ms() + margin.as_millis() as u64 {
             return false;
         }
         self.cred.publish(tok, s.generation, expires);
