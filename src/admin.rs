@@ -75,7 +75,7 @@ impl Admin {
                 (
                     u.config.name.clone(),
                     serde_json::json!({
-                        "listen": u.config.listen.to_string(),
+                        "listen": u.listen.to_string(),
                         "url": u.config.url.as_str(),
                         "credential": u.config.credential,
                         "requests_total": counts.iter().map(|(_, n)| n).sum::<u64>(),

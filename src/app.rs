@@ -76,8 +76,14 @@ pub async fn run(
             format!("upstreams.{name}.listen: cannot listen on {}", ucfg.listen)
         })?;
         let cred = credentials[&ucfg.credential].clone();
-        let up = Upstream::new(Arc::new(ucfg), cred, &metrics, config.log.access_log)
-            .map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
+        let up = Upstream::new(
+            Arc::new(ucfg),
+            listener.local_addr()?,
+            cred,
+            &metrics,
+            config.log.access_log,
+        )
+        .map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
         upstreams.push(Arc::new(up));
         listeners.push(listener);
     }
@@ -86,7 +92,7 @@ pub async fn run(
         upstreams: upstreams
             .iter()
             .zip(&listeners)
-            .map(|(u, l)| (u.config.name.clone(), l.local_addr().expect("bound")))
+            .map(|(u, _)| (u.config.name.clone(), u.listen))
             .collect(),
     };
 

@@ -261,8 +261,12 @@ fn describe_serde_error(path: &str, inner: &str) -> String {
     if let Some(rest) = inner.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
             let field = &rest[..end];
+            // serde_path_to_error has usually recorded the unknown key as the last
+            // path segment already; name it once.
             let full = if path.is_empty() || path == "." {
                 field.to_string()
+            } else if path == field || path.ends_with(&format!(".{field}")) {
+                path.to_string()
             } else {
                 format!("{path}.{field}")
             };

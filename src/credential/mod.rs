@@ -107,11 +107,6 @@ impl ActiveToken {
         now < self.usable_until
     }
 
-    /// Time since this process published the token.
-    pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.expires_at - self.lifetime)
-    }
-
     pub fn remaining(&self, now: Instant) -> Duration {
         self.usable_until.saturating_duration_since(now)
     }
@@ -308,6 +303,7 @@ impl Credential {
                 if rx.changed().await.is_err() {
                     return;
                 }
+                tracing::warn!("DBG waiter woke: demand {:?}", self.demand.lock().unwrap());
                 if self.usable(Instant::now()).filter(newer).is_some() {
                     return;
                 }

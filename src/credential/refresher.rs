@@ -26,8 +26,10 @@ pub fn lease_ttl(token_timeout: Duration) -> Duration {
     token_timeout * 3 + Duration::from_secs(5)
 }
 
-/// An upstream 401 refreshes only a token at least this old (see the demand handling).
-const MIN_TOKEN_AGE_FOR_401_REFRESH: Duration = Duration::from_secs(1);
+/// Spacing of consecutive 401-driven refreshes: the first is immediate, then at least
+/// 1 s apart, doubling while they keep coming, up to a minute.
+const MIN_401_GAP: Duration = Duration::from_secs(1);
+const MAX_401_GAP: Duration = Duration::from_secs(60);
 
 /// Outcome of one attempt, as the loop needs it.
 enum Attempt {
@@ -55,6 +57,8 @@ pub struct Refresher {
     /// Proactive refresh time of the current token: (generation, when).
     scheduled: Option<(u64, Instant)>,
     idle: bool,
+    /// When the last 401-driven refresh started, and the gap required before the next.
+    last_401_refresh: Option<(Instant, Duration)>,
 }
 
 impl Refresher {
@@ -86,6 +90,7 @@ impl Refresher {
             retry_at: None,
             scheduled: None,
             idle: false,
+            last_401_refresh: None,
         })
     }
 
@@ -129,13 +134,20 @@ impl Refresher {
                     let satisfied = current.as_ref().is_some_and(|t| t.generation > d.generation);
                     // Failing refreshes keep their backoff even when requests ask.
                     let backing_off = self.failures > 0 && self.retry_at.is_some_and(|t| t > now);
-                    // A token rejected within a second of its issue is not refreshed again at
-                    // once: an upstream that rejects every token must not spin the rotation.
-                    let too_fresh = d.trigger == Trigger::Upstream401
-                        && current.as_ref().is_some_and(|t| t.age(now) < MIN_TOKEN_AGE_FOR_401_REFRESH);
-                    if satisfied || self.idle || backing_off || too_fresh {
+                    // An upstream that rejects every token must not spin the rotation:
+                    // 401-driven refreshes in quick succession are spaced out exponentially.
+                    let too_soon = d.trigger == Trigger::Upstream401
+                        && self.last_401_refresh.is_some_and(|(at, gap)| now < at + gap);
+                    if satisfied || self.idle || backing_off || too_soon {
                         self.cred.wake_waiters();
                         continue;
+                    }
+                    if d.trigger == Trigger::Upstream401 {
+                        let gap = match self.last_401_refresh {
+                            Some((at, gap)) if now < at + MAX_401_GAP => (gap * 2).clamp(MIN_401_GAP, MAX_401_GAP),
+                            _ => MIN_401_GAP,
+                        };
+                        self.last_401_refresh = Some((now, gap));
                     }
                     d.trigger
                 }

@@ -304,6 +304,19 @@ impl AuthServer {
         tracing::info!("demo auth server: all grants revoked");
     }
 
+    /// Makes every access token issued so far stop validating, as if each had expired
+    /// early (a provider restarted, rotated its signing key, or revoked sessions), while
+    /// grants and refresh tokens stay untouched: the next request carrying one of these
+    /// access tokens gets `401`, and a client recovers by refreshing.
+    pub fn expire_access_tokens(&self) {
+        let mut state = self.shared.lock();
+        let now = Instant::now();
+        for entry in state.access_tokens.values_mut() {
+            entry.expires_at = entry.expires_at.min(now);
+        }
+        tracing::info!("demo auth server: all access tokens expired");
+    }
+
     /// Whether `token` is an access token issued by this server that has not expired
     /// and whose grant has not been revoked.
     pub fn is_valid_access_token(&self, token: &str) -> bool {

@@ -33,6 +33,8 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// Everything the forwarding path of one upstream needs, resolved once at startup.
 pub struct Upstream {
     pub config: Arc<UpstreamConfig>,
+    /// The address actually listened on (differs from the config for port 0).
+    pub listen: SocketAddr,
     pub credential: Arc<Credential>,
     /// Index of this upstream's header format in the credential's prebuilt values.
     slot: usize,
@@ -52,6 +54,7 @@ impl Upstream {
     /// Resolves an upstream's forwarding parameters and builds its client.
     pub fn new(
         config: Arc<UpstreamConfig>,
+        listen: SocketAddr,
         credential: Arc<Credential>,
         metrics: &Metrics,
         access_log: bool,
@@ -81,6 +84,7 @@ impl Upstream {
             metrics: metrics.upstream(&config.name),
             access_log,
             config,
+            listen,
             credential,
         })
     }
