@@ -303,7 +303,6 @@ impl Credential {
                 if rx.changed().await.is_err() {
                     return;
                 }
-                tracing::warn!("DBG waiter woke: demand {:?}", self.demand.lock().unwrap());
                 if self.usable(Instant::now()).filter(newer).is_some() {
                     return;
                 }
