@@ -156,6 +156,17 @@ impl Refresher {
                         store_rx = None;
                         continue;
                     }
+                    let signal = store_rx.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
+                    if let Some(e) = signal.error {
+                        warn!(credential = %self.name(), error = %e, "store unreachable");
+                        self.cred.set_store_error(Some(e));
+                        continue;
+                    }
+                    if signal.generation <= self.known_generation {
+                        // Reachable again, nothing new.
+                        self.cred.set_store_error(None);
+                        continue;
+                    }
                     let outcome = self.on_store_change().await;
                     self.after(outcome);
                     continue;
@@ -476,7 +487,7 @@ impl Refresher {
             return Err(Failure::Idle);
         };
         let timeout = self.cred.config.token_timeout.0;
-        if !lease.is_held_for(timeout + Duration::from_secs(1)) {
+        if !lease.is_held_for(timeout + Duration::from_secs(1)).await {
             return Err(Failure::Error(
                 "refresh lease is about to expire; not sending the refresh token".into(),
             ));

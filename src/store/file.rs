@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::codec::Codec;
-use super::{CasOutcome, Lease, Store, StoreError, StoredState};
+use super::{CasOutcome, Lease, Store, StoreError, StoreSignal, StoredState};
 
 /// File-backed store rooted at a directory.
 pub struct FileStore {
@@ -170,7 +170,7 @@ struct FileLease {
 
 #[async_trait]
 impl Lease for FileLease {
-    fn is_held_for(&self, _needed: Duration) -> bool {
+    async fn is_held_for(&self, _needed: Duration) -> bool {
         // A flock lasts until this process closes the file or dies: it cannot expire
         // while we hold it.
         true
@@ -236,16 +236,29 @@ impl Store for FileStore {
         .await
     }
 
-    fn watch(&self, name: &str) -> watch::Receiver<u64> {
+    fn watch(&self, name: &str) -> watch::Receiver<StoreSignal> {
         let inner = self.inner.clone();
         let name = name.to_string();
-        let initial = inner
-            .read(&name)
-            .ok()
-            .flatten()
-            .and_then(|b| Codec::generation(&b).ok())
-            .unwrap_or(0);
-        let (tx, rx) = watch::channel(initial);
+        let read_generation = |inner: &Inner, name: &str| -> StoreSignal {
+            match inner.read(name) {
+                Ok(None) => StoreSignal::default(),
+                Ok(Some(b)) => match Codec::generation(&b) {
+                    Ok(generation) => StoreSignal {
+                        generation,
+                        error: None,
+                    },
+                    Err(e) => StoreSignal {
+                        generation: 0,
+                        error: Some(e),
+                    },
+                },
+                Err(e) => StoreSignal {
+                    generation: 0,
+                    error: Some(e.to_string()),
+                },
+            }
+        };
+        let (tx, rx) = watch::channel(read_generation(&inner, &name));
         tokio::spawn(async move {
             let mut last = inner.fingerprint(&name);
             let mut tick = tokio::time::interval(inner.poll);
@@ -260,15 +273,10 @@ impl Store for FileStore {
                     continue;
                 }
                 last = fp;
-                let generation = inner
-                    .read(&name)
-                    .ok()
-                    .flatten()
-                    .and_then(|b| Codec::generation(&b).ok())
-                    .unwrap_or(0);
-                tx.send_if_modified(|g| {
-                    let changed = *g != generation;
-                    *g = generation;
+                let signal = read_generation(&inner, &name);
+                tx.send_if_modified(|s| {
+                    let changed = *s != signal;
+                    *s = signal;
                     changed
                 });
             }

@@ -44,6 +44,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a store watch reports: the last generation seen, and whether the store was
+/// reachable at the last look.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreSignal {
+    pub generation: u64,
+    pub error: Option<String>,
+}
+
 /// Result of a compare-and-swap.
 #[derive(Debug, PartialEq)]
 pub enum CasOutcome {
@@ -79,9 +87,10 @@ impl StoreError {
 /// A held refresh lease. Dropping it releases it (best effort); prefer `release`.
 #[async_trait]
 pub trait Lease: Send + Sync {
-    /// True while the lease is certainly held for at least `needed` more time. A refresher
-    /// checks this right before sending a refresh token and never sends it otherwise.
-    fn is_held_for(&self, needed: Duration) -> bool;
+    /// True while the lease is certainly held for at least `needed` more time (asking the
+    /// store where it can expire). A refresher checks this right before sending a refresh
+    /// token and never sends it otherwise.
+    async fn is_held_for(&self, needed: Duration) -> bool;
     /// Releases the lease so another process may refresh at once.
     async fn release(self: Box<Self>);
 }
@@ -107,9 +116,9 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         ttl: Duration,
     ) -> Result<Option<Box<dyn Lease>>, StoreError>;
-    /// Notifies the stored generation whenever it may have changed (at least every poll
-    /// interval). The receiver's value is the last generation seen.
-    fn watch(&self, name: &str) -> watch::Receiver<u64>;
+    /// Notifies changes of the stored generation (pushed where the backend can, else
+    /// polled at most every poll interval) and of the store's reachability.
+    fn watch(&self, name: &str) -> watch::Receiver<StoreSignal>;
 }
 
 /// Builds the configured store.
