@@ -294,3 +294,357 @@ pub async fn credential_state(running: &Running, credential: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the rotation, crash and encryption suites.
+// ---------------------------------------------------------------------------------------
+
+/// Sum of the samples of metric `name` (Prometheus text format) whose labels include
+/// every pair of `labels`; 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let matches = labels.iter().all(|(k, v)| {
+            series_labels
+                .split(',')
+                .any(|kv| kv == format!("{k}=\"{v}\""))
+        });
+        if matches {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// `GET {admin}/metrics` (admin is `http://host:port`); empty on failure.
+pub async fn metrics_text(admin: &str) -> String {
+    match client().get(format!("{admin}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// `GET {admin}/status` as JSON.
+pub async fn status_json(admin: &str) -> serde_json::Value {
+    client()
+        .get(format!("{admin}/status"))
+        .send()
+        .await
+        .expect("GET /status")
+        .json()
+        .await
+        .expect("/status is JSON")
+}
+
+/// Runs `tokenrelay seed --config <config> --credential <credential> --refresh-token-file -`
+/// with `token` on standard input.
+pub fn seed_cli(config: &Path, credential: &str, token: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(binary())
+        .args(["seed", "--config"])
+        .arg(config)
+        .args(["--credential", credential, "--refresh-token-file", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tokenrelay seed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    child.wait_with_output().expect("tokenrelay seed finished")
+}
+
+/// Runs a short `tokenrelay` command (e.g. `status`) and returns its output.
+pub fn run_cli(args: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tokenrelay")
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// 2xx answers.
+    pub ok: u64,
+    /// 401 answers (must be 0: tokenrelay retries them).
+    pub unauthorized: u64,
+    /// 5xx answers, with the first few bodies for the failure message.
+    pub server_errors: u64,
+    pub server_error_samples: Vec<String>,
+    /// Other statuses.
+    pub other: u64,
+    /// Connection refused/reset etc. (expected only while a process is down).
+    pub transport_errors: u64,
+    /// 2xx answers per target URL, in the order given.
+    pub ok_per_target: Vec<u64>,
+}
+
+#[derive(Default)]
+struct LoadState {
+    report: std::sync::Mutex<LoadReport>,
+}
+
+/// Concurrent clients sending `GET` requests in a loop until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+    state: std::sync::Arc<LoadState>,
+}
+
+impl Load {
+    /// `tasks` clients; client `i` uses `urls[i % urls.len()]`, pausing `pause` between
+    /// requests (and 20 ms after a transport error).
+    pub fn start(urls: Vec<String>, tasks: usize, pause: Duration) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(LoadState::default());
+        state.report.lock().unwrap().ok_per_target = vec![0; urls.len()];
+        let tasks = (0..tasks)
+            .map(|i| {
+                let target = i % urls.len();
+                let url = urls[target].clone();
+                let stop = stop.clone();
+                let state = state.clone();
+                let c = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.get(&url).send().await {
+                            Ok(r) => {
+                                let code = r.status().as_u16();
+                                let body = if code >= 500 {
+                                    r.text().await.unwrap_or_default()
+                                } else {
+                                    // Read the body so the connection is reused.
+                                    let _ = r.bytes().await;
+                                    String::new()
+                                };
+                                let mut rep = state.report.lock().unwrap();
+                                match code {
+                                    200..=299 => {
+                                        rep.ok += 1;
+                                        rep.ok_per_target[target] += 1;
+                                    }
+                                    401 => rep.unauthorized += 1,
+                                    500..=599 => {
+                                        rep.server_errors += 1;
+                                        if rep.server_error_samples.len() < 5 {
+                                            rep.server_error_samples.push(format!("{code} {body}"));
+                                        }
+                                    }
+                                    _ => rep.other += 1,
+                                }
+                            }
+                            Err(_) => {
+                                state.report.lock().unwrap().transport_errors += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                        }
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, tasks, state }
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> LoadReport {
+        self.state.report.lock().unwrap().clone()
+    }
+
+    /// Stops every client and returns the counts.
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let report = self.state.clone();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(35), t).await;
+        }
+        let r = report.report.lock().unwrap().clone();
+        r
+    }
+}
+
+#[derive(Default)]
+struct RelayConn {
+    /// When the request now awaiting its answer started (first byte up after the last
+    /// byte down); `None` when nothing is pending.
+    pending_since: Option<Instant>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    next_id: u64,
+    conns: BTreeMap<u64, RelayConn>,
+    /// When answer bytes were relayed down, in order (one entry per read burst).
+    responses: Vec<Instant>,
+    /// When requests started (first byte up of each request).
+    requests: Vec<Instant>,
+}
+
+/// A plain TCP relay in front of a server (here: the token endpoint) that records when
+/// requests are in flight and when answers come back. Tests use it to time a kill or a
+/// SIGTERM against the client's token request; it forwards bytes unchanged, and when the
+/// client's side closes it closes the server's side too (so the server sees the hang-up).
+pub struct Relay {
+    pub addr: SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<RelayState>>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state: Arc<Mutex<RelayState>> = Arc::default();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let id = {
+                        let mut s = st.lock().unwrap();
+                        s.next_id += 1;
+                        let id = s.next_id;
+                        s.conns.insert(id, RelayConn::default());
+                        id
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let st_up = st.clone();
+                    let up = async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            {
+                                let mut s = st_up.lock().unwrap();
+                                let now = Instant::now();
+                                let mut started = false;
+                                if let Some(c) = s.conns.get_mut(&id) {
+                                    if c.pending_since.is_none() {
+                                        c.pending_since = Some(now);
+                                        started = true;
+                                    }
+                                }
+                                if started {
+                                    s.requests.push(now);
+                                }
+                            }
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        // The client hung up (or died): let the server see it.
+                        let _ = sw.shutdown().await;
+                        if let Some(c) = st_up.lock().unwrap().conns.get_mut(&id) {
+                            c.pending_since = None;
+                        }
+                    };
+                    let st_down = st.clone();
+                    let down = async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            {
+                                let mut s = st_down.lock().unwrap();
+                                if let Some(c) = s.conns.get_mut(&id) {
+                                    c.pending_since = None;
+                                }
+                                s.responses.push(Instant::now());
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                    st.lock().unwrap().conns.remove(&id);
+                });
+            }
+        });
+        Relay { addr, state, task }
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// When the oldest request still awaiting its answer was sent, if one is.
+    pub fn pending_since(&self) -> Option<Instant> {
+        let s = self.state.lock().unwrap();
+        s.conns.values().filter_map(|c| c.pending_since).min()
+    }
+
+    /// When the last answer bytes were relayed.
+    pub fn last_response(&self) -> Option<Instant> {
+        self.state.lock().unwrap().responses.last().copied()
+    }
+
+    /// Every time answer bytes were relayed.
+    pub fn responses(&self) -> Vec<Instant> {
+        self.state.lock().unwrap().responses.clone()
+    }
+
+    /// Every time a request started.
+    pub fn requests(&self) -> Vec<Instant> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The tail of a child's log, for failure messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
