@@ -1,0 +1,226 @@
+//! Token refreshes are single-flight: many requests finding the token expired share one
+//! token request; and when no token can be had, requests fail promptly with 503.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde_json::Value;
+use tokenrelay::demo::{AuthServerOptions, FailureMode};
+
+use support::{credential_state, demo_servers, one_upstream_yaml};
+
+/// The value of a metric sample line starting with `prefix` (0 when absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_on_an_expired_token_cause_one_token_request() {
+    // 5 s tokens; refresh_at 0.99 and refresh_before 0s put the proactive refresh at
+    // ~4.7-4.95 s, after the token stops being used (5 s minus the 1.25 s safety margin
+    // = 3.75 s). So there is a window in which the token is expired and no refresh runs.
+    let demo = demo_servers(AuthServerOptions {
+        access_ttl: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await;
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "refresh_at: 0.99, refresh_before: 0s",
+        "",
+    );
+    let tr = support::start(&yaml).await;
+    let c = support::client();
+    let url = format!("{}/echo", tr.url("api"));
+    let resp = c.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "warm-up");
+    assert_eq!(demo.auth.stats().token_requests, 1);
+
+    // Every token request from now on takes 1.5 s, so whatever refresh starts once the
+    // token has expired is still running when all 1000 requests have arrived.
+    demo.auth
+        .set_mode(FailureMode::Slow(Duration::from_millis(1500)));
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            credential_state(&tr, "api").await == "unavailable"
+        })
+        .await,
+        "token never expired"
+    );
+    let before = demo.auth.stats().token_requests;
+    assert_eq!(before, 1, "no refresh may have finished before expiry");
+    let log_before = demo.auth.requests_log().len();
+
+    let started = Instant::now();
+    let responses = join_all((0..1000).map(|_| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            let resp = c.get(&url).send().await?;
+            Ok::<_, reqwest::Error>(resp.status().as_u16())
+        }
+    }))
+    .await;
+    let all_done = Instant::now();
+    let ok = responses.iter().filter(|r| matches!(r, Ok(200))).count();
+    assert_eq!(ok, 1000, "non-200 answers: {:?}", {
+        let mut bad: Vec<_> = responses
+            .iter()
+            .filter(|r| !matches!(r, Ok(200)))
+            .map(|r| format!("{r:?}"))
+            .collect();
+        bad.truncate(5);
+        bad
+    });
+    // Exactly one token request was processed between expiry and the last answer.
+    assert_eq!(
+        demo.auth.stats().token_requests - before,
+        1,
+        "token requests while 1000 requests waited"
+    );
+    let log = demo.auth.requests_log();
+    let during: Vec<_> = log[log_before..]
+        .iter()
+        .filter(|r| r.at <= all_done)
+        .collect();
+    assert_eq!(during.len(), 1);
+    assert_eq!(during[0].grant_type, "client_credentials");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Most of the requests really did wait on that one refresh.
+    let metrics = c
+        .get(tr.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let waiters = metric(
+        &metrics,
+        "tokenrelay_refresh_waiters_total{credential=\"api\"}",
+    );
+    eprintln!("waiters={waiters} all_done_after={:?}", all_done - started);
+    assert!(
+        waiters >= 500.0,
+        "only {waiters} requests waited for the refresh"
+    );
+
+    // No second refresh follows from the demand the waiters left behind: any token
+    // request started now would be processed within 1.5 s (the next scheduled one is
+    // ~4.7 s after the new token).
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        demo.auth.stats().token_requests - before,
+        1,
+        "a spurious refresh followed the single-flight one"
+    );
+    tr.stop().await;
+}
+
+async fn assert_503_json(resp: reqwest::Response) {
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+    assert_eq!(body["upstream"], "api");
+    assert_eq!(body["credential"], "api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_get_a_prompt_503_when_no_token_can_be_obtained() {
+    // 3 s tokens, refreshed proactively ~1.4 s in; the endpoint fails from then on.
+    let demo = demo_servers(AuthServerOptions {
+        access_ttl: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "token_timeout: 1s",
+        "",
+    );
+    let tr = support::start(&yaml).await;
+    let c = support::client();
+    let url = format!("{}/echo", tr.url("api"));
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    demo.auth.set_mode(FailureMode::ServerError);
+
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            credential_state(&tr, "api").await == "unavailable"
+        })
+        .await,
+        "token never expired"
+    );
+    let forwarded = demo.api.stats().requests;
+    // token_timeout 1s: any wait is bounded by 2 × 1 s + margin.
+    let bound = Duration::from_secs(5);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let answers = join_all((0..20).map(|_| c.get(&url).send())).await;
+        for resp in answers {
+            assert_503_json(resp.unwrap()).await;
+        }
+        assert!(
+            started.elapsed() < bound,
+            "503s took {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        demo.api.stats().requests,
+        forwarded,
+        "nothing forwarded without a token"
+    );
+    let ready = c.get(tr.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+
+    // The endpoint recovers: so does the proxy (within the refresh backoff).
+    demo.auth.set_mode(FailureMode::Normal);
+    assert!(
+        support::eventually(Duration::from_secs(30), || async {
+            matches!(c.get(&url).send().await, Ok(r) if r.status() == 200)
+        })
+        .await,
+        "no recovery after the token endpoint came back"
+    );
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_get_a_prompt_503_when_the_first_token_cannot_be_obtained() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    demo.auth.set_mode(FailureMode::ServerError);
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "token_timeout: 1s",
+        "",
+    );
+    let tr = support::start(&yaml).await;
+    let c = support::client();
+    let url = format!("{}/echo", tr.url("api"));
+    let started = Instant::now();
+    for resp in join_all((0..10).map(|_| c.get(&url).send())).await {
+        assert_503_json(resp.unwrap()).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(demo.api.stats().requests, 0);
+    tr.stop().await;
+}
