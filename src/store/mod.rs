@@ -6,7 +6,10 @@
 
 pub mod codec;
 pub mod crypto;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod file;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -131,10 +134,33 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
             codec,
             config.poll_interval.0,
         )?)),
-        StoreBackend::Redis { .. } | StoreBackend::Etcd { .. } => Err(StoreError::backend(
+        StoreBackend::Redis { url, key_prefix } => Ok(Arc::new(redis::RedisStore::open(
+            url.expose(),
+            key_prefix,
+            codec,
+            config.poll_interval.0,
+        )?)),
+        #[cfg(feature = "etcd")]
+        StoreBackend::Etcd {
+            endpoints,
+            key_prefix,
+            username,
+            password,
+            ca_file,
+        } => Ok(Arc::new(etcd::EtcdStore::open(
+            endpoints,
+            key_prefix,
+            username.as_deref(),
+            password.as_ref(),
+            ca_file.as_deref(),
+            codec,
+            config.poll_interval.0,
+        )?)),
+        #[cfg(not(feature = "etcd"))]
+        StoreBackend::Etcd { .. } => Err(StoreError::backend(
             "open",
             "*",
-            "this build supports only store type file",
+            "store type etcd needs a build with the `etcd` cargo feature (cargo build --features etcd)",
         )),
     }
 }

@@ -1,0 +1,355 @@
+//! The Redis store (Redis 6+ / Valkey), for several replicas sharing one credential.
+//!
+//! - State: a hash `<prefix><name>` with `generation` and `data` (the encoded, optionally
+//!   encrypted state). Compare-and-swap is one Lua script: compare the generation, write,
+//!   and publish the new generation on `<prefix><name>:changed`.
+//! - Lease: `SET <prefix><name>:lease <random> NX PX <ttl>`, released by a
+//!   compare-and-delete script; "still held for N" is checked with a compare-and-PTTL
+//!   script right before a refresh token is sent.
+//! - Watch: pub/sub on the change channel, plus a bounded poll as a safety net (and to
+//!   notice the store coming back).
+//!
+//! Durability is the server's: with `appendonly yes` and `appendfsync always` a swap is on
+//! disk before the script returns; with `everysec` up to a second of writes can be lost
+//! by a Redis crash (see docs/replicas.md).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tokio::sync::{watch, Mutex};
+
+use super::codec::Codec;
+use super::{CasOutcome, Lease, Store, StoreError, StoreSignal, StoredState};
+
+const CAS_SCRIPT: &str = r#"
+local current = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+if current ~= tonumber(ARGV[1]) then
+  return {0, current}
+end
+redis.call('HSET', KEYS[1], 'generation', ARGV[2], 'data', ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return {1, tonumber(ARGV[2])}
+"#;
+
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Remaining lease time in ms if we still hold it, else -1.
+const HELD_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PTTL', KEYS[1])
+end
+return -1
+"#;
+
+/// Bound on every Redis command, so a hung server looks like a down one.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Redis-backed store.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    prefix: String,
+    codec: Codec,
+    poll: Duration,
+    /// Connected lazily, so tokenrelay starts (degraded) while Redis is down; the
+    /// manager reconnects by itself afterwards.
+    conn: Mutex<Option<ConnectionManager>>,
+}
+
+impl RedisStore {
+    /// Prepares a client for `url` (`redis://` or `rediss://`, with user:password if any).
+    pub fn open(
+        url: &str,
+        prefix: &str,
+        codec: Codec,
+        poll: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::backend("open", "*", format!("invalid store.url: {}", e.kind_str()))
+        })?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                client,
+                prefix: prefix.to_string(),
+                codec,
+                poll,
+                conn: Mutex::new(None),
+            }),
+        })
+    }
+}
+
+trait KindStr {
+    fn kind_str(&self) -> String;
+}
+
+impl KindStr for redis::RedisError {
+    /// The error without echoing the URL (it may carry a password).
+    fn kind_str(&self) -> String {
+        let s = self.to_string();
+        if s.contains("redis://") || s.contains("rediss://") {
+            format!("{:?}", self.kind())
+        } else {
+            s
+        }
+    }
+}
+
+impl Inner {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn channel(&self, name: &str) -> String {
+        format!("{}{name}:changed", self.prefix)
+    }
+
+    fn lease_key(&self, name: &str) -> String {
+        format!("{}{name}:lease", self.prefix)
+    }
+
+    async fn conn(&self, op: &'static str, name: &str) -> Result<ConnectionManager, StoreError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let c = tokio::time::timeout(
+            COMMAND_TIMEOUT * 2,
+            self.client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| StoreError::backend(op, name, "connecting to Redis timed out"))?
+        .map_err(|e| StoreError::backend(op, name, e.kind_str()))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn generation(&self, name: &str) -> Result<u64, StoreError> {
+        let mut c = self.conn("watch", name).await?;
+        let g: Option<u64> = redis::cmd("HGET")
+            .arg(self.key(name))
+            .arg("generation")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| StoreError::backend("watch", name, e.kind_str()))?;
+        Ok(g.unwrap_or(0))
+    }
+}
+
+fn err<'a>(op: &'static str, name: &'a str) -> impl Fn(redis::RedisError) -> StoreError + 'a {
+    move |e| StoreError::backend(op, name, e.kind_str())
+}
+
+struct RedisLease {
+    inner: Arc<Inner>,
+    key: String,
+    token: String,
+    /// Local upper bound of the lease's end (measured from before the SET was sent).
+    expires: Instant,
+}
+
+#[async_trait]
+impl Lease for RedisLease {
+    async fn is_held_for(&self, needed: Duration) -> bool {
+        if Instant::now() + needed >= self.expires {
+            return false;
+        }
+        let Ok(mut c) = self.inner.conn("lease", &self.key).await else {
+            return false;
+        };
+        let remaining: Result<i64, _> = Script::new(HELD_SCRIPT)
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async(&mut c)
+            .await;
+        matches!(remaining, Ok(ms) if ms > 0 && Duration::from_millis(ms as u64) > needed)
+    }
+
+    async fn release(self: Box<Self>) {
+        if let Ok(mut c) = self.inner.conn("lease", &self.key).await {
+            let _: Result<i64, _> = Script::new(RELEASE_SCRIPT)
+                .key(&self.key)
+                .arg(&self.token)
+                .invoke_async(&mut c)
+                .await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn load(&self, name: &str) -> Result<Option<StoredState>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn("load", name).await?;
+        let data: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(inner.key(name))
+            .arg("data")
+            .query_async(&mut c)
+            .await
+            .map_err(err("load", name))?;
+        match data {
+            None => Ok(None),
+            Some(bytes) => inner
+                .codec
+                .decode(name, &bytes)
+                .map(Some)
+                .map_err(|message| StoreError::Corrupt {
+                    credential: name.to_string(),
+                    message: format!("key {}: {message}", inner.key(name)),
+                }),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        name: &str,
+        expected: u64,
+        new: &StoredState,
+    ) -> Result<CasOutcome, StoreError> {
+        let inner = &self.inner;
+        let bytes = inner
+            .codec
+            .encode(name, new)
+            .map_err(|e| StoreError::backend("compare_and_swap", name, e))?;
+        let mut c = inner.conn("compare_and_swap", name).await?;
+        let (ok, current): (i64, u64) = Script::new(CAS_SCRIPT)
+            .key(inner.key(name))
+            .key(inner.channel(name))
+            .arg(expected)
+            .arg(new.generation)
+            .arg(bytes)
+            .invoke_async(&mut c)
+            .await
+            .map_err(err("compare_and_swap", name))?;
+        Ok(if ok == 1 {
+            CasOutcome::Swapped
+        } else {
+            CasOutcome::Conflict {
+                current_generation: current,
+            }
+        })
+    }
+
+    async fn try_lease(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        let inner = &self.inner;
+        let mut c = inner.conn("lease", name).await?;
+        let token = format!("{:032x}", rand::random::<u128>());
+        let started = Instant::now();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(inner.lease_key(name))
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut c)
+            .await
+            .map_err(err("lease", name))?;
+        Ok(set.map(|_| {
+            Box::new(RedisLease {
+                inner: inner.clone(),
+                key: inner.lease_key(name),
+                token,
+                expires: started + ttl,
+            }) as Box<dyn Lease>
+        }))
+    }
+
+    fn watch(&self, name: &str) -> watch::Receiver<StoreSignal> {
+        let (tx, rx) = watch::channel(StoreSignal::default());
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let publish = |signal: StoreSignal| {
+                tx.send_if_modified(|s| {
+                    let changed = *s != signal;
+                    *s = signal;
+                    changed
+                })
+            };
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let look = |inner: Arc<Inner>, name: String| async move {
+                    match inner.generation(&name).await {
+                        Ok(generation) => StoreSignal {
+                            generation,
+                            error: None,
+                        },
+                        Err(e) => StoreSignal {
+                            generation: 0,
+                            error: Some(e.to_string()),
+                        },
+                    }
+                };
+                // Subscribe, then look, so no change between the two is missed.
+                let pubsub = async {
+                    let mut ps = inner.client.get_async_pubsub().await?;
+                    ps.subscribe(inner.channel(&name)).await?;
+                    Ok::<_, redis::RedisError>(ps)
+                };
+                let mut ps = match tokio::time::timeout(COMMAND_TIMEOUT, pubsub).await {
+                    Ok(Ok(ps)) => ps,
+                    _ => {
+                        let signal = look(inner.clone(), name.clone()).await;
+                        let failed = signal.error.is_some();
+                        publish(signal);
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(if failed { backoff } else { inner.poll }).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(200);
+                publish(look(inner.clone(), name.clone()).await);
+                let mut messages = ps.on_message();
+                let mut tick = tokio::time::interval(inner.poll);
+                loop {
+                    tokio::select! {
+                        m = messages.next() => {
+                            if m.is_none() {
+                                break; // connection lost: resubscribe
+                            }
+                            publish(look(inner.clone(), name.clone()).await);
+                        }
+                        _ = tick.tick() => {
+                            let signal = look(inner.clone(), name.clone()).await;
+                            let failed = signal.error.is_some();
+                            publish(signal);
+                            if failed {
+                                break;
+                            }
+                        }
+                        _ = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
