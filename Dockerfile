@@ -5,8 +5,8 @@
 # scripts/build-image.sh builds the static binary, stages it with the CA bundle under
 # target/image/, and builds this file with the repository root as the context:
 #
-#   scripts/build-image.sh                       # buildah (no daemon needed)
-#   docker build -t tokenrelay:dev .             # after the script's staging step
+#   scripts/build-image.sh                                   # buildah, no daemon needed
+#   scripts/build-image.sh --no-build && docker build -t tokenrelay:dev .
 #
 # The proxy listener (8081 by convention) and the admin listener (9090) are set in the
 # config; the file store lives in the /var/lib/tokenrelay volume.

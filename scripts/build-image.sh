@@ -18,10 +18,8 @@
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$repo_root"
-
 target_triple=x86_64-unknown-linux-gnu
-version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)
+version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo_root/Cargo.toml" | head -n1)
 tag="localhost/tokenrelay:${version:-dev}"
 binary=""
 archive=""
@@ -33,13 +31,18 @@ while [[ $# -gt 0 ]]; do
         --binary) binary=$2; shift 2 ;;
         --archive) archive=$2; shift 2 ;;
         --no-build) run_buildah=0; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "build-image: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
 
 log() { echo "build-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# Paths given on the command line are relative to where the script was called from.
+[[ -z "$binary" ]] || binary=$(realpath "$binary")
+[[ -z "$archive" ]] || archive=$(realpath -m "$archive")
+cd "$repo_root"
 
 # 1. The static binary.
 if [[ -z "$binary" ]]; then

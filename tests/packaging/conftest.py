@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,24 @@ import support
 def example_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example consumer chart with its tokenrelay dependency built."""
     return support.build_example(tmp_path_factory.mktemp("example"))
+
+
+@pytest.fixture(scope="session")
+def tokenrelay_bin() -> Path:
+    """The tokenrelay binary: TOKENRELAY_BIN, else target/debug/tokenrelay; skips while
+    it is not built or has no `check` subcommand."""
+    explicit = "TOKENRELAY_BIN" in os.environ
+    path = Path(os.environ.get("TOKENRELAY_BIN", support.REPO / "target" / "debug" / "tokenrelay"))
+    if not path.is_absolute():
+        path = support.REPO / path
+    if not path.exists():
+        if explicit:
+            pytest.fail(f"TOKENRELAY_BIN={path} does not exist")
+        pytest.skip(f"{path} is not built yet (cargo build), or set TOKENRELAY_BIN")
+    shown = support.run([str(path), "--help"], timeout=30)
+    if not re.search(r"^\s+check\b", shown.stdout + shown.stderr, re.M):
+        pytest.skip(f"{path} has no `check` subcommand yet (its --help lists none)")
+    return path
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -189,3 +189,9 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     kw.setdefault("text", True)
     kw.setdefault("timeout", 300)
     return subprocess.run(cmd, check=False, **kw)
+
+
+def check(binary: Path, config_path: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run `tokenrelay check`; (exit code, stdout + stderr)."""
+    done = run([str(binary), "check", "--config", str(config_path)], env=env, timeout=60)
+    return done.returncode, done.stdout + done.stderr

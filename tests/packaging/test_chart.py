@@ -583,3 +583,20 @@ def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
     unknown = {m for m in used if not known_metric(m)}
     assert not unknown, f"metrics not exported by tokenrelay: {sorted(unknown)}"
     assert {"tokenrelay_credential_ready", "tokenrelay_token_refresh_total", "tokenrelay_requests_total"} <= used
+
+
+def test_packaged_chart_contents(tmp_path: Path) -> None:
+    import tarfile
+
+    archive = support.helm().package(str(CHART), destination=str(tmp_path))
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {
+        "tokenrelay/Chart.yaml",
+        "tokenrelay/values.yaml",
+        "tokenrelay/values.schema.json",
+        "tokenrelay/README.md",
+        "tokenrelay/templates/NOTES.txt",
+        "tokenrelay/dashboards/tokenrelay.json",
+    } <= names
+    assert not [n for n in names if n.startswith("tokenrelay/examples/")], "examples belong to the repository only"

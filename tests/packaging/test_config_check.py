@@ -18,27 +18,12 @@ import pytest
 import yaml
 
 import support
+from support import check
 
 SECRETS_DIR = "/run/secrets/tokenrelay"
 STATE_DIR = "/var/lib/tokenrelay"
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 VALUE_SETS = support.value_set_names()
-
-
-@pytest.fixture(scope="module")
-def tokenrelay_bin() -> Path:
-    explicit = "TOKENRELAY_BIN" in os.environ
-    path = Path(os.environ.get("TOKENRELAY_BIN", support.REPO / "target" / "debug" / "tokenrelay"))
-    if not path.is_absolute():
-        path = support.REPO / path
-    if not path.exists():
-        if explicit:
-            pytest.fail(f"TOKENRELAY_BIN={path} does not exist")
-        pytest.skip(f"{path} is not built yet (cargo build), or set TOKENRELAY_BIN")
-    shown = support.run([str(path), "--help"], timeout=30)
-    if not re.search(r"^\s+check\b", shown.stdout + shown.stderr, re.M):
-        pytest.skip(f"{path} has no `check` subcommand yet (its --help lists none)")
-    return path
 
 
 def materialize(config_text: str, workdir: Path) -> tuple[Path, dict[str, str], list[str]]:
@@ -71,11 +56,6 @@ def materialize(config_text: str, workdir: Path) -> tuple[Path, dict[str, str], 
     config_path = workdir / "config.yaml"
     config_path.write_text(text)
     return config_path, env, printed_never
-
-
-def check(binary: Path, config_path: Path, env: dict[str, str]) -> tuple[int, str]:
-    done = support.run([str(binary), "check", "--config", str(config_path)], env=env, timeout=60)
-    return done.returncode, done.stdout + done.stderr
 
 
 def rendered_config(name: str, example_chart: Path) -> str:
