@@ -50,7 +50,7 @@ if [[ -z "$binary" ]]; then
     # With --target, RUSTFLAGS apply to the binary only, not to build scripts and
     # proc-macros, which must stay dynamically linked to run on the host.
     RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-        cargo build --release --locked --target "$target_triple" --bin tokenrelay
+        cargo build --release --locked --features etcd --target "$target_triple" --bin tokenrelay
     binary="${CARGO_TARGET_DIR:-target}/$target_triple/release/tokenrelay"
 fi
 [[ -x "$binary" ]] || die "no executable at $binary"
