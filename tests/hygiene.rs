@@ -145,6 +145,13 @@ async fn absolute_form_for_the_upstream_itself_is_accepted() {
     let resp = raw_exchange(addr, req.as_bytes(), Duration::from_secs(10)).await;
     assert_eq!(raw_status(&resp), Some(200), "{resp}");
     assert_eq!(demo.api.last_request().unwrap().uri, "/echo?abs=1");
+    // The listener's own address is the upstream too, as far as the app is concerned.
+    let req = format!(
+        "GET http://{addr}/echo?abs=2 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let resp = raw_exchange(addr, req.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(raw_status(&resp), Some(200), "{resp}");
+    assert_eq!(demo.api.last_request().unwrap().uri, "/echo?abs=2");
     tr.stop().await;
 }
 

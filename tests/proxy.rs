@@ -249,6 +249,47 @@ async fn upload_larger_than_the_retry_limit_is_streamed_not_buffered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_uploads_are_answered_and_forwarded() {
+    // What curl does for bodies over 1 KiB: send the head, wait for 100 Continue.
+    let (_demo, tr) = setup("", "").await;
+    let addr = tr.upstreams["api"];
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = "x".repeat(5000);
+    conn.write_all(
+        format!(
+            "POST /echo HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\
+             Expect: 100-continue\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("100 Continue before the body is sent")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+        .await
+        .expect("response after the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    // Whatever else the proxy sent, one final 200 with the echo of the whole body.
+    let final_head = text.rfind("HTTP/1.1 ").unwrap();
+    assert!(text[final_head..].starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"body_len\":5000"), "{text}");
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_chunked_download_streams_through_intact() {
     let (_demo, tr) = setup("", "").await;
     let n = 50 * MIB as u64;
