@@ -132,6 +132,28 @@ fn http_urls_need_allow_insecure_http_on_their_entry() {
 }
 
 #[test]
+fn credentials_in_urls_are_refused_without_echoing_them() {
+    let err = assert_refused(
+        &variant(
+            "https://api.example.com/v1",
+            "https://user:pw-in-url-123@api.example.com/v1",
+        ),
+        "upstreams.crm.url",
+        &[],
+    );
+    assert!(!err.contains("pw-in-url-123"), "{err}");
+    let err = assert_refused(
+        &variant(
+            "https://auth.example.com/oauth2/token",
+            "https://id:pw-in-url-456@auth.example.com/oauth2/token",
+        ),
+        "credentials.crm.token_url",
+        &[],
+    );
+    assert!(!err.contains("pw-in-url-456"), "{err}");
+}
+
+#[test]
 fn a_bad_duration_names_its_key() {
     assert_refused(
         &variant("timeout: 30s", "timeout: soon"),
