@@ -1,6 +1,8 @@
 //! Log setup: human-readable text by default, JSON lines for log shippers; the filter
 //! comes from `RUST_LOG`, else the config's `log.level`, else `info`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -19,6 +21,9 @@ pub fn init(format: LogFormat, level: Option<&str>) {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
 }

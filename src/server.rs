@@ -45,7 +45,9 @@ pub async fn serve<H, Fut, B>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0)
+        // Header-read and idle timeouts are ConnTimeouts' (hyper's single timer would
+        // close idle keep-alive connections after the header timeout).
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_size.0.max(8192) as usize)
         .keep_alive(true);
     loop {
@@ -69,8 +71,9 @@ pub async fn serve<H, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let io = IdleTimeout::new(
+        let io = ConnTimeouts::new(
             TokioIo::new(stream),
+            limits.header_read_timeout.0,
             limits.idle_timeout.0,
             in_flight.clone(),
         );
@@ -110,46 +113,75 @@ impl Drop for InFlight {
     }
 }
 
-/// Closes a connection that has neither read nor written anything for `idle` while no
-/// request is in flight (hyper's header timeout does not cover keep-alive idleness).
-/// The timer is re-armed lazily, so the cost per read/write is one `Instant::now()`.
-struct IdleTimeout<T> {
+/// Connection timeouts hyper does not provide separately:
+/// - **header read**: from the first byte of a request head (or the connection's start)
+///   until the request reaches the handler, at most `header` (slowloris);
+/// - **idle**: between requests, with nothing read or written, at most `idle`.
+///
+/// A request in flight (handler running) is never timed out here; the upstream timeout
+/// covers it. The timer is re-armed lazily, so a read or write costs one `Instant::now()`.
+struct ConnTimeouts<T> {
     inner: T,
     idle: Duration,
+    header: Duration,
     last_activity: Instant,
+    /// When the current request head started arriving; `None` while idle or in flight.
+    head_started: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     in_flight: Arc<AtomicUsize>,
 }
 
-impl<T> IdleTimeout<T> {
-    fn new(inner: T, idle: Duration, in_flight: Arc<AtomicUsize>) -> Self {
-        IdleTimeout {
+impl<T> ConnTimeouts<T> {
+    fn new(inner: T, header: Duration, idle: Duration, in_flight: Arc<AtomicUsize>) -> Self {
+        let now = Instant::now();
+        ConnTimeouts {
             inner,
             idle,
-            last_activity: Instant::now(),
-            timer: Box::pin(tokio::time::sleep(idle)),
+            header,
+            last_activity: now,
+            // The first request head must arrive within the header timeout of connecting.
+            head_started: Some(now),
+            timer: Box::pin(tokio::time::sleep(header.min(idle))),
             in_flight,
+        }
+    }
+
+    fn activity(&mut self) {
+        self.last_activity = Instant::now();
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            self.head_started = None;
+        }
+    }
+
+    fn read_activity(&mut self) {
+        self.activity();
+        if self.head_started.is_none() && self.in_flight.load(Ordering::Relaxed) == 0 {
+            self.head_started = Some(self.last_activity);
         }
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
-            let deadline = self.last_activity + self.idle;
-            if Instant::now() < deadline || self.in_flight.load(Ordering::Relaxed) > 0 {
-                let next = deadline.max(Instant::now() + Duration::from_millis(100));
-                self.timer.as_mut().reset(next.into());
+            let now = Instant::now();
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                self.head_started = None;
+                self.timer.as_mut().reset((now + self.idle).into());
                 continue;
             }
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "idle connection closed",
-            ));
+            let (deadline, what) = match self.head_started {
+                Some(t) => (t + self.header, "request header read timed out"),
+                None => (self.last_activity + self.idle, "idle connection closed"),
+            };
+            if now >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, what));
+            }
+            self.timer.as_mut().reset(deadline.into());
         }
         Ok(())
     }
 }
 
-impl<T: Read + Unpin> Read for IdleTimeout<T> {
+impl<T: Read + Unpin> Read for ConnTimeouts<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -158,7 +190,7 @@ impl<T: Read + Unpin> Read for IdleTimeout<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                this.last_activity = Instant::now();
+                this.read_activity();
                 Poll::Ready(r)
             }
             Poll::Pending => match this.check(cx) {
@@ -169,7 +201,7 @@ impl<T: Read + Unpin> Read for IdleTimeout<T> {
     }
 }
 
-impl<T: Write + Unpin> Write for IdleTimeout<T> {
+impl<T: Write + Unpin> Write for ConnTimeouts<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -178,7 +210,7 @@ impl<T: Write + Unpin> Write for IdleTimeout<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(r) => {
-                this.last_activity = Instant::now();
+                this.activity();
                 Poll::Ready(r)
             }
             Poll::Pending => match this.check(cx) {
@@ -196,7 +228,7 @@ impl<T: Write + Unpin> Write for IdleTimeout<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(r) => {
-                this.last_activity = Instant::now();
+                this.activity();
                 Poll::Ready(r)
             }
             Poll::Pending => match this.check(cx) {

@@ -179,7 +179,8 @@ pub struct CredentialConfig {
     pub refresh_before: HumanDuration,
     pub token_timeout: HumanDuration,
     pub default_expires_in: HumanDuration,
-    pub token_headers: BTreeMap<String, String>,
+    /// Values may carry API keys, so `check` and `Debug` show only the names.
+    pub token_headers: BTreeMap<String, Secret>,
     pub ca_file: Option<PathBuf>,
     pub allow_insecure_http: bool,
     pub username: Option<String>,
@@ -760,7 +761,11 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
             .unwrap_or(HumanDuration(DEFAULT_REFRESH_BEFORE)),
         token_timeout,
         default_expires_in,
-        token_headers: c.token_headers,
+        token_headers: c
+            .token_headers
+            .into_iter()
+            .map(|(k, v)| (k, Secret::new(v)))
+            .collect(),
         ca_file: c.ca_file,
         allow_insecure_http: c.allow_insecure_http,
         username: c.username,

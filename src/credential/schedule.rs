@@ -21,14 +21,19 @@ pub fn refresh_after(
     lifetime.saturating_sub(early)
 }
 
-/// Exponential backoff with jitter for failed refreshes: 0.5 s, 1 s, 2 s … capped at 60 s,
-/// each scaled by a factor in [0.75, 1.25); never later than half the remaining validity
-/// of the current token (so retries happen while it still works), and never under 200 ms.
+/// Exponential backoff with jitter for failed refreshes: 0.5 s, 1 s, 2 s … capped at 60 s
+/// while a valid token remains, and at 5 s once none does (requests are failing, so the
+/// endpoint's recovery should be noticed quickly); each scaled by a factor in
+/// [0.75, 1.25); never later than half the remaining validity of the current token (so
+/// retries happen while it still works), and never under 200 ms.
 pub fn backoff(failures: u32, remaining_validity: Option<Duration>, jitter01: f64) -> Duration {
+    let cap = if remaining_validity.is_some() {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(5)
+    };
     let base = Duration::from_millis(500).saturating_mul(1u32 << failures.min(7));
-    let mut d = base
-        .min(Duration::from_secs(60))
-        .mul_f64(0.75 + 0.5 * jitter01);
+    let mut d = base.min(cap).mul_f64(0.75 + 0.5 * jitter01);
     if let Some(rem) = remaining_validity {
         d = d.min(rem / 2);
     }
@@ -56,7 +61,11 @@ mod tests {
     fn backoff_grows_and_is_bounded() {
         assert_eq!(backoff(0, None, 0.5), Duration::from_millis(500));
         assert_eq!(backoff(3, None, 0.5), Duration::from_secs(4));
-        assert_eq!(backoff(30, None, 0.5), Duration::from_secs(60));
+        assert_eq!(
+            backoff(30, Some(Duration::from_secs(1000)), 0.5),
+            Duration::from_secs(60)
+        );
+        assert_eq!(backoff(30, None, 0.5), Duration::from_secs(5));
         assert_eq!(
             backoff(5, Some(Duration::from_secs(4)), 0.5),
             Duration::from_secs(2)

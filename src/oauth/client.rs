@@ -169,7 +169,7 @@ impl TokenClient {
             }
         }
         for (k, v) in &c.token_headers {
-            req = req.header(k.as_str(), v.as_str());
+            req = req.header(k.as_str(), v.expose());
         }
         let resp = req.send().await.map_err(describe_reqwest)?;
         let status = resp.status().as_u16();

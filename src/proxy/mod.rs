@@ -18,7 +18,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{InboundAuthorization, UpstreamConfig};
 use crate::credential::{ActiveToken, Credential, NoToken};
@@ -112,7 +112,13 @@ impl Upstream {
                     self.metrics
                         .error(crate::metrics::UpstreamErrorKind::Timeout);
                 }
-                warn!(upstream = %self.config.name, status = e.status().as_u16(), error = %e.message(), "request not forwarded");
+                if let ProxyError::NoToken(_) = e {
+                    // The refresher already logs why there is no token; one line per refused
+                    // request would flood the log during an outage.
+                    debug!(upstream = %self.config.name, error = %e.message(), "request refused: no valid token");
+                } else {
+                    warn!(upstream = %self.config.name, status = e.status().as_u16(), error = %e.message(), "request not forwarded");
+                }
                 e.into_response(&self.config.name, &self.credential.name)
                     .map(Either::Right)
             }
