@@ -6,7 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -70,17 +70,17 @@ pub async fn serve<H, Fut, B>(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let in_flight = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(RequestCounter::default());
         let io = ConnTimeouts::new(
             TokioIo::new(stream),
             limits.header_read_timeout.0,
             limits.idle_timeout.0,
-            in_flight.clone(),
+            requests.clone(),
         );
         let handler = handler.clone();
         let svc = service_fn(move |req| {
             let handler = handler.clone();
-            let guard = InFlight::enter(in_flight.clone());
+            let guard = InFlight::enter(requests.clone());
             async move {
                 let resp = handler(req, local).await;
                 drop(guard);
@@ -97,19 +97,28 @@ pub async fn serve<H, Fut, B>(
     }
 }
 
-/// Counts a request as in flight while alive, so idle time is only measured between requests.
-struct InFlight(Arc<AtomicUsize>);
+/// Requests of one connection that reached the handler: how many began, how many are
+/// still in the handler. Read by [`ConnTimeouts`] to tell request heads from idle time.
+#[derive(Default)]
+struct RequestCounter {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Counts a request as in flight while alive.
+struct InFlight(Arc<RequestCounter>);
 
 impl InFlight {
-    fn enter(c: Arc<AtomicUsize>) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
+    fn enter(c: Arc<RequestCounter>) -> Self {
+        c.started.fetch_add(1, Ordering::Relaxed);
+        c.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(c)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -128,11 +137,13 @@ struct ConnTimeouts<T> {
     /// When the current request head started arriving; `None` while idle or in flight.
     head_started: Option<Instant>,
     timer: Pin<Box<Sleep>>,
-    in_flight: Arc<AtomicUsize>,
+    requests: Arc<RequestCounter>,
+    /// `requests.started` when last looked at; a change means a head was completed.
+    seen_started: u64,
 }
 
 impl<T> ConnTimeouts<T> {
-    fn new(inner: T, header: Duration, idle: Duration, in_flight: Arc<AtomicUsize>) -> Self {
+    fn new(inner: T, header: Duration, idle: Duration, requests: Arc<RequestCounter>) -> Self {
         let now = Instant::now();
         ConnTimeouts {
             inner,
@@ -142,20 +153,29 @@ impl<T> ConnTimeouts<T> {
             // The first request head must arrive within the header timeout of connecting.
             head_started: Some(now),
             timer: Box::pin(tokio::time::sleep(header.min(idle))),
-            in_flight,
+            requests,
+            seen_started: 0,
+        }
+    }
+
+    /// Clears the head timer once the head it was timing reached the handler.
+    fn note_requests(&mut self) {
+        let started = self.requests.started.load(Ordering::Relaxed);
+        if started != self.seen_started {
+            self.seen_started = started;
+            self.head_started = None;
         }
     }
 
     fn activity(&mut self) {
         self.last_activity = Instant::now();
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            self.head_started = None;
-        }
+        self.note_requests();
     }
 
+    /// Bytes read while no request is in the handler begin the next request head.
     fn read_activity(&mut self) {
         self.activity();
-        if self.head_started.is_none() && self.in_flight.load(Ordering::Relaxed) == 0 {
+        if self.head_started.is_none() && self.requests.in_flight.load(Ordering::Relaxed) == 0 {
             self.head_started = Some(self.last_activity);
         }
     }
@@ -163,8 +183,8 @@ impl<T> ConnTimeouts<T> {
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if self.in_flight.load(Ordering::Relaxed) > 0 {
-                self.head_started = None;
+            self.note_requests();
+            if self.requests.in_flight.load(Ordering::Relaxed) > 0 {
                 self.timer.as_mut().reset((now + self.idle).into());
                 continue;
             }

@@ -555,6 +555,53 @@ async fn slow_client_is_disconnected_after_the_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_live_until_the_idle_timeout_not_the_header_timeout() {
+    let (_demo, tr) = setup("", "limits: { header_read_timeout: 1s, idle_timeout: 3s }").await;
+    let addr = tr.upstreams["api"];
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /echo HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut buf = vec![0u8; 64 * 1024];
+    // Reads one response (the echo body is small; a single read holds it).
+    async fn response(conn: &mut tokio::net::TcpStream, buf: &mut [u8]) -> String {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    }
+    conn.write_all(request.as_bytes()).await.unwrap();
+    assert!(response(&mut conn, &mut buf)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // Idle for longer than the header timeout: still open, and serves a second request.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let second = response(&mut conn, &mut buf).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "second request on the idle connection: {second:?}"
+    );
+    // Then idle past the idle timeout: closed by the server.
+    let idle_from = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 10s");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(2500),
+        "closed after {idle:?}, before the 3s idle timeout"
+    );
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
     let demo = demo_servers(AuthServerOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
