@@ -416,6 +416,7 @@ impl Load {
     pub fn start(urls: Vec<String>, tasks: usize, pause: Duration) -> Load {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
+        tokenrelay::tls::install_crypto_provider();
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(LoadState::default());
         state.report.lock().unwrap().ok_per_target = vec![0; urls.len()];
