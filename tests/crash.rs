@@ -503,10 +503,13 @@ async fn processes_share_one_store(n: usize) {
     );
     for (i, (success, adopted, _)) in per_process.iter().enumerate() {
         assert!(
-            *adopted >= 1.0 && success + adopted >= rotations as f64 * 0.5,
+            success + adopted >= rotations as f64 * 0.5,
             "process {i} follows the rotations: {per_process:?}"
         );
     }
+    // Whoever refreshes, the others adopt (one process may win every race).
+    let adopting = per_process.iter().filter(|p| p.1 >= 1.0).count();
+    assert!(adopting >= n - 1, "processes adopting: {per_process:?}");
     assert!(codes.iter().all(|c| *c == Some(0)), "exit codes {codes:?}");
 }
 
