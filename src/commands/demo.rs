@@ -68,7 +68,8 @@ upstreams:
         None,
     )
     .await?;
-    crate::app::run(config, crate::shutdown::signal(), |bound| {
+    let stop = crate::shutdown::signal();
+    crate::app::run(config, stop, |bound| {
         let proxy = bound.upstreams["demo"];
         println!(
             "\ntokenrelay demo is running (Ctrl-C to stop).\n\

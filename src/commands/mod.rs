@@ -123,7 +123,11 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(crate::app::run(cfg, crate::shutdown::signal(), |_| {})) {
+            let served = rt.block_on(async {
+                let stop = crate::shutdown::signal();
+                crate::app::run(cfg, stop, |_| {}).await
+            });
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "tokenrelay stopped with an error");

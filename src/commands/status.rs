@@ -15,6 +15,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut failed = Vec::new();
     for (name, c) in &cfg.credentials {
         let Some(store) = store.as_ref().filter(|_| c.grant == Grant::RefreshToken) else {
             println!(
@@ -24,7 +25,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             continue;
         };
         match store.load(name).await {
-            Err(e) => println!("{name}: store error: {e}"),
+            Err(e) => {
+                println!("{name}: store error: {e}");
+                failed.push(name.as_str());
+            }
             Ok(None) => println!("{name}: nothing stored; run `tokenrelay seed --credential {name}` or `tokenrelay authorize --credential {name}`"),
             Ok(Some(s)) => {
                 let when = |ms: u64| humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)).to_string();
@@ -48,6 +52,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 println!("  updated:          {} by {}", when(s.updated_at_ms), s.updated_by);
             }
         }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("the store could not be read for: {}", failed.join(", "));
     }
     Ok(())
 }

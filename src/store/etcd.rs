@@ -8,13 +8,21 @@
 //!   (`create_revision == 0`), kept alive while held; the key vanishes with the lease if
 //!   the holder dies. "Held for N more" is judged from the last keep-alive answer.
 //! - Watch: an etcd watch on the state key, plus a bounded poll as a safety net.
+//! - Endpoints: the store talks to one endpoint at a time and moves on to the next when a
+//!   request to it fails (as etcd's own Go client does). etcd-client's built-in balancing
+//!   spreads requests over all endpoints without health checks, so a single dead member
+//!   would fail a share of every request (etcdv3/etcd-client#39). Every request is safe to
+//!   send again to the next endpoint: reads are, a lease granted twice just expires, and
+//!   the two writes (state swap, lock key) recognise their own earlier success.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, PutOptions, TlsOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use tokio::sync::{watch, Mutex};
 
@@ -36,8 +44,18 @@ struct Inner {
     prefix: String,
     codec: Codec,
     poll: Duration,
-    /// Connected lazily, so tokenrelay starts (degraded) while etcd is down.
-    client: Mutex<Option<Client>>,
+    /// The endpoint in use and its client, connected lazily, so tokenrelay starts
+    /// (degraded) while etcd is down.
+    conn: Mutex<Conn>,
+}
+
+struct Conn {
+    /// Index into `endpoints` of the endpoint in use.
+    endpoint: usize,
+    client: Option<Client>,
+    /// Bumped whenever the endpoint is abandoned, so that concurrent failures of the
+    /// same endpoint move on only once.
+    epoch: u64,
 }
 
 impl EtcdStore {
@@ -54,7 +72,10 @@ impl EtcdStore {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member cut off from the others fails requests (and watches) instead of
+            // serving stale data, so the store moves on to another endpoint.
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (username, password) {
             options = options.with_user(u, p.expose());
         }
@@ -71,7 +92,11 @@ impl EtcdStore {
                 prefix: prefix.to_string(),
                 codec,
                 poll,
-                client: Mutex::new(None),
+                conn: Mutex::new(Conn {
+                    endpoint: 0,
+                    client: None,
+                    epoch: 0,
+                }),
             }),
         })
     }
@@ -86,20 +111,75 @@ impl Inner {
         format!("{}{name}/lease", self.prefix)
     }
 
-    async fn client(&self, op: &'static str, name: &str) -> Result<Client, StoreError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+    /// The client of the endpoint in use (connecting if needed) and its epoch.
+    async fn client(&self, op: &'static str, name: &str) -> Result<(Client, u64), StoreError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.client.as_ref() {
+            return Ok((c.clone(), conn.epoch));
         }
-        let c = tokio::time::timeout(
+        let endpoint = &self.endpoints[conn.endpoint];
+        let connected = tokio::time::timeout(
             REQUEST_TIMEOUT * 2,
-            Client::connect(&self.endpoints, Some(self.options.clone())),
+            Client::connect([endpoint], Some(self.options.clone())),
         )
-        .await
-        .map_err(|_| StoreError::backend(op, name, "connecting to etcd timed out"))?
-        .map_err(|e| StoreError::backend(op, name, e))?;
-        *slot = Some(c.clone());
-        Ok(c)
+        .await;
+        let message = match connected {
+            Ok(Ok(c)) => {
+                conn.client = Some(c.clone());
+                return Ok((c, conn.epoch));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connecting to etcd timed out".to_string(),
+        };
+        conn.endpoint = (conn.endpoint + 1) % self.endpoints.len();
+        conn.epoch += 1;
+        Err(StoreError::backend(op, name, message))
+    }
+
+    /// Abandons the endpoint of `epoch` (if still in use) for the next one.
+    async fn failed(&self, epoch: u64) {
+        let mut conn = self.conn.lock().await;
+        if conn.epoch == epoch {
+            conn.client = None;
+            conn.endpoint = (conn.endpoint + 1) % self.endpoints.len();
+            conn.epoch += 1;
+        }
+    }
+
+    /// Runs `request` against the endpoint in use, moving on to the next endpoint when that
+    /// one fails (unreachable, timed out, without a leader), once around the list at most.
+    /// Other errors (permission, not found, ...) are returned at once. `request` must be
+    /// safe to send again.
+    async fn request<T, F, Fut>(
+        &self,
+        op: &'static str,
+        name: &str,
+        mut request: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = None;
+        for _ in 0..self.endpoints.len() {
+            let (c, epoch) = match self.client(op, name).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, request(c)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if !endpoint_failure(&e) => {
+                    return Err(StoreError::backend(op, name, e))
+                }
+                Ok(Err(e)) => last = Some(StoreError::backend(op, name, e)),
+                Err(_) => last = Some(StoreError::backend(op, name, "etcd request timed out")),
+            }
+            self.failed(epoch).await;
+        }
+        Err(last.expect("at least one endpoint"))
     }
 
     /// Current value bytes and mod revision of the state key.
@@ -108,11 +188,13 @@ impl Inner {
         op: &'static str,
         name: &str,
     ) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let mut c = self.client(op, name).await?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, c.get(self.key(name), None))
-            .await
-            .map_err(|_| StoreError::backend(op, name, "etcd request timed out"))?
-            .map_err(|e| StoreError::backend(op, name, e))?;
+        let key = self.key(name);
+        let resp = self
+            .request(op, name, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -157,9 +239,14 @@ impl Lease for EtcdLease {
 
     async fn release(self: Box<Self>) {
         self.keeper.abort();
-        if let Ok(mut c) = self.inner.client("lease", &self.name).await {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, c.lease_revoke(self.id)).await;
-        }
+        let id = self.id;
+        // Revoking twice is harmless (the second finds no lease and fails, ignored).
+        let _ = self
+            .inner
+            .request("lease", &self.name, |mut c| async move {
+                c.lease_revoke(id).await
+            })
+            .await;
     }
 }
 
@@ -217,22 +304,30 @@ impl Store for EtcdStore {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
             }
         };
+        // Else-branch: read the key, so a write of ours whose answer was lost (and that
+        // was then sent again to another endpoint) is recognised as done.
         let txn = Txn::new()
             .when([compare])
-            .and_then([TxnOp::put(key, bytes, None)]);
-        let mut c = inner.client(op, name).await?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, c.txn(txn))
-            .await
-            .map_err(|_| StoreError::backend(op, name, "etcd request timed out"))?
-            .map_err(|e| StoreError::backend(op, name, e))?;
+            .and_then([TxnOp::put(key.clone(), bytes.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = inner
+            .request(op, name, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if resp.succeeded() {
             return Ok(CasOutcome::Swapped);
         }
-        let current_generation = match inner.get(op, name).await? {
-            Some((b, _)) => Codec::generation(&b).unwrap_or(0),
-            None => 0,
-        };
-        Ok(CasOutcome::Conflict { current_generation })
+        match txn_get_value(&resp) {
+            Some(current) if current == bytes => Ok(CasOutcome::Swapped),
+            Some(current) => Ok(CasOutcome::Conflict {
+                current_generation: Codec::generation(&current).unwrap_or(0),
+            }),
+            None => Ok(CasOutcome::Conflict {
+                current_generation: 0,
+            }),
+        }
     }
 
     async fn try_lease(
@@ -242,44 +337,61 @@ impl Store for EtcdStore {
     ) -> Result<Option<Box<dyn Lease>>, StoreError> {
         let inner = &self.inner;
         let op = "lease";
-        let mut c = inner.client(op, name).await?;
         let ttl_secs = ttl.as_secs().max(2) as i64;
         let started = Instant::now();
-        let grant = tokio::time::timeout(REQUEST_TIMEOUT, c.lease_grant(ttl_secs, None))
-            .await
-            .map_err(|_| StoreError::backend(op, name, "etcd request timed out"))?
-            .map_err(|e| StoreError::backend(op, name, e))?;
+        let grant = inner
+            .request(op, name, |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
+            .await?;
         let id = grant.id();
         let lock = inner.lease_key(name);
+        let value = id.to_string();
+        // Else-branch: read the lock key, so that a txn of ours whose answer was lost (and
+        // that was then sent again to another endpoint) is recognised as won.
         let txn = Txn::new()
             .when([Compare::create_revision(lock.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
-                lock,
-                id.to_string(),
+                lock.clone(),
+                value.clone(),
                 Some(PutOptions::new().with_lease(id)),
-            )]);
-        let won = match tokio::time::timeout(REQUEST_TIMEOUT, c.txn(txn)).await {
-            Ok(Ok(r)) => r.succeeded(),
-            Ok(Err(e)) => {
-                let _ = c.lease_revoke(id).await;
-                return Err(StoreError::backend(op, name, e));
-            }
-            Err(_) => {
-                let _ = c.lease_revoke(id).await;
-                return Err(StoreError::backend(op, name, "etcd request timed out"));
-            }
+            )])
+            .or_else([TxnOp::get(lock, None)]);
+        let won = inner
+            .request(op, name, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .map(|r| r.succeeded() || txn_get_value(&r).is_some_and(|v| v == value.as_bytes()));
+        let revoke = || async {
+            let _ = inner
+                .request(op, name, |mut c| async move { c.lease_revoke(id).await })
+                .await;
         };
-        if !won {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, c.lease_revoke(id)).await;
-            return Ok(None);
+        match won {
+            Ok(true) => {}
+            Ok(false) => {
+                revoke().await;
+                return Ok(None);
+            }
+            Err(e) => {
+                revoke().await;
+                return Err(e);
+            }
         }
         let held_until = Arc::new(StdMutex::new(
             started + Duration::from_secs(grant.ttl().max(0) as u64),
         ));
         let keeper = {
             let held_until = held_until.clone();
-            let mut c = c.clone();
+            let inner = inner.clone();
+            let name = name.to_string();
             tokio::spawn(async move {
+                // On the endpoint in use; if it fails, the lease simply runs out.
+                let Ok((mut c, _)) = inner.client("lease", &name).await else {
+                    return;
+                };
                 let Ok((mut keeper, mut stream)) = c.lease_keep_alive(id).await else {
                     return;
                 };
@@ -324,13 +436,18 @@ impl Store for EtcdStore {
             let mut backoff = Duration::from_millis(200);
             loop {
                 let stream = async {
-                    let mut c = inner.client("watch", &name).await.ok()?;
-                    tokio::time::timeout(REQUEST_TIMEOUT, c.watch(inner.key(&name), None))
+                    let (mut c, epoch) = inner.client("watch", &name).await.ok()?;
+                    match tokio::time::timeout(REQUEST_TIMEOUT, c.watch(inner.key(&name), None))
                         .await
-                        .ok()?
-                        .ok()
+                    {
+                        Ok(Ok(stream)) => Some((stream, epoch)),
+                        _ => {
+                            inner.failed(epoch).await;
+                            None
+                        }
+                    }
                 };
-                let Some(mut stream) = stream.await else {
+                let Some((mut stream, epoch)) = stream.await else {
                     let signal = inner.signal(&name).await;
                     let failed = signal.error.is_some();
                     publish(signal);
@@ -348,7 +465,10 @@ impl Store for EtcdStore {
                     tokio::select! {
                         m = stream.message() => {
                             if !matches!(m, Ok(Some(_))) {
-                                break; // watch lost: re-establish
+                                // Watch lost (member down or cut off): re-establish,
+                                // on the next endpoint.
+                                inner.failed(epoch).await;
+                                break;
                             }
                             publish(inner.signal(&name).await);
                         }
@@ -366,5 +486,31 @@ impl Store for EtcdStore {
             }
         });
         rx
+    }
+}
+
+/// The value read by a txn's (single) get operation, if the key existed.
+fn txn_get_value(resp: &TxnResponse) -> Option<Vec<u8>> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+        _ => None,
+    })
+}
+
+/// Whether `e` says the endpoint (not the request) is the problem: unreachable, timed
+/// out, or a member without a leader. Matched on the standard gRPC status codes.
+fn endpoint_failure(e: &etcd_client::Error) -> bool {
+    const CANCELLED: i32 = 1;
+    const UNKNOWN: i32 = 2;
+    const DEADLINE_EXCEEDED: i32 = 4;
+    const INTERNAL: i32 = 13;
+    const UNAVAILABLE: i32 = 14;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            i32::from(status.code()),
+            CANCELLED | UNKNOWN | DEADLINE_EXCEEDED | INTERNAL | UNAVAILABLE
+        ),
+        _ => false,
     }
 }
