@@ -13,7 +13,9 @@
 //!   spreads requests over all endpoints without health checks, so a single dead member
 //!   would fail a share of every request (etcdv3/etcd-client#39). Every request is safe to
 //!   send again to the next endpoint: reads are, a lease granted twice just expires, and
-//!   the two writes (state swap, lock key) recognise their own earlier success.
+//!   the two writes (state swap, lock key) recognise their own earlier success. While a
+//!   new leader is being elected, a write sent to a follower can wait out the request
+//!   timeout (3 s) before it goes to the next member.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex as StdMutex};

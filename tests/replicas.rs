@@ -1,0 +1,1233 @@
+//! Several tokenrelay processes sharing one credential through a real Redis or etcd
+//! store: `redis-server` and `etcd` processes started by the tests on free loopback ports
+//! (temporary data directories, killed when the test ends), tokenrelay as child processes,
+//! and the demo authorization server (rotating single-use refresh tokens with reuse
+//! detection) in this test process.
+//!
+//! Covered, for Redis and for etcd where it applies:
+//! - three replicas under concurrent load with 2 s tokens and a token endpoint that takes
+//!   200 ms (so refreshes fall due while another replica's is in flight): no refresh token
+//!   is ever presented twice, clients never see a 401 or 5xx, the fleet rotates about as
+//!   often as one process would (one refresh per rotation, the others adopt), and every
+//!   replica serves the newest token soon after each rotation (adoption latency, measured
+//!   by polling every replica's `/status` every 50 ms, so ±50 ms);
+//! - SIGKILL of the lease holder while its refresh is in flight at the token endpoint:
+//!   the next process waits for the lease to expire (never earlier), takes over, and
+//!   redeems the unspent refresh token;
+//! - Redis down for 4.5 s under load (SIGKILL, restarted on the same port from its
+//!   `appendfsync always` log): no client-visible error while the token is valid,
+//!   `/status` says degraded, nothing stored is lost, and rotations resume by themselves;
+//! - a three-member etcd cluster losing its leader (SIGKILL) under load: the replicas
+//!   move on to the surviving members and stay healthy.
+//!
+//! Each test prints its measurements (`--nocapture`); REPLICAS_SHOW_LOGS=1 adds the
+//! replicas' logs. `scripts/test.sh` installs `redis-server` and `etcd`; run alone without
+//! them, the tests say so and skip, unless TOKENRELAY_REQUIRE_TOOLS=1. The etcd tests need
+//! the `etcd` cargo feature (`cargo test --features etcd --test replicas`).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{metric, metrics_text, wait_ready, ChildProc, Load, LoadReport};
+use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
+
+// ---------------------------------------------------------------------------------------
+// Store processes.
+// ---------------------------------------------------------------------------------------
+
+/// True if `name` is on the PATH; otherwise says so (and fails under
+/// TOKENRELAY_REQUIRE_TOOLS=1).
+fn have_tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("TOKENRELAY_REQUIRE_TOOLS").is_err(),
+            "{name} is required (scripts/test.sh installs it)"
+        );
+        eprintln!("{name} not installed; skipping (scripts/test.sh installs it)");
+    }
+    found
+}
+
+/// `n` distinct loopback ports that were free a moment ago (all bound at once, so they
+/// differ from each other).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A `redis-server` on a loopback port with an append-only log fsynced on every write,
+/// in its own temporary directory; SIGKILLed on drop.
+struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let mut r = RedisServer {
+            port: free_ports(1)[0],
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.spawn().await;
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (or restarts, on the same port and data directory) and waits for PONG.
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--save", "", "--daemonize", "no", "--protected-mode", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let up = support::eventually(Duration::from_secs(10), || redis_ping(addr)).await;
+        assert!(up, "redis-server did not start:\n{}", self.log_tail());
+    }
+
+    /// SIGKILL: no shutdown, no final save; only what the append-only log has survives.
+    fn kill9(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    fn log_tail(&self) -> String {
+        support::log_tail(&self.dir.path().join("redis.log"), 20)
+    }
+}
+
+/// True if the server at `addr` answers `PING` with `+PONG`.
+async fn redis_ping(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"+PONG"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// One member of an [`EtcdCluster`].
+#[cfg(feature = "etcd")]
+struct EtcdMember {
+    name: String,
+    client_port: u16,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of `n` members on loopback (distinct client and peer ports), data in a
+/// temporary directory; every member SIGKILLed on drop.
+#[cfg(feature = "etcd")]
+struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    dir: tempfile::TempDir,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdCluster {
+    async fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(2 * n);
+        let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+        let initial_cluster = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("{name}=http://127.0.0.1:{}", ports[2 * i + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("tokenrelay-test-{:x}", rand::random::<u64>());
+        let mut members = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let (client, peer) = (ports[2 * i], ports[2 * i + 1]);
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", name])
+                .arg("--data-dir")
+                .arg(dir.path().join(name))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                ))
+                .arg(format!("--initial-cluster={initial_cluster}"))
+                .arg(format!("--initial-cluster-token={token}"))
+                .args(["--initial-cluster-state", "new", "--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn etcd");
+            members.push(EtcdMember {
+                name: name.clone(),
+                client_port: client,
+                child: Some(child),
+            });
+        }
+        let cluster = EtcdCluster { members, dir };
+        for m in &cluster.members {
+            let url = format!("http://127.0.0.1:{}/health", m.client_port);
+            let healthy = support::eventually(Duration::from_secs(20), || {
+                let url = url.clone();
+                async move {
+                    match support::client().get(&url).send().await {
+                        Ok(r) if r.status() == 200 => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .is_ok_and(|v| v["health"] == "true"),
+                        _ => false,
+                    }
+                }
+            })
+            .await;
+            assert!(
+                healthy,
+                "etcd member {} did not become healthy:\n{}",
+                m.name,
+                support::log_tail(&cluster.dir.path().join(format!("{}.log", m.name)), 20)
+            );
+        }
+        cluster
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// Index of the current leader, asked with `etcdctl endpoint status`.
+    fn leader(&self) -> Option<usize> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .args(["endpoint", "status", "-w", "json"])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?.iter().find_map(|e| {
+            let status = &e["Status"];
+            let me = status["header"]["member_id"].as_u64()?;
+            if status["leader"].as_u64()? != me {
+                return None;
+            }
+            let endpoint = e["Endpoint"].as_str()?;
+            self.endpoints().iter().position(|x| x == endpoint)
+        })
+    }
+
+    fn kill9(&mut self, i: usize) {
+        kill_child(&mut self.members[i].child);
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            kill_child(&mut m.child);
+        }
+    }
+}
+
+/// The `store:` section for a Redis server or etcd endpoints (poll interval 250 ms).
+fn redis_store_yaml(url: &str) -> String {
+    format!("  type: redis\n  url: {url}\n  poll_interval: 250ms\n")
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_store_yaml(endpoints: &[String]) -> String {
+    format!(
+        "  type: etcd\n  endpoints: [{}]\n  poll_interval: 250ms\n",
+        endpoints.join(", ")
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// tokenrelay replicas.
+// ---------------------------------------------------------------------------------------
+
+/// Credential `crm` (rotating refresh token) and upstream `crm`, per replica.
+struct ReplicaSpec<'a> {
+    store_yaml: &'a str,
+    token_url: &'a str,
+    api_url: &'a str,
+    token_timeout: &'a str,
+}
+
+/// One tokenrelay child process with its ports and config.
+struct Replica {
+    name: String,
+    admin: u16,
+    listen: u16,
+    config: PathBuf,
+    log: PathBuf,
+    proc: Option<ChildProc>,
+}
+
+impl Replica {
+    fn new(dir: &Path, name: &str, spec: &ReplicaSpec) -> Replica {
+        let ports = free_ports(2);
+        let yaml = format!(
+            "admin:
+  listen: 127.0.0.1:{admin}
+store:
+{store}runtime:
+  instance_id: {name}
+  shutdown_grace: 5s
+credentials:
+  crm:
+    grant: refresh_token
+    token_url: {token_url}
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+    token_timeout: {token_timeout}
+upstreams:
+  crm:
+    listen: 127.0.0.1:{listen}
+    url: {api_url}
+    credential: crm
+    allow_insecure_http: true
+",
+            admin = ports[0],
+            listen = ports[1],
+            store = spec.store_yaml,
+            token_url = spec.token_url,
+            token_timeout = spec.token_timeout,
+            api_url = spec.api_url,
+        );
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml).unwrap();
+        Replica {
+            name: name.to_string(),
+            admin: ports[0],
+            listen: ports[1],
+            config,
+            log: dir.join(format!("{name}.log")),
+            proc: None,
+        }
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.proc.is_none());
+        self.proc = Some(ChildProc::spawn(&self.config, &self.log, &[]));
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.listen)
+    }
+
+    async fn ready(&self, within: Duration) {
+        if !wait_ready(&format!("{}/readyz", self.admin_url()), within).await {
+            panic!(
+                "{} did not become ready; log:\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(p) = &mut self.proc {
+            p.kill9();
+        }
+    }
+
+    /// SIGTERM and wait; the exit code.
+    async fn terminate(&mut self) -> Option<i32> {
+        let mut p = self.proc.take()?;
+        tokio::task::spawn_blocking(move || p.terminate())
+            .await
+            .unwrap()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        support::log_tail(&self.log, lines)
+    }
+
+    /// (success, adopted, failure) refreshes from the replica's metrics.
+    async fn refresh_counts(&self) -> (f64, f64, f64) {
+        let m = metrics_text(&self.admin_url()).await;
+        let by = |result: &str| {
+            metric(
+                &m,
+                "tokenrelay_token_refresh_total",
+                &[("credential", "crm"), ("result", result)],
+            )
+        };
+        (by("success"), by("adopted"), by("failure"))
+    }
+}
+
+fn seed(replica: &Replica, auth: &AuthServer) {
+    let out = support::seed_cli(&replica.config, "crm", &auth.new_grant());
+    assert!(
+        out.status.success(),
+        "seed failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The stored state of credential `crm`, read through the store API with `replica`'s
+/// config.
+async fn stored(replica: &Replica) -> Option<tokenrelay::store::StoredState> {
+    let yaml = std::fs::read_to_string(&replica.config).unwrap();
+    let config = tokenrelay::config::Config::from_yaml(&yaml, Path::new("."), &|_| None).unwrap();
+    let store = tokenrelay::store::open(&config.store).unwrap();
+    store.load("crm").await.unwrap()
+}
+
+fn rotating(access_ttl: Duration) -> AuthServerOptions {
+    AuthServerOptions {
+        access_ttl,
+        rotate_refresh_tokens: true,
+        ..AuthServerOptions::default()
+    }
+}
+
+/// Prints every replica's log tail when REPLICAS_SHOW_LOGS is set.
+fn show_logs(replicas: &[Replica]) {
+    if std::env::var_os("REPLICAS_SHOW_LOGS").is_some() {
+        eprintln!("{}", logs(replicas));
+    }
+}
+
+/// Every log tail, for failure messages.
+fn logs(replicas: &[Replica]) -> String {
+    replicas
+        .iter()
+        .map(|r| format!("--- {} ---\n{}", r.name, r.log_tail(40)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// `/status` polling and adoption latency.
+// ---------------------------------------------------------------------------------------
+
+/// One look at a replica's `/status` (the time is when the answer arrived).
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Instant,
+    /// `None` when the admin listener did not answer.
+    generation: Option<u64>,
+    state: String,
+    store_error: bool,
+}
+
+/// Polls every replica's `/status` every 50 ms in the background.
+struct StatusPoller {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Vec<Sample>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl StatusPoller {
+    fn start(admins: Vec<String>) -> StatusPoller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(vec![Vec::new(); admins.len()]));
+        let tasks = admins
+            .into_iter()
+            .enumerate()
+            .map(|(i, admin)| {
+                let stop = stop.clone();
+                let samples = samples.clone();
+                let c = reqwest::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(2))
+                    .build()
+                    .unwrap();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(50));
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    while !stop.load(Ordering::Relaxed) {
+                        tick.tick().await;
+                        let v: Option<serde_json::Value> =
+                            match c.get(format!("{admin}/status")).send().await {
+                                Ok(r) => r.json().await.ok(),
+                                Err(_) => None,
+                            };
+                        let crm = v.as_ref().map(|v| &v["credentials"]["crm"]);
+                        let sample = Sample {
+                            at: Instant::now(),
+                            generation: crm.and_then(|c| c["generation"].as_u64()),
+                            state: crm
+                                .and_then(|c| c["state"].as_str())
+                                .unwrap_or_default()
+                                .to_string(),
+                            store_error: crm.is_some_and(|c| !c["store_error"].is_null()),
+                        };
+                        samples.lock().unwrap()[i].push(sample);
+                    }
+                })
+            })
+            .collect();
+        StatusPoller {
+            stop,
+            samples,
+            tasks,
+        }
+    }
+
+    /// The latest sample of every replica.
+    fn latest(&self) -> Vec<Option<Sample>> {
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.last().cloned())
+            .collect()
+    }
+
+    async fn stop(self) -> Vec<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let s = self.samples.lock().unwrap().clone();
+        s
+    }
+}
+
+/// How long each new generation took from first seen on any replica to seen on all.
+#[derive(Debug, Default)]
+struct Adoption {
+    /// (generation, latency), for generations first seen while polling.
+    latencies: Vec<(u64, Duration)>,
+    /// Generations some replica never reached (first seen before `settled_by`).
+    never: Vec<u64>,
+}
+
+impl Adoption {
+    /// Generations first seen after `settled_by` are left out (the window may have
+    /// closed before every replica had a chance).
+    fn measure(samples: &[Vec<Sample>], settled_by: Instant) -> Adoption {
+        let initial = samples
+            .iter()
+            .filter_map(|s| s.iter().find_map(|x| x.generation))
+            .max()
+            .unwrap_or(0);
+        let newest = samples
+            .iter()
+            .flat_map(|s| s.iter().filter_map(|x| x.generation))
+            .max()
+            .unwrap_or(0);
+        let mut out = Adoption::default();
+        for g in initial + 1..=newest {
+            // When each replica first served generation g or newer.
+            let firsts: Vec<Option<Instant>> = samples
+                .iter()
+                .map(|s| {
+                    s.iter()
+                        .find(|x| x.generation.is_some_and(|x| x >= g))
+                        .map(|x| x.at)
+                })
+                .collect();
+            let Some(first_any) = firsts.iter().flatten().min().copied() else {
+                continue;
+            };
+            if first_any > settled_by {
+                continue;
+            }
+            if firsts.iter().any(Option::is_none) {
+                out.never.push(g);
+                continue;
+            }
+            let all = firsts.iter().flatten().max().copied().unwrap();
+            out.latencies.push((g, all - first_any));
+        }
+        out
+    }
+
+    fn sorted(&self) -> Vec<Duration> {
+        let mut v: Vec<Duration> = self.latencies.iter().map(|l| l.1).collect();
+        v.sort();
+        v
+    }
+
+    fn max(&self) -> Duration {
+        self.sorted().last().copied().unwrap_or_default()
+    }
+
+    fn median(&self) -> Duration {
+        let v = self.sorted();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    }
+}
+
+fn assert_clean_load(report: &LoadReport, replicas: &[Replica]) {
+    assert_eq!(
+        report.unauthorized,
+        0,
+        "clients saw 401: {report:?}\n{}",
+        logs(replicas)
+    );
+    assert_eq!(
+        report.server_errors,
+        0,
+        "clients saw 5xx: {report:?}\n{}",
+        logs(replicas)
+    );
+    assert_eq!(report.transport_errors, 0, "transport errors: {report:?}");
+    assert_eq!(report.other, 0, "unexpected statuses: {report:?}");
+}
+
+fn assert_no_reuse(stats: &AuthStats, replicas: &[Replica]) {
+    assert_eq!(
+        stats.refresh_reuse_detected,
+        0,
+        "a refresh token was presented twice: {stats:?}\n{}",
+        logs(replicas)
+    );
+    assert_eq!(
+        stats.invalid_grant,
+        0,
+        "a refresh token was rejected: {stats:?}\n{}",
+        logs(replicas)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Three replicas, one credential, concurrent load, 2 s tokens.
+// ---------------------------------------------------------------------------------------
+
+/// Three replicas share one credential through `store_yaml` under 16 concurrent clients
+/// for 15 s with 2 s access tokens (refreshed about once a second). The token endpoint
+/// takes 200 ms per request, longer than the replicas' schedules differ (jitter of at most
+/// 100 ms), so their refreshes fall due while another one's is in flight: without mutual
+/// exclusion two of them would present the same refresh token.
+async fn three_replicas_under_load(backend: &str, store_yaml: &str) {
+    const DURATION: Duration = Duration::from_secs(15);
+    const N: usize = 3;
+    const TOKEN_ENDPOINT_DELAY: Duration = Duration::from_millis(200);
+    let auth = AuthServer::start(AuthServerOptions {
+        response_delay: TOKEN_ENDPOINT_DELAY,
+        ..rotating(Duration::from_secs(2))
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url) = (auth.token_url(), api.url());
+    let spec = ReplicaSpec {
+        store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "1s",
+    };
+    let mut replicas: Vec<Replica> = (0..N)
+        .map(|i| Replica::new(dir.path(), &format!("{backend}{i}"), &spec))
+        .collect();
+    seed(&replicas[0], &auth);
+    for r in &mut replicas {
+        r.spawn();
+    }
+    for r in &replicas {
+        r.ready(Duration::from_secs(20)).await;
+    }
+
+    let poller = StatusPoller::start(replicas.iter().map(Replica::admin_url).collect());
+    let before = auth.stats();
+    let started = Instant::now();
+    let load = Load::start(
+        replicas.iter().map(|r| r.url("/api/v4/leads")).collect(),
+        16,
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(DURATION).await;
+    let report = load.stop().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = auth.stats();
+    let samples = poller.stop().await;
+    let settled_by = Instant::now() - Duration::from_millis(1500);
+    let mut per_process = Vec::new();
+    for r in &replicas {
+        per_process.push(r.refresh_counts().await);
+    }
+    let mut codes = Vec::new();
+    for r in &mut replicas {
+        codes.push(r.terminate().await);
+    }
+
+    let adoption = Adoption::measure(&samples, settled_by);
+    show_logs(&replicas);
+    let refreshes = after.refreshes - before.refreshes;
+    let rotations = after.rotations - before.rotations;
+    // One process alone: a 2 s token is refreshed 1 s before expiry, minus on average
+    // 2.5 % of its lifetime of jitter, i.e. ≈ 0.95 s after the previous refresh ended,
+    // and each refresh takes the token endpoint's delay.
+    let expected = elapsed / (0.95 + TOKEN_ENDPOINT_DELAY.as_secs_f64());
+    let ratio = rotations as f64 / expected;
+    eprintln!(
+        "{backend}: {N} replicas, {elapsed:.1}s under load: {rotations} rotations fleet-wide \
+         (one process alone ≈ {expected:.1}; ratio {ratio:.2}), {:.2} refreshes per rotation, \
+         reuse detected {}, invalid_grant {}; per replica (success, adopted, failure) \
+         {per_process:?}; adoption latency over {} generations: median {:?}, max {:?}, \
+         never adopted {:?}; clients {} ok {:?}, {} 401, {} 5xx, {} transport errors",
+        refreshes as f64 / rotations.max(1) as f64,
+        after.refresh_reuse_detected,
+        after.invalid_grant,
+        adoption.latencies.len(),
+        adoption.median(),
+        adoption.max(),
+        adoption.never,
+        report.ok,
+        report.ok_per_target,
+        report.unauthorized,
+        report.server_errors,
+        report.transport_errors,
+    );
+    assert_no_reuse(&after, &replicas);
+    assert_eq!(refreshes, rotations, "one refresh per rotation");
+    assert!(
+        ratio <= 1.5,
+        "{rotations} rotations in {elapsed:.1}s: the replicas do not coordinate (one process \
+         alone would do ≈ {expected:.0}); per replica {per_process:?}"
+    );
+    assert!(
+        ratio >= 0.5,
+        "only {rotations} rotations in {elapsed:.1}s (expected ≈ {expected:.0})\n{}",
+        logs(&replicas)
+    );
+    assert_clean_load(&report, &replicas);
+    let mean = report.ok as f64 / N as f64;
+    for (i, ok) in report.ok_per_target.iter().enumerate() {
+        assert!(
+            *ok as f64 > mean * 0.2,
+            "replica {i} served only {ok} requests: {report:?}"
+        );
+    }
+    let adopted: f64 = per_process.iter().map(|p| p.1).sum();
+    assert!(
+        adopted >= rotations as f64 * (N - 1) as f64 * 0.5,
+        "the other replicas adopt each rotation: {per_process:?}"
+    );
+    assert!(
+        adoption.never.is_empty(),
+        "generations some replica never served: {:?}",
+        adoption.never
+    );
+    assert!(
+        adoption.latencies.len() as f64 >= rotations as f64 * 0.5,
+        "too few generations observed ({}) for {rotations} rotations",
+        adoption.latencies.len()
+    );
+    assert!(
+        adoption.max() < Duration::from_secs(3),
+        "a replica served a superseded token for {:?} after a rotation: {:?}",
+        adoption.max(),
+        adoption.latencies
+    );
+    assert!(codes.iter().all(|c| *c == Some(0)), "exit codes {codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_a_redis_store_under_load() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    three_replicas_under_load("redis", &redis_store_yaml(&redis.url())).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_an_etcd_store_under_load() {
+    if !have_tool("etcd") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1).await;
+    three_replicas_under_load("etcd", &etcd_store_yaml(&etcd.endpoints())).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. The lease holder is SIGKILLed while its refresh is in flight.
+// ---------------------------------------------------------------------------------------
+
+/// Process A starts alone; its startup refresh takes the lease and waits 3 s at the token
+/// endpoint (which processes a request only after the delay, so a request whose client
+/// dies consumes nothing). A is SIGKILLed 1 s into that delay and B starts at once. B must not
+/// send the refresh token before A's lease has expired, must take over right after, and
+/// must redeem the refresh token A never spent.
+async fn lease_holder_killed_mid_refresh(backend: &str, store_yaml: &str) {
+    const DELAY: Duration = Duration::from_secs(3);
+    const TOKEN_TIMEOUT: Duration = Duration::from_secs(4);
+    let ttl = tokenrelay::credential::refresher::lease_ttl(TOKEN_TIMEOUT);
+    let auth = AuthServer::start(rotating(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let relay = support::Relay::start(auth.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_url = format!("{}/oauth2/token", relay.url());
+    let api_url = api.url();
+    let spec = ReplicaSpec {
+        store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "4s",
+    };
+    let mut a = Replica::new(dir.path(), &format!("{backend}-a"), &spec);
+    let mut b = Replica::new(dir.path(), &format!("{backend}-b"), &spec);
+    seed(&a, &auth);
+    let seeded_generation = stored(&a).await.expect("seeded").generation;
+
+    auth.set_mode(tokenrelay::demo::FailureMode::Slow(DELAY));
+    let a_spawned = Instant::now();
+    a.spawn();
+    let t0 = Instant::now();
+    while relay.pending_since().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "A sent no token request; log:\n{}",
+            a.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let a_request = relay.pending_since().unwrap();
+    tokio::time::sleep_until((a_request + Duration::from_secs(1)).into()).await;
+    assert!(
+        relay.pending_since().is_some(),
+        "A's token request is still in flight"
+    );
+    a.kill9();
+    let killed = Instant::now();
+    // B starts at once and contends for the lease A's corpse still holds.
+    auth.set_mode(tokenrelay::demo::FailureMode::Normal);
+    let b_spawned = Instant::now();
+    b.spawn();
+    b.ready(ttl + Duration::from_secs(15)).await;
+    let b_ready = Instant::now();
+    let status = support::client()
+        .get(b.url("/api/v4/leads"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    let requests = relay.requests();
+    let stats = auth.stats();
+    let state = stored(&b).await.expect("state");
+    let code = b.terminate().await;
+
+    let b_request = *requests.get(1).expect("B sent a token request");
+    let earliest_expiry = a_spawned + ttl;
+    eprintln!(
+        "{backend}: lease holder SIGKILLed {:?} into its refresh; lease TTL {ttl:?}; B started \
+         {:?} after the kill, sent its token request {:?} after A's (lease expired at the \
+         earliest {:?} after A's), ready {:?} after the kill; token requests {}, rotations {}, \
+         reuse detected {}; generation {seeded_generation} → {}",
+        killed - a_request,
+        b_spawned - killed,
+        b_request - a_request,
+        earliest_expiry.saturating_duration_since(a_request),
+        b_ready - killed,
+        requests.len(),
+        stats.rotations,
+        stats.refresh_reuse_detected,
+        state.generation,
+    );
+    assert_no_reuse(&stats, std::slice::from_ref(&b));
+    assert!(
+        b_request + Duration::from_millis(100) >= earliest_expiry,
+        "B sent the refresh token {:?} before A's lease could have expired",
+        earliest_expiry - b_request
+    );
+    assert!(
+        b_request <= a_request + ttl + Duration::from_secs(3),
+        "B took over only {:?} after A's request (lease TTL {ttl:?}); log:\n{}",
+        b_request - a_request,
+        b.log_tail(30)
+    );
+    assert_eq!(requests.len(), 2, "A's request and B's");
+    assert_eq!(
+        (stats.refreshes, stats.rotations),
+        (1, 1),
+        "the server dropped A's request unprocessed; B redeemed the refresh token A never spent"
+    );
+    assert_eq!(status, 200, "B serves");
+    assert_eq!(
+        state.generation,
+        seeded_generation + 1,
+        "B's rotation is stored"
+    );
+    assert!(state
+        .refresh_token
+        .as_ref()
+        .is_some_and(|t| auth.is_valid_refresh_token(t.expose())));
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_holder_killed_mid_refresh_is_taken_over_after_the_ttl() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    lease_holder_killed_mid_refresh("redis", &redis_store_yaml(&redis.url())).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lease_holder_killed_mid_refresh_is_taken_over_after_the_ttl() {
+    if !have_tool("etcd") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1).await;
+    lease_holder_killed_mid_refresh("etcd", &etcd_store_yaml(&etcd.endpoints())).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Redis down for a while under load.
+// ---------------------------------------------------------------------------------------
+
+/// Two replicas, 14 s tokens (refreshed 6.3–7 s in, usable until 12 s), Redis SIGKILLed
+/// 3 s after the startup refresh and restarted 4.5 s later on the same port: the
+/// scheduled refresh falls into the outage and fails, the token stays valid, clients see
+/// nothing; `/status` says degraded meanwhile; afterwards the refresh succeeds without
+/// anyone's help, and nothing written before the kill is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_under_load_degrades_and_recovers() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    const N: usize = 2;
+    const OUTAGE: Duration = Duration::from_millis(4500);
+    let mut redis = RedisServer::start().await;
+    let auth = AuthServer::start(rotating(Duration::from_secs(14)))
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url, store_yaml) =
+        (auth.token_url(), api.url(), redis_store_yaml(&redis.url()));
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "1s",
+    };
+    let mut replicas: Vec<Replica> = (0..N)
+        .map(|i| Replica::new(dir.path(), &format!("outage{i}"), &spec))
+        .collect();
+    seed(&replicas[0], &auth);
+    for r in &mut replicas {
+        r.spawn();
+    }
+    for r in &replicas {
+        r.ready(Duration::from_secs(20)).await;
+    }
+    let startup_refresh = auth.requests_log().last().expect("startup refresh").at;
+    let poller = StatusPoller::start(replicas.iter().map(Replica::admin_url).collect());
+    let load = Load::start(
+        replicas.iter().map(|r| r.url("/api/v4/leads")).collect(),
+        8,
+        Duration::from_millis(5),
+    );
+
+    tokio::time::sleep_until((startup_refresh + Duration::from_secs(3)).into()).await;
+    let generation_before = stored(&replicas[0]).await.expect("state").generation;
+    let rotations_before = auth.stats().rotations;
+    redis.kill9();
+    let down = Instant::now();
+    tokio::time::sleep(OUTAGE).await;
+    let rotations_during = auth.stats().rotations - rotations_before;
+    let errors_during = load.snapshot();
+    redis.spawn().await;
+    let up = Instant::now();
+    let persisted = stored(&replicas[0])
+        .await
+        .expect("state survived")
+        .generation;
+
+    // Recovery: every replica serves a newer generation and is ready (not degraded) again.
+    let recovered = support::eventually(Duration::from_secs(20), || {
+        let latest = poller.latest();
+        async move {
+            latest.iter().all(|s| {
+                s.as_ref().is_some_and(|s| {
+                    s.generation.is_some_and(|g| g > generation_before)
+                        && s.state == "ready"
+                        && !s.store_error
+                })
+            })
+        }
+    })
+    .await;
+    let recovered_after = up.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = load.stop().await;
+    let samples = poller.stop().await;
+    let stats = auth.stats();
+    let stored_after = stored(&replicas[0]).await.expect("state");
+    let mut per_process = Vec::new();
+    for r in &replicas {
+        per_process.push(r.refresh_counts().await);
+    }
+    let mut codes = Vec::new();
+    for r in &mut replicas {
+        codes.push(r.terminate().await);
+    }
+
+    show_logs(&replicas);
+    let degraded: Vec<bool> = samples
+        .iter()
+        .map(|s| {
+            s.iter()
+                .any(|x| x.at > down && x.at < up && (x.state == "degraded" || x.store_error))
+        })
+        .collect();
+    let newest = samples
+        .iter()
+        .filter_map(|s| s.last().and_then(|x| x.generation))
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "redis outage: {OUTAGE:?} down ({rotations_during} rotations meanwhile); generation \
+         {generation_before} before, {persisted} after the restart (from the append-only \
+         log), {} at the end; degraded seen per replica {degraded:?}; recovered (newer \
+         generation everywhere, ready) {recovered_after:?} after the restart; per replica \
+         (success, adopted, failure) {per_process:?}; rotations {}, reuse detected {}; \
+         clients {} ok, {} 401, {} 5xx, {} transport errors (during the outage: {} 401, {} \
+         5xx)",
+        stored_after.generation,
+        stats.rotations,
+        stats.refresh_reuse_detected,
+        report.ok,
+        report.unauthorized,
+        report.server_errors,
+        report.transport_errors,
+        errors_during.unauthorized,
+        errors_during.server_errors,
+    );
+    assert_no_reuse(&stats, &replicas);
+    assert_eq!(stats.refreshes, stats.rotations, "one refresh per rotation");
+    assert!(
+        persisted >= generation_before,
+        "the stored state survived the SIGKILL: generation {persisted} after, {generation_before} before"
+    );
+    assert_eq!(rotations_during, 0, "no rotation without the store");
+    assert_eq!(
+        stored_after.generation,
+        generation_before + (stats.rotations - rotations_before),
+        "every rotation is stored, none lost"
+    );
+    let failures: f64 = per_process.iter().map(|p| p.2).sum();
+    assert!(
+        failures >= 1.0,
+        "the scheduled refresh fell into the outage and failed: {per_process:?}"
+    );
+    assert!(
+        degraded.iter().all(|d| *d),
+        "/status showed the outage: {degraded:?}"
+    );
+    assert!(
+        recovered,
+        "recovered after the restart: latest {:?}\n{}",
+        samples.iter().map(|s| s.last()).collect::<Vec<_>>(),
+        logs(&replicas)
+    );
+    assert!(
+        stored_after.generation > generation_before && stored_after.generation >= newest,
+        "the new generation is stored: {} (served {newest})",
+        stored_after.generation
+    );
+    assert_clean_load(&report, &replicas);
+    assert!(report.ok > 100, "{report:?}");
+    assert!(codes.iter().all(|c| *c == Some(0)), "exit codes {codes:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. A three-member etcd cluster loses its leader under load.
+// ---------------------------------------------------------------------------------------
+
+/// Three replicas on a three-member etcd cluster, 12 s tokens (refreshed 5.4–6 s in,
+/// usable until 10 s): the leader is SIGKILLed just before a scheduled refresh. The
+/// replicas move on to the surviving members, the refresh waits out the election (a write
+/// sent to a follower meanwhile waits out the 3 s request timeout before it is sent to the
+/// next member), clients see nothing, and rotations carry on with two members.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_member_killed_under_load() {
+    if !have_tool("etcd") {
+        return;
+    }
+    const N: usize = 3;
+    const AFTER_KILL: Duration = Duration::from_secs(14);
+    let mut etcd = EtcdCluster::start(3).await;
+    let auth = AuthServer::start(rotating(Duration::from_secs(12)))
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url, store_yaml) = (
+        auth.token_url(),
+        api.url(),
+        etcd_store_yaml(&etcd.endpoints()),
+    );
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "1s",
+    };
+    let mut replicas: Vec<Replica> = (0..N)
+        .map(|i| Replica::new(dir.path(), &format!("cluster{i}"), &spec))
+        .collect();
+    seed(&replicas[0], &auth);
+    for r in &mut replicas {
+        r.spawn();
+    }
+    for r in &replicas {
+        r.ready(Duration::from_secs(20)).await;
+    }
+    let startup_refresh = auth.requests_log().last().expect("startup refresh").at;
+    let poller = StatusPoller::start(replicas.iter().map(Replica::admin_url).collect());
+    let load = Load::start(
+        replicas.iter().map(|r| r.url("/api/v4/leads")).collect(),
+        12,
+        Duration::from_millis(5),
+    );
+
+    // The next refresh is due 5.4–6 s after the startup one.
+    tokio::time::sleep_until((startup_refresh + Duration::from_millis(5100)).into()).await;
+    let leader = etcd.leader();
+    let victim = leader.unwrap_or(0);
+    let rotations_before = auth.stats().rotations;
+    let generation_before = stored(&replicas[0]).await.expect("state").generation;
+    etcd.kill9(victim);
+    let killed = Instant::now();
+    tokio::time::sleep(AFTER_KILL).await;
+    let report = load.stop().await;
+    let samples = poller.stop().await;
+    let settled_by = Instant::now() - Duration::from_millis(1500);
+    let stats = auth.stats();
+    let stored_after = stored(&replicas[0]).await.expect("state");
+    let mut per_process = Vec::new();
+    for r in &replicas {
+        per_process.push(r.refresh_counts().await);
+    }
+    let mut codes = Vec::new();
+    for r in &mut replicas {
+        codes.push(r.terminate().await);
+    }
+
+    let rotations_after = stats.rotations - rotations_before;
+    let adoption = Adoption::measure(&samples, settled_by);
+    show_logs(&replicas);
+    // Once the election is over and the replicas have moved on to the surviving members,
+    // every replica stays ready: no store error, not degraded.
+    let settled = killed + Duration::from_secs(6);
+    let unhealthy: Vec<usize> = samples
+        .iter()
+        .map(|s| {
+            s.iter()
+                .filter(|x| x.at > settled && (x.state != "ready" || x.store_error))
+                .count()
+        })
+        .collect();
+    let first_rotation_after_kill = auth
+        .requests_log()
+        .iter()
+        .find(|r| r.at > killed && r.status == 200)
+        .map(|r| r.at - killed);
+    eprintln!(
+        "etcd cluster: killed member {victim} (leader {leader:?}); {rotations_after} rotations \
+         in the {AFTER_KILL:?} after (first {first_rotation_after_kill:?} after the kill); generation \
+         {generation_before} → {}; per replica (success, adopted, failure) {per_process:?}; \
+         adoption latency over {} generations: median {:?}, max {:?}; /status samples not \
+         ready from 6 s after the kill on {unhealthy:?}; reuse detected {}; clients {} ok, \
+         {} 401, {} 5xx, {} transport errors",
+        stored_after.generation,
+        adoption.latencies.len(),
+        adoption.median(),
+        adoption.max(),
+        stats.refresh_reuse_detected,
+        report.ok,
+        report.unauthorized,
+        report.server_errors,
+        report.transport_errors,
+    );
+    assert!(leader.is_some(), "the leader was found");
+    assert_no_reuse(&stats, &replicas);
+    assert_eq!(stats.refreshes, stats.rotations, "one refresh per rotation");
+    assert!(
+        rotations_after >= 2,
+        "rotations continue after the kill: {rotations_after}\n{}",
+        logs(&replicas)
+    );
+    assert!(
+        stored_after.generation >= generation_before + rotations_after,
+        "every rotation is stored"
+    );
+    assert_clean_load(&report, &replicas);
+    assert!(
+        unhealthy.iter().all(|n| *n == 0),
+        "replicas still saw store errors after the election: {unhealthy:?}\n{}",
+        logs(&replicas)
+    );
+    assert!(
+        adoption.never.is_empty() && adoption.max() < Duration::from_secs(3),
+        "adoption: {adoption:?}"
+    );
+    assert!(codes.iter().all(|c| *c == Some(0)), "exit codes {codes:?}");
+}
