@@ -537,6 +537,15 @@ impl Refresher {
                     self.cred.set_store_error(None);
                     break;
                 }
+                Ok(CasOutcome::Conflict { current_generation })
+                    if current_generation == new.generation
+                        && self.is_our_write(store, &new).await =>
+                {
+                    // An earlier attempt was written but its answer was lost.
+                    self.metrics.store_op("compare_and_swap", true);
+                    self.cred.set_store_error(None);
+                    break;
+                }
                 Ok(CasOutcome::Conflict { current_generation }) => {
                     self.metrics.store_op("compare_and_swap", false);
                     // Only a write without the lease (seed/authorize) can get here; the
@@ -571,6 +580,12 @@ impl Refresher {
             SystemTime::UNIX_EPOCH + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
         );
         Ok(RefreshResult::Success)
+    }
+
+    /// True if the store holds exactly `new` (same generation and refresh token).
+    async fn is_our_write(&self, store: &Arc<dyn Store>, new: &StoredState) -> bool {
+        matches!(store.load(self.name()).await,
+            Ok(Some(s)) if s.generation == new.generation && s.refresh_token == new.refresh_token)
     }
 
     /// `invalid_grant`: adopt if another process rotated meanwhile, else record that a

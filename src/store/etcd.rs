@@ -29,6 +29,7 @@ use etcd_client::{
 use tokio::sync::{watch, Mutex};
 
 use super::codec::Codec;
+use super::watcher::{self, Notifications};
 use super::{CasOutcome, Lease, Store, StoreError, StoreSignal, StoredState};
 use crate::secret::Secret;
 
@@ -424,70 +425,54 @@ impl Store for EtcdStore {
     }
 
     fn watch(&self, name: &str) -> watch::Receiver<StoreSignal> {
-        let (tx, rx) = watch::channel(StoreSignal::default());
-        let inner = self.inner.clone();
-        let name = name.to_string();
-        tokio::spawn(async move {
-            let publish = |signal: StoreSignal| {
-                tx.send_if_modified(|s| {
-                    let changed = *s != signal;
-                    *s = signal;
-                    changed
-                })
-            };
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let stream = async {
+        let (sub_inner, look_inner) = (self.inner.clone(), self.inner.clone());
+        let (sub_name, look_name) = (name.to_string(), name.to_string());
+        watcher::spawn(
+            self.inner.poll,
+            move || {
+                let (inner, name) = (sub_inner.clone(), sub_name.clone());
+                async move {
                     let (mut c, epoch) = inner.client("watch", &name).await.ok()?;
                     match tokio::time::timeout(REQUEST_TIMEOUT, c.watch(inner.key(&name), None))
                         .await
                     {
-                        Ok(Ok(stream)) => Some((stream, epoch)),
+                        Ok(Ok(stream)) => Some(Box::new(EtcdNotes {
+                            stream,
+                            inner,
+                            epoch,
+                        })
+                            as Box<dyn Notifications>),
                         _ => {
                             inner.failed(epoch).await;
                             None
                         }
                     }
-                };
-                let Some((mut stream, epoch)) = stream.await else {
-                    let signal = inner.signal(&name).await;
-                    let failed = signal.error.is_some();
-                    publish(signal);
-                    if tx.is_closed() {
-                        return;
-                    }
-                    tokio::time::sleep(if failed { backoff } else { inner.poll }).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                };
-                backoff = Duration::from_millis(200);
-                publish(inner.signal(&name).await);
-                let mut tick = tokio::time::interval(inner.poll);
-                loop {
-                    tokio::select! {
-                        m = stream.message() => {
-                            if !matches!(m, Ok(Some(_))) {
-                                // Watch lost (member down or cut off): re-establish,
-                                // on the next endpoint.
-                                inner.failed(epoch).await;
-                                break;
-                            }
-                            publish(inner.signal(&name).await);
-                        }
-                        _ = tick.tick() => {
-                            let signal = inner.signal(&name).await;
-                            let failed = signal.error.is_some();
-                            publish(signal);
-                            if failed {
-                                break;
-                            }
-                        }
-                        _ = tx.closed() => return,
-                    }
                 }
-            }
-        });
-        rx
+            },
+            move || {
+                let (inner, name) = (look_inner.clone(), look_name.clone());
+                async move { inner.signal(&name).await }
+            },
+        )
+    }
+}
+
+/// Events of an etcd watch on the state key.
+struct EtcdNotes {
+    stream: etcd_client::WatchStream,
+    inner: Arc<Inner>,
+    epoch: u64,
+}
+
+#[async_trait]
+impl Notifications for EtcdNotes {
+    async fn next(&mut self) -> bool {
+        if matches!(self.stream.message().await, Ok(Some(_))) {
+            return true;
+        }
+        // Watch lost (member down or cut off): the next subscription uses the next endpoint.
+        self.inner.failed(self.epoch).await;
+        false
     }
 }
 

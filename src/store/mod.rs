@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod etcd;
 pub mod file;
 pub mod redis;
+mod watcher;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

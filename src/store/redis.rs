@@ -23,6 +23,7 @@ use redis::Script;
 use tokio::sync::{watch, Mutex};
 
 use super::codec::Codec;
+use super::watcher::{self, Notifications};
 use super::{CasOutcome, Lease, Store, StoreError, StoreSignal, StoredState};
 
 const CAS_SCRIPT: &str = r#"
@@ -280,20 +281,28 @@ impl Store for RedisStore {
     }
 
     fn watch(&self, name: &str) -> watch::Receiver<StoreSignal> {
-        let (tx, rx) = watch::channel(StoreSignal::default());
-        let inner = self.inner.clone();
-        let name = name.to_string();
-        tokio::spawn(async move {
-            let publish = |signal: StoreSignal| {
-                tx.send_if_modified(|s| {
-                    let changed = *s != signal;
-                    *s = signal;
-                    changed
-                })
-            };
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let look = |inner: Arc<Inner>, name: String| async move {
+        let (sub_inner, look_inner) = (self.inner.clone(), self.inner.clone());
+        let (sub_name, look_name) = (name.to_string(), name.to_string());
+        watcher::spawn(
+            self.inner.poll,
+            move || {
+                let (inner, name) = (sub_inner.clone(), sub_name.clone());
+                async move {
+                    let subscribe = async {
+                        let mut ps = inner.client.get_async_pubsub().await?;
+                        ps.subscribe(inner.channel(&name)).await?;
+                        Ok::<_, redis::RedisError>(ps)
+                    };
+                    match tokio::time::timeout(COMMAND_TIMEOUT, subscribe).await {
+                        Ok(Ok(ps)) => Some(Box::new(PubSubNotes(Box::pin(ps.into_on_message())))
+                            as Box<dyn Notifications>),
+                        _ => None,
+                    }
+                }
+            },
+            move || {
+                let (inner, name) = (look_inner.clone(), look_name.clone());
+                async move {
                     match inner.generation(&name).await {
                         Ok(generation) => StoreSignal {
                             generation,
@@ -304,52 +313,18 @@ impl Store for RedisStore {
                             error: Some(e.to_string()),
                         },
                     }
-                };
-                // Subscribe, then look, so no change between the two is missed.
-                let pubsub = async {
-                    let mut ps = inner.client.get_async_pubsub().await?;
-                    ps.subscribe(inner.channel(&name)).await?;
-                    Ok::<_, redis::RedisError>(ps)
-                };
-                let mut ps = match tokio::time::timeout(COMMAND_TIMEOUT, pubsub).await {
-                    Ok(Ok(ps)) => ps,
-                    _ => {
-                        let signal = look(inner.clone(), name.clone()).await;
-                        let failed = signal.error.is_some();
-                        publish(signal);
-                        if tx.is_closed() {
-                            return;
-                        }
-                        tokio::time::sleep(if failed { backoff } else { inner.poll }).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                };
-                backoff = Duration::from_millis(200);
-                publish(look(inner.clone(), name.clone()).await);
-                let mut messages = ps.on_message();
-                let mut tick = tokio::time::interval(inner.poll);
-                loop {
-                    tokio::select! {
-                        m = messages.next() => {
-                            if m.is_none() {
-                                break; // connection lost: resubscribe
-                            }
-                            publish(look(inner.clone(), name.clone()).await);
-                        }
-                        _ = tick.tick() => {
-                            let signal = look(inner.clone(), name.clone()).await;
-                            let failed = signal.error.is_some();
-                            publish(signal);
-                            if failed {
-                                break;
-                            }
-                        }
-                        _ = tx.closed() => return,
-                    }
                 }
-            }
-        });
-        rx
+            },
+        )
+    }
+}
+
+/// Redis pub/sub messages on the change channel.
+struct PubSubNotes(std::pin::Pin<Box<redis::aio::PubSubStream>>);
+
+#[async_trait]
+impl Notifications for PubSubNotes {
+    async fn next(&mut self) -> bool {
+        self.0.next().await.is_some()
     }
 }
