@@ -209,11 +209,18 @@ where
     }
 }
 
-/// A multi-threaded runtime with `threads` workers (all cores when unset).
+/// The runtime: with one worker thread, a current-thread runtime (no work-stealing
+/// overhead, like one nginx worker); otherwise multi-threaded with `threads` workers
+/// (all cores when unset).
 pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n.max(1));
-    }
+    let mut b = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().thread_name("tokenrelay").build()
 }

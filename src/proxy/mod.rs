@@ -154,7 +154,8 @@ impl Upstream {
         {
             return Err(ProxyError::InboundAuthorization);
         }
-        let local_prefix = local_prefix(headers, local);
+        // Only needed to rewrite a redirect; kept cheap until then.
+        let inbound_host = headers.get(header::HOST).cloned();
         headers::strip_hop_by_hop(headers);
         headers.remove(header::AUTHORIZATION);
         headers.remove(&self.header_name);
@@ -213,7 +214,7 @@ impl Upstream {
                 }
             }
         }
-        Ok(self.filter_response(resp, &local_prefix))
+        Ok(self.filter_response(resp, inbound_host.as_ref(), local))
     }
 
     async fn retry_after_401(
@@ -263,25 +264,35 @@ impl Upstream {
         }
     }
 
-    fn filter_response(&self, resp: Response<Incoming>, local_prefix: &str) -> Response<ProxyBody> {
+    fn filter_response(
+        &self,
+        resp: Response<Incoming>,
+        inbound_host: Option<&http::HeaderValue>,
+        local: SocketAddr,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::rewrite_locations(&mut parts.headers, &self.upstream_prefix, local_prefix);
+        if parts.headers.contains_key(header::LOCATION)
+            || parts.headers.contains_key(header::CONTENT_LOCATION)
+        {
+            let local_prefix = local_prefix(inbound_host, local);
+            headers::rewrite_locations(&mut parts.headers, &self.upstream_prefix, &local_prefix);
+        }
         Response::from_parts(parts, Either::Left(body))
     }
 
     /// `base_path` + request path and query, on the upstream's scheme and authority.
     fn upstream_uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
-        let pq = pq.map(|p| p.as_str()).unwrap_or("/");
-        let pq = if pq.starts_with('/') {
-            pq.to_string()
-        } else {
-            format!("/{pq}")
-        };
-        let full = if self.base_path.is_empty() {
-            pq
-        } else {
-            format!("{}{pq}", self.base_path)
+        let full: PathAndQuery = match pq {
+            // The common case reuses the request's own (shared) bytes.
+            Some(pq) if self.base_path.is_empty() && pq.as_str().starts_with('/') => pq.clone(),
+            _ => {
+                let pq = pq.map(|p| p.as_str()).unwrap_or("/");
+                let sep = if pq.starts_with('/') { "" } else { "/" };
+                format!("{}{sep}{pq}", self.base_path)
+                    .parse()
+                    .map_err(|e| ProxyError::ForeignHost(format!("unusable request target: {e}")))?
+            }
         };
         Uri::builder()
             .scheme(self.scheme.clone())
@@ -311,10 +322,8 @@ fn no_token(e: &NoToken) -> ProxyError {
 }
 
 /// `http://<host the app used>` for rewritten redirects; falls back to the socket address.
-fn local_prefix(headers: &http::HeaderMap, local: SocketAddr) -> String {
-    headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
+fn local_prefix(host: Option<&http::HeaderValue>, local: SocketAddr) -> String {
+    host.and_then(|h| h.to_str().ok())
         .filter(|h| h.parse::<Authority>().is_ok())
         .map(|h| format!("http://{h}"))
         .unwrap_or_else(|| format!("http://{local}"))
