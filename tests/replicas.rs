@@ -419,6 +419,27 @@ upstreams:
     }
 }
 
+/// `n` replicas named `<prefix><i>` sharing one seeded credential, all ready.
+async fn start_fleet(
+    n: usize,
+    dir: &Path,
+    prefix: &str,
+    spec: &ReplicaSpec<'_>,
+    auth: &AuthServer,
+) -> Vec<Replica> {
+    let mut replicas: Vec<Replica> = (0..n)
+        .map(|i| Replica::new(dir, &format!("{prefix}{i}"), spec))
+        .collect();
+    seed(&replicas[0], auth);
+    for r in &mut replicas {
+        r.spawn();
+    }
+    for r in &replicas {
+        r.ready(Duration::from_secs(20)).await;
+    }
+    replicas
+}
+
 fn seed(replica: &Replica, auth: &AuthServer) {
     let out = support::seed_cli(&replica.config, "crm", &auth.new_grant());
     assert!(
@@ -675,16 +696,7 @@ async fn three_replicas_under_load(backend: &str, store_yaml: &str) {
         api_url: &api_url,
         token_timeout: "1s",
     };
-    let mut replicas: Vec<Replica> = (0..N)
-        .map(|i| Replica::new(dir.path(), &format!("{backend}{i}"), &spec))
-        .collect();
-    seed(&replicas[0], &auth);
-    for r in &mut replicas {
-        r.spawn();
-    }
-    for r in &replicas {
-        r.ready(Duration::from_secs(20)).await;
-    }
+    let mut replicas = start_fleet(N, dir.path(), backend, &spec, &auth).await;
 
     let poller = StatusPoller::start(replicas.iter().map(Replica::admin_url).collect());
     let before = auth.stats();
@@ -966,16 +978,7 @@ async fn redis_outage_under_load_degrades_and_recovers() {
         api_url: &api_url,
         token_timeout: "1s",
     };
-    let mut replicas: Vec<Replica> = (0..N)
-        .map(|i| Replica::new(dir.path(), &format!("outage{i}"), &spec))
-        .collect();
-    seed(&replicas[0], &auth);
-    for r in &mut replicas {
-        r.spawn();
-    }
-    for r in &replicas {
-        r.ready(Duration::from_secs(20)).await;
-    }
+    let mut replicas = start_fleet(N, dir.path(), "outage", &spec, &auth).await;
     let startup_refresh = auth.requests_log().last().expect("startup refresh").at;
     let poller = StatusPoller::start(replicas.iter().map(Replica::admin_url).collect());
     let load = Load::start(
@@ -1130,16 +1133,7 @@ async fn etcd_cluster_member_killed_under_load() {
         api_url: &api_url,
         token_timeout: "1s",
     };
-    let mut replicas: Vec<Replica> = (0..N)
-        .map(|i| Replica::new(dir.path(), &format!("cluster{i}"), &spec))
-        .collect();
-    seed(&replicas[0], &auth);
-    for r in &mut replicas {
-        r.spawn();
-    }
-    for r in &replicas {
-        r.ready(Duration::from_secs(20)).await;
-    }
+    let mut replicas = start_fleet(N, dir.path(), "cluster", &spec, &auth).await;
     let startup_refresh = auth.requests_log().last().expect("startup refresh").at;
     let poller = StatusPoller::start(replicas.iter().map(Replica::admin_url).collect());
     let load = Load::start(
