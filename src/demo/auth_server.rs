@@ -1160,11 +1160,11 @@ fn authorize_endpoint(shared: &Shared, query: &str) -> Response<Body> {
              <p>Client <b>{client}</b> asks for access (scope: {scope}).</p>\n\
              <p>You will be sent back to <code>{redirect}</code>.</p>\n\
              <p><a href=\"{approve}\">Approve</a> &middot; <a href=\"{deny}\">Deny</a></p>",
-            client = escape_html(&shared.opts.client_id),
-            scope = escape_html(scope),
-            redirect = escape_html(redirect.as_str()),
-            approve = escape_html(&approve),
-            deny = escape_html(&deny),
+            client = crate::status_page::esc(&shared.opts.client_id),
+            scope = crate::status_page::esc(scope),
+            redirect = crate::status_page::esc(redirect.as_str()),
+            approve = crate::status_page::esc(&approve),
+            deny = crate::status_page::esc(&deny),
         ),
     )
 }
@@ -1182,21 +1182,6 @@ fn html(status: StatusCode, content: &str) -> Response<Body> {
     );
     no_store(resp.headers_mut());
     resp
-}
-
-fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

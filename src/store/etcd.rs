@@ -205,23 +205,11 @@ impl Inner {
     }
 
     async fn signal(&self, name: &str) -> StoreSignal {
-        match self.get("watch", name).await {
-            Ok(None) => StoreSignal::default(),
-            Ok(Some((bytes, _))) => match Codec::generation(&bytes) {
-                Ok(generation) => StoreSignal {
-                    generation,
-                    error: None,
-                },
-                Err(e) => StoreSignal {
-                    generation: 0,
-                    error: Some(e),
-                },
-            },
-            Err(e) => StoreSignal {
-                generation: 0,
-                error: Some(e.to_string()),
-            },
-        }
+        let read = self.get("watch", name).await;
+        StoreSignal::from_state_bytes(
+            read.as_ref()
+                .map(|kv| kv.as_ref().map(|(b, _)| b.as_slice())),
+        )
     }
 }
 

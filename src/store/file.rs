@@ -240,23 +240,8 @@ impl Store for FileStore {
         let inner = self.inner.clone();
         let name = name.to_string();
         let read_generation = |inner: &Inner, name: &str| -> StoreSignal {
-            match inner.read(name) {
-                Ok(None) => StoreSignal::default(),
-                Ok(Some(b)) => match Codec::generation(&b) {
-                    Ok(generation) => StoreSignal {
-                        generation,
-                        error: None,
-                    },
-                    Err(e) => StoreSignal {
-                        generation: 0,
-                        error: Some(e),
-                    },
-                },
-                Err(e) => StoreSignal {
-                    generation: 0,
-                    error: Some(e.to_string()),
-                },
-            }
+            let read = inner.read(name);
+            StoreSignal::from_state_bytes(read.as_ref().map(|b| b.as_deref()))
         };
         let (tx, rx) = watch::channel(read_generation(&inner, &name));
         tokio::spawn(async move {

@@ -56,6 +56,31 @@ pub struct StoreSignal {
     pub error: Option<String>,
 }
 
+impl StoreSignal {
+    /// The signal for a read of the stored generation, or of why it failed.
+    pub fn from_generation(read: Result<u64, impl std::fmt::Display>) -> Self {
+        match read {
+            Ok(generation) => StoreSignal {
+                generation,
+                error: None,
+            },
+            Err(e) => StoreSignal {
+                generation: 0,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+
+    /// The signal for a read of the encoded state (absent = generation 0).
+    pub fn from_state_bytes(read: Result<Option<&[u8]>, impl std::fmt::Display>) -> Self {
+        match read {
+            Ok(None) => StoreSignal::default(),
+            Ok(Some(bytes)) => Self::from_generation(codec::Codec::generation(bytes)),
+            Err(e) => Self::from_generation(Err(e)),
+        }
+    }
+}
+
 /// Result of a compare-and-swap.
 #[derive(Debug, PartialEq)]
 pub enum CasOutcome {

@@ -302,18 +302,7 @@ impl Store for RedisStore {
             },
             move || {
                 let (inner, name) = (look_inner.clone(), look_name.clone());
-                async move {
-                    match inner.generation(&name).await {
-                        Ok(generation) => StoreSignal {
-                            generation,
-                            error: None,
-                        },
-                        Err(e) => StoreSignal {
-                            generation: 0,
-                            error: Some(e.to_string()),
-                        },
-                    }
-                }
+                async move { StoreSignal::from_generation(inner.generation(&name).await) }
             },
         )
     }
