@@ -49,22 +49,23 @@ pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
 pub fn classify(e: &hyper_util::client::legacy::Error) -> (UpstreamErrorKind, String) {
     let mut tls = false;
     let mut detail = e.to_string();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail = s.to_string();
-        if s.downcast_ref::<rustls::Error>().is_some() {
+    // Walk `source()` links, and also into io::Errors, which hide their inner error from
+    // `source()` (hyper-rustls wraps rustls errors in two of them).
+    let mut pending: Vec<&(dyn std::error::Error + 'static)> =
+        std::error::Error::source(e).into_iter().collect();
+    while let Some(err) = pending.pop() {
+        detail = err.to_string();
+        if err.downcast_ref::<rustls::Error>().is_some() {
             tls = true;
         }
-        // io::Error hides its inner error from `source()`; look inside.
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
-            {
-                tls = true;
-            }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            pending.push(inner);
+        } else if let Some(next) = err.source() {
+            pending.push(next);
         }
-        source = s.source();
     }
     let kind = if tls {
         UpstreamErrorKind::Tls
