@@ -78,7 +78,7 @@ impl RedisStore {
         poll: Duration,
     ) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(|e| {
-            StoreError::backend("open", "*", format!("invalid store.url: {}", e.kind_str()))
+            StoreError::backend("open", "*", format!("invalid store.url: {}", describe(&e)))
         })?;
         Ok(RedisStore {
             inner: Arc::new(Inner {
@@ -92,19 +92,13 @@ impl RedisStore {
     }
 }
 
-trait KindStr {
-    fn kind_str(&self) -> String;
-}
-
-impl KindStr for redis::RedisError {
-    /// The error without echoing the URL (it may carry a password).
-    fn kind_str(&self) -> String {
-        let s = self.to_string();
-        if s.contains("redis://") || s.contains("rediss://") {
-            format!("{:?}", self.kind())
-        } else {
-            s
-        }
+/// A Redis error as text, without echoing the URL (it may carry a password).
+fn describe(e: &redis::RedisError) -> String {
+    let s = e.to_string();
+    if s.contains("redis://") || s.contains("rediss://") {
+        format!("{:?}", e.kind())
+    } else {
+        s
     }
 }
 
@@ -137,7 +131,7 @@ impl Inner {
         )
         .await
         .map_err(|_| StoreError::backend(op, name, "connecting to Redis timed out"))?
-        .map_err(|e| StoreError::backend(op, name, e.kind_str()))?;
+        .map_err(|e| StoreError::backend(op, name, describe(&e)))?;
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -149,13 +143,13 @@ impl Inner {
             .arg("generation")
             .query_async(&mut c)
             .await
-            .map_err(|e| StoreError::backend("watch", name, e.kind_str()))?;
+            .map_err(|e| StoreError::backend("watch", name, describe(&e)))?;
         Ok(g.unwrap_or(0))
     }
 }
 
 fn err<'a>(op: &'static str, name: &'a str) -> impl Fn(redis::RedisError) -> StoreError + 'a {
-    move |e| StoreError::backend(op, name, e.kind_str())
+    move |e| StoreError::backend(op, name, describe(&e))
 }
 
 struct RedisLease {
