@@ -35,7 +35,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn parse(yaml: &str) -> Result<Config, ConfigError> {
-    Config::from_yaml(yaml, Path::new("."), &env)
+    Config::from_yaml(yaml, &env)
 }
 
 /// `VALID` with `from` replaced by `to` (which must occur).
@@ -307,14 +307,14 @@ fn the_example_config_is_valid_with_its_documented_variables() {
     for var in documented {
         assert!(text.contains(var), "{var} not documented in the example");
     }
-    let config = Config::from_yaml(&text, Path::new("."), &|k| {
+    let config = Config::from_yaml(&text, &|k| {
         documented.contains(&k).then(|| format!("value-of-{k}"))
     })
     .unwrap_or_else(|e| panic!("config.example.yaml is invalid:\n{e}"));
     assert!(!config.credentials.is_empty());
     assert!(!config.upstreams.is_empty());
     // And it really needs them: without, each is reported.
-    let err = Config::from_yaml(&text, Path::new("."), &|_| None).unwrap_err();
+    let err = Config::from_yaml(&text, &|_| None).unwrap_err();
     for var in documented {
         assert!(err.to_string().contains(var), "{var}: {err}");
     }

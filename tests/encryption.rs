@@ -118,7 +118,7 @@ fn text(out: &std::process::Output) -> String {
 }
 
 async fn load(yaml: &str) -> Result<Option<StoredState>, String> {
-    let cfg = Config::from_yaml(yaml, Path::new("."), &|_| None).unwrap();
+    let cfg = Config::from_yaml(yaml, &|_| None).unwrap();
     let store = tokenrelay::store::open(&cfg.store).unwrap();
     store.load("crm").await.map_err(|e| e.to_string())
 }

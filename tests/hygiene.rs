@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -274,7 +273,7 @@ fn config_debug_output_redacts_secrets() {
          \x20 c: {{ listen: 127.0.0.1:0, url: https://api.example, credential: c }}\n",
         secret_file.display()
     );
-    let config = Config::from_yaml(&yaml, Path::new("."), &|k| {
+    let config = Config::from_yaml(&yaml, &|k| {
         (k == "SECRET").then(|| CLIENT_SECRET.to_string())
     })
     .unwrap();

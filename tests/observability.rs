@@ -79,8 +79,7 @@ upstreams:
         t = auth.token_url(),
         u = api.url()
     );
-    let config =
-        tokenrelay::config::Config::from_yaml(&yaml, std::path::Path::new("."), &|_| None).unwrap();
+    let config = tokenrelay::config::Config::from_yaml(&yaml, &|_| None).unwrap();
     let generation = seed(&config, &auth.new_grant()).await;
     assert_eq!(generation, 1);
     let relay = support::start(&yaml).await;

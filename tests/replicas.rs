@@ -453,7 +453,7 @@ fn seed(replica: &Replica, auth: &AuthServer) {
 /// config.
 async fn stored(replica: &Replica) -> Option<tokenrelay::store::StoredState> {
     let yaml = std::fs::read_to_string(&replica.config).unwrap();
-    let config = tokenrelay::config::Config::from_yaml(&yaml, Path::new("."), &|_| None).unwrap();
+    let config = tokenrelay::config::Config::from_yaml(&yaml, &|_| None).unwrap();
     let store = tokenrelay::store::open(&config.store).unwrap();
     store.load("crm").await.unwrap()
 }

@@ -110,7 +110,7 @@ async fn fixture(opts: AuthServerOptions, cred_extra: &[&str], up_extra: &[&str]
 }
 
 fn parse(yaml: &str) -> Config {
-    Config::from_yaml(yaml, Path::new("."), &|_| None).unwrap()
+    Config::from_yaml(yaml, &|_| None).unwrap()
 }
 
 /// Writes `state` as the next generation of credential `crm` through the store API

@@ -58,8 +58,8 @@ upstreams:
         token_url = auth.token_url(),
         api_url = api.url(),
     );
-    let config = Config::from_yaml(&yaml, Path::new("."), &|_| None)
-        .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let config =
+        Config::from_yaml(&yaml, &|_| None).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
     // Every demo start is a fresh authorization, as if a user had just approved access.
     super::seed::store_new_grant(
         &config,

@@ -221,15 +221,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_yaml(&text, base, &|k| std::env::var(k).ok())
+        Self::from_yaml(&text, &|k| std::env::var(k).ok())
     }
 
-    /// Parses config text; relative file paths stay relative to the working directory,
-    /// `base` is only used to explain where the config came from.
+    /// Parses config text, looking `${VAR}` up with `env`. Relative file paths in it are
+    /// relative to the working directory.
     pub fn from_yaml(
         text: &str,
-        _base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut value: serde_yaml::Value = serde_yaml::from_str(text)

@@ -61,7 +61,7 @@ pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Running {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let config = Config::from_yaml(yaml, Path::new("."), &move |k| {
+    let config = Config::from_yaml(yaml, &move |k| {
         env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     })
     .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
