@@ -154,6 +154,10 @@ upstreams:
     assert_eq!(demo.api.stats().authorized, 1);
     let status = support::status_json(&relay.admin_url("")).await;
     assert_eq!(status["credentials"]["api"]["state"], "ready");
+    assert!(
+        status["credentials"]["api"]["expires_in_seconds"].is_null(),
+        "a static token has no expiry: {status}"
+    );
     relay.stop().await;
 }
 

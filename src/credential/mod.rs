@@ -476,15 +476,19 @@ impl Credential {
         let state = self.state();
         let token = self.current();
         let now_wall = SystemTime::now();
+        let expiring = token
+            .as_ref()
+            .filter(|_| self.config.grant != crate::config::Grant::Static);
         let f = self.facts.lock().unwrap();
         serde_json::json!({
             "state": state,
             "grant": self.config.grant,
             "generation": token.as_ref().map(|t| t.generation),
-            "expires_in_seconds": token.as_ref().map(|t| {
+            // A static token never expires: no expiry to show.
+            "expires_in_seconds": expiring.map(|t| {
                 t.expires_at_wall.duration_since(now_wall).map(|d| d.as_secs() as i64).unwrap_or(0)
             }),
-            "expires_at": token.as_ref().map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()),
+            "expires_at": expiring.map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()),
             "last_refresh": f.last_refresh,
             "last_success_at": f.last_success.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "store_error": f.store_error,
