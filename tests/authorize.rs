@@ -40,6 +40,18 @@ upstreams:
     config
 }
 
+/// Runs the binary off the runtime's worker threads: the demo authorization server it
+/// talks to runs on this same runtime and must not be starved by a blocked worker.
+async fn cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        support::run_cli(&args)
+    })
+    .await
+    .unwrap()
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
@@ -55,7 +67,7 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     let code = auth.new_authorization_code(redirect);
 
     let cfg = config.to_str().unwrap();
-    let out = support::run_cli(&[
+    let out = cli(&[
         "authorize",
         "--config",
         cfg,
@@ -63,7 +75,8 @@ async fn a_pasted_code_is_exchanged_and_stored() {
         "crm",
         "--code",
         &code,
-    ]);
+    ])
+    .await;
     assert!(
         out.status.success(),
         "authorize failed: {}",
@@ -79,7 +92,7 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     assert_eq!(exchange.grant_type, "authorization_code");
     assert_eq!(exchange.param("redirect_uri"), Some(redirect));
 
-    let status = support::run_cli(&["status", "--config", cfg]);
+    let status = cli(&["status", "--config", cfg]).await;
     let status_text = text(&status.stdout);
     assert!(status.status.success());
     assert!(
@@ -89,7 +102,7 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     assert!(!status_text.contains(&code));
 
     // The same code a second time: refused, with advice, and the stored grant untouched.
-    let again = support::run_cli(&[
+    let again = cli(&[
         "authorize",
         "--config",
         cfg,
@@ -97,12 +110,12 @@ async fn a_pasted_code_is_exchanged_and_stored() {
         "crm",
         "--code",
         &code,
-    ]);
+    ])
+    .await;
     assert_eq!(again.status.code(), Some(1));
     let err = text(&again.stderr);
     assert!(err.contains("rejected") && err.contains("expire"), "{err}");
-    assert!(text(&support::run_cli(&["status", "--config", cfg]).stdout)
-        .contains("generation:       1"));
+    assert!(text(&cli(&["status", "--config", cfg]).await.stdout).contains("generation:       1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +130,7 @@ async fn an_expired_code_fails_clearly_and_stores_nothing() {
     auth.expire_authorization_code(&code);
 
     let cfg = config.to_str().unwrap();
-    let out = support::run_cli(&[
+    let out = cli(&[
         "authorize",
         "--config",
         cfg,
@@ -125,15 +138,16 @@ async fn an_expired_code_fails_clearly_and_stores_nothing() {
         "crm",
         "--code",
         &code,
-    ]);
-    assert_eq!(out.status.code(), Some(1));
+    ])
+    .await;
     let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("authorization code was rejected") && err.contains("expire"),
         "{err}"
     );
     assert!(!err.contains(&code), "the code is not echoed");
-    let status = text(&support::run_cli(&["status", "--config", cfg]).stdout);
+    let status = text(&cli(&["status", "--config", cfg]).await.stdout);
     assert!(status.contains("nothing stored"), "{status}");
 }
 
@@ -198,7 +212,7 @@ async fn the_browser_flow_is_completed_through_the_local_callback() {
         text(&status.stderr)
     );
     let cfg = config.to_str().unwrap();
-    let stored = text(&support::run_cli(&["status", "--config", cfg]).stdout);
+    let stored = text(&cli(&["status", "--config", cfg]).await.stdout);
     assert!(stored.contains("access token valid"), "{stored}");
     assert_eq!(auth.stats().authorization_codes, 1);
 }

@@ -71,8 +71,8 @@ pub enum Command {
         #[arg(long)]
         credential: String,
         /// A code copied from the provider's UI; without it, the authorize URL is printed
-        /// and the redirect_uri callback is served locally.
-        #[arg(long)]
+        /// and the redirect_uri callback is served locally. (Codes may begin with '-'.)
+        #[arg(long, allow_hyphen_values = true)]
         code: Option<String>,
     },
     /// Per credential: state, generation, expiries (never token values).
