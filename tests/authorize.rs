@@ -52,6 +52,20 @@ async fn cli(args: &[&str]) -> std::process::Output {
     .unwrap()
 }
 
+/// `tokenrelay authorize --code CODE` for credential `crm`.
+async fn authorize_with_code(cfg: &str, code: &str) -> std::process::Output {
+    cli(&[
+        "authorize",
+        "--config",
+        cfg,
+        "--credential",
+        "crm",
+        "--code",
+        code,
+    ])
+    .await
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
@@ -67,16 +81,7 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     let code = auth.new_authorization_code(redirect);
 
     let cfg = config.to_str().unwrap();
-    let out = cli(&[
-        "authorize",
-        "--config",
-        cfg,
-        "--credential",
-        "crm",
-        "--code",
-        &code,
-    ])
-    .await;
+    let out = authorize_with_code(cfg, &code).await;
     assert!(
         out.status.success(),
         "authorize failed: {}",
@@ -102,16 +107,7 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     assert!(!status_text.contains(&code));
 
     // The same code a second time: refused, with advice, and the stored grant untouched.
-    let again = cli(&[
-        "authorize",
-        "--config",
-        cfg,
-        "--credential",
-        "crm",
-        "--code",
-        &code,
-    ])
-    .await;
+    let again = authorize_with_code(cfg, &code).await;
     assert_eq!(again.status.code(), Some(1));
     let err = text(&again.stderr);
     assert!(err.contains("rejected") && err.contains("expire"), "{err}");
@@ -130,16 +126,7 @@ async fn an_expired_code_fails_clearly_and_stores_nothing() {
     auth.expire_authorization_code(&code);
 
     let cfg = config.to_str().unwrap();
-    let out = cli(&[
-        "authorize",
-        "--config",
-        cfg,
-        "--credential",
-        "crm",
-        "--code",
-        &code,
-    ])
-    .await;
+    let out = authorize_with_code(cfg, &code).await;
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -83,15 +83,22 @@ async fn tls_front(
     (addr, alpn)
 }
 
+/// One client_credentials credential and one upstream; a CA file for either side is
+/// optional, and plain-http URLs (the non-TLS side of a test) are allowed explicitly.
 fn yaml(
     token_url: &str,
     upstream_url: &str,
     cred_ca: Option<&Path>,
     up_ca: Option<&Path>,
 ) -> String {
-    let ca = |p: Option<&Path>| {
-        p.map(|p| format!(", ca_file: \"{}\"", p.display()))
-            .unwrap_or_default()
+    let extra = |url: &str, ca: Option<&Path>| {
+        let mut e = ca
+            .map(|p| format!(", ca_file: \"{}\"", p.display()))
+            .unwrap_or_default();
+        if url.starts_with("http://") {
+            e.push_str(", allow_insecure_http: true");
+        }
+        e
     };
     format!(
         r#"
@@ -101,8 +108,8 @@ credentials:
 upstreams:
   api: {{ listen: "127.0.0.1:0", url: "{upstream_url}", credential: api{} }}
 "#,
-        ca(cred_ca),
-        ca(up_ca)
+        extra(token_url, cred_ca),
+        extra(upstream_url, up_ca)
     )
 }
 
@@ -150,16 +157,11 @@ async fn an_untrusted_upstream_certificate_is_a_502_of_kind_tls() {
         .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let (api_tls, _) = tls_front(pki.server, api.addr()).await;
-    let relay = support::start(&format!(
-        r#"
-admin: {{ listen: "127.0.0.1:0" }}
-credentials:
-  api: {{ grant: client_credentials, token_url: "{}", client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}
-upstreams:
-  api: {{ listen: "127.0.0.1:0", url: "https://localhost:{}", credential: api }}
-"#,
-        auth.token_url(),
-        api_tls.port()
+    let relay = support::start(&yaml(
+        &auth.token_url(),
+        &format!("https://localhost:{}", api_tls.port()),
+        None,
+        None,
     ))
     .await;
     let resp = support::client()
@@ -198,16 +200,11 @@ async fn an_untrusted_token_endpoint_gets_no_client_secret() {
         .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let (auth_tls, _) = tls_front(pki.server, auth.addr()).await;
-    let relay = support::start(&format!(
-        r#"
-admin: {{ listen: "127.0.0.1:0" }}
-credentials:
-  api: {{ grant: client_credentials, token_url: "https://127.0.0.1:{}/oauth2/token", client_id: demo-client, client_secret: demo-secret, token_timeout: 2s }}
-upstreams:
-  api: {{ listen: "127.0.0.1:0", url: "{}", credential: api, allow_insecure_http: true }}
-"#,
-        auth_tls.port(),
-        api.url()
+    let relay = support::start(&yaml(
+        &format!("https://127.0.0.1:{}/oauth2/token", auth_tls.port()),
+        &api.url(),
+        None,
+        None,
     ))
     .await;
     let resp = support::client()
