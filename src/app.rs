@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::admin::Admin;
@@ -98,7 +98,7 @@ pub async fn run(
 
     let stop_accepting = CancellationToken::new();
     let stop_refreshing = CancellationToken::new();
-    let graceful = Arc::new(GracefulShutdown::new());
+    let connections = TaskTracker::new();
     let mut refreshers = Vec::new();
     for cred in credentials.values() {
         let r = Refresher::new(
@@ -116,17 +116,11 @@ pub async fn run(
     let mut servers = Vec::new();
     for (up, listener) in upstreams.iter().cloned().zip(listeners) {
         info!(upstream = %up.config.name, listen = %listener.local_addr()?, url = %up.config.url, "listening");
-        let limits = up.config.limits.clone();
-        let handler = move |req, local| {
-            let up = up.clone();
-            async move { up.handle(req, local).await }
-        };
-        servers.push(tokio::spawn(crate::server::serve(
+        servers.push(tokio::spawn(crate::server::serve_upstream(
             listener,
-            limits,
-            handler,
+            up,
             stop_accepting.clone(),
-            graceful.clone(),
+            connections.clone(),
         )));
     }
     let admin = Arc::new(Admin {
@@ -147,13 +141,13 @@ pub async fn run(
         async move { admin.handle(&req) }
     };
     let admin_stop = CancellationToken::new();
-    let admin_graceful = Arc::new(GracefulShutdown::new());
+    let admin_connections = TaskTracker::new();
     let admin_task = tokio::spawn(crate::server::serve(
         admin_listener,
         admin_limits,
         admin_handler,
         admin_stop.clone(),
-        admin_graceful,
+        admin_connections,
     ));
     on_bound(bound);
 
@@ -164,8 +158,8 @@ pub async fn run(
     for s in servers {
         let _ = s.await;
     }
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-    if tokio::time::timeout(grace, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {

@@ -243,6 +243,11 @@ impl Credential {
         token.headers[slot].clone()
     }
 
+    /// The header value for `slot` of a token, as bytes.
+    pub fn header_bytes(token: &ActiveToken, slot: usize) -> &[u8] {
+        token.headers[slot].as_bytes()
+    }
+
     /// A usable token, waiting for the single in-flight refresh when the current one has
     /// expired. Fails promptly when no token can be had (backoff, re-authorization).
     pub async fn acquire(&self) -> Result<Arc<ActiveToken>, NoToken> {

@@ -67,16 +67,22 @@ fn kind_str(k: UpstreamErrorKind) -> &'static str {
     }
 }
 
-/// `{"error": ..., "upstream": ..., "credential": ...}` with the given status.
+/// `{"error": ..., "upstream": ..., "credential": ...}`.
+pub fn json_body(error: &str, upstream: &str, credential: &str) -> String {
+    serde_json::json!({ "error": error, "upstream": upstream, "credential": credential })
+        .to_string()
+}
+
+/// [`json_body`] as a response with the given status.
 pub fn json_response(
     status: StatusCode,
     error: &str,
     upstream: &str,
     credential: &str,
 ) -> Response<Full<Bytes>> {
-    let body =
-        serde_json::json!({ "error": error, "upstream": upstream, "credential": credential });
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut resp = Response::new(Full::new(Bytes::from(json_body(
+        error, upstream, credential,
+    ))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

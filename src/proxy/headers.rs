@@ -53,7 +53,7 @@ pub fn rewrite_locations(headers: &mut HeaderMap, upstream_prefix: &str, local_p
         let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        if let Some(rewritten) = rewrite_one(value, upstream_prefix, local_prefix) {
+        if let Some(rewritten) = rewrite_location_value(value, upstream_prefix, local_prefix) {
             if let Ok(v) = HeaderValue::from_str(&rewritten) {
                 headers.insert(name, v);
             }
@@ -61,7 +61,11 @@ pub fn rewrite_locations(headers: &mut HeaderMap, upstream_prefix: &str, local_p
     }
 }
 
-fn rewrite_one(value: &str, upstream_prefix: &str, local_prefix: &str) -> Option<String> {
+pub fn rewrite_location_value(
+    value: &str,
+    upstream_prefix: &str,
+    local_prefix: &str,
+) -> Option<String> {
     // Scheme and host compare case-insensitively; the path part exactly.
     let head = value.get(..upstream_prefix.len())?;
     if !head.eq_ignore_ascii_case(upstream_prefix) {
@@ -109,16 +113,16 @@ mod tests {
         let up = "https://api.example.com/v1";
         let local = "http://127.0.0.1:8081";
         assert_eq!(
-            rewrite_one("https://api.example.com/v1/x?y=1", up, local).unwrap(),
+            rewrite_location_value("https://api.example.com/v1/x?y=1", up, local).unwrap(),
             "http://127.0.0.1:8081/x?y=1"
         );
         assert_eq!(
-            rewrite_one("HTTPS://API.example.com/v1", up, local).unwrap(),
+            rewrite_location_value("HTTPS://API.example.com/v1", up, local).unwrap(),
             "http://127.0.0.1:8081/"
         );
-        assert!(rewrite_one("https://api.example.com/v1beta/x", up, local).is_none());
-        assert!(rewrite_one("https://api.example.com.evil/v1/x", up, local).is_none());
-        assert!(rewrite_one("https://other.example.com/v1/x", up, local).is_none());
-        assert!(rewrite_one("/relative", up, local).is_none());
+        assert!(rewrite_location_value("https://api.example.com/v1beta/x", up, local).is_none());
+        assert!(rewrite_location_value("https://api.example.com.evil/v1/x", up, local).is_none());
+        assert!(rewrite_location_value("https://other.example.com/v1/x", up, local).is_none());
+        assert!(rewrite_location_value("/relative", up, local).is_none());
     }
 }

@@ -6,6 +6,7 @@
 pub mod body;
 pub mod client;
 pub mod error;
+pub mod fast;
 pub mod headers;
 
 use std::net::SocketAddr;
@@ -48,6 +49,8 @@ pub struct Upstream {
     upstream_prefix: String,
     metrics: UpstreamMetrics,
     access_log: bool,
+    /// Set for plain-http upstreams: most requests take [`fast`]'s path.
+    fast: Option<fast::FastPath>,
 }
 
 impl Upstream {
@@ -77,6 +80,7 @@ impl Upstream {
             header_name: HeaderName::from_bytes(config.header.as_bytes())
                 .map_err(|e| e.to_string())?,
             client: client::build(&config)?,
+            fast: fast::FastPath::for_upstream(&config),
             upstream_prefix: format!("{scheme}://{authority}{base_path}"),
             scheme,
             authority,
@@ -105,20 +109,7 @@ impl Upstream {
         let resp = match self.forward(req, local).await {
             Ok(r) => r,
             Err(e) => {
-                if let ProxyError::Upstream(kind, _) = &e {
-                    self.metrics.error(*kind);
-                }
-                if matches!(e, ProxyError::Timeout) {
-                    self.metrics
-                        .error(crate::metrics::UpstreamErrorKind::Timeout);
-                }
-                if let ProxyError::NoToken(_) = e {
-                    // The refresher already logs why there is no token; one line per refused
-                    // request would flood the log during an outage.
-                    debug!(upstream = %self.config.name, error = %e.message(), "request refused: no valid token");
-                } else {
-                    warn!(upstream = %self.config.name, status = e.status().as_u16(), error = %e.message(), "request not forwarded");
-                }
+                self.report_error(&e);
                 e.into_response(&self.config.name, &self.credential.name)
                     .map(Either::Right)
             }
@@ -132,6 +123,24 @@ impl Upstream {
                 status = resp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3, "request");
         }
         resp
+    }
+
+    /// Counts and logs a request that was not (successfully) forwarded.
+    fn report_error(&self, e: &ProxyError) {
+        match e {
+            ProxyError::Upstream(kind, _) => self.metrics.error(*kind),
+            ProxyError::Timeout => self
+                .metrics
+                .error(crate::metrics::UpstreamErrorKind::Timeout),
+            _ => {}
+        }
+        if let ProxyError::NoToken(_) = e {
+            // The refresher already logs why there is no token; one line per refused
+            // request would flood the log during an outage.
+            debug!(upstream = %self.config.name, error = %e.message(), "request refused: no valid token");
+        } else {
+            warn!(upstream = %self.config.name, status = e.status().as_u16(), error = %e.message(), "request not forwarded");
+        }
     }
 
     async fn forward(
@@ -275,7 +284,8 @@ impl Upstream {
         if parts.headers.contains_key(header::LOCATION)
             || parts.headers.contains_key(header::CONTENT_LOCATION)
         {
-            let local_prefix = local_prefix(inbound_host, local);
+            let host = inbound_host.and_then(|h| h.to_str().ok());
+            let local_prefix = local_prefix(host, local);
             headers::rewrite_locations(&mut parts.headers, &self.upstream_prefix, &local_prefix);
         }
         Response::from_parts(parts, Either::Left(body))
@@ -322,9 +332,8 @@ fn no_token(e: &NoToken) -> ProxyError {
 }
 
 /// `http://<host the app used>` for rewritten redirects; falls back to the socket address.
-fn local_prefix(host: Option<&http::HeaderValue>, local: SocketAddr) -> String {
-    host.and_then(|h| h.to_str().ok())
-        .filter(|h| h.parse::<Authority>().is_ok())
+fn local_prefix(host: Option<&str>, local: SocketAddr) -> String {
+    host.filter(|h| h.parse::<Authority>().is_ok())
         .map(|h| format!("http://{h}"))
         .unwrap_or_else(|| format!("http://{local}"))
 }

@@ -1,10 +1,7 @@
-//! Inbound HTTP/1.1 listeners: accept loop with a connection cap, header-read and idle
-//! timeouts, a header size limit, and graceful shutdown (stop accepting, drain).
+//! Header-read and idle timeouts of one hyper-served connection.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,104 +9,21 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::time::Sleep;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
-
-use crate::config::Limits;
-
-/// Serves `listener` with `handler` until `shutdown`, then drains via `graceful`.
-pub async fn serve<H, Fut, B>(
-    listener: TcpListener,
-    limits: Limits,
-    handler: H,
-    shutdown: CancellationToken,
-    graceful: Arc<GracefulShutdown>,
-) where
-    H: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = http::Response<B>> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let local = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // Header-read and idle timeouts are ConnTimeouts' (hyper's single timer would
-        // close idle keep-alive connections after the header timeout).
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_size.0.max(8192) as usize)
-        .keep_alive(true);
-    loop {
-        // Waiting for a permit before accepting leaves excess connections in the
-        // kernel's backlog instead of accepting and dropping them.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly rather than spin.
-                    warn!(%local, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let requests = Arc::new(RequestCounter::default());
-        let io = ConnTimeouts::new(
-            TokioIo::new(stream),
-            limits.header_read_timeout.0,
-            limits.idle_timeout.0,
-            requests.clone(),
-        );
-        let handler = handler.clone();
-        let svc = service_fn(move |req| {
-            let handler = handler.clone();
-            let guard = InFlight::enter(requests.clone());
-            async move {
-                let resp = handler(req, local).await;
-                drop(guard);
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = graceful.watch(builder.serve_connection(io, svc));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-}
 
 /// Requests of one connection that reached the handler: how many began, how many are
 /// still in the handler. Read by [`ConnTimeouts`] to tell request heads from idle time.
 #[derive(Default)]
-struct RequestCounter {
+pub struct RequestCounter {
     started: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 /// Counts a request as in flight while alive.
-struct InFlight(Arc<RequestCounter>);
+pub struct InFlight(Arc<RequestCounter>);
 
 impl InFlight {
-    fn enter(c: Arc<RequestCounter>) -> Self {
+    pub fn enter(c: Arc<RequestCounter>) -> Self {
         c.started.fetch_add(1, Ordering::Relaxed);
         c.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(c)
@@ -129,7 +43,7 @@ impl Drop for InFlight {
 ///
 /// A request in flight (handler running) is never timed out here; the upstream timeout
 /// covers it. The timer is re-armed lazily, so a read or write costs one `Instant::now()`.
-struct ConnTimeouts<T> {
+pub struct ConnTimeouts<T> {
     inner: T,
     idle: Duration,
     header: Duration,
@@ -143,7 +57,7 @@ struct ConnTimeouts<T> {
 }
 
 impl<T> ConnTimeouts<T> {
-    fn new(inner: T, header: Duration, idle: Duration, requests: Arc<RequestCounter>) -> Self {
+    pub fn new(inner: T, header: Duration, idle: Duration, requests: Arc<RequestCounter>) -> Self {
         let now = Instant::now();
         ConnTimeouts {
             inner,

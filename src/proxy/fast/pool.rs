@@ -1,0 +1,102 @@
+//! Idle HTTP/1.1 connections to one plain-http upstream, reused most recent first.
+
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+/// Idle connections older than this are closed rather than reused.
+const IDLE_LIMIT: Duration = Duration::from_secs(90);
+/// At most this many idle connections are kept.
+const MAX_IDLE: usize = 256;
+const READ_BUFFER: usize = 16 * 1024;
+
+/// One connection to the upstream, with its read buffer.
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    /// It carried an exchange before (so it may have been closed meanwhile).
+    pub reused: bool,
+    idle_since: Instant,
+}
+
+/// The idle connections of one upstream.
+pub struct Pool {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<UpstreamConn>>,
+}
+
+impl Pool {
+    pub fn new(host: &str, port: u16, connect_timeout: Duration) -> Pool {
+        Pool {
+            // The URL's IPv6 literal keeps its brackets; the resolver wants it bare.
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An idle connection that still looks open, if any.
+    pub fn checkout(&self) -> Option<UpstreamConn> {
+        let now = Instant::now();
+        loop {
+            let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if now.duration_since(conn.idle_since) > IDLE_LIMIT {
+                continue;
+            }
+            // The upstream may have closed it while idle. The probe costs no syscall when
+            // the socket has had no event since its last read.
+            match conn.stream.try_read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.reused = true;
+                    return Some(conn);
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// A new connection, within the connect timeout.
+    pub async fn connect(&self) -> io::Result<UpstreamConn> {
+        let attempt = async {
+            let mut last = None;
+            for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the host name resolved to nothing")
+            }))
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = stream.set_nodelay(true);
+        Ok(UpstreamConn {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            reused: false,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Keeps a connection whose last exchange ended cleanly.
+    pub fn checkin(&self, mut conn: UpstreamConn) {
+        conn.buf.clear();
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+}
