@@ -61,7 +61,13 @@ impl FastPath {
         }
         let port = url.port_or_known_default()?;
         Some(FastPath {
-            pool: Pool::new(url.host_str()?, port, up.connect_timeout.0),
+            // Each app connection holds at most one upstream connection at a time.
+            pool: Pool::new(
+                url.host_str()?,
+                port,
+                up.connect_timeout.0,
+                up.limits.max_connections,
+            ),
             body_limit: if up.retry_on_401 {
                 up.retry_body_limit.0
             } else {
@@ -179,6 +185,10 @@ impl Conn<'_> {
         let plan = loop {
             if !self.inbuf.is_empty() {
                 match head::plan_request(&self.inbuf, &rules, &mut self.out) {
+                    // A whole head over the limit gets hyper's 431.
+                    Parsed::Fast(plan) if plan.head_len > limits.max_header_size.0 as usize => {
+                        return Next::Handoff
+                    }
                     Parsed::Fast(plan) => break plan,
                     Parsed::Declined => return Next::Handoff,
                     Parsed::Partial if self.inbuf.len() > limits.max_header_size.0 as usize => {

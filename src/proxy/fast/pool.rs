@@ -9,8 +9,6 @@ use tokio::net::TcpStream;
 
 /// Idle connections older than this are closed rather than reused.
 const IDLE_LIMIT: Duration = Duration::from_secs(90);
-/// At most this many idle connections are kept.
-const MAX_IDLE: usize = 256;
 const READ_BUFFER: usize = 16 * 1024;
 
 /// One connection to the upstream, with its read buffer.
@@ -27,11 +25,13 @@ pub struct Pool {
     host: String,
     port: u16,
     connect_timeout: Duration,
+    /// At most this many idle connections are kept.
+    max_idle: usize,
     idle: Mutex<Vec<UpstreamConn>>,
 }
 
 impl Pool {
-    pub fn new(host: &str, port: u16, connect_timeout: Duration) -> Pool {
+    pub fn new(host: &str, port: u16, connect_timeout: Duration, max_idle: usize) -> Pool {
         Pool {
             // The URL's IPv6 literal keeps its brackets; the resolver wants it bare.
             host: host
@@ -40,6 +40,7 @@ impl Pool {
                 .to_string(),
             port,
             connect_timeout,
+            max_idle,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -95,7 +96,7 @@ impl Pool {
         conn.buf.clear();
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
+        if idle.len() < self.max_idle {
             idle.push(conn);
         }
     }

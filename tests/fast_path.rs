@@ -1,0 +1,415 @@
+//! The fast path (plain-http upstreams) against a scripted upstream that behaves the way
+//! real servers do at the edges: closing idle keep-alive connections, closing instead of
+//! answering, close-delimited bodies, interim 1xx responses, trailers, bodies cut short.
+//! Also pipelining, HEAD, and a connection handed to the general path midway.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokenrelay::demo::AuthServerOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::{demo_servers, one_upstream_yaml, DemoServers, Running};
+
+/// What the scripted upstream does with one request.
+enum Reply {
+    /// Answer and keep the connection open.
+    Send(Vec<u8>),
+    /// Answer, then close the connection.
+    SendAndClose(Vec<u8>),
+    /// Close without answering.
+    Close,
+}
+
+/// A request as the scripted upstream received it.
+#[derive(Clone, Debug)]
+struct Seen {
+    connection: usize,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn target(&self) -> &str {
+        self.head.split(' ').nth(1).unwrap_or("")
+    }
+}
+
+type Script = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
+
+/// An HTTP/1.1 upstream on 127.0.0.1:0 answering per `script(request, index on its
+/// connection)`.
+struct ScriptedUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl ScriptedUpstream {
+    async fn start(script: Arc<Script>) -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (conns, log) = (connections.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let connection = conns.fetch_add(1, Ordering::SeqCst);
+                let (script, log) = (script.clone(), log.clone());
+                tokio::spawn(serve_scripted(stream, connection, script, log));
+            }
+        });
+        ScriptedUpstream {
+            addr,
+            connections,
+            seen,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn serve_scripted(
+    mut stream: TcpStream,
+    connection: usize,
+    script: Arc<Script>,
+    log: Arc<Mutex<Vec<Seen>>>,
+) {
+    let mut buf = Vec::new();
+    for index in 0.. {
+        let Some((head, body)) = read_request(&mut stream, &mut buf).await else {
+            return;
+        };
+        let seen = Seen {
+            connection,
+            head,
+            body,
+        };
+        log.lock().unwrap().push(seen.clone());
+        match script(&seen, index) {
+            Reply::Send(bytes) => {
+                if stream.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Reply::SendAndClose(bytes) => {
+                let _ = stream.write_all(&bytes).await;
+                return;
+            }
+            Reply::Close => return,
+        }
+    }
+}
+
+/// Reads one request (Content-Length or chunked body, decoded) from `stream`.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let head_end = read_until(stream, buf, b"\r\n\r\n").await?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end);
+    let lower = head.to_ascii_lowercase();
+    let body = if lower.contains("transfer-encoding: chunked") {
+        let mut body = Vec::new();
+        loop {
+            let line_end = read_until(stream, buf, b"\r\n").await?;
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&buf[..line_end - 2]).trim(), 16)
+                    .ok()?;
+            buf.drain(..line_end);
+            while buf.len() < size + 2 {
+                read_more(stream, buf).await?;
+            }
+            body.extend_from_slice(&buf[..size]);
+            buf.drain(..size + 2);
+            if size == 0 {
+                return Some((head, body));
+            }
+        }
+    } else {
+        let len = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse::<usize>().unwrap())
+            .unwrap_or(0);
+        while buf.len() < len {
+            read_more(stream, buf).await?;
+        }
+        buf.drain(..len).collect()
+    };
+    Some((head, body))
+}
+
+/// Reads until `buf` contains `pattern`; returns the offset just past it.
+async fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(pattern.len()).position(|w| w == pattern) {
+            return Some(i + pattern.len());
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// tokenrelay in front of `upstream`, with the demo authorization server for tokens.
+async fn relay_to(upstream: &ScriptedUpstream) -> (DemoServers, Running) {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let yaml = one_upstream_yaml(&demo.auth.token_url(), &upstream.url(), "", "timeout: 5s");
+    let running = support::start(&yaml).await;
+    (demo, running)
+}
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Reads one response to a request with the given method (Content-Length or chunked).
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, method: &str) -> RawResponse {
+    let head_end = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_until(stream, buf, b"\r\n\r\n"),
+    )
+    .await
+    .expect("a response within 10s")
+    .expect("a response head");
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end);
+    let status = support::raw_status(&head).unwrap();
+    let lower = head.to_ascii_lowercase();
+    let body = if method == "HEAD" {
+        Vec::new()
+    } else if lower.contains("transfer-encoding: chunked") {
+        let end = read_until(stream, buf, b"0\r\n\r\n").await.unwrap();
+        buf.drain(..end).collect()
+    } else {
+        let len = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse::<usize>().unwrap())
+            .unwrap_or(0);
+        while buf.len() < len {
+            read_more(stream, buf).await.unwrap();
+        }
+        buf.drain(..len).collect()
+    };
+    RawResponse { status, head, body }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_upstream_closed_are_not_reused_and_requests_still_succeed() {
+    // Every answer is followed by the upstream closing, half of them without saying so.
+    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| {
+        if seen.connection % 2 == 0 {
+            Reply::SendAndClose(ok("quiet close"))
+        } else {
+            Reply::SendAndClose(
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\nbye!".to_vec(),
+            )
+        }
+    }))
+    .await;
+    let (_demo, tr) = relay_to(&up).await;
+    let c = support::client();
+    for i in 0..6 {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let resp = c
+            .request(method.parse().unwrap(), format!("{}/n{i}", tr.url("api")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i} ({method})");
+        // Give the upstream's FIN time to arrive, as it would between real requests.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 6);
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_instead_of_answering_is_retried_only_when_safe() {
+    // Each connection answers its first request and closes on its second.
+    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, index| match index {
+        0 => Reply::Send(ok(seen.target())),
+        _ => Reply::Close,
+    }))
+    .await;
+    let (_demo, tr) = relay_to(&up).await;
+    let c = support::client();
+    let get = |path: &str| c.get(format!("{}{path}", tr.url("api"))).send();
+    assert_eq!(get("/first").await.unwrap().status(), 200);
+    // Reuses the pooled connection, which closes: a GET is safe to send again.
+    let resp = get("/second").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "/second");
+    // A POST is not: the upstream may have acted on it before closing.
+    let resp = c
+        .post(format!("{}/third", tr.url("api")))
+        .body("once")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("closed the connection before answering"),
+        "{text}"
+    );
+    let posts = up.seen().iter().filter(|s| s.target() == "/third").count();
+    assert_eq!(posts, 1, "a POST must not be sent twice");
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_interim_chunked_and_truncated_responses() {
+    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| match seen.target() {
+        "/until-close" => Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nall of it, until close".to_vec()),
+        "/early-hints" => Reply::Send(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
+                .to_vec(),
+        ),
+        "/chunked" => Reply::Send(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-sum: 12\r\n\r\n"
+                .to_vec(),
+        ),
+        "/cut-short" => Reply::SendAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..".to_vec()),
+        other => Reply::Send(ok(other)),
+    }))
+    .await;
+    let (_demo, tr) = relay_to(&up).await;
+    let c = support::client();
+    let get = |path: &str| c.get(format!("{}{path}", tr.url("api"))).send();
+
+    let resp = get("/until-close").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "all of it, until close");
+
+    let resp = get("/early-hints").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "final");
+
+    let resp = get("/chunked").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "hello, world");
+
+    let resp = get("/cut-short").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.bytes().await.is_err(),
+        "a body cut short must reach the app as an error, not as a complete body"
+    );
+
+    // The listener is still fine afterwards.
+    assert_eq!(get("/after").await.unwrap().text().await.unwrap(), "/after");
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connection() {
+    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| {
+        let body = format!("{} {} bytes", seen.target(), seen.body.len());
+        if seen.head.starts_with("HEAD ") {
+            // A HEAD answer announces a length it does not send.
+            Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".to_vec())
+        } else {
+            Reply::Send(ok(&body))
+        }
+    }))
+    .await;
+    let (_demo, tr) = relay_to(&up).await;
+    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
+    let mut buf = Vec::new();
+
+    // Three requests in one write, one of them HEAD.
+    conn.write_all(
+        b"GET /one HTTP/1.1\r\nhost: x\r\n\r\nHEAD /two HTTP/1.1\r\nhost: x\r\n\r\n\
+          POST /three HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nabcde",
+    )
+    .await
+    .unwrap();
+    let one = read_response(&mut conn, &mut buf, "GET").await;
+    let two = read_response(&mut conn, &mut buf, "HEAD").await;
+    let three = read_response(&mut conn, &mut buf, "POST").await;
+    assert_eq!(
+        (one.status, one.body.as_slice()),
+        (200, &b"/one 0 bytes"[..])
+    );
+    assert_eq!(two.status, 200);
+    assert!(
+        two.head
+            .to_ascii_lowercase()
+            .contains("content-length: 1000"),
+        "{}",
+        two.head
+    );
+    assert_eq!(
+        (three.status, three.body.as_slice()),
+        (200, &b"/three 5 bytes"[..])
+    );
+
+    // A chunked upload is the general path's: the connection is handed over midway and
+    // keeps working.
+    conn.write_all(
+        b"POST /four HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunky\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let four = read_response(&mut conn, &mut buf, "POST").await;
+    assert_eq!(
+        (four.status, four.body.as_slice()),
+        (200, &b"/four 6 bytes"[..])
+    );
+    conn.write_all(b"GET /five HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let five = read_response(&mut conn, &mut buf, "GET").await;
+    assert_eq!(
+        (five.status, five.body.as_slice()),
+        (200, &b"/five 0 bytes"[..])
+    );
+
+    // Every request reached the upstream with the token, once.
+    let seen = up.seen();
+    let targets: Vec<&str> = seen.iter().map(|s| s.target()).collect();
+    assert_eq!(targets, ["/one", "/two", "/three", "/four", "/five"]);
+    for s in &seen {
+        assert!(
+            s.head
+                .to_ascii_lowercase()
+                .contains("\r\nauthorization: bearer "),
+            "{}",
+            s.head
+        );
+    }
+    tr.stop().await;
+}
