@@ -230,7 +230,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, method: &str) 
 async fn connections_the_upstream_closed_are_not_reused_and_requests_still_succeed() {
     // Every answer is followed by the upstream closing, half of them without saying so.
     let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| {
-        if seen.connection % 2 == 0 {
+        if seen.connection.is_multiple_of(2) {
             Reply::SendAndClose(ok("quiet close"))
         } else {
             Reply::SendAndClose(
@@ -242,7 +242,7 @@ async fn connections_the_upstream_closed_are_not_reused_and_requests_still_succe
     let (_demo, tr) = relay_to(&up).await;
     let c = support::client();
     for i in 0..6 {
-        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let method = if i.is_multiple_of(2) { "GET" } else { "POST" };
         let resp = c
             .request(method.parse().unwrap(), format!("{}/n{i}", tr.url("api")))
             .send()
