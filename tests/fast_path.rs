@@ -241,7 +241,7 @@ async fn connections_the_upstream_closed_are_not_reused_and_requests_still_succe
     .await;
     let (_demo, tr) = relay_to(&up).await;
     let c = support::client();
-    for i in 0..6 {
+    for i in 0..6u32 {
         let method = if i.is_multiple_of(2) { "GET" } else { "POST" };
         let resp = c
             .request(method.parse().unwrap(), format!("{}/n{i}", tr.url("api")))
