@@ -413,3 +413,31 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
     }
     tr.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_keep_alive_timeout_is_not_used_to_its_end() {
+    // The upstream says it closes idle connections after 2 s (but keeps them open here,
+    // so only tokenrelay's own decision can make it open a new one).
+    let up = ScriptedUpstream::start(Arc::new(|_: &Seen, _| {
+        Reply::Send(
+            b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=2, max=100\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+        )
+    }))
+    .await;
+    let (_demo, tr) = relay_to(&up).await;
+    let c = support::client();
+    let post = || c.post(format!("{}/p", tr.url("api"))).body("x").send();
+    assert_eq!(post().await.unwrap().status(), 200);
+    assert_eq!(post().await.unwrap().status(), 200);
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "reused while fresh"
+    );
+    // Within the last second of the announced timeout: a new connection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(post().await.unwrap().status(), 200);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    tr.stop().await;
+}

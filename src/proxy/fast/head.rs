@@ -162,6 +162,8 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The upstream connection may carry another request afterwards.
     pub reusable: bool,
+    /// How long the upstream keeps the connection open when idle (`Keep-Alive: timeout=N`).
+    pub keep_alive: Option<std::time::Duration>,
 }
 
 /// Why an upstream response head could not be used.
@@ -219,6 +221,7 @@ pub fn rewrite_response(
             head_len,
             framing: Framing::Empty,
             reusable: true,
+            keep_alive: None,
         }));
     }
 
@@ -228,6 +231,7 @@ pub fn rewrite_response(
     let mut length: Option<u64> = None;
     let mut upstream_close = version == 0;
     let mut named_by_connection: Vec<&[u8]> = Vec::new();
+    let mut keep_alive = None;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encoding = true;
@@ -244,6 +248,8 @@ pub fn rewrite_response(
                 return Err(BadResponse::Malformed("conflicting Content-Length".into()));
             }
             length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("keep-alive") {
+            keep_alive = keep_alive_timeout(h.value);
         } else if h.name.eq_ignore_ascii_case("connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -311,6 +317,7 @@ pub fn rewrite_response(
         status,
         head_len,
         reusable: !upstream_close && !matches!(framing, Framing::UntilClose),
+        keep_alive,
         framing,
     }))
 }
@@ -330,6 +337,17 @@ fn is_hop_by_hop(name: &str) -> bool {
         || name
             .get(..6)
             .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+}
+
+/// `timeout=N` of a `Keep-Alive` header, in seconds.
+fn keep_alive_timeout(v: &[u8]) -> Option<std::time::Duration> {
+    std::str::from_utf8(v)
+        .ok()?
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("timeout"))
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .map(std::time::Duration::from_secs)
 }
 
 /// A Content-Length value: digits only (a list of equal values is declined).
@@ -447,6 +465,12 @@ mod tests {
         );
         assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(matches!(h.framing, Framing::Chunked(_)) && h.reusable);
+
+        let (h, _) = respond(
+            "HTTP/1.1 200 OK\r\nKeep-Alive: max=100, timeout=5\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.keep_alive, Some(std::time::Duration::from_secs(5)));
 
         let (h, out) = respond("HTTP/1.1 200 OK\r\n\r\n", false);
         assert!(out.ends_with("connection: close\r\n\r\n"));

@@ -312,7 +312,7 @@ impl Conn<'_> {
             }
         };
         if resp.reusable && held_end == conn.buf.len() {
-            self.fast.pool.checkin(conn);
+            self.fast.pool.checkin(conn, resp.keep_alive);
         }
         self.add_credential(&fresh, plan, auth_at);
         let (conn, resp) = self.send(plan).await?;
@@ -514,7 +514,7 @@ impl Conn<'_> {
             }
         }
         if resp.reusable && clean {
-            self.fast.pool.checkin(conn);
+            self.fast.pool.checkin(conn, resp.keep_alive);
         }
         Ok(!plan.close && !matches!(resp.framing, Framing::UntilClose))
     }

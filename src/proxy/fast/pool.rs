@@ -9,6 +9,8 @@ use tokio::net::TcpStream;
 
 /// Idle connections older than this are closed rather than reused.
 const IDLE_LIMIT: Duration = Duration::from_secs(90);
+/// Announced keep-alive timeouts are not used to their very end.
+const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 const READ_BUFFER: usize = 16 * 1024;
 
 /// One connection to the upstream, with its read buffer.
@@ -18,6 +20,8 @@ pub struct UpstreamConn {
     /// It carried an exchange before (so it may have been closed meanwhile).
     pub reused: bool,
     idle_since: Instant,
+    /// After this the upstream may close it at any moment: not reused.
+    usable_until: Instant,
 }
 
 /// The idle connections of one upstream.
@@ -50,7 +54,7 @@ impl Pool {
         let now = Instant::now();
         loop {
             let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-            if now.duration_since(conn.idle_since) > IDLE_LIMIT {
+            if now >= conn.usable_until {
                 continue;
             }
             // The upstream may have closed it while idle. The probe costs no syscall when
@@ -88,13 +92,23 @@ impl Pool {
             buf: BytesMut::with_capacity(READ_BUFFER),
             reused: false,
             idle_since: Instant::now(),
+            usable_until: Instant::now(),
         })
     }
 
-    /// Keeps a connection whose last exchange ended cleanly.
-    pub fn checkin(&self, mut conn: UpstreamConn) {
+    /// Keeps a connection whose last exchange ended cleanly. `keep_alive` is the idle
+    /// time the upstream announced (`Keep-Alive: timeout=N`); the connection is not
+    /// reused in the last second of it, when the upstream may close it as a request
+    /// arrives.
+    pub fn checkin(&self, mut conn: UpstreamConn, keep_alive: Option<Duration>) {
+        let limit = match keep_alive {
+            Some(t) if t <= KEEP_ALIVE_MARGIN => return,
+            Some(t) => (t - KEEP_ALIVE_MARGIN).min(IDLE_LIMIT),
+            None => IDLE_LIMIT,
+        };
         conn.buf.clear();
         conn.idle_since = Instant::now();
+        conn.usable_until = conn.idle_since + limit;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(conn);
