@@ -350,10 +350,13 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
     let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
     let mut buf = Vec::new();
 
-    // Three requests in one write, one of them HEAD.
+    // Three requests in one write, one of them HEAD. `X-Case-Probe` tells the paths
+    // apart at the upstream: the fast path keeps header names as the app wrote them,
+    // hyper sends them in lower case.
     conn.write_all(
-        b"GET /one HTTP/1.1\r\nhost: x\r\n\r\nHEAD /two HTTP/1.1\r\nhost: x\r\n\r\n\
-          POST /three HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nabcde",
+        b"GET /one HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n\
+          HEAD /two HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n\
+          POST /three HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\ncontent-length: 5\r\n\r\nabcde",
     )
     .await
     .unwrap();
@@ -380,7 +383,7 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
     // A chunked upload is the general path's: the connection is handed over midway and
     // keeps working.
     conn.write_all(
-        b"POST /four HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunky\r\n0\r\n\r\n",
+        b"POST /four HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunky\r\n0\r\n\r\n",
     )
     .await
     .unwrap();
@@ -389,7 +392,7 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
         (four.status, four.body.as_slice()),
         (200, &b"/four 6 bytes"[..])
     );
-    conn.write_all(b"GET /five HTTP/1.1\r\nhost: x\r\n\r\n")
+    conn.write_all(b"GET /five HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n")
         .await
         .unwrap();
     let five = read_response(&mut conn, &mut buf, "GET").await;
@@ -402,12 +405,19 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
     let seen = up.seen();
     let targets: Vec<&str> = seen.iter().map(|s| s.target()).collect();
     assert_eq!(targets, ["/one", "/two", "/three", "/four", "/five"]);
-    for s in &seen {
+    for (i, s) in seen.iter().enumerate() {
         assert!(
             s.head
                 .to_ascii_lowercase()
                 .contains("\r\nauthorization: bearer "),
             "{}",
+            s.head
+        );
+        let fast = s.head.contains("X-Case-Probe: 1");
+        assert_eq!(
+            fast,
+            i < 3,
+            "fast path for the first three only: {}",
             s.head
         );
     }
@@ -439,5 +449,43 @@ async fn an_announced_keep_alive_timeout_is_not_used_to_its_end() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(post().await.unwrap().status(), 200);
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    tr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| {
+        Reply::Send(ok(&String::from_utf8_lossy(&seen.body)))
+    }))
+    .await;
+    let (_demo, tr) = relay_to(&up).await;
+    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
+    let mut buf = Vec::new();
+    // As PHP's curl sends bodies over 1 KiB: head first, body only after `100 Continue`.
+    conn.write_all(
+        b"POST /form HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\nexpect: 100-continue\r\ncontent-length: 11\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let interim = read_response(&mut conn, &mut buf, "GET").await;
+    assert_eq!(interim.status, 100, "{}", interim.head);
+    conn.write_all(b"hello world").await.unwrap();
+    let done = read_response(&mut conn, &mut buf, "POST").await;
+    assert_eq!(
+        (done.status, done.body.as_slice()),
+        (200, &b"hello world"[..])
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].head.contains("X-Case-Probe: 1"),
+        "fast path: {}",
+        seen[0].head
+    );
+    assert!(
+        !seen[0].head.to_ascii_lowercase().contains("expect"),
+        "{}",
+        seen[0].head
+    );
     tr.stop().await;
 }

@@ -38,6 +38,8 @@ pub struct RequestPlan {
     pub is_head: bool,
     /// The app asked to close the connection after this exchange.
     pub close: bool,
+    /// The app waits for `100 Continue` before sending the body.
+    pub expect_continue: bool,
     /// The app's `Host` value, in the read buffer (for rewriting redirects).
     pub host: Option<Range<usize>>,
     /// Method and path (without query) in the read buffer, for the access log.
@@ -81,6 +83,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
 
     let mut body_len: Option<u64> = None;
     let mut close = false;
+    let mut expect_continue = false;
     let mut host = None;
     for h in req.headers.iter() {
         let name = h.name;
@@ -118,10 +121,15 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
             }
             _ => {}
         }
-        if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("upgrade")
-        {
+        if name.eq_ignore_ascii_case("expect") {
+            // 100-continue is answered here, as nginx does; other expectations are not.
+            if !h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                return Parsed::Declined;
+            }
+            expect_continue = true;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("upgrade") {
             return Parsed::Declined;
         }
         if is_hop_by_hop(name) || name.eq_ignore_ascii_case(rules.credential_header) {
@@ -147,6 +155,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         ),
         is_head: method == "HEAD",
         close,
+        expect_continue: expect_continue && body_len > 0,
         host,
         method: range_in(buf, method.as_bytes()),
         path: path.start..path.start + path_end,
@@ -411,7 +420,8 @@ mod tests {
             "CONNECT a:443 HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.0\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",

@@ -5,11 +5,12 @@
 //! connection's life, no task per request, one timer per connection.
 //!
 //! It takes the common case only: HTTP/1.1, origin-form targets, no body or a
-//! `Content-Length` body up to the retry limit (held whole, so a 401 can be retried).
-//! At the first request that is anything else (chunked or large uploads, `Expect`,
-//! upgrades, HTTP/1.0, absolute-form, `CONNECT`, malformed or oversized heads) the
-//! connection is handed, with the bytes already read, to the general hyper path for
-//! the rest of its life, which forwards or refuses it exactly as it always does.
+//! `Content-Length` body up to the retry limit (held whole, so a 401 can be retried;
+//! `Expect: 100-continue` is answered here). At the first request that is anything
+//! else (chunked or large uploads, other expectations, upgrades, HTTP/1.0,
+//! absolute-form, `CONNECT`, malformed or oversized heads) the connection is handed,
+//! with the bytes already read, to the general hyper path for the rest of its life,
+//! which forwards or refuses it exactly as it always does.
 
 mod deadline;
 pub mod framing;
@@ -218,6 +219,16 @@ impl Conn<'_> {
             }
         };
         let whole = plan.head_len + plan.body_len;
+        if plan.expect_continue && self.inbuf.len() == plan.head_len {
+            self.dl.after(limits.idle_timeout.0);
+            let sent = self
+                .dl
+                .within(self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"))
+                .await;
+            if !matches!(sent, Some(Ok(()))) {
+                return Next::Closed;
+            }
+        }
         while self.inbuf.len() < whole {
             self.dl.after(limits.idle_timeout.0);
             self.inbuf.reserve(whole - self.inbuf.len());
