@@ -550,6 +550,16 @@ async fn slow_client_is_disconnected_after_the_header_read_timeout() {
     );
     assert_eq!(demo.api.stats().requests, 0);
 
+    // A connection that never sends a byte is closed on the same clock.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(8), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "silent client still connected after 8s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
     // A prompt client on the same listener is served.
     let resp = raw_exchange(
         addr,

@@ -112,7 +112,7 @@ pub async fn serve(
         inbuf: BytesMut::with_capacity(8 * 1024),
         out: Vec::with_capacity(1024),
         head: Vec::with_capacity(1024),
-        // The first request head must arrive within the header timeout of connecting.
+        opened: now,
         dl: Deadline::new(now + limits.header_read_timeout.0),
     };
     let mut cancelled = pin!(shutdown.cancelled());
@@ -154,6 +154,8 @@ struct Conn<'a> {
     out: Vec<u8>,
     /// The response head being sent to the app.
     head: Vec<u8>,
+    /// When the app connected.
+    opened: Instant,
     dl: Deadline,
 }
 
@@ -182,7 +184,13 @@ impl Conn<'_> {
                 == crate::config::InboundAuthorization::Reject,
             body_limit: self.fast.body_limit,
         };
-        let mut head_started = (!self.inbuf.is_empty()).then(Instant::now);
+        // The first request head must arrive within the header timeout of connecting;
+        // later ones within it of their first byte.
+        let mut head_started = if first {
+            Some(self.opened)
+        } else {
+            (!self.inbuf.is_empty()).then(Instant::now)
+        };
         let plan = loop {
             if !self.inbuf.is_empty() {
                 match head::plan_request(&self.inbuf, &rules, &mut self.out) {
@@ -198,10 +206,9 @@ impl Conn<'_> {
                     Parsed::Partial => {}
                 }
             }
-            let idle = head_started.is_none();
+            let idle = self.inbuf.is_empty();
             match head_started {
                 Some(t) => self.dl.set(t + limits.header_read_timeout.0),
-                None if first => {}
                 None => self.dl.after(limits.idle_timeout.0),
             }
             reserve(&mut self.inbuf);
