@@ -187,3 +187,62 @@ async fn without_expires_in_the_configured_default_lifetime_applies() {
     );
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_token_file_is_reread_after_a_401_and_when_it_changes() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "revoked-or-never-valid\n").unwrap();
+    let relay = support::start(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+credentials:
+  api: {{ grant: static, token_file: "{}" }}
+upstreams:
+  api: {{ listen: "127.0.0.1:0", url: "{}", credential: api, allow_insecure_http: true }}
+"#,
+        token_file.display(),
+        demo.api.url()
+    ))
+    .await;
+    let get = || {
+        support::client()
+            .get(format!("{}/echo", relay.url("api")))
+            .send()
+    };
+    let generation = || async {
+        support::status_json(&relay.admin_url("")).await["credentials"]["api"]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+
+    // The upstream refuses the token and the file holds nothing newer: the 401 is
+    // passed on at once (not after a token-request timeout).
+    let started = std::time::Instant::now();
+    assert_eq!(get().await.unwrap().status(), 401);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "a 401 with no newer static token took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(generation().await, 1);
+
+    // The mounted secret is replaced: the next 401 re-reads it and the retry succeeds.
+    std::fs::write(&token_file, format!("{}\n", demo.auth.new_access_token())).unwrap();
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(generation().await, 2);
+
+    // Replaced again with no request failing: picked up by the periodic re-read.
+    std::fs::write(&token_file, format!("{}\n", demo.auth.new_access_token())).unwrap();
+    assert!(
+        support::eventually(Duration::from_secs(30), || async {
+            generation().await == 3
+        })
+        .await,
+        "the changed token file was not re-read"
+    );
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(demo.auth.stats().token_requests, 0);
+    relay.stop().await;
+}

@@ -186,6 +186,8 @@ pub struct CredentialConfig {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub static_token: Option<Secret>,
+    /// Where a static token came from; re-read when it changes (mounted secrets rotate).
+    pub static_token_file: Option<PathBuf>,
 }
 
 /// Inbound connection limits of one listener.
@@ -451,22 +453,19 @@ fn parse_url(p: &mut Problems, path: &str, s: &str, allow_insecure_http: bool) -
 
 /// Reads a secret from a file, trimming one trailing newline as editors and `echo` add it.
 fn read_secret_file(p: &mut Problems, path: &str, file: &Path) -> Option<Secret> {
-    match std::fs::read_to_string(file) {
-        Ok(s) => {
-            let v = s.strip_suffix('\n').unwrap_or(&s);
-            let v = v.strip_suffix('\r').unwrap_or(v);
-            if v.is_empty() {
-                p.add(path, format!("{} is empty", file.display()));
-                None
-            } else {
-                Some(Secret::new(v))
-            }
-        }
-        Err(e) => {
-            p.add(path, format!("cannot read {}: {e}", file.display()));
-            None
-        }
+    read_secret(file).map_err(|e| p.add(path, e)).ok()
+}
+
+/// A secret file's content without its final line break; errors name the file.
+pub fn read_secret(file: &Path) -> Result<Secret, String> {
+    let s = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let v = s.strip_suffix('\n').unwrap_or(&s);
+    let v = v.strip_suffix('\r').unwrap_or(v);
+    if v.is_empty() {
+        return Err(format!("{} is empty", file.display()));
     }
+    Ok(Secret::new(v))
 }
 
 /// Exactly one of an inline secret or a `*_file`; `None` when neither is set.
@@ -703,6 +702,7 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
     check_ca_file(p, &at("ca_file"), &c.ca_file);
 
     let password = secret_from(p, &path, "password", c.password, c.password_file);
+    let static_token_file = c.token_file.clone();
     let static_token = secret_from(p, &path, "token", c.token, c.token_file);
     match grant {
         Grant::Password => {
@@ -769,6 +769,7 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
         username: c.username,
         password,
         static_token,
+        static_token_file,
     })
 }
 

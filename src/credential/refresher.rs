@@ -31,6 +31,10 @@ pub fn lease_ttl(token_timeout: Duration) -> Duration {
 const MIN_401_GAP: Duration = Duration::from_secs(1);
 const MAX_401_GAP: Duration = Duration::from_secs(60);
 
+/// How often a static token's `token_file` is re-read (mounted secrets are replaced in
+/// place when rotated).
+const STATIC_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Outcome of one attempt, as the loop needs it.
 enum Attempt {
     /// A new or adopted token is published.
@@ -94,6 +98,53 @@ impl Refresher {
         })
     }
 
+    /// A static token: published at once; a `token_file` is re-read every
+    /// [`STATIC_RELOAD_INTERVAL`] and after an upstream 401, and a changed token becomes
+    /// the next generation. A 401 with nothing new is passed through without waiting.
+    async fn run_static(self) {
+        // A static token does not expire; a century stands in for "never".
+        let never = || SystemTime::now() + Duration::from_secs(100 * 365 * 86400);
+        let mut token = self.cred.config.static_token.clone().expect("validated");
+        let mut generation = 1;
+        self.cred.publish(&token, generation, never());
+        self.cred
+            .record(Trigger::Startup, RefreshResult::Success, None, None);
+        let file = self.cred.config.static_token_file.clone();
+        let mut unreadable = false;
+        loop {
+            let trigger = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(STATIC_RELOAD_INTERVAL), if file.is_some() => Trigger::Scheduled,
+                _ = self.cred.demand_notify.notified() => {
+                    if self.cred.take_demand().is_none() {
+                        continue;
+                    }
+                    Trigger::Upstream401
+                }
+            };
+            match file.as_deref().map(crate::config::read_secret) {
+                Some(Ok(fresh)) if fresh.expose() != token.expose() => {
+                    token = fresh;
+                    generation += 1;
+                    self.cred.publish(&token, generation, never());
+                    self.cred
+                        .record(trigger, RefreshResult::Success, None, None);
+                    info!(credential = %self.name(), generation, trigger = trigger.as_str(), "static token reloaded from its token_file");
+                    unreadable = false;
+                    continue;
+                }
+                Some(Err(e)) if !unreadable => {
+                    warn!(credential = %self.name(), error = %e, "cannot re-read the static token file; keeping the current token");
+                    unreadable = true;
+                }
+                Some(Err(_)) => {}
+                Some(Ok(_)) | None => unreadable = false,
+            }
+            // Nothing newer: requests waiting after a 401 pass it on now.
+            self.cred.wake_waiters();
+        }
+    }
+
     fn name(&self) -> &str {
         &self.cred.name
     }
@@ -102,14 +153,7 @@ impl Refresher {
     /// between the token endpoint's answer and the durable write).
     pub async fn run(mut self) {
         if self.cred.config.grant == Grant::Static {
-            let token = self.cred.config.static_token.clone().expect("validated");
-            // A static token does not expire; a century stands in for "never".
-            let never = SystemTime::now() + Duration::from_secs(100 * 365 * 86400);
-            self.cred.publish(&token, 1, never);
-            self.cred
-                .record(Trigger::Startup, RefreshResult::Success, None, None);
-            self.shutdown.cancelled().await;
-            return;
+            return self.run_static().await;
         }
         let outcome = self.startup().await;
         self.after(outcome);
