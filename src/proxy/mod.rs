@@ -332,7 +332,7 @@ fn no_token(e: &NoToken) -> ProxyError {
 }
 
 /// `http://<host the app used>` for rewritten redirects; falls back to the socket address.
-fn local_prefix(host: Option<&str>, local: SocketAddr) -> String {
+pub(crate) fn local_prefix(host: Option<&str>, local: SocketAddr) -> String {
     host.filter(|h| h.parse::<Authority>().is_ok())
         .map(|h| format!("http://{h}"))
         .unwrap_or_else(|| format!("http://{local}"))

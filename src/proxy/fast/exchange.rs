@@ -1,0 +1,371 @@
+//! One exchange on the fast path: the credential header added, the request sent on a
+//! pooled connection (replaced once if it turns out closed and the request is safe to
+//! repeat), one retry after a 401, and the response relayed to the app as it arrives.
+
+use std::time::Instant;
+
+use bytes::Buf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+use super::framing::Framing;
+use super::head::{self, Redirects, RequestPlan, ResponseHead};
+use super::pool::UpstreamConn;
+use super::{reserve, Conn, COALESCE_LIMIT, HELD_401_LIMIT, MAX_RESPONSE_HEAD};
+use crate::credential::ActiveToken;
+use crate::metrics::UpstreamErrorKind;
+use crate::proxy::error::ProxyError;
+
+/// An exchange that could not be completed; what the app gets depends on whether the
+/// response head had been sent.
+enum Failed {
+    /// Nothing sent to the app yet: answer with this error.
+    Before(ProxyError),
+    /// The app's connection is unusable (response cut short, app gone).
+    After,
+}
+
+impl Conn<'_> {
+    /// Forwards one request and relays its response. Returns whether the app's
+    /// connection can carry another request.
+    pub(super) async fn exchange(&mut self, plan: &RequestPlan) -> bool {
+        let started = Instant::now();
+        let up = self.up;
+        let token = match up.credential.acquire().await {
+            Ok(t) => t,
+            Err(e) => {
+                return self
+                    .answer_error(ProxyError::NoToken(e.to_string()), plan, started)
+                    .await
+            }
+        };
+        let auth_at = self.out.len();
+        self.add_credential(&token, plan, auth_at);
+        let (mut conn, mut resp) = match self.send(plan).await {
+            Ok(r) => r,
+            Err(e) => return self.answer_error(e, plan, started).await,
+        };
+
+        if resp.status == 401 && up.config.retry_on_401 {
+            match self
+                .retry_after_401(&token, plan, auth_at, conn, resp)
+                .await
+            {
+                Ok(r) => (conn, resp) = r,
+                Err(e) => return self.answer_error(e, plan, started).await,
+            }
+        }
+        match self.relay(conn, resp, plan, started).await {
+            Ok(keep_open) => keep_open,
+            Err(Failed::Before(e)) => self.answer_error(e, plan, started).await,
+            Err(Failed::After) => false,
+        }
+    }
+
+    /// Completes the upstream request in `out`: credential header, end of head, body.
+    fn add_credential(&mut self, token: &ActiveToken, plan: &RequestPlan, auth_at: usize) {
+        let up = self.up;
+        self.out.truncate(auth_at);
+        self.out
+            .extend_from_slice(up.header_name.as_str().as_bytes());
+        self.out.extend_from_slice(b": ");
+        self.out
+            .extend_from_slice(crate::credential::Credential::header_bytes(token, up.slot));
+        self.out.extend_from_slice(b"\r\n\r\n");
+        self.out
+            .extend_from_slice(&self.inbuf[plan.head_len..plan.head_len + plan.body_len]);
+    }
+
+    /// After a 401: a newer token and the request sent again, or the 401 itself when no
+    /// newer token comes (or its body is too large to hold while waiting).
+    async fn retry_after_401(
+        &mut self,
+        token: &ActiveToken,
+        plan: &RequestPlan,
+        auth_at: usize,
+        mut conn: UpstreamConn,
+        resp: ResponseHead,
+    ) -> Result<(UpstreamConn, ResponseHead), ProxyError> {
+        let up = self.up;
+        let held_end = match self.hold_body(&mut conn, &resp).await {
+            Ok(Some(end)) => end,
+            Ok(None) | Err(_) => {
+                // Pass the 401 through; the next request should find a fresh token.
+                up.metrics.retry_skipped.inc();
+                let cred = up.credential.clone();
+                let generation = token.generation;
+                tokio::spawn(async move {
+                    let _ = cred.after_401(generation).await;
+                });
+                return Ok((conn, resp));
+            }
+        };
+        let fresh = match up.credential.after_401(token.generation).await {
+            Ok(t) => t,
+            Err(e) => {
+                up.metrics.retry_failure.inc();
+                warn!(upstream = %up.config.name, error = %e, "upstream answered 401 and no newer token is available; passing it through");
+                return Ok((conn, resp));
+            }
+        };
+        if resp.reusable && held_end == conn.buf.len() {
+            self.fast.pool.checkin(conn, resp.keep_alive);
+        }
+        self.add_credential(&fresh, plan, auth_at);
+        let (conn, resp) = self.send(plan).await?;
+        if resp.status == 401 {
+            up.metrics.retry_failure.inc();
+        } else {
+            up.metrics.retry_success.inc();
+        }
+        Ok((conn, resp))
+    }
+
+    /// Reads a response's whole body into `conn.buf` if it fits in [`HELD_401_LIMIT`]:
+    /// `Some(end)` with the offset where it ends, `None` if it does not fit.
+    async fn hold_body(
+        &mut self,
+        conn: &mut UpstreamConn,
+        resp: &ResponseHead,
+    ) -> Result<Option<usize>, ()> {
+        let mut framing = resp.framing.clone();
+        let mut scanned = resp.head_len;
+        loop {
+            let (n, done) = framing.advance(&conn.buf[scanned..]).map_err(|_| ())?;
+            scanned += n;
+            if done {
+                return Ok(Some(scanned));
+            }
+            if conn.buf.len() - resp.head_len > HELD_401_LIMIT {
+                return Ok(None);
+            }
+            self.dl.after(self.up.config.timeout.0);
+            reserve(&mut conn.buf);
+            match self.dl.within(conn.stream.read_buf(&mut conn.buf)).await {
+                Some(Ok(n)) if n > 0 => {}
+                // The end of a close-delimited body: it is all here.
+                Some(Ok(_)) if matches!(framing, Framing::UntilClose) => return Ok(Some(scanned)),
+                _ => return Err(()),
+            }
+        }
+    }
+
+    /// Sends `out` upstream and reads the response head. A reused connection that turns
+    /// out closed before answering is replaced once, for requests safe to repeat.
+    async fn send(
+        &mut self,
+        plan: &RequestPlan,
+    ) -> Result<(UpstreamConn, ResponseHead), ProxyError> {
+        let up = self.up;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut conn = match self.fast.pool.checkout() {
+                Some(c) => c,
+                None => self.fast.pool.connect().await.map_err(|e| {
+                    let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                        UpstreamErrorKind::Timeout
+                    } else {
+                        UpstreamErrorKind::Connect
+                    };
+                    ProxyError::Upstream(kind, e.to_string())
+                })?,
+            };
+            let may_retry = conn.reused && attempt == 1;
+            self.dl.after(up.config.timeout.0);
+            match self.dl.within(conn.stream.write_all(&self.out)).await {
+                None => return Err(ProxyError::Timeout),
+                Some(Err(_)) if may_retry => continue,
+                Some(Err(e)) => return Err(protocol(format!("sending the request failed: {e}"))),
+                Some(Ok(())) => {}
+            }
+            match self.read_response_head(&mut conn, plan).await {
+                Ok(resp) => return Ok((conn, resp)),
+                Err(HeadError::ClosedEarly) if may_retry && plan.idempotent => continue,
+                Err(HeadError::ClosedEarly) => {
+                    return Err(protocol(
+                        "the upstream closed the connection before answering".into(),
+                    ))
+                }
+                Err(HeadError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn read_response_head(
+        &mut self,
+        conn: &mut UpstreamConn,
+        plan: &RequestPlan,
+    ) -> Result<ResponseHead, HeadError> {
+        let up = self.up;
+        let host = plan
+            .host
+            .clone()
+            .and_then(|r| std::str::from_utf8(&self.inbuf[r]).ok());
+        let local = self.local;
+        let local_prefix = || crate::proxy::local_prefix(host, local);
+        let redirects = Redirects {
+            upstream_prefix: &up.upstream_prefix,
+            local_prefix: &local_prefix,
+        };
+        let mut any_byte = false;
+        loop {
+            if !conn.buf.is_empty() {
+                any_byte = true;
+                match head::rewrite_response(
+                    &conn.buf,
+                    plan.is_head,
+                    plan.close,
+                    &redirects,
+                    &mut self.head,
+                ) {
+                    Ok(Some(h)) if (100..200).contains(&h.status) => {
+                        // Interim responses are not passed on (nothing we send asks for one).
+                        conn.buf.advance(h.head_len);
+                        continue;
+                    }
+                    Ok(Some(h)) => return Ok(h),
+                    Ok(None) if conn.buf.len() > MAX_RESPONSE_HEAD => {
+                        return Err(HeadError::Failed(protocol(
+                            "response head too large".into(),
+                        )))
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(HeadError::Failed(protocol(e.to_string()))),
+                }
+            }
+            reserve(&mut conn.buf);
+            match self.dl.within(conn.stream.read_buf(&mut conn.buf)).await {
+                None => return Err(HeadError::Failed(ProxyError::Timeout)),
+                Some(Ok(n)) if n > 0 => {}
+                Some(Ok(_)) | Some(Err(_)) if !any_byte => return Err(HeadError::ClosedEarly),
+                Some(Ok(_)) => {
+                    return Err(HeadError::Failed(protocol(
+                        "the upstream closed the connection in the middle of the response head"
+                            .into(),
+                    )))
+                }
+                Some(Err(e)) => {
+                    return Err(HeadError::Failed(protocol(format!(
+                        "reading the response failed: {e}"
+                    ))))
+                }
+            }
+        }
+    }
+
+    /// Sends the response head and relays the body until its end; the upstream
+    /// connection goes back to the pool if it ended cleanly.
+    async fn relay(
+        &mut self,
+        mut conn: UpstreamConn,
+        mut resp: ResponseHead,
+        plan: &RequestPlan,
+        started: Instant,
+    ) -> Result<bool, Failed> {
+        let up = self.up;
+        let limits = &up.config.limits;
+        let body = &conn.buf[resp.head_len..];
+        let (n, mut done) = resp
+            .framing
+            .advance(body)
+            .map_err(|_| Failed::Before(protocol("invalid chunked response body".into())))?;
+        let mut clean = n == body.len();
+        self.record(plan, resp.status, started);
+        self.dl.after(limits.idle_timeout.0);
+        let sent = if n <= COALESCE_LIMIT {
+            self.head.extend_from_slice(&body[..n]);
+            self.dl.within(self.client.write_all(&self.head)).await
+        } else {
+            match self.dl.within(self.client.write_all(&self.head)).await {
+                Some(Ok(())) => self.dl.within(self.client.write_all(&body[..n])).await,
+                other => other,
+            }
+        };
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(Failed::After);
+        }
+        while !done {
+            conn.buf.clear();
+            reserve(&mut conn.buf);
+            self.dl.after(up.config.timeout.0);
+            match self.dl.within(conn.stream.read_buf(&mut conn.buf)).await {
+                Some(Ok(0)) if matches!(resp.framing, Framing::UntilClose) => {
+                    done = true;
+                    continue;
+                }
+                Some(Ok(n)) if n > 0 => {}
+                _ => {
+                    warn!(upstream = %up.config.name, "upstream response body cut short");
+                    up.metrics.error(UpstreamErrorKind::Other);
+                    return Err(Failed::After);
+                }
+            }
+            let (n, d) = resp.framing.advance(&conn.buf).map_err(|_| Failed::After)?;
+            clean = n == conn.buf.len();
+            done = d;
+            self.dl.after(limits.idle_timeout.0);
+            match self.dl.within(self.client.write_all(&conn.buf[..n])).await {
+                Some(Ok(())) => {}
+                _ => return Err(Failed::After),
+            }
+        }
+        if resp.reusable && clean {
+            self.fast.pool.checkin(conn, resp.keep_alive);
+        }
+        Ok(!plan.close && !matches!(resp.framing, Framing::UntilClose))
+    }
+
+    /// Answers with one of our JSON errors. Returns whether the connection stays open.
+    async fn answer_error(&mut self, e: ProxyError, plan: &RequestPlan, started: Instant) -> bool {
+        let up = self.up;
+        up.report_error(&e);
+        let status = e.status();
+        let body =
+            crate::proxy::error::json_body(&e.message(), &up.config.name, &up.credential.name);
+        self.head.clear();
+        self.head.extend_from_slice(
+            format!(
+                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}\r\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or(""),
+                body.len(),
+                if plan.close { "connection: close\r\n" } else { "" },
+            )
+            .as_bytes(),
+        );
+        if !plan.is_head {
+            self.head.extend_from_slice(body.as_bytes());
+        }
+        self.record(plan, status.as_u16(), started);
+        self.dl.after(up.config.limits.idle_timeout.0);
+        matches!(
+            self.dl.within(self.client.write_all(&self.head)).await,
+            Some(Ok(()))
+        )
+    }
+
+    /// Metrics and the access log line of one answered request.
+    fn record(&self, plan: &RequestPlan, status: u16, started: Instant) {
+        let up = self.up;
+        let elapsed = started.elapsed();
+        up.metrics.count(status);
+        up.metrics.duration.observe(elapsed.as_secs_f64());
+        if up.access_log {
+            let text =
+                |r: std::ops::Range<usize>| String::from_utf8_lossy(&self.inbuf[r]).into_owned();
+            info!(target: "tokenrelay::access", upstream = %up.config.name, method = %text(plan.method.clone()),
+                path = %text(plan.path.clone()), status, duration_ms = elapsed.as_secs_f64() * 1e3, "request");
+        }
+    }
+}
+
+enum HeadError {
+    /// The connection closed before a single byte of response.
+    ClosedEarly,
+    Failed(ProxyError),
+}
+
+fn protocol(detail: String) -> ProxyError {
+    ProxyError::Upstream(UpstreamErrorKind::Other, detail)
+}

@@ -1,0 +1,226 @@
+//! The app's request head, rewritten for the upstream: hop-by-hop and credential
+//! headers dropped, `Host` from the upstream, the base path prefixed.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use super::{is_hop_by_hop, parse_length, range_in, MAX_HEADERS};
+
+/// What the fast path needs to know about an upstream to rewrite heads.
+pub struct Rules<'a> {
+    /// Path prefix of the upstream URL without trailing slash.
+    pub base_path: &'a str,
+    /// `host[:port]` of the upstream, sent as `Host`.
+    pub authority: &'a str,
+    /// The credential header's name (also dropped from the app's request).
+    pub credential_header: &'a str,
+    /// `inbound_authorization: reject`.
+    pub reject_authorization: bool,
+    /// Largest request body taken on the fast path (it is held whole, for a 401 retry).
+    pub body_limit: u64,
+}
+
+/// A request the fast path forwards.
+#[derive(Debug)]
+pub struct RequestPlan {
+    /// Bytes of the head in the read buffer; the body follows.
+    pub head_len: usize,
+    pub body_len: usize,
+    /// Safe to send again on a fresh connection if a reused one turns out dead.
+    pub idempotent: bool,
+    /// HEAD: the response has no body whatever its headers say.
+    pub is_head: bool,
+    /// The app asked to close the connection after this exchange.
+    pub close: bool,
+    /// The app waits for `100 Continue` before sending the body.
+    pub expect_continue: bool,
+    /// The app's `Host` value, in the read buffer (for rewriting redirects).
+    pub host: Option<Range<usize>>,
+    /// Method and path (without query) in the read buffer, for the access log.
+    pub method: Range<usize>,
+    pub path: Range<usize>,
+}
+
+/// Result of looking at the start of the read buffer.
+pub enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// Forward it; the upstream head (without credential header and final CRLF) is in `out`.
+    Fast(RequestPlan),
+    /// Something the general path handles (or rejects with the right status).
+    Declined,
+}
+
+/// Parses a request head from `buf` and writes the upstream's version of it to `out`.
+pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Declined,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Declined;
+    };
+    if method == "CONNECT" || !target.starts_with('/') {
+        return Parsed::Declined;
+    }
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(rules.base_path.as_bytes());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(rules.authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+
+    let mut body_len: Option<u64> = None;
+    let mut close = false;
+    let mut expect_continue = false;
+    let mut host = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        match name.len() {
+            4 if name.eq_ignore_ascii_case("host") => {
+                host = Some(range_in(buf, h.value));
+                continue;
+            }
+            10 if name.eq_ignore_ascii_case("connection") => {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        // Headers named in Connection must be dropped too: general path.
+                        return Parsed::Declined;
+                    }
+                }
+                continue;
+            }
+            14 if name.eq_ignore_ascii_case("content-length") => {
+                let Some(n) = parse_length(h.value) else {
+                    return Parsed::Declined;
+                };
+                if body_len.is_some_and(|b| b != n) {
+                    return Parsed::Declined;
+                }
+                body_len = Some(n);
+            }
+            13 if name.eq_ignore_ascii_case("authorization") => {
+                if rules.reject_authorization {
+                    return Parsed::Declined;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if name.eq_ignore_ascii_case("expect") {
+            // 100-continue is answered here, as nginx does; other expectations are not.
+            if !h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                return Parsed::Declined;
+            }
+            expect_continue = true;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("upgrade") {
+            return Parsed::Declined;
+        }
+        if is_hop_by_hop(name) || name.eq_ignore_ascii_case(rules.credential_header) {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let body_len = body_len.unwrap_or(0);
+    if body_len > rules.body_limit {
+        return Parsed::Declined;
+    }
+    let path_end = target.find('?').unwrap_or(target.len());
+    let path = range_in(buf, target.as_bytes());
+    Parsed::Fast(RequestPlan {
+        head_len,
+        body_len: body_len as usize,
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        is_head: method == "HEAD",
+        close,
+        expect_continue: expect_continue && body_len > 0,
+        host,
+        method: range_in(buf, method.as_bytes()),
+        path: path.start..path.start + path_end,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules<'static> {
+        Rules {
+            base_path: "/v1",
+            authority: "api.example.com",
+            credential_header: "authorization",
+            reject_authorization: false,
+            body_limit: 1024,
+        }
+    }
+
+    fn plan(head: &str) -> (Option<RequestPlan>, String) {
+        let mut out = Vec::new();
+        match plan_request(head.as_bytes(), &rules(), &mut out) {
+            Parsed::Fast(p) => (Some(p), String::from_utf8(out).unwrap()),
+            Parsed::Partial => panic!("partial"),
+            Parsed::Declined => (None, String::new()),
+        }
+    }
+
+    #[test]
+    fn request_head_is_rewritten_for_the_upstream() {
+        let (p, out) = plan(
+            "POST /a%2Fb?q=1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAuthorization: Basic x\r\n\
+             Connection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Authorization: y\r\nTE: trailers\r\n\
+             X-Kept: yes\r\nContent-Length: 3\r\n\r\nabc",
+        );
+        let p = p.expect("fast");
+        assert_eq!(
+            out,
+            "POST /v1/a%2Fb?q=1 HTTP/1.1\r\nhost: api.example.com\r\nX-Kept: yes\r\nContent-Length: 3\r\n"
+        );
+        assert_eq!(p.body_len, 3);
+        assert!(!p.idempotent && !p.close && !p.is_head);
+    }
+
+    #[test]
+    fn unusual_requests_are_declined() {
+        for head in [
+            "GET http://other/ HTTP/1.1\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n",
+            "GET /\x01 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(plan(head).0.is_none(), "{head:?}");
+        }
+        let mut out = Vec::new();
+        let reject = Rules {
+            reject_authorization: true,
+            ..rules()
+        };
+        let head = b"GET / HTTP/1.1\r\nauthorization: x\r\n\r\n";
+        assert!(matches!(
+            plan_request(head, &reject, &mut out),
+            Parsed::Declined
+        ));
+    }
+}

@@ -1,0 +1,262 @@
+//! The upstream's response head, rewritten for the app: hop-by-hop headers dropped,
+//! redirects pointed at the listener, and where the body ends.
+
+use super::{is_hop_by_hop, parse_length, MAX_HEADERS};
+use crate::proxy::fast::framing::{ChunkedScanner, Framing};
+use crate::proxy::headers::rewrite_location_value;
+
+/// An upstream response head, rewritten for the app.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    /// Bytes of the upstream's head, before its body.
+    pub head_len: usize,
+    pub framing: Framing,
+    /// The upstream connection may carry another request afterwards.
+    pub reusable: bool,
+    /// How long the upstream keeps the connection open when idle (`Keep-Alive: timeout=N`).
+    pub keep_alive: Option<std::time::Duration>,
+}
+
+/// Why an upstream response head could not be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadResponse {
+    /// httparse's error, or a missing/invalid piece.
+    Malformed(String),
+    /// `101 Switching Protocols` without our asking.
+    UnexpectedUpgrade,
+}
+
+impl std::fmt::Display for BadResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadResponse::Malformed(why) => write!(f, "invalid response head: {why}"),
+            BadResponse::UnexpectedUpgrade => f.write_str("unexpected 101 Switching Protocols"),
+        }
+    }
+}
+
+/// Where the app's redirects should point instead of the upstream.
+pub struct Redirects<'a> {
+    /// `scheme://authority/base` as the upstream spells its own URLs.
+    pub upstream_prefix: &'a str,
+    /// The app's `Host` (if any) and the listener's address, to build `http://host`.
+    pub local_prefix: &'a (dyn Fn() -> String + Sync),
+}
+
+/// Parses a response head from `buf`. `Ok(None)`: incomplete. Interim (1xx) responses
+/// are reported with `Framing::Empty` and an empty `out`; the caller skips them.
+pub fn rewrite_response(
+    buf: &[u8],
+    is_head_request: bool,
+    app_wants_close: bool,
+    redirects: &Redirects<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, BadResponse> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(BadResponse::Malformed(e.to_string())),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err(BadResponse::Malformed("no status".into()));
+    };
+    out.clear();
+    if status == 101 {
+        return Err(BadResponse::UnexpectedUpgrade);
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some(ResponseHead {
+            status,
+            head_len,
+            framing: Framing::Empty,
+            reusable: true,
+            keep_alive: None,
+        }));
+    }
+
+    // First pass: framing and connection semantics.
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut length: Option<u64> = None;
+    let mut upstream_close = version == 0;
+    let mut named_by_connection: Vec<&[u8]> = Vec::new();
+    let mut keep_alive = None;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = true;
+            // Chunked only counts as the last coding (RFC 9112 §6.3).
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(h.value)
+                .ok_or_else(|| BadResponse::Malformed("invalid Content-Length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadResponse::Malformed("conflicting Content-Length".into()));
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("keep-alive") {
+            keep_alive = keep_alive_timeout(h.value);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
+                    upstream_close = false;
+                } else if !token.is_empty() {
+                    named_by_connection.push(token);
+                }
+            }
+        }
+    }
+    let framing = if is_head_request || status == 204 || status == 304 {
+        Framing::Empty
+    } else if transfer_encoding {
+        if chunked {
+            Framing::Chunked(ChunkedScanner::default())
+        } else {
+            Framing::UntilClose
+        }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    let client_close = app_wants_close || matches!(framing, Framing::UntilClose);
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name;
+        let keep_te = chunked && name.eq_ignore_ascii_case("transfer-encoding");
+        if (is_hop_by_hop(name) && !keep_te)
+            || named_by_connection
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+            || (transfer_encoding && name.eq_ignore_ascii_case("content-length"))
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        if name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location") {
+            let rewritten = std::str::from_utf8(h.value).ok().and_then(|v| {
+                rewrite_location_value(v, redirects.upstream_prefix, &(redirects.local_prefix)())
+            });
+            match rewritten {
+                Some(v) => out.extend_from_slice(v.as_bytes()),
+                None => out.extend_from_slice(h.value),
+            }
+        } else {
+            out.extend_from_slice(h.value);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if client_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        status,
+        head_len,
+        reusable: !upstream_close && !matches!(framing, Framing::UntilClose),
+        keep_alive,
+        framing,
+    }))
+}
+
+/// `timeout=N` of a `Keep-Alive` header, in seconds.
+fn keep_alive_timeout(v: &[u8]) -> Option<std::time::Duration> {
+    std::str::from_utf8(v)
+        .ok()?
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("timeout"))
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .map(std::time::Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn respond(head: &str, is_head: bool) -> (ResponseHead, String) {
+        let local = || "http://127.0.0.1:8081".to_string();
+        let redirects = Redirects {
+            upstream_prefix: "https://api.example.com/v1",
+            local_prefix: &local,
+        };
+        let mut out = Vec::new();
+        let h = rewrite_response(head.as_bytes(), is_head, false, &redirects, &mut out)
+            .unwrap()
+            .unwrap();
+        (h, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_head_is_rewritten_for_the_app() {
+        let (h, out) = respond(
+            "HTTP/1.1 302 Found\r\nLocation: https://api.example.com/v1/next?x=1\r\n\
+             Connection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:8081/next?x=1\r\nContent-Length: 0\r\n\r\n"
+        );
+        assert!(!h.reusable);
+        assert!(h.framing.is_done());
+
+        let (h, out) = respond(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            false,
+        );
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(h.framing, Framing::Chunked(_)) && h.reusable);
+
+        let (h, _) = respond(
+            "HTTP/1.1 200 OK\r\nKeep-Alive: max=100, timeout=5\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.keep_alive, Some(std::time::Duration::from_secs(5)));
+
+        let (h, out) = respond("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(out.ends_with("connection: close\r\n\r\n"));
+        assert!(matches!(h.framing, Framing::UntilClose) && !h.reusable);
+
+        let (h, _) = respond("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true);
+        assert!(h.framing.is_done());
+        let (h, out) = respond("HTTP/1.1 100 Continue\r\n\r\n", false);
+        assert_eq!((h.status, out.as_str()), (100, ""));
+    }
+
+    #[test]
+    fn bad_response_heads_are_named() {
+        let local = String::new;
+        let redirects = Redirects {
+            upstream_prefix: "",
+            local_prefix: &local,
+        };
+        let mut out = Vec::new();
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "garbage\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(
+                rewrite_response(head.as_bytes(), false, false, &redirects, &mut out).is_err(),
+                "{head:?}"
+            );
+        }
+    }
+}
