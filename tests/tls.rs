@@ -234,3 +234,127 @@ async fn an_untrusted_token_endpoint_gets_no_client_secret() {
     assert!(!status.to_string().contains("demo-secret"));
     relay.stop().await;
 }
+
+/// An HTTP CONNECT proxy on loopback; records each tunnel's request head.
+async fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                seen.lock().unwrap().push(head.clone());
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_follow_https_proxy_and_no_proxy_from_the_environment() {
+    let pki = pki(&[b"h2", b"http/1.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let (api_tls, _) = tls_front(pki.server.clone(), api.addr()).await;
+    let (proxy, tunnels) = connect_proxy().await;
+    let proxy_url = format!("http://proxyuser:proxy-pass-9f2@127.0.0.1:{}", proxy.port());
+
+    for (run, no_proxy) in [("proxied", ""), ("direct", "localhost")] {
+        let (listen, admin) = (support::free_port(), support::free_port());
+        let config = dir.path().join(format!("{run}.yaml"));
+        let text = yaml(
+            &auth.token_url(),
+            &format!("https://localhost:{}", api_tls.port()),
+            None,
+            Some(&ca_file),
+        )
+        .replace("127.0.0.1:0\", url", &format!("127.0.0.1:{listen}\", url"))
+        .replace(
+            "listen: \"127.0.0.1:0\" }",
+            &format!("listen: \"127.0.0.1:{admin}\" }}"),
+        );
+        std::fs::write(&config, text).unwrap();
+        let log = dir.path().join(format!("{run}.log"));
+        let env = [
+            ("HTTPS_PROXY", proxy_url.as_str()),
+            ("https_proxy", proxy_url.as_str()),
+            ("NO_PROXY", no_proxy),
+            ("no_proxy", no_proxy),
+        ];
+        let mut child = support::ChildProc::spawn(&config, &log, &env);
+        assert!(
+            support::wait_ready(
+                &format!("http://127.0.0.1:{admin}/readyz"),
+                std::time::Duration::from_secs(20)
+            )
+            .await,
+            "{run}: not ready\n{}",
+            support::log_tail(&log, 30)
+        );
+        let before = tunnels.lock().unwrap().len();
+        let resp = support::client()
+            .get(format!("http://127.0.0.1:{listen}/echo?run={run}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{run}\n{}", support::log_tail(&log, 30));
+        let new: Vec<String> = tunnels.lock().unwrap()[before..].to_vec();
+        let log_text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !log_text.contains("proxy-pass-9f2"),
+            "{run}: proxy password logged"
+        );
+        if no_proxy.is_empty() {
+            assert_eq!(new.len(), 1, "{run}: one tunnel: {new:?}");
+            assert!(
+                new[0].starts_with(&format!("CONNECT localhost:{} ", api_tls.port())),
+                "{}",
+                new[0]
+            );
+            // Basic credentials from the proxy URL reach the proxy, and only the proxy.
+            assert!(
+                new[0]
+                    .to_ascii_lowercase()
+                    .contains("proxy-authorization: basic chjvehl1c2vyonbyb3h5lxbhc3mtowyy"),
+                "{}",
+                new[0]
+            );
+            assert!(
+                log_text.contains(&format!("proxy=http://127.0.0.1:{}", proxy.port())),
+                "the proxy in use is logged (without its credentials)"
+            );
+        } else {
+            assert!(
+                new.is_empty(),
+                "{run}: NO_PROXY must bypass the proxy: {new:?}"
+            );
+        }
+        assert_eq!(child.terminate(), Some(0));
+    }
+}

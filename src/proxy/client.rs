@@ -9,10 +9,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::UpstreamBody;
+use super::egress::EgressConnector;
 use crate::config::UpstreamConfig;
 use crate::metrics::UpstreamErrorKind;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamBody>;
 
 /// Builds the client of one upstream.
 pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
@@ -23,6 +24,10 @@ pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.connect_timeout.0));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    let http = EgressConnector::new(http);
+    if let Some(proxy) = http.proxy_for(&config.url) {
+        tracing::info!(upstream = %config.name, %proxy, "upstream reached through an HTTP CONNECT proxy");
+    }
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
     // Plain http only where the config explicitly allowed it (validated earlier).
     let https = if config.allow_insecure_http {

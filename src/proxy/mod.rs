@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod client;
+mod egress;
 pub mod error;
 pub mod fast;
 pub mod headers;
