@@ -285,7 +285,12 @@ async fn https_upstreams_follow_https_proxy_and_no_proxy_from_the_environment() 
     let (proxy, tunnels) = connect_proxy().await;
     let proxy_url = format!("http://proxyuser:proxy-pass-9f2@127.0.0.1:{}", proxy.port());
 
-    for (run, no_proxy) in [("proxied", ""), ("direct", "localhost")] {
+    let dead_proxy = format!("http://127.0.0.1:{}", support::free_port());
+    for (run, proxy_url, no_proxy) in [
+        ("proxied", &proxy_url, ""),
+        ("direct", &proxy_url, "localhost"),
+        ("unreachable proxy", &dead_proxy, ""),
+    ] {
         let (listen, admin) = (support::free_port(), support::free_port());
         let config = dir.path().join(format!("{run}.yaml"));
         let text = yaml(
@@ -323,6 +328,18 @@ async fn https_upstreams_follow_https_proxy_and_no_proxy_from_the_environment() 
             .send()
             .await
             .unwrap();
+        if proxy_url == &dead_proxy {
+            assert_eq!(resp.status(), 502, "{run}");
+            let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
+            let connect_errors = support::metric(
+                &metrics,
+                "tokenrelay_upstream_errors_total",
+                &[("upstream", "api"), ("kind", "connect")],
+            );
+            assert_eq!(connect_errors, 1.0, "{run}");
+            assert_eq!(child.terminate(), Some(0));
+            continue;
+        }
         assert_eq!(resp.status(), 200, "{run}\n{}", support::log_tail(&log, 30));
         let new: Vec<String> = tunnels.lock().unwrap()[before..].to_vec();
         let log_text = std::fs::read_to_string(&log).unwrap();
