@@ -650,8 +650,9 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
     let slow = tokio::spawn(async move {
         let resp = support::client().get(url).send().await?;
         let status = resp.status();
+        let connection = resp.headers().get("connection").cloned();
         let body = resp.text().await?;
-        Ok::<_, reqwest::Error>((status, body))
+        Ok::<_, reqwest::Error>((status, connection, body))
     });
     let api = &demo.api;
     assert!(
@@ -667,9 +668,14 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
     })
     .await
     .unwrap();
-    let (status, body) = slow.await.unwrap().expect("in-flight request completed");
+    let (status, connection, body) = slow.await.unwrap().expect("in-flight request completed");
     assert_eq!(status, 200);
     assert_eq!(body, "slept");
+    // The app is told not to reuse a connection that is being drained.
+    assert_eq!(
+        connection.as_ref().and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     assert_eq!(code.0, Some(0), "exit code after SIGTERM");
     // Stopped: the listener is gone.
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", listen))

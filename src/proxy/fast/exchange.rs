@@ -215,7 +215,8 @@ impl Conn<'_> {
                 match head::rewrite_response(
                     &conn.buf,
                     plan.is_head,
-                    plan.close,
+                    // While draining, the app learns this connection ends here.
+                    plan.close || self.shutdown.is_cancelled(),
                     &redirects,
                     &mut self.head,
                 ) {

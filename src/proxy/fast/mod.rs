@@ -109,6 +109,7 @@ pub async fn serve(
         out: Vec::with_capacity(1024),
         head: Vec::with_capacity(1024),
         opened: now,
+        shutdown: &shutdown,
         dl: Deadline::new(now + limits.header_read_timeout.0),
     };
     let mut cancelled = pin!(shutdown.cancelled());
@@ -152,6 +153,7 @@ struct Conn<'a> {
     head: Vec<u8>,
     /// When the app connected.
     opened: Instant,
+    shutdown: &'a CancellationToken,
     dl: Deadline,
 }
 
