@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
@@ -69,6 +70,13 @@ pub async fn run(
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
+    // Listener workers: the main runtime plus this many threads of their own.
+    let extra_workers = config
+        .runtime
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+        - 1;
     let mut upstreams = Vec::new();
     let mut listeners = Vec::new();
     for (name, ucfg) in config.upstreams {
@@ -82,6 +90,7 @@ pub async fn run(
             cred,
             &metrics,
             config.log.access_log,
+            extra_workers + 1,
         )
         .map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
         upstreams.push(Arc::new(up));
@@ -114,15 +123,28 @@ pub async fn run(
     }
 
     let mut servers = Vec::new();
+    let mut shared = Vec::new();
     for (up, listener) in upstreams.iter().cloned().zip(listeners) {
         info!(upstream = %up.config.name, listen = %listener.local_addr()?, url = %up.config.url, "listening");
+        let socket = listener.into_std()?;
+        let permits = Arc::new(Semaphore::new(up.config.limits.max_connections));
+        shared.push(crate::workers::Listener {
+            upstream: up.clone(),
+            socket: socket.try_clone()?,
+            permits: permits.clone(),
+        });
         servers.push(tokio::spawn(crate::server::serve_upstream(
-            listener,
+            TcpListener::from_std(socket)?,
             up,
+            permits,
             stop_accepting.clone(),
             connections.clone(),
         )));
     }
+    let workers =
+        crate::workers::Workers::start(extra_workers, &shared, &stop_accepting, &connections)
+            .context("starting listener worker threads")?;
+    drop(shared);
     let admin = Arc::new(Admin {
         credentials: credentials.values().cloned().collect(),
         upstreams: upstreams.clone(),
@@ -165,6 +187,7 @@ pub async fn run(
     {
         warn!("drain period over; closing remaining connections");
     }
+    workers.stop().await;
     // Refreshers stop at their next idle point; one that is mid-refresh first finishes
     // its durable write.
     stop_refreshing.cancel();

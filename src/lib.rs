@@ -11,7 +11,8 @@
 //! - [`credential`]: the lock-free token cell, state, and the single-flight refresher.
 //! - [`store`]: durable shared state (`load`, CAS, lease, watch); file backend; encryption.
 //! - [`proxy`]: the forwarding path (headers, bodies, 401 retry, errors).
-//! - [`server`]: inbound listeners with limits and graceful drain.
+//! - [`server`]: inbound listeners with limits and graceful drain; [`workers`]: the
+//!   extra listener threads.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`; [`status_page`]: `GET /`.
 //! - [`metrics`]: the Prometheus families.
 //! - [`app`]: wiring and shutdown. [`commands`]: the CLI.
@@ -35,3 +36,4 @@ pub mod shutdown;
 pub mod status_page;
 pub mod store;
 pub mod tls;
+pub mod workers;

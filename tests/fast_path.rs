@@ -265,22 +265,29 @@ async fn a_reused_connection_closed_instead_of_answering_is_retried_only_when_sa
     }))
     .await;
     let (_demo, tr) = relay_to(&up).await;
-    let c = support::client();
-    let get = |path: &str| c.get(format!("{}{path}", tr.url("api"))).send();
-    assert_eq!(get("/first").await.unwrap().status(), 200);
-    // Reuses the pooled connection, which closes: a GET is safe to send again.
-    let resp = get("/second").await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "/second");
-    // A POST is not: the upstream may have acted on it before closing.
-    let resp = c
-        .post(format!("{}/third", tr.url("api")))
-        .body("once")
-        .send()
+    // One app connection, so one listener worker and its pool of upstream connections.
+    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
+    let mut buf = Vec::new();
+    conn.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(resp.status(), 502);
-    let text = resp.text().await.unwrap();
+    assert_eq!(read_response(&mut conn, &mut buf, "GET").await.status, 200);
+    // Reuses the pooled connection, which closes: a GET is safe to send again.
+    conn.write_all(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_response(&mut conn, &mut buf, "GET").await;
+    assert_eq!(
+        (second.status, second.body.as_slice()),
+        (200, &b"/second"[..])
+    );
+    // A POST is not: the upstream may have acted on it before closing.
+    conn.write_all(b"POST /third HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nonce")
+        .await
+        .unwrap();
+    let third = read_response(&mut conn, &mut buf, "POST").await;
+    assert_eq!(third.status, 502, "{}", third.head);
+    let text = String::from_utf8_lossy(&third.body);
     assert!(
         text.contains("closed the connection before answering"),
         "{text}"
@@ -436,10 +443,17 @@ async fn an_announced_keep_alive_timeout_is_not_used_to_its_end() {
     }))
     .await;
     let (_demo, tr) = relay_to(&up).await;
-    let c = support::client();
-    let post = || c.post(format!("{}/p", tr.url("api"))).body("x").send();
-    assert_eq!(post().await.unwrap().status(), 200);
-    assert_eq!(post().await.unwrap().status(), 200);
+    // One app connection, so one listener worker and its pool of upstream connections.
+    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
+    let mut buf = Vec::new();
+    let mut post = async || {
+        conn.write_all(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
+            .await
+            .unwrap();
+        read_response(&mut conn, &mut buf, "POST").await.status
+    };
+    assert_eq!(post().await, 200);
+    assert_eq!(post().await, 200);
     assert_eq!(
         up.connections.load(Ordering::SeqCst),
         1,
@@ -447,7 +461,7 @@ async fn an_announced_keep_alive_timeout_is_not_used_to_its_end() {
     );
     // Within the last second of the announced timeout: a new connection.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(post().await.unwrap().status(), 200);
+    assert_eq!(post().await, 200);
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
     tr.stop().await;
 }

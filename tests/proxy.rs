@@ -682,3 +682,84 @@ async fn sigterm_lets_the_in_flight_request_finish_and_exits_zero() {
         .await
         .is_err());
 }
+
+/// Names of this process's threads (Linux: /proc/self/task/*/comm).
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_workers_share_the_connection_cap_and_stop_with_the_process() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "",
+        "limits: { max_connections: 3 }",
+    ) + "runtime: { worker_threads: 4 }\n";
+    let tr = support::start(&yaml).await;
+    assert!(
+        thread_names().iter().any(|n| n == "tokenrelay-w3"),
+        "4 workers: the main runtime and threads w1..w3: {:?}",
+        thread_names()
+    );
+    let addr = tr.upstreams["api"];
+    let request = format!("GET /echo HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    async fn ask(conn: &mut tokio::net::TcpStream, request: &str, within: Duration) -> bool {
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 16 * 1024];
+        matches!(
+            tokio::time::timeout(within, conn.read(&mut buf)).await,
+            Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")
+        )
+    }
+    // Whichever workers accept them, three connections use up the one cap.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut conn, &request, Duration::from_secs(10)).await);
+        open.push(conn);
+    }
+    let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        !ask(&mut fourth, &request, Duration::from_millis(1500)).await,
+        "a fourth concurrent connection was served"
+    );
+    drop(open.pop());
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), fourth.read(&mut buf))
+        .await
+        .expect("fourth connection served after one closed")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(open);
+    drop(fourth);
+
+    // 64 requests at once, each on a connection of its own that closes after the
+    // response: all are served through the three slots.
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let requests = (0..64).map(|i| {
+        let c = c.clone();
+        let url = format!("{}/echo?i={i}", tr.url("api"));
+        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| matches!(s, Ok(200))),
+        "{statuses:?}"
+    );
+
+    tr.stop().await;
+    assert!(
+        !thread_names().iter().any(|n| n == "tokenrelay-w3"),
+        "worker threads end with the process's shutdown"
+    );
+}

@@ -115,8 +115,11 @@ pub fn main(cli: Cli) -> ExitCode {
                 log_format.unwrap_or(cfg.log.format),
                 cfg.log.level.as_deref(),
             );
-            let threads = worker_threads.or(cfg.runtime.worker_threads);
-            let rt = match runtime(threads) {
+            let mut cfg = cfg;
+            cfg.runtime.worker_threads = worker_threads.or(cfg.runtime.worker_threads);
+            // One current-thread runtime here; app::run adds a thread with a runtime of
+            // its own per further worker (see crate::workers).
+            let rt = match runtime(Some(1)) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -62,6 +62,7 @@ impl Upstream {
         credential: Arc<Credential>,
         metrics: &Metrics,
         access_log: bool,
+        workers: usize,
     ) -> Result<Upstream, String> {
         let slot = credential
             .format_slot(&config.format)
@@ -81,7 +82,7 @@ impl Upstream {
             header_name: HeaderName::from_bytes(config.header.as_bytes())
                 .map_err(|e| e.to_string())?,
             client: client::build(&config)?,
-            fast: fast::FastPath::for_upstream(&config),
+            fast: fast::FastPath::for_upstream(&config, workers),
             upstream_prefix: format!("{scheme}://{authority}{base_path}"),
             scheme,
             authority,

@@ -33,6 +33,7 @@ use timeouts::{ConnTimeouts, InFlight, RequestCounter};
 pub async fn serve_upstream(
     listener: TcpListener,
     up: Arc<Upstream>,
+    permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -46,7 +47,6 @@ pub async fn serve_upstream(
             async move { up.handle(req, local).await }
         }
     };
-    let max = limits.max_connections;
     let conn_shutdown = shutdown.clone();
     let on_conn = move |stream: TcpStream, peer: SocketAddr| {
         let up = up.clone();
@@ -66,7 +66,7 @@ pub async fn serve_upstream(
             }
         }
     };
-    accept_loop(listener, max, shutdown, tracker, on_conn).await
+    accept_loop(listener, permits, shutdown, tracker, on_conn).await
 }
 
 /// Serves `listener` with a hyper `handler` until `shutdown`; connection tasks run on
@@ -98,7 +98,8 @@ pub async fn serve<H, Fut, B>(
         let io = Rewind::new(stream, Bytes::new());
         async move { serve_hyper(io, &builder, &limits, handler, local, peer, &shutdown).await }
     };
-    accept_loop(listener, max, shutdown, tracker, on_conn).await
+    let permits = Arc::new(Semaphore::new(max));
+    accept_loop(listener, permits, shutdown, tracker, on_conn).await
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {
@@ -119,11 +120,11 @@ fn hyper_builder(limits: &Limits) -> http1::Builder {
     builder
 }
 
-/// Accepts connections (at most `max_connections` at once) until `shutdown`, running
-/// `on_conn` for each on `tracker`.
+/// Accepts connections (at most one per permit at once; workers sharing a listening
+/// socket share its permits) until `shutdown`, running `on_conn` for each on `tracker`.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    max_connections: usize,
+    permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     on_conn: F,
@@ -132,7 +133,6 @@ async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = local_addr(&listener);
-    let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         // Waiting for a permit before accepting leaves excess connections in the
         // kernel's backlog instead of accepting and dropping them.

@@ -51,7 +51,7 @@ pub struct FastPath {
 
 impl FastPath {
     /// For `http://` upstreams; `None` otherwise (TLS and HTTP/2 stay with hyper).
-    pub fn for_upstream(up: &crate::config::UpstreamConfig) -> Option<FastPath> {
+    pub fn for_upstream(up: &crate::config::UpstreamConfig, workers: usize) -> Option<FastPath> {
         let url = &up.url;
         if url.scheme() != "http" {
             return None;
@@ -64,6 +64,7 @@ impl FastPath {
                 port,
                 up.connect_timeout.0,
                 up.limits.max_connections,
+                workers,
             ),
             body_limit: if up.retry_on_401 {
                 up.retry_body_limit.0

@@ -29,13 +29,21 @@ pub struct Pool {
     host: String,
     port: u16,
     connect_timeout: Duration,
-    /// At most this many idle connections are kept.
+    /// At most this many idle connections are kept (per worker).
     max_idle: usize,
-    idle: Mutex<Vec<UpstreamConn>>,
+    /// One list per listener worker: a connection stays with the runtime whose reactor
+    /// it is registered with.
+    idle: Box<[Mutex<Vec<UpstreamConn>>]>,
 }
 
 impl Pool {
-    pub fn new(host: &str, port: u16, connect_timeout: Duration, max_idle: usize) -> Pool {
+    pub fn new(
+        host: &str,
+        port: u16,
+        connect_timeout: Duration,
+        max_idle: usize,
+        workers: usize,
+    ) -> Pool {
         Pool {
             // The URL's IPv6 literal keeps its brackets; the resolver wants it bare.
             host: host
@@ -45,15 +53,25 @@ impl Pool {
             port,
             connect_timeout,
             max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..workers.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
         }
+    }
+
+    fn mine(&self) -> &Mutex<Vec<UpstreamConn>> {
+        &self.idle[crate::workers::index() % self.idle.len()]
     }
 
     /// An idle connection that still looks open, if any.
     pub fn checkout(&self) -> Option<UpstreamConn> {
         let now = Instant::now();
         loop {
-            let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let mut conn = self
+                .mine()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()?;
             if now >= conn.usable_until {
                 continue;
             }
@@ -109,7 +127,7 @@ impl Pool {
         conn.buf.clear();
         conn.idle_since = Instant::now();
         conn.usable_until = conn.idle_since + limit;
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(conn);
         }
