@@ -136,17 +136,26 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Stri
             }
         }
     } else {
-        let len = lower
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map(|v| v.trim().parse::<usize>().unwrap())
-            .unwrap_or(0);
-        while buf.len() < len {
-            read_more(stream, buf).await?;
-        }
-        buf.drain(..len).collect()
+        read_length(stream, buf, content_length(&lower)).await?
     };
     Some((head, body))
+}
+
+/// The Content-Length of a lower-cased head (0 when absent).
+fn content_length(lower_head: &str) -> usize {
+    lower_head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap())
+        .unwrap_or(0)
+}
+
+/// Reads until `buf` holds `len` bytes and takes them.
+async fn read_length(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> Option<Vec<u8>> {
+    while buf.len() < len {
+        read_more(stream, buf).await?;
+    }
+    Some(buf.drain(..len).collect())
 }
 
 /// Reads until `buf` contains `pattern`; returns the offset just past it.
@@ -213,17 +222,43 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, method: &str) 
         let end = read_until(stream, buf, b"0\r\n\r\n").await.unwrap();
         buf.drain(..end).collect()
     } else {
-        let len = lower
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map(|v| v.trim().parse::<usize>().unwrap())
-            .unwrap_or(0);
-        while buf.len() < len {
-            read_more(stream, buf).await.unwrap();
-        }
-        buf.drain(..len).collect()
+        read_length(stream, buf, content_length(&lower))
+            .await
+            .expect("the whole response body")
     };
     RawResponse { status, head, body }
+}
+
+/// One app connection to tokenrelay's listener, read response by response.
+struct AppConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl AppConn {
+    async fn open(running: &Running) -> AppConn {
+        AppConn {
+            stream: TcpStream::connect(running.upstreams["api"]).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads the next response, to a request with `method`.
+    async fn read(&mut self, method: &str) -> RawResponse {
+        read_response(&mut self.stream, &mut self.buf, method).await
+    }
+
+    /// Sends one request and reads its response.
+    async fn exchange(&mut self, request: &[u8]) -> RawResponse {
+        self.send(request).await;
+        let method =
+            String::from_utf8_lossy(request.split(|&b| b == b' ').next().unwrap()).into_owned();
+        self.read(&method).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,26 +301,23 @@ async fn a_reused_connection_closed_instead_of_answering_is_retried_only_when_sa
     .await;
     let (_demo, tr) = relay_to(&up).await;
     // One app connection, so one listener worker and its pool of upstream connections.
-    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
-    let mut buf = Vec::new();
-    conn.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut conn, &mut buf, "GET").await.status, 200);
+    let mut conn = AppConn::open(&tr).await;
+    let first = conn
+        .exchange(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    assert_eq!(first.status, 200);
     // Reuses the pooled connection, which closes: a GET is safe to send again.
-    conn.write_all(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let second = read_response(&mut conn, &mut buf, "GET").await;
+    let second = conn
+        .exchange(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
     assert_eq!(
         (second.status, second.body.as_slice()),
         (200, &b"/second"[..])
     );
     // A POST is not: the upstream may have acted on it before closing.
-    conn.write_all(b"POST /third HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nonce")
-        .await
-        .unwrap();
-    let third = read_response(&mut conn, &mut buf, "POST").await;
+    let third = conn
+        .exchange(b"POST /third HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nonce")
+        .await;
     assert_eq!(third.status, 502, "{}", third.head);
     let text = String::from_utf8_lossy(&third.body);
     assert!(
@@ -354,22 +386,20 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
     }))
     .await;
     let (_demo, tr) = relay_to(&up).await;
-    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
-    let mut buf = Vec::new();
+    let mut conn = AppConn::open(&tr).await;
 
     // Three requests in one write, one of them HEAD. `X-Case-Probe` tells the paths
     // apart at the upstream: the fast path keeps header names as the app wrote them,
     // hyper sends them in lower case.
-    conn.write_all(
+    conn.send(
         b"GET /one HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n\
           HEAD /two HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n\
           POST /three HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\ncontent-length: 5\r\n\r\nabcde",
     )
-    .await
-    .unwrap();
-    let one = read_response(&mut conn, &mut buf, "GET").await;
-    let two = read_response(&mut conn, &mut buf, "HEAD").await;
-    let three = read_response(&mut conn, &mut buf, "POST").await;
+    .await;
+    let one = conn.read("GET").await;
+    let two = conn.read("HEAD").await;
+    let three = conn.read("POST").await;
     assert_eq!(
         (one.status, one.body.as_slice()),
         (200, &b"/one 0 bytes"[..])
@@ -389,20 +419,18 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
 
     // A chunked upload is the general path's: the connection is handed over midway and
     // keeps working.
-    conn.write_all(
-        b"POST /four HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunky\r\n0\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let four = read_response(&mut conn, &mut buf, "POST").await;
+    let four = conn
+        .exchange(
+            b"POST /four HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\ntransfer-encoding: chunked\r\n\r\n6\r\nchunky\r\n0\r\n\r\n",
+        )
+        .await;
     assert_eq!(
         (four.status, four.body.as_slice()),
         (200, &b"/four 6 bytes"[..])
     );
-    conn.write_all(b"GET /five HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n")
-        .await
-        .unwrap();
-    let five = read_response(&mut conn, &mut buf, "GET").await;
+    let five = conn
+        .exchange(b"GET /five HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\n\r\n")
+        .await;
     assert_eq!(
         (five.status, five.body.as_slice()),
         (200, &b"/five 0 bytes"[..])
@@ -444,13 +472,11 @@ async fn an_announced_keep_alive_timeout_is_not_used_to_its_end() {
     .await;
     let (_demo, tr) = relay_to(&up).await;
     // One app connection, so one listener worker and its pool of upstream connections.
-    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
-    let mut buf = Vec::new();
+    let mut conn = AppConn::open(&tr).await;
     let mut post = async || {
-        conn.write_all(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
+        conn.exchange(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
             .await
-            .unwrap();
-        read_response(&mut conn, &mut buf, "POST").await.status
+            .status
     };
     assert_eq!(post().await, 200);
     assert_eq!(post().await, 200);
@@ -473,18 +499,17 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     }))
     .await;
     let (_demo, tr) = relay_to(&up).await;
-    let mut conn = TcpStream::connect(tr.upstreams["api"]).await.unwrap();
-    let mut buf = Vec::new();
+    let mut conn = AppConn::open(&tr).await;
     // As PHP's curl sends bodies over 1 KiB: head first, body only after `100 Continue`.
-    conn.write_all(
+    // (The interim response has no body, as a GET's would not.)
+    conn.send(
         b"POST /form HTTP/1.1\r\nhost: x\r\nX-Case-Probe: 1\r\nexpect: 100-continue\r\ncontent-length: 11\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let interim = read_response(&mut conn, &mut buf, "GET").await;
+    .await;
+    let interim = conn.read("GET").await;
     assert_eq!(interim.status, 100, "{}", interim.head);
-    conn.write_all(b"hello world").await.unwrap();
-    let done = read_response(&mut conn, &mut buf, "POST").await;
+    conn.send(b"hello world").await;
+    let done = conn.read("POST").await;
     assert_eq!(
         (done.status, done.body.as_slice()),
         (200, &b"hello world"[..])

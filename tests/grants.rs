@@ -131,13 +131,12 @@ upstreams:
     relay.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_token_is_attached_without_any_token_request() {
-    let demo = demo_servers(AuthServerOptions::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{}\n", demo.auth.new_access_token())).unwrap();
-    let relay = support::start(&format!(
+/// tokenrelay with one static credential read from `token_file`, in front of the demo API.
+async fn start_static(
+    token_file: &std::path::Path,
+    demo: &support::DemoServers,
+) -> support::Running {
+    support::start(&format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}
 credentials:
@@ -148,7 +147,16 @@ upstreams:
         token_file.display(),
         demo.api.url()
     ))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_token_is_attached_without_any_token_request() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", demo.auth.new_access_token())).unwrap();
+    let relay = start_static(&token_file, &demo).await;
     get_ok(&relay).await;
     assert_eq!(demo.auth.stats().token_requests, 0);
     assert_eq!(demo.api.stats().authorized, 1);
@@ -194,18 +202,7 @@ async fn a_static_token_file_is_reread_after_a_401_and_when_it_changes() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "revoked-or-never-valid\n").unwrap();
-    let relay = support::start(&format!(
-        r#"
-admin: {{ listen: "127.0.0.1:0" }}
-credentials:
-  api: {{ grant: static, token_file: "{}" }}
-upstreams:
-  api: {{ listen: "127.0.0.1:0", url: "{}", credential: api, allow_insecure_http: true }}
-"#,
-        token_file.display(),
-        demo.api.url()
-    ))
-    .await;
+    let relay = start_static(&token_file, &demo).await;
     let get = || {
         support::client()
             .get(format!("{}/echo", relay.url("api")))

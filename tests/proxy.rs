@@ -481,21 +481,21 @@ async fn oversized_request_head_is_refused() {
     tr.stop().await;
 }
 
+/// Sends one keep-alive request and waits up to `within` for a `200` response head.
+async fn ask(conn: &mut tokio::net::TcpStream, request: &str, within: Duration) -> bool {
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    matches!(
+        tokio::time::timeout(within, conn.read(&mut buf)).await,
+        Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_caps_concurrent_connections() {
     let (_demo, tr) = setup("", "limits: { max_connections: 2 }").await;
     let addr = tr.upstreams["api"];
     let request = format!("GET /echo HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-
-    /// Sends one keep-alive request and waits up to `within` for a response head.
-    async fn ask(conn: &mut tokio::net::TcpStream, request: &str, within: Duration) -> bool {
-        conn.write_all(request.as_bytes()).await.unwrap();
-        let mut buf = vec![0u8; 16 * 1024];
-        matches!(
-            tokio::time::timeout(within, conn.read(&mut buf)).await,
-            Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")
-        )
-    }
 
     let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -709,14 +709,6 @@ async fn listener_workers_share_the_connection_cap_and_stop_with_the_process() {
     );
     let addr = tr.upstreams["api"];
     let request = format!("GET /echo HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    async fn ask(conn: &mut tokio::net::TcpStream, request: &str, within: Duration) -> bool {
-        conn.write_all(request.as_bytes()).await.unwrap();
-        let mut buf = vec![0u8; 16 * 1024];
-        matches!(
-            tokio::time::timeout(within, conn.read(&mut buf)).await,
-            Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")
-        )
-    }
     // Whichever workers accept them, three connections use up the one cap.
     let mut open = Vec::new();
     for _ in 0..3 {

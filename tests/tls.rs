@@ -83,6 +83,34 @@ async fn tls_front(
     (addr, alpn)
 }
 
+/// The demo servers (plain http) and a private CA offering h2 and http/1.1, its PEM
+/// written to `ca_file` in `dir`.
+struct Demo {
+    pki: Pki,
+    dir: tempfile::TempDir,
+    ca_file: std::path::PathBuf,
+    auth: AuthServer,
+    api: ApiServer,
+}
+
+async fn demo_behind_a_private_ca() -> Demo {
+    let pki = pki(&[b"h2", b"http/1.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    Demo {
+        pki,
+        dir,
+        ca_file,
+        auth,
+        api,
+    }
+}
+
 /// One client_credentials credential and one upstream; a CA file for either side is
 /// optional, and plain-http URLs (the non-TLS side of a test) are allowed explicitly.
 fn yaml(
@@ -115,14 +143,14 @@ upstreams:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_ca_in_ca_file_is_trusted_and_h2_is_negotiated() {
-    let pki = pki(&[b"h2", b"http/1.1"]);
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-    let auth = AuthServer::start(AuthServerOptions::default())
-        .await
-        .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    // `_dir` holds the CA file for the test's duration.
+    let Demo {
+        pki,
+        dir: _dir,
+        ca_file,
+        auth,
+        api,
+    } = demo_behind_a_private_ca().await;
     let (auth_tls, _) = tls_front(pki.server.clone(), auth.addr()).await;
     let (api_tls, api_alpn) = tls_front(pki.server.clone(), api.addr()).await;
 
@@ -273,14 +301,13 @@ async fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstreams_follow_https_proxy_and_no_proxy_from_the_environment() {
-    let pki = pki(&[b"h2", b"http/1.1"]);
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
-    let auth = AuthServer::start(AuthServerOptions::default())
-        .await
-        .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let Demo {
+        pki,
+        dir,
+        ca_file,
+        auth,
+        api,
+    } = demo_behind_a_private_ca().await;
     let (api_tls, _) = tls_front(pki.server.clone(), api.addr()).await;
     let (proxy, tunnels) = connect_proxy().await;
     let proxy_url = format!("http://proxyuser:proxy-pass-9f2@127.0.0.1:{}", proxy.port());

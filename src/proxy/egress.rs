@@ -31,28 +31,12 @@ impl EgressConnector {
         }
     }
 
-    /// The proxy (scheme, host and port only) used for `url`, if any: for the startup log.
+    /// The proxy used for `url`, if any, for the startup log. The matcher keeps the
+    /// proxy URL's credentials apart (see `basic_auth`), so this shows none.
     pub fn proxy_for(&self, url: &url::Url) -> Option<String> {
         let uri: Uri = url.as_str().parse().ok()?;
-        tunnelled(&uri)
-            .then(|| self.proxies.intercept(&uri))
-            .flatten()
-            .map(|i| {
-                let p = i.uri();
-                format!(
-                    "{}://{}",
-                    p.scheme_str().unwrap_or("http"),
-                    p.authority().map(|a| a.as_str()).unwrap_or_default()
-                )
-            })
-            // Never print credentials embedded in the proxy URL.
-            .map(|s| match s.rsplit_once('@') {
-                Some((scheme_user, host)) => {
-                    let scheme = scheme_user.split("://").next().unwrap_or("http");
-                    format!("{scheme}://{host}")
-                }
-                None => s,
-            })
+        let intercept = tunnelled(&uri).then(|| self.proxies.intercept(&uri))??;
+        Some(intercept.uri().to_string())
     }
 }
 

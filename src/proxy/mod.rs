@@ -127,6 +127,16 @@ impl Upstream {
         resp
     }
 
+    /// A 401 that cannot be retried goes to the app as it is; a refresh still starts in
+    /// the background, so the next request finds a fresh token.
+    fn pass_401_through(&self, generation: u64) {
+        self.metrics.retry_skipped.inc();
+        let cred = self.credential.clone();
+        tokio::spawn(async move {
+            let _ = cred.after_401(generation).await;
+        });
+    }
+
     /// Counts and logs a request that was not (successfully) forwarded.
     fn report_error(&self, e: &ProxyError) {
         match e {
@@ -213,16 +223,8 @@ impl Upstream {
                         .retry_after_401(&token, method, uri, headers, body, resp)
                         .await?;
                 }
-                None => {
-                    // Body too large to replay: pass the 401 through, but make sure the
-                    // next request gets a fresh token.
-                    self.metrics.retry_skipped.inc();
-                    let cred = self.credential.clone();
-                    let generation = token.generation;
-                    tokio::spawn(async move {
-                        let _ = cred.after_401(generation).await;
-                    });
-                }
+                // Body too large to replay.
+                None => self.pass_401_through(token.generation),
             }
         }
         Ok(self.filter_response(resp, inbound_host.as_ref(), local))

@@ -89,14 +89,9 @@ impl Conn<'_> {
         let up = self.up;
         let held_end = match self.hold_body(&mut conn, &resp).await {
             Ok(Some(end)) => end,
+            // The 401's own body is too large to hold while waiting for a new token.
             Ok(None) | Err(_) => {
-                // Pass the 401 through; the next request should find a fresh token.
-                up.metrics.retry_skipped.inc();
-                let cred = up.credential.clone();
-                let generation = token.generation;
-                tokio::spawn(async move {
-                    let _ = cred.after_401(generation).await;
-                });
+                up.pass_401_through(token.generation);
                 return Ok((conn, resp));
             }
         };

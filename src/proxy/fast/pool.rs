@@ -19,7 +19,6 @@ pub struct UpstreamConn {
     pub buf: BytesMut,
     /// It carried an exchange before (so it may have been closed meanwhile).
     pub reused: bool,
-    idle_since: Instant,
     /// After this the upstream may close it at any moment: not reused.
     usable_until: Instant,
 }
@@ -109,7 +108,6 @@ impl Pool {
             stream,
             buf: BytesMut::with_capacity(READ_BUFFER),
             reused: false,
-            idle_since: Instant::now(),
             usable_until: Instant::now(),
         })
     }
@@ -125,8 +123,7 @@ impl Pool {
             None => IDLE_LIMIT,
         };
         conn.buf.clear();
-        conn.idle_since = Instant::now();
-        conn.usable_until = conn.idle_since + limit;
+        conn.usable_until = Instant::now() + limit;
         let mut idle = self.mine().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(conn);

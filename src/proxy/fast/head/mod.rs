@@ -8,7 +8,7 @@ mod response;
 use std::ops::Range;
 
 pub use request::{plan_request, Parsed, RequestPlan, Rules};
-pub use response::{rewrite_response, BadResponse, Redirects, ResponseHead};
+pub use response::{rewrite_response, Redirects, ResponseHead};
 
 /// httparse's header slots; more than this many headers goes to the general path.
 const MAX_HEADERS: usize = 100;
