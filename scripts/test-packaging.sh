@@ -42,12 +42,8 @@ apt_install() {
     return 0
 }
 
-missing=()
-command -v promtool >/dev/null || missing+=(prometheus)
-command -v buildah >/dev/null || missing+=(buildah)
-command -v systemd-analyze >/dev/null || missing+=(systemd)
-command -v readelf >/dev/null || missing+=(binutils)
-[[ -s /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+source "$repo_root/scripts/lib/test-tools.sh"
+mapfile -t missing < <(missing_test_packages packaging)
 if [[ ${#missing[@]} -gt 0 ]]; then
     apt_install "${missing[@]}"
 fi

@@ -3,34 +3,58 @@
 # formatting, clippy (-D warnings), unit and integration tests, packaging tests.
 #   scripts/test.sh            # everything
 #   SKIP_PACKAGING=1 scripts/test.sh
+# The programs the tests start, and their Debian packages, are listed in
+# scripts/test-tools.txt; this script installs the packages of missing entries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/test-tools.sh
 
-need_apt=()
-have() { command -v "$1" >/dev/null 2>&1; }
-have promtool || need_apt+=(prometheus)
-have chromium || need_apt+=(chromium)
-have redis-server || need_apt+=(redis-server)
-have etcd || need_apt+=(etcd-server)
-# The etcd store (cargo feature `etcd`) compiles etcd's protobufs with protoc.
-have protoc || need_apt+=(protobuf-compiler)
-[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "== installing Debian packages: ${need_apt[*]}"
+need_apt=$(missing_test_packages)
+if [ -n "$need_apt" ]; then
+  echo "== installing Debian packages: $(echo $need_apt)"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The prometheus package would start a server where an init system runs; policy-rc.d
+  # stops that for the duration of the install.
+  policy=/usr/sbin/policy-rc.d; created_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 0755 "$policy"
+    created_policy=1
+  fi
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $need_apt >/dev/null
+  [ -n "$created_policy" ] && $SUDO rm -f "$policy"
+fi
+still_missing=$(missing_test_tools)
+if [ -n "$still_missing" ]; then
+  echo "== missing after the install step (scripts/test-tools.txt):" >&2
+  echo "$still_missing" | sed 's/^/   /' >&2
+  exit 1
 fi
 
-echo "== cargo fmt --check"
-cargo fmt --all -- --check
-echo "== cargo clippy --all-targets --features etcd -- -D warnings"
-cargo clippy --all-targets --locked --features etcd -- -D warnings
-echo "== cargo test"
-TOKENRELAY_REQUIRE_TOOLS=1 cargo test --locked --all-targets --features etcd -- --test-threads=2
+# Every step runs; the failures are reported together at the end.
+failed=()
+step() {
+  local name="$1"; shift
+  echo "== $name"
+  if ! "$@"; then failed+=("$name"); fi
+}
+
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy --all-targets --features etcd -- -D warnings" \
+  cargo clippy --all-targets --locked --features etcd -- -D warnings
+# --no-fail-fast: one failing test target never hides the others.
+step "cargo test" env TOKENRELAY_REQUIRE_TOOLS=1 \
+  cargo test --locked --all-targets --features etcd --no-fail-fast -- --test-threads=2
 if [ -z "${SKIP_PACKAGING:-}" ] && [ -x scripts/test-packaging.sh ]; then
-  echo "== packaging tests"
-  cargo build --locked --features etcd
-  TOKENRELAY_BIN="$PWD/target/debug/tokenrelay" scripts/test-packaging.sh
+  step "packaging tests" sh -c 'cargo build --locked --features etcd &&
+    TOKENRELAY_REQUIRE_TOOLS=1 TOKENRELAY_BIN="$PWD/target/debug/tokenrelay" scripts/test-packaging.sh'
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== FAILED: ${#failed[@]} step(s):" >&2
+  printf '   %s\n' "${failed[@]}" >&2
+  echo "   (cargo test lists its failing targets above, under 'error: N targets failed')" >&2
+  exit 1
 fi
 echo "== all tests passed"

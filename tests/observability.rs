@@ -29,23 +29,7 @@ const DESIGN_METRICS: &[&str] = &[
     "tokenrelay_build_info",
 ];
 
-fn tool(name: &str) -> Option<String> {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if found.is_none() {
-        assert!(
-            std::env::var("TOKENRELAY_REQUIRE_TOOLS").is_err(),
-            "{name} is required (scripts/test.sh installs it)"
-        );
-        eprintln!("{name} not installed; skipping (scripts/test.sh installs it)");
-    }
-    found
-}
+use support::tools::tool;
 
 struct Env {
     auth: AuthServer,
@@ -344,10 +328,7 @@ upstreams:
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
+    support::sigterm(&child);
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let text = std::fs::read_to_string(&log).unwrap();
     let mut refresh_lines = 0;

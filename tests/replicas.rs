@@ -21,15 +21,16 @@
 //!   move on to the surviving members and stay healthy.
 //!
 //! Each test prints its measurements (`--nocapture`); REPLICAS_SHOW_LOGS=1 adds the
-//! replicas' logs. `scripts/test.sh` installs `redis-server` and `etcd`; run alone without
-//! them, the tests say so and skip, unless TOKENRELAY_REQUIRE_TOOLS=1. The etcd tests need
+//! replicas' logs. `scripts/test.sh` installs `redis-server` and `etcd` (listed in
+//! `scripts/test-tools.txt`); run alone without them, the tests say so and skip, unless
+//! TOKENRELAY_REQUIRE_TOOLS=1. The etcd tests need
 //! the `etcd` cargo feature (`cargo test --features etcd --test replicas`).
 
 mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,23 +42,10 @@ use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 // Store processes.
 // ---------------------------------------------------------------------------------------
 
-/// True if `name` is on the PATH; otherwise says so (and fails under
-/// TOKENRELAY_REQUIRE_TOOLS=1).
+/// True if `name` is installed; otherwise the test skips (or fails under
+/// TOKENRELAY_REQUIRE_TOOLS=1), see `support::tools`.
 fn have_tool(name: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("TOKENRELAY_REQUIRE_TOOLS").is_err(),
-            "{name} is required (scripts/test.sh installs it)"
-        );
-        eprintln!("{name} not installed; skipping (scripts/test.sh installs it)");
-    }
-    found
+    support::tools::tool(name).is_some()
 }
 
 /// `n` distinct loopback ports that were free a moment ago (all bound at once, so they
@@ -110,7 +98,8 @@ impl RedisServer {
             .append(true)
             .open(self.dir.path().join("redis.log"))
             .unwrap();
-        let child = Command::new("redis-server")
+        let child = support::tools::command("redis-server")
+            .expect("redis-server is installed")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -193,7 +182,8 @@ impl EtcdCluster {
         for (i, name) in names.iter().enumerate() {
             let (client, peer) = (ports[2 * i], ports[2 * i + 1]);
             let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new("etcd")
+            let child = support::tools::command("etcd")
+                .expect("etcd is installed")
                 .args(["--name", name])
                 .arg("--data-dir")
                 .arg(dir.path().join(name))
@@ -250,25 +240,26 @@ impl EtcdCluster {
             .collect()
     }
 
-    /// Index of the current leader, asked with `etcdctl endpoint status`.
-    fn leader(&self) -> Option<usize> {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoints().join(",")))
-            .args(["endpoint", "status", "-w", "json"])
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v.as_array()?.iter().find_map(|e| {
-            let status = &e["Status"];
-            let me = status["header"]["member_id"].as_u64()?;
-            if status["leader"].as_u64()? != me {
-                return None;
+    /// Index of the current leader: each member is asked for its status (the etcd client
+    /// crate's Maintenance API) and the one whose member id is the leader's is it.
+    async fn leader(&self) -> Option<usize> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(2));
+        for (i, endpoint) in self.endpoints().iter().enumerate() {
+            let Ok(mut client) =
+                etcd_client::Client::connect([endpoint.as_str()], Some(options.clone())).await
+            else {
+                continue;
+            };
+            let Ok(status) = client.status().await else {
+                continue;
+            };
+            if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                return Some(i);
             }
-            let endpoint = e["Endpoint"].as_str()?;
-            self.endpoints().iter().position(|x| x == endpoint)
-        })
+        }
+        None
     }
 
     fn kill9(&mut self, i: usize) {
@@ -1144,7 +1135,7 @@ async fn etcd_cluster_member_killed_under_load() {
 
     // The next refresh is due 5.4–6 s after the startup one.
     tokio::time::sleep_until((startup_refresh + Duration::from_millis(5100)).into()).await;
-    let leader = etcd.leader();
+    let leader = etcd.leader().await;
     let victim = leader.unwrap_or(0);
     let rotations_before = auth.stats().rotations;
     let generation_before = stored(&replicas[0]).await.expect("state").generation;

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "tokenrelay"
 CI_DIR = CHART / "ci"
 EXAMPLE = CHART / "examples" / "app-with-sidecar"
+TOOLS_LIST = REPO / "scripts" / "test-tools.txt"
 RELEASE = "rel"
 NAMESPACE = "tokenrelay-test"
 
@@ -42,6 +43,29 @@ METRICS = {
     "tokenrelay_build_info",
 }
 HISTOGRAMS = {"tokenrelay_request_duration_seconds", "tokenrelay_token_refresh_duration_seconds"}
+
+
+def tool(name: str) -> str | None:
+    """The path of a program the tests start, which scripts/test-tools.txt must list (the
+    install step reads that list). None when it is missing, so the caller skips; with
+    TOKENRELAY_REQUIRE_TOOLS=1 a missing program is an error naming its Debian package."""
+    packages = {}
+    for line in TOOLS_LIST.read_text().splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#"):
+            packages[words[0]] = words[1]
+    if name not in packages:
+        raise RuntimeError(
+            f"the packaging tests start `{name}`, which scripts/test-tools.txt does not list, so "
+            f"the install step would not provide it: add a line `{name} <debian-package> packaging`"
+        )
+    found = shutil.which(name)
+    if found is None and os.environ.get("TOKENRELAY_REQUIRE_TOOLS") == "1":
+        raise RuntimeError(
+            f"`{name}` is not installed: it comes from the Debian package `{packages[name]}` "
+            "(scripts/test.sh installs everything scripts/test-tools.txt lists)"
+        )
+    return found
 
 
 def value_set_names() -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import yaml
 
 import support
 
-BUILDAH = shutil.which("buildah")
+BUILDAH = support.tool("buildah")
 TAG = "localhost/tokenrelay:packaging-test"
 pytestmark = pytest.mark.skipif(BUILDAH is None, reason="buildah not installed (Debian package buildah)")
 
@@ -159,7 +158,7 @@ def test_ca_bundle_and_state_directory(image: Any) -> None:
 
 
 def chroot_run(rootfs: Path, args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    chroot = shutil.which("chroot")
+    chroot = support.tool("chroot")
     if chroot is None or os.geteuid() != 0:
         pytest.skip("running the image's binary needs chroot as root")
     done = support.run([chroot, "--userspec=65532:65532", str(rootfs), *args], env=env, timeout=60)

@@ -13,7 +13,7 @@ import yaml
 
 import support
 
-PROMTOOL = shutil.which("promtool")
+PROMTOOL = support.tool("promtool")
 pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
 
 RULE_SETS = [

@@ -16,7 +16,7 @@ from support import check
 UNIT = support.REPO / "deploy" / "systemd" / "tokenrelay.service"
 VM_CONFIG = support.REPO / "deploy" / "systemd" / "config.yaml"
 BINARY = "/usr/local/bin/tokenrelay"
-SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+SYSTEMD_ANALYZE = support.tool("systemd-analyze")
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:

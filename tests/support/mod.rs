@@ -1,6 +1,8 @@
 //! Shared test harness: tokenrelay in-process or as a child process, on loopback only.
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,12 @@ use tokenrelay::app::{self, Bound};
 use tokenrelay::config::Config;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// Sends SIGTERM to a child process (as an init system or Kubernetes would to stop it).
+pub fn sigterm(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+}
 
 /// tokenrelay running inside the test process.
 pub struct Running {
@@ -169,10 +177,7 @@ impl ChildProc {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        sigterm(&self.child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
