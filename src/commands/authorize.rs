@@ -38,7 +38,7 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
         Some(code) => (code.trim().to_string(), None),
         None => obtain_code(c).await?,
     };
-    let resp = client
+    let answer = client
         .request(GrantRequest::AuthorizationCode { code: &code, code_verifier: verifier.as_deref() })
         .await
         .map_err(|e| {
@@ -48,18 +48,28 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
                 anyhow::anyhow!("exchanging the authorization code failed: {e}")
             }
         })?;
-    let Some(refresh) = resp.refresh_token else {
+    let Some(refresh) = answer.refresh_token else {
+        if let Err(e) = answer.access {
+            bail!("exchanging the authorization code failed: {e}");
+        }
         bail!("the token endpoint issued no refresh_token; check the scopes (some providers need offline_access) and the client's settings");
     };
-    let expires = SystemTime::now() + resp.expires_in;
-    let expires_ms = expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
-    let generation = super::seed::store_new_grant(
-        &cfg,
-        credential,
-        refresh,
-        Some((resp.access_token, expires_ms)),
-    )
-    .await?;
+    // A refresh token is kept even when the access-token part is unusable: the code is
+    // spent, and running instances redeem the refresh token for an access token.
+    let access = match answer.access {
+        Ok(a) => {
+            let expires = SystemTime::now() + a.expires_in;
+            Some((
+                a.token,
+                expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64,
+            ))
+        }
+        Err(e) => {
+            eprintln!("warning: the answer's access token is unusable ({e}); storing the refresh token only");
+            None
+        }
+    };
+    let generation = super::seed::store_new_grant(&cfg, credential, refresh, access).await?;
     println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
     Ok(())
 }

@@ -16,7 +16,7 @@ use super::schedule;
 use super::{Credential, RefreshResult, Trigger};
 use crate::config::Grant;
 use crate::metrics::Metrics;
-use crate::oauth::{GrantRequest, TokenClient, TokenError, TokenResponse};
+use crate::oauth::{GrantRequest, TokenAnswer, TokenClient, TokenError};
 use crate::secret::Secret;
 use crate::store::{now_ms, CasOutcome, Lease, Store, StoredState};
 
@@ -432,6 +432,7 @@ impl Refresher {
         let resp = client
             .request(grant)
             .await
+            .and_then(TokenAnswer::into_response)
             .map_err(|e| Failure::Error(e.to_string()))?;
         let generation = self.cred.current().map(|t| t.generation).unwrap_or(0) + 1;
         self.cred.publish(
@@ -547,54 +548,97 @@ impl Refresher {
         }
     }
 
-    /// Makes the new pair durable, then publishes it. The old refresh token is dead at the
-    /// server now, so the write is retried until it succeeds (bounded only by shutdown
-    /// grace, after which the loss is logged loudly).
+    /// Makes what the answer carries durable, then publishes it. The old refresh token
+    /// is dead at the server now, so the write is retried until it succeeds (bounded only
+    /// by shutdown grace, after which the loss is logged loudly). A new refresh token is
+    /// stored even when the answer's access-token part is unusable: the attempt then
+    /// fails, the current access token keeps serving, and the next attempt presents the
+    /// new refresh token.
     async fn commit(
         &mut self,
         store: &Arc<dyn Store>,
         stored: &StoredState,
         old_refresh: Secret,
-        resp: TokenResponse,
+        answer: TokenAnswer,
     ) -> Result<RefreshResult, Failure> {
         let now = now_ms();
+        let access = match answer.access {
+            Ok(access) => access,
+            Err(e) => {
+                let Some(refresh_token) = answer.refresh_token else {
+                    // Nothing new to keep: the presented refresh token is still the live one.
+                    return Err(Failure::Error(e.to_string()));
+                };
+                let new = StoredState {
+                    generation: stored.generation + 1,
+                    refresh_token: Some(refresh_token),
+                    updated_at_ms: now,
+                    updated_by: self.instance_id.clone(),
+                    reauthorization_required: None,
+                    // The stored access token is still the one in use.
+                    ..stored.clone()
+                };
+                self.write_durably(store, stored.generation, &new).await?;
+                self.known_generation = new.generation;
+                warn!(credential = %self.name(), generation = new.generation,
+                    "token endpoint rotated the refresh token but its access token is unusable; the new refresh token is stored, the current access token stays in use");
+                return Err(Failure::Error(format!(
+                    "{e} (the new refresh token was stored; the next refresh uses it)"
+                )));
+            }
+        };
         let new = StoredState {
             generation: stored.generation + 1,
-            access_expires_at_ms: Some(now + resp.expires_in.as_millis() as u64),
-            access_token: Some(resp.access_token),
+            access_expires_at_ms: Some(now + access.expires_in.as_millis() as u64),
+            access_token: Some(access.token),
             // RFC 6749 §6: no refresh_token in the answer means the old one stays valid.
-            refresh_token: Some(resp.refresh_token.unwrap_or(old_refresh)),
+            refresh_token: Some(answer.refresh_token.unwrap_or(old_refresh)),
             obtained_at_ms: now,
             updated_at_ms: now,
             updated_by: self.instance_id.clone(),
             reauthorization_required: None,
         };
+        self.write_durably(store, stored.generation, &new).await?;
+        self.known_generation = new.generation;
+        self.cred.publish(
+            new.access_token.as_ref().expect("set above"),
+            new.generation,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
+        );
+        Ok(RefreshResult::Success)
+    }
+
+    /// Compare-and-swap of `new` over generation `expected`, retried while the store
+    /// fails (the answer being written may hold the only live refresh token).
+    async fn write_durably(
+        &mut self,
+        store: &Arc<dyn Store>,
+        expected: u64,
+        new: &StoredState,
+    ) -> Result<(), Failure> {
         let mut delay = Duration::from_millis(50);
         let mut grace_deadline: Option<Instant> = None;
         loop {
-            match store
-                .compare_and_swap(self.name(), stored.generation, &new)
-                .await
-            {
+            match store.compare_and_swap(self.name(), expected, new).await {
                 Ok(CasOutcome::Swapped) => {
                     self.metrics.store_op("compare_and_swap", true);
                     self.cred.set_store_error(None);
-                    break;
+                    return Ok(());
                 }
                 Ok(CasOutcome::Conflict { current_generation })
                     if current_generation == new.generation
-                        && self.is_our_write(store, &new).await =>
+                        && self.is_our_write(store, new).await =>
                 {
                     // An earlier attempt was written but its answer was lost.
                     self.metrics.store_op("compare_and_swap", true);
                     self.cred.set_store_error(None);
-                    break;
+                    return Ok(());
                 }
                 Ok(CasOutcome::Conflict { current_generation }) => {
                     self.metrics.store_op("compare_and_swap", false);
                     // Only a write without the lease (seed/authorize) can get here; the
                     // operator's new state wins and is adopted through the watch.
-                    error!(credential = %self.name(), expected = stored.generation, found = current_generation,
+                    error!(credential = %self.name(), expected, found = current_generation,
                         "stored state changed during a refresh (seed or authorize?); keeping the stored state");
                     return Err(Failure::Error("stored state changed during refresh".into()));
                 }
@@ -617,13 +661,6 @@ impl Refresher {
                 }
             }
         }
-        self.known_generation = new.generation;
-        self.cred.publish(
-            new.access_token.as_ref().expect("set above"),
-            new.generation,
-            SystemTime::UNIX_EPOCH + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
-        );
-        Ok(RefreshResult::Success)
     }
 
     /// True if the store holds exactly `new` (same generation and refresh token).

@@ -351,6 +351,16 @@ impl AuthServer {
         self.shared.lock().mode = mode;
     }
 
+    /// Processes the next successful token request normally (a refresh rotates: the
+    /// presented refresh token is retired and a new one issued), then alters its answer
+    /// once: each field of `patch` replaces the answer's field, and a `null` removes it.
+    /// This is how a provider answers a 200 that carries a new refresh token but an
+    /// unusable access-token part (`expires_in: 0`, `token_type: "mac"`, ...).
+    pub fn alter_next_answer(&self, patch: serde_json::Map<String, Value>) {
+        tracing::info!(fields = ?patch.keys().collect::<Vec<_>>(), "demo auth server: next answer will be altered");
+        self.shared.lock().next_answer_patch = Some(patch);
+    }
+
     /// The current failure mode.
     pub fn mode(&self) -> FailureMode {
         self.shared.lock().mode.clone()
@@ -394,6 +404,8 @@ impl Shared {
 #[derive(Default)]
 struct State {
     mode: FailureMode,
+    /// Field overrides for the next successful answer, see [`AuthServer::alter_next_answer`].
+    next_answer_patch: Option<serde_json::Map<String, Value>>,
     stats: AuthStats,
     log: VecDeque<TokenRequestRecord>,
     next_grant: u64,
@@ -758,8 +770,11 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
                     .and_then(|params| grant(shared, &mut state, parts, params))
             };
             match outcome {
-                Ok(body) => {
+                Ok(mut body) => {
                     state.stats.issued += 1;
+                    if let Some(patch) = state.next_answer_patch.take() {
+                        apply_patch(&mut body, patch);
+                    }
                     let mut resp = json_response(StatusCode::OK, &body);
                     no_store(resp.headers_mut());
                     (resp, None)
@@ -988,6 +1003,20 @@ fn code_grant(
         "demo auth server: authorization code exchanged for grant {id}"
     );
     Ok(token_body(opts, state, id, Some(refresh), scope.as_deref()))
+}
+
+/// Replaces (or, for `null`, removes) the fields of `body` named in `patch`.
+fn apply_patch(body: &mut Value, patch: serde_json::Map<String, Value>) {
+    let Some(fields) = body.as_object_mut() else {
+        return;
+    };
+    for (name, value) in patch {
+        if value.is_null() {
+            fields.remove(&name);
+        } else {
+            fields.insert(name, value);
+        }
+    }
 }
 
 /// Issues an access token on grant `id` and builds the §5.1 success body.

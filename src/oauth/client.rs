@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-use super::response::{parse, TokenError, TokenResponse};
+use super::response::{parse, TokenAnswer, TokenError};
 use crate::config::{ClientAuth, CredentialConfig, RequestFormat};
 use crate::secret::Secret;
 
@@ -120,8 +120,9 @@ impl TokenClient {
         p
     }
 
-    /// Sends one token request and parses the answer.
-    pub async fn request(&self, grant: GrantRequest<'_>) -> Result<TokenResponse, TokenError> {
+    /// Sends one token request and parses the answer (see [`TokenAnswer`]: a new refresh
+    /// token is returned even when the rest of a `2xx` answer is unusable).
+    pub async fn request(&self, grant: GrantRequest<'_>) -> Result<TokenAnswer, TokenError> {
         let c = &self.config;
         let url = c
             .token_url

@@ -4,4 +4,4 @@ mod client;
 mod response;
 
 pub use client::{GrantRequest, TokenClient};
-pub use response::{TokenError, TokenResponse};
+pub use response::{AccessToken, TokenAnswer, TokenError, TokenResponse};

@@ -6,16 +6,48 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
-/// A usable token answer.
+/// The access-token part of an answer, judged usable.
 #[derive(Debug)]
-pub struct TokenResponse {
-    pub access_token: Secret,
+pub struct AccessToken {
+    pub token: Secret,
     /// Lifetime from `expires_in`, or the configured default when absent.
     pub expires_in: Duration,
+    pub scope: Option<String>,
+}
+
+/// A `2xx` token answer, judged in two steps. The refresh token it carries is taken
+/// first: once the server has rotated, it may be the only live refresh token, so it is
+/// kept (and made durable) even when the access-token part is unusable.
+#[derive(Debug)]
+pub struct TokenAnswer {
     /// A rotated refresh token, when the server issued one (RFC 6749 §6: absent means
     /// "keep using the one you have").
     pub refresh_token: Option<Secret>,
+    /// The access-token part, or why it cannot be used.
+    pub access: Result<AccessToken, TokenError>,
+}
+
+/// A usable answer: both parts.
+#[derive(Debug)]
+pub struct TokenResponse {
+    pub access_token: Secret,
+    pub expires_in: Duration,
+    pub refresh_token: Option<Secret>,
     pub scope: Option<String>,
+}
+
+impl TokenAnswer {
+    /// Both parts, when the access-token part is usable (the refresh token is lost
+    /// otherwise: only for answers that spend nothing, e.g. `client_credentials`).
+    pub fn into_response(self) -> Result<TokenResponse, TokenError> {
+        let access = self.access?;
+        Ok(TokenResponse {
+            access_token: access.token,
+            expires_in: access.expires_in,
+            refresh_token: self.refresh_token,
+            scope: access.scope,
+        })
+    }
 }
 
 /// Why a token request did not yield a token. Messages never include token values.
@@ -64,14 +96,47 @@ fn clean(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(300).collect()
 }
 
-/// Parses a token endpoint answer given its HTTP status and body.
+/// Parses a token endpoint answer given its HTTP status and body. `Err` when it carries
+/// nothing usable; a `2xx` JSON object yields a [`TokenAnswer`] whose refresh token is
+/// taken whatever the rest says.
 pub fn parse(
     status: u16,
     body: &[u8],
     default_expires_in: Duration,
-) -> Result<TokenResponse, TokenError> {
+) -> Result<TokenAnswer, TokenError> {
     let raw: Option<Raw> = serde_json::from_slice(body).ok();
-    if let Some(raw) = &raw {
+    let success = (200..300).contains(&status);
+    // Step one: a new refresh token in a 2xx answer is never thrown away.
+    let refresh_token = match (&raw, success) {
+        (Some(raw), true) => salvage_refresh_token(raw),
+        _ => None,
+    };
+    let access = judge(status, raw.as_ref(), body.len(), default_expires_in);
+    match (access, refresh_token) {
+        (Err(e), None) => Err(e),
+        (access, refresh_token) => Ok(TokenAnswer {
+            refresh_token,
+            access,
+        }),
+    }
+}
+
+/// The refresh token of an answer: a non-empty string, whatever else is wrong with it.
+fn salvage_refresh_token(raw: &Raw) -> Option<Secret> {
+    match &raw.refresh_token {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
+        _ => None,
+    }
+}
+
+/// Step two: the status, the OAuth error and the access-token part.
+fn judge(
+    status: u16,
+    raw: Option<&Raw>,
+    body_len: usize,
+    default_expires_in: Duration,
+) -> Result<AccessToken, TokenError> {
+    if let Some(raw) = raw {
         if let Some(err) = raw.error.as_ref().and_then(as_text) {
             return Err(TokenError::OAuth {
                 status,
@@ -96,12 +161,27 @@ pub fn parse(
     }
     let Some(raw) = raw else {
         return Err(TokenError::Transient(format!(
-            "token endpoint answered {status} with a body that is not JSON ({} bytes)",
-            body.len()
+            "token endpoint answered {status} with a body that is not JSON ({body_len} bytes)"
         )));
     };
-    let access_token = match raw.access_token {
-        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s,
+    let token = access_token(raw)?;
+    check_token_type(raw)?;
+    let expires_in = expires_in(raw, default_expires_in)?;
+    if matches!(&raw.refresh_token, Some(v) if !v.is_string() && !v.is_null()) {
+        return Err(TokenError::Transient(
+            "refresh_token is not a string".into(),
+        ));
+    }
+    Ok(AccessToken {
+        token: Secret::new(token),
+        expires_in,
+        scope: raw.scope.as_ref().and_then(as_text),
+    })
+}
+
+fn access_token(raw: &Raw) -> Result<String, TokenError> {
+    let token = match &raw.access_token {
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(_) => {
             return Err(TokenError::Transient(
                 "token endpoint answered with an empty or non-string access_token".into(),
@@ -113,54 +193,45 @@ pub fn parse(
             ))
         }
     };
-    if http::HeaderValue::from_str(&access_token).is_err() {
+    if http::HeaderValue::from_str(&token).is_err() {
         return Err(TokenError::Transient(
             "access_token contains characters not allowed in a header".into(),
         ));
     }
-    // RFC 6749 §7.1: the client must understand the type. Absent is tolerated as
-    // several providers omit it; anything but bearer (any case, RFC 6750) is refused.
-    if let Some(tt) = &raw.token_type {
-        match tt.as_str() {
-            Some(t) if t.eq_ignore_ascii_case("bearer") => {}
-            _ => {
-                return Err(TokenError::Transient(format!(
-                    "token_type {} is not supported (only Bearer)",
-                    tt.as_str()
-                        .map(clean)
-                        .unwrap_or_else(|| "non-string".into())
-                )))
-            }
-        }
-    }
-    // Some providers send expires_in as a string; accept "3600" as well as 3600.
-    let expires_in = match &raw.expires_in {
-        None | Some(serde_json::Value::Null) => default_expires_in,
-        Some(v) => match as_text(v).and_then(|s| s.trim().parse::<f64>().ok()) {
-            Some(secs) if secs.is_finite() && secs >= 1.0 => Duration::from_secs_f64(secs.min(1e9)),
-            _ => {
-                return Err(TokenError::Transient(
-                    "expires_in is not a positive number of seconds".into(),
-                ))
-            }
+    Ok(token)
+}
+
+/// RFC 6749 §7.1: the client must understand the type. Absent is tolerated as several
+/// providers omit it; anything but bearer (any case, RFC 6750) is refused.
+fn check_token_type(raw: &Raw) -> Result<(), TokenError> {
+    match &raw.token_type {
+        None => Ok(()),
+        Some(tt) => match tt.as_str() {
+            Some(t) if t.eq_ignore_ascii_case("bearer") => Ok(()),
+            _ => Err(TokenError::Transient(format!(
+                "token_type {} is not supported (only Bearer)",
+                tt.as_str()
+                    .map(clean)
+                    .unwrap_or_else(|| "non-string".into())
+            ))),
         },
-    };
-    let refresh_token = match raw.refresh_token {
-        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(_)) => None,
-        Some(_) => {
-            return Err(TokenError::Transient(
-                "refresh_token is not a string".into(),
-            ))
-        }
-    };
-    Ok(TokenResponse {
-        access_token: Secret::new(access_token),
-        expires_in,
-        refresh_token,
-        scope: raw.scope.as_ref().and_then(as_text),
-    })
+    }
+}
+
+/// `expires_in` as a number or a numeric string (`"3600"`, as Microsoft's v1 endpoint
+/// sends); the configured default when absent.
+fn expires_in(raw: &Raw, default: Duration) -> Result<Duration, TokenError> {
+    match &raw.expires_in {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => match as_text(v).and_then(|s| s.trim().parse::<f64>().ok()) {
+            Some(secs) if secs.is_finite() && secs >= 1.0 => {
+                Ok(Duration::from_secs_f64(secs.min(1e9)))
+            }
+            _ => Err(TokenError::Transient(
+                "expires_in is not a positive number of seconds".into(),
+            )),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -176,10 +247,15 @@ mod tests {
             br#"{"access_token":"a","token_type":"bearer","expires_in":"120","refresh_token":"r"}"#,
             D,
         )
+        .unwrap()
+        .into_response()
         .unwrap();
         assert_eq!(r.expires_in, Duration::from_secs(120));
         assert_eq!(r.refresh_token.unwrap().expose(), "r");
-        let r = parse(200, br#"{"access_token":"a","token_type":"Bearer"}"#, D).unwrap();
+        let r = parse(200, br#"{"access_token":"a","token_type":"Bearer"}"#, D)
+            .unwrap()
+            .into_response()
+            .unwrap();
         assert_eq!(r.expires_in, D);
         assert!(r.refresh_token.is_none());
     }
@@ -197,6 +273,31 @@ mod tests {
             assert!(!e.to_string().contains("secret-xyz"));
         }
         assert!(parse(200, br#"{"access_token":"a","token_type":"mac"}"#, D).is_err());
+        assert!(parse(200, br#"{"access_token":"a","refresh_token":7}"#, D).is_err());
+    }
+
+    /// A 2xx answer's new refresh token survives whatever is wrong with the rest.
+    #[test]
+    fn refresh_token_is_taken_before_the_rest_is_judged() {
+        for rest in [
+            r#""access_token":"a","expires_in":0"#,
+            r#""access_token":"a","expires_in":-5"#,
+            r#""access_token":"a","expires_in":"soon""#,
+            r#""access_token":"a","token_type":"mac""#,
+            r#""expires_in":60"#,
+            r#""access_token":"""#,
+            r#""access_token":"two\nlines""#,
+            r#""error":"server_error""#,
+        ] {
+            let body = format!(r#"{{"refresh_token":"r2",{rest}}}"#);
+            let answer = parse(200, body.as_bytes(), D).unwrap();
+            assert_eq!(answer.refresh_token.unwrap().expose(), "r2", "{rest}");
+            let e = answer.access.unwrap_err();
+            assert!(!e.to_string().contains("r2"), "{e}");
+        }
+        // Not a 2xx, or an empty refresh token: nothing to keep.
+        assert!(parse(400, br#"{"refresh_token":"r2","error":"invalid_grant"}"#, D).is_err());
+        assert!(parse(200, br#"{"refresh_token":"","expires_in":0}"#, D).is_err());
     }
 
     #[test]

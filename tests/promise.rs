@@ -1,0 +1,190 @@
+//! The promise against strange token-endpoint answers and bursts, in-process: tokenrelay
+//! on the real file store, the demo authorization server (rotating single-use refresh
+//! tokens with reuse detection) and the demo API on loopback sockets.
+//!
+//! Covered:
+//! - a `200` that rotates (a new refresh token) but whose access-token part is unusable
+//!   (`expires_in` 0, negative or not a number; `token_type: "mac"`; `access_token`
+//!   missing, empty or not a header value): the new refresh token is stored before
+//!   anything else, the current access token keeps serving, the attempt counts as a
+//!   failure, and the next refresh presents the new refresh token — the spent one never
+//!   reaches the server again; `expires_in: "3600"` (a numeric string) is a number.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{eventually, metric, metrics_text, status_json, Load};
+use tokenrelay::config::Config;
+use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use tokenrelay::secret::Secret;
+use tokenrelay::store::{now_ms, CasOutcome, StoredState};
+
+/// The demo servers, a state directory and a config with credential and upstream `crm`.
+struct Fixture {
+    auth: AuthServer,
+    _api: ApiServer,
+    _dir: tempfile::TempDir,
+    yaml: String,
+}
+
+fn config_yaml(token_url: &str, api_url: &str, state: &Path, cred_extra: &str) -> String {
+    format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+store: {{ type: file, path: {state} }}
+credentials:
+  crm:
+    grant: refresh_token
+    token_url: {token_url}
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+    refresh_before: 1s
+    token_timeout: 2s
+{cred_extra}upstreams:
+  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
+",
+        state = state.display(),
+    )
+}
+
+async fn fixture(access_ttl: Duration, cred_extra: &str) -> Fixture {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl,
+        rotate_refresh_tokens: true,
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(
+        &auth.token_url(),
+        &api.url(),
+        &dir.path().join("state"),
+        cred_extra,
+    );
+    let f = Fixture {
+        auth,
+        _api: api,
+        _dir: dir,
+        yaml,
+    };
+    seed(&f).await;
+    f
+}
+
+/// Stores a fresh grant's refresh token, as `seed` does.
+async fn seed(f: &Fixture) {
+    let cfg = Config::from_yaml(&f.yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    let now = now_ms();
+    let state = StoredState {
+        generation: 1,
+        access_token: None,
+        access_expires_at_ms: None,
+        refresh_token: Some(Secret::new(f.auth.new_grant())),
+        obtained_at_ms: now,
+        updated_at_ms: now,
+        updated_by: "test".into(),
+        reauthorization_required: None,
+    };
+    assert_eq!(
+        store.compare_and_swap("crm", 0, &state).await.unwrap(),
+        CasOutcome::Swapped
+    );
+}
+
+fn refreshes(metrics: &str, result: &str) -> f64 {
+    metric(
+        metrics,
+        "tokenrelay_token_refresh_total",
+        &[("credential", "crm"), ("result", result)],
+    )
+}
+
+/// One rotation is answered with `patch` applied to the otherwise correct answer; the
+/// refresh token it carries must be kept and used, the spent one never presented again.
+async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) {
+    let f = fixture(Duration::from_secs(3), "").await;
+    let relay = support::start(&f.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let url = format!("{}/api/v4/leads", relay.url("crm"));
+    let first = support::client().get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200, "startup refresh");
+    let issued_before = f.auth.stats().issued;
+    f.auth.alter_next_answer(patch.as_object().unwrap().clone());
+    let load = Load::start(vec![url.clone()], 4, Duration::from_millis(20));
+    // The altered rotation, then (unless it was usable) a failure and a retry with the
+    // new refresh token, which must succeed.
+    let rotated_twice = eventually(Duration::from_secs(15), || {
+        let issued = f.auth.stats().issued;
+        async move { issued >= issued_before + 2 }
+    })
+    .await;
+    // Let a few more requests through on the newest token.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.stop().await;
+    let stats = f.auth.stats();
+    let metrics = metrics_text(&admin).await;
+    let status = status_json(&admin).await;
+    let last = support::client().get(&url).send().await.unwrap().status();
+    relay.stop().await;
+    eprintln!(
+        "patch {patch}: {stats:?}; load {} ok, {} 5xx; refreshes ok {} failed {}",
+        report.ok,
+        report.server_errors,
+        refreshes(&metrics, "success"),
+        refreshes(&metrics, "failure"),
+    );
+    assert!(
+        rotated_twice,
+        "no further rotation after the altered answer: {stats:?}"
+    );
+    assert_eq!(
+        stats.refresh_reuse_detected, 0,
+        "the spent refresh token was presented again"
+    );
+    assert_eq!(
+        stats.invalid_grant, 0,
+        "a refresh token was rejected: {stats:?}"
+    );
+    assert_eq!(last, 200, "requests succeed afterwards");
+    assert_eq!(status["credentials"]["crm"]["state"], "ready", "{status}");
+    assert_eq!(report.server_errors, 0, "{report:?}");
+    assert_eq!(report.unauthorized, 0, "{report:?}");
+    if usable {
+        assert_eq!(
+            refreshes(&metrics, "failure"),
+            0.0,
+            "{patch} is a usable answer"
+        );
+    } else {
+        assert!(
+            refreshes(&metrics, "failure") >= 1.0,
+            "the unusable answer counts as a failed refresh"
+        );
+    }
+}
+
+macro_rules! strange_answers {
+    ($($name:ident: $patch:expr, $usable:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            strange_answer_keeps_the_new_refresh_token($patch, $usable).await;
+        }
+    )*};
+}
+
+strange_answers! {
+    rotation_with_zero_expires_in_keeps_the_new_refresh_token: json!({"expires_in": 0}), false;
+    rotation_with_negative_expires_in_keeps_the_new_refresh_token: json!({"expires_in": -5}), false;
+    rotation_with_non_numeric_expires_in_keeps_the_new_refresh_token: json!({"expires_in": "soon"}), false;
+    rotation_with_mac_token_type_keeps_the_new_refresh_token: json!({"token_type": "mac"}), false;
+    rotation_without_access_token_keeps_the_new_refresh_token: json!({"access_token": null}), false;
+    rotation_with_empty_access_token_keeps_the_new_refresh_token: json!({"access_token": ""}), false;
+    rotation_with_access_token_not_a_header_value_keeps_the_new_refresh_token: json!({"access_token": "two\nlines"}), false;
+    rotation_with_expires_in_as_numeric_string_is_usable: json!({"expires_in": "3"}), true;
+}
