@@ -29,6 +29,44 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Whether the value can be sent as a token in a header exactly as it is: the one
+    /// rule for static tokens, stored tokens and token-endpoint answers alike, so no
+    /// request ever carries an empty or partial credential.
+    pub fn check_token(&self) -> Result<(), InvalidToken> {
+        let v = self.expose();
+        if v.is_empty() {
+            return Err(InvalidToken::Empty);
+        }
+        if v.contains(['\n', '\r']) {
+            return Err(InvalidToken::LineBreak);
+        }
+        if v.chars().any(char::is_control) {
+            return Err(InvalidToken::Control);
+        }
+        if !v.is_ascii() {
+            return Err(InvalidToken::NonAscii);
+        }
+        if v.starts_with(' ') || v.ends_with(' ') {
+            return Err(InvalidToken::Whitespace);
+        }
+        Ok(())
+    }
+}
+
+/// Why a value cannot be used as a token (never showing the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidToken {
+    #[error("the token is empty")]
+    Empty,
+    #[error("the token contains a line break (only one trailing line break is allowed)")]
+    LineBreak,
+    #[error("the token contains a control character")]
+    Control,
+    #[error("the token contains a character that is not printable ASCII")]
+    NonAscii,
+    #[error("the token begins or ends with a space")]
+    Whitespace,
 }
 
 impl fmt::Debug for Secret {
@@ -62,5 +100,21 @@ mod tests {
         );
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
         assert_eq!(s.expose(), "hunter2-value");
+    }
+
+    #[test]
+    fn token_rule() {
+        assert_eq!(Secret::new("a.b-c_~+/=").check_token(), Ok(()));
+        for (bad, why) in [
+            ("", InvalidToken::Empty),
+            ("a\nb", InvalidToken::LineBreak),
+            ("ab\r", InvalidToken::LineBreak),
+            ("a\u{1}b", InvalidToken::Control),
+            ("a\tb", InvalidToken::Control),
+            ("tök", InvalidToken::NonAscii),
+            (" ab", InvalidToken::Whitespace),
+        ] {
+            assert_eq!(Secret::new(bad).check_token(), Err(why), "{bad:?}");
+        }
     }
 }

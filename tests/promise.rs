@@ -188,3 +188,129 @@ strange_answers! {
     rotation_with_access_token_not_a_header_value_keeps_the_new_refresh_token: json!({"access_token": "two\nlines"}), false;
     rotation_with_expires_in_as_numeric_string_is_usable: json!({"expires_in": "3"}), true;
 }
+
+// ---------------------------------------------------------------------------------------
+// Never an empty or broken credential header (static tokens).
+// ---------------------------------------------------------------------------------------
+
+fn static_yaml(token_file: &Path, api_url: &str) -> String {
+    format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+credentials:
+  api: {{ grant: static, token_file: {} }}
+upstreams:
+  api: {{ listen: 127.0.0.1:0, url: {api_url}, credential: api, allow_insecure_http: true }}
+",
+        token_file.display()
+    )
+}
+
+/// One trailing line break is trimmed; anything else that cannot be a header value is a
+/// config error naming the key and the file, never a token forwarded empty.
+#[test]
+fn static_token_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    for good in ["tok-1\n", "tok-1\r\n", "tok-1"] {
+        std::fs::write(&file, good).unwrap();
+        let yaml = static_yaml(&file, "http://127.0.0.1:9");
+        assert!(Config::from_yaml(&yaml, &|_| None).is_ok(), "{good:?}");
+    }
+    for bad in [
+        "tok-1\n\n",
+        "tok-1\nline-2\n",
+        "to\u{1}k",
+        " tok-1",
+        "tok-1 ",
+        "tök",
+        "\n",
+    ] {
+        std::fs::write(&file, bad).unwrap();
+        let yaml = static_yaml(&file, "http://127.0.0.1:9");
+        let e = Config::from_yaml(&yaml, &|_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("credentials.api.token_file") && e.contains(&file.display().to_string()),
+            "{bad:?}: {e}"
+        );
+        assert!(
+            !e.contains("tok-1") && !e.contains("line-2"),
+            "the error shows the token: {e}"
+        );
+    }
+}
+
+/// A token file rewritten with content that is not a valid header value (two trailing
+/// newlines) is refused at run time: the previous token stays in use, `/status` and the
+/// metrics say why, and no request ever carries an empty or partial credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_token_reload_to_invalid_content_keeps_the_previous_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "static-1\n").unwrap();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new("static-1".to_string()));
+    let validator = {
+        let accepted = accepted.clone();
+        std::sync::Arc::new(move |t: &str| t == *accepted.lock().unwrap())
+    };
+    let api = ApiServer::start(Some(validator)).await.unwrap();
+    let relay = support::start(&static_yaml(&file, &api.url())).await;
+    let admin = format!("http://{}", relay.admin);
+    let url = format!("{}/echo", relay.url("api"));
+    assert_eq!(
+        support::client().get(&url).send().await.unwrap().status(),
+        200
+    );
+
+    // The secret is "rotated" into a broken file; the upstream now wants the new token.
+    std::fs::write(&file, "static-2\n\n").unwrap();
+    *accepted.lock().unwrap() = "static-2".into();
+    // A 401 makes tokenrelay re-read the file at once; it must not use what it read.
+    let status = support::client().get(&url).send().await.unwrap().status();
+    assert_eq!(
+        status, 401,
+        "the 401 passes through: nothing valid is newer"
+    );
+    let sent: Vec<String> = api
+        .last_request_headers()
+        .into_iter()
+        .filter(|(k, _)| k == "authorization")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        sent,
+        vec!["Bearer static-1".to_string()],
+        "the previous token was sent"
+    );
+    let st = status_json(&admin).await;
+    let cred = &st["credentials"]["api"];
+    let error = cred["last_refresh"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("token_file"), "/status says why: {st}");
+    assert!(
+        !st.to_string().contains("static-2"),
+        "/status shows the token: {st}"
+    );
+    let metrics = metrics_text(&admin).await;
+    assert!(
+        metric(
+            &metrics,
+            "tokenrelay_token_refresh_total",
+            &[("credential", "api"), ("result", "failure")]
+        ) >= 1.0,
+        "the failed reload is counted"
+    );
+
+    // Fixed: the next re-read picks it up.
+    std::fs::write(&file, "static-2\n").unwrap();
+    let fixed = eventually(Duration::from_secs(5), || {
+        let url = url.clone();
+        async move {
+            matches!(support::client().get(&url).send().await, Ok(r) if r.status() == 200)
+        }
+    })
+    .await;
+    relay.stop().await;
+    assert!(fixed, "the repaired token file is used");
+}

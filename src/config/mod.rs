@@ -456,6 +456,16 @@ fn read_secret_file(p: &mut Problems, path: &str, file: &Path) -> Option<Secret>
     read_secret(file).map_err(|e| p.add(path, e)).ok()
 }
 
+/// A static token file's content: [`read_secret`], then the token rule
+/// ([`Secret::check_token`]); errors name the file, never the token.
+pub fn read_static_token(file: &Path) -> Result<Secret, String> {
+    let token = read_secret(file)?;
+    token
+        .check_token()
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(token)
+}
+
 /// A secret file's content without its final line break; errors name the file.
 pub fn read_secret(file: &Path) -> Result<Secret, String> {
     let s = std::fs::read_to_string(file)
@@ -703,7 +713,18 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
 
     let password = secret_from(p, &path, "password", c.password, c.password_file);
     let static_token_file = c.token_file.clone();
-    let static_token = secret_from(p, &path, "token", c.token, c.token_file);
+    let static_token =
+        secret_from(p, &path, "token", c.token, c.token_file).and_then(|t| match t.check_token() {
+            Ok(()) => Some(t),
+            Err(e) => {
+                let (key, origin) = match &static_token_file {
+                    Some(f) => ("token_file", format!("{}: ", f.display())),
+                    None => ("token", String::new()),
+                };
+                p.add(&at(key), format!("{origin}{e}"));
+                None
+            }
+        });
     match grant {
         Grant::Password => {
             if c.username.as_deref().unwrap_or("").is_empty() {

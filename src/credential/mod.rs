@@ -16,7 +16,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::CredentialConfig;
 use crate::metrics::{CredentialMetrics, Metrics, STATES};
-use crate::secret::Secret;
+use crate::secret::{InvalidToken, Secret};
 
 /// A token is treated as expired this long before its stated expiry (clock skew and the
 /// time the request spends in flight), capped at a quarter of its lifetime.
@@ -347,29 +347,32 @@ impl Credential {
     }
 
     /// Publishes a new token to the cell (refresher side). The store write, when there
-    /// is one, has already completed.
+    /// is one, has already completed. A token that cannot make a valid header for every
+    /// format is refused and the cell keeps what it has: no request ever carries an
+    /// empty or partial credential.
     pub(crate) fn publish(
         &self,
         access_token: &Secret,
         generation: u64,
         expires_at_wall: SystemTime,
-    ) {
+    ) -> Result<(), InvalidToken> {
+        access_token.check_token()?;
+        let headers = self
+            .formats
+            .iter()
+            .map(|f| {
+                let mut v = HeaderValue::from_str(&f.replace("{token}", access_token.expose()))
+                    .map_err(|_| InvalidToken::Control)?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .collect::<Result<Box<[HeaderValue]>, InvalidToken>>()?;
         let now_wall = SystemTime::now();
         let now = Instant::now();
         let remaining = expires_at_wall.duration_since(now_wall).unwrap_or_default();
         let expires_at = now + remaining;
         let lifetime = remaining;
         let margin = EXPIRY_MARGIN.min(lifetime / 4);
-        let headers = self
-            .formats
-            .iter()
-            .map(|f| {
-                let mut v = HeaderValue::from_str(&f.replace("{token}", access_token.expose()))
-                    .unwrap_or_else(|_| HeaderValue::from_static(""));
-                v.set_sensitive(true);
-                v
-            })
-            .collect();
         self.cell.store(Some(Arc::new(ActiveToken {
             generation,
             headers,
@@ -380,6 +383,7 @@ impl Credential {
         })));
         self.retry_not_before_ms.store(0, Ordering::Relaxed);
         self.update_gauges();
+        Ok(())
     }
 
     /// Removes the token (after the grant was rejected).

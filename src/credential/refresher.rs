@@ -106,11 +106,20 @@ impl Refresher {
         let never = || SystemTime::now() + Duration::from_secs(100 * 365 * 86400);
         let mut token = self.cred.config.static_token.clone().expect("validated");
         let mut generation = 1;
-        self.cred.publish(&token, generation, never());
-        self.cred
-            .record(Trigger::Startup, RefreshResult::Success, None, None);
+        if let Err(e) = self.cred.publish(&token, generation, never()) {
+            // Checked by the config already; reported rather than trusted.
+            self.cred.record(
+                Trigger::Startup,
+                RefreshResult::Failure,
+                Some(e.to_string()),
+                None,
+            );
+        } else {
+            self.cred
+                .record(Trigger::Startup, RefreshResult::Success, None, None);
+        }
         let file = self.cred.config.static_token_file.clone();
-        let mut unreadable = false;
+        let mut last_error: Option<String> = None;
         loop {
             let trigger = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -122,23 +131,38 @@ impl Refresher {
                     Trigger::Upstream401
                 }
             };
-            match file.as_deref().map(crate::config::read_secret) {
-                Some(Ok(fresh)) if fresh.expose() != token.expose() => {
+            let read = file.as_deref().map(|f| {
+                crate::config::read_static_token(f).and_then(|fresh| {
+                    if fresh.expose() == token.expose() {
+                        return Ok(None);
+                    }
+                    self.cred
+                        .publish(&fresh, generation + 1, never())
+                        .map(|()| Some(fresh))
+                        .map_err(|e| format!("{}: {e}", f.display()))
+                })
+            });
+            match read {
+                Some(Ok(Some(fresh))) => {
                     token = fresh;
                     generation += 1;
-                    self.cred.publish(&token, generation, never());
                     self.cred
                         .record(trigger, RefreshResult::Success, None, None);
                     info!(credential = %self.name(), generation, trigger = trigger.as_str(), "static token reloaded from its token_file");
-                    unreadable = false;
+                    last_error = None;
                     continue;
                 }
-                Some(Err(e)) if !unreadable => {
-                    warn!(credential = %self.name(), error = %e, "cannot re-read the static token file; keeping the current token");
-                    unreadable = true;
+                Some(Err(e)) => {
+                    // Reported once per distinct problem; the previous token stays in use.
+                    if last_error.as_ref() != Some(&e) {
+                        warn!(credential = %self.name(), error = %e, "cannot use the static token file; keeping the current token");
+                        let why = format!("token_file {e}; keeping the previous token");
+                        self.cred
+                            .record(trigger, RefreshResult::Failure, Some(why), None);
+                        last_error = Some(e);
+                    }
                 }
-                Some(Err(_)) => {}
-                Some(Ok(_)) | None => unreadable = false,
+                Some(Ok(None)) | None => {}
             }
             // Nothing newer: requests waiting after a 401 pass it on now.
             self.cred.wake_waiters();
@@ -336,7 +360,10 @@ impl Refresher {
         if exp <= now_ms() + margin.as_millis() as u64 {
             return false;
         }
-        self.cred.publish(tok, s.generation, expires);
+        if let Err(e) = self.cred.publish(tok, s.generation, expires) {
+            warn!(credential = %self.name(), generation = s.generation, error = %e, "the stored access token is unusable");
+            return false;
+        }
         self.cred.set_reauthorization(None);
         true
     }
@@ -435,11 +462,13 @@ impl Refresher {
             .and_then(TokenAnswer::into_response)
             .map_err(|e| Failure::Error(e.to_string()))?;
         let generation = self.cred.current().map(|t| t.generation).unwrap_or(0) + 1;
-        self.cred.publish(
-            &resp.access_token,
-            generation,
-            SystemTime::now() + resp.expires_in,
-        );
+        self.cred
+            .publish(
+                &resp.access_token,
+                generation,
+                SystemTime::now() + resp.expires_in,
+            )
+            .map_err(|e| Failure::Error(e.to_string()))?;
         Ok(RefreshResult::Success)
     }
 
@@ -600,11 +629,14 @@ impl Refresher {
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;
-        self.cred.publish(
-            new.access_token.as_ref().expect("set above"),
-            new.generation,
-            SystemTime::UNIX_EPOCH + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
-        );
+        self.cred
+            .publish(
+                new.access_token.as_ref().expect("set above"),
+                new.generation,
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
+            )
+            .map_err(|e| Failure::Error(e.to_string()))?;
         Ok(RefreshResult::Success)
     }
 

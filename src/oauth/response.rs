@@ -193,11 +193,9 @@ fn access_token(raw: &Raw) -> Result<String, TokenError> {
             ))
         }
     };
-    if http::HeaderValue::from_str(&token).is_err() {
-        return Err(TokenError::Transient(
-            "access_token contains characters not allowed in a header".into(),
-        ));
-    }
+    Secret::new(token.as_str())
+        .check_token()
+        .map_err(|e| TokenError::Transient(format!("access_token is unusable: {e}")))?;
     Ok(token)
 }
 
