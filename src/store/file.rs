@@ -5,7 +5,11 @@
 //!   so several processes on one host can share the directory.
 //! - The refresh lease is an exclusive `flock` on `<name>.lease`, held for the whole refresh;
 //!   the kernel drops it when the holder dies, so a crashed refresher never blocks others.
-//! - Changes by other processes are noticed by polling the file's metadata (bounded interval).
+//! - `<name>.generation` holds the highest generation ever written (the mark), written
+//!   durably after each state file, so a restored older state file (a backup) is refused
+//!   instead of having its already spent refresh token sent. The store's generation is
+//!   the greater of the two: that is what `load`, compare-and-swap and `watch` see.
+//! - Changes by other processes are noticed by polling the files' metadata (bounded interval).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -16,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tracing::warn;
 
 use super::codec::Codec;
 use super::{CasOutcome, Lease, Store, StoreError, StoreSignal, StoredState};
@@ -72,6 +77,10 @@ impl Inner {
         self.dir.join(format!("{name}.json"))
     }
 
+    fn mark_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.generation"))
+    }
+
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match fs::read(self.state_path(name)) {
             Ok(b) => Ok(Some(b)),
@@ -80,17 +89,66 @@ impl Inner {
         }
     }
 
-    fn load(&self, name: &str) -> Result<Option<StoredState>, StoreError> {
-        let Some(bytes) = self.read(name)? else {
-            return Ok(None);
+    /// The generation mark; `None` before the first write that kept one (a store from
+    /// an older version): the state file is then taken as it is.
+    fn read_mark(&self, op: &'static str, name: &str) -> Result<Option<u64>, StoreError> {
+        let path = self.mark_path(name);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::backend(
+                    op,
+                    name,
+                    format!("cannot read {}: {e}", path.display()),
+                ))
+            }
         };
-        self.codec
-            .decode(name, &bytes)
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
             .map(Some)
-            .map_err(|message| StoreError::Corrupt {
+            .ok_or_else(|| StoreError::Corrupt {
                 credential: name.to_string(),
-                message: format!("{}: {message}", self.state_path(name).display()),
+                message: format!("{}: not a generation number", path.display()),
             })
+    }
+
+    fn corrupt(&self, name: &str, message: String) -> StoreError {
+        StoreError::Corrupt {
+            credential: name.to_string(),
+            message: format!("{}: {message}", self.state_path(name).display()),
+        }
+    }
+
+    /// The store's generation: the greater of the state file's and the mark. The mark is
+    /// read first: it is written after the state file, so a state file read after it is
+    /// at least as new unless an older one was put back.
+    fn generation(&self, op: &'static str, name: &str) -> Result<u64, StoreError> {
+        let mark = self.read_mark(op, name)?.unwrap_or(0);
+        let file = match self.read(name)? {
+            None => 0,
+            Some(b) => Codec::generation(&b).map_err(|m| self.corrupt(name, m))?,
+        };
+        Ok(file.max(mark))
+    }
+
+    fn load(&self, name: &str) -> Result<Option<StoredState>, StoreError> {
+        // Mark first, for the reason given at `generation`.
+        let mark = self.read_mark("load", name)?.unwrap_or(0);
+        let state = match self.read(name)? {
+            None => None,
+            Some(bytes) => Some(
+                self.codec
+                    .decode(name, &bytes)
+                    .map_err(|m| self.corrupt(name, m))?,
+            ),
+        };
+        Ok(match state {
+            None if mark == 0 => None,
+            Some(s) if s.generation >= mark => Some(s),
+            older => Some(rolled_back(name, mark, older)),
+        })
     }
 
     fn open_lock(&self, name: &str, suffix: &str) -> std::io::Result<File> {
@@ -107,32 +165,48 @@ impl Inner {
         let err = |e: std::io::Error| StoreError::backend("compare_and_swap", name, e);
         let lock = self.open_lock(name, "lock").map_err(err)?;
         lock.lock().map_err(err)?;
-        let current = match self.read(name)? {
-            None => 0,
-            Some(b) => Codec::generation(&b).map_err(|message| StoreError::Corrupt {
-                credential: name.to_string(),
-                message,
-            })?,
-        };
+        let current = self.generation("compare_and_swap", name)?;
         if current != expected {
             return Ok(CasOutcome::Conflict {
                 current_generation: current,
             });
         }
+        if new.generation <= expected {
+            // The mark would then sit above the state just written, refusing it.
+            return Err(StoreError::backend(
+                "compare_and_swap",
+                name,
+                format!(
+                    "new generation {} must be above the expected {expected}",
+                    new.generation
+                ),
+            ));
+        }
         let bytes = self
             .codec
             .encode(name, new)
             .map_err(|e| StoreError::backend("compare_and_swap", name, e))?;
-        self.write_durably(name, &bytes).map_err(err)?;
+        self.write_durably(&self.state_path(name), &bytes)
+            .map_err(err)?;
+        // Only after the state is durable, so a crash in between leaves state ≥ mark.
+        let mark = format!("{}\n", new.generation);
+        if let Err(e) = self.write_durably(&self.mark_path(name), mark.as_bytes()) {
+            // The state is durable, so the swap happened; the mark lags by one write and
+            // is brought up to date by the next.
+            warn!(credential = %name, path = %self.mark_path(name).display(), error = %e,
+                "cannot update the generation mark");
+        }
         drop(lock);
         Ok(CasOutcome::Swapped)
     }
 
-    /// temp file → fsync → rename over → fsync the directory, so after a crash the file
-    /// is either the old or the new state, never a torn mix, and the rename itself persists.
-    fn write_durably(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    /// temp file → fsync → rename over `target` (a file in the directory) → fsync the
+    /// directory, so after a crash the file has either the old or the new content, never
+    /// a torn mix, and the rename itself persists.
+    fn write_durably(&self, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let file_name = target.file_name().unwrap_or_default().to_string_lossy();
         let tmp = self.dir.join(format!(
-            ".{name}.json.tmp.{}.{}",
+            ".{file_name}.tmp.{}.{}",
             std::process::id(),
             rand::random::<u32>()
         ));
@@ -146,7 +220,7 @@ impl Inner {
             f.sync_all()?;
             // Enforce 0600 even under a permissive umask-less filesystem.
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-            fs::rename(&tmp, self.state_path(name))?;
+            fs::rename(&tmp, target)?;
             File::open(&self.dir)?.sync_all()
         })();
         if result.is_err() {
@@ -155,11 +229,47 @@ impl Inner {
         result
     }
 
-    /// A cheap fingerprint of the state file, to avoid re-reading it on every poll.
-    fn fingerprint(&self, name: &str) -> Option<(u64, i64, i64, u64)> {
-        fs::metadata(self.state_path(name))
-            .ok()
-            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+    /// A cheap fingerprint of the state file and the mark, to avoid re-reading them on
+    /// every poll.
+    fn fingerprint(&self, name: &str) -> [Option<(u64, i64, i64, u64)>; 2] {
+        let of = |path: PathBuf| {
+            fs::metadata(path)
+                .ok()
+                .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+        };
+        [of(self.state_path(name)), of(self.mark_path(name))]
+    }
+}
+
+/// What `load` reports for a state file older than the mark (or missing despite it):
+/// the mark's generation, no token, and what happened and what to do.
+fn rolled_back(name: &str, mark: u64, older: Option<StoredState>) -> StoredState {
+    let what = match &older {
+        Some(s) => format!(
+            "the stored state (generation {}) is older than the last one written (generation {mark}): \
+             a backup restored? Its refresh token has most likely been spent already, so it is not sent.",
+            s.generation
+        ),
+        None => format!(
+            "the state file is missing, but generation {mark} was written before: deleted?"
+        ),
+    };
+    // Who wrote the refused state and when stay visible (`tokenrelay status`); its tokens do not.
+    let (obtained_at_ms, updated_at_ms, updated_by) = older
+        .map(|s| (s.obtained_at_ms, s.updated_at_ms, s.updated_by))
+        .unwrap_or_default();
+    StoredState {
+        generation: mark,
+        access_token: None,
+        access_expires_at_ms: None,
+        refresh_token: None,
+        reauthorization_required: Some(format!(
+            "{what} Obtain a new refresh token and run `tokenrelay seed --credential {name}` \
+             or `tokenrelay authorize --credential {name}`."
+        )),
+        obtained_at_ms,
+        updated_at_ms,
+        updated_by,
     }
 }
 
@@ -240,8 +350,7 @@ impl Store for FileStore {
         let inner = self.inner.clone();
         let name = name.to_string();
         let read_generation = |inner: &Inner, name: &str| -> StoreSignal {
-            let read = inner.read(name);
-            StoreSignal::from_state_bytes(read.as_ref().map(|b| b.as_deref()))
+            StoreSignal::from_generation(inner.generation("watch", name))
         };
         let (tx, rx) = watch::channel(read_generation(&inner, &name));
         tokio::spawn(async move {
@@ -267,5 +376,249 @@ impl Store for FileStore {
             }
         });
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    const POLL: Duration = Duration::from_millis(50);
+
+    fn store(dir: &Path, encrypted: bool) -> FileStore {
+        let key = encrypted.then(|| Secret::new("ab".repeat(32)));
+        FileStore::open(dir, Codec::new(key.as_ref()).unwrap(), POLL).unwrap()
+    }
+
+    fn state(generation: u64, refresh: &str) -> StoredState {
+        StoredState {
+            generation,
+            access_token: Some(Secret::new(format!("access-{generation}"))),
+            access_expires_at_ms: Some(4_000_000_000_000 + generation),
+            refresh_token: Some(Secret::new(refresh)),
+            obtained_at_ms: 1,
+            updated_at_ms: 2,
+            updated_by: "test".into(),
+            reauthorization_required: None,
+        }
+    }
+
+    fn mark(dir: &Path) -> Option<String> {
+        fs::read_to_string(dir.join("crm.generation")).ok()
+    }
+
+    /// Writes generations `from + 1 ..= to` through compare-and-swap.
+    async fn rotate(s: &FileStore, from: u64, to: u64) {
+        for g in from + 1..=to {
+            let outcome = s
+                .compare_and_swap("crm", g - 1, &state(g, &format!("refresh-{g}")))
+                .await
+                .unwrap();
+            assert_eq!(outcome, CasOutcome::Swapped);
+        }
+    }
+
+    /// Rotates to generation 5 with a backup of the state file taken at 2, then puts the
+    /// backup back.
+    async fn restored_backup(s: &FileStore, dir: &Path) {
+        rotate(s, 0, 2).await;
+        let backup = fs::read(dir.join("crm.json")).unwrap();
+        rotate(s, 2, 5).await;
+        fs::write(dir.join("crm.json"), backup).unwrap();
+    }
+
+    #[tokio::test]
+    async fn each_swap_writes_the_mark_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 1).await;
+        assert_eq!(mark(dir.path()).as_deref(), Some("1\n"));
+        rotate(&s, 1, 3).await;
+        assert_eq!(mark(dir.path()).as_deref(), Some("3\n"));
+        let mode = fs::metadata(dir.path().join("crm.generation"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_conflict_writes_no_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 2).await;
+        let outcome = s.compare_and_swap("crm", 1, &state(2, "x")).await.unwrap();
+        assert_eq!(
+            outcome,
+            CasOutcome::Conflict {
+                current_generation: 2
+            }
+        );
+        assert_eq!(mark(dir.path()).as_deref(), Some("2\n"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_mark_is_accepted_and_written_at_the_next_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 3).await;
+        fs::remove_file(dir.path().join("crm.generation")).unwrap();
+        let loaded = s.load("crm").await.unwrap().unwrap();
+        assert_eq!(loaded, state(3, "refresh-3"));
+        assert_eq!(s.watch("crm").borrow().generation, 3);
+        rotate(&s, 3, 4).await;
+        assert_eq!(mark(dir.path()).as_deref(), Some("4\n"));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_mark_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 2).await;
+        let path = dir.path().join("crm.generation");
+        for garbage in [&b"two\n"[..], b"", b"\xff\xfe", b"-1"] {
+            fs::write(&path, garbage).unwrap();
+            let err = s.load("crm").await.unwrap_err().to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(err.contains("not a generation number"), "{err}");
+            let err = s
+                .compare_and_swap("crm", 2, &state(3, "x"))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            let signal = s.watch("crm").borrow().clone();
+            assert!(signal.error.is_some_and(|e| e.contains("crm.generation")));
+        }
+        assert_eq!(
+            Codec::generation(&fs::read(dir.path().join("crm.json")).unwrap()),
+            Ok(2),
+            "nothing written over an unreadable mark"
+        );
+    }
+
+    async fn rolled_back_state_is_refused(encrypted: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), encrypted);
+        restored_backup(&s, dir.path()).await;
+        let loaded = s.load("crm").await.unwrap().unwrap();
+        assert_eq!(loaded.generation, 5, "the mark's generation");
+        assert_eq!(loaded.refresh_token, None);
+        assert_eq!(loaded.access_token, None);
+        assert_eq!(loaded.access_expires_at_ms, None);
+        assert_eq!(
+            (loaded.obtained_at_ms, loaded.updated_by.as_str()),
+            (1, "test")
+        );
+        let why = loaded.reauthorization_required.clone().unwrap();
+        assert!(
+            why.contains(
+                "stored state (generation 2) is older than the last one written (generation 5)"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("tokenrelay seed --credential crm"), "{why}");
+        assert!(!why.contains("refresh-2"), "never a token: {why}");
+        assert!(!format!("{loaded:?}").contains("refresh-"));
+        assert_eq!(s.watch("crm").borrow().generation, 5);
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_state_file_is_refused_at_the_mark() {
+        rolled_back_state_is_refused(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_encrypted_state_file_is_refused_at_the_mark() {
+        rolled_back_state_is_refused(true).await;
+    }
+
+    #[tokio::test]
+    async fn swaps_compare_against_the_effective_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        restored_backup(&s, dir.path()).await;
+        // The restored file's own generation is not the store's.
+        let outcome = s.compare_and_swap("crm", 2, &state(3, "x")).await.unwrap();
+        assert_eq!(
+            outcome,
+            CasOutcome::Conflict {
+                current_generation: 5
+            }
+        );
+        // What `seed`/`authorize` do: load, then swap on the loaded generation.
+        let loaded = s.load("crm").await.unwrap().unwrap();
+        rotate(&s, loaded.generation, loaded.generation + 1).await;
+        assert_eq!(mark(dir.path()).as_deref(), Some("6\n"));
+        assert_eq!(s.load("crm").await.unwrap().unwrap(), state(6, "refresh-6"));
+    }
+
+    #[tokio::test]
+    async fn a_swap_must_raise_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 2).await;
+        let err = s.compare_and_swap("crm", 2, &state(2, "x")).await;
+        assert!(err.is_err());
+        assert_eq!(s.load("crm").await.unwrap().unwrap(), state(2, "refresh-2"));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_state_file_under_a_mark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 3).await;
+        fs::remove_file(dir.path().join("crm.json")).unwrap();
+        let loaded = s.load("crm").await.unwrap().unwrap();
+        assert_eq!(loaded.generation, 3);
+        assert_eq!(loaded.refresh_token, None);
+        assert!(loaded
+            .reauthorization_required
+            .is_some_and(|w| w.contains("missing")));
+        rotate(&s, 3, 4).await;
+    }
+
+    #[tokio::test]
+    async fn nothing_stored_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        assert_eq!(s.load("crm").await.unwrap(), None);
+        assert_eq!(s.watch("crm").borrow().generation, 0);
+    }
+
+    #[tokio::test]
+    async fn the_watch_reports_the_effective_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        rotate(&s, 0, 2).await;
+        let backup = fs::read(dir.path().join("crm.json")).unwrap();
+        let mut rx = s.watch("crm");
+        rotate(&s, 2, 4).await;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|sig| sig.generation == 4),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        fs::write(dir.path().join("crm.json"), backup).unwrap();
+        tokio::time::sleep(POLL * 4).await;
+        assert_eq!(rx.borrow().generation, 4, "a restore does not look older");
+        let loaded = s.load("crm").await.unwrap().unwrap();
+        rotate(&s, loaded.generation, 5).await;
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|sig| sig.generation == 5),
+        )
+        .await
+        .unwrap()
+        .unwrap();
     }
 }
