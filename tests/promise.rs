@@ -314,3 +314,128 @@ async fn static_token_reload_to_invalid_content_keeps_the_previous_token() {
     relay.stop().await;
     assert!(fixed, "the repaired token file is used");
 }
+
+// ---------------------------------------------------------------------------------------
+// A 401 after success means revocation.
+// ---------------------------------------------------------------------------------------
+
+/// The provider revokes the access token twice within a second. Each 401 is to a token
+/// the upstream had accepted, so each causes an immediate refresh and one retry: the app
+/// never sees a 401. (Spacing is only for newly issued tokens rejected before they ever
+/// worked, which points to a permission problem.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_in_quick_succession_each_refresh_at_once() {
+    let f = fixture(Duration::from_secs(60), "").await;
+    let relay = support::start(&f.yaml).await;
+    let url = format!("{}/echo", relay.url("crm"));
+    let c = support::client();
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        f.auth.expire_access_tokens();
+        statuses.push(c.get(&url).send().await.unwrap().status().as_u16());
+    }
+    let metrics = metrics_text(&format!("http://{}", relay.admin)).await;
+    relay.stop().await;
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200],
+        "each revocation was refreshed at once"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tokenrelay_token_refresh_total",
+            &[("trigger", "upstream_401"), ("result", "success")]
+        ),
+        3.0
+    );
+    assert_eq!(f.auth.stats().refresh_reuse_detected, 0);
+}
+
+/// An upstream that rejects every token (a permission problem): 401-driven refreshes of
+/// tokens that never worked stay spaced out, so the rotation does not spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rejected_before_ever_working_are_spaced_out() {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl: Duration::from_secs(60),
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(std::sync::Arc::new(|_: &str| false)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(&auth.token_url(), &api.url(), &dir.path().join("state"), "");
+    let f = Fixture {
+        auth,
+        _api: api,
+        _dir: dir,
+        yaml,
+    };
+    seed(&f).await;
+    let relay = support::start(&f.yaml).await;
+    let url = format!("{}/echo", relay.url("crm"));
+    let c = support::client();
+    let before = f.auth.stats().refreshes;
+    for _ in 0..20 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 401);
+    }
+    let refreshes = f.auth.stats().refreshes - before;
+    relay.stop().await;
+    assert!(refreshes <= 2, "{refreshes} refreshes for 20 quick 401s");
+}
+
+// ---------------------------------------------------------------------------------------
+// No 503 storm while a retry is moments away.
+// ---------------------------------------------------------------------------------------
+
+/// The token endpoint fails until the access token has expired (the refresher is deep in
+/// backoff, its next retry seconds away), then recovers; 500 requests arrive at once.
+/// They bring the retry forward, share its one outcome, and all get 200: one successful
+/// token request, no 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_expiry_waits_for_one_attempt_instead_of_503() {
+    use tokenrelay::demo::FailureMode;
+    let f = fixture(Duration::from_secs(4), "").await;
+    let relay = support::start(&f.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let url = format!("{}/echo", relay.url("crm"));
+    assert_eq!(
+        support::client().get(&url).send().await.unwrap().status(),
+        200
+    );
+    f.auth.set_mode(FailureMode::ServerError);
+    let expired = eventually(Duration::from_secs(15), || {
+        let admin = admin.clone();
+        async move { status_json(&admin).await["credentials"]["crm"]["state"] == "unavailable" }
+    })
+    .await;
+    assert!(expired, "the token expired while refreshes failed");
+    f.auth.set_mode(FailureMode::Normal);
+    let issued_before = f.auth.stats().issued;
+    let c = support::client();
+    let burst: Vec<_> = (0..500)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move { c.get(&url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::<String, u32>::new();
+    for task in burst {
+        let key = match task.await.unwrap() {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("transport error: {e}"),
+        };
+        *statuses.entry(key).or_default() += 1;
+    }
+    let issued = f.auth.stats().issued - issued_before;
+    relay.stop().await;
+    eprintln!("burst after expiry: {statuses:?}; {issued} token(s) issued");
+    assert_eq!(statuses.get("200"), Some(&500), "{statuses:?}");
+    assert_eq!(
+        issued, 1,
+        "one successful token request for the whole burst"
+    );
+}

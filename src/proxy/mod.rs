@@ -209,12 +209,11 @@ impl Upstream {
         *up.uri_mut() = uri.clone();
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = parts.headers;
-        up.headers_mut().insert(
-            self.header_name.clone(),
-            Credential::header(&token, self.slot),
-        );
+        up.headers_mut()
+            .insert(self.header_name.clone(), token.header(self.slot));
 
         let mut resp = self.send(up).await?;
+        note_acceptance(&token, resp.status().as_u16());
 
         if resp.status() == StatusCode::UNAUTHORIZED && retry {
             match replay {
@@ -253,11 +252,10 @@ impl Upstream {
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = headers;
-        up.headers_mut().insert(
-            self.header_name.clone(),
-            Credential::header(&fresh, self.slot),
-        );
+        up.headers_mut()
+            .insert(self.header_name.clone(), fresh.header(self.slot));
         let resp = self.send(up).await?;
+        note_acceptance(&fresh, resp.status().as_u16());
         if resp.status() == StatusCode::UNAUTHORIZED {
             self.metrics.retry_failure.inc();
         } else {
@@ -328,6 +326,15 @@ impl Upstream {
                 || host
                     .parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip == local.ip()))
+    }
+}
+
+/// Both engines report each upstream answer here: any status but 401 proves the token
+/// worked, so a later 401 to it means revocation (refreshed at once), not a permission
+/// problem (spaced out).
+pub(crate) fn note_acceptance(token: &ActiveToken, status: u16) {
+    if status != 401 {
+        token.mark_accepted();
     }
 }
 

@@ -45,6 +45,7 @@ impl Conn<'_> {
             Ok(r) => r,
             Err(e) => return self.answer_error(e, plan, started).await,
         };
+        super::super::note_acceptance(&token, resp.status);
 
         if resp.status == 401 && up.config.retry_on_401 {
             match self
@@ -69,8 +70,7 @@ impl Conn<'_> {
         self.out
             .extend_from_slice(up.header_name.as_str().as_bytes());
         self.out.extend_from_slice(b": ");
-        self.out
-            .extend_from_slice(crate::credential::Credential::header_bytes(token, up.slot));
+        self.out.extend_from_slice(token.header_bytes(up.slot));
         self.out.extend_from_slice(b"\r\n\r\n");
         self.out
             .extend_from_slice(&self.inbuf[plan.head_len..plan.head_len + plan.body_len]);
@@ -108,6 +108,7 @@ impl Conn<'_> {
         }
         self.add_credential(&fresh, plan, auth_at);
         let (conn, resp) = self.send(plan).await?;
+        super::super::note_acceptance(&fresh, resp.status);
         if resp.status == 401 {
             up.metrics.retry_failure.inc();
         } else {

@@ -1,0 +1,142 @@
+//! The on-demand path: a request that finds no usable token (or whose token the
+//! upstream rejected) asks the credential's single refresher for a new one and waits for
+//! the outcome of that one attempt, shared by every waiter.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::policy;
+use super::{ActiveToken, Credential, Trigger};
+
+/// A request for a refresh, coalesced: only the newest is kept.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Demand {
+    pub(super) trigger: Trigger,
+    /// Generation the requester saw; a refresh already past it satisfies the demand.
+    pub(super) generation: u64,
+}
+
+/// Why a request cannot get a token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoToken {
+    ReauthorizationRequired(String),
+    Unavailable(String),
+}
+
+impl std::fmt::Display for NoToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoToken::ReauthorizationRequired(why) => {
+                write!(f, "credential needs re-authorization: {why}")
+            }
+            NoToken::Unavailable(why) => write!(f, "no valid access token: {why}"),
+        }
+    }
+}
+
+impl Credential {
+    /// A usable token, waiting for the single in-flight refresh when the current one has
+    /// expired. Fails promptly when no token can be had (backoff, re-authorization).
+    pub async fn acquire(&self) -> Result<Arc<ActiveToken>, NoToken> {
+        if let Some(t) = self.usable(Instant::now()) {
+            return Ok(t);
+        }
+        self.wait_for_refresh(Trigger::Expired, None).await
+    }
+
+    /// After an upstream 401 to `generation`: a newer token, refreshing once if nobody has
+    /// yet (100 concurrent 401s to the same generation cause one refresh).
+    pub async fn after_401(&self, generation: u64) -> Result<Arc<ActiveToken>, NoToken> {
+        if let Some(t) = self.usable(Instant::now()) {
+            if t.generation > generation {
+                return Ok(t);
+            }
+        }
+        let t = self
+            .wait_for_refresh(Trigger::Upstream401, Some(generation))
+            .await?;
+        if t.generation > generation {
+            Ok(t)
+        } else {
+            Err(NoToken::Unavailable(
+                "the upstream rejected the token and no newer token could be obtained".into(),
+            ))
+        }
+    }
+
+    async fn wait_for_refresh(
+        &self,
+        trigger: Trigger,
+        rejected_generation: Option<u64>,
+    ) -> Result<Arc<ActiveToken>, NoToken> {
+        let mut rx = self.attempts.subscribe();
+        rx.borrow_and_update();
+        let newer = |t: &Arc<ActiveToken>| rejected_generation.is_none_or(|g| t.generation > g);
+        if let Some(t) = self.usable(Instant::now()).filter(newer) {
+            return Ok(t);
+        }
+        if let Some(why) = self.reauthorization() {
+            return Err(NoToken::ReauthorizationRequired(why));
+        }
+        // Wait for the next attempt if one can start within token_timeout (bringing a
+        // backed-off retry forward where allowed); else answer at once.
+        let timeout = self.config.token_timeout.0;
+        let now_ms = crate::store::now_ms();
+        let backoff = self.backoff();
+        if !policy::waits_for_attempt(now_ms, backoff, timeout) {
+            return Err(NoToken::Unavailable(self.unavailable_reason()));
+        }
+        let until_attempt =
+            Duration::from_millis(policy::earliest_attempt(now_ms, backoff) - now_ms);
+        let seen = self.current().map(|t| t.generation).unwrap_or(0);
+        self.demand(Demand {
+            trigger,
+            generation: rejected_generation.unwrap_or(seen),
+        });
+        self.metrics.waiters.inc();
+        // Bounded: the attempt starts within `until_attempt`, and its token request times
+        // out after token_timeout; allow for the lease and the store write on top.
+        let bound = until_attempt + timeout * 2 + Duration::from_secs(2);
+        let waited = tokio::time::timeout(bound, async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                if self.usable(Instant::now()).filter(newer).is_some() {
+                    return;
+                }
+                // An attempt ended without a newer token; if no further demand is pending, stop.
+                if self.demand.lock().unwrap().is_none() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if let Some(t) = self.usable(Instant::now()).filter(newer) {
+            return Ok(t);
+        }
+        if let Some(why) = self.reauthorization() {
+            return Err(NoToken::ReauthorizationRequired(why));
+        }
+        Err(NoToken::Unavailable(if waited.is_err() {
+            "timed out waiting for a token refresh".into()
+        } else {
+            self.unavailable_reason()
+        }))
+    }
+
+    pub(super) fn demand(&self, d: Demand) {
+        let mut slot = self.demand.lock().unwrap();
+        match &mut *slot {
+            Some(existing) => existing.generation = existing.generation.max(d.generation),
+            None => *slot = Some(d),
+        }
+        drop(slot);
+        self.demand_notify.notify_one();
+    }
+
+    /// Takes the pending demand, if any (refresher side).
+    pub(super) fn take_demand(&self) -> Option<Demand> {
+        self.demand.lock().unwrap().take()
+    }
+}

@@ -1,0 +1,196 @@
+//! The refresher's on-demand decisions as pure functions of time and state, unit-tested
+//! here: whether a request that finds no token waits for the next attempt, when waiting
+//! requests may bring a backed-off attempt forward, and how an upstream 401 is treated.
+//! (When to refresh and how long to back off are in [`super::schedule`].)
+
+use std::time::{Duration, Instant};
+
+/// A backed-off attempt at most this far away is simply waited for.
+pub const BRING_FORWARD_ABOVE: Duration = Duration::from_secs(1);
+/// An attempt brought forward never starts sooner than this after the last failure, so
+/// a token endpoint that stays down sees at most twice the usual attempt rate.
+pub const MIN_GAP_AFTER_FAILURE: Duration = Duration::from_millis(250);
+
+/// Spacing of 401-driven refreshes of tokens that never worked: the first is immediate,
+/// then at least 1 s apart, doubling while they keep coming, up to a minute.
+pub const MIN_401_GAP: Duration = Duration::from_secs(1);
+pub const MAX_401_GAP: Duration = Duration::from_secs(60);
+
+/// The backoff step the refresher is in (times are Unix milliseconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backoff {
+    /// When the refresher retries by itself; `None` when it is not backing off.
+    pub retry_at_ms: Option<u64>,
+    /// When the last attempt failed.
+    pub last_failure_ms: u64,
+    /// Whether waiting requests already brought this step's retry forward.
+    pub brought_forward: bool,
+}
+
+/// When the next attempt can start if requests ask for one at `now_ms`.
+pub fn earliest_attempt(now_ms: u64, b: Backoff) -> u64 {
+    match b.retry_at_ms {
+        None => now_ms,
+        Some(at) if b.brought_forward || at <= now_ms + millis(BRING_FORWARD_ABOVE) => {
+            at.max(now_ms)
+        }
+        Some(_) => (b.last_failure_ms + millis(MIN_GAP_AFTER_FAILURE)).max(now_ms),
+    }
+}
+
+/// Whether a request arriving at `now_ms` waits (up to `bound`) for the next attempt;
+/// otherwise it is answered at once.
+pub fn waits_for_attempt(now_ms: u64, b: Backoff, bound: Duration) -> bool {
+    earliest_attempt(now_ms, b) <= now_ms + millis(bound)
+}
+
+/// The backoff step after requests asked at `now_ms`: its retry brought forward (once per
+/// step) when it was more than [`BRING_FORWARD_ABOVE`] away; `None` if unchanged.
+pub fn bring_forward(now_ms: u64, b: Backoff) -> Option<Backoff> {
+    let at = b.retry_at_ms?;
+    if b.brought_forward || at <= now_ms + millis(BRING_FORWARD_ABOVE) {
+        return None;
+    }
+    Some(Backoff {
+        retry_at_ms: Some(earliest_attempt(now_ms, b)),
+        brought_forward: true,
+        ..b
+    })
+}
+
+/// How an upstream 401 to the current token is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum On401 {
+    /// The token had worked: it was revoked or expired early. Refresh now.
+    RefreshRevoked,
+    /// The token never worked; refresh now, and space the next such refresh.
+    RefreshUnproven,
+    /// A newly issued token was rejected again too soon: a permission problem rather
+    /// than an expired token. No refresh; the 401 passes through.
+    Spaced,
+}
+
+/// The last 401-driven refresh of a token that never worked, and the gap before the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spacing {
+    pub at: Instant,
+    pub gap: Duration,
+}
+
+/// Decides on a 401 at `now`; returns the decision and the spacing to keep.
+pub fn on_401(
+    now: Instant,
+    token_had_worked: bool,
+    last: Option<Spacing>,
+) -> (On401, Option<Spacing>) {
+    if token_had_worked {
+        return (On401::RefreshRevoked, None);
+    }
+    match last {
+        Some(s) if now < s.at + s.gap => (On401::Spaced, last),
+        Some(s) if now < s.at + MAX_401_GAP => (
+            On401::RefreshUnproven,
+            Some(Spacing {
+                at: now,
+                gap: (s.gap * 2).clamp(MIN_401_GAP, MAX_401_GAP),
+            }),
+        ),
+        _ => (
+            On401::RefreshUnproven,
+            Some(Spacing {
+                at: now,
+                gap: MIN_401_GAP,
+            }),
+        ),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(2);
+
+    fn backing_off(retry_in: u64, failed_ago: u64, brought_forward: bool) -> Backoff {
+        Backoff {
+            retry_at_ms: Some(10_000 + retry_in),
+            last_failure_ms: 10_000 - failed_ago,
+            brought_forward,
+        }
+    }
+
+    #[test]
+    fn no_backoff_means_now() {
+        assert_eq!(earliest_attempt(10_000, Backoff::default()), 10_000);
+        assert!(waits_for_attempt(10_000, Backoff::default(), T));
+        assert_eq!(bring_forward(10_000, Backoff::default()), None);
+    }
+
+    #[test]
+    fn a_near_retry_is_waited_for() {
+        let b = backing_off(800, 100, false);
+        assert_eq!(earliest_attempt(10_000, b), 10_800);
+        assert!(waits_for_attempt(10_000, b, T));
+        assert_eq!(bring_forward(10_000, b), None);
+    }
+
+    #[test]
+    fn a_far_retry_is_brought_forward_once_and_never_within_250ms_of_the_failure() {
+        let b = backing_off(4_000, 100, false);
+        assert_eq!(earliest_attempt(10_000, b), 10_150);
+        let moved = bring_forward(10_000, b).unwrap();
+        assert_eq!(moved.retry_at_ms, Some(10_150));
+        assert!(moved.brought_forward);
+        // Once per step: asking again changes nothing.
+        assert_eq!(bring_forward(10_000, moved), None);
+        assert_eq!(earliest_attempt(10_000, moved), 10_150);
+        // Long after the failure: at once.
+        let old = backing_off(4_000, 3_000, false);
+        assert_eq!(
+            bring_forward(10_000, old).unwrap().retry_at_ms,
+            Some(10_000)
+        );
+    }
+
+    #[test]
+    fn a_far_retry_already_brought_forward_fails_requests_at_once() {
+        // Brought forward, that attempt failed, and the new step's retry is 5 s away
+        // but was already brought forward once: nothing can happen within the bound.
+        let b = backing_off(5_000, 10, true);
+        assert!(!waits_for_attempt(10_000, b, T));
+        assert!(waits_for_attempt(10_000, b, Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn a_401_to_a_token_that_worked_refreshes_now_every_time() {
+        let t0 = Instant::now();
+        let spaced = Some(Spacing {
+            at: t0,
+            gap: Duration::from_secs(8),
+        });
+        assert_eq!(on_401(t0, true, spaced), (On401::RefreshRevoked, None));
+        assert_eq!(on_401(t0, true, None).0, On401::RefreshRevoked);
+    }
+
+    #[test]
+    fn unproven_tokens_are_spaced_exponentially() {
+        let t0 = Instant::now();
+        let (d, s) = on_401(t0, false, None);
+        assert_eq!(d, On401::RefreshUnproven);
+        assert_eq!(s.unwrap().gap, MIN_401_GAP);
+        assert_eq!(
+            on_401(t0 + Duration::from_millis(500), false, s).0,
+            On401::Spaced
+        );
+        let (d, s2) = on_401(t0 + Duration::from_millis(1500), false, s);
+        assert_eq!(d, On401::RefreshUnproven);
+        assert_eq!(s2.unwrap().gap, Duration::from_secs(2));
+        // Quiet for longer than the cap: back to the first gap.
+        let (_, s3) = on_401(t0 + Duration::from_secs(120), false, s2);
+        assert_eq!(s3.unwrap().gap, MIN_401_GAP);
+    }
+}

@@ -1,0 +1,32 @@
+//! Grants with nothing to spend or store (`client_credentials`, `password`): a token is
+//! requested at startup and before expiry, and kept in memory only.
+
+use std::time::SystemTime;
+
+use super::{Failure, Refresher};
+use crate::credential::RefreshResult;
+use crate::oauth::{GrantRequest, TokenAnswer};
+
+impl Refresher {
+    /// Asks for a token and publishes it.
+    pub(super) async fn refresh_local(
+        &mut self,
+        grant: GrantRequest<'_>,
+    ) -> Result<RefreshResult, Failure> {
+        let client = self.client.as_ref().expect("non-static grant has a client");
+        let resp = client
+            .request(grant)
+            .await
+            .and_then(TokenAnswer::into_response)
+            .map_err(|e| Failure::Error(e.to_string()))?;
+        let generation = self.cred.current().map(|t| t.generation).unwrap_or(0) + 1;
+        self.cred
+            .publish(
+                &resp.access_token,
+                generation,
+                SystemTime::now() + resp.expires_in,
+            )
+            .map_err(|e| Failure::Error(e.to_string()))?;
+        Ok(RefreshResult::Success)
+    }
+}

@@ -1,0 +1,422 @@
+//! The refresher: one task per credential, the only writer of its cell.
+//!
+//! It refreshes proactively (see [`schedule`]), on demand (expired token, upstream 401),
+//! adopts changes other processes wrote to the store, and backs off on failure. For the
+//! rotating `refresh_token` grant it follows the store protocol of DESIGN.md: take the
+//! lease, re-read, adopt if the generation moved, else call the token endpoint, write the
+//! new state with compare-and-swap durably, and only then publish it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+mod local;
+mod rotating;
+mod static_file;
+
+pub use rotating::lease_ttl;
+
+use super::policy::{self, On401};
+use super::schedule;
+use super::{Credential, RefreshResult, Trigger};
+use crate::config::Grant;
+use crate::metrics::Metrics;
+use crate::oauth::{GrantRequest, TokenClient};
+use crate::store::{now_ms, Store, StoredState};
+
+/// Outcome of one attempt, as the loop needs it.
+enum Attempt {
+    /// A new or adopted token is published.
+    Done,
+    /// Failed; retry with backoff.
+    Failed,
+    /// Nothing to do until the stored state changes (nothing stored, or rejected).
+    Idle,
+}
+
+/// Drives one credential.
+pub struct Refresher {
+    cred: Arc<Credential>,
+    client: Option<TokenClient>,
+    store: Option<Arc<dyn Store>>,
+    instance_id: String,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    /// Newest stored generation this process has seen or written.
+    known_generation: u64,
+    /// Consecutive failures, for backoff (the step itself is kept in the credential,
+    /// where waiting requests read it).
+    failures: u32,
+    /// Proactive refresh time of the current token: (generation, when).
+    scheduled: Option<(u64, Instant)>,
+    idle: bool,
+    /// The last 401-driven refresh of a token that never worked, and the gap before the next.
+    last_401_refresh: Option<policy::Spacing>,
+}
+
+impl Refresher {
+    pub fn new(
+        cred: Arc<Credential>,
+        store: Option<Arc<dyn Store>>,
+        instance_id: String,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Refresher, String> {
+        let client = match cred.config.grant {
+            Grant::Static => None,
+            _ => Some(TokenClient::new(cred.config.clone())?),
+        };
+        let store = if cred.config.grant == Grant::RefreshToken {
+            store
+        } else {
+            None
+        };
+        Ok(Refresher {
+            cred,
+            client,
+            store,
+            instance_id,
+            metrics,
+            shutdown,
+            known_generation: 0,
+            failures: 0,
+            scheduled: None,
+            idle: false,
+            last_401_refresh: None,
+        })
+    }
+
+    /// A static token: published at once; a `token_file` is re-read every
+    /// [`STATIC_RELOAD_INTERVAL`] and after an upstream 401, and a changed token becomes
+    /// the next generation. A 401 with nothing new is passed through without waiting.
+    fn name(&self) -> &str {
+        &self.cred.name
+    }
+
+    /// Runs until shutdown. An attempt in progress is always finished (never abandoned
+    /// between the token endpoint's answer and the durable write).
+    pub async fn run(mut self) {
+        if self.cred.config.grant == Grant::Static {
+            return self.run_static().await;
+        }
+        let outcome = self.startup().await;
+        self.after(outcome);
+        let mut store_rx = self.store.as_ref().map(|s| s.watch(&self.cred.name));
+        loop {
+            let wake = self.next_wakeup();
+            let store_changed = async {
+                match &mut store_rx {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let trigger = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = sleep_until(wake) => {
+                    if self.cred.usable(Instant::now()).is_some() { Trigger::Scheduled } else { Trigger::Expired }
+                }
+                _ = self.cred.demand_notify.notified() => {
+                    let Some(d) = self.cred.take_demand() else { continue };
+                    match self.on_demand(d.trigger, d.generation) {
+                        Some(trigger) => trigger,
+                        None => continue,
+                    }
+                }
+                ok = store_changed => {
+                    if !ok {
+                        store_rx = None;
+                        continue;
+                    }
+                    let signal = store_rx.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
+                    if let Some(e) = signal.error {
+                        warn!(credential = %self.name(), error = %e, "store unreachable");
+                        self.cred.set_store_error(Some(e));
+                        continue;
+                    }
+                    if signal.generation <= self.known_generation {
+                        // Reachable again, nothing new.
+                        self.cred.set_store_error(None);
+                        continue;
+                    }
+                    let outcome = self.on_store_change().await;
+                    self.after(outcome);
+                    continue;
+                }
+            };
+            let outcome = self.attempt(trigger).await;
+            self.after(outcome);
+        }
+    }
+
+    /// A request asked for a refresh: the trigger of the attempt to make now, or `None`
+    /// (waiters are woken when they should stop waiting; a retry brought forward keeps
+    /// them waiting for its outcome).
+    fn on_demand(&mut self, trigger: Trigger, generation: u64) -> Option<Trigger> {
+        let current = self.cred.usable(Instant::now());
+        if current.as_ref().is_some_and(|t| t.generation > generation) || self.idle {
+            self.cred.wake_waiters();
+            return None;
+        }
+        let backoff = self.cred.backoff();
+        if backoff.retry_at_ms.is_some_and(|at| at > now_ms()) {
+            // Failing refreshes keep their backoff; waiting requests may bring its retry
+            // forward once per step.
+            if let Some(moved) = policy::bring_forward(now_ms(), backoff) {
+                info!(credential = %self.name(), trigger = trigger.as_str(), "requests are waiting for a token: the next refresh attempt is brought forward");
+                self.cred.set_backoff(moved);
+            }
+            return None;
+        }
+        if trigger != Trigger::Upstream401 {
+            return Some(trigger);
+        }
+        let had_worked = current
+            .as_ref()
+            .is_some_and(|t| t.generation == generation && t.was_accepted());
+        let (decision, spacing) = policy::on_401(Instant::now(), had_worked, self.last_401_refresh);
+        self.last_401_refresh = spacing;
+        match decision {
+            On401::RefreshRevoked => {
+                info!(credential = %self.name(), generation, "upstream rejected a token it had accepted before (revoked or expired early): refreshing now");
+                Some(trigger)
+            }
+            On401::RefreshUnproven => {
+                info!(credential = %self.name(), generation, "upstream rejected a token it never accepted: refreshing now; repeated rejections of new tokens point to a permission problem and are spaced out");
+                Some(trigger)
+            }
+            On401::Spaced => {
+                warn!(credential = %self.name(), generation, "upstream rejected newly issued tokens before ever accepting one (a permission problem rather than an expired token?): not refreshing again yet; the 401 passes through");
+                self.cred.wake_waiters();
+                None
+            }
+        }
+    }
+
+    /// When the loop should wake by itself: the earlier of the proactive refresh and
+    /// the backoff retry; never while idle.
+    fn next_wakeup(&mut self) -> Option<Instant> {
+        if self.idle {
+            return None;
+        }
+        if let Some(at_ms) = self.cred.backoff().retry_at_ms {
+            return Some(Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms())));
+        }
+        let token = self.cred.current()?;
+        match self.scheduled {
+            Some((g, at)) if g == token.generation => Some(at),
+            _ => {
+                let lifetime = token.lifetime;
+                let after = schedule::refresh_after(
+                    lifetime,
+                    self.cred.config.refresh_at,
+                    self.cred.config.refresh_before.0,
+                    rand::random::<f64>(),
+                );
+                // `expires_at - lifetime` is when the token was published here.
+                let at = token.expires_at - lifetime + after;
+                self.scheduled = Some((token.generation, at));
+                Some(at)
+            }
+        }
+    }
+
+    fn after(&mut self, outcome: Attempt) {
+        match outcome {
+            Attempt::Done => {
+                self.failures = 0;
+                self.cred.set_backoff(policy::Backoff::default());
+                self.idle = false;
+            }
+            Attempt::Idle => {
+                self.cred.set_backoff(policy::Backoff::default());
+                self.idle = true;
+                self.cred.wake_waiters();
+            }
+            Attempt::Failed => {
+                let remaining = self
+                    .cred
+                    .usable(Instant::now())
+                    .map(|t| t.remaining(Instant::now()));
+                let delay = schedule::backoff(self.failures, remaining, rand::random::<f64>());
+                self.failures = self.failures.saturating_add(1);
+                let now = now_ms();
+                self.cred.set_backoff(policy::Backoff {
+                    retry_at_ms: Some(now + delay.as_millis() as u64),
+                    last_failure_ms: now,
+                    brought_forward: false,
+                });
+            }
+        }
+    }
+
+    async fn startup(&mut self) -> Attempt {
+        if self.store.is_none() {
+            return self.attempt(Trigger::Startup).await;
+        }
+        match self.load().await {
+            None => Attempt::Failed,
+            Some(None) => {
+                self.cred.set_unavailable_reason(Some(format!(
+                    "no refresh token stored yet: run `tokenrelay seed --credential {0}` or `tokenrelay authorize --credential {0}`",
+                    self.name()
+                )));
+                warn!(credential = %self.name(), "no refresh token stored; waiting for seed or authorize");
+                self.cred.wake_waiters();
+                Attempt::Idle
+            }
+            Some(Some(state)) => {
+                self.known_generation = state.generation;
+                if let Some(why) = &state.reauthorization_required {
+                    self.enter_reauthorization(why.clone());
+                    return Attempt::Idle;
+                }
+                if self.publish_stored(&state) {
+                    info!(credential = %self.name(), generation = state.generation, "using the stored access token");
+                    self.cred
+                        .record(Trigger::Startup, RefreshResult::Adopted, None, None);
+                    return Attempt::Done;
+                }
+                self.attempt(Trigger::Startup).await
+            }
+        }
+    }
+
+    /// Loads the stored state; `None` when the store failed (recorded as degraded).
+    async fn load(&self) -> Option<Option<StoredState>> {
+        let store = self.store.as_ref()?;
+        match store.load(self.name()).await {
+            Ok(s) => {
+                self.metrics.store_op("load", true);
+                self.cred.set_store_error(None);
+                Some(s)
+            }
+            Err(e) => {
+                self.metrics.store_op("load", false);
+                warn!(credential = %self.name(), error = %e, "store unavailable");
+                self.cred.set_store_error(Some(e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Publishes a stored access token if it is still usable; true if it did.
+    fn publish_stored(&self, s: &StoredState) -> bool {
+        let (Some(tok), Some(exp)) = (&s.access_token, s.access_expires_at_ms) else {
+            return false;
+        };
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(exp);
+        // Worth adopting only if it outlives the margin the cell applies anyway.
+        let lifetime = Duration::from_millis(exp.saturating_sub(s.obtained_at_ms));
+        let margin = super::EXPIRY_MARGIN.min(lifetime / 4);
+        if exp <= now_ms() + margin.as_millis() as u64 {
+            return false;
+        }
+        if let Err(e) = self.cred.publish(tok, s.generation, expires) {
+            warn!(credential = %self.name(), generation = s.generation, error = %e, "the stored access token is unusable");
+            return false;
+        }
+        self.cred.set_reauthorization(None);
+        true
+    }
+
+    fn enter_reauthorization(&self, why: String) {
+        error!(credential = %self.name(), reason = %why, "re-authorization required (run `tokenrelay seed` or `tokenrelay authorize`)");
+        self.cred.clear();
+        self.cred.set_reauthorization(Some(why));
+    }
+
+    /// Another process (replica, `seed`, `authorize`) changed the stored state.
+    async fn on_store_change(&mut self) -> Attempt {
+        let Some(Some(state)) = self.load().await else {
+            return if self.idle {
+                Attempt::Idle
+            } else {
+                Attempt::Done
+            };
+        };
+        if state.generation <= self.known_generation {
+            return if self.idle {
+                Attempt::Idle
+            } else {
+                Attempt::Done
+            };
+        }
+        self.known_generation = state.generation;
+        if let Some(why) = &state.reauthorization_required {
+            self.enter_reauthorization(why.clone());
+            return Attempt::Idle;
+        }
+        if self.publish_stored(&state) {
+            info!(credential = %self.name(), generation = state.generation, by = %state.updated_by, "adopted token rotated elsewhere");
+            self.cred
+                .record(Trigger::Scheduled, RefreshResult::Adopted, None, None);
+            return Attempt::Done;
+        }
+        if state.refresh_token.is_some() {
+            // A seeded refresh token without an access token: redeem it now.
+            self.cred.set_reauthorization(None);
+            self.cred.set_unavailable_reason(None);
+            self.idle = false;
+            return self.attempt(Trigger::Startup).await;
+        }
+        Attempt::Idle
+    }
+
+    /// One refresh attempt for `trigger`, recorded in metrics and `/status`.
+    async fn attempt(&mut self, trigger: Trigger) -> Attempt {
+        let started = Instant::now();
+        let outcome = match self.cred.config.grant {
+            Grant::RefreshToken => self.refresh_rotating(trigger).await,
+            Grant::ClientCredentials => self.refresh_local(GrantRequest::ClientCredentials).await,
+            Grant::Password => self.refresh_local(GrantRequest::Password).await,
+            Grant::Static => Ok(RefreshResult::Success),
+        };
+        let took = started.elapsed();
+        match outcome {
+            Ok(result) => {
+                let t = self.cred.current();
+                info!(
+                    credential = %self.name(),
+                    trigger = trigger.as_str(),
+                    result = result.as_str(),
+                    duration_ms = took.as_millis() as u64,
+                    generation = t.as_ref().map(|t| t.generation),
+                    expires_at = %t.as_ref().map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()).unwrap_or_default(),
+                    "token refresh"
+                );
+                self.cred.record(trigger, result, None, Some(took));
+                Attempt::Done
+            }
+            Err(Failure::Idle) => Attempt::Idle,
+            Err(Failure::Error(e)) => {
+                warn!(
+                    credential = %self.name(),
+                    trigger = trigger.as_str(),
+                    result = "failure",
+                    duration_ms = took.as_millis() as u64,
+                    error = %e,
+                    "token refresh"
+                );
+                self.cred
+                    .record(trigger, RefreshResult::Failure, Some(e), Some(took));
+                Attempt::Failed
+            }
+        }
+    }
+}
+
+enum Failure {
+    /// Logged and retried with backoff.
+    Error(String),
+    /// Nothing to do until the store changes; already reported.
+    Idle,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,310 @@
+//! The rotating `refresh_token` grant: the store protocol of DESIGN.md. Take the lease,
+//! re-read, adopt if the generation moved, else spend the refresh token and write what
+//! the answer carries with compare-and-swap, durably, before publishing it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{error, warn};
+
+use super::{Failure, Refresher};
+use crate::credential::{schedule, RefreshResult, Trigger};
+use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
+use crate::secret::Secret;
+use crate::store::{now_ms, CasOutcome, Lease, Store, StoredState};
+
+/// How long a lease is taken for: well above the token request timeout, so a lease
+/// cannot expire while its holder waits for the token endpoint.
+pub fn lease_ttl(token_timeout: Duration) -> Duration {
+    token_timeout * 3 + Duration::from_secs(5)
+}
+
+impl Refresher {
+    /// The rotating refresh protocol; see the module docs.
+    pub(super) async fn refresh_rotating(
+        &mut self,
+        trigger: Trigger,
+    ) -> Result<RefreshResult, Failure> {
+        let store = self.store.clone().expect("refresh_token grant has a store");
+        let ttl = lease_ttl(self.cred.config.token_timeout.0);
+        let deadline = Instant::now() + ttl;
+        let lease = loop {
+            match store.try_lease(self.name(), ttl).await {
+                Ok(Some(lease)) => {
+                    self.metrics.store_op("lease", true);
+                    break lease;
+                }
+                Ok(None) => {
+                    // Another process is refreshing: adopt its result as soon as it lands.
+                    if let Some(Some(s)) = self.load().await {
+                        if s.generation > self.known_generation && self.publish_stored(&s) {
+                            self.known_generation = s.generation;
+                            return Ok(RefreshResult::Adopted);
+                        }
+                    }
+                    if Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                        return Err(Failure::Error(
+                            "refresh lease is held by another process".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    self.metrics.store_op("lease", false);
+                    self.cred.set_store_error(Some(e.to_string()));
+                    return Err(Failure::Error(format!(
+                        "cannot take the refresh lease: {e}"
+                    )));
+                }
+            }
+        };
+        let result = self.refresh_holding(lease.as_ref(), trigger, &store).await;
+        lease.release().await;
+        result
+    }
+
+    async fn refresh_holding(
+        &mut self,
+        lease: &dyn Lease,
+        trigger: Trigger,
+        store: &Arc<dyn Store>,
+    ) -> Result<RefreshResult, Failure> {
+        let stored = match self.load().await {
+            None => return Err(Failure::Error("store unavailable".into())),
+            Some(None) => {
+                self.cred.set_unavailable_reason(Some(format!(
+                    "no refresh token stored yet: run `tokenrelay seed --credential {}`",
+                    self.name()
+                )));
+                return Err(Failure::Idle);
+            }
+            Some(Some(s)) => s,
+        };
+        if let Some(why) = &stored.reauthorization_required {
+            self.known_generation = stored.generation;
+            self.enter_reauthorization(why.clone());
+            return Err(Failure::Idle);
+        }
+        if stored.generation != self.known_generation {
+            // Rotated by another process since we last looked: adopt unless its token is
+            // itself due (then we refresh it, holding the lease).
+            let due = match (stored.access_expires_at_ms, trigger) {
+                (_, Trigger::Startup) => false,
+                (Some(exp), _) => {
+                    let left = Duration::from_millis(exp.saturating_sub(now_ms()));
+                    let life = Duration::from_millis(exp.saturating_sub(stored.obtained_at_ms));
+                    left <= schedule::lead(
+                        life,
+                        self.cred.config.refresh_at,
+                        self.cred.config.refresh_before.0,
+                    ) / 2
+                }
+                (None, _) => true,
+            };
+            if !due && self.publish_stored(&stored) {
+                self.known_generation = stored.generation;
+                return Ok(RefreshResult::Adopted);
+            }
+        }
+        self.known_generation = stored.generation;
+        let Some(refresh_token) = stored.refresh_token.clone() else {
+            self.enter_reauthorization("no refresh token is stored".into());
+            return Err(Failure::Idle);
+        };
+        let timeout = self.cred.config.token_timeout.0;
+        if !lease.is_held_for(timeout + Duration::from_secs(1)).await {
+            return Err(Failure::Error(
+                "refresh lease is about to expire; not sending the refresh token".into(),
+            ));
+        }
+        let client = self.client.as_ref().expect("refresh grant has a client");
+        match client
+            .request(GrantRequest::RefreshToken(&refresh_token))
+            .await
+        {
+            Ok(resp) => self.commit(store, &stored, refresh_token, resp).await,
+            Err(e) if e.is_invalid_grant() => self.rejected(store, &stored, e).await,
+            Err(e) => Err(Failure::Error(e.to_string())),
+        }
+    }
+
+    /// Makes what the answer carries durable, then publishes it. The old refresh token
+    /// is dead at the server now, so the write is retried until it succeeds (bounded only
+    /// by shutdown grace, after which the loss is logged loudly). A new refresh token is
+    /// stored even when the answer's access-token part is unusable: the attempt then
+    /// fails, the current access token keeps serving, and the next attempt presents the
+    /// new refresh token.
+    async fn commit(
+        &mut self,
+        store: &Arc<dyn Store>,
+        stored: &StoredState,
+        old_refresh: Secret,
+        answer: TokenAnswer,
+    ) -> Result<RefreshResult, Failure> {
+        let now = now_ms();
+        let access = match answer.access {
+            Ok(access) => access,
+            Err(e) => {
+                let Some(refresh_token) = answer.refresh_token else {
+                    // Nothing new to keep: the presented refresh token is still the live one.
+                    return Err(Failure::Error(e.to_string()));
+                };
+                let new = StoredState {
+                    generation: stored.generation + 1,
+                    refresh_token: Some(refresh_token),
+                    updated_at_ms: now,
+                    updated_by: self.instance_id.clone(),
+                    reauthorization_required: None,
+                    // The stored access token is still the one in use.
+                    ..stored.clone()
+                };
+                self.write_durably(store, stored.generation, &new).await?;
+                self.known_generation = new.generation;
+                warn!(credential = %self.name(), generation = new.generation,
+                    "token endpoint rotated the refresh token but its access token is unusable; the new refresh token is stored, the current access token stays in use");
+                return Err(Failure::Error(format!(
+                    "{e} (the new refresh token was stored; the next refresh uses it)"
+                )));
+            }
+        };
+        let new = StoredState {
+            generation: stored.generation + 1,
+            access_expires_at_ms: Some(now + access.expires_in.as_millis() as u64),
+            access_token: Some(access.token),
+            // RFC 6749 §6: no refresh_token in the answer means the old one stays valid.
+            refresh_token: Some(answer.refresh_token.unwrap_or(old_refresh)),
+            obtained_at_ms: now,
+            updated_at_ms: now,
+            updated_by: self.instance_id.clone(),
+            reauthorization_required: None,
+        };
+        self.write_durably(store, stored.generation, &new).await?;
+        self.known_generation = new.generation;
+        self.cred
+            .publish(
+                new.access_token.as_ref().expect("set above"),
+                new.generation,
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
+            )
+            .map_err(|e| Failure::Error(e.to_string()))?;
+        Ok(RefreshResult::Success)
+    }
+
+    /// Compare-and-swap of `new` over generation `expected`, retried while the store
+    /// fails (the answer being written may hold the only live refresh token).
+    async fn write_durably(
+        &mut self,
+        store: &Arc<dyn Store>,
+        expected: u64,
+        new: &StoredState,
+    ) -> Result<(), Failure> {
+        let mut delay = Duration::from_millis(50);
+        let mut grace_deadline: Option<Instant> = None;
+        loop {
+            match store.compare_and_swap(self.name(), expected, new).await {
+                Ok(CasOutcome::Swapped) => {
+                    self.metrics.store_op("compare_and_swap", true);
+                    self.cred.set_store_error(None);
+                    return Ok(());
+                }
+                Ok(CasOutcome::Conflict { current_generation })
+                    if current_generation == new.generation
+                        && self.is_our_write(store, new).await =>
+                {
+                    // An earlier attempt was written but its answer was lost.
+                    self.metrics.store_op("compare_and_swap", true);
+                    self.cred.set_store_error(None);
+                    return Ok(());
+                }
+                Ok(CasOutcome::Conflict { current_generation }) => {
+                    self.metrics.store_op("compare_and_swap", false);
+                    // Only a write without the lease (seed/authorize) can get here; the
+                    // operator's new state wins and is adopted through the watch.
+                    error!(credential = %self.name(), expected, found = current_generation,
+                        "stored state changed during a refresh (seed or authorize?); keeping the stored state");
+                    return Err(Failure::Error("stored state changed during refresh".into()));
+                }
+                Err(e) => {
+                    self.metrics.store_op("compare_and_swap", false);
+                    self.cred.set_store_error(Some(e.to_string()));
+                    error!(credential = %self.name(), error = %e, "cannot persist the rotated token yet; retrying");
+                    if self.shutdown.is_cancelled() {
+                        let d = *grace_deadline
+                            .get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
+                        if Instant::now() >= d {
+                            error!(credential = %self.name(), "giving up persisting the rotated token at shutdown; re-authorization will be needed");
+                            return Err(Failure::Error(
+                                "rotated token could not be persisted".into(),
+                            ));
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// True if the store holds exactly `new` (same generation and refresh token).
+    async fn is_our_write(&self, store: &Arc<dyn Store>, new: &StoredState) -> bool {
+        matches!(store.load(self.name()).await,
+            Ok(Some(s)) if s.generation == new.generation && s.refresh_token == new.refresh_token)
+    }
+
+    /// `invalid_grant`: adopt if another process rotated meanwhile, else record that a
+    /// human must re-authorize, so no process presents the dead token again.
+    async fn rejected(
+        &mut self,
+        store: &Arc<dyn Store>,
+        stored: &StoredState,
+        e: TokenError,
+    ) -> Result<RefreshResult, Failure> {
+        if let Some(Some(now)) = self.load().await {
+            if now.generation != stored.generation {
+                self.known_generation = now.generation;
+                if self.publish_stored(&now) {
+                    return Ok(RefreshResult::Adopted);
+                }
+                return Err(Failure::Error(format!(
+                    "{e}; the stored state changed meanwhile, retrying with it"
+                )));
+            }
+        }
+        let why = e.to_string();
+        let t = now_ms();
+        let marker = StoredState {
+            generation: stored.generation + 1,
+            access_token: None,
+            access_expires_at_ms: None,
+            refresh_token: None,
+            obtained_at_ms: stored.obtained_at_ms,
+            updated_at_ms: t,
+            updated_by: self.instance_id.clone(),
+            reauthorization_required: Some(why.clone()),
+        };
+        match store
+            .compare_and_swap(self.name(), stored.generation, &marker)
+            .await
+        {
+            Ok(CasOutcome::Swapped) => {
+                self.metrics.store_op("compare_and_swap", true);
+                self.known_generation = marker.generation;
+            }
+            Ok(CasOutcome::Conflict { .. }) => {
+                self.metrics.store_op("compare_and_swap", false);
+                return Err(Failure::Error(format!(
+                    "{e}; the stored state changed meanwhile"
+                )));
+            }
+            Err(se) => {
+                self.metrics.store_op("compare_and_swap", false);
+                warn!(credential = %self.name(), error = %se, "cannot record the rejection in the store");
+            }
+        }
+        self.enter_reauthorization(why.clone());
+        self.cred
+            .record(Trigger::Scheduled, RefreshResult::Failure, Some(why), None);
+        Err(Failure::Idle)
+    }
+}

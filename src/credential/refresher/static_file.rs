@@ -1,0 +1,82 @@
+//! The static grant: a long-lived token from the config or a `token_file`.
+
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::Refresher;
+use crate::credential::{RefreshResult, Trigger};
+
+/// How often a static token's `token_file` is re-read (mounted secrets are replaced in
+/// place when rotated).
+const STATIC_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Refresher {
+    pub(super) async fn run_static(self) {
+        // A static token does not expire; a century stands in for "never".
+        let never = || SystemTime::now() + Duration::from_secs(100 * 365 * 86400);
+        let mut token = self.cred.config.static_token.clone().expect("validated");
+        let mut generation = 1;
+        if let Err(e) = self.cred.publish(&token, generation, never()) {
+            // Checked by the config already; reported rather than trusted.
+            self.cred.record(
+                Trigger::Startup,
+                RefreshResult::Failure,
+                Some(e.to_string()),
+                None,
+            );
+        } else {
+            self.cred
+                .record(Trigger::Startup, RefreshResult::Success, None, None);
+        }
+        let file = self.cred.config.static_token_file.clone();
+        let mut last_error: Option<String> = None;
+        loop {
+            let trigger = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(STATIC_RELOAD_INTERVAL), if file.is_some() => Trigger::Scheduled,
+                _ = self.cred.demand_notify.notified() => {
+                    if self.cred.take_demand().is_none() {
+                        continue;
+                    }
+                    Trigger::Upstream401
+                }
+            };
+            let read = file.as_deref().map(|f| {
+                crate::config::read_static_token(f).and_then(|fresh| {
+                    if fresh.expose() == token.expose() {
+                        return Ok(None);
+                    }
+                    self.cred
+                        .publish(&fresh, generation + 1, never())
+                        .map(|()| Some(fresh))
+                        .map_err(|e| format!("{}: {e}", f.display()))
+                })
+            });
+            match read {
+                Some(Ok(Some(fresh))) => {
+                    token = fresh;
+                    generation += 1;
+                    self.cred
+                        .record(trigger, RefreshResult::Success, None, None);
+                    info!(credential = %self.name(), generation, trigger = trigger.as_str(), "static token reloaded from its token_file");
+                    last_error = None;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    // Reported once per distinct problem; the previous token stays in use.
+                    if last_error.as_ref() != Some(&e) {
+                        warn!(credential = %self.name(), error = %e, "cannot use the static token file; keeping the current token");
+                        let why = format!("token_file {e}; keeping the previous token");
+                        self.cred
+                            .record(trigger, RefreshResult::Failure, Some(why), None);
+                        last_error = Some(e);
+                    }
+                }
+                Some(Ok(None)) | None => {}
+            }
+            // Nothing newer: requests waiting after a 401 pass it on now.
+            self.cred.wake_waiters();
+        }
+    }
+}

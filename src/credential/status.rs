@@ -1,0 +1,101 @@
+//! What a credential shows: its state (DESIGN.md), the `/status` entry and the gauges.
+
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use super::{Credential, RefreshResult, State, Trigger};
+use crate::metrics::STATES;
+
+/// The last refresh, as shown by `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastRefresh {
+    #[serde(serialize_with = "ser_time")]
+    pub at: SystemTime,
+    pub trigger: Trigger,
+    pub result: RefreshResult,
+    pub error: Option<String>,
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
+}
+
+impl Credential {
+    /// The state per DESIGN.md, derived from the cell and the facts.
+    pub fn state(&self) -> State {
+        let f = self.facts.lock().unwrap();
+        if f.reauthorization.is_some() {
+            return State::ReauthorizationRequired;
+        }
+        match self.usable(Instant::now()) {
+            Some(_) if f.failing || f.store_error.is_some() => State::Degraded,
+            Some(_) => State::Ready,
+            None if !f.attempted && f.unavailable_reason.is_none() => State::Initializing,
+            None => State::Unavailable,
+        }
+    }
+
+    /// The `/status` entry; never a token value.
+    pub fn status(&self) -> serde_json::Value {
+        let state = self.state();
+        let token = self.current();
+        let now_wall = SystemTime::now();
+        let expiring = token
+            .as_ref()
+            .filter(|_| self.config.grant != crate::config::Grant::Static);
+        let f = self.facts.lock().unwrap();
+        serde_json::json!({
+            "state": state,
+            "grant": self.config.grant,
+            "generation": token.as_ref().map(|t| t.generation),
+            // A static token never expires: no expiry to show.
+            "expires_in_seconds": expiring.map(|t| {
+                t.expires_at_wall.duration_since(now_wall).map(|d| d.as_secs() as i64).unwrap_or(0)
+            }),
+            "expires_at": expiring.map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()),
+            "last_refresh": f.last_refresh,
+            "last_success_at": f.last_success.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "store_error": f.store_error,
+            "reauthorization_required": f.reauthorization.as_ref().map(|why| serde_json::json!({
+                "reason": why,
+                "action": format!("obtain a new refresh token and run: tokenrelay seed --config FILE --credential {} --refresh-token-file FILE (or tokenrelay authorize); running instances pick it up within seconds", self.name),
+            })),
+            "detail": if state == State::Unavailable || state == State::Initializing { f.unavailable_reason.clone() } else { None },
+        })
+    }
+
+    /// Sets the state-derived gauges (also called before each scrape, since expiry
+    /// changes the state without any event).
+    pub fn update_gauges(&self) {
+        let m = &self.registry;
+        let state = self.state();
+        for s in STATES {
+            m.state
+                .with_label_values(&[&self.name, s])
+                .set(i64::from(s == state.as_str()));
+        }
+        let ready = matches!(state, State::Ready | State::Degraded);
+        m.ready
+            .with_label_values(&[&self.name])
+            .set(i64::from(ready));
+        if let Some(t) = self.current() {
+            let exp = t
+                .expires_at_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            m.expiry_timestamp.with_label_values(&[&self.name]).set(exp);
+            m.generation
+                .with_label_values(&[&self.name])
+                .set(t.generation as i64);
+        }
+        if let Some(t) = self.facts.lock().unwrap().last_success {
+            let secs = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            m.last_success.with_label_values(&[&self.name]).set(secs);
+        }
+    }
+}

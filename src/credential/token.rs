@@ -1,0 +1,129 @@
+//! The access token in the cell: its header values, built once per refresh, and the
+//! facts the hot path reads or sets about it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderValue;
+
+use crate::secret::{InvalidToken, Secret};
+
+/// A token is treated as expired this long before its stated expiry (clock skew and the
+/// time the request spends in flight), capped at a quarter of its lifetime.
+pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// The access token currently in use, with its header values built once per refresh.
+pub struct ActiveToken {
+    pub generation: u64,
+    /// One value per header format of the upstreams using this credential, marked
+    /// sensitive so HTTP/2 never indexes it.
+    headers: Box<[HeaderValue]>,
+    pub expires_at: Instant,
+    pub expires_at_wall: SystemTime,
+    /// `expires_at` minus the safety margin: after this the token is not sent.
+    usable_until: Instant,
+    pub lifetime: Duration,
+    /// Set once the upstream answered a request carrying this token with anything but
+    /// 401: a later 401 then means revocation, not a permission problem.
+    accepted: AtomicBool,
+}
+
+impl std::fmt::Debug for ActiveToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveToken")
+            .field("generation", &self.generation)
+            .field("expires_at", &self.expires_at)
+            .field("value", &crate::secret::REDACTED)
+            .finish()
+    }
+}
+
+impl ActiveToken {
+    /// The token with its header value for each of `formats`; refused when it cannot
+    /// make a valid header, so no request ever carries an empty or partial credential.
+    pub(crate) fn new(
+        access_token: &Secret,
+        formats: &[String],
+        generation: u64,
+        expires_at_wall: SystemTime,
+    ) -> Result<ActiveToken, InvalidToken> {
+        access_token.check_token()?;
+        let headers = formats
+            .iter()
+            .map(|f| {
+                let mut v = HeaderValue::from_str(&f.replace("{token}", access_token.expose()))
+                    .map_err(|_| InvalidToken::Control)?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .collect::<Result<Box<[HeaderValue]>, InvalidToken>>()?;
+        let remaining = expires_at_wall
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let expires_at = Instant::now() + remaining;
+        let margin = EXPIRY_MARGIN.min(remaining / 4);
+        Ok(ActiveToken {
+            generation,
+            headers,
+            expires_at,
+            expires_at_wall,
+            usable_until: expires_at - margin,
+            lifetime: remaining,
+            accepted: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.usable_until.saturating_duration_since(now)
+    }
+
+    /// The header value for format `slot`.
+    pub fn header(&self, slot: usize) -> HeaderValue {
+        self.headers[slot].clone()
+    }
+
+    /// The header value for format `slot`, as bytes.
+    pub fn header_bytes(&self, slot: usize) -> &[u8] {
+        self.headers[slot].as_bytes()
+    }
+
+    /// Records that the upstream accepted this token (any answer but 401). Read first so
+    /// the hot path writes the shared cache line once per token, not per request.
+    pub fn mark_accepted(&self) {
+        if !self.accepted.load(Ordering::Relaxed) {
+            self.accepted.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the upstream ever accepted this token.
+    pub fn was_accepted(&self) -> bool {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_one_sensitive_header_per_format_and_refuses_broken_tokens() {
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let formats = ["Bearer {token}".to_string(), "{token}".to_string()];
+        let t = ActiveToken::new(&Secret::new("abc"), &formats, 3, later).unwrap();
+        assert_eq!(t.header(0), "Bearer abc");
+        assert_eq!(t.header_bytes(1), b"abc");
+        assert!(t.header(0).is_sensitive());
+        assert!(t.is_usable(Instant::now()));
+        assert!(!format!("{t:?}").contains("abc"));
+        assert!(!t.was_accepted());
+        t.mark_accepted();
+        assert!(t.was_accepted());
+        for bad in ["", "a\nb", "a\u{7f}"] {
+            assert!(ActiveToken::new(&Secret::new(bad), &formats, 1, later).is_err());
+        }
+    }
+}
