@@ -113,6 +113,7 @@ pub async fn run(
         let r = Refresher::new(
             cred.clone(),
             store.clone(),
+            config.store.lease_ttl.map(|t| t.0),
             config.runtime.instance_id.clone(),
             metrics.clone(),
             stop_refreshing.clone(),

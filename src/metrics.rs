@@ -40,6 +40,7 @@ pub struct Metrics {
     waiters: IntCounterVec,
     retries_401: IntCounterVec,
     pub store_ops: IntCounterVec,
+    lease_lost: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -127,6 +128,11 @@ impl Metrics {
                 "Requests that waited on an in-flight refresh.",
                 &["credential"],
             ),
+            lease_lost: cv(
+                "tokenrelay_refresh_lease_lost_total",
+                "Refreshes whose store lease could not be renewed after the refresh token was sent (the write then relies on compare-and-swap on the generation).",
+                &["credential"],
+            ),
             retries_401: cv(
                 "tokenrelay_upstream_401_retries_total",
                 "Requests retried after an upstream 401, by result.",
@@ -181,6 +187,11 @@ impl Metrics {
             refresh_duration: self.refresh_duration.with_label_values(&[name]),
             waiters: self.waiters.with_label_values(&[name]),
         }
+    }
+
+    /// Counts a refresh that lost its lease after sending the refresh token.
+    pub fn lease_lost(&self, credential: &str) {
+        self.lease_lost.with_label_values(&[credential]).inc();
     }
 
     /// Counts a store operation.

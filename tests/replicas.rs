@@ -804,6 +804,95 @@ async fn three_replicas_share_an_etcd_store_under_load() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 1b. A token endpoint slower than the lease TTL: the lease is renewed while held.
+// ---------------------------------------------------------------------------------------
+
+/// Three replicas, `store.lease_ttl: 2s`, and a token endpoint that takes 3 s to answer:
+/// without renewal the holder's lease would expire mid-request and another replica would
+/// spend the same refresh token. Renewed every third of the TTL, it outlives the refresh:
+/// exactly one refresh per rotation, no reuse, no client-visible error.
+async fn slow_endpoint_outlasting_the_lease_ttl(backend: &str, store_yaml: &str) {
+    const N: usize = 3;
+    const DURATION: Duration = Duration::from_secs(22);
+    let auth = AuthServer::start(AuthServerOptions {
+        response_delay: Duration::from_secs(3),
+        ..rotating(Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url) = (auth.token_url(), api.url());
+    let store_yaml = format!("{store_yaml}  lease_ttl: 2s\n");
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "6s",
+    };
+    let mut replicas = start_fleet(N, dir.path(), backend, &spec, &auth).await;
+    let before = auth.stats();
+    let load = Load::start(
+        replicas.iter().map(|r| r.url("/api/v4/leads")).collect(),
+        6,
+        Duration::from_millis(10),
+    );
+    tokio::time::sleep(DURATION).await;
+    let report = load.stop().await;
+    let after = auth.stats();
+    let mut lost = 0.0;
+    for r in &replicas {
+        let m = metrics_text(&r.admin_url()).await;
+        lost += metric(&m, "tokenrelay_refresh_lease_lost_total", &[]);
+    }
+    for r in &mut replicas {
+        r.terminate().await;
+    }
+    show_logs(&replicas);
+    let refreshes = after.refreshes - before.refreshes;
+    let rotations = after.rotations - before.rotations;
+    eprintln!(
+        "{backend}: lease_ttl 2s, token endpoint 3s: {rotations} rotations, {refreshes} refreshes, \
+         reuse detected {}, leases lost {lost}; clients {} ok, {} 401, {} 5xx",
+        after.refresh_reuse_detected, report.ok, report.unauthorized, report.server_errors
+    );
+    assert_no_reuse(&after, &replicas);
+    assert!(rotations >= 2, "too few rotations ({rotations}) to tell");
+    assert_eq!(refreshes, rotations, "one refresh per rotation");
+    assert_eq!(lost, 0.0, "a lease was lost although its store was up");
+    assert_eq!(report.server_errors + report.unauthorized, 0, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_lease_outlasts_a_slow_token_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "  type: file\n  path: {}\n  poll_interval: 250ms\n",
+        dir.path().display()
+    );
+    slow_endpoint_outlasting_the_lease_ttl("file", &yaml).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_is_renewed_while_a_slow_refresh_holds_it() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    slow_endpoint_outlasting_the_lease_ttl("redis", &redis_store_yaml(&redis.url())).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lease_is_renewed_while_a_slow_refresh_holds_it() {
+    if !have_tool("etcd") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1).await;
+    slow_endpoint_outlasting_the_lease_ttl("etcd", &etcd_store_yaml(&etcd.endpoints())).await;
+}
+
+// ---------------------------------------------------------------------------------------
 // 2. The lease holder is SIGKILLed while its refresh is in flight.
 // ---------------------------------------------------------------------------------------
 

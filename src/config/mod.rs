@@ -89,6 +89,10 @@ pub struct StoreConfig {
     pub encryption_key_file: Option<PathBuf>,
     /// Upper bound on how long another process's rotation takes to be noticed.
     pub poll_interval: HumanDuration,
+    /// TTL of the refresh lease; renewed every third of it while a refresh holds it.
+    /// Unset: derived from each credential's `token_timeout` (3 × + 5 s), so the lease
+    /// outlasts the token request even without renewals.
+    pub lease_ttl: Option<HumanDuration>,
 }
 
 #[derive(Debug, Serialize)]
@@ -581,11 +585,18 @@ fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
     if poll_interval.0 < Duration::from_millis(50) || poll_interval.0 > Duration::from_secs(60) {
         p.add("store.poll_interval", "must be between 50ms and 60s");
     }
+    if raw
+        .lease_ttl
+        .is_some_and(|t| t.0 < Duration::from_secs(1) || t.0 > Duration::from_secs(600))
+    {
+        p.add("store.lease_ttl", "must be between 1s and 10m");
+    }
     StoreConfig {
         backend,
         encryption_key,
         encryption_key_file: raw.encryption_key_file,
         poll_interval,
+        lease_ttl: raw.lease_ttl,
     }
 }
 

@@ -46,6 +46,7 @@ pub struct RawStore {
     pub ca_file: Option<PathBuf>,
     pub encryption_key_file: Option<PathBuf>,
     pub poll_interval: Option<HumanDuration>,
+    pub lease_ttl: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

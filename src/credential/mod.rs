@@ -8,6 +8,7 @@
 //! - [`schedule`] and [`policy`]: the decisions, as pure functions of time and state;
 //! - [`refresher`]: one task per credential, per grant family.
 
+mod error;
 mod on_demand;
 pub mod policy;
 pub mod refresher;
@@ -26,6 +27,7 @@ use crate::config::CredentialConfig;
 use crate::metrics::{CredentialMetrics, Metrics, STATES};
 use crate::secret::{InvalidToken, Secret};
 
+pub use error::RefreshError;
 use on_demand::Demand;
 pub use on_demand::NoToken;
 pub use status::LastRefresh;

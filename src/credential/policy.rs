@@ -105,6 +105,19 @@ pub fn on_401(
     }
 }
 
+/// How often a held refresh lease is renewed: every third of its TTL, as Kubernetes
+/// leader election and careful peers do, so two renewals can fail before it runs out.
+pub fn lease_renew_interval(ttl: Duration) -> Duration {
+    ttl / 3
+}
+
+/// How long the lease must still be held, right after renewing it, to send a refresh
+/// token: the whole token request plus a second, or, under a lease TTL shorter than
+/// that, half the TTL (renewals then keep it for the rest of the request).
+pub fn lease_needed_to_send(ttl: Duration, token_timeout: Duration) -> Duration {
+    (token_timeout + Duration::from_secs(1)).min(ttl / 2)
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -121,6 +134,16 @@ mod tests {
             last_failure_ms: 10_000 - failed_ago,
             brought_forward,
         }
+    }
+
+    #[test]
+    fn lease_rules() {
+        let s = Duration::from_secs;
+        assert_eq!(lease_renew_interval(s(30)), s(10));
+        // The default TTL (3 × timeout + 5 s) covers the whole request.
+        assert_eq!(lease_needed_to_send(s(35), s(10)), s(11));
+        // A short TTL relies on renewals.
+        assert_eq!(lease_needed_to_send(s(2), s(6)), s(1));
     }
 
     #[test]

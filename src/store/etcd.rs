@@ -218,18 +218,37 @@ struct EtcdLease {
     name: String,
     id: i64,
     /// Local bound of the lease's end, advanced by each keep-alive answer.
-    held_until: Arc<StdMutex<Instant>>,
-    keeper: tokio::task::JoinHandle<()>,
+    held_until: StdMutex<Instant>,
 }
 
 #[async_trait]
 impl Lease for EtcdLease {
+    async fn renew(&self) -> bool {
+        let id = self.id;
+        let sent = Instant::now();
+        let answer = self
+            .inner
+            .request("lease", &self.name, |mut c| async move {
+                let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await;
+        match answer {
+            Ok(Some(r)) if r.ttl() > 0 => {
+                *self.held_until.lock().unwrap() = sent + Duration::from_secs(r.ttl() as u64);
+                true
+            }
+            // Expired (TTL 0), or unreachable: held_until stops advancing and runs out.
+            _ => false,
+        }
+    }
+
     async fn is_held_for(&self, needed: Duration) -> bool {
         Instant::now() + needed < *self.held_until.lock().unwrap()
     }
 
     async fn release(self: Box<Self>) {
-        self.keeper.abort();
         let id = self.id;
         // Revoking twice is harmless (the second finds no lease and fails, ignored).
         let _ = self
@@ -371,44 +390,11 @@ impl Store for EtcdStore {
                 return Err(e);
             }
         }
-        let held_until = Arc::new(StdMutex::new(
-            started + Duration::from_secs(grant.ttl().max(0) as u64),
-        ));
-        let keeper = {
-            let held_until = held_until.clone();
-            let inner = inner.clone();
-            let name = name.to_string();
-            tokio::spawn(async move {
-                // On the endpoint in use; if it fails, the lease simply runs out.
-                let Ok((mut c, _)) = inner.client("lease", &name).await else {
-                    return;
-                };
-                let Ok((mut keeper, mut stream)) = c.lease_keep_alive(id).await else {
-                    return;
-                };
-                let every = Duration::from_secs((ttl_secs as u64 / 3).max(1));
-                loop {
-                    tokio::time::sleep(every).await;
-                    let sent = Instant::now();
-                    if keeper.keep_alive().await.is_err() {
-                        return;
-                    }
-                    match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                            *held_until.lock().unwrap() =
-                                sent + Duration::from_secs(r.ttl() as u64);
-                        }
-                        _ => return, // lost: held_until stops advancing and runs out
-                    }
-                }
-            })
-        };
         Ok(Some(Box::new(EtcdLease {
             inner: inner.clone(),
             name: name.to_string(),
             id,
-            held_until,
-            keeper,
+            held_until: StdMutex::new(started + Duration::from_secs(grant.ttl().max(0) as u64)),
         })))
     }
 

@@ -280,6 +280,11 @@ struct FileLease {
 
 #[async_trait]
 impl Lease for FileLease {
+    async fn renew(&self) -> bool {
+        // The flock is held until this process closes the file or dies.
+        true
+    }
+
     async fn is_held_for(&self, _needed: Duration) -> bool {
         // A flock lasts until this process closes the file or dies: it cannot expire
         // while we hold it.

@@ -116,6 +116,11 @@ impl StoreError {
 /// A held refresh lease. Dropping it releases it (best effort); prefer `release`.
 #[async_trait]
 pub trait Lease: Send + Sync {
+    /// Extends the lease by the TTL it was taken with, counted from now, if this holder
+    /// still has it. False when that cannot be confirmed (it expired and was taken, or
+    /// the store is unreachable). The refresher renews every third of the TTL while a
+    /// refresh holds the lease.
+    async fn renew(&self) -> bool;
     /// True while the lease is certainly held for at least `needed` more time (asking the
     /// store where it can expire). A refresher checks this right before sending a refresh
     /// token and never sends it otherwise.

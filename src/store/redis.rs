@@ -43,6 +43,14 @@ end
 return 0
 "#;
 
+/// Extends the lease to ARGV[2] ms if we still hold it; 1 if so, else 0.
+const RENEW_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
 /// Remaining lease time in ms if we still hold it, else -1.
 const HELD_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -156,14 +164,34 @@ struct RedisLease {
     inner: Arc<Inner>,
     key: String,
     token: String,
-    /// Local upper bound of the lease's end (measured from before the SET was sent).
-    expires: Instant,
+    ttl: Duration,
+    /// Local upper bound of the lease's end (measured from before the last SET or
+    /// renewal was sent).
+    expires: std::sync::Mutex<Instant>,
 }
 
 #[async_trait]
 impl Lease for RedisLease {
+    async fn renew(&self) -> bool {
+        let sent = Instant::now();
+        let Ok(mut c) = self.inner.conn("lease", &self.key).await else {
+            return false;
+        };
+        let renewed: Result<i64, _> = Script::new(RENEW_SCRIPT)
+            .key(&self.key)
+            .arg(&self.token)
+            .arg(self.ttl.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await;
+        if !matches!(renewed, Ok(1)) {
+            return false;
+        }
+        *self.expires.lock().unwrap() = sent + self.ttl;
+        true
+    }
+
     async fn is_held_for(&self, needed: Duration) -> bool {
-        if Instant::now() + needed >= self.expires {
+        if Instant::now() + needed >= *self.expires.lock().unwrap() {
             return false;
         }
         let Ok(mut c) = self.inner.conn("lease", &self.key).await else {
@@ -269,7 +297,8 @@ impl Store for RedisStore {
                 inner: inner.clone(),
                 key: inner.lease_key(name),
                 token,
-                expires: started + ttl,
+                ttl,
+                expires: std::sync::Mutex::new(started + ttl),
             }) as Box<dyn Lease>
         }))
     }

@@ -18,7 +18,7 @@ impl Refresher {
             .request(grant)
             .await
             .and_then(TokenAnswer::into_response)
-            .map_err(|e| Failure::Error(e.to_string()))?;
+            .map_err(|e| Failure::Error(e.into()))?;
         let generation = self.cred.current().map(|t| t.generation).unwrap_or(0) + 1;
         self.cred
             .publish(
@@ -26,7 +26,7 @@ impl Refresher {
                 generation,
                 SystemTime::now() + resp.expires_in,
             )
-            .map_err(|e| Failure::Error(e.to_string()))?;
+            .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)
     }
 }

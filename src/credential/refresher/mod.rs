@@ -20,7 +20,7 @@ pub use rotating::lease_ttl;
 
 use super::policy::{self, On401};
 use super::schedule;
-use super::{Credential, RefreshResult, Trigger};
+use super::{Credential, RefreshError, RefreshResult, Trigger};
 use crate::config::Grant;
 use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenClient};
@@ -41,6 +41,8 @@ pub struct Refresher {
     cred: Arc<Credential>,
     client: Option<TokenClient>,
     store: Option<Arc<dyn Store>>,
+    /// TTL of the refresh lease (renewed every third of it while held).
+    lease_ttl: Duration,
     instance_id: String,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -60,6 +62,7 @@ impl Refresher {
     pub fn new(
         cred: Arc<Credential>,
         store: Option<Arc<dyn Store>>,
+        lease_ttl: Option<Duration>,
         instance_id: String,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -73,10 +76,13 @@ impl Refresher {
         } else {
             None
         };
+        let lease_ttl =
+            lease_ttl.unwrap_or_else(|| rotating::lease_ttl(cred.config.token_timeout.0));
         Ok(Refresher {
             cred,
             client,
             store,
+            lease_ttl,
             instance_id,
             metrics,
             shutdown,
@@ -88,9 +94,6 @@ impl Refresher {
         })
     }
 
-    /// A static token: published at once; a `token_file` is re-read every
-    /// [`STATIC_RELOAD_INTERVAL`] and after an upstream 401, and a changed token becomes
-    /// the next generation. A 401 with nothing new is passed through without waiting.
     fn name(&self) -> &str {
         &self.cred.name
     }
@@ -399,8 +402,12 @@ impl Refresher {
                     error = %e,
                     "token refresh"
                 );
-                self.cred
-                    .record(trigger, RefreshResult::Failure, Some(e), Some(took));
+                self.cred.record(
+                    trigger,
+                    RefreshResult::Failure,
+                    Some(e.to_string()),
+                    Some(took),
+                );
                 Attempt::Failed
             }
         }
@@ -409,7 +416,7 @@ impl Refresher {
 
 enum Failure {
     /// Logged and retried with backoff.
-    Error(String),
+    Error(RefreshError),
     /// Nothing to do until the store changes; already reported.
     Idle,
 }

@@ -2,13 +2,15 @@
 //! re-read, adopt if the generation moved, else spend the refresh token and write what
 //! the answer carries with compare-and-swap, durably, before publishing it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, warn};
 
 use super::{Failure, Refresher};
-use crate::credential::{schedule, RefreshResult, Trigger};
+use crate::credential::{policy, schedule, RefreshError, RefreshResult, Trigger};
+use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
 use crate::secret::Secret;
 use crate::store::{now_ms, CasOutcome, Lease, Store, StoredState};
@@ -26,8 +28,9 @@ impl Refresher {
         trigger: Trigger,
     ) -> Result<RefreshResult, Failure> {
         let store = self.store.clone().expect("refresh_token grant has a store");
-        let ttl = lease_ttl(self.cred.config.token_timeout.0);
-        let deadline = Instant::now() + ttl;
+        let ttl = self.lease_ttl;
+        // A holder's refresh lasts at most its token request plus the durable write.
+        let deadline = Instant::now() + ttl + self.cred.config.token_timeout.0 * 2;
         let lease = loop {
             match store.try_lease(self.name(), ttl).await {
                 Ok(Some(lease)) => {
@@ -43,22 +46,30 @@ impl Refresher {
                         }
                     }
                     if Instant::now() >= deadline || self.shutdown.is_cancelled() {
-                        return Err(Failure::Error(
-                            "refresh lease is held by another process".into(),
-                        ));
+                        return Err(Failure::Error(RefreshError::LeaseBusy));
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
                     self.metrics.store_op("lease", false);
                     self.cred.set_store_error(Some(e.to_string()));
-                    return Err(Failure::Error(format!(
-                        "cannot take the refresh lease: {e}"
-                    )));
+                    return Err(Failure::Error(RefreshError::Lease(e)));
                 }
             }
         };
-        let result = self.refresh_holding(lease.as_ref(), trigger, &store).await;
+        // Renewed every third of the TTL for as long as the refresh holds it.
+        let lost = AtomicBool::new(false);
+        let metrics = self.metrics.clone();
+        let renewing = keep_renewing(lease.as_ref(), ttl, &lost, &metrics);
+        let result = {
+            let work = self.refresh_holding(lease.as_ref(), trigger, &store, &lost);
+            tokio::pin!(work);
+            tokio::pin!(renewing);
+            tokio::select! {
+                r = &mut work => r,
+                never = &mut renewing => match never {},
+            }
+        };
         lease.release().await;
         result
     }
@@ -68,9 +79,10 @@ impl Refresher {
         lease: &dyn Lease,
         trigger: Trigger,
         store: &Arc<dyn Store>,
+        lease_lost: &AtomicBool,
     ) -> Result<RefreshResult, Failure> {
         let stored = match self.load().await {
-            None => return Err(Failure::Error("store unavailable".into())),
+            None => return Err(Failure::Error(RefreshError::StoreUnavailable)),
             Some(None) => {
                 self.cred.set_unavailable_reason(Some(format!(
                     "no refresh token stored yet: run `tokenrelay seed --credential {}`",
@@ -111,21 +123,28 @@ impl Refresher {
             self.enter_reauthorization("no refresh token is stored".into());
             return Err(Failure::Idle);
         };
-        let timeout = self.cred.config.token_timeout.0;
-        if !lease.is_held_for(timeout + Duration::from_secs(1)).await {
-            return Err(Failure::Error(
-                "refresh lease is about to expire; not sending the refresh token".into(),
-            ));
+        // Confirm the lease right before spending the refresh token: renewed now, and
+        // held long enough for the request (or for renewals to keep it).
+        let needed = policy::lease_needed_to_send(self.lease_ttl, self.cred.config.token_timeout.0);
+        if !(lease.renew().await && lease.is_held_for(needed).await) {
+            return Err(Failure::Error(RefreshError::LeaseNotConfirmed));
         }
+        lease_lost.store(false, Ordering::Relaxed);
         let client = self.client.as_ref().expect("refresh grant has a client");
-        match client
+        let answer = client
             .request(GrantRequest::RefreshToken(&refresh_token))
-            .await
-        {
-            Ok(resp) => self.commit(store, &stored, refresh_token, resp).await,
+            .await;
+        let result = match answer {
+            Ok(answer) => self.commit(store, &stored, refresh_token, answer).await,
             Err(e) if e.is_invalid_grant() => self.rejected(store, &stored, e).await,
-            Err(e) => Err(Failure::Error(e.to_string())),
+            Err(e) => Err(Failure::Error(e.into())),
+        };
+        if lease_lost.load(Ordering::Relaxed) {
+            // The compare-and-swap on the generation decided what was written.
+            self.metrics.lease_lost(self.name());
+            warn!(credential = %self.name(), "the refresh lease could not be renewed while this refresh held it; its result was written under compare-and-swap on the generation");
         }
+        result
     }
 
     /// Makes what the answer carries durable, then publishes it. The old refresh token
@@ -147,7 +166,7 @@ impl Refresher {
             Err(e) => {
                 let Some(refresh_token) = answer.refresh_token else {
                     // Nothing new to keep: the presented refresh token is still the live one.
-                    return Err(Failure::Error(e.to_string()));
+                    return Err(Failure::Error(e.into()));
                 };
                 let new = StoredState {
                     generation: stored.generation + 1,
@@ -162,9 +181,7 @@ impl Refresher {
                 self.known_generation = new.generation;
                 warn!(credential = %self.name(), generation = new.generation,
                     "token endpoint rotated the refresh token but its access token is unusable; the new refresh token is stored, the current access token stays in use");
-                return Err(Failure::Error(format!(
-                    "{e} (the new refresh token was stored; the next refresh uses it)"
-                )));
+                return Err(Failure::Error(RefreshError::UnusableAccessToken(e)));
             }
         };
         let new = StoredState {
@@ -187,7 +204,7 @@ impl Refresher {
                 SystemTime::UNIX_EPOCH
                     + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
             )
-            .map_err(|e| Failure::Error(e.to_string()))?;
+            .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)
     }
 
@@ -223,7 +240,7 @@ impl Refresher {
                     // operator's new state wins and is adopted through the watch.
                     error!(credential = %self.name(), expected, found = current_generation,
                         "stored state changed during a refresh (seed or authorize?); keeping the stored state");
-                    return Err(Failure::Error("stored state changed during refresh".into()));
+                    return Err(Failure::Error(RefreshError::StoredStateChanged));
                 }
                 Err(e) => {
                     self.metrics.store_op("compare_and_swap", false);
@@ -234,9 +251,7 @@ impl Refresher {
                             .get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
                         if Instant::now() >= d {
                             error!(credential = %self.name(), "giving up persisting the rotated token at shutdown; re-authorization will be needed");
-                            return Err(Failure::Error(
-                                "rotated token could not be persisted".into(),
-                            ));
+                            return Err(Failure::Error(RefreshError::NotPersisted));
                         }
                     }
                     tokio::time::sleep(delay).await;
@@ -266,9 +281,7 @@ impl Refresher {
                 if self.publish_stored(&now) {
                     return Ok(RefreshResult::Adopted);
                 }
-                return Err(Failure::Error(format!(
-                    "{e}; the stored state changed meanwhile, retrying with it"
-                )));
+                return Err(Failure::Error(RefreshError::RejectedWhileRotated(e)));
             }
         }
         let why = e.to_string();
@@ -293,9 +306,7 @@ impl Refresher {
             }
             Ok(CasOutcome::Conflict { .. }) => {
                 self.metrics.store_op("compare_and_swap", false);
-                return Err(Failure::Error(format!(
-                    "{e}; the stored state changed meanwhile"
-                )));
+                return Err(Failure::Error(RefreshError::RejectedWhileRotated(e)));
             }
             Err(se) => {
                 self.metrics.store_op("compare_and_swap", false);
@@ -306,5 +317,24 @@ impl Refresher {
         self.cred
             .record(Trigger::Scheduled, RefreshResult::Failure, Some(why), None);
         Err(Failure::Idle)
+    }
+}
+
+/// Renews `lease` every third of its TTL, forever (dropped when the refresh ends). A
+/// failed renewal is counted and marks the lease as possibly lost; later renewals keep
+/// trying, since the lease may still be ours (a passing store outage).
+async fn keep_renewing(
+    lease: &dyn Lease,
+    ttl: Duration,
+    lost: &AtomicBool,
+    metrics: &Metrics,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(policy::lease_renew_interval(ttl)).await;
+        let renewed = lease.renew().await;
+        metrics.store_op("lease_renew", renewed);
+        if !renewed {
+            lost.store(true, Ordering::Relaxed);
+        }
     }
 }

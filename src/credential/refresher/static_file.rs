@@ -12,6 +12,9 @@ use crate::credential::{RefreshResult, Trigger};
 const STATIC_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Refresher {
+    /// A static token: published at once; a `token_file` is re-read every
+    /// [`STATIC_RELOAD_INTERVAL`] and after an upstream 401, and a changed token becomes
+    /// the next generation. A 401 with nothing new is passed through without waiting.
     pub(super) async fn run_static(self) {
         // A static token does not expire; a century stands in for "never".
         let never = || SystemTime::now() + Duration::from_secs(100 * 365 * 86400);
