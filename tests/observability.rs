@@ -88,6 +88,7 @@ async fn seed(config: &tokenrelay::config::Config, refresh: &str) -> u64 {
         updated_at_ms: tokenrelay::store::now_ms(),
         updated_by: "test".into(),
         reauthorization_required: None,
+        ..Default::default()
     };
     assert_eq!(
         store.compare_and_swap("crm", 0, &state).await.unwrap(),

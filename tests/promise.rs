@@ -90,6 +90,7 @@ async fn seed(f: &Fixture) {
         updated_at_ms: now,
         updated_by: "test".into(),
         reauthorization_required: None,
+        ..Default::default()
     };
     assert_eq!(
         store.compare_and_swap("crm", 0, &state).await.unwrap(),

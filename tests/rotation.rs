@@ -144,6 +144,7 @@ fn refresh_only(refresh_token: &str) -> StoredState {
         updated_at_ms: now,
         updated_by: "test".into(),
         reauthorization_required: None,
+        ..Default::default()
     }
 }
 

@@ -71,6 +71,7 @@ pub async fn store_new_grant(
             updated_at_ms: now,
             updated_by: format!("{} (seed)", cfg.runtime.instance_id),
             reauthorization_required: None,
+            ..Default::default()
         };
         match store.compare_and_swap(credential, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),

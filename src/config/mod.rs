@@ -3,6 +3,8 @@
 //! reported together. Secret files are read here; the network is never contacted.
 
 mod expand;
+pub mod preset;
+pub mod provider_rules;
 mod raw;
 pub mod units;
 
@@ -16,6 +18,7 @@ use serde::Serialize;
 use url::Url;
 
 use crate::secret::Secret;
+pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules, TokenMethod};
 use raw::{RawConfig, RawCredential, RawStore, RawUpstream};
 use units::{ByteSize, HumanDuration};
 
@@ -72,6 +75,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub credentials: BTreeMap<String, CredentialConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Values filled in by provider presets: key path → `preset NAME` (for `check`).
+    #[serde(skip)]
+    pub origins: preset::Origins,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +175,8 @@ pub enum InboundAuthorization {
 #[derive(Clone, Debug, Serialize)]
 pub struct CredentialConfig {
     pub name: String,
+    /// The provider preset it starts from, if any.
+    pub provider: Option<String>,
     pub grant: Grant,
     pub token_url: Option<Url>,
     pub authorize_url: Option<Url>,
@@ -192,6 +200,13 @@ pub struct CredentialConfig {
     pub static_token: Option<Secret>,
     /// Where a static token came from; re-read when it changes (mounted secrets rotate).
     pub static_token_file: Option<PathBuf>,
+    pub token_request_method: TokenMethod,
+    pub token_params_in: ParamsIn,
+    /// Whether `redirect_uri` is also sent on refresh (amoCRM requires it).
+    pub redirect_uri_on_refresh: bool,
+    pub refresh_token: RefreshTokenRules,
+    /// Answers besides `invalid_grant` that mean the grant is dead.
+    pub dead_grant_answers: Vec<DeadGrantAnswer>,
 }
 
 /// Inbound connection limits of one listener.
@@ -243,6 +258,7 @@ impl Config {
         }
         let mut problems = Vec::new();
         expand::expand_env(&mut value, "", env, &mut problems);
+        let origins = preset::apply(&mut value, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -251,7 +267,9 @@ impl Config {
             let inner = e.into_inner().to_string();
             ConfigError::one(describe_serde_error(&path, &inner))
         })?;
-        validate(raw, env)
+        let mut config = validate(raw, env)?;
+        config.origins = origins;
+        Ok(config)
     }
 
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
@@ -377,6 +395,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         runtime,
         credentials,
         upstreams,
+        origins: preset::Origins::new(),
     })
 }
 
@@ -773,8 +792,23 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
     if p.0.len() > before {
         return None;
     }
+    let token_request_method = c.token_request_method.unwrap_or_default();
+    let token_params_in = match (token_request_method, c.token_params_in) {
+        (TokenMethod::Get, Some(ParamsIn::Body)) => {
+            p.add(
+                &at("token_params_in"),
+                "must be query when token_request_method is get",
+            );
+            ParamsIn::Query
+        }
+        (TokenMethod::Get, _) => ParamsIn::Query,
+        (TokenMethod::Post, p_in) => p_in.unwrap_or_default(),
+    };
+    provider_rules::check_dead_grant(p, &path, &c.dead_grant_answers);
+    provider_rules::check_rate_limit(p, &at("refresh_rate_limit"), &c.refresh_rate_limit);
     Some(CredentialConfig {
         name: name.to_string(),
+        provider: c.provider,
         grant,
         token_url,
         authorize_url,
@@ -802,6 +836,17 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
         password,
         static_token,
         static_token_file,
+        token_request_method,
+        token_params_in,
+        redirect_uri_on_refresh: c.redirect_uri_on_refresh.unwrap_or(true),
+        refresh_token: RefreshTokenRules {
+            rotating: c.rotating_refresh_token.unwrap_or(true),
+            idle_lifetime: c.refresh_token_idle_lifetime,
+            absolute_lifetime: c.refresh_token_absolute_lifetime,
+            rate_limit: c.refresh_rate_limit,
+            min_token_age: c.min_token_age,
+        },
+        dead_grant_answers: c.dead_grant_answers,
     })
 }
 

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, TokenMethod};
+
 use super::units::{ByteSize, HumanDuration};
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +70,10 @@ pub struct RawRuntime {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
+    pub provider: Option<String>,
+    /// Consumed by the preset step before typing (see `preset::apply`).
+    #[serde(default, rename = "provider_params")]
+    pub _provider_params: BTreeMap<String, serde_yaml::Value>,
     pub grant: Option<String>,
     pub token_url: Option<String>,
     pub client_id: Option<String>,
@@ -95,6 +101,16 @@ pub struct RawCredential {
     pub password_file: Option<PathBuf>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub token_request_method: Option<TokenMethod>,
+    pub token_params_in: Option<ParamsIn>,
+    pub redirect_uri_on_refresh: Option<bool>,
+    pub rotating_refresh_token: Option<bool>,
+    pub refresh_token_idle_lifetime: Option<HumanDuration>,
+    pub refresh_token_absolute_lifetime: Option<HumanDuration>,
+    pub refresh_rate_limit: Option<RateLimit>,
+    pub min_token_age: Option<HumanDuration>,
+    #[serde(default)]
+    pub dead_grant_answers: Vec<DeadGrantAnswer>,
 }
 
 #[derive(Debug, Deserialize)]

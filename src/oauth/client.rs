@@ -8,8 +8,8 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-use super::response::{parse, TokenAnswer, TokenError};
-use crate::config::{ClientAuth, CredentialConfig, RequestFormat};
+use super::response::{parse, Answer, TokenAnswer, TokenError};
+use crate::config::{ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod};
 use crate::secret::Secret;
 
 /// Largest token endpoint answer read; real ones are a few KiB.
@@ -89,12 +89,15 @@ impl TokenClient {
                 }
             }
         }
-        // Some providers (amoCRM among them) require redirect_uri on refresh too.
+        // Some providers (amoCRM among them) require redirect_uri on refresh too; others
+        // refuse it there (`redirect_uri_on_refresh: false`).
         if let Some(r) = &c.redirect_uri {
-            if !matches!(
-                grant,
-                GrantRequest::ClientCredentials | GrantRequest::Password
-            ) {
+            let wanted = match grant {
+                GrantRequest::AuthorizationCode { .. } => true,
+                GrantRequest::RefreshToken(_) => c.redirect_uri_on_refresh,
+                GrantRequest::ClientCredentials | GrantRequest::Password => false,
+            };
+            if wanted {
                 p.push(("redirect_uri", r.clone()));
             }
         }
@@ -129,29 +132,22 @@ impl TokenClient {
             .clone()
             .ok_or_else(|| TokenError::Transient("credential has no token_url".into()))?;
         let params = self.params(&grant);
-        let mut req = self
-            .http
-            .post(url)
-            .header(http::header::ACCEPT, "application/json");
-        req = match c.request_format {
-            RequestFormat::Form => {
-                let body = form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
-                    .finish();
-                req.header(
-                    http::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .body(body)
+        let mut req = match c.token_params_in {
+            // Bitrix24 (GET) and Zoho (POST) take the parameters in the query string;
+            // the URL then holds secrets, so it is never logged (errors omit it).
+            ParamsIn::Query => {
+                let mut url = url;
+                url.query_pairs_mut()
+                    .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())));
+                let method = match c.token_request_method {
+                    TokenMethod::Get => reqwest::Method::GET,
+                    TokenMethod::Post => reqwest::Method::POST,
+                };
+                self.http.request(method, url)
             }
-            RequestFormat::Json => {
-                let map: serde_json::Map<String, serde_json::Value> = params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
-                    .collect();
-                req.json(&map)
-            }
+            ParamsIn::Body => self.http.post(url).body_params(c.request_format, &params),
         };
+        req = req.header(http::header::ACCEPT, "application/json");
         if c.client_auth == ClientAuth::Basic {
             if let Some(secret) = &c.client_secret {
                 let enc =
@@ -174,8 +170,48 @@ impl TokenClient {
         }
         let resp = req.send().await.map_err(describe_reqwest)?;
         let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let body = read_limited(resp).await?;
-        parse(status, &body, c.default_expires_in.0)
+        let answer = Answer {
+            status,
+            content_type: &content_type,
+            body: &body,
+        };
+        parse(&answer, c.default_expires_in.0, &c.dead_grant_answers)
+    }
+}
+
+/// A body of token request parameters, as `form` or `json`.
+trait BodyParams {
+    fn body_params(self, format: RequestFormat, params: &[(&str, String)]) -> Self;
+}
+
+impl BodyParams for reqwest::RequestBuilder {
+    fn body_params(self, format: RequestFormat, params: &[(&str, String)]) -> Self {
+        match format {
+            RequestFormat::Form => {
+                let body = form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
+                    .finish();
+                self.header(
+                    http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body)
+            }
+            RequestFormat::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+                    .collect();
+                self.json(&map)
+            }
+        }
     }
 }
 

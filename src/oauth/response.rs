@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::DeadGrantAnswer;
 use crate::secret::Secret;
 
 /// The access-token part of an answer, judged usable.
@@ -63,13 +64,28 @@ pub enum TokenError {
     /// Network failure, timeout, 5xx, or a reply that is not a usable token; retried.
     #[error("{0}")]
     Transient(String),
+    /// An answer the credential's `dead_grant_answers` name: the provider's own way of
+    /// saying the refresh token (the grant) is dead, e.g. amoCRM's 401 problem+json.
+    #[error("token endpoint answered {status}, which this provider uses for a dead grant{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
+    DeadGrant { status: u16, detail: Option<String> },
 }
 
 impl TokenError {
     /// The refresh token (or code) was rejected: only a re-read of the store or a human can help.
     pub fn is_invalid_grant(&self) -> bool {
-        matches!(self, TokenError::OAuth { error, .. } if error == "invalid_grant")
+        match self {
+            TokenError::OAuth { error, .. } => error == "invalid_grant",
+            TokenError::DeadGrant { .. } => true,
+            TokenError::Transient(_) => false,
+        }
     }
+}
+
+/// A token endpoint's raw answer.
+pub struct Answer<'a> {
+    pub status: u16,
+    pub content_type: &'a str,
+    pub body: &'a [u8],
 }
 
 #[derive(Deserialize)]
@@ -81,6 +97,10 @@ struct Raw {
     scope: Option<serde_json::Value>,
     error: Option<serde_json::Value>,
     error_description: Option<serde_json::Value>,
+    /// problem+json (RFC 9457) and amoCRM's explanation fields.
+    hint: Option<serde_json::Value>,
+    detail: Option<serde_json::Value>,
+    title: Option<serde_json::Value>,
 }
 
 fn as_text(v: &serde_json::Value) -> Option<String> {
@@ -96,16 +116,22 @@ fn clean(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(300).collect()
 }
 
-/// Parses a token endpoint answer given its HTTP status and body. `Err` when it carries
-/// nothing usable; a `2xx` JSON object yields a [`TokenAnswer`] whose refresh token is
-/// taken whatever the rest says.
+/// Parses a token endpoint answer. `Err` when it carries nothing usable; a `2xx` JSON
+/// object yields a [`TokenAnswer`] whose refresh token is taken whatever the rest says.
+/// An answer matching one of `dead_grant` is [`TokenError::DeadGrant`].
 pub fn parse(
-    status: u16,
-    body: &[u8],
+    answer: &Answer<'_>,
     default_expires_in: Duration,
+    dead_grant: &[DeadGrantAnswer],
 ) -> Result<TokenAnswer, TokenError> {
+    let Answer { status, body, .. } = *answer;
     let raw: Option<Raw> = serde_json::from_slice(body).ok();
     let success = (200..300).contains(&status);
+    if !success {
+        if let Some(e) = dead_grant_error(answer, raw.as_ref(), dead_grant) {
+            return Err(e);
+        }
+    }
     // Step one: a new refresh token in a 2xx answer is never thrown away.
     let refresh_token = match (&raw, success) {
         (Some(raw), true) => salvage_refresh_token(raw),
@@ -119,6 +145,36 @@ pub fn parse(
             access,
         }),
     }
+}
+
+/// The dead-grant error for an answer one of the rules names, with the provider's short
+/// explanation when it gives one (never the body itself).
+fn dead_grant_error(
+    answer: &Answer<'_>,
+    raw: Option<&Raw>,
+    rules: &[DeadGrantAnswer],
+) -> Option<TokenError> {
+    let error = raw.and_then(|r| r.error.as_ref()).and_then(as_text);
+    if !rules.iter().any(|r| {
+        r.matches(
+            answer.status,
+            answer.content_type,
+            answer.body,
+            error.as_deref(),
+        )
+    }) {
+        return None;
+    }
+    let detail = raw.and_then(|r| {
+        [&r.hint, &r.error_description, &r.detail, &r.title, &r.error]
+            .into_iter()
+            .find_map(|v| v.as_ref().and_then(as_text))
+            .map(|d| clean(&d))
+    });
+    Some(TokenError::DeadGrant {
+        status: answer.status,
+        detail,
+    })
 }
 
 /// The refresh token of an answer: a non-empty string, whatever else is wrong with it.
@@ -238,9 +294,43 @@ mod tests {
 
     const D: Duration = Duration::from_secs(3600);
 
+    fn p(status: u16, body: &[u8], default: Duration) -> Result<TokenAnswer, TokenError> {
+        let answer = Answer {
+            status,
+            content_type: "application/json",
+            body,
+        };
+        parse(&answer, default, &[])
+    }
+
+    /// amoCRM answers a revoked or reused refresh token with 401 problem+json; with the
+    /// rule configured that is a dead grant, without it a transient failure.
+    #[test]
+    fn dead_grant_answers_are_recognised() {
+        let body = br#"{"hint":"Token has been revoked","title":"Unauthorized","type":"https://httpstatus.es/401","status":401,"detail":"The refresh token is invalid."}"#;
+        let answer = Answer {
+            status: 401,
+            content_type: "application/problem+json",
+            body,
+        };
+        let rules = [DeadGrantAnswer {
+            status: Some(401),
+            content_type: Some("application/problem+json".into()),
+            ..Default::default()
+        }];
+        let e = parse(&answer, D, &rules).unwrap_err();
+        assert!(e.is_invalid_grant(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered 401, which this provider uses for a dead grant: Token has been revoked"
+        );
+        let e = parse(&answer, D, &[]).unwrap_err();
+        assert!(!e.is_invalid_grant(), "{e}");
+    }
+
     #[test]
     fn accepts_standard_and_lenient_forms() {
-        let r = parse(
+        let r = p(
             200,
             br#"{"access_token":"a","token_type":"bearer","expires_in":"120","refresh_token":"r"}"#,
             D,
@@ -250,7 +340,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.expires_in, Duration::from_secs(120));
         assert_eq!(r.refresh_token.unwrap().expose(), "r");
-        let r = parse(200, br#"{"access_token":"a","token_type":"Bearer"}"#, D)
+        let r = p(200, br#"{"access_token":"a","token_type":"Bearer"}"#, D)
             .unwrap()
             .into_response()
             .unwrap();
@@ -266,12 +356,12 @@ mod tests {
             br#"{"token_type":"Bearer"}"#,
             br#"{"access_token":""}"#,
         ] {
-            let e = parse(200, body, D).unwrap_err();
+            let e = p(200, body, D).unwrap_err();
             assert!(matches!(e, TokenError::Transient(_)), "{e}");
             assert!(!e.to_string().contains("secret-xyz"));
         }
-        assert!(parse(200, br#"{"access_token":"a","token_type":"mac"}"#, D).is_err());
-        assert!(parse(200, br#"{"access_token":"a","refresh_token":7}"#, D).is_err());
+        assert!(p(200, br#"{"access_token":"a","token_type":"mac"}"#, D).is_err());
+        assert!(p(200, br#"{"access_token":"a","refresh_token":7}"#, D).is_err());
     }
 
     /// A 2xx answer's new refresh token survives whatever is wrong with the rest.
@@ -288,19 +378,19 @@ mod tests {
             r#""error":"server_error""#,
         ] {
             let body = format!(r#"{{"refresh_token":"r2",{rest}}}"#);
-            let answer = parse(200, body.as_bytes(), D).unwrap();
+            let answer = p(200, body.as_bytes(), D).unwrap();
             assert_eq!(answer.refresh_token.unwrap().expose(), "r2", "{rest}");
             let e = answer.access.unwrap_err();
             assert!(!e.to_string().contains("r2"), "{e}");
         }
         // Not a 2xx, or an empty refresh token: nothing to keep.
-        assert!(parse(400, br#"{"refresh_token":"r2","error":"invalid_grant"}"#, D).is_err());
-        assert!(parse(200, br#"{"refresh_token":"","expires_in":0}"#, D).is_err());
+        assert!(p(400, br#"{"refresh_token":"r2","error":"invalid_grant"}"#, D).is_err());
+        assert!(p(200, br#"{"refresh_token":"","expires_in":0}"#, D).is_err());
     }
 
     #[test]
     fn oauth_errors() {
-        let e = parse(
+        let e = p(
             400,
             br#"{"error":"invalid_grant","error_description":"expired"}"#,
             D,
@@ -311,6 +401,6 @@ mod tests {
             e.to_string(),
             "token endpoint answered 400 invalid_grant: expired"
         );
-        assert!(!parse(503, b"busy", D).unwrap_err().is_invalid_grant());
+        assert!(!p(503, b"busy", D).unwrap_err().is_invalid_grant());
     }
 }

@@ -48,6 +48,10 @@ struct Payload {
     updated_by: String,
     #[serde(default)]
     reauthorization_required: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    authorized_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_expires_at_ms: Option<u64>,
 }
 
 fn aad(name: &str, generation: u64) -> Vec<u8> {
@@ -77,6 +81,8 @@ impl Codec {
             updated_at_ms: s.updated_at_ms,
             updated_by: s.updated_by.clone(),
             reauthorization_required: s.reauthorization_required.clone(),
+            authorized_at_ms: s.authorized_at_ms,
+            refresh_expires_at_ms: s.refresh_expires_at_ms,
         };
         let mut env = Envelope {
             version: FORMAT_VERSION,
@@ -156,6 +162,8 @@ impl Codec {
             updated_at_ms: payload.updated_at_ms,
             updated_by: payload.updated_by,
             reauthorization_required: payload.reauthorization_required,
+            authorized_at_ms: payload.authorized_at_ms,
+            refresh_expires_at_ms: payload.refresh_expires_at_ms,
         })
     }
 }

@@ -270,6 +270,7 @@ fn rolled_back(name: &str, mark: u64, older: Option<StoredState>) -> StoredState
         obtained_at_ms,
         updated_at_ms,
         updated_by,
+        ..Default::default()
     }
 }
 
@@ -406,6 +407,7 @@ mod tests {
             updated_at_ms: 2,
             updated_by: "test".into(),
             reauthorization_required: None,
+            ..Default::default()
         }
     }
 

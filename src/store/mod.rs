@@ -22,7 +22,7 @@ use crate::config::{StoreBackend, StoreConfig};
 use crate::secret::Secret;
 
 /// What is stored per credential. Generation 0 means "nothing stored yet".
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StoredState {
     /// +1 per rotation (and per seed/authorize/rejection); the CAS key.
     pub generation: u64,
@@ -38,6 +38,22 @@ pub struct StoredState {
     /// Set when the refresh token was rejected (`invalid_grant`): why, and that a human
     /// must seed or authorize again. Never cleared except by a new seed/authorize.
     pub reauthorization_required: Option<String>,
+    /// When the grant was authorized (`authorize`/`seed`); refresh tokens with an
+    /// absolute lifetime die that long after it.
+    pub authorized_at_ms: Option<u64>,
+    /// When the current refresh token dies unless used again before (idle lifetime), or
+    /// at the latest (absolute lifetime, or what the token endpoint said): the earlier.
+    pub refresh_expires_at_ms: Option<u64>,
+}
+
+impl StoredState {
+    /// A long-lived access token stored without a refresh token (YooMoney; amoCRM's
+    /// long-lived tokens): used as it is, never refreshed.
+    pub fn is_long_lived(&self) -> bool {
+        self.refresh_token.is_none()
+            && self.access_token.is_some()
+            && self.reauthorization_required.is_none()
+    }
 }
 
 /// Milliseconds since the Unix epoch.

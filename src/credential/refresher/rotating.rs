@@ -194,6 +194,7 @@ impl Refresher {
             updated_at_ms: now,
             updated_by: self.instance_id.clone(),
             reauthorization_required: None,
+            ..Default::default()
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;
@@ -295,6 +296,7 @@ impl Refresher {
             updated_at_ms: t,
             updated_by: self.instance_id.clone(),
             reauthorization_required: Some(why.clone()),
+            ..Default::default()
         };
         match store
             .compare_and_swap(self.name(), stored.generation, &marker)

@@ -1,0 +1,399 @@
+//! Provider presets: data, not code. One YAML file per provider under
+//! `src/config/presets/`, embedded at build time, stating its sources, its parameters and
+//! the defaults it gives a credential (`credentials.<name>.provider: amocrm`).
+//!
+//! A preset is applied to the config document before it is typed: its `credential`
+//! mapping, with `{param}` placeholders filled from `provider_params`, supplies every key
+//! the user's entry does not set (whatever the user sets wins), and its `header_format`
+//! becomes the `format` of upstreams using that credential unless they set one. Each
+//! value taken from a preset is recorded with its origin, for `check`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+/// The embedded preset files, by name.
+const FILES: &[(&str, &str)] = &[
+    ("amocrm", include_str!("presets/amocrm.yaml")),
+    ("kommo", include_str!("presets/kommo.yaml")),
+    ("bitrix24", include_str!("presets/bitrix24.yaml")),
+    ("elma365", include_str!("presets/elma365.yaml")),
+    ("yoomoney", include_str!("presets/yoomoney.yaml")),
+    ("hubspot", include_str!("presets/hubspot.yaml")),
+    ("salesforce", include_str!("presets/salesforce.yaml")),
+    ("zoho", include_str!("presets/zoho.yaml")),
+    ("google", include_str!("presets/google.yaml")),
+    ("microsoft", include_str!("presets/microsoft.yaml")),
+    ("xero", include_str!("presets/xero.yaml")),
+    ("intuit", include_str!("presets/intuit.yaml")),
+    ("atlassian", include_str!("presets/atlassian.yaml")),
+    ("dropbox", include_str!("presets/dropbox.yaml")),
+    ("okta", include_str!("presets/okta.yaml")),
+    ("keycloak", include_str!("presets/keycloak.yaml")),
+    ("auth0", include_str!("presets/auth0.yaml")),
+];
+
+/// One provider preset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    pub name: String,
+    pub title: String,
+    /// The provider's main OAuth documentation.
+    pub docs: String,
+    /// Every URL a fact of the preset comes from.
+    pub sources: Vec<String>,
+    #[serde(default)]
+    pub params: BTreeMap<String, Param>,
+    /// Defaults for `credentials.<name>`: the same keys as the config.
+    #[serde(default)]
+    pub credential: Mapping,
+    /// Default `format` of upstreams using the credential.
+    pub header_format: Option<String>,
+    /// Facts the sources do not settle, and the safe default chosen.
+    pub uncertain: Option<String>,
+}
+
+/// A `provider_params` entry a preset takes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Param {
+    pub description: String,
+    #[serde(default = "yes")]
+    pub required: bool,
+    pub default: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Every embedded preset, in a stable order.
+pub fn all() -> Vec<Preset> {
+    FILES
+        .iter()
+        .map(|(name, _)| get(name).expect("embedded"))
+        .collect()
+}
+
+/// The preset called `name`.
+pub fn get(name: &str) -> Option<Preset> {
+    let (_, text) = FILES.iter().find(|(n, _)| *n == name)?;
+    Some(serde_yaml::from_str(text).unwrap_or_else(|e| {
+        // Embedded data: a malformed file is a build defect, caught by the unit tests.
+        panic!("preset {name} is malformed: {e}")
+    }))
+}
+
+/// Names of the embedded presets.
+pub fn names() -> Vec<&'static str> {
+    FILES.iter().map(|(n, _)| *n).collect()
+}
+
+/// Where a resolved value came from, for `check`: `credentials.crm.token_url` →
+/// `preset amocrm`.
+pub type Origins = BTreeMap<String, String>;
+
+impl Preset {
+    /// The preset's credential defaults with `params` filled in; errors name what is
+    /// wrong (relative to `path`, the credential's key path).
+    pub fn resolve(
+        &self,
+        path: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<Mapping, Vec<String>> {
+        let mut problems = Vec::new();
+        for key in params.keys() {
+            if !self.params.contains_key(key) {
+                problems.push(format!(
+                    "{path}.provider_params.{key}: unknown parameter of preset {} (it takes: {})",
+                    self.name,
+                    self.param_list()
+                ));
+            }
+        }
+        let mut values = BTreeMap::new();
+        for (key, p) in &self.params {
+            match (params.get(key), &p.default) {
+                (Some(v), _) if v.trim().is_empty() => {
+                    problems.push(format!("{path}.provider_params.{key}: is empty"))
+                }
+                (Some(v), _) => {
+                    values.insert(key.clone(), v.clone());
+                }
+                (None, Some(d)) => {
+                    values.insert(key.clone(), d.clone());
+                }
+                (None, None) if p.required => problems.push(format!(
+                    "{path}.provider_params.{key}: required by preset {} ({})",
+                    self.name, p.description
+                )),
+                (None, None) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut resolved = self.credential.clone();
+        for (_, v) in resolved.iter_mut() {
+            fill(v, &values);
+        }
+        // A key that needs an optional parameter the user did not give (Bitrix24's
+        // authorize URL needs `portal`) is left out rather than filled half.
+        let unfilled: Vec<String> = self
+            .params
+            .keys()
+            .filter(|k| !values.contains_key(*k))
+            .map(|k| format!("{{{k}}}"))
+            .collect();
+        resolved.retain(|_, v| !mentions_any(v, &unfilled));
+        Ok(resolved)
+    }
+
+    fn param_list(&self) -> String {
+        if self.params.is_empty() {
+            "none".into()
+        } else {
+            self.params.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+}
+
+/// Whether any string in `v` contains one of `needles`.
+fn mentions_any(v: &Value, needles: &[String]) -> bool {
+    match v {
+        Value::String(s) => needles.iter().any(|n| s.contains(n.as_str())),
+        Value::Sequence(items) => items.iter().any(|i| mentions_any(i, needles)),
+        Value::Mapping(m) => m.iter().any(|(_, i)| mentions_any(i, needles)),
+        _ => false,
+    }
+}
+
+/// Replaces `{param}` placeholders in every string of `v`.
+fn fill(v: &mut Value, values: &BTreeMap<String, String>) {
+    match v {
+        Value::String(s) => {
+            for (k, val) in values {
+                *s = s.replace(&format!("{{{k}}}"), val);
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(|i| fill(i, values)),
+        Value::Mapping(m) => m.iter_mut().for_each(|(_, i)| fill(i, values)),
+        _ => {}
+    }
+}
+
+/// Applies the presets named by `credentials.*.provider` to the config document: fills
+/// in what each entry does not set, and the header format of upstreams using it.
+/// Returns where each filled value came from; problems are pushed as messages.
+pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
+    let mut origins = Origins::new();
+    let mut formats: BTreeMap<String, (String, String)> = BTreeMap::new();
+    if let Some(creds) = doc.get_mut("credentials").and_then(Value::as_mapping_mut) {
+        for (name, entry) in creds.iter_mut() {
+            let (Some(name), Some(entry)) = (name.as_str(), entry.as_mapping_mut()) else {
+                continue;
+            };
+            let path = format!("credentials.{name}");
+            let Some(provider) = entry.get("provider") else {
+                continue;
+            };
+            let Some(provider) = provider.as_str().map(str::to_owned) else {
+                problems.push(format!("{path}.provider: must be a preset name"));
+                continue;
+            };
+            let Some(preset) = get(&provider) else {
+                problems.push(format!(
+                    "{path}.provider: unknown preset {provider:?} (known: {}; `tokenrelay providers` lists them)",
+                    names().join(", ")
+                ));
+                continue;
+            };
+            let params = match params_of(entry, &path) {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
+            let defaults = match preset.resolve(&path, &params) {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.extend(e);
+                    continue;
+                }
+            };
+            for (key, value) in defaults {
+                if entry.contains_key(&key) {
+                    continue;
+                }
+                if let Some(k) = key.as_str() {
+                    origins.insert(format!("{path}.{k}"), format!("preset {provider}"));
+                }
+                entry.insert(key, value);
+            }
+            if let Some(f) = preset.header_format {
+                formats.insert(name.to_string(), (f, provider));
+            }
+        }
+    }
+    if let Some(ups) = doc.get_mut("upstreams").and_then(Value::as_mapping_mut) {
+        for (name, entry) in ups.iter_mut() {
+            let (Some(name), Some(entry)) = (name.as_str(), entry.as_mapping_mut()) else {
+                continue;
+            };
+            let cred = entry.get("credential").and_then(Value::as_str);
+            let Some((format, provider)) = cred.and_then(|c| formats.get(c)) else {
+                continue;
+            };
+            if !entry.contains_key("format") {
+                entry.insert("format".into(), Value::String(format.clone()));
+                origins.insert(
+                    format!("upstreams.{name}.format"),
+                    format!("preset {provider}"),
+                );
+            }
+        }
+    }
+    origins
+}
+
+/// `provider_params` of a credential entry as strings.
+fn params_of(entry: &Mapping, path: &str) -> Result<BTreeMap<String, String>, String> {
+    let Some(v) = entry.get("provider_params") else {
+        return Ok(BTreeMap::new());
+    };
+    let Some(m) = v.as_mapping() else {
+        return Err(format!(
+            "{path}.provider_params: must be a mapping of names to values"
+        ));
+    };
+    m.iter()
+        .map(|(k, v)| {
+            let k = k.as_str().unwrap_or_default().to_string();
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return Err(format!("{path}.provider_params.{k}: must be a string")),
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every preset file loads, names itself, cites sources, and yields a credential the
+    /// config validation accepts once its required parameters are given.
+    #[test]
+    fn every_preset_loads_and_validates() {
+        assert!(FILES.len() >= 17);
+        for p in all() {
+            assert_eq!(
+                p.name,
+                names()[names().iter().position(|n| *n == p.name).unwrap()]
+            );
+            assert!(!p.sources.is_empty(), "{}: no sources", p.name);
+            assert!(p.docs.starts_with("https://"), "{}: docs", p.name);
+            let params: BTreeMap<String, String> = p
+                .params
+                .iter()
+                .filter(|(_, d)| d.required)
+                .map(|(k, _)| (k.clone(), sample_value(k).to_string()))
+                .collect();
+            let param_yaml: String = params.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
+            let yaml = format!(
+                "credentials:\n  c: {{ provider: {}, provider_params: {{ {param_yaml} }}, client_id: id, client_secret: s, redirect_uri: https://example.com/cb }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: c }}\n",
+                p.name
+            );
+            let cfg = crate::config::Config::from_yaml(&yaml, &|_| None)
+                .unwrap_or_else(|e| panic!("preset {}: {e}", p.name));
+            let c = &cfg.credentials["c"];
+            assert_eq!(c.provider.as_deref(), Some(p.name.as_str()));
+            if let Some(f) = &p.header_format {
+                assert_eq!(&cfg.upstreams["u"].format, f, "{}", p.name);
+            }
+            let url = c
+                .token_url
+                .as_ref()
+                .map(|u| u.to_string())
+                .unwrap_or_default();
+            assert!(
+                !url.contains('{'),
+                "{}: unfilled placeholder in {url}",
+                p.name
+            );
+        }
+    }
+
+    /// A plausible value for a parameter, by its name.
+    fn sample_value(name: &str) -> &'static str {
+        if name.contains("url") {
+            "https://example.com"
+        } else if ["domain", "host", "portal"]
+            .iter()
+            .any(|k| name.contains(k))
+        {
+            "example.com"
+        } else {
+            "example"
+        }
+    }
+
+    #[test]
+    fn parameters_are_checked_by_name() {
+        let yaml = |params: &str| {
+            format!(
+                "credentials:\n  crm: {{ provider: amocrm, {params} client_id: id, client_secret: s, redirect_uri: https://example.com/cb }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: crm }}\n"
+            )
+        };
+        let e = crate::config::Config::from_yaml(&yaml(""), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("credentials.crm.provider_params.subdomain: required by preset amocrm"),
+            "{e}"
+        );
+        let e = crate::config::Config::from_yaml(
+            &yaml("provider_params: { subdomain: x, region: eu },"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("credentials.crm.provider_params.region: unknown parameter"),
+            "{e}"
+        );
+        let e = crate::config::Config::from_yaml(
+            &yaml("provider_params: { subdomain: x },").replace("amocrm", "amocrn"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("credentials.crm.provider: unknown preset \"amocrn\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn explicit_keys_override_the_preset_and_origins_are_recorded() {
+        let yaml = "credentials:\n  crm: { provider: amocrm, provider_params: { subdomain: acme }, client_id: id, client_secret: s, redirect_uri: https://example.com/cb, token_url: \"http://127.0.0.1:9/token\", allow_insecure_http: true }\nupstreams:\n  u: { listen: 127.0.0.1:0, url: https://acme.amocrm.ru, credential: crm }\n";
+        let cfg = crate::config::Config::from_yaml(yaml, &|_| None).unwrap();
+        let c = &cfg.credentials["crm"];
+        assert_eq!(
+            c.token_url.as_ref().unwrap().as_str(),
+            "http://127.0.0.1:9/token"
+        );
+        assert!(!cfg.origins.contains_key("credentials.crm.token_url"));
+        assert_eq!(
+            cfg.origins
+                .get("credentials.crm.request_format")
+                .map(String::as_str),
+            Some("preset amocrm")
+        );
+    }
+}
