@@ -48,28 +48,28 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
                 anyhow::anyhow!("exchanging the authorization code failed: {e}")
             }
         })?;
-    let Some(refresh) = answer.refresh_token else {
-        if let Err(e) = answer.access {
-            bail!("exchanging the authorization code failed: {e}");
-        }
-        bail!("the token endpoint issued no refresh_token; check the scopes (some providers need offline_access) and the client's settings");
-    };
     // A refresh token is kept even when the access-token part is unusable: the code is
     // spent, and running instances redeem the refresh token for an access token.
     let access = match answer.access {
         Ok(a) => {
             let expires = SystemTime::now() + a.expires_in;
-            Some((
-                a.token,
-                expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64,
-            ))
+            let expires_ms = expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
+            // A long-lived token without `expires_in` has no known expiry (YooMoney).
+            let known = a.expires_in_stated || answer.refresh_token.is_some();
+            Some((a.token, known.then_some(expires_ms)))
         }
-        Err(e) => {
+        Err(e) if answer.refresh_token.is_some() => {
             eprintln!("warning: the answer's access token is unusable ({e}); storing the refresh token only");
             None
         }
+        Err(e) => bail!("exchanging the authorization code failed: {e}"),
     };
-    let generation = super::seed::store_new_grant(&cfg, credential, refresh, access).await?;
+    if answer.refresh_token.is_none() {
+        // YooMoney and long-lived-token integrations: the access token is the grant.
+        eprintln!("note: the token endpoint issued no refresh_token; the access token is stored as a long-lived token and will not be refreshed (re-authorize when it expires)");
+    }
+    let generation =
+        super::seed::store_new_grant(&cfg, credential, answer.refresh_token, access).await?;
     println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
     Ok(())
 }

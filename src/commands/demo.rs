@@ -64,7 +64,7 @@ upstreams:
     super::seed::store_new_grant(
         &config,
         "demo",
-        crate::secret::Secret::new(auth.new_grant()),
+        Some(crate::secret::Secret::new(auth.new_grant())),
         None,
     )
     .await?;

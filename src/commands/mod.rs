@@ -2,6 +2,7 @@
 
 mod authorize;
 mod demo;
+mod providers;
 mod seed;
 mod status;
 
@@ -55,6 +56,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Store an initial refresh token obtained elsewhere.
+    #[command(group(clap::ArgGroup::new("token").required(true).args(["refresh_token_file", "access_token_file"])))]
     Seed {
         #[command(flatten)]
         config: ConfigArg,
@@ -62,7 +64,20 @@ pub enum Command {
         credential: String,
         /// File holding the refresh token, or - for standard input.
         #[arg(long)]
-        refresh_token_file: PathBuf,
+        refresh_token_file: Option<PathBuf>,
+        /// File holding a long-lived access token (no refresh token; never refreshed),
+        /// or - for standard input.
+        #[arg(long)]
+        access_token_file: Option<PathBuf>,
+        /// Lifetime of the long-lived access token, when the provider states one
+        /// (e.g. 365d); without it no expiry is known.
+        #[arg(long, requires = "access_token_file", value_parser = crate::config::units::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// Lists the built-in provider presets, or shows one with its resolved settings.
+    Providers {
+        /// A preset name (e.g. amocrm).
+        name: Option<String>,
     },
     /// One-time bootstrap: exchange an authorization code and store the refresh token.
     Authorize {
@@ -98,6 +113,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Check { config } => match Config::load(&config.config) {
             Ok(c) => {
                 print!("{}", c.to_redacted_yaml());
+                print!("{}", providers::origins_comment(&c));
                 eprintln!("{}: configuration is valid", config.config.display());
                 ExitCode::SUCCESS
             }
@@ -143,9 +159,17 @@ pub fn main(cli: Cli) -> ExitCode {
             config,
             credential,
             refresh_token_file,
-        } => with_config(&config, log_format, |cfg| {
-            seed::run(cfg, &credential, &refresh_token_file)
+            access_token_file,
+            expires_in,
+        } => with_config(&config, log_format, |cfg| async move {
+            let what = match (&refresh_token_file, &access_token_file) {
+                (Some(f), _) => seed::Seed::RefreshToken(f),
+                (None, Some(f)) => seed::Seed::AccessToken(f, expires_in),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            seed::run(cfg, &credential, what).await
         }),
+        Command::Providers { name } => providers::run(name.as_deref()),
         Command::Authorize {
             config,
             credential,

@@ -10,7 +10,16 @@ use crate::config::{Config, Grant};
 use crate::secret::Secret;
 use crate::store::{now_ms, CasOutcome, StoredState};
 
-pub async fn run(cfg: Config, credential: &str, file: &Path) -> anyhow::Result<()> {
+/// What `seed` stores.
+pub enum Seed<'a> {
+    /// A refresh token obtained elsewhere.
+    RefreshToken(&'a Path),
+    /// A long-lived access token pasted from a provider's UI (YooMoney, amoCRM's
+    /// long-lived tokens), with its lifetime when known. It is never refreshed.
+    AccessToken(&'a Path, Option<std::time::Duration>),
+}
+
+pub async fn run(cfg: Config, credential: &str, what: Seed<'_>) -> anyhow::Result<()> {
     let Some(c) = cfg.credentials.get(credential) else {
         bail!(
             "credential {credential:?} is not in the config (known: {})",
@@ -27,34 +36,51 @@ pub async fn run(cfg: Config, credential: &str, file: &Path) -> anyhow::Result<(
             c.grant
         );
     }
+    let (file, kind) = match &what {
+        Seed::RefreshToken(f) => (*f, "refresh token"),
+        Seed::AccessToken(f, _) => (*f, "access token"),
+    };
+    let token = read_token(file, kind)?;
+    let generation = match what {
+        Seed::RefreshToken(_) => store_new_grant(&cfg, credential, Some(token), None).await?,
+        Seed::AccessToken(_, lifetime) => {
+            let expires = lifetime.map(|l| now_ms() + l.as_millis() as u64);
+            store_new_grant(&cfg, credential, None, Some((token, expires))).await?
+        }
+    };
+    println!("stored {kind} for credential {credential:?} (generation {generation}); running instances pick it up within seconds");
+    Ok(())
+}
+
+/// A token from a file or `-` (standard input): one line, nothing else.
+fn read_token(file: &Path, kind: &str) -> anyhow::Result<Secret> {
     let mut text = String::new();
     if file == Path::new("-") {
         std::io::stdin()
             .read_to_string(&mut text)
-            .context("reading the refresh token from standard input")?;
+            .with_context(|| format!("reading the {kind} from standard input"))?;
     } else {
         text =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     }
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("the refresh token is empty");
+    let token = Secret::new(text.trim());
+    if let Err(e) = token.check_token() {
+        bail!("the {kind} is unusable: {e}; the file must hold just the token");
     }
-    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        bail!("the refresh token contains whitespace; the file must hold just the token");
+    if token.expose().contains(' ') {
+        bail!("the {kind} contains whitespace; the file must hold just the token");
     }
-    let generation = store_new_grant(&cfg, credential, Secret::new(token), None).await?;
-    println!("stored refresh token for credential {credential:?} (generation {generation}); running instances pick it up within seconds");
-    Ok(())
+    Ok(token)
 }
 
-/// Writes a fresh grant (refresh token, optionally an access token with its expiry) as
-/// the next generation; used by `seed` and `authorize`. Returns the new generation.
+/// Writes a fresh grant (a refresh token, an access token with its expiry if known, or
+/// both) as the next generation; used by `seed` and `authorize`. Returns the new
+/// generation.
 pub async fn store_new_grant(
     cfg: &Config,
     credential: &str,
-    refresh_token: Secret,
-    access: Option<(Secret, u64)>,
+    refresh_token: Option<Secret>,
+    access: Option<(Secret, Option<u64>)>,
 ) -> anyhow::Result<u64> {
     let store = crate::store::open(&cfg.store).context("opening the store")?;
     // A lost race with a running refresher is retried on the newer generation.
@@ -64,9 +90,10 @@ pub async fn store_new_grant(
         let now = now_ms();
         let state = StoredState {
             generation: expected + 1,
-            access_expires_at_ms: access.as_ref().map(|a| a.1),
+            access_expires_at_ms: access.as_ref().and_then(|a| a.1),
             access_token: access.as_ref().map(|a| a.0.clone()),
-            refresh_token: Some(refresh_token.clone()),
+            refresh_token: refresh_token.clone(),
+            authorized_at_ms: Some(now),
             obtained_at_ms: now,
             updated_at_ms: now,
             updated_by: format!("{} (seed)", cfg.runtime.instance_id),

@@ -183,7 +183,7 @@ impl Credential {
         &self,
         access_token: &Secret,
         generation: u64,
-        expires_at_wall: SystemTime,
+        expires_at_wall: Option<SystemTime>,
     ) -> Result<(), InvalidToken> {
         let token = ActiveToken::new(access_token, &self.formats, generation, expires_at_wall)?;
         self.cell.store(Some(Arc::new(token)));

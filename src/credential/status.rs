@@ -41,15 +41,14 @@ impl Credential {
         let state = self.state();
         let token = self.current();
         let now_wall = SystemTime::now();
-        let expiring = token
-            .as_ref()
-            .filter(|_| self.config.grant != crate::config::Grant::Static);
+        let expiring = token.as_ref().filter(|t| t.expiry_known);
         let f = self.facts.lock().unwrap();
         serde_json::json!({
             "state": state,
             "grant": self.config.grant,
             "generation": token.as_ref().map(|t| t.generation),
-            // A static token never expires: no expiry to show.
+            // Static and long-lived tokens may have no known expiry: none is shown.
+            "expiry_known": token.as_ref().map(|t| t.expiry_known),
             "expires_in_seconds": expiring.map(|t| {
                 t.expires_at_wall.duration_since(now_wall).map(|d| d.as_secs() as i64).unwrap_or(0)
             }),
@@ -59,7 +58,7 @@ impl Credential {
             "store_error": f.store_error,
             "reauthorization_required": f.reauthorization.as_ref().map(|why| serde_json::json!({
                 "reason": why,
-                "action": format!("obtain a new refresh token and run: tokenrelay seed --config FILE --credential {} --refresh-token-file FILE (or tokenrelay authorize); running instances pick it up within seconds", self.name),
+                "action": format!("obtain a new token and run: tokenrelay authorize --config FILE --credential {0} (or tokenrelay seed --config FILE --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),
             })),
             "detail": if state == State::Unavailable || state == State::Initializing { f.unavailable_reason.clone() } else { None },
         })
@@ -85,7 +84,12 @@ impl Credential {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
-            m.expiry_timestamp.with_label_values(&[&self.name]).set(exp);
+            if t.expiry_known {
+                m.expiry_timestamp.with_label_values(&[&self.name]).set(exp);
+            } else {
+                // No expiry known: no series, rather than a made-up date.
+                let _ = m.expiry_timestamp.remove_label_values(&[&self.name]);
+            }
             m.generation
                 .with_label_values(&[&self.name])
                 .set(t.generation as i64);

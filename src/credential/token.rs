@@ -12,6 +12,9 @@ use crate::secret::{InvalidToken, Secret};
 /// time the request spends in flight), capped at a quarter of its lifetime.
 pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 
+/// What stands in for "never" as the expiry of a token whose expiry is unknown.
+const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 86400);
+
 /// The access token currently in use, with its header values built once per refresh.
 pub struct ActiveToken {
     pub generation: u64,
@@ -23,6 +26,9 @@ pub struct ActiveToken {
     /// `expires_at` minus the safety margin: after this the token is not sent.
     usable_until: Instant,
     pub lifetime: Duration,
+    /// False for tokens without a known expiry (static tokens, long-lived tokens stored
+    /// without `expires_in`): they are treated as valid for a century.
+    pub expiry_known: bool,
     /// Set once the upstream answered a request carrying this token with anything but
     /// 401: a later 401 then means revocation, not a permission problem.
     accepted: AtomicBool,
@@ -45,8 +51,10 @@ impl ActiveToken {
         access_token: &Secret,
         formats: &[String],
         generation: u64,
-        expires_at_wall: SystemTime,
+        expires_at_wall: Option<SystemTime>,
     ) -> Result<ActiveToken, InvalidToken> {
+        let expiry_known = expires_at_wall.is_some();
+        let expires_at_wall = expires_at_wall.unwrap_or_else(|| SystemTime::now() + NO_EXPIRY);
         access_token.check_token()?;
         let headers = formats
             .iter()
@@ -69,6 +77,7 @@ impl ActiveToken {
             expires_at_wall,
             usable_until: expires_at - margin,
             lifetime: remaining,
+            expiry_known,
             accepted: AtomicBool::new(false),
         })
     }
@@ -99,6 +108,12 @@ impl ActiveToken {
         }
     }
 
+    /// Forgets that the upstream accepted this token (after it rejected it), so a later
+    /// acceptance can be told apart.
+    pub(crate) fn reset_accepted(&self) {
+        self.accepted.store(false, Ordering::Relaxed);
+    }
+
     /// Whether the upstream ever accepted this token.
     pub fn was_accepted(&self) -> bool {
         self.accepted.load(Ordering::Relaxed)
@@ -111,7 +126,7 @@ mod tests {
 
     #[test]
     fn builds_one_sensitive_header_per_format_and_refuses_broken_tokens() {
-        let later = SystemTime::now() + Duration::from_secs(60);
+        let later = Some(SystemTime::now() + Duration::from_secs(60));
         let formats = ["Bearer {token}".to_string(), "{token}".to_string()];
         let t = ActiveToken::new(&Secret::new("abc"), &formats, 3, later).unwrap();
         assert_eq!(t.header(0), "Bearer abc");

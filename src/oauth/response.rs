@@ -13,6 +13,8 @@ pub struct AccessToken {
     pub token: Secret,
     /// Lifetime from `expires_in`, or the configured default when absent.
     pub expires_in: Duration,
+    /// Whether the answer stated `expires_in` (a long-lived token may have none).
+    pub expires_in_stated: bool,
     pub scope: Option<String>,
 }
 
@@ -231,6 +233,7 @@ fn judge(
     Ok(AccessToken {
         token: Secret::new(token),
         expires_in,
+        expires_in_stated: !matches!(raw.expires_in, None | Some(serde_json::Value::Null)),
         scope: raw.scope.as_ref().and_then(as_text),
     })
 }

@@ -24,7 +24,7 @@ impl Refresher {
             .publish(
                 &resp.access_token,
                 generation,
-                SystemTime::now() + resp.expires_in,
+                Some(SystemTime::now() + resp.expires_in),
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)

@@ -26,6 +26,10 @@ use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenClient};
 use crate::store::{now_ms, Store, StoredState};
 
+/// Consecutive upstream 401s (with no accepted answer between) after which a long-lived
+/// access token is taken as revoked.
+const LONG_LIVED_REJECTIONS: u32 = 3;
+
 /// Outcome of one attempt, as the loop needs it.
 enum Attempt {
     /// A new or adopted token is published.
@@ -56,6 +60,12 @@ pub struct Refresher {
     idle: bool,
     /// The last 401-driven refresh of a token that never worked, and the gap before the next.
     last_401_refresh: Option<policy::Spacing>,
+    /// The published token is a long-lived access token with no refresh token: it is
+    /// never refreshed, and re-authorization is needed when it expires or keeps being
+    /// rejected.
+    long_lived: bool,
+    /// Consecutive upstream 401s to the long-lived token with no acceptance between.
+    long_lived_rejections: u32,
 }
 
 impl Refresher {
@@ -91,6 +101,8 @@ impl Refresher {
             scheduled: None,
             idle: false,
             last_401_refresh: None,
+            long_lived: false,
+            long_lived_rejections: 0,
         })
     }
 
@@ -172,6 +184,14 @@ impl Refresher {
             }
             return None;
         }
+        if self.long_lived {
+            if trigger == Trigger::Upstream401 {
+                self.long_lived_rejected(current.as_deref());
+            } else {
+                self.cred.wake_waiters();
+            }
+            return None;
+        }
         if trigger != Trigger::Upstream401 {
             return Some(trigger);
         }
@@ -197,6 +217,30 @@ impl Refresher {
         }
     }
 
+    /// The upstream answered 401 to the long-lived token: after
+    /// [`LONG_LIVED_REJECTIONS`] in a row with no acceptance between, it is taken as
+    /// revoked and the credential needs re-authorization.
+    fn long_lived_rejected(&mut self, token: Option<&super::ActiveToken>) {
+        let accepted_since = token.is_some_and(|t| t.was_accepted());
+        self.long_lived_rejections = if accepted_since {
+            1
+        } else {
+            self.long_lived_rejections + 1
+        };
+        if let Some(t) = token {
+            t.reset_accepted();
+        }
+        if self.long_lived_rejections >= LONG_LIVED_REJECTIONS {
+            self.enter_reauthorization(format!(
+                "the upstream rejected the long-lived access token {LONG_LIVED_REJECTIONS} times in a row (revoked or expired); obtain a new one"
+            ));
+            self.idle = true;
+        } else {
+            warn!(credential = %self.name(), rejections = self.long_lived_rejections, "upstream rejected the long-lived access token; it has no refresh token, so the 401 passes through");
+        }
+        self.cred.wake_waiters();
+    }
+
     /// When the loop should wake by itself: the earlier of the proactive refresh and
     /// the backoff retry; never while idle.
     fn next_wakeup(&mut self) -> Option<Instant> {
@@ -207,6 +251,12 @@ impl Refresher {
             return Some(Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms())));
         }
         let token = self.cred.current()?;
+        if self.long_lived {
+            // Nothing to refresh: wake only when it expires, if that is known.
+            return token
+                .expiry_known
+                .then(|| token.expires_at - super::EXPIRY_MARGIN.min(token.lifetime / 4));
+        }
         match self.scheduled {
             Some((g, at)) if g == token.generation => Some(at),
             _ => {
@@ -305,21 +355,30 @@ impl Refresher {
     }
 
     /// Publishes a stored access token if it is still usable; true if it did.
-    fn publish_stored(&self, s: &StoredState) -> bool {
-        let (Some(tok), Some(exp)) = (&s.access_token, s.access_expires_at_ms) else {
+    fn publish_stored(&mut self, s: &StoredState) -> bool {
+        let Some(tok) = &s.access_token else {
             return false;
         };
-        let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(exp);
-        // Worth adopting only if it outlives the margin the cell applies anyway.
-        let lifetime = Duration::from_millis(exp.saturating_sub(s.obtained_at_ms));
-        let margin = super::EXPIRY_MARGIN.min(lifetime / 4);
-        if exp <= now_ms() + margin.as_millis() as u64 {
-            return false;
-        }
+        let expires = match s.access_expires_at_ms {
+            Some(exp) => {
+                // Worth adopting only if it outlives the margin the cell applies anyway.
+                let lifetime = Duration::from_millis(exp.saturating_sub(s.obtained_at_ms));
+                let margin = super::EXPIRY_MARGIN.min(lifetime / 4);
+                if exp <= now_ms() + margin.as_millis() as u64 {
+                    return false;
+                }
+                Some(SystemTime::UNIX_EPOCH + Duration::from_millis(exp))
+            }
+            // A long-lived token stored without an expiry is used until rejected.
+            None if s.is_long_lived() => None,
+            None => return false,
+        };
         if let Err(e) = self.cred.publish(tok, s.generation, expires) {
             warn!(credential = %self.name(), generation = s.generation, error = %e, "the stored access token is unusable");
             return false;
         }
+        self.long_lived = s.is_long_lived();
+        self.long_lived_rejections = 0;
         self.cred.set_reauthorization(None);
         true
     }

@@ -119,6 +119,17 @@ impl Refresher {
             }
         }
         self.known_generation = stored.generation;
+        if stored.is_long_lived() {
+            // Never refreshed: used while valid, then a human must provide a new one.
+            if self.publish_stored(&stored) {
+                return Ok(RefreshResult::Adopted);
+            }
+            self.enter_reauthorization(
+                "the long-lived access token (stored without a refresh token) has expired; obtain a new one".into(),
+            );
+            return Err(Failure::Idle);
+        }
+        self.long_lived = false;
         let Some(refresh_token) = stored.refresh_token.clone() else {
             self.enter_reauthorization("no refresh token is stored".into());
             return Err(Failure::Idle);
@@ -202,8 +213,10 @@ impl Refresher {
             .publish(
                 new.access_token.as_ref().expect("set above"),
                 new.generation,
-                SystemTime::UNIX_EPOCH
-                    + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
+                Some(
+                    SystemTime::UNIX_EPOCH
+                        + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
+                ),
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)

@@ -1,6 +1,6 @@
 //! The static grant: a long-lived token from the config or a `token_file`.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -16,11 +16,9 @@ impl Refresher {
     /// [`STATIC_RELOAD_INTERVAL`] and after an upstream 401, and a changed token becomes
     /// the next generation. A 401 with nothing new is passed through without waiting.
     pub(super) async fn run_static(self) {
-        // A static token does not expire; a century stands in for "never".
-        let never = || SystemTime::now() + Duration::from_secs(100 * 365 * 86400);
         let mut token = self.cred.config.static_token.clone().expect("validated");
         let mut generation = 1;
-        if let Err(e) = self.cred.publish(&token, generation, never()) {
+        if let Err(e) = self.cred.publish(&token, generation, None) {
             // Checked by the config already; reported rather than trusted.
             self.cred.record(
                 Trigger::Startup,
@@ -51,7 +49,7 @@ impl Refresher {
                         return Ok(None);
                     }
                     self.cred
-                        .publish(&fresh, generation + 1, never())
+                        .publish(&fresh, generation + 1, None)
                         .map(|()| Some(fresh))
                         .map_err(|e| format!("{}: {e}", f.display()))
                 })

@@ -1,0 +1,100 @@
+//! `tokenrelay providers [NAME]`: the built-in provider presets; and, for `check`, which
+//! resolved values came from a preset.
+
+use std::process::ExitCode;
+
+use crate::config::preset;
+use crate::config::Config;
+
+pub fn run(name: Option<&str>) -> ExitCode {
+    match name {
+        None => {
+            println!(
+                "{:<12} {:<28} {:<22} docs",
+                "preset", "provider", "provider_params"
+            );
+            for p in preset::all() {
+                let params = if p.params.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.params
+                        .iter()
+                        .map(|(k, v)| {
+                            if v.required {
+                                k.clone()
+                            } else {
+                                format!("[{k}]")
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!("{:<12} {:<28} {:<22} {}", p.name, p.title, params, p.docs);
+            }
+            println!("\n`tokenrelay providers NAME` shows one; [param] is optional.");
+            ExitCode::SUCCESS
+        }
+        Some(name) => match preset::get(name) {
+            Some(p) => {
+                print!("{}", describe(&p));
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "error: no preset named {name:?} (known: {})",
+                    preset::names().join(", ")
+                );
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// One preset: what it sets (placeholders shown as `{param}`), its parameters, sources
+/// and uncertainties.
+fn describe(p: &preset::Preset) -> String {
+    let mut out = format!("# {} ({})\n# docs: {}\n", p.title, p.name, p.docs);
+    for s in &p.sources {
+        out.push_str(&format!("# source: {s}\n"));
+    }
+    for (k, v) in &p.params {
+        let kind = if v.required { "required" } else { "optional" };
+        let default = v
+            .default
+            .as_ref()
+            .map(|d| format!(", default {d}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "# provider_params.{k} ({kind}{default}): {}\n",
+            v.description
+        ));
+    }
+    out.push_str("credential defaults (keys set in the config file win):\n");
+    let yaml = serde_yaml::to_string(&p.credential).unwrap_or_default();
+    for line in yaml.lines() {
+        out.push_str(&format!("  {line}\n"));
+    }
+    if let Some(f) = &p.header_format {
+        out.push_str(&format!("upstream header format: {f:?}\n"));
+    }
+    if let Some(u) = &p.uncertain {
+        out.push_str("uncertain:\n");
+        for line in u.lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
+}
+
+/// For `check`: the values a preset filled in, as YAML comments after the resolved
+/// config (every other value comes from the file or a built-in default).
+pub fn origins_comment(c: &Config) -> String {
+    if c.origins.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("# origin of each value a provider preset filled in (the rest come from the file or defaults):\n");
+    for (path, origin) in &c.origins {
+        out.push_str(&format!("#   {path}: {origin}\n"));
+    }
+    out
+}
