@@ -85,7 +85,32 @@ pub struct AuthServerOptions {
     pub username: String,
     /// Resource owner password accepted by the `password` grant.
     pub password: String,
+    /// How the token endpoint departs from RFC 6749, as a real provider documents it.
+    pub profile: ProviderProfile,
 }
+
+/// A real provider's documented token-endpoint behaviour, emulated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProviderProfile {
+    /// RFC 6749 as written.
+    #[default]
+    Standard,
+    /// amoCRM/Kommo: JSON bodies only, `redirect_uri` required on refresh too, and a
+    /// revoked, reused or unknown refresh token answered `401 application/problem+json`
+    /// with the hint "Token has been revoked" instead of `400 invalid_grant`.
+    AmoCrm,
+    /// Bitrix24: `GET` with every parameter in the query string; a refresh also ends the
+    /// grant's current access tokens.
+    Bitrix24,
+    /// YooMoney: the code exchange returns only a long-lived `access_token` (no
+    /// `refresh_token`, no `expires_in`, no `token_type`).
+    YooMoney,
+    /// ELMA365: form bodies only; refresh tokens die 14 days after the authorization.
+    Elma365,
+}
+
+/// ELMA365's absolute refresh-token lifetime.
+const ELMA365_REFRESH_LIFETIME: Duration = Duration::from_secs(14 * 86400);
 
 impl Default for AuthServerOptions {
     fn default() -> Self {
@@ -98,6 +123,7 @@ impl Default for AuthServerOptions {
             response_delay: Duration::ZERO,
             username: "demo-user".into(),
             password: "demo-password".into(),
+            profile: ProviderProfile::Standard,
         }
     }
 }
@@ -114,6 +140,7 @@ impl fmt::Debug for AuthServerOptions {
             .field("response_delay", &self.response_delay)
             .field("username", &self.username)
             .field("password", &REDACTED)
+            .field("profile", &self.profile)
             .finish()
     }
 }
@@ -422,6 +449,7 @@ struct State {
 struct Grant {
     revoked: bool,
     rotations: u64,
+    authorized_at: Instant,
     /// Scope granted originally; a refresh may narrow it but not widen it.
     scope: Option<String>,
 }
@@ -454,6 +482,7 @@ impl State {
                 revoked: false,
                 rotations: 0,
                 scope,
+                authorized_at: Instant::now(),
             },
         );
         id
@@ -572,6 +601,25 @@ impl OAuthError {
     }
 }
 
+/// amoCRM's answer to a revoked, reused or unknown refresh token.
+fn amocrm_revoked() -> Response<Body> {
+    let body = json!({
+        "hint": "Token has been revoked",
+        "title": "Unauthorized",
+        "type": "https://httpstatus.es/401",
+        "status": 401,
+        "detail": "The refresh token is invalid."
+    });
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    no_store(resp.headers_mut());
+    resp
+}
+
 /// Token responses carry credentials: RFC 6749 §5.1 forbids caching them.
 fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -581,10 +629,14 @@ fn no_store(headers: &mut HeaderMap) {
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     if path == TOKEN_PATH {
-        if req.method() == Method::POST {
+        let (method, allow) = match shared.opts.profile {
+            ProviderProfile::Bitrix24 => (Method::GET, "GET"),
+            _ => (Method::POST, "POST"),
+        };
+        if req.method() == method {
             token_endpoint(shared, req).await
         } else {
-            method_not_allowed("POST")
+            method_not_allowed(allow)
         }
     } else if path == AUTHORIZE_PATH {
         if req.method() == Method::GET {
@@ -705,7 +757,17 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Response<Body> {
-    let request = TokenRequest::parse(&parts.headers, body);
+    let request = match shared.opts.profile {
+        ProviderProfile::Bitrix24 => TokenRequest {
+            format: "query".into(),
+            params: Ok(
+                form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                    .into_owned()
+                    .collect(),
+            ),
+        },
+        _ => TokenRequest::parse(&parts.headers, body),
+    };
     let params: &[(String, String)] = request.params.as_deref().unwrap_or_default();
     let grant_type = param(params, "grant_type").unwrap_or("").to_owned();
     let basic = parts
@@ -792,7 +854,15 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
                         "demo auth server: token request refused"
                     );
                     let error = err.error.to_owned();
-                    (err.into_response(), Some(error))
+                    let resp = if shared.opts.profile == ProviderProfile::AmoCrm
+                        && err.error == "invalid_grant"
+                        && grant_type == "refresh_token"
+                    {
+                        amocrm_revoked()
+                    } else {
+                        err.into_response()
+                    };
+                    (resp, Some(error))
                 }
             }
         }
@@ -847,14 +917,18 @@ fn grant(
             )));
         }
     }
-    // Credentials in a URL end up in access logs and proxies' caches.
+    // Credentials in a URL end up in access logs and proxies' caches (Bitrix24 wants
+    // them there all the same).
     let query = parts.uri.query().unwrap_or("");
-    if form_urlencoded::parse(query.as_bytes()).any(|(name, _)| is_secret_param(&name)) {
+    if shared.opts.profile != ProviderProfile::Bitrix24
+        && form_urlencoded::parse(query.as_bytes()).any(|(name, _)| is_secret_param(&name))
+    {
         return Err(OAuthError::invalid_request(
             "credentials must be sent in the request body, not the URL",
         ));
     }
     authenticate_client(&shared.opts, &parts.headers, params)?;
+    profile_rules(shared.opts.profile, parts, params)?;
 
     let opts = &shared.opts;
     let requested_scope = param(params, "scope");
@@ -890,6 +964,34 @@ fn grant(
     }
 }
 
+/// What a provider profile demands of every token request beyond RFC 6749.
+fn profile_rules(
+    profile: ProviderProfile,
+    parts: &Parts,
+    params: &[(String, String)],
+) -> Result<(), OAuthError> {
+    let media = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match profile {
+        ProviderProfile::AmoCrm if !media.starts_with("application/json") => {
+            Err(OAuthError::invalid_request("a JSON body is required"))
+        }
+        ProviderProfile::AmoCrm
+            if param(params, "grant_type") == Some("refresh_token")
+                && param(params, "redirect_uri").is_none() =>
+        {
+            Err(OAuthError::invalid_request("redirect_uri is required"))
+        }
+        ProviderProfile::Elma365 if !media.starts_with("application/x-www-form-urlencoded") => {
+            Err(OAuthError::invalid_request("a form body is required"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn refresh_grant(
     opts: &AuthServerOptions,
     state: &mut State,
@@ -905,6 +1007,11 @@ fn refresh_grant(
     let grant = &state.grants[&id];
     if grant.revoked {
         return Err(OAuthError::invalid_grant("grant revoked"));
+    }
+    if opts.profile == ProviderProfile::Elma365
+        && grant.authorized_at.elapsed() >= ELMA365_REFRESH_LIFETIME
+    {
+        return Err(OAuthError::invalid_grant("refresh token expired"));
     }
     if retired {
         // A retired token came back: either it leaked or a client double-spent it.
@@ -957,6 +1064,13 @@ fn refresh_grant(
     } else {
         presented.to_owned()
     };
+    if opts.profile == ProviderProfile::Bitrix24 {
+        // "Both [the refresh token] and the jointly issued access_token become invalid."
+        let now = Instant::now();
+        for entry in state.access_tokens.values_mut().filter(|e| e.grant == id) {
+            entry.expires_at = entry.expires_at.min(now);
+        }
+    }
     Ok(token_body(opts, state, id, Some(refresh), scope.as_deref()))
 }
 
@@ -997,11 +1111,16 @@ fn code_grant(
     if let Some(entry) = state.codes.get_mut(code) {
         entry.redeemed_by = Some(id);
     }
-    let refresh = state.new_refresh_token(id);
     tracing::info!(
         grant = id,
         "demo auth server: authorization code exchanged for grant {id}"
     );
+    if opts.profile == ProviderProfile::YooMoney {
+        // Only a long-lived access token: three years stands in for "until revoked".
+        let access_token = state.new_access_token(id, Duration::from_secs(3 * 365 * 86400));
+        return Ok(json!({ "access_token": access_token }));
+    }
+    let refresh = state.new_refresh_token(id);
     Ok(token_body(opts, state, id, Some(refresh), scope.as_deref()))
 }
 

@@ -31,7 +31,9 @@ pub mod api_server;
 pub mod auth_server;
 
 pub use api_server::{pattern_byte, ApiServer, ApiStats, RecordedRequest};
-pub use auth_server::{AuthServer, AuthServerOptions, AuthStats, FailureMode, TokenRequestRecord};
+pub use auth_server::{
+    AuthServer, AuthServerOptions, AuthStats, FailureMode, ProviderProfile, TokenRequestRecord,
+};
 
 use std::convert::Infallible;
 use std::future::Future;

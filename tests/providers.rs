@@ -1,0 +1,299 @@
+//! The seed providers end to end, each against the demo authorization server emulating
+//! that provider's documented behaviour (`ProviderProfile`), with tokenrelay configured by
+//! its preset (`provider: NAME`; only `token_url` points at the emulation):
+//! `check`, `authorize --code`, traffic through the proxy, a rotation, then the provider
+//! revoking the grant: `reauthorization_required` within seconds with at most one token
+//! request after the revocation, and a new authorization picked up without a restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::{eventually, metric, metrics_text, status_json};
+use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, ProviderProfile};
+
+const REDIRECT_URI: &str = "https://example.com/oauth/callback";
+
+struct Journey {
+    auth: AuthServer,
+    _api: ApiServer,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    yaml: String,
+}
+
+/// The demo servers for `profile` and a config for preset `provider` on the file store.
+async fn journey(
+    provider: &str,
+    params: &str,
+    profile: ProviderProfile,
+    access_ttl: Duration,
+) -> Journey {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl,
+        rotate_refresh_tokens: true,
+        profile,
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+store: {{ type: file, path: {state}, poll_interval: 200ms }}
+credentials:
+  crm:
+    provider: {provider}
+    provider_params: {{ {params} }}
+    client_id: demo-client
+    client_secret: demo-secret
+    redirect_uri: {REDIRECT_URI}
+    # The provider's real endpoint, emulated on loopback.
+    token_url: {token_url}
+    allow_insecure_http: true
+    refresh_before: 1s
+    token_timeout: 3s
+upstreams:
+  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
+",
+        state = dir.path().join("state").display(),
+        token_url = auth.token_url(),
+        api_url = api.url(),
+    );
+    let config = dir.path().join("tokenrelay.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    Journey {
+        auth,
+        _api: api,
+        _dir: dir,
+        config,
+        yaml,
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        support::run_cli(&args)
+    })
+    .await
+    .unwrap()
+}
+
+/// `tokenrelay check`: valid, and it says which values the preset filled in.
+async fn check(j: &Journey, provider: &str) {
+    let out = cli(vec!["check".into(), "--config".into(), path(&j.config)]).await;
+    assert!(out.status.success(), "check failed: {}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(
+        printed.contains(&format!("credentials.crm.grant: preset {provider}")),
+        "check names the preset's values:\n{printed}"
+    );
+    assert!(!printed.contains("demo-secret"), "check shows the secret");
+}
+
+/// `tokenrelay authorize --code` with a fresh code from the provider.
+async fn authorize(j: &Journey) {
+    let code = j.auth.new_authorization_code(REDIRECT_URI);
+    let out = cli(vec![
+        "authorize".into(),
+        "--config".into(),
+        path(&j.config),
+        "--credential".into(),
+        "crm".into(),
+        "--code".into(),
+        code,
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "authorize failed: {}",
+        text(&out.stderr)
+    );
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+async fn get(url: &str) -> u16 {
+    support::client()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+async fn state(admin: &str) -> String {
+    status_json(admin).await["credentials"]["crm"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The whole journey for a provider whose grants carry refresh tokens.
+async fn refreshing_provider_journey(provider: &str, params: &str, profile: ProviderProfile) {
+    let j = journey(provider, params, profile, Duration::from_secs(3)).await;
+    check(&j, provider).await;
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let url = format!("{}/api/v4/leads", relay.url("crm"));
+    assert_eq!(get(&url).await, 200, "traffic with the authorized token");
+
+    // A rotation (3 s tokens are refreshed about 2 s in), traffic unaffected.
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    assert!(rotated, "no rotation: {:?}", j.auth.stats());
+    assert_eq!(get(&url).await, 200, "traffic after the rotation");
+
+    // The provider revokes the grant: the next request's 401 leads to one refresh, which
+    // the provider refuses in its own way; the credential needs re-authorization.
+    let before = j.auth.stats().token_requests;
+    j.auth.revoke_all();
+    let _ = get(&url).await;
+    let reauth = eventually(Duration::from_secs(5), || {
+        let admin = admin.clone();
+        async move { state(&admin).await == "reauthorization_required" }
+    })
+    .await;
+    // Later requests must not spend anything either.
+    for _ in 0..5 {
+        assert_eq!(get(&url).await, 503);
+    }
+    let after_revocation = j.auth.stats().token_requests - before;
+    let st = status_json(&admin).await;
+    assert!(
+        reauth,
+        "{provider}: not reauthorization_required after revocation: {st}"
+    );
+    assert!(
+        after_revocation <= 1,
+        "{provider}: {after_revocation} token requests after the revocation"
+    );
+    assert_eq!(j.auth.stats().refresh_reuse_detected, 0);
+
+    // A new authorization is picked up by the running instance.
+    authorize(&j).await;
+    let back = eventually(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { get(&url).await == 200 }
+    })
+    .await;
+    let metrics = metrics_text(&admin).await;
+    relay.stop().await;
+    assert!(
+        back,
+        "{provider}: the new authorization was not adopted without a restart"
+    );
+    eprintln!(
+        "{provider}: {:?}; token requests after revocation {after_revocation}; refreshes ok {}",
+        j.auth.stats(),
+        metric(
+            &metrics,
+            "tokenrelay_token_refresh_total",
+            &[("result", "success")]
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amocrm_journey() {
+    refreshing_provider_journey("amocrm", "subdomain: acme", ProviderProfile::AmoCrm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kommo_journey() {
+    refreshing_provider_journey("kommo", "subdomain: acme", ProviderProfile::AmoCrm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitrix24_journey() {
+    refreshing_provider_journey(
+        "bitrix24",
+        "portal: acme.bitrix24.ru",
+        ProviderProfile::Bitrix24,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elma365_journey() {
+    refreshing_provider_journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+    )
+    .await;
+}
+
+/// YooMoney: the code exchange yields only a long-lived access token. It is stored and
+/// used, never refreshed; when the upstream keeps rejecting it (revoked), the credential
+/// needs re-authorization, with no token request at all; a new authorization is adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yoomoney_journey() {
+    let j = journey(
+        "yoomoney",
+        "",
+        ProviderProfile::YooMoney,
+        Duration::from_secs(3),
+    )
+    .await;
+    check(&j, "yoomoney").await;
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let url = format!("{}/api/v4/leads", relay.url("crm"));
+    for _ in 0..3 {
+        assert_eq!(get(&url).await, 200);
+    }
+    let st = status_json(&admin).await;
+    assert_eq!(st["credentials"]["crm"]["state"], "ready", "{st}");
+    assert_eq!(st["credentials"]["crm"]["expiry_known"], false, "{st}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        get(&url).await,
+        200,
+        "still used after the demo's usual access lifetime"
+    );
+
+    let before = j.auth.stats().token_requests;
+    j.auth.revoke_all();
+    for _ in 0..3 {
+        assert_eq!(get(&url).await, 401, "the rejection passes through");
+    }
+    let reauth = eventually(Duration::from_secs(5), || {
+        let admin = admin.clone();
+        async move { state(&admin).await == "reauthorization_required" }
+    })
+    .await;
+    assert!(reauth, "{}", status_json(&admin).await);
+    assert_eq!(get(&url).await, 503);
+    assert_eq!(
+        j.auth.stats().token_requests,
+        before,
+        "nothing to refresh, nothing sent"
+    );
+    assert_eq!(j.auth.stats().refreshes, 0);
+
+    authorize(&j).await;
+    let back = eventually(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { get(&url).await == 200 }
+    })
+    .await;
+    relay.stop().await;
+    assert!(
+        back,
+        "the new authorization was not adopted without a restart"
+    );
+}
