@@ -33,6 +33,7 @@ pub struct Metrics {
     pub refresh_total: IntCounterVec,
     refresh_duration: HistogramVec,
     pub expiry_timestamp: IntGaugeVec,
+    pub refresh_expiry_timestamp: IntGaugeVec,
     pub generation: IntGaugeVec,
     pub ready: IntGaugeVec,
     pub state: IntGaugeVec,
@@ -101,6 +102,11 @@ impl Metrics {
             expiry_timestamp: gv(
                 "tokenrelay_token_expiry_timestamp_seconds",
                 "Unix time at which the current access token expires.",
+                &["credential"],
+            ),
+            refresh_expiry_timestamp: gv(
+                "tokenrelay_refresh_token_expiry_timestamp_seconds",
+                "When the current refresh token dies unless used (idle lifetime) or at the latest (absolute lifetime), the earlier; absent when unknown.",
                 &["credential"],
             ),
             generation: gv(

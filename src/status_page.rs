@@ -31,9 +31,20 @@ fn expires(v: &Value) -> String {
     match v.as_i64() {
         None => "–".into(),
         Some(s) if s <= 0 => "expired".into(),
+        Some(s) if s >= 2 * 86400 => format!("{}d {}h", s / 86400, s % 86400 / 3600),
         Some(s) if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
         Some(s) if s >= 60 => format!("{}m {}s", s / 60, s % 60),
         Some(s) => format!("{s}s"),
+    }
+}
+
+/// The access token's remaining life, or that none is known (static and long-lived
+/// tokens).
+fn token_expiry(c: &Value) -> String {
+    if c["expiry_known"] == Value::Bool(false) {
+        "no expiry known".into()
+    } else {
+        expires(&c["expires_in_seconds"])
     }
 }
 
@@ -64,13 +75,14 @@ pub fn render(status: &Value) -> String {
                 problem = format!("{problem} — {action}");
             }
             creds.push_str(&format!(
-                "<tr><td>{}</td><td><span class=\"state {}\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>\n",
+                "<tr><td>{}</td><td><span class=\"state {}\">{}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>\n",
                 esc(name),
                 esc(&state),
                 esc(&state),
                 esc(&text(&c["grant"])),
                 esc(&text(&c["generation"])),
-                esc(&expires(&c["expires_in_seconds"])),
+                esc(&token_expiry(c)),
+                esc(&expires(&c["refresh_token_expires_in_seconds"])),
                 esc(&last_text),
                 esc(&problem),
             ));
@@ -120,7 +132,7 @@ th {{ background: #f4f4f4; }}
 <h1>tokenrelay {version}</h1>
 <p>Store: {store}. This page refreshes every 5 seconds; machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
 <h2>Credentials</h2>
-<table><thead><tr><th>credential</th><th>state</th><th>grant</th><th>generation</th><th>expires in</th><th>last refresh</th><th>problem</th></tr></thead>
+<table><thead><tr><th>credential</th><th>state</th><th>grant</th><th>generation</th><th>expires in</th><th>refresh token dies in</th><th>last refresh</th><th>problem</th></tr></thead>
 <tbody>
 {creds}</tbody></table>
 <h2>Upstreams</h2>

@@ -297,3 +297,81 @@ async fn yoomoney_journey() {
         "the new authorization was not adopted without a restart"
     );
 }
+
+/// ELMA365's refresh tokens die 14 days after the authorization whatever happens: the
+/// expiry is shown in `/status` and as `tokenrelay_refresh_token_expiry_timestamp_seconds`
+/// from the moment the credential is authorized, and a rotation keeps the same deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elma365_refresh_token_deadline_is_shown() {
+    let j = journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+        Duration::from_secs(3),
+    )
+    .await;
+    let authorized = std::time::SystemTime::now();
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let deadline = authorized
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64
+        + 14.0 * 86400.0;
+    let gauge = |m: &str| {
+        metric(
+            m,
+            "tokenrelay_refresh_token_expiry_timestamp_seconds",
+            &[("credential", "crm")],
+        )
+    };
+    let before = gauge(&metrics_text(&admin).await);
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    let after = gauge(&metrics_text(&admin).await);
+    let st = status_json(&admin).await;
+    relay.stop().await;
+    assert!(rotated);
+    for g in [before, after] {
+        assert!(
+            (g - deadline).abs() < 30.0,
+            "gauge {g}, expected about {deadline}"
+        );
+    }
+    let left = st["credentials"]["crm"]["refresh_token_expires_in_seconds"]
+        .as_i64()
+        .unwrap();
+    assert!((14 * 86400 - 60..=14 * 86400).contains(&left), "{st}");
+}
+
+/// A refresh token with an idle lifetime shorter than the access token's is refreshed
+/// before it would die unused (a keep-alive refresh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_tokens_with_an_idle_lifetime_are_kept_alive() {
+    let j = journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+        Duration::from_secs(120),
+    )
+    .await;
+    let yaml = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        "    refresh_before: 1s\n    refresh_token_idle_lifetime: 10s\n",
+    );
+    authorize(&j).await;
+    let relay = support::start(&yaml).await;
+    let kept_alive = eventually(Duration::from_secs(20), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    let status = status_json(&format!("http://{}", relay.admin)).await;
+    relay.stop().await;
+    assert!(
+        kept_alive,
+        "no refresh before the 10 s idle lifetime ran out: {status}"
+    );
+}

@@ -68,8 +68,14 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
         // YooMoney and long-lived-token integrations: the access token is the grant.
         eprintln!("note: the token endpoint issued no refresh_token; the access token is stored as a long-lived token and will not be refreshed (re-authorize when it expires)");
     }
-    let generation =
-        super::seed::store_new_grant(&cfg, credential, answer.refresh_token, access).await?;
+    let generation = super::seed::store_new_grant(
+        &cfg,
+        credential,
+        answer.refresh_token,
+        access,
+        answer.refresh_expires_in,
+    )
+    .await?;
     println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
     Ok(())
 }

@@ -66,6 +66,7 @@ upstreams:
         "demo",
         Some(crate::secret::Secret::new(auth.new_grant())),
         None,
+        None,
     )
     .await?;
     let stop = crate::shutdown::signal();

@@ -42,10 +42,10 @@ pub async fn run(cfg: Config, credential: &str, what: Seed<'_>) -> anyhow::Resul
     };
     let token = read_token(file, kind)?;
     let generation = match what {
-        Seed::RefreshToken(_) => store_new_grant(&cfg, credential, Some(token), None).await?,
+        Seed::RefreshToken(_) => store_new_grant(&cfg, credential, Some(token), None, None).await?,
         Seed::AccessToken(_, lifetime) => {
             let expires = lifetime.map(|l| now_ms() + l.as_millis() as u64);
-            store_new_grant(&cfg, credential, None, Some((token, expires))).await?
+            store_new_grant(&cfg, credential, None, Some((token, expires)), None).await?
         }
     };
     println!("stored {kind} for credential {credential:?} (generation {generation}); running instances pick it up within seconds");
@@ -81,8 +81,13 @@ pub async fn store_new_grant(
     credential: &str,
     refresh_token: Option<Secret>,
     access: Option<(Secret, Option<u64>)>,
+    refresh_expires_in: Option<std::time::Duration>,
 ) -> anyhow::Result<u64> {
     let store = crate::store::open(&cfg.store).context("opening the store")?;
+    let rules = cfg
+        .credentials
+        .get(credential)
+        .map(|c| c.refresh_token.clone());
     // A lost race with a running refresher is retried on the newer generation.
     for _ in 0..10 {
         let current = store.load(credential).await?;
@@ -94,11 +99,19 @@ pub async fn store_new_grant(
             access_token: access.as_ref().map(|a| a.0.clone()),
             refresh_token: refresh_token.clone(),
             authorized_at_ms: Some(now),
+            refresh_expires_at_ms: refresh_token.as_ref().and(rules.as_ref()).and_then(|r| {
+                crate::credential::policy::refresh_token_expiry(
+                    now,
+                    refresh_expires_in,
+                    r.idle_lifetime.map(|d| d.0),
+                    r.absolute_lifetime.map(|d| d.0),
+                    Some(now),
+                )
+            }),
             obtained_at_ms: now,
             updated_at_ms: now,
             updated_by: format!("{} (seed)", cfg.runtime.instance_id),
             reauthorization_required: None,
-            ..Default::default()
         };
         match store.compare_and_swap(credential, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),

@@ -106,6 +106,8 @@ struct Facts {
     unavailable_reason: Option<String>,
     attempted: bool,
     last_success: Option<SystemTime>,
+    /// When the current refresh token dies (Unix ms), when known.
+    refresh_expires_at_ms: Option<u64>,
 }
 
 /// One credential: its cell, state, and the channel to its refresher.
@@ -252,6 +254,12 @@ impl Credential {
 
     pub(crate) fn set_reauthorization(&self, why: Option<String>) {
         self.facts.lock().unwrap().reauthorization = why;
+        self.update_gauges();
+    }
+
+    /// When the current refresh token dies (refresher side, from the stored state).
+    pub(crate) fn set_refresh_expiry(&self, at_ms: Option<u64>) {
+        self.facts.lock().unwrap().refresh_expires_at_ms = at_ms;
         self.update_gauges();
     }
 

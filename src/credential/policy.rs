@@ -118,6 +118,33 @@ pub fn lease_needed_to_send(ttl: Duration, token_timeout: Duration) -> Duration 
     (token_timeout + Duration::from_secs(1)).min(ttl / 2)
 }
 
+/// When a refresh token obtained at `obtained_ms` dies (Unix ms): the earliest of what
+/// the token endpoint stated, its idle lifetime, and its absolute lifetime counted from
+/// the authorization. `None` when nothing is known.
+pub fn refresh_token_expiry(
+    obtained_ms: u64,
+    stated: Option<Duration>,
+    idle: Option<Duration>,
+    absolute: Option<Duration>,
+    authorized_at_ms: Option<u64>,
+) -> Option<u64> {
+    [
+        stated.map(|d| obtained_ms + millis(d)),
+        idle.map(|d| obtained_ms + millis(d)),
+        absolute.zip(authorized_at_ms).map(|(d, at)| at + millis(d)),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+/// When to refresh only to keep a refresh token with an idle lifetime alive (even if the
+/// access token lasts longer): a tenth of the idle lifetime, at most a day, before it
+/// would die unused.
+pub fn keep_alive_at(obtained_ms: u64, idle: Duration) -> u64 {
+    obtained_ms + millis(idle) - millis((idle / 10).min(Duration::from_secs(86400)))
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -134,6 +161,34 @@ mod tests {
             last_failure_ms: 10_000 - failed_ago,
             brought_forward,
         }
+    }
+
+    #[test]
+    fn refresh_token_lifetimes() {
+        let d = |days: u64| Duration::from_secs(days * 86400);
+        let day = 86_400_000;
+        // ELMA365: 14 days after the authorization, whatever happens.
+        assert_eq!(
+            refresh_token_expiry(5 * day, None, None, Some(d(14)), Some(day)),
+            Some(15 * day)
+        );
+        // Xero: 60 days idle, counted from the last refresh.
+        assert_eq!(
+            refresh_token_expiry(5 * day, None, Some(d(60)), None, None),
+            Some(65 * day)
+        );
+        // The earliest of all, stated lifetimes included.
+        assert_eq!(
+            refresh_token_expiry(5 * day, Some(d(1)), Some(d(60)), Some(d(14)), Some(0)),
+            Some(6 * day)
+        );
+        assert_eq!(
+            refresh_token_expiry(5 * day, None, None, Some(d(14)), None),
+            None
+        );
+        // Kept alive a day before a 60-day idle expiry; a tenth before a short one.
+        assert_eq!(keep_alive_at(0, d(60)), 59 * day);
+        assert_eq!(keep_alive_at(0, Duration::from_secs(100)), 90_000);
     }
 
     #[test]

@@ -53,6 +53,8 @@ impl Credential {
                 t.expires_at_wall.duration_since(now_wall).map(|d| d.as_secs() as i64).unwrap_or(0)
             }),
             "expires_at": expiring.map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()),
+            "refresh_token_expires_at": f.refresh_expires_at_ms.map(|ms| humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()),
+            "refresh_token_expires_in_seconds": f.refresh_expires_at_ms.map(|ms| (ms as i64 - crate::store::now_ms() as i64) / 1000),
             "last_refresh": f.last_refresh,
             "last_success_at": f.last_success.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "store_error": f.store_error,
@@ -93,6 +95,18 @@ impl Credential {
             m.generation
                 .with_label_values(&[&self.name])
                 .set(t.generation as i64);
+        }
+        let refresh_expiry = self.facts.lock().unwrap().refresh_expires_at_ms;
+        match refresh_expiry {
+            Some(ms) => m
+                .refresh_expiry_timestamp
+                .with_label_values(&[&self.name])
+                .set((ms / 1000) as i64),
+            None => {
+                let _ = m
+                    .refresh_expiry_timestamp
+                    .remove_label_values(&[&self.name]);
+            }
         }
         if let Some(t) = self.facts.lock().unwrap().last_success {
             let secs = t

@@ -28,6 +28,10 @@ pub struct TokenAnswer {
     pub refresh_token: Option<Secret>,
     /// The access-token part, or why it cannot be used.
     pub access: Result<AccessToken, TokenError>,
+    /// How long the new refresh token lives, when the answer says (`refresh_expires_in`
+    /// from Keycloak, `refresh_token_expires_in` from Microsoft, `x_refresh_token_expires_in`
+    /// from Intuit); 0 or absent is unknown.
+    pub refresh_expires_in: Option<Duration>,
 }
 
 /// A usable answer: both parts.
@@ -96,6 +100,11 @@ struct Raw {
     token_type: Option<serde_json::Value>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<serde_json::Value>,
+    #[serde(
+        alias = "refresh_token_expires_in",
+        alias = "x_refresh_token_expires_in"
+    )]
+    refresh_expires_in: Option<serde_json::Value>,
     scope: Option<serde_json::Value>,
     error: Option<serde_json::Value>,
     error_description: Option<serde_json::Value>,
@@ -140,11 +149,19 @@ pub fn parse(
         _ => None,
     };
     let access = judge(status, raw.as_ref(), body.len(), default_expires_in);
+    let refresh_expires_in = raw
+        .as_ref()
+        .and_then(|r| r.refresh_expires_in.as_ref())
+        .and_then(as_text)
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .filter(|secs| *secs > 0)
+        .map(Duration::from_secs);
     match (access, refresh_token) {
         (Err(e), None) => Err(e),
         (access, refresh_token) => Ok(TokenAnswer {
             refresh_token,
             access,
+            refresh_expires_in,
         }),
     }
 }
@@ -304,6 +321,32 @@ mod tests {
             body,
         };
         parse(&answer, default, &[])
+    }
+
+    #[test]
+    fn refresh_token_lifetime_fields() {
+        for (field, want) in [
+            ("refresh_expires_in", Some(1800)),
+            ("refresh_token_expires_in", Some(7776000)),
+            ("x_refresh_token_expires_in", Some(8726400)),
+        ] {
+            let n = want.unwrap();
+            let body = format!(r#"{{"access_token":"a","refresh_token":"r","{field}":{n}}}"#);
+            let a = p(200, body.as_bytes(), D).unwrap();
+            assert_eq!(
+                a.refresh_expires_in,
+                want.map(Duration::from_secs),
+                "{field}"
+            );
+        }
+        // Keycloak's offline tokens say 0: unknown, not expired.
+        let a = p(
+            200,
+            br#"{"access_token":"a","refresh_token":"r","refresh_expires_in":0}"#,
+            D,
+        )
+        .unwrap();
+        assert_eq!(a.refresh_expires_in, None);
     }
 
     /// amoCRM answers a revoked or reused refresh token with 401 problem+json; with the

@@ -66,6 +66,9 @@ pub struct Refresher {
     long_lived: bool,
     /// Consecutive upstream 401s to the long-lived token with no acceptance between.
     long_lived_rejections: u32,
+    /// When the stored refresh token was obtained (Unix ms), for the keep-alive refresh
+    /// of refresh tokens with an idle lifetime.
+    refresh_obtained_ms: Option<u64>,
 }
 
 impl Refresher {
@@ -103,6 +106,7 @@ impl Refresher {
             last_401_refresh: None,
             long_lived: false,
             long_lived_rejections: 0,
+            refresh_obtained_ms: None,
         })
     }
 
@@ -268,7 +272,16 @@ impl Refresher {
                     rand::random::<f64>(),
                 );
                 // `expires_at - lifetime` is when the token was published here.
-                let at = token.expires_at - lifetime + after;
+                let mut at = token.expires_at - lifetime + after;
+                if let (Some(idle), Some(obtained)) = (
+                    self.cred.config.refresh_token.idle_lifetime,
+                    self.refresh_obtained_ms,
+                ) {
+                    // A refresh token that would die unused is refreshed before it does.
+                    let keep_alive = policy::keep_alive_at(obtained, idle.0);
+                    let from_now = Duration::from_millis(keep_alive.saturating_sub(now_ms()));
+                    at = at.min(Instant::now() + from_now);
+                }
                 self.scheduled = Some((token.generation, at));
                 Some(at)
             }
@@ -321,6 +334,7 @@ impl Refresher {
             }
             Some(Some(state)) => {
                 self.known_generation = state.generation;
+                self.note_state(&state);
                 if let Some(why) = &state.reauthorization_required {
                     self.enter_reauthorization(why.clone());
                     return Attempt::Idle;
@@ -355,7 +369,15 @@ impl Refresher {
     }
 
     /// Publishes a stored access token if it is still usable; true if it did.
+    /// Takes note of a stored state's refresh-token facts (its expiry for `/status` and
+    /// the metrics, when it was obtained for the keep-alive refresh).
+    fn note_state(&mut self, s: &StoredState) {
+        self.cred.set_refresh_expiry(s.refresh_expires_at_ms);
+        self.refresh_obtained_ms = s.refresh_token.as_ref().map(|_| s.obtained_at_ms);
+    }
+
     fn publish_stored(&mut self, s: &StoredState) -> bool {
+        self.note_state(s);
         let Some(tok) = &s.access_token else {
             return false;
         };

@@ -92,6 +92,7 @@ impl Refresher {
             }
             Some(Some(s)) => s,
         };
+        self.note_state(&stored);
         if let Some(why) = &stored.reauthorization_required {
             self.known_generation = stored.generation;
             self.enter_reauthorization(why.clone());
@@ -182,6 +183,11 @@ impl Refresher {
                 let new = StoredState {
                     generation: stored.generation + 1,
                     refresh_token: Some(refresh_token),
+                    refresh_expires_at_ms: self.refresh_expiry(
+                        now,
+                        answer.refresh_expires_in,
+                        stored,
+                    ),
                     updated_at_ms: now,
                     updated_by: self.instance_id.clone(),
                     reauthorization_required: None,
@@ -190,6 +196,8 @@ impl Refresher {
                 };
                 self.write_durably(store, stored.generation, &new).await?;
                 self.known_generation = new.generation;
+                self.cred.set_refresh_expiry(new.refresh_expires_at_ms);
+                self.refresh_obtained_ms = Some(now);
                 warn!(credential = %self.name(), generation = new.generation,
                     "token endpoint rotated the refresh token but its access token is unusable; the new refresh token is stored, the current access token stays in use");
                 return Err(Failure::Error(RefreshError::UnusableAccessToken(e)));
@@ -205,10 +213,12 @@ impl Refresher {
             updated_at_ms: now,
             updated_by: self.instance_id.clone(),
             reauthorization_required: None,
-            ..Default::default()
+            authorized_at_ms: stored.authorized_at_ms,
+            refresh_expires_at_ms: self.refresh_expiry(now, answer.refresh_expires_in, stored),
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;
+        self.note_state(&new);
         self.cred
             .publish(
                 new.access_token.as_ref().expect("set above"),
@@ -220,6 +230,24 @@ impl Refresher {
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)
+    }
+
+    /// When the refresh token obtained at `now_ms` dies, from what the answer stated and
+    /// the credential's rules.
+    fn refresh_expiry(
+        &self,
+        now_ms: u64,
+        stated: Option<Duration>,
+        stored: &StoredState,
+    ) -> Option<u64> {
+        let rules = &self.cred.config.refresh_token;
+        policy::refresh_token_expiry(
+            now_ms,
+            stated,
+            rules.idle_lifetime.map(|d| d.0),
+            rules.absolute_lifetime.map(|d| d.0),
+            stored.authorized_at_ms,
+        )
     }
 
     /// Compare-and-swap of `new` over generation `expected`, retried while the store
