@@ -375,3 +375,32 @@ async fn refresh_tokens_with_an_idle_lifetime_are_kept_alive() {
         "no refresh before the 10 s idle lifetime ran out: {status}"
     );
 }
+
+/// A provider's refresh rate limit (Zoho: 10 per 10 minutes) is never exceeded: with
+/// 2 s tokens and a limit of 2 per minute, only two refreshes are sent, and `/status`
+/// says why the next one waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_rate_limit_is_never_exceeded() {
+    let j = journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+        Duration::from_secs(2),
+    )
+    .await;
+    let yaml = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        "    refresh_before: 1s\n    refresh_rate_limit: { count: 2, per: 1m }\n",
+    );
+    authorize(&j).await;
+    let relay = support::start(&yaml).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let st = status_json(&format!("http://{}", relay.admin)).await;
+    relay.stop().await;
+    let stats = j.auth.stats();
+    assert_eq!(stats.refreshes, 2, "{stats:?}");
+    let error = st["credentials"]["crm"]["last_refresh"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("refresh limits"), "{st}");
+}

@@ -31,6 +31,9 @@ pub enum RefreshError {
     StoredStateChanged,
     #[error("rotated token could not be persisted")]
     NotPersisted,
+    /// The provider's refresh rate limit or minimum token age forbids a refresh now.
+    #[error("the provider's refresh limits allow the next refresh in {0:?}")]
+    ProviderLimit(std::time::Duration),
     /// `invalid_grant`, but another process had rotated meanwhile.
     #[error("{0}; the stored state changed meanwhile, retrying with it")]
     RejectedWhileRotated(TokenError),

@@ -145,6 +145,30 @@ pub fn keep_alive_at(obtained_ms: u64, idle: Duration) -> u64 {
     obtained_ms + millis(idle) - millis((idle / 10).min(Duration::from_secs(86400)))
 }
 
+/// The earliest moment a refresh may be sent under the provider's limits: at most
+/// `limit.0` refreshes per `limit.1` (Zoho: 10 per 10 minutes), and not before the token
+/// is `min_age` old (Exact Online rejects early refreshes). `sent` are the past sends,
+/// oldest first. `None`: now.
+pub fn refresh_not_before(
+    now: Instant,
+    sent: &[Instant],
+    limit: Option<(u32, Duration)>,
+    obtained: Option<Instant>,
+    min_age: Option<Duration>,
+) -> Option<Instant> {
+    let by_rate = limit.and_then(|(count, per)| {
+        let in_window: Vec<&Instant> = sent.iter().filter(|t| now < **t + per).collect();
+        (in_window.len() >= count as usize)
+            .then(|| *in_window[in_window.len() - count as usize] + per)
+    });
+    let by_age = obtained.zip(min_age).map(|(at, age)| at + age);
+    [by_rate, by_age]
+        .into_iter()
+        .flatten()
+        .filter(|t| *t > now)
+        .max()
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -189,6 +213,32 @@ mod tests {
         // Kept alive a day before a 60-day idle expiry; a tenth before a short one.
         assert_eq!(keep_alive_at(0, d(60)), 59 * day);
         assert_eq!(keep_alive_at(0, Duration::from_secs(100)), 90_000);
+    }
+
+    #[test]
+    fn provider_refresh_limits() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let sent: Vec<Instant> = (0..10).map(|i| t0 + s(i * 10)).collect();
+        let now = t0 + s(100);
+        // Ten in the last 10 minutes: the next when the oldest leaves the window.
+        assert_eq!(
+            refresh_not_before(now, &sent, Some((10, s(600))), None, None),
+            Some(t0 + s(600))
+        );
+        assert_eq!(
+            refresh_not_before(now, &sent[..9], Some((10, s(600))), None, None),
+            None
+        );
+        // Too young a token waits for its minimum age.
+        assert_eq!(
+            refresh_not_before(now, &[], None, Some(t0 + s(90)), Some(s(60))),
+            Some(t0 + s(150))
+        );
+        assert_eq!(
+            refresh_not_before(now, &[], None, Some(t0), Some(s(60))),
+            None
+        );
     }
 
     #[test]

@@ -69,6 +69,11 @@ pub struct Refresher {
     /// When the stored refresh token was obtained (Unix ms), for the keep-alive refresh
     /// of refresh tokens with an idle lifetime.
     refresh_obtained_ms: Option<u64>,
+    /// When this process sent its recent refreshes, oldest first (for the provider's
+    /// refresh rate limit).
+    sent: std::collections::VecDeque<Instant>,
+    /// Set when the provider's limits forbid a refresh until then; the retry waits.
+    not_before: Option<Instant>,
 }
 
 impl Refresher {
@@ -107,7 +112,37 @@ impl Refresher {
             long_lived: false,
             long_lived_rejections: 0,
             refresh_obtained_ms: None,
+            sent: Default::default(),
+            not_before: None,
         })
+    }
+
+    /// Checks the provider's refresh limits before a token request, and records the send
+    /// when allowed.
+    fn may_send_refresh(&mut self) -> Result<(), RefreshError> {
+        let rules = &self.cred.config.refresh_token;
+        let now = Instant::now();
+        let obtained = self
+            .refresh_obtained_ms
+            .map(|ms| now - Duration::from_millis(now_ms().saturating_sub(ms)));
+        self.sent.make_contiguous();
+        let limit = rules.rate_limit.map(|r| (r.count, r.per.0));
+        if let Some(at) = policy::refresh_not_before(
+            now,
+            self.sent.as_slices().0,
+            limit,
+            obtained,
+            rules.min_token_age.map(|d| d.0),
+        ) {
+            self.not_before = Some(at);
+            return Err(RefreshError::ProviderLimit(at - now));
+        }
+        self.sent.push_back(now);
+        let keep = limit.map(|(n, _)| n as usize).unwrap_or(0);
+        while self.sent.len() > keep {
+            self.sent.pop_front();
+        }
+        Ok(())
     }
 
     fn name(&self) -> &str {
@@ -305,7 +340,10 @@ impl Refresher {
                     .cred
                     .usable(Instant::now())
                     .map(|t| t.remaining(Instant::now()));
-                let delay = schedule::backoff(self.failures, remaining, rand::random::<f64>());
+                let mut delay = schedule::backoff(self.failures, remaining, rand::random::<f64>());
+                if let Some(at) = self.not_before.take() {
+                    delay = delay.max(at.saturating_duration_since(Instant::now()));
+                }
                 self.failures = self.failures.saturating_add(1);
                 let now = now_ms();
                 self.cred.set_backoff(policy::Backoff {

@@ -135,6 +135,7 @@ impl Refresher {
             self.enter_reauthorization("no refresh token is stored".into());
             return Err(Failure::Idle);
         };
+        self.may_send_refresh().map_err(Failure::Error)?;
         // Confirm the lease right before spending the refresh token: renewed now, and
         // held long enough for the request (or for renewals to keep it).
         let needed = policy::lease_needed_to_send(self.lease_ttl, self.cred.config.token_timeout.0);
