@@ -1305,3 +1305,88 @@ async fn etcd_cluster_member_killed_under_load() {
     );
     assert!(codes.iter().all(|c| *c == Some(0)), "exit codes {codes:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. Store down: a fallback self-refresh only where refresh tokens do not rotate.
+// ---------------------------------------------------------------------------------------
+
+/// One tokenrelay on Redis with 3 s tokens; Redis is SIGKILLed and stays down while the
+/// token expires. Returns the statuses of requests made after expiry and the refresh
+/// requests the token endpoint saw while the store was down.
+async fn store_down_past_expiry(rotating: bool) -> (Vec<u16>, u64) {
+    let mut redis = RedisServer::start().await;
+    let auth = AuthServer::start(AuthServerOptions {
+        rotate_refresh_tokens: rotating,
+        ..rotating(Duration::from_secs(3))
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+store:
+{store}credentials:
+  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, token_timeout: 1s, rotating_refresh_token: {rotating} }}
+upstreams:
+  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
+",
+        store = redis_store_yaml(&redis.url()),
+        token_url = auth.token_url(),
+        api_url = api.url(),
+    );
+    let config = tokenrelay::config::Config::from_yaml(&yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&config.store).unwrap();
+    let seeded = tokenrelay::store::StoredState {
+        generation: 1,
+        refresh_token: Some(tokenrelay::secret::Secret::new(auth.new_grant())),
+        obtained_at_ms: tokenrelay::store::now_ms(),
+        ..Default::default()
+    };
+    store.compare_and_swap("crm", 0, &seeded).await.unwrap();
+    let relay = support::start(&yaml).await;
+    let url = format!("{}/echo", relay.url("crm"));
+    let c = support::client();
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    redis.kill9();
+    let refreshes_before = auth.stats().refreshes;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            c.get(&url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let refreshes = auth.stats().refreshes - refreshes_before;
+    relay.stop().await;
+    (statuses, refreshes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_rotating_credentials_refresh_alone_while_the_store_is_down() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let (statuses, refreshes) = store_down_past_expiry(false).await;
+    eprintln!("non-rotating, store down: statuses {statuses:?}, refreshes {refreshes}");
+    assert!(refreshes >= 1, "no fallback refresh");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_credentials_wait_for_the_store() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let (statuses, refreshes) = store_down_past_expiry(true).await;
+    eprintln!("rotating, store down: statuses {statuses:?}, refreshes {refreshes}");
+    assert_eq!(
+        refreshes, 0,
+        "a rotating refresh token was spent without the store"
+    );
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+}

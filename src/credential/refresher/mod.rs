@@ -74,6 +74,9 @@ pub struct Refresher {
     sent: std::collections::VecDeque<Instant>,
     /// Set when the provider's limits forbid a refresh until then; the retry waits.
     not_before: Option<Instant>,
+    /// The last refresh token seen in the store, for the store-less fallback refresh of
+    /// credentials whose refresh tokens do not rotate.
+    remembered_refresh_token: Option<crate::secret::Secret>,
 }
 
 impl Refresher {
@@ -114,6 +117,7 @@ impl Refresher {
             refresh_obtained_ms: None,
             sent: Default::default(),
             not_before: None,
+            remembered_refresh_token: None,
         })
     }
 
@@ -412,6 +416,9 @@ impl Refresher {
     fn note_state(&mut self, s: &StoredState) {
         self.cred.set_refresh_expiry(s.refresh_expires_at_ms);
         self.refresh_obtained_ms = s.refresh_token.as_ref().map(|_| s.obtained_at_ms);
+        if !self.cred.config.refresh_token.rotating {
+            self.remembered_refresh_token = s.refresh_token.clone();
+        }
     }
 
     fn publish_stored(&mut self, s: &StoredState) -> bool {

@@ -53,6 +53,9 @@ impl Refresher {
                 Err(e) => {
                     self.metrics.store_op("lease", false);
                     self.cred.set_store_error(Some(e.to_string()));
+                    if let Some(result) = self.refresh_without_store().await {
+                        return result;
+                    }
                     return Err(Failure::Error(RefreshError::Lease(e)));
                 }
             }
@@ -231,6 +234,38 @@ impl Refresher {
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)
+    }
+
+    /// The store is unreachable. A credential whose refresh tokens do not rotate (Google,
+    /// Zoho) may then refresh on its own when it holds no valid token, keeping the result
+    /// in memory: nothing is spent, so nothing can be lost. A rotating credential never
+    /// does (`None`): it waits for the store.
+    async fn refresh_without_store(&mut self) -> Option<Result<RefreshResult, Failure>> {
+        if self.cred.config.refresh_token.rotating || self.cred.usable(Instant::now()).is_some() {
+            return None;
+        }
+        let refresh_token = self.remembered_refresh_token.clone()?;
+        self.may_send_refresh().ok()?;
+        let client = self.client.as_ref().expect("refresh grant has a client");
+        let answer = client
+            .request(GrantRequest::RefreshToken(&refresh_token))
+            .await
+            .and_then(TokenAnswer::into_response);
+        Some(match answer {
+            Ok(resp) => {
+                let generation = self.cred.current().map(|t| t.generation).unwrap_or(0);
+                warn!(credential = %self.name(), "store unreachable: refreshed on this replica alone (this credential's refresh tokens do not rotate); the token is kept in memory");
+                self.cred
+                    .publish(
+                        &resp.access_token,
+                        generation,
+                        Some(SystemTime::now() + resp.expires_in),
+                    )
+                    .map(|()| RefreshResult::Success)
+                    .map_err(|e| Failure::Error(e.into()))
+            }
+            Err(e) => Err(Failure::Error(e.into())),
+        })
     }
 
     /// When the refresh token obtained at `now_ms` dies, from what the answer stated and
