@@ -1313,10 +1313,10 @@ async fn etcd_cluster_member_killed_under_load() {
 /// One tokenrelay on Redis with 3 s tokens; Redis is SIGKILLed and stays down while the
 /// token expires. Returns the statuses of requests made after expiry and the refresh
 /// requests the token endpoint saw while the store was down.
-async fn store_down_past_expiry(rotating: bool) -> (Vec<u16>, u64) {
+async fn store_down_past_expiry(rotates: bool) -> (Vec<u16>, u64) {
     let mut redis = RedisServer::start().await;
     let auth = AuthServer::start(AuthServerOptions {
-        rotate_refresh_tokens: rotating,
+        rotate_refresh_tokens: rotates,
         ..rotating(Duration::from_secs(3))
     })
     .await
@@ -1326,7 +1326,7 @@ async fn store_down_past_expiry(rotating: bool) -> (Vec<u16>, u64) {
         "admin: {{ listen: 127.0.0.1:0 }}
 store:
 {store}credentials:
-  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, token_timeout: 1s, rotating_refresh_token: {rotating} }}
+  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, token_timeout: 1s, rotating_refresh_token: {rotates} }}
 upstreams:
   crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
 ",
