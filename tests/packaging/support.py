@@ -33,6 +33,7 @@ METRICS = {
     "tokenrelay_token_refresh_total",
     "tokenrelay_token_refresh_duration_seconds",
     "tokenrelay_token_expiry_timestamp_seconds",
+    "tokenrelay_refresh_token_expiry_timestamp_seconds",
     "tokenrelay_token_generation",
     "tokenrelay_credential_ready",
     "tokenrelay_credential_state",

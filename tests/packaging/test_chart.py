@@ -175,6 +175,7 @@ def test_monitoring_value_set_renders_every_monitoring_object() -> None:
         "TokenrelayTokenRefreshFailing",
         "TokenrelayAccessTokenExpiring",
         "TokenrelayReauthorizationRequired",
+        "TokenrelayReauthorizationDueSoon",
         "TokenrelayHighUpstreamErrorRate",
     } <= alerts
 
@@ -195,8 +196,23 @@ def test_alert_expressions_match_the_documented_conditions() -> None:
         == f'tokenrelay_credential_state{{{sel},state="reauthorization_required"}} == 1'
     )
     assert by_name["TokenrelayReauthorizationRequired"]["labels"]["severity"] == "critical"
+    assert (
+        by_name["TokenrelayReauthorizationDueSoon"]["expr"]
+        == f"tokenrelay_refresh_token_expiry_timestamp_seconds{{{sel}}} < time() + 259200"
+    )
+    assert by_name["TokenrelayReauthorizationDueSoon"]["for"] == "10m"
+    assert by_name["TokenrelayReauthorizationDueSoon"]["labels"]["severity"] == "warning"
     # Prometheus templates survive Helm's templating untouched.
     assert "{{ $labels.credential }}" in by_name["TokenrelayCredentialNotReady"]["annotations"]["summary"]
+
+
+def test_reauthorization_threshold_is_configurable() -> None:
+    values = support.load_values("monitoring")
+    values["metrics"]["prometheusRule"]["reauthorizationThresholdSeconds"] = 14 * 86400
+    docs = support.manifests(support.render_chart(CHART, values))
+    rules = support.one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    expr = next(r["expr"] for r in rules if r.get("alert") == "TokenrelayReauthorizationDueSoon")
+    assert expr.endswith("< time() + 1209600"), expr  # an integer, not 1.2096e+06
 
 
 def test_disabled_alerts_are_left_out() -> None:
