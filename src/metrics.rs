@@ -16,12 +16,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Every credential state, in the order `/status` documents them.
-pub const STATES: [&str; 5] = [
+pub const STATES: [&str; 6] = [
     "initializing",
     "ready",
     "degraded",
     "unavailable",
     "reauthorization_required",
+    "moved",
 ];
 
 /// All metric families.

@@ -5,6 +5,7 @@ mod demo;
 mod providers;
 mod seed;
 mod status;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,42 @@ pub enum Command {
         /// (e.g. 365d); without it no expiry is known.
         #[arg(long, requires = "access_token_file", value_parser = crate::config::units::parse_duration)]
         expires_in: Option<std::time::Duration>,
+    },
+    /// Moves a credential to another environment: writes its stored state to an
+    /// encrypted bundle and marks it `moved` here (every process using this store stops
+    /// using it). With --copy, a backup instead: nothing is marked.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        credential: String,
+        /// The bundle file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seal the bundle with this passphrase (scrypt); default: the store's key file.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// A backup: the source keeps using the credential.
+        #[arg(long)]
+        copy: bool,
+        /// A name for the destination, shown by this environment's /status.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Stores a credential from a bundle made by `export`; running instances adopt it.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        credential: String,
+        /// The bundle file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Import even a bundle older than what the store holds.
+        #[arg(long)]
+        force: bool,
     },
     /// Lists the built-in provider presets, or shows one with its resolved settings.
     Providers {
@@ -170,6 +207,42 @@ pub fn main(cli: Cli) -> ExitCode {
             seed::run(cfg, &credential, what).await
         }),
         Command::Providers { name } => providers::run(name.as_deref()),
+        Command::Export {
+            config,
+            credential,
+            out,
+            passphrase_file,
+            copy,
+            to,
+        } => with_config(&config, log_format, |cfg| {
+            transfer::export(
+                cfg,
+                transfer::ExportArgs {
+                    credential,
+                    out,
+                    passphrase_file,
+                    copy,
+                    to,
+                },
+            )
+        }),
+        Command::Import {
+            config,
+            credential,
+            input,
+            passphrase_file,
+            force,
+        } => with_config(&config, log_format, |cfg| {
+            transfer::import(
+                cfg,
+                transfer::ImportArgs {
+                    credential,
+                    input,
+                    passphrase_file,
+                    force,
+                },
+            )
+        }),
         Command::Authorize {
             config,
             credential,

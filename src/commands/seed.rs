@@ -99,6 +99,7 @@ pub async fn store_new_grant(
             access_token: access.as_ref().map(|a| a.0.clone()),
             refresh_token: refresh_token.clone(),
             authorized_at_ms: Some(now),
+            moved: None,
             refresh_expires_at_ms: refresh_token.as_ref().and(rules.as_ref()).and_then(|r| {
                 crate::credential::policy::refresh_token_expiry(
                     now,

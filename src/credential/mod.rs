@@ -83,6 +83,8 @@ pub enum State {
     Degraded,
     Unavailable,
     ReauthorizationRequired,
+    /// Handed over to another environment (`tokenrelay export`): not refreshed here.
+    Moved,
 }
 
 impl State {
@@ -108,6 +110,8 @@ struct Facts {
     last_success: Option<SystemTime>,
     /// When the current refresh token dies (Unix ms), when known.
     refresh_expires_at_ms: Option<u64>,
+    /// Where and when the credential was handed over (`tokenrelay export`).
+    moved: Option<crate::store::Moved>,
 }
 
 /// One credential: its cell, state, and the channel to its refresher.
@@ -265,6 +269,17 @@ impl Credential {
 
     pub(crate) fn set_unavailable_reason(&self, why: Option<String>) {
         self.facts.lock().unwrap().unavailable_reason = why;
+    }
+
+    /// Marks the credential as handed over to another environment, or not.
+    pub(crate) fn set_moved(&self, moved: Option<crate::store::Moved>) {
+        self.facts.lock().unwrap().moved = moved;
+        self.update_gauges();
+    }
+
+    /// Where and when the credential was handed over, if it was.
+    pub fn moved(&self) -> Option<crate::store::Moved> {
+        self.facts.lock().unwrap().moved.clone()
     }
 
     /// Why re-authorization is needed, if it is.

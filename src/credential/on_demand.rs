@@ -21,6 +21,8 @@ pub(super) struct Demand {
 pub enum NoToken {
     ReauthorizationRequired(String),
     Unavailable(String),
+    /// Handed over to another environment.
+    Moved(String),
 }
 
 impl std::fmt::Display for NoToken {
@@ -30,6 +32,10 @@ impl std::fmt::Display for NoToken {
                 write!(f, "credential needs re-authorization: {why}")
             }
             NoToken::Unavailable(why) => write!(f, "no valid access token: {why}"),
+            NoToken::Moved(to) => write!(
+                f,
+                "the credential was moved to {to}; this environment no longer uses it"
+            ),
         }
     }
 }
@@ -74,6 +80,9 @@ impl Credential {
         let newer = |t: &Arc<ActiveToken>| rejected_generation.is_none_or(|g| t.generation > g);
         if let Some(t) = self.usable(Instant::now()).filter(newer) {
             return Ok(t);
+        }
+        if let Some(m) = self.moved() {
+            return Err(NoToken::Moved(m.to));
         }
         if let Some(why) = self.reauthorization() {
             return Err(NoToken::ReauthorizationRequired(why));

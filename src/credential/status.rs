@@ -25,6 +25,9 @@ impl Credential {
     /// The state per DESIGN.md, derived from the cell and the facts.
     pub fn state(&self) -> State {
         let f = self.facts.lock().unwrap();
+        if f.moved.is_some() {
+            return State::Moved;
+        }
         if f.reauthorization.is_some() {
             return State::ReauthorizationRequired;
         }
@@ -58,6 +61,11 @@ impl Credential {
             "last_refresh": f.last_refresh,
             "last_success_at": f.last_success.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "store_error": f.store_error,
+            "moved": f.moved.as_ref().map(|m| serde_json::json!({
+                "to": m.to,
+                "at": humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(m.at_ms)).to_string(),
+                "action": format!("this environment no longer refreshes the credential; to take it back run tokenrelay import --credential {} with a bundle exported from where it went", self.name),
+            })),
             "reauthorization_required": f.reauthorization.as_ref().map(|why| serde_json::json!({
                 "reason": why,
                 "action": format!("obtain a new token and run: tokenrelay authorize --config FILE --credential {0} (or tokenrelay seed --config FILE --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),

@@ -52,6 +52,8 @@ struct Payload {
     authorized_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_expires_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    moved: Option<super::Moved>,
 }
 
 fn aad(name: &str, generation: u64) -> Vec<u8> {
@@ -83,6 +85,7 @@ impl Codec {
             reauthorization_required: s.reauthorization_required.clone(),
             authorized_at_ms: s.authorized_at_ms,
             refresh_expires_at_ms: s.refresh_expires_at_ms,
+            moved: s.moved.clone(),
         };
         let mut env = Envelope {
             version: FORMAT_VERSION,
@@ -164,6 +167,7 @@ impl Codec {
             reauthorization_required: payload.reauthorization_required,
             authorized_at_ms: payload.authorized_at_ms,
             refresh_expires_at_ms: payload.refresh_expires_at_ms,
+            moved: payload.moved,
         })
     }
 }

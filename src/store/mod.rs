@@ -4,6 +4,7 @@
 //! a cluster-wide refresh `lease`, and `watch` for changes made by other processes.
 //! Values are encoded (and optionally encrypted) by [`codec`] before they leave the process.
 
+pub mod bundle;
 pub mod codec;
 pub mod crypto;
 #[cfg(feature = "etcd")]
@@ -44,6 +45,17 @@ pub struct StoredState {
     /// When the current refresh token dies unless used again before (idle lifetime), or
     /// at the latest (absolute lifetime, or what the token endpoint said): the earlier.
     pub refresh_expires_at_ms: Option<u64>,
+    /// Set by `tokenrelay export` (a handover): the tokens went elsewhere, and no process
+    /// using this store refreshes the credential until an import brings it back.
+    pub moved: Option<Moved>,
+}
+
+/// Where and when a credential was handed over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Moved {
+    /// What the operator named the destination (`export --to`), or the bundle file.
+    pub to: String,
+    pub at_ms: u64,
 }
 
 impl StoredState {
@@ -53,6 +65,7 @@ impl StoredState {
         self.refresh_token.is_none()
             && self.access_token.is_some()
             && self.reauthorization_required.is_none()
+            && self.moved.is_none()
     }
 }
 

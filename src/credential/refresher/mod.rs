@@ -377,6 +377,9 @@ impl Refresher {
             Some(Some(state)) => {
                 self.known_generation = state.generation;
                 self.note_state(&state);
+                if self.stop_if_moved(&state) {
+                    return Attempt::Idle;
+                }
                 if let Some(why) = &state.reauthorization_required {
                     self.enter_reauthorization(why.clone());
                     return Attempt::Idle;
@@ -450,6 +453,19 @@ impl Refresher {
         true
     }
 
+    /// A handed-over credential (`tokenrelay export`) is not refreshed here: true and
+    /// the credential shows `moved`. A state without the marker (an import) lifts it.
+    fn stop_if_moved(&self, s: &StoredState) -> bool {
+        let Some(m) = &s.moved else {
+            self.cred.set_moved(None);
+            return false;
+        };
+        warn!(credential = %self.name(), to = %m.to, "credential moved to another environment; this one stops using and refreshing it");
+        self.cred.clear();
+        self.cred.set_moved(Some(m.clone()));
+        true
+    }
+
     fn enter_reauthorization(&self, why: String) {
         error!(credential = %self.name(), reason = %why, "re-authorization required (run `tokenrelay seed` or `tokenrelay authorize`)");
         self.cred.clear();
@@ -473,6 +489,9 @@ impl Refresher {
             };
         }
         self.known_generation = state.generation;
+        if self.stop_if_moved(&state) {
+            return Attempt::Idle;
+        }
         if let Some(why) = &state.reauthorization_required {
             self.enter_reauthorization(why.clone());
             return Attempt::Idle;

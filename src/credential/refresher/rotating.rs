@@ -96,6 +96,10 @@ impl Refresher {
             Some(Some(s)) => s,
         };
         self.note_state(&stored);
+        if self.stop_if_moved(&stored) {
+            self.known_generation = stored.generation;
+            return Err(Failure::Idle);
+        }
         if let Some(why) = &stored.reauthorization_required {
             self.known_generation = stored.generation;
             self.enter_reauthorization(why.clone());
@@ -219,6 +223,7 @@ impl Refresher {
             reauthorization_required: None,
             authorized_at_ms: stored.authorized_at_ms,
             refresh_expires_at_ms: self.refresh_expiry(now, answer.refresh_expires_in, stored),
+            moved: None,
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;

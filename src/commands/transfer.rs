@@ -1,0 +1,265 @@
+//! `tokenrelay export` and `import`: moving a credential to another environment (a
+//! handover: the source stops using it, so two environments never spend the same refresh
+//! token) or backing it up (`export --copy`).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::config::{Config, CredentialConfig, Grant};
+use crate::secret::Secret;
+use crate::store::bundle::{self, Contents, Key};
+use crate::store::{now_ms, CasOutcome, Moved, Store, StoredState};
+
+/// How long `export` waits for a refresh in progress elsewhere to finish.
+const LEASE_WAIT: Duration = Duration::from_secs(60);
+
+pub struct ExportArgs {
+    pub credential: String,
+    pub out: PathBuf,
+    pub passphrase_file: Option<PathBuf>,
+    /// A backup: the source keeps using the credential.
+    pub copy: bool,
+    /// A name for the destination, shown by the source's `/status`.
+    pub to: Option<String>,
+}
+
+pub struct ImportArgs {
+    pub credential: String,
+    pub input: PathBuf,
+    pub passphrase_file: Option<PathBuf>,
+    pub force: bool,
+}
+
+fn refresh_credential<'a>(cfg: &'a Config, name: &str) -> anyhow::Result<&'a CredentialConfig> {
+    let Some(c) = cfg.credentials.get(name) else {
+        bail!("credential {name:?} is not in the config");
+    };
+    if c.grant != Grant::RefreshToken {
+        bail!("credential {name:?} uses grant {:?}; only refresh_token credentials keep state to move", c.grant);
+    }
+    Ok(c)
+}
+
+/// The passphrase from `--passphrase-file`, else the store's key.
+fn key_secret(cfg: &Config, passphrase_file: Option<&Path>) -> anyhow::Result<(Secret, bool)> {
+    match passphrase_file {
+        Some(f) => {
+            let p = crate::config::read_secret(f).map_err(anyhow::Error::msg)?;
+            Ok((p, true))
+        }
+        None => match &cfg.store.encryption_key {
+            Some(k) => Ok((k.clone(), false)),
+            None => bail!("give --passphrase-file (or set store.encryption_key_file to seal the bundle with the store's key)"),
+        },
+    }
+}
+
+fn identity(c: &CredentialConfig) -> (String, String) {
+    (
+        c.token_url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        c.client_id.clone().unwrap_or_default(),
+    )
+}
+
+pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
+    let c = refresh_credential(&cfg, &args.credential)?;
+    let (secret, passphrase) = key_secret(&cfg, args.passphrase_file.as_deref())?;
+    let key = if passphrase {
+        Key::Passphrase(&secret)
+    } else {
+        Key::StoreKey(&secret)
+    };
+    if args.out.exists() {
+        bail!("{} exists; choose a new file", args.out.display());
+    }
+    let store = crate::store::open(&cfg.store).context("opening the store")?;
+    let name = &args.credential;
+    // Under the lease no refresh is in flight: the exported token is the live one.
+    let lease = wait_for_lease(store.as_ref(), name).await?;
+    let result = async {
+        let Some(state) = store.load(name).await? else {
+            bail!("nothing is stored for credential {name:?}");
+        };
+        if let Some(m) = &state.moved {
+            bail!("credential {name:?} was already moved to {}", m.to);
+        }
+        if let Some(why) = &state.reauthorization_required {
+            bail!("credential {name:?} needs re-authorization ({why}); there is nothing live to export");
+        }
+        let (token_url, client_id) = identity(c);
+        let contents = Contents {
+            credential: name.clone(),
+            token_url,
+            client_id,
+            exported_at_ms: now_ms(),
+            exported_by: cfg.runtime.instance_id.clone(),
+            copy: args.copy,
+            state: state.clone(),
+        };
+        let sealed = bundle::seal(&contents, &key)?;
+        let tmp = write_new_durably(&args.out, &sealed)?;
+        if !args.copy {
+            let to = args.to.clone().unwrap_or_else(|| args.out.display().to_string());
+            if let Err(e) = mark_moved(store.as_ref(), name, &state, to, &cfg.runtime.instance_id).await {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        std::fs::rename(&tmp, &args.out).with_context(|| {
+            format!("the bundle is complete at {} but could not be renamed", tmp.display())
+        })?;
+        sync_parent(&args.out)?;
+        Ok(state.generation)
+    }
+    .await;
+    lease.release().await;
+    let generation = result?;
+    if args.copy {
+        println!("backed up credential {name:?} (generation {generation}) to {}; this environment keeps using it, so the backup's refresh token is spent at its next rotation", args.out.display());
+    } else {
+        println!("exported credential {name:?} (generation {generation}) to {}; every process using this store has stopped using it (/status: moved). Import it in the destination with: tokenrelay import --config F --credential {name} --in {}", args.out.display(), args.out.display());
+    }
+    Ok(())
+}
+
+pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
+    let c = refresh_credential(&cfg, &args.credential)?;
+    let (secret, passphrase) = key_secret(&cfg, args.passphrase_file.as_deref())?;
+    let key = if passphrase {
+        Key::Passphrase(&secret)
+    } else {
+        Key::StoreKey(&secret)
+    };
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let contents = bundle::open(&bytes, &key)?;
+    if (contents.token_url.clone(), contents.client_id.clone()) != identity(c) {
+        bail!(
+            "the bundle is for token endpoint {} with client_id {:?}, but credentials.{}.token_url/client_id say {} / {:?}: refusing to import tokens for another client",
+            contents.token_url,
+            contents.client_id,
+            args.credential,
+            identity(c).0,
+            identity(c).1
+        );
+    }
+    if contents.copy {
+        eprintln!("note: this bundle is a backup (export --copy): if its source has refreshed since, its refresh token is spent, and the first refresh will be rejected (re-authorize then)");
+    }
+    let store = crate::store::open(&cfg.store).context("opening the store")?;
+    let name = &args.credential;
+    let current = store.load(name).await?;
+    let current_gen = current.as_ref().map(|s| s.generation).unwrap_or(0);
+    let live_here = current
+        .as_ref()
+        .is_some_and(|s| s.moved.is_none() && s.refresh_token.is_some());
+    if contents.state.generation < current_gen && live_here && !args.force {
+        bail!(
+            "the store holds generation {current_gen} of credential {name:?}, newer than the bundle's {}: its refresh token has most likely been spent since. Use --force only if you know it was not",
+            contents.state.generation
+        );
+    }
+    let new = StoredState {
+        generation: current_gen.max(contents.state.generation) + 1,
+        updated_at_ms: now_ms(),
+        updated_by: format!("{} (import)", cfg.runtime.instance_id),
+        moved: None,
+        reauthorization_required: None,
+        ..contents.state.clone()
+    };
+    match store.compare_and_swap(name, current_gen, &new).await? {
+        CasOutcome::Swapped => {}
+        CasOutcome::Conflict { current_generation } => bail!(
+            "the stored state changed during the import (now generation {current_generation}); run it again"
+        ),
+    }
+    println!(
+        "imported credential {name:?} from {} (exported by {}): stored as generation {}; running instances pick it up within seconds",
+        args.input.display(),
+        contents.exported_by,
+        new.generation
+    );
+    Ok(())
+}
+
+async fn wait_for_lease(
+    store: &dyn Store,
+    name: &str,
+) -> anyhow::Result<Box<dyn crate::store::Lease>> {
+    let deadline = std::time::Instant::now() + LEASE_WAIT;
+    loop {
+        if let Some(lease) = store.try_lease(name, LEASE_WAIT).await? {
+            return Ok(lease);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("a refresh of credential {name:?} held the store lease for over {LEASE_WAIT:?}; try again");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The handover marker over `state`: no tokens, where and when.
+async fn mark_moved(
+    store: &dyn Store,
+    name: &str,
+    state: &StoredState,
+    to: String,
+    by: &str,
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    let marker = StoredState {
+        generation: state.generation + 1,
+        access_token: None,
+        access_expires_at_ms: None,
+        refresh_token: None,
+        updated_at_ms: now,
+        updated_by: format!("{by} (export)"),
+        moved: Some(Moved { to, at_ms: now }),
+        ..state.clone()
+    };
+    match store.compare_and_swap(name, state.generation, &marker).await? {
+        CasOutcome::Swapped => Ok(()),
+        CasOutcome::Conflict { current_generation } => bail!(
+            "the stored state changed during the export (now generation {current_generation}); nothing was moved, run it again"
+        ),
+    }
+}
+
+fn sync_parent(path: &Path) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes `bytes` to a new temporary file next to `out` (mode 0600, fsynced); returns it.
+fn write_new_durably(out: &Path, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("bundle"),
+        std::process::id()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    sync_parent(&tmp)?;
+    Ok(tmp)
+}

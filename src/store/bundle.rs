@@ -1,0 +1,273 @@
+//! A credential bundle: one credential's stored state, sealed for moving it to another
+//! environment (`tokenrelay export` / `import`). AES-256-GCM under a key derived from a
+//! passphrase with scrypt (N = 2^15, r = 8, p = 1, a random salt per bundle), or under the
+//! store's own key file. The header (format, version, key source) is bound as associated
+//! data, so an altered bundle fails to open.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::crypto::{Cipher, Sealed};
+use super::StoredState;
+use crate::secret::Secret;
+
+const FORMAT: &str = "tokenrelay-credential-bundle";
+const VERSION: u32 = 1;
+const SCRYPT_LOG_N: u8 = 15;
+const SCRYPT_R: u32 = 8;
+const SCRYPT_P: u32 = 1;
+
+/// What a bundle holds once opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contents {
+    pub credential: String,
+    /// The token endpoint identity: an import into a credential with another identity is
+    /// refused (its tokens would be useless there, or worse, sent to the wrong server).
+    pub token_url: String,
+    pub client_id: String,
+    pub exported_at_ms: u64,
+    pub exported_by: String,
+    /// A backup (`--copy`): the source kept running, so its refresh token may have been
+    /// spent since.
+    pub copy: bool,
+    pub state: StoredState,
+}
+
+/// How the bundle key is obtained.
+pub enum Key<'a> {
+    /// A passphrase (from `--passphrase-file`).
+    Passphrase(&'a Secret),
+    /// The store's 32-byte key (`store.encryption_key_file`).
+    StoreKey(&'a Secret),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("not a tokenrelay credential bundle (or an unsupported version)")]
+    NotABundle,
+    #[error("the bundle was sealed with {0}; give that instead")]
+    WrongKeyKind(&'static str),
+    #[error("cannot open the bundle: wrong passphrase or key, or the file was altered")]
+    CannotOpen,
+    #[error("cannot seal the bundle: {0}")]
+    Seal(String),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    format: String,
+    version: u32,
+    key: KeySource,
+    nonce: String,
+    ciphertext: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+enum KeySource {
+    Scrypt {
+        salt: String,
+        log_n: u8,
+        r: u32,
+        p: u32,
+    },
+    StoreKey,
+}
+
+/// The sealed plaintext: secrets as plain strings only inside this module.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plain {
+    credential: String,
+    token_url: String,
+    client_id: String,
+    exported_at_ms: u64,
+    exported_by: String,
+    copy: bool,
+    generation: u64,
+    access_token: Option<String>,
+    access_expires_at_ms: Option<u64>,
+    refresh_token: Option<String>,
+    obtained_at_ms: u64,
+    authorized_at_ms: Option<u64>,
+    refresh_expires_at_ms: Option<u64>,
+}
+
+fn aad(key: &KeySource) -> Vec<u8> {
+    let key = serde_json::to_string(key).unwrap_or_default();
+    format!("{FORMAT}/v{VERSION}/{key}").into_bytes()
+}
+
+fn cipher(key: &Key<'_>, source: &KeySource) -> Result<Cipher, BundleError> {
+    let secret = match (key, source) {
+        (
+            Key::Passphrase(p),
+            KeySource::Scrypt {
+                salt,
+                log_n,
+                r,
+                p: par,
+            },
+        ) => {
+            let salt = B64.decode(salt).map_err(|_| BundleError::NotABundle)?;
+            let params =
+                scrypt::Params::new(*log_n, *r, *par, 32).map_err(|_| BundleError::NotABundle)?;
+            let mut derived = [0u8; 32];
+            scrypt::scrypt(p.expose().as_bytes(), &salt, &params, &mut derived)
+                .map_err(|_| BundleError::NotABundle)?;
+            Secret::new(
+                derived
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+            )
+        }
+        (Key::StoreKey(k), KeySource::StoreKey) => (*k).clone(),
+        (Key::Passphrase(_), KeySource::StoreKey) => {
+            return Err(BundleError::WrongKeyKind("the store's key file"))
+        }
+        (Key::StoreKey(_), KeySource::Scrypt { .. }) => {
+            return Err(BundleError::WrongKeyKind(
+                "a passphrase (--passphrase-file)",
+            ))
+        }
+    };
+    Cipher::new(&secret).map_err(BundleError::Seal)
+}
+
+/// Seals `contents` under `key`.
+pub fn seal(contents: &Contents, key: &Key<'_>) -> Result<Vec<u8>, BundleError> {
+    let source = match key {
+        Key::Passphrase(_) => KeySource::Scrypt {
+            salt: B64.encode(rand::random::<[u8; 16]>()),
+            log_n: SCRYPT_LOG_N,
+            r: SCRYPT_R,
+            p: SCRYPT_P,
+        },
+        Key::StoreKey(_) => KeySource::StoreKey,
+    };
+    let s = &contents.state;
+    let plain = Plain {
+        credential: contents.credential.clone(),
+        token_url: contents.token_url.clone(),
+        client_id: contents.client_id.clone(),
+        exported_at_ms: contents.exported_at_ms,
+        exported_by: contents.exported_by.clone(),
+        copy: contents.copy,
+        generation: s.generation,
+        access_token: s.access_token.as_ref().map(|t| t.expose().to_string()),
+        access_expires_at_ms: s.access_expires_at_ms,
+        refresh_token: s.refresh_token.as_ref().map(|t| t.expose().to_string()),
+        obtained_at_ms: s.obtained_at_ms,
+        authorized_at_ms: s.authorized_at_ms,
+        refresh_expires_at_ms: s.refresh_expires_at_ms,
+    };
+    let bytes = serde_json::to_vec(&plain).map_err(|e| BundleError::Seal(e.to_string()))?;
+    let sealed = cipher(key, &source)?
+        .seal(&aad(&source), &bytes)
+        .map_err(BundleError::Seal)?;
+    let envelope = Envelope {
+        format: FORMAT.into(),
+        version: VERSION,
+        key: source,
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+    };
+    let mut out =
+        serde_json::to_vec_pretty(&envelope).map_err(|e| BundleError::Seal(e.to_string()))?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// Opens a bundle sealed by [`seal`].
+pub fn open(bytes: &[u8], key: &Key<'_>) -> Result<Contents, BundleError> {
+    let env: Envelope = serde_json::from_slice(bytes).map_err(|_| BundleError::NotABundle)?;
+    if env.format != FORMAT || env.version != VERSION {
+        return Err(BundleError::NotABundle);
+    }
+    let sealed = Sealed {
+        nonce: env.nonce,
+        ciphertext: env.ciphertext,
+    };
+    let plain = cipher(key, &env.key)?
+        .open(&aad(&env.key), &sealed)
+        .map_err(|_| BundleError::CannotOpen)?;
+    let p: Plain = serde_json::from_slice(&plain).map_err(|_| BundleError::NotABundle)?;
+    Ok(Contents {
+        credential: p.credential,
+        token_url: p.token_url,
+        client_id: p.client_id,
+        exported_at_ms: p.exported_at_ms,
+        exported_by: p.exported_by,
+        copy: p.copy,
+        state: StoredState {
+            generation: p.generation,
+            access_token: p.access_token.map(Secret::new),
+            access_expires_at_ms: p.access_expires_at_ms,
+            refresh_token: p.refresh_token.map(Secret::new),
+            obtained_at_ms: p.obtained_at_ms,
+            authorized_at_ms: p.authorized_at_ms,
+            refresh_expires_at_ms: p.refresh_expires_at_ms,
+            ..Default::default()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contents() -> Contents {
+        Contents {
+            credential: "crm".into(),
+            token_url: "https://example.com/token".into(),
+            client_id: "id".into(),
+            exported_at_ms: 1,
+            exported_by: "host/1".into(),
+            copy: false,
+            state: StoredState {
+                generation: 7,
+                refresh_token: Some(Secret::new("rt-secret-value")),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip_with_a_passphrase_and_with_the_store_key() {
+        let pass = Secret::new("correct horse battery staple");
+        let sealed = seal(&contents(), &Key::Passphrase(&pass)).unwrap();
+        assert!(!String::from_utf8_lossy(&sealed).contains("rt-secret-value"));
+        assert_eq!(open(&sealed, &Key::Passphrase(&pass)).unwrap(), contents());
+        let wrong = Secret::new("wrong");
+        assert!(matches!(
+            open(&sealed, &Key::Passphrase(&wrong)),
+            Err(BundleError::CannotOpen)
+        ));
+        let key = Secret::new("00".repeat(32));
+        assert!(matches!(
+            open(&sealed, &Key::StoreKey(&key)),
+            Err(BundleError::WrongKeyKind(_))
+        ));
+        let sealed = seal(&contents(), &Key::StoreKey(&key)).unwrap();
+        assert_eq!(open(&sealed, &Key::StoreKey(&key)).unwrap(), contents());
+    }
+
+    #[test]
+    fn altered_or_foreign_bytes_are_refused() {
+        let pass = Secret::new("p");
+        let mut sealed = seal(&contents(), &Key::Passphrase(&pass)).unwrap();
+        let text = String::from_utf8(sealed.clone()).unwrap();
+        let altered = text.replace("\"log_n\": 15", "\"log_n\": 14");
+        assert!(open(altered.as_bytes(), &Key::Passphrase(&pass)).is_err());
+        sealed.truncate(10);
+        assert!(matches!(
+            open(&sealed, &Key::Passphrase(&pass)),
+            Err(BundleError::NotABundle)
+        ));
+        let e = open(b"{}", &Key::Passphrase(&pass)).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("rt-secret"));
+    }
+}

@@ -1,0 +1,283 @@
+//! Moving a credential between environments and backing it up: `tokenrelay export` and
+//! `import` as child processes, two tokenrelay instances (environments A and B, each with
+//! its own file store) in this process, and the demo authorization server with rotating
+//! single-use refresh tokens and reuse detection.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::{eventually, status_json};
+use tokenrelay::config::Config;
+use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use tokenrelay::secret::Secret;
+use tokenrelay::store::{now_ms, StoredState};
+
+struct Env {
+    config: PathBuf,
+    yaml: String,
+}
+
+fn env(dir: &Path, name: &str, auth: &AuthServer, api: &ApiServer, client_id: &str) -> Env {
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+store: {{ type: file, path: {state}, poll_interval: 200ms }}
+runtime: {{ instance_id: {name} }}
+credentials:
+  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: {client_id}, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s, token_timeout: 2s }}
+upstreams:
+  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
+",
+        state = dir.join(name).display(),
+        token_url = auth.token_url(),
+        api_url = api.url(),
+    );
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(&config, &yaml).unwrap();
+    Env { config, yaml }
+}
+
+async fn seed(e: &Env, auth: &AuthServer) {
+    let cfg = Config::from_yaml(&e.yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    let s = StoredState {
+        generation: 1,
+        refresh_token: Some(Secret::new(auth.new_grant())),
+        obtained_at_ms: now_ms(),
+        ..Default::default()
+    };
+    store.compare_and_swap("crm", 0, &s).await.unwrap();
+}
+
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        support::run_cli(&args)
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+async fn get(url: &str) -> u16 {
+    support::client()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+async fn servers() -> (AuthServer, ApiServer) {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl: Duration::from_secs(3),
+        rotate_refresh_tokens: true,
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    (auth, api)
+}
+
+/// A hands the credential over to B: A shows `moved` (where, when), stops sending
+/// anything, and answers 503; B, already running, adopts the import without a restart
+/// and keeps rotating. The refresh token is never presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_is_handed_over_to_another_environment() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    seed(&a, &auth).await;
+    let pass = dir.path().join("passphrase");
+    std::fs::write(&pass, "a long passphrase\n").unwrap();
+    let relay_a = support::start(&a.yaml).await;
+    let relay_b = support::start(&b.yaml).await;
+    let (url_a, url_b) = (
+        format!("{}/echo", relay_a.url("crm")),
+        format!("{}/echo", relay_b.url("crm")),
+    );
+    assert_eq!(get(&url_a).await, 200);
+    assert_eq!(get(&url_b).await, 503, "B has nothing yet");
+    let rotated = eventually(Duration::from_secs(10), || async {
+        auth.stats().rotations >= 1
+    })
+    .await;
+    assert!(rotated);
+
+    let bundle = dir.path().join("crm.bundle");
+    let out = cli(args(&[
+        "export",
+        "--config",
+        &a.config.display().to_string(),
+        "--credential",
+        "crm",
+        "--out",
+        &bundle.display().to_string(),
+        "--passphrase-file",
+        &pass.display().to_string(),
+        "--to",
+        "environment-b",
+    ]))
+    .await;
+    assert!(out.status.success(), "export failed: {}", text(&out.stderr));
+    let sealed = std::fs::read_to_string(&bundle).unwrap();
+    assert!(sealed.contains("tokenrelay-credential-bundle") && !sealed.contains("refresh_token"));
+
+    let admin_a = format!("http://{}", relay_a.admin);
+    let moved = eventually(Duration::from_secs(5), || {
+        let admin = admin_a.clone();
+        async move { status_json(&admin).await["credentials"]["crm"]["state"] == "moved" }
+    })
+    .await;
+    let st = status_json(&admin_a).await;
+    assert!(moved, "{st}");
+    assert_eq!(
+        st["credentials"]["crm"]["moved"]["to"], "environment-b",
+        "{st}"
+    );
+    assert_eq!(get(&url_a).await, 503, "A no longer uses the credential");
+
+    let out = cli(args(&[
+        "import",
+        "--config",
+        &b.config.display().to_string(),
+        "--credential",
+        "crm",
+        "--in",
+        &bundle.display().to_string(),
+        "--passphrase-file",
+        &pass.display().to_string(),
+    ]))
+    .await;
+    assert!(out.status.success(), "import failed: {}", text(&out.stderr));
+    let adopted = eventually(Duration::from_secs(10), || {
+        let url = url_b.clone();
+        async move { get(&url).await == 200 }
+    })
+    .await;
+    assert!(
+        adopted,
+        "B did not adopt the import: {}",
+        status_json(&format!("http://{}", relay_b.admin)).await
+    );
+    // B rotates on; A stays quiet.
+    let rotations = auth.stats().rotations;
+    let more = eventually(Duration::from_secs(10), || async {
+        auth.stats().rotations > rotations
+    })
+    .await;
+    assert_eq!(get(&url_a).await, 503);
+    relay_a.stop().await;
+    relay_b.stop().await;
+    assert!(more, "B did not rotate");
+    let stats = auth.stats();
+    assert_eq!(stats.refresh_reuse_detected, 0, "{stats:?}");
+    assert_eq!(stats.invalid_grant, 0, "{stats:?}");
+}
+
+/// An import is refused when the bundle belongs to another client of the token endpoint,
+/// and when it is older than what the store holds (a stale backup whose refresh token
+/// was spent since), unless --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_of_other_clients_and_stale_backups_are_refused() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let other = env(dir.path(), "other", &auth, &api, "another-client");
+    seed(&a, &auth).await;
+    let pass = dir.path().join("passphrase");
+    std::fs::write(&pass, "p\n").unwrap();
+    let bundle = dir.path().join("backup.bundle");
+    let (cfg_a, bundle_s, pass_s) = (
+        a.config.display().to_string(),
+        bundle.display().to_string(),
+        pass.display().to_string(),
+    );
+    let out = cli(args(&[
+        "export",
+        "--config",
+        &cfg_a,
+        "--credential",
+        "crm",
+        "--out",
+        &bundle_s,
+        "--passphrase-file",
+        &pass_s,
+        "--copy",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = cli(args(&[
+        "import",
+        "--config",
+        &other.config.display().to_string(),
+        "--credential",
+        "crm",
+        "--in",
+        &bundle_s,
+        "--passphrase-file",
+        &pass_s,
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("another client"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The source keeps running (a backup, not a move) and rotates past the backup.
+    let relay = support::start(&a.yaml).await;
+    assert_eq!(get(&format!("{}/echo", relay.url("crm"))).await, 200);
+    relay.stop().await;
+    let out = cli(args(&[
+        "import",
+        "--config",
+        &cfg_a,
+        "--credential",
+        "crm",
+        "--in",
+        &bundle_s,
+        "--passphrase-file",
+        &pass_s,
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("most likely been spent"),
+        "{}",
+        text(&out.stderr)
+    );
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not it\n").unwrap();
+    let out = cli(args(&[
+        "import",
+        "--config",
+        &cfg_a,
+        "--credential",
+        "crm",
+        "--in",
+        &bundle_s,
+        "--passphrase-file",
+        &wrong.display().to_string(),
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("wrong passphrase"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(auth.stats().refresh_reuse_detected, 0);
+}
