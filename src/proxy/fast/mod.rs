@@ -87,10 +87,12 @@ pub enum End {
 }
 
 /// Serves one app connection until it closes, times out, or needs the general path.
+/// `worker` picks the pool of idle upstream connections (one per listener worker).
 pub async fn serve(
     up: Arc<Upstream>,
     client: TcpStream,
     local: SocketAddr,
+    worker: usize,
     shutdown: CancellationToken,
 ) -> End {
     let Some(fast) = up.fast.as_ref() else {
@@ -110,6 +112,7 @@ pub async fn serve(
         out: Vec::with_capacity(1024),
         head: Vec::with_capacity(1024),
         opened: now,
+        worker,
         shutdown: &shutdown,
         dl: Deadline::new(now + limits.header_read_timeout.0),
     };
@@ -118,6 +121,10 @@ pub async fn serve(
     loop {
         let plan = match conn.next_request(first, cancelled.as_mut()).await {
             Next::Request(plan) => plan,
+            Next::Refuse(e, plan) => {
+                conn.refuse(e, &plan, Instant::now()).await;
+                return End::Closed;
+            }
             Next::Closed => return End::Closed,
             Next::Handoff => {
                 return End::Handoff {
@@ -137,6 +144,8 @@ pub async fn serve(
 
 enum Next {
     Request(RequestPlan),
+    /// Answer with this error, then close.
+    Refuse(crate::proxy::outcome::ProxyError, RequestPlan),
     Closed,
     Handoff,
 }
@@ -154,6 +163,7 @@ struct Conn<'a> {
     head: Vec<u8>,
     /// When the app connected.
     opened: Instant,
+    worker: usize,
     shutdown: &'a CancellationToken,
     dl: Deadline,
 }
@@ -216,6 +226,8 @@ impl Conn<'_> {
             }
         };
         let whole = plan.head_len + plan.body_len;
+        // The whole body must arrive within body_timeout, however it trickles in.
+        let body_deadline = Instant::now() + self.up.config.body_timeout.0;
         if plan.expect_continue && self.inbuf.len() == plan.head_len {
             self.dl.after(limits.idle_timeout.0);
             let sent = self
@@ -227,10 +239,14 @@ impl Conn<'_> {
             }
         }
         while self.inbuf.len() < whole {
-            self.dl.after(limits.idle_timeout.0);
+            self.dl
+                .set(body_deadline.min(Instant::now() + limits.idle_timeout.0));
             self.inbuf.reserve(whole - self.inbuf.len());
             match self.dl.within(self.client.read_buf(&mut self.inbuf)).await {
                 Some(Ok(n)) if n > 0 => {}
+                None if Instant::now() >= body_deadline => {
+                    return Next::Refuse(crate::proxy::outcome::ProxyError::BodyTimeout, plan)
+                }
                 _ => return Next::Closed,
             }
         }
