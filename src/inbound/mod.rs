@@ -21,7 +21,14 @@ use tracing::debug;
 
 use crate::config::Limits;
 pub use rewind::Rewind;
-use timeouts::{ConnTimeouts, InFlight, RequestCounter};
+pub use timeouts::InFlight;
+use timeouts::{ConnTimeouts, RequestCounter};
+
+/// Found in the extensions of a request that asks for an upgrade: whoever carries the
+/// upgraded connection on holds it, so the connection's header-read and idle timeouts
+/// leave the tunnel alone (the tunnel keeps its own idle timeout).
+#[derive(Clone)]
+pub struct Upgrading(pub Arc<InFlight>);
 
 /// The hyper connection settings of one listener. The buffer leaves room above
 /// `max_header_size` so that heads a little over the limit reach the handler, which
@@ -62,9 +69,13 @@ pub async fn serve<H, Fut, B>(
         limits.idle_timeout.0,
         requests.clone(),
     );
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let handler = handler.clone();
         let guard = InFlight::enter(requests.clone());
+        if req.headers().contains_key(http::header::UPGRADE) {
+            let held = Upgrading(Arc::new(InFlight::enter(requests.clone())));
+            req.extensions_mut().insert(held);
+        }
         async move {
             let resp = handler(req, local).await;
             // The request counts as in flight until its response body is sent: a

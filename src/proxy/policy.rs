@@ -84,6 +84,13 @@ pub fn upgrade_requested(headers: &HeaderMap) -> Option<&HeaderValue> {
     listed.then(|| headers.get(header::UPGRADE)).flatten()
 }
 
+/// Puts back the two headers of a WebSocket upgrade (after hop-by-hop stripping
+/// removed them): in the handshake to the upstream and in its 101 to the app.
+pub fn ask_websocket(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
 /// Several `Content-Length` values that all agree are sent as one (RFC 9112 §6.3);
 /// conflicting ones never get this far (both engines refuse them).
 pub fn collapse_content_length(headers: &mut HeaderMap) {

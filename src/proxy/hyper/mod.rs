@@ -6,6 +6,7 @@
 mod body;
 mod client;
 mod egress;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,11 +22,12 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::outcome::ProxyError;
 use super::{note_acceptance, policy, Upstream};
 use crate::config::{InboundAuthorization, UpstreamConfig};
-use crate::inbound::Rewind;
+use crate::inbound::{Rewind, Upgrading};
 use body::{ResponseBody, UpstreamBody};
 use client::UpstreamClient;
 
@@ -35,16 +37,27 @@ pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 /// The general path's per-upstream state.
 pub struct General {
     client: UpstreamClient,
+    /// HTTP/1.1 only: WebSocket handshakes (an upgrade needs an HTTP/1.1 connection).
+    upgrades: UpstreamClient,
     builder: http1::Builder,
 }
 
 impl General {
     pub fn new(config: &UpstreamConfig) -> Result<General, String> {
         Ok(General {
-            client: client::build(config)?,
+            client: client::build(config, true)?,
+            upgrades: client::build(config, false)?,
             builder: crate::inbound::builder(&config.limits),
         })
     }
+}
+
+/// What a request handler knows of its connection: where its tunnels run, and the
+/// shutdown signal that ends them.
+#[derive(Clone)]
+struct ConnCtx {
+    tunnels: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 /// Serves the rest of an app connection with hyper; `read` holds bytes already read
@@ -57,11 +70,15 @@ pub async fn serve(
     peer: SocketAddr,
     shutdown: &CancellationToken,
 ) {
+    let ctx = ConnCtx {
+        tunnels: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    };
     let handler = {
-        let up = up.clone();
+        let (up, ctx) = (up.clone(), ctx.clone());
         move |req, local| {
-            let up = up.clone();
-            async move { handle(up, req, local).await }
+            let (up, ctx) = (up.clone(), ctx.clone());
+            async move { handle(up, req, local, ctx).await }
         }
     };
     let io = Rewind::new(stream, read);
@@ -74,14 +91,18 @@ pub async fn serve(
         peer,
         shutdown,
     )
-    .await
+    .await;
+    // Tunnels outlive hyper's part of the connection; the connection ends with them.
+    ctx.tunnels.close();
+    ctx.tunnels.wait().await;
 }
 
 /// Handles one request; never fails (errors become JSON responses).
-pub async fn handle(
+async fn handle(
     up: Arc<Upstream>,
     req: Request<Incoming>,
     local: SocketAddr,
+    ctx: ConnCtx,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -90,7 +111,7 @@ pub async fn handle(
     } else {
         String::new()
     };
-    let resp = match forward(&up, req, local).await {
+    let resp = match forward(&up, req, local, &ctx).await {
         Ok(r) => r,
         Err(e) => {
             let mut resp = up.recorder.refuse(&e).into_response();
@@ -119,8 +140,9 @@ fn target_of(uri: &Uri) -> std::borrow::Cow<'_, str> {
 
 async fn forward(
     up: &Arc<Upstream>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     local: SocketAddr,
+    ctx: &ConnCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let limit = up.config.limits.max_header_size.0;
     let target = target_of(req.uri());
@@ -135,11 +157,18 @@ async fn forward(
             return Err(ProxyError::ForeignHost(a.to_string()));
         }
     }
-    if let Some(protocol) = policy::upgrade_requested(req.headers()) {
-        return Err(ProxyError::UnsupportedUpgrade(
-            String::from_utf8_lossy(protocol.as_bytes()).into_owned(),
-        ));
-    }
+    let websocket = match policy::upgrade_requested(req.headers()) {
+        None => None,
+        Some(p) if p.as_bytes().eq_ignore_ascii_case(b"websocket") => Some((
+            ::hyper::upgrade::on(&mut req),
+            req.extensions_mut().remove::<Upgrading>(),
+        )),
+        Some(p) => {
+            return Err(ProxyError::UnsupportedUpgrade(
+                String::from_utf8_lossy(p.as_bytes()).into_owned(),
+            ))
+        }
+    };
     let (mut parts, incoming) = req.into_parts();
     let headers = &mut parts.headers;
     if up.config.inbound_authorization == InboundAuthorization::Reject
@@ -172,6 +201,16 @@ async fn forward(
         .acquire()
         .await
         .map_err(|e| ProxyError::NoToken(e.to_string()))?;
+    if let Some((app_upgrade, held)) = websocket {
+        policy::ask_websocket(&mut parts.headers);
+        let handshake = Handshake {
+            uri,
+            headers: parts.headers,
+            inbound_host,
+            local,
+        };
+        return websocket_handshake(up, handshake, token, app_upgrade, held, ctx).await;
+    }
 
     let retry = up.config.retry_on_401;
     let deadline = Instant::now() + up.config.body_timeout.0;
@@ -248,12 +287,74 @@ async fn forward(
     Ok(resp)
 }
 
+/// A WebSocket handshake, prepared for the upstream.
+struct Handshake {
+    uri: Uri,
+    headers: http::HeaderMap,
+    inbound_host: Option<HeaderValue>,
+    local: SocketAddr,
+}
+
+/// Sends the handshake with the credential (again after a 401, as for any request); a
+/// 101 starts the tunnel, any other answer goes to the app as it is.
+async fn websocket_handshake(
+    up: &Arc<Upstream>,
+    h: Handshake,
+    token: Arc<crate::credential::ActiveToken>,
+    app_upgrade: ::hyper::upgrade::OnUpgrade,
+    held: Option<Upgrading>,
+    ctx: &ConnCtx,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let request = |token: &crate::credential::ActiveToken| {
+        let mut req = Request::new(UpstreamBody::Full(None));
+        *req.uri_mut() = h.uri.clone();
+        *req.headers_mut() = h.headers.clone();
+        req.headers_mut()
+            .insert(up.header_name.clone(), token.header(up.slot));
+        req
+    };
+    let never = AtomicBool::new(false);
+    let mut resp = send_on(up, &up.general.upgrades, request(&token), &never).await?;
+    note_acceptance(&token, resp.status().as_u16());
+    if resp.status() == StatusCode::UNAUTHORIZED && up.config.retry_on_401 {
+        if let Some(fresh) = up.token_after_401(&token).await {
+            resp = send_on(up, &up.general.upgrades, request(&fresh), &never).await?;
+            note_acceptance(&fresh, resp.status().as_u16());
+            up.retried(resp.status().as_u16());
+        }
+    }
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(filter_response(up, resp, h.inbound_host.as_ref(), h.local));
+    }
+    let upstream_upgrade = ::hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    policy::strip_hop_by_hop(&mut parts.headers);
+    policy::ask_websocket(&mut parts.headers);
+    ctx.tunnels.spawn(tunnel::run(
+        up.clone(),
+        app_upgrade,
+        upstream_upgrade,
+        held,
+        ctx.shutdown.clone(),
+    ));
+    Ok(Response::from_parts(parts, Either::Right(Full::default())))
+}
+
 async fn send(
     up: &Upstream,
     req: Request<UpstreamBody>,
     body_expired: &AtomicBool,
 ) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(up.config.timeout.0, up.general.client.request(req)).await {
+    send_on(up, &up.general.client, req, body_expired).await
+}
+
+async fn send_on(
+    up: &Upstream,
+    client: &UpstreamClient,
+    req: Request<UpstreamBody>,
+    body_expired: &AtomicBool,
+) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(up.config.timeout.0, client.request(req)).await {
         Err(_) => Err(ProxyError::Timeout),
         Ok(Err(_)) if body_expired.load(Ordering::Relaxed) => Err(ProxyError::BodyTimeout),
         Ok(Err(e)) => {
