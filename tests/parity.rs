@@ -105,30 +105,7 @@ async fn run(engine: Engine, case: &Case) -> Observed {
         .unwrap();
     let up = Upstream::start(matches!(engine, Engine::Hyper), case.script.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let (url, extra) = match &up.ca_pem {
-        None => (
-            format!("http://127.0.0.1:{}{}", up.addr.port(), case.base_path),
-            "allow_insecure_http: true".to_string(),
-        ),
-        Some(pem) => {
-            let ca = dir.path().join("ca.pem");
-            std::fs::write(&ca, pem).unwrap();
-            (
-                format!("https://localhost:{}{}", up.addr.port(), case.base_path),
-                format!("ca_file: \"{}\"", ca.display()),
-            )
-        }
-    };
-    let sep = if case.config.is_empty() { "" } else { ", " };
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n\
-         credentials:\n  \
-           api: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}\n\
-         upstreams:\n  \
-           api: {{ listen: 127.0.0.1:0, url: \"{url}\", credential: api, timeout: 5s, {extra}{sep}{} }}\n",
-        auth.token_url(),
-        case.config
-    );
+    let yaml = relay_yaml(&auth, &up, &dir, case.base_path, case.config);
     let relay = support::start(&yaml).await;
     let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
         .await
@@ -162,6 +139,40 @@ async fn run(engine: Engine, case: &Case) -> Observed {
         app,
         trailing,
     }
+}
+
+/// tokenrelay in front of `up` (plain http, or https trusting its CA, whose PEM goes to
+/// `dir`), with `config` as extra upstream YAML entries.
+fn relay_yaml(
+    auth: &AuthServer,
+    up: &Upstream,
+    dir: &tempfile::TempDir,
+    base_path: &str,
+    config: &str,
+) -> String {
+    let (url, extra) = match &up.ca_pem {
+        None => (
+            format!("http://127.0.0.1:{}{base_path}", up.addr.port()),
+            "allow_insecure_http: true".to_string(),
+        ),
+        Some(pem) => {
+            let ca = dir.path().join("ca.pem");
+            std::fs::write(&ca, pem).unwrap();
+            (
+                format!("https://localhost:{}{base_path}", up.addr.port()),
+                format!("ca_file: \"{}\"", ca.display()),
+            )
+        }
+    };
+    let sep = if config.is_empty() { "" } else { ", " };
+    format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         credentials:\n  \
+           api: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}\n\
+         upstreams:\n  \
+           api: {{ listen: 127.0.0.1:0, url: \"{url}\", credential: api, timeout: 5s, {extra}{sep}{config} }}\n",
+        auth.token_url()
+    )
 }
 
 /// Runs `case` on both engines; each result must satisfy `check`, and they must agree.
@@ -858,4 +869,46 @@ async fn a_401_is_retried_once_with_the_body() {
         assert!(o.upstream[0].ends_with("body: body") && o.upstream[1].ends_with("body: body"));
     })
     .await;
+}
+
+/// An app that stops reading a response is cut off after `limits.idle_timeout` on both
+/// engines, and the upstream connection is let go (its write fails) rather than held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_stops_reading_is_cut_after_the_idle_timeout() {
+    for engine in [Engine::Fast, Engine::Hyper] {
+        let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
+            let body = vec![b'x'; 64 << 20];
+            let mut bytes = format!(
+                "HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            bytes.extend_from_slice(&body);
+            vec![Step::Send(bytes)]
+        });
+        let auth = AuthServer::start(AuthServerOptions::default())
+            .await
+            .unwrap();
+        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = relay_yaml(&auth, &up, &dir, "", "limits: { idle_timeout: 1s }");
+        let relay = support::start(&yaml).await;
+        let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
+            .await
+            .unwrap();
+        conn.write_all(&get("/big")).await.unwrap();
+        // Read a little, then stop reading.
+        let mut first = [0u8; 1024];
+        let _ = conn.read(&mut first).await.unwrap();
+        let failed = support::eventually(Duration::from_secs(20), || async {
+            *up.send_failures.lock().unwrap() > 0
+        })
+        .await;
+        assert!(
+            failed,
+            "{engine:?}: the stalled response was never given up"
+        );
+        drop(conn);
+        relay.stop().await;
+    }
 }

@@ -37,6 +37,8 @@ pub struct Upstream {
     /// The private CA's PEM when the upstream speaks TLS.
     pub ca_pem: Option<String>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// How many responses could not be written whole (the peer closed).
+    pub send_failures: Arc<Mutex<usize>>,
 }
 
 impl Upstream {
@@ -54,9 +56,12 @@ impl Upstream {
         };
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let send_failures = Arc::new(Mutex::new(0));
+        let failures = send_failures.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (script, log, acceptor) = (script.clone(), log.clone(), acceptor.clone());
+                let failures = failures.clone();
                 tokio::spawn(async move {
                     let io: Box<dyn Io> = match acceptor {
                         Some(a) => match a.accept(tcp).await {
@@ -65,11 +70,16 @@ impl Upstream {
                         },
                         None => Box::new(tcp),
                     };
-                    serve(io, script, log).await;
+                    serve(io, script, log, failures).await;
                 });
             }
         });
-        Upstream { addr, ca_pem, seen }
+        Upstream {
+            addr,
+            ca_pem,
+            seen,
+            send_failures,
+        }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -77,7 +87,12 @@ impl Upstream {
     }
 }
 
-async fn serve(mut io: Box<dyn Io>, script: Arc<Script>, log: Arc<Mutex<Vec<Seen>>>) {
+async fn serve(
+    mut io: Box<dyn Io>,
+    script: Arc<Script>,
+    log: Arc<Mutex<Vec<Seen>>>,
+    failures: Arc<Mutex<usize>>,
+) {
     let mut buf = Vec::new();
     for index in 0.. {
         let Some((head, body)) = read_request(&mut io, &mut buf).await else {
@@ -89,6 +104,7 @@ async fn serve(mut io: Box<dyn Io>, script: Arc<Script>, log: Arc<Mutex<Vec<Seen
             match step {
                 Step::Send(bytes) => {
                     if io.write_all(&bytes).await.is_err() {
+                        *failures.lock().unwrap() += 1;
                         return;
                     }
                     let _ = io.flush().await;
