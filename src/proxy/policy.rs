@@ -122,8 +122,38 @@ pub fn upstream_target<'a>(
     method: &str,
     target: &'a str,
 ) -> Result<Cow<'a, str>, ProxyError> {
+    Ok(match split_target(method, target)? {
+        None => Cow::Borrowed(target),
+        Some((Cow::Borrowed(_), _)) if base_path.is_empty() => Cow::Borrowed(target),
+        Some((path, query)) => Cow::Owned(format!("{base_path}{path}{query}")),
+    })
+}
+
+/// [`upstream_target`], written to `out` (no allocation unless dot-segments are removed).
+pub fn write_upstream_target(
+    base_path: &str,
+    method: &str,
+    target: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), ProxyError> {
+    match split_target(method, target)? {
+        None => out.extend_from_slice(target.as_bytes()),
+        Some((path, query)) => {
+            out.extend_from_slice(base_path.as_bytes());
+            out.extend_from_slice(path.as_bytes());
+            out.extend_from_slice(query.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// `None` for `OPTIONS *`; else the normalised path and the query (with its `?`).
+fn split_target<'a>(
+    method: &str,
+    target: &'a str,
+) -> Result<Option<(Cow<'a, str>, &'a str)>, ProxyError> {
     if target == "*" && method == "OPTIONS" {
-        return Ok(Cow::Borrowed(target));
+        return Ok(None);
     }
     if !target.starts_with('/') {
         return Err(ProxyError::BadTarget(
@@ -135,10 +165,7 @@ pub fn upstream_target<'a>(
         None => (target, ""),
     };
     let path = remove_dot_segments(path).ok_or(ProxyError::PathEscape)?;
-    Ok(match (base_path.is_empty(), path) {
-        (true, Cow::Borrowed(_)) => Cow::Borrowed(target),
-        (_, path) => Cow::Owned(format!("{base_path}{path}{query}")),
-    })
+    Ok(Some((path, query)))
 }
 
 /// A dot-segment, also percent-encoded: 1 for `.`, 2 for `..`, 0 otherwise.

@@ -204,6 +204,7 @@ async fn forward(
     if let Some((app_upgrade, held)) = websocket {
         policy::ask_websocket(&mut parts.headers);
         let handshake = Handshake {
+            method: parts.method,
             uri,
             headers: parts.headers,
             inbound_host,
@@ -289,6 +290,7 @@ async fn forward(
 
 /// A WebSocket handshake, prepared for the upstream.
 struct Handshake {
+    method: Method,
     uri: Uri,
     headers: http::HeaderMap,
     inbound_host: Option<HeaderValue>,
@@ -307,6 +309,7 @@ async fn websocket_handshake(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let request = |token: &crate::credential::ActiveToken| {
         let mut req = Request::new(UpstreamBody::Full(None));
+        *req.method_mut() = h.method.clone();
         *req.uri_mut() = h.uri.clone();
         *req.headers_mut() = h.headers.clone();
         req.headers_mut()

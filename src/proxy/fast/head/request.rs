@@ -70,14 +70,13 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     if method == "CONNECT" {
         return Parsed::Declined;
     }
-    // Refusals (a path escaping the base path, other targets) are the general path's.
-    let Ok(upstream_target) = policy::upstream_target(rules.base_path, method, target) else {
-        return Parsed::Declined;
-    };
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(upstream_target.as_bytes());
+    // Refusals (a path escaping the base path, other targets) are the general path's.
+    if policy::write_upstream_target(rules.base_path, method, target, out).is_err() {
+        return Parsed::Declined;
+    }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(rules.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
