@@ -159,21 +159,20 @@ pub struct ResponseBody {
     inner: Incoming,
     up: Arc<Upstream>,
     idle: Duration,
-    /// Lazily re-armed: a frame costs a clock read, not a timer update.
-    timer: Pin<Box<Sleep>>,
+    /// Made at the first wait (a body that is all there never needs one), then lazily
+    /// re-armed: a frame costs a clock read, not a timer update.
+    timer: Option<Pin<Box<Sleep>>>,
     last: Instant,
 }
 
 impl ResponseBody {
     pub fn new(inner: Incoming, up: Arc<Upstream>) -> ResponseBody {
-        let idle = up.config.body_idle_timeout.0;
-        let last = Instant::now();
         ResponseBody {
+            idle: up.config.body_idle_timeout.0,
             inner,
             up,
-            idle,
-            timer: Box::pin(tokio::time::sleep_until((last + idle).into())),
-            last,
+            timer: None,
+            last: Instant::now(),
         }
     }
 }
@@ -202,7 +201,11 @@ impl Body for ResponseBody {
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
         }
-        while this.timer.as_mut().poll(cx).is_ready() {
+        let due = this.last + this.idle;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+        while timer.as_mut().poll(cx).is_ready() {
             let due = this.last + this.idle;
             if Instant::now() >= due {
                 this.up.recorder.body_cut(
@@ -211,7 +214,7 @@ impl Body for ResponseBody {
                 );
                 return Poll::Ready(Some(Err("response body idle timeout".into())));
             }
-            this.timer.as_mut().reset(due.into());
+            timer.as_mut().reset(due.into());
         }
         Poll::Pending
     }
