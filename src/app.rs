@@ -140,6 +140,7 @@ pub async fn run(
             permits,
             stop_accepting.clone(),
             connections.clone(),
+            0,
         )));
     }
     let workers =

@@ -26,6 +26,7 @@ pub mod commands;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod inbound;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;

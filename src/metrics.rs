@@ -41,6 +41,8 @@ pub struct Metrics {
     pub last_success: IntGaugeVec,
     waiters: IntCounterVec,
     retries_401: IntCounterVec,
+    tunnels_open: IntGaugeVec,
+    tunnel_bytes: IntCounterVec,
     pub store_ops: IntCounterVec,
     lease_lost: IntCounterVec,
 }
@@ -145,6 +147,16 @@ impl Metrics {
                 "Requests retried after an upstream 401, by result.",
                 &["upstream", "result"],
             ),
+            tunnels_open: gv(
+                "tokenrelay_upstream_tunnels_open",
+                "WebSocket connections being tunnelled to the upstream.",
+                &["upstream"],
+            ),
+            tunnel_bytes: cv(
+                "tokenrelay_upstream_tunnel_bytes_total",
+                "Bytes carried by WebSocket tunnels, by direction (to_upstream, to_app).",
+                &["upstream", "direction"],
+            ),
             store_ops: cv(
                 "tokenrelay_store_operations_total",
                 "Store operations by op and result.",
@@ -185,6 +197,11 @@ impl Metrics {
             retry_success: r("success"),
             retry_failure: r("failure"),
             retry_skipped: r("body_too_large"),
+            tunnels_open: self.tunnels_open.with_label_values(&[upstream]),
+            tunnel_to_upstream: self
+                .tunnel_bytes
+                .with_label_values(&[upstream, "to_upstream"]),
+            tunnel_to_app: self.tunnel_bytes.with_label_values(&[upstream, "to_app"]),
         }
     }
 
@@ -238,6 +255,9 @@ pub struct UpstreamMetrics {
     pub retry_success: IntCounter,
     pub retry_failure: IntCounter,
     pub retry_skipped: IntCounter,
+    pub tunnels_open: IntGauge,
+    pub tunnel_to_upstream: IntCounter,
+    pub tunnel_to_app: IntCounter,
 }
 
 impl UpstreamMetrics {

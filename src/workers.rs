@@ -4,7 +4,6 @@
 //! connections start to finish, like nginx's worker processes: no work stealing and no
 //! cross-thread wakeups on the request path.
 
-use std::cell::Cell;
 use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,15 +15,6 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::proxy::Upstream;
-
-thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// This thread's worker index: 1.. on worker threads, 0 anywhere else.
-pub fn index() -> usize {
-    INDEX.with(Cell::get)
-}
 
 /// What a worker serves: an upstream, its listening socket, its connection cap.
 pub struct Listener {
@@ -69,7 +59,6 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("tokenrelay-w{index}"))
                 .spawn(move || {
-                    INDEX.with(|i| i.set(index));
                     rt.block_on(async move {
                         for l in mine {
                             match TcpListener::from_std(l.socket) {
@@ -80,6 +69,7 @@ impl Workers {
                                         l.permits,
                                         stop_accepting.clone(),
                                         tracker.clone(),
+                                        index,
                                     ));
                                 }
                                 Err(e) => warn!(worker = index, error = %e, "worker cannot use a listening socket"),

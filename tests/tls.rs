@@ -402,3 +402,78 @@ async fn https_upstreams_follow_https_proxy_and_no_proxy_from_the_environment() 
         assert_eq!(child.terminate(), Some(0));
     }
 }
+
+/// An HTTP/1.0 app asking for keep-alive is told `Connection: keep-alive` even when the
+/// upstream answered over HTTP/2, and its connection carries a second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_keep_alive_app_keeps_its_connection_over_an_h2_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Demo {
+        pki,
+        dir: _dir,
+        ca_file,
+        auth,
+        api,
+    } = demo_behind_a_private_ca().await;
+    let (api_tls, api_alpn) = tls_front(pki.server.clone(), api.addr()).await;
+    let relay = support::start(&yaml(
+        &auth.token_url(),
+        &format!("https://localhost:{}", api_tls.port()),
+        None,
+        Some(&ca_file),
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
+        .await
+        .unwrap();
+    conn.write_all(b"GET /echo HTTP/1.0\r\nHost: app.local\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "the connection closed: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .expect("a Content-Length for an HTTP/1.0 keep-alive answer");
+                if buf.len() >= end + 4 + len {
+                    return head;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a whole response within 10s");
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(head.contains("connection: keep-alive"), "{head}");
+    assert_eq!(
+        api_alpn.lock().unwrap().first().map(String::as_str),
+        Some("h2")
+    );
+    // The second request (no keep-alive) is answered, then the connection closes.
+    conn.write_all(b"GET /echo HTTP/1.0\r\nHost: app.local\r\n\r\n")
+        .await
+        .unwrap();
+    let mut second = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut second),
+    )
+    .await
+    .expect("the second answer within 10s")
+    .unwrap();
+    let second = String::from_utf8_lossy(&second);
+    assert_eq!(support::raw_status(&second), Some(200), "{second}");
+    relay.stop().await;
+}

@@ -29,6 +29,10 @@ pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(3600);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Quiet time allowed inside a response body (as nginx's proxy_read_timeout).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed for a whole request body to arrive.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_RETRY_BODY_LIMIT: u64 = 64 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -231,6 +235,10 @@ pub struct UpstreamConfig {
     pub retry_on_401: bool,
     pub retry_body_limit: ByteSize,
     pub timeout: HumanDuration,
+    /// Longest quiet time within a response body before it is cut (SSE, long-poll).
+    pub body_idle_timeout: HumanDuration,
+    /// Longest time for a whole request body to arrive.
+    pub body_timeout: HumanDuration,
     pub connect_timeout: HumanDuration,
     pub ca_file: Option<PathBuf>,
     pub allow_insecure_http: bool,
@@ -909,6 +917,8 @@ fn validate_upstream(
             &at("header"),
             format!("{header:?} is not a valid header name"),
         );
+    } else if let Some(why) = crate::proxy::policy::unusable_credential_header(&header) {
+        p.add(&at("header"), format!("{header:?} {why}"));
     }
     let format = u.format.unwrap_or_else(|| "Bearer {token}".into());
     if format.matches("{token}").count() != 1 {
@@ -930,6 +940,18 @@ fn validate_upstream(
     let timeout = u.timeout.unwrap_or(HumanDuration(DEFAULT_UPSTREAM_TIMEOUT));
     if timeout.0.is_zero() {
         p.add(&at("timeout"), "must be more than 0s");
+    }
+    let body_idle_timeout = u
+        .body_idle_timeout
+        .unwrap_or(HumanDuration(DEFAULT_BODY_IDLE_TIMEOUT));
+    let body_timeout = u
+        .body_timeout
+        .unwrap_or(HumanDuration(DEFAULT_BODY_TIMEOUT));
+    if body_idle_timeout.0.is_zero() {
+        p.add(&at("body_idle_timeout"), "must be more than 0s");
+    }
+    if body_timeout.0.is_zero() {
+        p.add(&at("body_timeout"), "must be more than 0s");
     }
     let connect_timeout = u
         .connect_timeout
@@ -985,6 +1007,8 @@ fn validate_upstream(
         retry_on_401: u.retry_on_401.unwrap_or(true),
         retry_body_limit,
         timeout,
+        body_idle_timeout,
+        body_timeout,
         connect_timeout,
         ca_file: u.ca_file,
         allow_insecure_http: u.allow_insecure_http,

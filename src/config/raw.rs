@@ -125,6 +125,8 @@ pub struct RawUpstream {
     pub retry_on_401: Option<bool>,
     pub retry_body_limit: Option<ByteSize>,
     pub timeout: Option<HumanDuration>,
+    pub body_idle_timeout: Option<HumanDuration>,
+    pub body_timeout: Option<HumanDuration>,
     pub connect_timeout: Option<HumanDuration>,
     pub ca_file: Option<PathBuf>,
     #[serde(default)]

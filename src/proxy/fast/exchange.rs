@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use bytes::Buf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{info, warn};
 
 use super::framing::Framing;
 use super::head::{self, Redirects, RequestPlan, ResponseHead};
@@ -14,7 +13,8 @@ use super::pool::UpstreamConn;
 use super::{reserve, Conn, COALESCE_LIMIT, HELD_401_LIMIT, MAX_RESPONSE_HEAD};
 use crate::credential::ActiveToken;
 use crate::metrics::UpstreamErrorKind;
-use crate::proxy::error::ProxyError;
+use crate::proxy::note_acceptance;
+use crate::proxy::outcome::ProxyError;
 
 /// An exchange that could not be completed; what the app gets depends on whether the
 /// response head had been sent.
@@ -35,7 +35,7 @@ impl Conn<'_> {
             Ok(t) => t,
             Err(e) => {
                 return self
-                    .answer_error(ProxyError::NoToken(e.to_string()), plan, started)
+                    .refuse(ProxyError::NoToken(e.to_string()), plan, started)
                     .await
             }
         };
@@ -43,9 +43,9 @@ impl Conn<'_> {
         self.add_credential(&token, plan, auth_at);
         let (mut conn, mut resp) = match self.send(plan).await {
             Ok(r) => r,
-            Err(e) => return self.answer_error(e, plan, started).await,
+            Err(e) => return self.refuse(e, plan, started).await,
         };
-        super::super::note_acceptance(&token, resp.status);
+        note_acceptance(&token, resp.status);
 
         if resp.status == 401 && up.config.retry_on_401 {
             match self
@@ -53,12 +53,12 @@ impl Conn<'_> {
                 .await
             {
                 Ok(r) => (conn, resp) = r,
-                Err(e) => return self.answer_error(e, plan, started).await,
+                Err(e) => return self.refuse(e, plan, started).await,
             }
         }
         match self.relay(conn, resp, plan, started).await {
             Ok(keep_open) => keep_open,
-            Err(Failed::Before(e)) => self.answer_error(e, plan, started).await,
+            Err(Failed::Before(e)) => self.refuse(e, plan, started).await,
             Err(Failed::After) => false,
         }
     }
@@ -95,25 +95,16 @@ impl Conn<'_> {
                 return Ok((conn, resp));
             }
         };
-        let fresh = match up.credential.after_401(token.generation).await {
-            Ok(t) => t,
-            Err(e) => {
-                up.metrics.retry_failure.inc();
-                warn!(upstream = %up.config.name, error = %e, "upstream answered 401 and no newer token is available; passing it through");
-                return Ok((conn, resp));
-            }
+        let Some(fresh) = up.token_after_401(token).await else {
+            return Ok((conn, resp));
         };
         if resp.reusable && held_end == conn.buf.len() {
-            self.fast.pool.checkin(conn, resp.keep_alive);
+            self.fast.pool.checkin(self.worker, conn, resp.keep_alive);
         }
         self.add_credential(&fresh, plan, auth_at);
         let (conn, resp) = self.send(plan).await?;
-        super::super::note_acceptance(&fresh, resp.status);
-        if resp.status == 401 {
-            up.metrics.retry_failure.inc();
-        } else {
-            up.metrics.retry_success.inc();
-        }
+        note_acceptance(&fresh, resp.status);
+        up.retried(resp.status);
         Ok((conn, resp))
     }
 
@@ -156,7 +147,7 @@ impl Conn<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut conn = match self.fast.pool.checkout() {
+            let mut conn = match self.fast.pool.checkout(self.worker) {
                 Some(c) => c,
                 None => self.fast.pool.connect().await.map_err(|e| {
                     let kind = if e.kind() == std::io::ErrorKind::TimedOut {
@@ -199,7 +190,7 @@ impl Conn<'_> {
             .clone()
             .and_then(|r| std::str::from_utf8(&self.inbuf[r]).ok());
         let local = self.local;
-        let local_prefix = || crate::proxy::local_prefix(host, local);
+        let local_prefix = || crate::proxy::policy::local_prefix(host, local);
         let redirects = Redirects {
             upstream_prefix: &up.upstream_prefix,
             local_prefix: &local_prefix,
@@ -252,7 +243,8 @@ impl Conn<'_> {
     }
 
     /// Sends the response head and relays the body until its end; the upstream
-    /// connection goes back to the pool if it ended cleanly.
+    /// connection goes back to the pool if it ended cleanly. A body that goes quiet for
+    /// `body_idle_timeout` is cut: the app's connection closes mid-body.
     async fn relay(
         &mut self,
         mut conn: UpstreamConn,
@@ -268,14 +260,18 @@ impl Conn<'_> {
             .advance(body)
             .map_err(|_| Failed::Before(protocol("invalid chunked response body".into())))?;
         let mut clean = n == body.len();
+        let (emit, crlf) = resp.framing.emit(n, done);
         self.record(plan, resp.status, started);
         self.dl.after(limits.idle_timeout.0);
-        let sent = if n <= COALESCE_LIMIT {
-            self.head.extend_from_slice(&body[..n]);
+        let sent = if emit <= COALESCE_LIMIT {
+            self.head.extend_from_slice(&body[..emit]);
+            if crlf {
+                self.head.extend_from_slice(b"\r\n");
+            }
             self.dl.within(self.client.write_all(&self.head)).await
         } else {
             match self.dl.within(self.client.write_all(&self.head)).await {
-                Some(Ok(())) => self.dl.within(self.client.write_all(&body[..n])).await,
+                Some(Ok(())) => self.dl.within(self.client.write_all(&body[..emit])).await,
                 other => other,
             }
         };
@@ -285,74 +281,83 @@ impl Conn<'_> {
         while !done {
             conn.buf.clear();
             reserve(&mut conn.buf);
-            self.dl.after(up.config.timeout.0);
+            self.dl.after(up.config.body_idle_timeout.0);
             match self.dl.within(conn.stream.read_buf(&mut conn.buf)).await {
                 Some(Ok(0)) if matches!(resp.framing, Framing::UntilClose) => {
                     done = true;
                     continue;
                 }
                 Some(Ok(n)) if n > 0 => {}
+                None => {
+                    up.recorder.body_cut(
+                        UpstreamErrorKind::Timeout,
+                        "no bytes within body_idle_timeout",
+                    );
+                    return Err(Failed::After);
+                }
                 _ => {
-                    warn!(upstream = %up.config.name, "upstream response body cut short");
-                    up.metrics.error(UpstreamErrorKind::Other);
+                    up.recorder
+                        .body_cut(UpstreamErrorKind::Other, "the upstream closed or failed");
                     return Err(Failed::After);
                 }
             }
             let (n, d) = resp.framing.advance(&conn.buf).map_err(|_| Failed::After)?;
             clean = n == conn.buf.len();
             done = d;
+            let (emit, crlf) = resp.framing.emit(n, done);
+            if crlf {
+                conn.buf.truncate(emit);
+                conn.buf.extend_from_slice(b"\r\n");
+            }
+            let end = if crlf { emit + 2 } else { emit };
             self.dl.after(limits.idle_timeout.0);
-            match self.dl.within(self.client.write_all(&conn.buf[..n])).await {
+            match self
+                .dl
+                .within(self.client.write_all(&conn.buf[..end]))
+                .await
+            {
                 Some(Ok(())) => {}
                 _ => return Err(Failed::After),
             }
         }
-        if resp.reusable && clean {
-            self.fast.pool.checkin(conn, resp.keep_alive);
+        if resp.reusable && clean && !plan.close_upstream {
+            self.fast.pool.checkin(self.worker, conn, resp.keep_alive);
         }
         Ok(!plan.close && !matches!(resp.framing, Framing::UntilClose))
     }
 
-    /// Answers with one of our JSON errors. Returns whether the connection stays open.
-    async fn answer_error(&mut self, e: ProxyError, plan: &RequestPlan, started: Instant) -> bool {
+    /// Answers with one of our own errors (the shared renderer). Returns whether the
+    /// connection stays open.
+    pub(super) async fn refuse(
+        &mut self,
+        e: ProxyError,
+        plan: &RequestPlan,
+        started: Instant,
+    ) -> bool {
         let up = self.up;
-        up.report_error(&e);
-        let status = e.status();
-        let body =
-            crate::proxy::error::json_body(&e.message(), &up.config.name, &up.credential.name);
+        let rendered = up.recorder.refuse(&e);
+        let close = plan.close || e.closes_connection();
         self.head.clear();
-        self.head.extend_from_slice(
-            format!(
-                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}\r\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or(""),
-                body.len(),
-                if plan.close { "connection: close\r\n" } else { "" },
-            )
-            .as_bytes(),
-        );
-        if !plan.is_head {
-            self.head.extend_from_slice(body.as_bytes());
-        }
-        self.record(plan, status.as_u16(), started);
+        rendered.write_to(&mut self.head, close, !plan.is_head);
+        self.record(plan, rendered.status.as_u16(), started);
         self.dl.after(up.config.limits.idle_timeout.0);
-        matches!(
-            self.dl.within(self.client.write_all(&self.head)).await,
-            Some(Ok(()))
-        )
+        let sent = self.dl.within(self.client.write_all(&self.head)).await;
+        matches!(sent, Some(Ok(()))) && !close
     }
 
     /// Metrics and the access log line of one answered request.
     fn record(&self, plan: &RequestPlan, status: u16, started: Instant) {
-        let up = self.up;
-        let elapsed = started.elapsed();
-        up.metrics.count(status);
-        up.metrics.duration.observe(elapsed.as_secs_f64());
-        if up.access_log {
-            let text =
-                |r: std::ops::Range<usize>| String::from_utf8_lossy(&self.inbuf[r]).into_owned();
-            info!(target: "tokenrelay::access", upstream = %up.config.name, method = %text(plan.method.clone()),
-                path = %text(plan.path.clone()), status, duration_ms = elapsed.as_secs_f64() * 1e3, "request");
+        let recorder = &self.up.recorder;
+        if recorder.access_log {
+            let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&self.inbuf[r]);
+            recorder.record(
+                &text(plan.method.clone()),
+                &text(plan.path.clone()),
+                status,
+                started,
+            );
+        } else {
+            recorder.record("", "", status, started);
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Where an HTTP/1.1 message body ends (RFC 9112 §6), tracked while the body is passed
 //! through byte for byte: a fixed length, chunked coding, or the connection closing.
+//! Trailer fields of a chunked body are not passed on (the general path drops them too):
+//! [`Framing::emit`] says how much of what was consumed goes to the app.
 
 /// The body of one message, as far as it has been passed on.
 #[derive(Debug, Clone)]
@@ -37,6 +39,19 @@ impl Framing {
         }
     }
 
+    /// Of the `used` bytes the last [`advance`](Self::advance) consumed, how many go to
+    /// the app, and whether the final CRLF must be added (the trailer section, which
+    /// ends with it, was left out).
+    pub fn emit(&self, used: usize, done: bool) -> (usize, bool) {
+        match self {
+            Framing::Chunked(s) => match s.trailer_from {
+                Some(k) => (k, done),
+                None => (used, false),
+            },
+            _ => (used, false),
+        }
+    }
+
     /// Whether the body is already complete before any byte of it was seen.
     pub fn is_done(&self) -> bool {
         matches!(self, Framing::Empty | Framing::Length(0))
@@ -68,6 +83,9 @@ pub struct ChunkedScanner {
     state: State,
     /// Size of the current chunk while reading its digits, then the bytes left in it.
     size: u64,
+    /// Where, in the data of the last `feed`, the trailer section began (0 when it
+    /// began before); the bytes from there on are not passed on.
+    trailer_from: Option<usize>,
 }
 
 impl Default for ChunkedScanner {
@@ -75,6 +93,7 @@ impl Default for ChunkedScanner {
         ChunkedScanner {
             state: State::Size { digits: 0 },
             size: 0,
+            trailer_from: None,
         }
     }
 }
@@ -82,6 +101,11 @@ impl Default for ChunkedScanner {
 impl ChunkedScanner {
     /// Scans `data`; `Some(n)` when the body ends after its first `n` bytes.
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, BadChunk> {
+        self.trailer_from = matches!(
+            self.state,
+            State::TrailerStart | State::TrailerLine | State::EndLf | State::Done
+        )
+        .then_some(0);
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
@@ -109,6 +133,7 @@ impl ChunkedScanner {
                         return Err(BadChunk);
                     }
                     self.state = if self.size == 0 {
+                        self.trailer_from = Some(i + 1);
                         State::TrailerStart
                     } else {
                         State::Data
@@ -196,6 +221,24 @@ mod tests {
         assert_eq!(scan_in_pieces(b"\r\n", 100), Err(BadChunk));
         assert_eq!(scan_in_pieces(b"3\r\nabcX", 100), Err(BadChunk));
         assert_eq!(scan_in_pieces(b"ffffffffffffffff\r\n", 100), Err(BadChunk));
+    }
+
+    #[test]
+    fn trailers_are_left_out_wherever_the_reads_split() {
+        let body = b"4\r\ndata\r\n0\r\nx-sum: 1\r\n\r\n";
+        for split in 1..body.len() {
+            let mut f = Framing::Chunked(ChunkedScanner::default());
+            let mut out = Vec::new();
+            for part in [&body[..split], &body[split..]] {
+                let (n, done) = f.advance(part).unwrap();
+                let (emit, crlf) = f.emit(n, done);
+                out.extend_from_slice(&part[..emit]);
+                if crlf {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            assert_eq!(out, b"4\r\ndata\r\n0\r\n\r\n", "split {split}");
+        }
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! `Content-Length` body up to the retry limit (held whole, so a 401 can be retried;
 //! `Expect: 100-continue` is answered here). At the first request that is anything
 //! else (chunked or large uploads, other expectations, upgrades, HTTP/1.0,
-//! absolute-form, `CONNECT`, malformed or oversized heads) the connection is handed,
-//! with the bytes already read, to the general hyper path for the rest of its life,
-//! which forwards or refuses it exactly as it always does.
+//! absolute-form, `CONNECT`, a path escaping the base path, malformed or oversized heads)
+//! the connection is handed, with the bytes already read, to the general hyper path for
+//! the rest of its life, which forwards or refuses it. Both apply the rules of
+//! [`crate::proxy::policy`]; this engine keeps only framing and I/O.
 
 mod deadline;
 mod exchange;
@@ -87,10 +88,12 @@ pub enum End {
 }
 
 /// Serves one app connection until it closes, times out, or needs the general path.
+/// `worker` picks the pool of idle upstream connections (one per listener worker).
 pub async fn serve(
     up: Arc<Upstream>,
     client: TcpStream,
     local: SocketAddr,
+    worker: usize,
     shutdown: CancellationToken,
 ) -> End {
     let Some(fast) = up.fast.as_ref() else {
@@ -110,6 +113,7 @@ pub async fn serve(
         out: Vec::with_capacity(1024),
         head: Vec::with_capacity(1024),
         opened: now,
+        worker,
         shutdown: &shutdown,
         dl: Deadline::new(now + limits.header_read_timeout.0),
     };
@@ -118,6 +122,10 @@ pub async fn serve(
     loop {
         let plan = match conn.next_request(first, cancelled.as_mut()).await {
             Next::Request(plan) => plan,
+            Next::Refuse(e, plan) => {
+                conn.refuse(e, &plan, Instant::now()).await;
+                return End::Closed;
+            }
             Next::Closed => return End::Closed,
             Next::Handoff => {
                 return End::Handoff {
@@ -137,6 +145,8 @@ pub async fn serve(
 
 enum Next {
     Request(RequestPlan),
+    /// Answer with this error, then close.
+    Refuse(crate::proxy::outcome::ProxyError, RequestPlan),
     Closed,
     Handoff,
 }
@@ -154,6 +164,7 @@ struct Conn<'a> {
     head: Vec<u8>,
     /// When the app connected.
     opened: Instant,
+    worker: usize,
     shutdown: &'a CancellationToken,
     dl: Deadline,
 }
@@ -216,6 +227,8 @@ impl Conn<'_> {
             }
         };
         let whole = plan.head_len + plan.body_len;
+        // The whole body must arrive within body_timeout, however it trickles in.
+        let body_deadline = Instant::now() + self.up.config.body_timeout.0;
         if plan.expect_continue && self.inbuf.len() == plan.head_len {
             self.dl.after(limits.idle_timeout.0);
             let sent = self
@@ -227,10 +240,14 @@ impl Conn<'_> {
             }
         }
         while self.inbuf.len() < whole {
-            self.dl.after(limits.idle_timeout.0);
+            self.dl
+                .set(body_deadline.min(Instant::now() + limits.idle_timeout.0));
             self.inbuf.reserve(whole - self.inbuf.len());
             match self.dl.within(self.client.read_buf(&mut self.inbuf)).await {
                 Some(Ok(n)) if n > 0 => {}
+                None if Instant::now() >= body_deadline => {
+                    return Next::Refuse(crate::proxy::outcome::ProxyError::BodyTimeout, plan)
+                }
                 _ => return Next::Closed,
             }
         }

@@ -58,16 +58,16 @@ impl Pool {
         }
     }
 
-    fn mine(&self) -> &Mutex<Vec<UpstreamConn>> {
-        &self.idle[crate::workers::index() % self.idle.len()]
+    fn mine(&self, worker: usize) -> &Mutex<Vec<UpstreamConn>> {
+        &self.idle[worker % self.idle.len()]
     }
 
-    /// An idle connection that still looks open, if any.
-    pub fn checkout(&self) -> Option<UpstreamConn> {
+    /// An idle connection of `worker`'s that still looks open, if any.
+    pub fn checkout(&self, worker: usize) -> Option<UpstreamConn> {
         let now = Instant::now();
         loop {
             let mut conn = self
-                .mine()
+                .mine(worker)
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop()?;
@@ -116,7 +116,7 @@ impl Pool {
     /// time the upstream announced (`Keep-Alive: timeout=N`); the connection is not
     /// reused in the last second of it, when the upstream may close it as a request
     /// arrives.
-    pub fn checkin(&self, mut conn: UpstreamConn, keep_alive: Option<Duration>) {
+    pub fn checkin(&self, worker: usize, mut conn: UpstreamConn, keep_alive: Option<Duration>) {
         let limit = match keep_alive {
             Some(t) if t <= KEEP_ALIVE_MARGIN => return,
             Some(t) => (t - KEEP_ALIVE_MARGIN).min(IDLE_LIMIT),
@@ -124,7 +124,7 @@ impl Pool {
         };
         conn.buf.clear();
         conn.usable_until = Instant::now() + limit;
-        let mut idle = self.mine().lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.mine(worker).lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(conn);
         }

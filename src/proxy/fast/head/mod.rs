@@ -13,23 +13,6 @@ pub use response::{rewrite_response, Redirects, ResponseHead};
 /// httparse's header slots; more than this many headers goes to the general path.
 const MAX_HEADERS: usize = 100;
 
-/// Dropped in both directions: the fixed hop-by-hop set and every `Proxy-*` header.
-fn is_hop_by_hop(name: &str) -> bool {
-    const FIXED: [&str; 7] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    FIXED.iter().any(|h| h.eq_ignore_ascii_case(name))
-        || name
-            .get(..6)
-            .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
-}
-
 /// A Content-Length value: digits only (a list of equal values is declined).
 fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();

@@ -1,10 +1,12 @@
-//! The app's request head, rewritten for the upstream: hop-by-hop and credential
-//! headers dropped, `Host` from the upstream, the base path prefixed.
+//! The app's request head, rewritten for the upstream by the rules of
+//! [`crate::proxy::policy`]: hop-by-hop and credential headers dropped, `Host` from the
+//! upstream, the target joined to the base path.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{is_hop_by_hop, parse_length, range_in, MAX_HEADERS};
+use super::{parse_length, range_in, MAX_HEADERS};
+use crate::proxy::policy;
 
 /// What the fast path needs to know about an upstream to rewrite heads.
 pub struct Rules<'a> {
@@ -30,6 +32,8 @@ pub struct RequestPlan {
     pub idempotent: bool,
     /// HEAD: the response has no body whatever its headers say.
     pub is_head: bool,
+    /// The upstream connection is not reused after this exchange.
+    pub close_upstream: bool,
     /// The app asked to close the connection after this exchange.
     pub close: bool,
     /// The app waits for `100 Continue` before sending the body.
@@ -63,14 +67,16 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Declined;
     };
-    if method == "CONNECT" || !target.starts_with('/') {
+    if method == "CONNECT" {
         return Parsed::Declined;
     }
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(rules.base_path.as_bytes());
-    out.extend_from_slice(target.as_bytes());
+    // Refusals (a path escaping the base path, other targets) are the general path's.
+    if policy::write_upstream_target(rules.base_path, method, target, out).is_err() {
+        return Parsed::Declined;
+    }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(rules.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -102,10 +108,12 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
                 let Some(n) = parse_length(h.value) else {
                     return Parsed::Declined;
                 };
-                if body_len.is_some_and(|b| b != n) {
-                    return Parsed::Declined;
+                match body_len {
+                    Some(b) if b != n => return Parsed::Declined,
+                    // Equal repeats are sent once.
+                    Some(_) => continue,
+                    None => body_len = Some(n),
                 }
-                body_len = Some(n);
             }
             13 if name.eq_ignore_ascii_case("authorization") => {
                 if rules.reject_authorization {
@@ -126,7 +134,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("upgrade") {
             return Parsed::Declined;
         }
-        if is_hop_by_hop(name) || name.eq_ignore_ascii_case(rules.credential_header) {
+        if policy::is_hop_by_hop(name) || name.eq_ignore_ascii_case(rules.credential_header) {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -138,16 +146,18 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     if body_len > rules.body_limit {
         return Parsed::Declined;
     }
+    let close_upstream = policy::closes_after(method);
+    if close_upstream {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
     let path_end = target.find('?').unwrap_or(target.len());
     let path = range_in(buf, target.as_bytes());
     Parsed::Fast(RequestPlan {
         head_len,
         body_len: body_len as usize,
-        idempotent: matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        ),
+        idempotent: policy::is_idempotent(method),
         is_head: method == "HEAD",
+        close_upstream,
         close,
         expect_continue: expect_continue && body_len > 0,
         host,
@@ -199,6 +209,8 @@ mod tests {
     fn unusual_requests_are_declined() {
         for head in [
             "GET http://other/ HTTP/1.1\r\n\r\n",
+            "GET /../x HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
             "CONNECT a:443 HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.0\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",

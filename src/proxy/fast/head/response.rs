@@ -1,9 +1,9 @@
 //! The upstream's response head, rewritten for the app: hop-by-hop headers dropped,
 //! redirects pointed at the listener, and where the body ends.
 
-use super::{is_hop_by_hop, parse_length, MAX_HEADERS};
+use super::{parse_length, MAX_HEADERS};
 use crate::proxy::fast::framing::{ChunkedScanner, Framing};
-use crate::proxy::headers::rewrite_location_value;
+use crate::proxy::policy::{self, rewrite_location_value};
 
 /// An upstream response head, rewritten for the app.
 #[derive(Debug)]
@@ -67,6 +67,9 @@ pub fn rewrite_response(
     if status == 101 {
         return Err(BadResponse::UnexpectedUpgrade);
     }
+    if status < 100 {
+        return Err(BadResponse::Malformed(format!("status {status:03}")));
+    }
     if (100..200).contains(&status) {
         return Ok(Some(ResponseHead {
             status,
@@ -109,7 +112,7 @@ pub fn rewrite_response(
                     upstream_close = true;
                 } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
                     upstream_close = false;
-                } else if !token.is_empty() {
+                } else if !token.is_empty() && policy::connection_may_drop(token) {
                     named_by_connection.push(token);
                 }
             }
@@ -140,17 +143,21 @@ pub fn rewrite_response(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut length_sent = false;
     for h in resp.headers.iter() {
         let name = h.name;
         let keep_te = chunked && name.eq_ignore_ascii_case("transfer-encoding");
-        if (is_hop_by_hop(name) && !keep_te)
+        let is_length = name.eq_ignore_ascii_case("content-length");
+        if (policy::is_hop_by_hop(name) && !keep_te)
             || named_by_connection
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-            || (transfer_encoding && name.eq_ignore_ascii_case("content-length"))
+            // With chunked coding the length is ignored; equal repeats are sent once.
+            || (is_length && (transfer_encoding || length_sent))
         {
             continue;
         }
+        length_sent |= is_length;
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         if name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location") {

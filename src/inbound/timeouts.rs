@@ -39,10 +39,11 @@ impl Drop for InFlight {
 /// Connection timeouts hyper does not provide separately:
 /// - **header read**: from the first byte of a request head (or the connection's start)
 ///   until the request reaches the handler, at most `header` (slowloris);
-/// - **idle**: between requests, with nothing read or written, at most `idle`.
+/// - **idle**: between requests, with nothing read or written, at most `idle`;
+/// - **stalled write**: a response (or tunnel) the app does not read, at most `idle`.
 ///
-/// A request in flight (handler running) is never timed out here; the upstream timeout
-/// covers it. The timer is re-armed lazily, so a read or write costs one `Instant::now()`.
+/// Otherwise a request in flight (handler running, response body being sent, tunnel
+/// open) is not timed out here; the upstream-side timeouts cover it. The timer is re-armed lazily, so a read or write costs one `Instant::now()`.
 pub struct ConnTimeouts<T> {
     inner: T,
     idle: Duration,
@@ -54,6 +55,8 @@ pub struct ConnTimeouts<T> {
     requests: Arc<RequestCounter>,
     /// `requests.started` when last looked at; a change means a head was completed.
     seen_started: u64,
+    /// Since when a write has been waiting for the app to read.
+    write_blocked: Option<Instant>,
 }
 
 impl<T> ConnTimeouts<T> {
@@ -69,6 +72,7 @@ impl<T> ConnTimeouts<T> {
             timer: Box::pin(tokio::time::sleep(header.min(idle))),
             requests,
             seen_started: 0,
+            write_blocked: None,
         }
     }
 
@@ -86,6 +90,16 @@ impl<T> ConnTimeouts<T> {
         self.note_requests();
     }
 
+    fn write_done(&mut self) {
+        self.write_blocked = None;
+        self.activity();
+    }
+
+    fn write_pending(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.write_blocked.get_or_insert_with(Instant::now);
+        self.check(cx)
+    }
+
     /// Bytes read while no request is in the handler begin the next request head.
     fn read_activity(&mut self) {
         self.activity();
@@ -99,7 +113,17 @@ impl<T> ConnTimeouts<T> {
             let now = Instant::now();
             self.note_requests();
             if self.requests.in_flight.load(Ordering::Relaxed) > 0 {
-                self.timer.as_mut().reset((now + self.idle).into());
+                let due = match self.write_blocked {
+                    Some(t) if now >= t + self.idle => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the app stopped reading the response",
+                        ))
+                    }
+                    Some(t) => t + self.idle,
+                    None => now + self.idle,
+                };
+                self.timer.as_mut().reset(due.into());
                 continue;
             }
             let (deadline, what) = match self.head_started {
@@ -144,10 +168,10 @@ impl<T: Write + Unpin> Write for ConnTimeouts<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(r) => {
-                this.activity();
+                this.write_done();
                 Poll::Ready(r)
             }
-            Poll::Pending => match this.check(cx) {
+            Poll::Pending => match this.write_pending(cx) {
                 Ok(()) => Poll::Pending,
                 Err(e) => Poll::Ready(Err(e)),
             },
@@ -162,10 +186,10 @@ impl<T: Write + Unpin> Write for ConnTimeouts<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(r) => {
-                this.activity();
+                this.write_done();
                 Poll::Ready(r)
             }
-            Poll::Pending => match this.check(cx) {
+            Poll::Pending => match this.write_pending(cx) {
                 Ok(()) => Poll::Pending,
                 Err(e) => Poll::Ready(Err(e)),
             },

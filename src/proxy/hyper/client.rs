@@ -15,8 +15,9 @@ use crate::metrics::UpstreamErrorKind;
 
 pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamBody>;
 
-/// Builds the client of one upstream.
-pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
+/// Builds the client of one upstream; `h2` false for the client that carries upgrades
+/// (WebSocket needs an HTTP/1.1 connection).
+pub fn build(config: &UpstreamConfig, h2: bool) -> Result<UpstreamClient, String> {
     // hyper-rustls sets ALPN (h2, http/1.1) itself from the enabled protocols.
     let tls = crate::tls::client_config(config.ca_file.as_deref(), &[])?;
     let mut http = HttpConnector::new();
@@ -30,18 +31,19 @@ pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
     }
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
     // Plain http only where the config explicitly allowed it (validated earlier).
-    let https = if config.allow_insecure_http {
-        builder
+    let https = match (config.allow_insecure_http, h2) {
+        (true, true) => builder
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http)
-    } else {
-        builder
+            .wrap_connector(http),
+        (true, false) => builder.https_or_http().enable_http1().wrap_connector(http),
+        (false, true) => builder
             .https_only()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http)
+            .wrap_connector(http),
+        (false, false) => builder.https_only().enable_http1().wrap_connector(http),
     };
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())

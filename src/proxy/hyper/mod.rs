@@ -1,0 +1,413 @@
+//! The general path: hyper serves the app's connection, and the pooled hyper client
+//! sends the request on (TLS, HTTP/2 where offered, a CONNECT proxy where configured).
+//! Framing and I/O only; every rule comes from [`crate::proxy::policy`] and
+//! [`crate::proxy::outcome`].
+
+mod body;
+mod client;
+mod egress;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::outcome::ProxyError;
+use super::{note_acceptance, policy, Upstream};
+use crate::config::{InboundAuthorization, UpstreamConfig};
+use crate::inbound::{Rewind, Upgrading};
+use body::{ResponseBody, UpstreamBody};
+use client::UpstreamClient;
+
+/// Response body: the upstream's, streamed, or one of our small JSON bodies.
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
+
+/// The general path's per-upstream state.
+pub struct General {
+    client: UpstreamClient,
+    /// HTTP/1.1 only: WebSocket handshakes (an upgrade needs an HTTP/1.1 connection).
+    upgrades: UpstreamClient,
+    builder: http1::Builder,
+}
+
+impl General {
+    pub fn new(config: &UpstreamConfig) -> Result<General, String> {
+        Ok(General {
+            client: client::build(config, true)?,
+            upgrades: client::build(config, false)?,
+            builder: crate::inbound::builder(&config.limits),
+        })
+    }
+}
+
+/// What a request handler knows of its connection: where its tunnels run, and the
+/// shutdown signal that ends them.
+#[derive(Clone)]
+struct ConnCtx {
+    tunnels: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Serves the rest of an app connection with hyper; `read` holds bytes already read
+/// from it.
+pub async fn serve(
+    up: Arc<Upstream>,
+    stream: TcpStream,
+    read: Bytes,
+    local: SocketAddr,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) {
+    let ctx = ConnCtx {
+        tunnels: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    };
+    let handler = {
+        let (up, ctx) = (up.clone(), ctx.clone());
+        move |req, local| {
+            let (up, ctx) = (up.clone(), ctx.clone());
+            async move { handle(up, req, local, ctx).await }
+        }
+    };
+    let io = Rewind::new(stream, read);
+    crate::inbound::serve(
+        io,
+        &up.general.builder,
+        &up.config.limits,
+        handler,
+        local,
+        peer,
+        shutdown,
+    )
+    .await;
+    // Tunnels outlive hyper's part of the connection; the connection ends with them.
+    ctx.tunnels.close();
+    ctx.tunnels.wait().await;
+}
+
+/// Handles one request; never fails (errors become JSON responses).
+async fn handle(
+    up: Arc<Upstream>,
+    req: Request<Incoming>,
+    local: SocketAddr,
+    ctx: ConnCtx,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = if up.recorder.access_log {
+        req.uri().path().to_string()
+    } else {
+        String::new()
+    };
+    let resp = match forward(&up, req, local, &ctx).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut resp = up.recorder.refuse(&e).into_response();
+            if e.closes_connection() {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp.map(Either::Right)
+        }
+    };
+    up.recorder
+        .record(method.as_str(), &path, resp.status().as_u16(), started);
+    resp
+}
+
+/// The request target as the app sent it.
+fn target_of(uri: &Uri) -> std::borrow::Cow<'_, str> {
+    if uri.authority().is_some() {
+        uri.to_string().into()
+    } else {
+        uri.path_and_query()
+            .map_or("/", PathAndQuery::as_str)
+            .into()
+    }
+}
+
+async fn forward(
+    up: &Arc<Upstream>,
+    mut req: Request<Incoming>,
+    local: SocketAddr,
+    ctx: &ConnCtx,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let limit = up.config.limits.max_header_size.0;
+    let target = target_of(req.uri());
+    if policy::head_size(req.method().as_str(), &target, req.headers()) as u64 > limit {
+        return Err(ProxyError::HeadTooLarge(limit));
+    }
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::Connect);
+    }
+    if let Some(a) = req.uri().authority() {
+        if !policy::is_own_authority(a, &up.authority, local) {
+            return Err(ProxyError::ForeignHost(a.to_string()));
+        }
+    }
+    let websocket = match policy::upgrade_requested(req.headers()) {
+        None => None,
+        Some(p) if p.as_bytes().eq_ignore_ascii_case(b"websocket") => Some((
+            ::hyper::upgrade::on(&mut req),
+            req.extensions_mut().remove::<Upgrading>(),
+        )),
+        Some(p) => {
+            return Err(ProxyError::UnsupportedUpgrade(
+                String::from_utf8_lossy(p.as_bytes()).into_owned(),
+            ))
+        }
+    };
+    let (mut parts, incoming) = req.into_parts();
+    let headers = &mut parts.headers;
+    if up.config.inbound_authorization == InboundAuthorization::Reject
+        && headers.contains_key(header::AUTHORIZATION)
+    {
+        return Err(ProxyError::InboundAuthorization);
+    }
+    // An HTTP/1.0 app that asked for keep-alive is told it got it (hyper closes the
+    // connection otherwise).
+    let keep_alive_10 = parts.version == Version::HTTP_10
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+    // Only needed to rewrite a redirect; kept cheap until then.
+    let inbound_host = headers.get(header::HOST).cloned();
+    policy::strip_hop_by_hop(headers);
+    policy::collapse_content_length(headers);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(&up.header_name);
+    // The client derives Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
+    headers.remove(header::HOST);
+    if policy::closes_after(parts.method.as_str()) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+
+    let uri = upstream_uri(up, &parts.method, parts.uri.path_and_query())?;
+    let token = up
+        .credential
+        .acquire()
+        .await
+        .map_err(|e| ProxyError::NoToken(e.to_string()))?;
+    if let Some((app_upgrade, held)) = websocket {
+        policy::ask_websocket(&mut parts.headers);
+        let handshake = Handshake {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+            inbound_host,
+            local,
+        };
+        return websocket_handshake(up, handshake, token, app_upgrade, held, ctx).await;
+    }
+
+    let retry = up.config.retry_on_401;
+    let deadline = Instant::now() + up.config.body_timeout.0;
+    let expired = Arc::new(AtomicBool::new(false));
+    let body = if retry {
+        body::hold_up_to(
+            incoming,
+            up.config.retry_body_limit.0,
+            deadline,
+            expired.clone(),
+        )
+        .await
+        .map_err(|e| match e.downcast::<body::BodyTimedOut>() {
+            Ok(_) => ProxyError::BodyTimeout,
+            Err(e) => ProxyError::BadRequestBody(e.to_string()),
+        })?
+    } else {
+        UpstreamBody::Stream {
+            prefix: Default::default(),
+            rest: incoming,
+            deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+            expired: expired.clone(),
+        }
+    };
+    let replay = match &body {
+        UpstreamBody::Full(b) if retry => Some((parts.headers.clone(), b.clone())),
+        _ => None,
+    };
+
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = uri.clone();
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = parts.headers;
+    out.headers_mut()
+        .insert(up.header_name.clone(), token.header(up.slot));
+
+    let mut resp = send(up, out, &expired).await?;
+    note_acceptance(&token, resp.status().as_u16());
+
+    if resp.status() == StatusCode::UNAUTHORIZED && retry {
+        match replay {
+            Some((headers, body)) => {
+                if let Some(fresh) = up.token_after_401(&token).await {
+                    drop(resp);
+                    let mut again = Request::new(UpstreamBody::Full(body));
+                    *again.method_mut() = parts.method;
+                    *again.uri_mut() = uri;
+                    *again.version_mut() = Version::HTTP_11;
+                    *again.headers_mut() = headers;
+                    again
+                        .headers_mut()
+                        .insert(up.header_name.clone(), fresh.header(up.slot));
+                    resp = send(up, again, &expired).await?;
+                    note_acceptance(&fresh, resp.status().as_u16());
+                    up.retried(resp.status().as_u16());
+                }
+            }
+            // Body too large to replay.
+            None => up.pass_401_through(token.generation),
+        }
+    }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::Upstream(
+            crate::metrics::UpstreamErrorKind::Other,
+            "unexpected 101 Switching Protocols".into(),
+        ));
+    }
+    let mut resp = filter_response(up, resp, inbound_host.as_ref(), local);
+    if keep_alive_10 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+    Ok(resp)
+}
+
+/// A WebSocket handshake, prepared for the upstream.
+struct Handshake {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    inbound_host: Option<HeaderValue>,
+    local: SocketAddr,
+}
+
+/// Sends the handshake with the credential (again after a 401, as for any request); a
+/// 101 starts the tunnel, any other answer goes to the app as it is.
+async fn websocket_handshake(
+    up: &Arc<Upstream>,
+    h: Handshake,
+    token: Arc<crate::credential::ActiveToken>,
+    app_upgrade: ::hyper::upgrade::OnUpgrade,
+    held: Option<Upgrading>,
+    ctx: &ConnCtx,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let request = |token: &crate::credential::ActiveToken| {
+        let mut req = Request::new(UpstreamBody::Full(None));
+        *req.method_mut() = h.method.clone();
+        *req.uri_mut() = h.uri.clone();
+        *req.headers_mut() = h.headers.clone();
+        req.headers_mut()
+            .insert(up.header_name.clone(), token.header(up.slot));
+        req
+    };
+    let never = AtomicBool::new(false);
+    let mut resp = send_on(up, &up.general.upgrades, request(&token), &never).await?;
+    note_acceptance(&token, resp.status().as_u16());
+    if resp.status() == StatusCode::UNAUTHORIZED && up.config.retry_on_401 {
+        if let Some(fresh) = up.token_after_401(&token).await {
+            resp = send_on(up, &up.general.upgrades, request(&fresh), &never).await?;
+            note_acceptance(&fresh, resp.status().as_u16());
+            up.retried(resp.status().as_u16());
+        }
+    }
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(filter_response(up, resp, h.inbound_host.as_ref(), h.local));
+    }
+    let upstream_upgrade = ::hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    policy::strip_hop_by_hop(&mut parts.headers);
+    policy::ask_websocket(&mut parts.headers);
+    ctx.tunnels.spawn(tunnel::run(
+        up.clone(),
+        app_upgrade,
+        upstream_upgrade,
+        held,
+        ctx.shutdown.clone(),
+    ));
+    Ok(Response::from_parts(parts, Either::Right(Full::default())))
+}
+
+async fn send(
+    up: &Upstream,
+    req: Request<UpstreamBody>,
+    body_expired: &AtomicBool,
+) -> Result<Response<Incoming>, ProxyError> {
+    send_on(up, &up.general.client, req, body_expired).await
+}
+
+async fn send_on(
+    up: &Upstream,
+    client: &UpstreamClient,
+    req: Request<UpstreamBody>,
+    body_expired: &AtomicBool,
+) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(up.config.timeout.0, client.request(req)).await {
+        Err(_) => Err(ProxyError::Timeout),
+        Ok(Err(_)) if body_expired.load(Ordering::Relaxed) => Err(ProxyError::BodyTimeout),
+        Ok(Err(e)) => {
+            let (kind, detail) = client::classify(&e);
+            Err(ProxyError::Upstream(kind, detail))
+        }
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+fn filter_response(
+    up: &Arc<Upstream>,
+    resp: Response<Incoming>,
+    inbound_host: Option<&HeaderValue>,
+    local: SocketAddr,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    policy::strip_hop_by_hop(&mut parts.headers);
+    policy::collapse_content_length(&mut parts.headers);
+    if parts.headers.contains_key(header::LOCATION)
+        || parts.headers.contains_key(header::CONTENT_LOCATION)
+    {
+        let host = inbound_host.and_then(|h| h.to_str().ok());
+        let local_prefix = policy::local_prefix(host, local);
+        policy::rewrite_locations(&mut parts.headers, &up.upstream_prefix, &local_prefix);
+    }
+    Response::from_parts(parts, Either::Left(ResponseBody::new(body, up.clone())))
+}
+
+/// The policy's target on the upstream's scheme and authority.
+fn upstream_uri(
+    up: &Upstream,
+    method: &Method,
+    pq: Option<&PathAndQuery>,
+) -> Result<Uri, ProxyError> {
+    let target = pq.map_or("/", PathAndQuery::as_str);
+    let full: PathAndQuery = match policy::upstream_target(&up.base_path, method.as_str(), target)?
+    {
+        // The common case reuses the request's own (shared) bytes.
+        std::borrow::Cow::Borrowed(_) if pq.is_some() => pq
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        t => t
+            .parse()
+            .map_err(|e| ProxyError::BadTarget(format!("{e}")))?,
+    };
+    Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(full)
+        .build()
+        .map_err(|e| ProxyError::BadTarget(e.to_string()))
+}

@@ -1,0 +1,389 @@
+//! The request-path rules of both engines, over bytes and `HeaderMap`s: hop-by-hop and
+//! `Connection`-named headers (RFC 9110 §7.6.1), credential header names, the request
+//! target joined to the base path (dot-segments removed, RFC 3986 §5.2.4), own-authority
+//! checks, idempotency, `Location` rewriting, and the head size limit. The fast path
+//! and the hyper path both call these, so a rule changed here changes in both.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+
+use super::outcome::ProxyError;
+
+/// Hop-by-hop headers that never cross a proxy, whatever `Connection` says (plus the
+/// legacy `Keep-Alive` and `Proxy-Connection`); every `Proxy-*` header too.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` is hop-by-hop by itself (not counting those `Connection` names).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+        || name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+}
+
+/// Whether a header named in `Connection` is dropped. The framing headers and `Host`
+/// are never dropped that way: the message's framing and routing do not depend on
+/// what a peer lists there.
+pub fn connection_may_drop(name: &[u8]) -> bool {
+    !(name.eq_ignore_ascii_case(b"content-length")
+        || name.eq_ignore_ascii_case(b"transfer-encoding")
+        || name.eq_ignore_ascii_case(b"host"))
+}
+
+/// Removes hop-by-hop headers: the fixed set, every `Proxy-*` header, and the headers
+/// named in `Connection` (framing headers excepted, see [`connection_may_drop`]).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| connection_may_drop(t.as_bytes()))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The protocol an app asks to switch to: `Upgrade` counts only when `Connection`
+/// lists `upgrade` too (RFC 9110 §7.8); otherwise it is a hop-by-hop header like any.
+pub fn upgrade_requested(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let listed = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    listed.then(|| headers.get(header::UPGRADE)).flatten()
+}
+
+/// Puts back the two headers of a WebSocket upgrade (after hop-by-hop stripping
+/// removed them): in the handshake to the upstream and in its 101 to the app.
+pub fn ask_websocket(headers: &mut HeaderMap) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+}
+
+/// Several `Content-Length` values that all agree are sent as one (RFC 9112 §6.3);
+/// conflicting ones never get this far (both engines refuse them).
+pub fn collapse_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (values.next(), values.next()) {
+        let first = first.clone();
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
+}
+
+/// Why a configured credential header name cannot be used, if it cannot: names that
+/// carry framing, routing or connection semantics would break the request.
+pub fn unusable_credential_header(name: &str) -> Option<&'static str> {
+    const RESERVED: [&str; 3] = ["host", "content-length", "expect"];
+    if is_hop_by_hop(name) {
+        Some("is a hop-by-hop header, which never reaches the upstream")
+    } else if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        Some("is a header the request itself needs (framing or routing)")
+    } else {
+        None
+    }
+}
+
+/// The request target for the upstream: `*` as it is (only `OPTIONS` may use it), else
+/// the path with its dot-segments removed, joined to `base_path`. A path whose `..`
+/// segments would climb out of the base path is refused.
+pub fn upstream_target<'a>(
+    base_path: &str,
+    method: &str,
+    target: &'a str,
+) -> Result<Cow<'a, str>, ProxyError> {
+    Ok(match split_target(method, target)? {
+        None => Cow::Borrowed(target),
+        Some((Cow::Borrowed(_), _)) if base_path.is_empty() => Cow::Borrowed(target),
+        Some((path, query)) => Cow::Owned(format!("{base_path}{path}{query}")),
+    })
+}
+
+/// [`upstream_target`], written to `out` (no allocation unless dot-segments are removed).
+pub fn write_upstream_target(
+    base_path: &str,
+    method: &str,
+    target: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), ProxyError> {
+    match split_target(method, target)? {
+        None => out.extend_from_slice(target.as_bytes()),
+        Some((path, query)) => {
+            out.extend_from_slice(base_path.as_bytes());
+            out.extend_from_slice(path.as_bytes());
+            out.extend_from_slice(query.as_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// `None` for `OPTIONS *`; else the normalised path and the query (with its `?`).
+fn split_target<'a>(
+    method: &str,
+    target: &'a str,
+) -> Result<Option<(Cow<'a, str>, &'a str)>, ProxyError> {
+    if target == "*" && method == "OPTIONS" {
+        return Ok(None);
+    }
+    if !target.starts_with('/') {
+        return Err(ProxyError::BadTarget(
+            "the request target must be a path".into(),
+        ));
+    }
+    let (path, query) = match target.find('?') {
+        Some(i) => target.split_at(i),
+        None => (target, ""),
+    };
+    let path = remove_dot_segments(path).ok_or(ProxyError::PathEscape)?;
+    Ok(Some((path, query)))
+}
+
+/// A dot-segment, also percent-encoded: 1 for `.`, 2 for `..`, 0 otherwise.
+fn dots(segment: &str) -> u8 {
+    let s = segment.as_bytes();
+    let is_dot = |i: usize| -> Option<usize> {
+        match s.get(i)? {
+            b'.' => Some(1),
+            b'%' if s.get(i + 1) == Some(&b'2')
+                && s.get(i + 2).is_some_and(|c| *c == b'e' || *c == b'E') =>
+            {
+                Some(3)
+            }
+            _ => None,
+        }
+    };
+    let Some(a) = is_dot(0) else { return 0 };
+    if a == s.len() {
+        return 1;
+    }
+    match is_dot(a) {
+        Some(b) if a + b == s.len() => 2,
+        _ => 0,
+    }
+}
+
+/// RFC 3986 §5.2.4 on an absolute path; `None` if a `..` would climb above the root.
+/// Borrowed when the path has no dot-segment (the common case costs no allocation).
+pub fn remove_dot_segments(path: &str) -> Option<Cow<'_, str>> {
+    if !path.split('/').any(|s| dots(s) > 0) {
+        return Some(Cow::Borrowed(path));
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match dots(seg) {
+            1 => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            2 => {
+                out.pop()?;
+                if i == last {
+                    out.push("");
+                }
+            }
+            _ => out.push(seg),
+        }
+    }
+    Some(Cow::Owned(format!("/{}", out.join("/"))))
+}
+
+/// Safe to send again on a fresh connection when a reused one turns out closed.
+pub fn is_idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// HEAD asks the upstream to close afterwards, and its connection is never reused:
+/// a body some servers send after a HEAD response would otherwise be read as the
+/// next request's response.
+pub fn closes_after(method: &str) -> bool {
+    method == "HEAD"
+}
+
+/// An absolute-form target is accepted only for the upstream itself or this listener.
+pub fn is_own_authority(a: &Authority, upstream: &Authority, local: SocketAddr) -> bool {
+    if a.as_str().eq_ignore_ascii_case(upstream.as_str()) {
+        return true;
+    }
+    let port_ok = a.port_u16() == Some(local.port());
+    let host = a.host().trim_start_matches('[').trim_end_matches(']');
+    port_ok
+        && (host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip == local.ip()))
+}
+
+/// The size of a request head as sent in its usual form (request line, `name: value`
+/// lines, final CRLF), for the exact `max_header_size` check where only the parsed
+/// head is at hand.
+pub fn head_size(method: &str, target: &str, headers: &HeaderMap) -> usize {
+    let line = method.len() + 1 + target.len() + " HTTP/1.1\r\n".len();
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + fields + 2
+}
+
+/// `http://<host the app used>` for rewritten redirects; falls back to the socket address.
+pub fn local_prefix(host: Option<&str>, local: SocketAddr) -> String {
+    host.filter(|h| h.parse::<Authority>().is_ok())
+        .map(|h| format!("http://{h}"))
+        .unwrap_or_else(|| format!("http://{local}"))
+}
+
+/// Rewrites `Location` and `Content-Location` values that start with `upstream_prefix`
+/// (the upstream's origin and base path) to start with `local_prefix` instead, so an app
+/// following a redirect stays behind the proxy (as nginx's `proxy_redirect default`).
+pub fn rewrite_locations(headers: &mut HeaderMap, upstream_prefix: &str, local_prefix: &str) {
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        if let Some(rewritten) = rewrite_location_value(value, upstream_prefix, local_prefix) {
+            if let Ok(v) = HeaderValue::from_str(&rewritten) {
+                headers.insert(name, v);
+            }
+        }
+    }
+}
+
+pub fn rewrite_location_value(
+    value: &str,
+    upstream_prefix: &str,
+    local_prefix: &str,
+) -> Option<String> {
+    // Scheme and host compare case-insensitively; the path part exactly.
+    let head = value.get(..upstream_prefix.len())?;
+    if !head.eq_ignore_ascii_case(upstream_prefix) {
+        return None;
+    }
+    let rest = &value[upstream_prefix.len()..];
+    if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        // `https://api.example.com.evil` or `/v1beta` under base `/v1`: not ours.
+        return None;
+    }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let rest = if rest.starts_with('/') {
+        rest.to_string()
+    } else {
+        format!("/{rest}")
+    };
+    Some(format!("{local_prefix}{rest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_named_and_proxy_headers_but_never_framing() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "Connection",
+            HeaderValue::from_static("keep-alive, X-Custom, content-length"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("Keep-Alive", HeaderValue::from_static("timeout=5"));
+        h.insert("TE", HeaderValue::from_static("trailers"));
+        h.insert("Upgrade", HeaderValue::from_static("websocket"));
+        h.insert("Proxy-Authorization", HeaderValue::from_static("Basic x"));
+        h.insert("Proxy-Foo", HeaderValue::from_static("x"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h.contains_key("x-kept") && h.contains_key("content-length"));
+    }
+
+    #[test]
+    fn targets_are_joined_without_dot_segments() {
+        let t = |base, target| upstream_target(base, "GET", target).map(|c| c.into_owned());
+        assert_eq!(t("", "/a/b?x=/../").unwrap(), "/a/b?x=/../");
+        assert_eq!(t("/v1", "/a").unwrap(), "/v1/a");
+        assert_eq!(t("/v1", "/a/./b/../c").unwrap(), "/v1/a/c");
+        assert_eq!(t("/v1", "/a/%2E%2e/c").unwrap(), "/v1/c");
+        assert_eq!(t("/v1", "/a/..").unwrap(), "/v1/");
+        assert_eq!(t("/v1", "/.").unwrap(), "/v1/");
+        assert_eq!(t("/v1", "/a..b/.c").unwrap(), "/v1/a..b/.c");
+        for escape in ["/..", "/../x", "/a/../../x", "/%2e%2e/x", "/.%2E/x"] {
+            assert!(
+                matches!(t("/v1", escape), Err(ProxyError::PathEscape)),
+                "{escape}"
+            );
+        }
+        assert_eq!(upstream_target("/v1", "OPTIONS", "*").unwrap(), "*");
+        assert!(upstream_target("/v1", "GET", "*").is_err());
+    }
+
+    #[test]
+    fn credential_header_names_are_checked() {
+        for bad in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-X",
+            "TE",
+        ] {
+            assert!(unusable_credential_header(bad).is_some(), "{bad}");
+        }
+        for good in ["Authorization", "X-Api-Key"] {
+            assert!(unusable_credential_header(good).is_none(), "{good}");
+        }
+    }
+
+    #[test]
+    fn rewrites_only_upstream_prefixed_locations() {
+        let up = "https://api.example.com/v1";
+        let local = "http://127.0.0.1:8081";
+        assert_eq!(
+            rewrite_location_value("https://api.example.com/v1/x?y=1", up, local).unwrap(),
+            "http://127.0.0.1:8081/x?y=1"
+        );
+        assert_eq!(
+            rewrite_location_value("HTTPS://API.example.com/v1", up, local).unwrap(),
+            "http://127.0.0.1:8081/"
+        );
+        assert!(rewrite_location_value("https://api.example.com/v1beta/x", up, local).is_none());
+        assert!(rewrite_location_value("https://api.example.com.evil/v1/x", up, local).is_none());
+        assert!(rewrite_location_value("https://other.example.com/v1/x", up, local).is_none());
+        assert!(rewrite_location_value("/relative", up, local).is_none());
+    }
+}

@@ -1,0 +1,258 @@
+//! WebSocket through both engines: a real client (tokio-tungstenite) talks to the
+//! listener, a real WebSocket server sits behind it on plain http (ws) or behind TLS
+//! with a private CA (wss). The handshake carries the credential, messages flow both
+//! ways, the tunnel ends with either side or after the idle timeout, and it is counted.
+
+mod support;
+#[path = "parity/upstream.rs"]
+#[allow(dead_code)]
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokenrelay::demo::{AuthServer, AuthServerOptions};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A WebSocket echo server; records each handshake's path and Authorization header.
+struct EchoServer {
+    addr: SocketAddr,
+    ca_pem: Option<String>,
+    handshakes: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl EchoServer {
+    async fn start(tls: bool) -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (acceptor, ca_pem) = if tls {
+            let (config, ca) = upstream::pki();
+            (
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+                Some(ca),
+            )
+        } else {
+            (None, None)
+        };
+        let handshakes = Arc::new(Mutex::new(Vec::new()));
+        let seen = handshakes.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, seen) = (acceptor.clone(), seen.clone());
+                tokio::spawn(async move {
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                echo(tls, seen).await
+                            }
+                        }
+                        None => echo(tcp, seen).await,
+                    }
+                });
+            }
+        });
+        EchoServer {
+            addr,
+            ca_pem,
+            handshakes,
+        }
+    }
+}
+
+// tungstenite's handshake callback type fixes the large error variant.
+#[allow(clippy::result_large_err)]
+async fn echo<S>(stream: S, seen: Arc<Mutex<Vec<(String, String)>>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let record = |req: &Request, resp: Response| {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        seen.lock().unwrap().push((req.uri().to_string(), auth));
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, record).await else {
+        return;
+    };
+    while let Some(Ok(msg)) = ws.next().await {
+        if msg.is_text() || msg.is_binary() {
+            if ws.send(msg).await.is_err() {
+                return;
+            }
+        } else if msg.is_close() {
+            return;
+        }
+    }
+}
+
+/// tokenrelay in front of `server` (base path `/base`), with `extra` upstream YAML.
+async fn relay(
+    server: &EchoServer,
+    auth: &AuthServer,
+    extra: &str,
+) -> (support::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, trust) = match &server.ca_pem {
+        None => (
+            format!("http://127.0.0.1:{}/base", server.addr.port()),
+            "allow_insecure_http: true".to_string(),
+        ),
+        Some(pem) => {
+            let ca = dir.path().join("ca.pem");
+            std::fs::write(&ca, pem).unwrap();
+            (
+                format!("https://localhost:{}/base", server.addr.port()),
+                format!("ca_file: \"{}\"", ca.display()),
+            )
+        }
+    };
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         credentials:\n  \
+           api: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}\n\
+         upstreams:\n  \
+           api: {{ listen: 127.0.0.1:0, url: \"{url}\", credential: api, {trust}{extra} }}\n",
+        auth.token_url()
+    );
+    (support::start(&yaml).await, dir)
+}
+
+async fn messages_flow_with_the_credential(tls: bool) {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let server = EchoServer::start(tls).await;
+    let (relay, _dir) = relay(&server, &auth, "").await;
+    let url = format!("ws://{}/chat?room=1", relay.upstreams["api"]);
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .expect("handshake within 10s")
+    .expect("handshake accepted");
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "again"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2])).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_data().as_ref(), &[0u8, 1, 2]);
+
+    let handshakes = server.handshakes.lock().unwrap().clone();
+    assert_eq!(handshakes.len(), 1);
+    assert_eq!(handshakes[0].0, "/base/chat?room=1");
+    assert!(handshakes[0].1.starts_with("Bearer "), "{handshakes:?}");
+    assert!(
+        auth.is_valid_access_token(handshakes[0].1.trim_start_matches("Bearer ")),
+        "the handshake carries a token the authorization server issued"
+    );
+
+    let metrics = support::metrics_text(&relay.admin_url("")).await;
+    let open = support::metric(
+        &metrics,
+        "tokenrelay_upstream_tunnels_open",
+        &[("upstream", "api")],
+    );
+    assert_eq!(open, 1.0, "{metrics}");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            let m = support::metrics_text(&relay.admin_url("")).await;
+            support::metric(
+                &m,
+                "tokenrelay_upstream_tunnels_open",
+                &[("upstream", "api")],
+            ) == 0.0
+                && support::metric(
+                    &m,
+                    "tokenrelay_upstream_tunnel_bytes_total",
+                    &[("upstream", "api"), ("direction", "to_app")],
+                ) > 0.0
+        })
+        .await,
+        "the tunnel ends and its bytes are counted"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_a_plain_http_upstream() {
+    messages_flow_with_the_credential(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_an_https_upstream() {
+    messages_flow_with_the_credential(true).await;
+}
+
+/// A quiet tunnel ends after the listener's idle timeout; the client sees it close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_tunnel_ends_after_the_idle_timeout() {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let server = EchoServer::start(true).await;
+    let (relay, _dir) = relay(&server, &auth, ", limits: { idle_timeout: 1s }").await;
+    let url = format!("ws://{}/quiet", relay.upstreams["api"]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    ws.send(Message::text("x")).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+    let started = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(20), ws.next()).await;
+    assert!(end.is_ok(), "the tunnel stays open past 20s");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    relay.stop().await;
+}
+
+/// A tunnel lives longer than the header-read timeout while messages flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_tunnel_outlives_the_connection_timeouts() {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let server = EchoServer::start(false).await;
+    let (relay, _dir) = relay(
+        &server,
+        &auth,
+        ", limits: { idle_timeout: 1s, header_read_timeout: 1s }",
+    )
+    .await;
+    let url = format!("ws://{}/busy", relay.upstreams["api"]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        ws.send(Message::text("ping")).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an echo within 5s")
+            .expect("the tunnel is open")
+            .unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), "ping");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    relay.stop().await;
+}
