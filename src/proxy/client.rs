@@ -18,7 +18,11 @@ pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamBody>;
 /// Builds the client of one upstream.
 pub fn build(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
     // hyper-rustls sets ALPN (h2, http/1.1) itself from the enabled protocols.
-    let tls = crate::tls::client_config(config.ca_file.as_deref(), &[])?;
+    let tls = crate::tls::client_config_with_cert(
+        config.ca_file.as_deref(),
+        &[],
+        config.client_cert.as_ref().map(|c| &c.files),
+    )?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
