@@ -641,6 +641,17 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
         })
         .collect();
     let config = Config::from_yaml(&config_text, &|_| None).unwrap();
+    let st = support::status_json(&relay.admin_url("")).await;
+    let cc = &st["credentials"]["api"]["client_certificate"];
+    assert_eq!(cc["cert_file"], cert.display().to_string(), "{st}");
+    assert!(
+        cc["not_after"].as_str().unwrap().ends_with("T00:00:00Z"),
+        "{cc}"
+    );
+    assert!(
+        cc["expires_in_seconds"].as_u64().unwrap() < 5 * 86400,
+        "{cc}"
+    );
     let status = support::client()
         .get(relay.admin_url("/status"))
         .send()
@@ -971,5 +982,155 @@ upstreams:
         "the rotated certificate is used without a restart"
     );
     assert!(api.stats().authorized >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_at_debug_level_never_show_keys_or_assertions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, wrong) = (key(&rcgen::PKCS_ED25519), key(&rcgen::PKCS_ED25519));
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![good.public.clone()],
+        grant_assertion_keys: vec![good.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let good_file = write(dir.path(), "good.pem", &good.private);
+    let wrong_file = write(dir.path(), "wrong.pem", &wrong.private);
+    let (admin, up1, up2) = (
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    );
+    let config = write(
+        dir.path(),
+        "config.yaml",
+        &format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{admin}" }}
+credentials:
+  good: {{ grant: client_credentials, token_url: "{t}", client_id: demo-client, client_auth: private_key_jwt, client_assertion_key_file: "{g}", allow_insecure_http: true }}
+  wrong: {{ grant: jwt_bearer, token_url: "{t}", assertion_issuer: svc, assertion_key_file: "{w}", allow_insecure_http: true, token_timeout: 1s }}
+upstreams:
+  good: {{ listen: "127.0.0.1:{up1}", url: "{a}", credential: good, allow_insecure_http: true }}
+  wrong: {{ listen: "127.0.0.1:{up2}", url: "{a}", credential: wrong, allow_insecure_http: true }}
+"#,
+            t = demo.auth.token_url(),
+            a = demo.api.url(),
+            g = good_file.display(),
+            w = wrong_file.display(),
+        ),
+    );
+    let log = dir.path().join("relay.log");
+    let mut child = support::ChildProc::spawn(&config, &log, &[("RUST_LOG", "debug")]);
+    assert!(
+        support::wait_ready(
+            &format!("http://127.0.0.1:{admin}/healthz"),
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    let c = support::client();
+    let ok = c
+        .get(format!("http://127.0.0.1:{up1}/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let refused = c
+        .get(format!("http://127.0.0.1:{up2}/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(refused.status(), 200);
+    child.terminate();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("invalid_grant"),
+        "the refusal is logged:\n{text}"
+    );
+    for pem in [&good.private, &wrong.private] {
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!text.contains(line), "key material in the log");
+        }
+    }
+    assert!(!text.contains("eyJ"), "an assertion in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authorize_code_exchange_and_refreshes_use_private_key_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![k.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    let redirect = "https://example.com/oauth/callback";
+    let text = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+store: {{ type: file, path: "{state}" }}
+credentials:
+  crm:
+    grant: refresh_token
+    token_url: "{token}"
+    authorize_url: "{authorize}"
+    client_id: demo-client
+    client_auth: private_key_jwt
+    client_assertion_key_file: "{key}"
+    redirect_uri: "{redirect}"
+    allow_insecure_http: true
+upstreams:
+  crm: {{ listen: "127.0.0.1:0", url: "{api}", credential: crm, allow_insecure_http: true }}
+"#,
+        state = dir.path().join("state").display(),
+        token = demo.auth.token_url(),
+        authorize = demo.auth.authorize_url(),
+        key = key_file.display(),
+        api = demo.api.url(),
+    );
+    let config = write(dir.path(), "config.yaml", &text);
+    let code = demo.auth.new_authorization_code(redirect);
+    let cfg = config.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        support::run_cli(&[
+            "authorize",
+            "--config",
+            &cfg,
+            "--credential",
+            "crm",
+            "--code",
+            &code,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exchange = demo.auth.requests_log().last().unwrap().clone();
+    assert_eq!(
+        (exchange.grant_type.as_str(), exchange.client_auth.as_str()),
+        ("authorization_code", "assertion")
+    );
+
+    let relay = support::start(&text).await;
+    assert_eq!(get(&relay, "crm").await, 200);
+    demo.auth.expire_access_tokens();
+    assert_eq!(get(&relay, "crm").await, 200, "refreshed after a 401");
+    let log = demo.auth.requests_log();
+    let refresh = log
+        .iter()
+        .rev()
+        .find(|r| r.grant_type == "refresh_token")
+        .expect("a refresh");
+    assert_eq!(
+        (refresh.status, refresh.client_auth.as_str()),
+        (200, "assertion")
+    );
     relay.stop().await;
 }

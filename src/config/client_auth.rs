@@ -81,6 +81,21 @@ fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, 
 }
 
 impl ClientCertConfig {
+    /// The `/status` entry: the certificate file as it is now (it may have been
+    /// rotated since startup), its expiry and public-key fingerprint; never the key.
+    pub fn status(&self) -> Value {
+        let (not_after, fingerprint) = match self.files.load() {
+            Ok(c) => (c.not_after, c.fingerprint),
+            Err(_) => (self.not_after, self.fingerprint.clone()),
+        };
+        serde_json::json!({
+            "cert_file": self.files.cert_file,
+            "fingerprint": fingerprint,
+            "not_after": not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "expires_in_seconds": not_after.map(|t| t.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0)),
+        })
+    }
+
     /// A warning when the certificate expires within [`CERT_EXPIRY_WARNING`].
     pub fn expiry_warning(&self, key: &str) -> Option<String> {
         let t = self.not_after?;
