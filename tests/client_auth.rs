@@ -1134,3 +1134,48 @@ upstreams:
     );
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_key_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        key(&rcgen::PKCS_ECDSA_P256_SHA256),
+        key(&rcgen::PKCS_ED25519),
+    );
+    // The provider already has the new public key; the old one was withdrawn.
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![new.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let key_file = write(dir.path(), "k.pem", &old.private);
+    let relay = support::start(&yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        &indent(&format!(
+            "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+            key_file.display()
+        )),
+    ))
+    .await;
+    assert_ne!(get(&relay, "api").await, 200);
+    // Even a key of another type: the algorithm follows the key when none is configured.
+    replace(&key_file, &new.private);
+    assert!(
+        support::eventually(Duration::from_secs(45), || async {
+            get(&relay, "api").await == 200
+        })
+        .await,
+        "the rotated key is used"
+    );
+    let log = demo.auth.requests_log();
+    assert_eq!(log.last().unwrap().assertions[0]["alg"], "EdDSA");
+    // The status page renders the new /status fields.
+    let page = support::client()
+        .get(relay.admin_url("/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    relay.stop().await;
+}
