@@ -1179,3 +1179,52 @@ async fn a_rotated_signing_key_is_used_without_a_restart() {
     assert_eq!(page.status(), 200);
     relay.stop().await;
 }
+
+#[test]
+fn presets_for_google_service_accounts_and_the_salesforce_jwt_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let sa = json!({
+        "type": "service_account",
+        "private_key": k.private,
+        "client_email": "svc@demo.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let sa_file = write(dir.path(), "sa.json", &sa.to_string());
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    let yaml = format!(
+        r#"
+credentials:
+  google: {{ provider: google_service_account, service_account_file: "{}", scopes: [a, b] }}
+  sf:
+    provider: salesforce_jwt
+    provider_params: {{ login_host: test.salesforce.com }}
+    assertion_issuer: consumer-key
+    assertion_subject: user@example.com
+    assertion_key_file: "{}"
+upstreams:
+  g: {{ listen: "127.0.0.1:0", url: "https://www.googleapis.com", credential: google }}
+  s: {{ listen: "127.0.0.1:0", url: "https://acme.my.salesforce.com", credential: sf }}
+"#,
+        sa_file.display(),
+        key_file.display()
+    );
+    let c = Config::from_yaml(&yaml, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+    let g = &c.credentials["google"];
+    assert_eq!(
+        g.token_url.as_ref().unwrap().as_str(),
+        "https://oauth2.googleapis.com/token"
+    );
+    let j = g.jwt_bearer.as_ref().unwrap();
+    assert_eq!(j.issuer, "svc@demo.iam.gserviceaccount.com");
+    assert_eq!(j.claims["scope"], "a b");
+    assert_eq!(j.lifetime.0, Duration::from_secs(3600));
+    let s = &c.credentials["sf"];
+    assert_eq!(
+        s.token_url.as_ref().unwrap().as_str(),
+        "https://test.salesforce.com/services/oauth2/token"
+    );
+    let j = s.jwt_bearer.as_ref().unwrap();
+    assert_eq!(j.audience, "https://test.salesforce.com");
+    assert_eq!(j.lifetime.0, Duration::from_secs(180));
+}
