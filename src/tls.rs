@@ -210,12 +210,9 @@ pub fn client_config_with_cert(
 pub fn x509_not_after(cert: &[u8]) -> Option<SystemTime> {
     let (_, cert, _) = der_tlv(cert)?;
     let (_, tbs, _) = der_tlv(cert)?;
-    let (mut tag, _, mut rest) = der_tlv(tbs)?;
-    if tag == 0xa0 {
-        // Explicit version; the serial number follows.
-        (tag, _, rest) = der_tlv(rest)?;
-    }
-    let _ = tag;
+    let (tag, _, rest) = der_tlv(tbs)?;
+    // An explicit version may come first; then the serial number.
+    let rest = if tag == 0xa0 { der_tlv(rest)?.2 } else { rest };
     let (_, _, rest) = der_tlv(rest)?; // signature algorithm
     let (_, _, rest) = der_tlv(rest)?; // issuer
     let (_, validity, _) = der_tlv(rest)?;

@@ -1228,3 +1228,78 @@ upstreams:
     assert_eq!(j.audience, "https://test.salesforce.com");
     assert_eq!(j.lifetime.0, Duration::from_secs(180));
 }
+
+/// An EC key in SEC1 form (`BEGIN EC PRIVATE KEY`) from openssl, and its public key.
+fn sec1_key(dir: &Path, curve: &str) -> Option<Key> {
+    let path = dir.join(format!("{curve}.pem"));
+    let out = support::tools::command("openssl")?
+        .args(["ecparam", "-genkey", "-noout", "-name", curve, "-out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let public = support::tools::command("openssl")?
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let private = std::fs::read_to_string(&path).unwrap();
+    assert!(private.starts_with("-----BEGIN EC PRIVATE KEY-----"));
+    Some(Key {
+        private,
+        public: String::from_utf8(public.stdout).unwrap(),
+    })
+}
+
+/// An RSA key in PKCS#1 form (`BEGIN RSA PRIVATE KEY`).
+fn pkcs1_key(dir: &Path) -> Option<Key> {
+    let k = rsa_key(dir)?;
+    let out = support::tools::command("openssl")?
+        .args(["pkey", "-traditional", "-in"])
+        .arg(dir.join("rsa.pem"))
+        .output()
+        .unwrap();
+    let private = String::from_utf8(out.stdout).unwrap();
+    assert!(private.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    Some(Key { private, ..k })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sec1_and_pkcs1_keys_as_cert_manager_writes_them_sign_too() {
+    let dir = tempfile::tempdir().unwrap();
+    for (curve, alg) in [
+        ("prime256v1", "ES256"),
+        ("secp384r1", "ES384"),
+        ("pkcs1", "RS256"),
+    ] {
+        let k = if curve == "pkcs1" {
+            pkcs1_key(dir.path())
+        } else {
+            sec1_key(dir.path(), curve)
+        };
+        let Some(k) = k else {
+            return;
+        };
+        let demo = support::demo_servers(AuthServerOptions {
+            client_assertion_keys: vec![k.public.clone()],
+            ..Default::default()
+        })
+        .await;
+        let key_file = write(dir.path(), "sec1.pem", &k.private);
+        let relay = support::start(&yaml(
+            &demo.auth.token_url(),
+            &demo.api.url(),
+            &indent(&format!(
+                "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+                key_file.display()
+            )),
+        ))
+        .await;
+        assert_eq!(get(&relay, "api").await, 200, "{curve}");
+        assert_eq!(
+            demo.auth.requests_log().last().unwrap().assertions[0]["alg"],
+            alg
+        );
+        relay.stop().await;
+    }
+}

@@ -75,8 +75,6 @@ pub enum KeyError {
     Encrypted { path: String },
     #[error("{path} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")]
     NoKey { path: String },
-    #[error("{path} is a SEC1 EC key (BEGIN EC PRIVATE KEY); convert it to PKCS#8: `openssl pkcs8 -topk8 -nocrypt -in {path} -out key.pem`")]
-    Sec1 { path: String },
     #[error("{path} is not an RSA (2048 bits or more), EC P-256/P-384 or Ed25519 private key")]
     Unsupported { path: String },
     #[error("{path} is an {kind} key, which cannot sign {alg:?}; use {expected:?} or leave the algorithm unset")]
@@ -152,9 +150,21 @@ impl SigningKey {
             .ok()
             .flatten()
             .ok_or(KeyError::NoKey { path: path.clone() })?;
-        let rng = ring::rand::SystemRandom::new();
         let (kind, spki, encoding) = match &key {
-            PrivateKeyDer::Sec1(_) => return Err(KeyError::Sec1 { path }),
+            // cert-manager and `openssl ecparam -genkey` write SEC1; signing takes PKCS#8,
+            // whose algorithm names the curve: try each supported one.
+            PrivateKeyDer::Sec1(sec1) => [P256_ALG_ID, P384_ALG_ID]
+                .iter()
+                .find_map(|alg| {
+                    let inner = [
+                        &[0x02, 0x01, 0x00][..],
+                        alg,
+                        &der(0x04, sec1.secret_sec1_der()),
+                    ]
+                    .concat();
+                    from_pkcs8(&der(0x30, &inner)).ok()
+                })
+                .ok_or(KeyError::Unsupported { path: path.clone() })?,
             PrivateKeyDer::Pkcs1(der) => {
                 let pair = signature::RsaKeyPair::from_der(der.secret_pkcs1_der())
                     .map_err(|_| KeyError::Unsupported { path: path.clone() })?;
@@ -162,36 +172,8 @@ impl SigningKey {
                 let enc = EncodingKey::from_rsa_der(der.secret_pkcs1_der());
                 (KeyKind::Rsa, spki, enc)
             }
-            PrivateKeyDer::Pkcs8(der) => {
-                let der = der.secret_pkcs8_der();
-                if let Ok(pair) = signature::RsaKeyPair::from_pkcs8(der) {
-                    let spki = rsa_spki(pair.public_key().as_ref());
-                    // jsonwebtoken signs RSA from PKCS#1; its PEM reader unwraps PKCS#8.
-                    let enc = EncodingKey::from_rsa_pem(to_pem("PRIVATE KEY", der).as_bytes())
-                        .map_err(|_| KeyError::Unsupported { path: path.clone() })?;
-                    (KeyKind::Rsa, spki, enc)
-                } else if let Ok(pair) = signature::EcdsaKeyPair::from_pkcs8(
-                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-                    der,
-                    &rng,
-                ) {
-                    let spki = [P256_SPKI_PREFIX, pair.public_key().as_ref()].concat();
-                    (KeyKind::P256, spki, EncodingKey::from_ec_der(der))
-                } else if let Ok(pair) = signature::EcdsaKeyPair::from_pkcs8(
-                    &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
-                    der,
-                    &rng,
-                ) {
-                    let spki = [P384_SPKI_PREFIX, pair.public_key().as_ref()].concat();
-                    (KeyKind::P384, spki, EncodingKey::from_ec_der(der))
-                } else if let Ok(pair) = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
-                {
-                    let spki = [ED25519_SPKI_PREFIX, pair.public_key().as_ref()].concat();
-                    (KeyKind::Ed25519, spki, EncodingKey::from_ed_der(der))
-                } else {
-                    return Err(KeyError::Unsupported { path });
-                }
-            }
+            PrivateKeyDer::Pkcs8(der) => from_pkcs8(der.secret_pkcs8_der())
+                .map_err(|()| KeyError::Unsupported { path: path.clone() })?,
             _ => return Err(KeyError::Unsupported { path }),
         };
         let alg = match alg {
@@ -212,6 +194,33 @@ impl SigningKey {
             fingerprint: fingerprint(&spki),
             encoding,
         })
+    }
+}
+
+/// A PKCS#8 key's kind, public key (SubjectPublicKeyInfo) and signing key.
+fn from_pkcs8(der: &[u8]) -> Result<(KeyKind, Vec<u8>, EncodingKey), ()> {
+    let rng = ring::rand::SystemRandom::new();
+    if let Ok(pair) = signature::RsaKeyPair::from_pkcs8(der) {
+        let spki = rsa_spki(pair.public_key().as_ref());
+        // jsonwebtoken signs RSA from PKCS#1; its PEM reader unwraps PKCS#8.
+        let enc =
+            EncodingKey::from_rsa_pem(to_pem("PRIVATE KEY", der).as_bytes()).map_err(|_| ())?;
+        Ok((KeyKind::Rsa, spki, enc))
+    } else if let Ok(pair) =
+        signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
+    {
+        let spki = [P256_SPKI_PREFIX, pair.public_key().as_ref()].concat();
+        Ok((KeyKind::P256, spki, EncodingKey::from_ec_der(der)))
+    } else if let Ok(pair) =
+        signature::EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, der, &rng)
+    {
+        let spki = [P384_SPKI_PREFIX, pair.public_key().as_ref()].concat();
+        Ok((KeyKind::P384, spki, EncodingKey::from_ec_der(der)))
+    } else if let Ok(pair) = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+        let spki = [ED25519_SPKI_PREFIX, pair.public_key().as_ref()].concat();
+        Ok((KeyKind::Ed25519, spki, EncodingKey::from_ed_der(der)))
+    } else {
+        Err(())
     }
 }
 
@@ -423,6 +432,15 @@ const P256_SPKI_PREFIX: &[u8] = &[
 const P384_SPKI_PREFIX: &[u8] = &[
     0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
     0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+];
+// EC AlgorithmIdentifiers (id-ecPublicKey with the curve), as in the prefixes above.
+const P256_ALG_ID: &[u8] = &[
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
+];
+const P384_ALG_ID: &[u8] = &[
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+    0x00, 0x22,
 ];
 const ED25519_SPKI_PREFIX: &[u8] = &[
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
