@@ -101,6 +101,13 @@ pub enum ClientCertError {
 }
 
 impl ClientCertFiles {
+    /// The leaf certificate's expiry as the file is now (rotation included).
+    pub fn cert_not_after(&self) -> Option<SystemTime> {
+        let pem = std::fs::read(&self.cert_file).ok()?;
+        let leaf = rustls_pemfile::certs(&mut pem.as_slice()).next()?.ok()?;
+        x509_not_after(&leaf)
+    }
+
     /// Reads and checks both files: the key must match the leaf certificate, which must
     /// not have expired.
     pub fn load(&self) -> Result<ClientCert, ClientCertError> {

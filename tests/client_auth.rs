@@ -661,6 +661,16 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
         .await
         .unwrap();
     let metrics = support::metrics_text(&relay.admin_url("")).await;
+    let expiry = support::metric(
+        &metrics,
+        "tokenrelay_client_certificate_expiry_timestamp_seconds",
+        &[("scope", "credential"), ("name", "api")],
+    );
+    let not_after = humantime::parse_rfc3339(cc["not_after"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        expiry as u64,
+        not_after.duration_since(UNIX_EPOCH).unwrap().as_secs()
+    );
     for (what, text) in [
         ("check", format!("{stdout}{stderr}")),
         ("Debug", format!("{config:?}")),
