@@ -78,6 +78,7 @@ impl Admin {
                         "listen": u.listen.to_string(),
                         "url": u.config.url.as_str(),
                         "credential": u.config.credential,
+                        "client_certificate": u.config.client_cert.as_ref().map(|c| c.status()),
                         "requests_total": counts.iter().map(|(_, n)| n).sum::<u64>(),
                         "requests": counts.iter().map(|(c, n)| (c.to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
                     }),
@@ -95,6 +96,24 @@ impl Admin {
     fn metrics(&self) -> Response<Full<Bytes>> {
         for c in &self.credentials {
             c.update_gauges();
+        }
+        let certs = self
+            .credentials
+            .iter()
+            .map(|c| ("credential", &c.name, &c.config.client_cert))
+            .chain(
+                self.upstreams
+                    .iter()
+                    .map(|u| ("upstream", &u.config.name, &u.config.client_cert)),
+            );
+        for (scope, name, cert) in certs {
+            let expiry = cert.as_ref().and_then(|c| c.files.cert_not_after());
+            if let Some(t) = expiry.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+                self.metrics
+                    .client_cert_expiry
+                    .with_label_values(&[scope, name])
+                    .set(t.as_secs() as i64);
+            }
         }
         let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
         r.headers_mut().insert(

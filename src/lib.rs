@@ -31,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

@@ -45,6 +45,7 @@ pub struct Metrics {
     tunnel_bytes: IntCounterVec,
     pub store_ops: IntCounterVec,
     lease_lost: IntCounterVec,
+    pub client_cert_expiry: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -141,6 +142,11 @@ impl Metrics {
                 "tokenrelay_refresh_lease_lost_total",
                 "Refreshes whose store lease could not be renewed after the refresh token was sent (the write then relies on compare-and-swap on the generation).",
                 &["credential"],
+            ),
+            client_cert_expiry: gv(
+                "tokenrelay_client_certificate_expiry_timestamp_seconds",
+                "Unix time at which a client certificate (mutual TLS) expires, as its file is now.",
+                &["scope", "name"],
             ),
             retries_401: cv(
                 "tokenrelay_upstream_401_retries_total",

@@ -151,6 +151,9 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(c) => {
                 print!("{}", c.to_redacted_yaml());
                 print!("{}", providers::origins_comment(&c));
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 eprintln!("{}: configuration is valid", config.config.display());
                 ExitCode::SUCCESS
             }

@@ -9,11 +9,18 @@ use crate::config::Config;
 pub fn run(name: Option<&str>) -> ExitCode {
     match name {
         None => {
+            let presets = preset::all();
+            let w = presets
+                .iter()
+                .map(|p| p.name.len())
+                .max()
+                .unwrap_or(0)
+                .max(6);
             println!(
-                "{:<12} {:<28} {:<22} docs",
+                "{:<w$} {:<28} {:<22} docs",
                 "preset", "provider", "provider_params"
             );
-            for p in preset::all() {
+            for p in presets {
                 let params = if p.params.is_empty() {
                     "-".to_string()
                 } else {
@@ -29,7 +36,7 @@ pub fn run(name: Option<&str>) -> ExitCode {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                println!("{:<12} {:<28} {:<22} {}", p.name, p.title, params, p.docs);
+                println!("{:<w$} {:<28} {:<22} {}", p.name, p.title, params, p.docs);
             }
             println!("\n`tokenrelay providers NAME` shows one; [param] is optional.");
             ExitCode::SUCCESS

@@ -2,6 +2,7 @@
 //! validated, typed [`Config`]. Every problem names its key path, and all problems are
 //! reported together. Secret files are read here; the network is never contacted.
 
+mod client_auth;
 mod expand;
 pub mod preset;
 pub mod provider_rules;
@@ -18,6 +19,10 @@ use serde::Serialize;
 use url::Url;
 
 use crate::secret::Secret;
+pub use client_auth::{
+    AssertionKey, ClientAssertion, ClientCertConfig, JwtBearer, CERT_EXPIRY_WARNING,
+    DEFAULT_ASSERTION_LIFETIME,
+};
 pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules, TokenMethod};
 use raw::{RawConfig, RawCredential, RawStore, RawUpstream};
 use units::{ByteSize, HumanDuration};
@@ -152,6 +157,8 @@ pub enum Grant {
     ClientCredentials,
     Password,
     Static,
+    /// RFC 7523 §2.1: a signed assertion is the grant; nothing is stored.
+    JwtBearer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -159,6 +166,23 @@ pub enum Grant {
 pub enum ClientAuth {
     RequestBody,
     Basic,
+    PrivateKeyJwt,
+    ClientSecretJwt,
+    TlsClientAuth,
+    SelfSignedTlsClientAuth,
+}
+
+impl ClientAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::RequestBody => "request_body",
+            ClientAuth::Basic => "basic",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientSecretJwt => "client_secret_jwt",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -187,6 +211,12 @@ pub struct CredentialConfig {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
+    /// `private_key_jwt` / `client_secret_jwt`: how the client assertion is signed.
+    pub client_assertion: Option<ClientAssertion>,
+    /// Client certificate presented to the token endpoint only (RFC 8705).
+    pub client_cert: Option<ClientCertConfig>,
+    /// `grant: jwt_bearer`: the assertion that is the grant.
+    pub jwt_bearer: Option<JwtBearer>,
     pub request_format: RequestFormat,
     pub redirect_uri: Option<String>,
     pub scopes: Vec<String>,
@@ -241,6 +271,8 @@ pub struct UpstreamConfig {
     pub body_timeout: HumanDuration,
     pub connect_timeout: HumanDuration,
     pub ca_file: Option<PathBuf>,
+    /// Client certificate presented to the upstream (mutual TLS on every call).
+    pub client_cert: Option<ClientCertConfig>,
     pub allow_insecure_http: bool,
     pub limits: Limits,
 }
@@ -278,6 +310,22 @@ impl Config {
         let mut config = validate(raw, env)?;
         config.origins = origins;
         Ok(config)
+    }
+
+    /// Problems that do not stop tokenrelay yet: client certificates that expire within
+    /// [`CERT_EXPIRY_WARNING`].
+    pub fn warnings(&self) -> Vec<String> {
+        let creds = self.credentials.iter().filter_map(|(n, c)| {
+            c.client_cert
+                .as_ref()
+                .and_then(|cc| cc.expiry_warning(&format!("credentials.{n}.client_cert_file")))
+        });
+        let ups = self.upstreams.iter().filter_map(|(n, u)| {
+            u.client_cert
+                .as_ref()
+                .and_then(|cc| cc.expiry_warning(&format!("upstreams.{n}.client_cert_file")))
+        });
+        creds.chain(ups).collect()
     }
 
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
@@ -627,7 +675,11 @@ fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
     }
 }
 
-fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option<CredentialConfig> {
+fn validate_credential(
+    p: &mut Problems,
+    name: &str,
+    mut c: RawCredential,
+) -> Option<CredentialConfig> {
     let path = format!("credentials.{name}");
     let at = |key: &str| format!("{path}.{key}");
     let grant = match c.grant.as_deref() {
@@ -635,10 +687,11 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
         Some("client_credentials") => Grant::ClientCredentials,
         Some("password") => Grant::Password,
         Some("static") => Grant::Static,
+        Some("jwt_bearer") => Grant::JwtBearer,
         None => {
             p.add(
                 &at("grant"),
-                "is required: refresh_token, client_credentials, password or static",
+                "is required: refresh_token, client_credentials, password, jwt_bearer or static",
             );
             return None;
         }
@@ -646,19 +699,21 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
             p.add(
                 &at("grant"),
                 format!(
-                    "must be refresh_token, client_credentials, password or static, got {other:?}"
+                    "must be refresh_token, client_credentials, password, jwt_bearer or static, got {other:?}"
                 ),
             );
             return None;
         }
     };
     let before = p.0.len();
-    let token_url = match (&c.token_url, grant) {
+    let mut token_url = match (&c.token_url, grant) {
         (None, Grant::Static) => None,
         (Some(_), Grant::Static) => {
             p.add(&at("token_url"), "not used by grant static; remove it");
             None
         }
+        // A service account names its token endpoint.
+        (None, Grant::JwtBearer) if c.service_account_file.is_some() => None,
         (None, _) => {
             p.add(&at("token_url"), "is required");
             None
@@ -669,33 +724,21 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
         .authorize_url
         .as_deref()
         .and_then(|u| parse_url(p, &at("authorize_url"), u, c.allow_insecure_http));
-    if grant != Grant::Static && c.client_id.as_deref().unwrap_or("").is_empty() {
+    // An assertion grant identifies the client by the assertion's issuer.
+    if !matches!(grant, Grant::Static | Grant::JwtBearer)
+        && c.client_id.as_deref().unwrap_or("").is_empty()
+    {
         p.add(&at("client_id"), "is required");
     }
     let client_secret = secret_from(
         p,
         &path,
         "client_secret",
-        c.client_secret,
-        c.client_secret_file,
+        c.client_secret.take(),
+        c.client_secret_file.take(),
     );
-    let client_auth = match c.client_auth.as_deref() {
-        None | Some("request_body") => ClientAuth::RequestBody,
-        Some("basic") => ClientAuth::Basic,
-        Some(o) => {
-            p.add(
-                &at("client_auth"),
-                format!("must be request_body or basic, got {o:?}"),
-            );
-            ClientAuth::RequestBody
-        }
-    };
-    if client_auth == ClientAuth::Basic && client_secret.is_none() {
-        p.add(
-            &at("client_auth"),
-            "basic needs client_secret or client_secret_file",
-        );
-    }
+    let auth = client_auth::client_auth(p, &path, &mut c, client_secret.as_ref());
+    let jwt_bearer = client_auth::jwt_bearer(p, &path, &mut c, grant, &mut token_url);
     let request_format = match c.request_format.as_deref() {
         None | Some("form") => RequestFormat::Form,
         Some("json") => RequestFormat::Json,
@@ -822,7 +865,10 @@ fn validate_credential(p: &mut Problems, name: &str, c: RawCredential) -> Option
         authorize_url,
         client_id: c.client_id,
         client_secret,
-        client_auth,
+        client_auth: auth.method,
+        client_assertion: auth.assertion,
+        client_cert: auth.cert,
+        jwt_bearer,
         request_format,
         redirect_uri: c.redirect_uri,
         scopes: c.scopes,
@@ -867,6 +913,9 @@ const RESERVED_PARAMS: &[&str] = &[
     "code",
     "username",
     "password",
+    "client_assertion",
+    "client_assertion_type",
+    "assertion",
 ];
 
 fn validate_upstream(
@@ -969,6 +1018,15 @@ fn validate_upstream(
         );
     }
     check_ca_file(p, &at("ca_file"), &u.ca_file);
+    let client_cert = client_auth::client_cert(p, &path, u.client_cert_file, u.client_key_file);
+    if let Some(url) = url.as_ref().filter(|u| u.scheme() != "https") {
+        if client_cert.is_some() {
+            p.add(
+                &at("client_cert_file"),
+                format!("a client certificate needs an https:// url, got {url}"),
+            );
+        }
+    }
     let limits = Limits {
         max_connections: u.limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         header_read_timeout: u
@@ -1011,6 +1069,7 @@ fn validate_upstream(
         body_timeout,
         connect_timeout,
         ca_file: u.ca_file,
+        client_cert,
         allow_insecure_http: u.allow_insecure_http,
         limits,
     })

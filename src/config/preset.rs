@@ -32,6 +32,14 @@ const FILES: &[(&str, &str)] = &[
     ("okta", include_str!("presets/okta.yaml")),
     ("keycloak", include_str!("presets/keycloak.yaml")),
     ("auth0", include_str!("presets/auth0.yaml")),
+    (
+        "google_service_account",
+        include_str!("presets/google_service_account.yaml"),
+    ),
+    (
+        "salesforce_jwt",
+        include_str!("presets/salesforce_jwt.yaml"),
+    ),
 ];
 
 /// One provider preset.
@@ -305,8 +313,21 @@ mod tests {
                 .map(|(k, _)| (k.clone(), sample_value(k).to_string()))
                 .collect();
             let param_yaml: String = params.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
+            // An assertion grant signs with a key the user brings.
+            let key_dir = tempfile::tempdir().unwrap();
+            let bearer = p.credential.get("grant").and_then(|g| g.as_str()) == Some("jwt_bearer");
+            let user_keys = if bearer {
+                let key = key_dir.path().join("k.pem");
+                std::fs::write(&key, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+                format!(
+                    "assertion_issuer: i, assertion_key_file: \"{}\"",
+                    key.display()
+                )
+            } else {
+                "client_secret: s, redirect_uri: https://example.com/cb".to_string()
+            };
             let yaml = format!(
-                "credentials:\n  c: {{ provider: {}, provider_params: {{ {param_yaml} }}, client_id: id, client_secret: s, redirect_uri: https://example.com/cb }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: c }}\n",
+                "credentials:\n  c: {{ provider: {}, provider_params: {{ {param_yaml} }}, client_id: id, {user_keys} }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: c }}\n",
                 p.name
             );
             let cfg = crate::config::Config::from_yaml(&yaml, &|_| None)

@@ -111,6 +111,24 @@ pub struct RawCredential {
     pub min_token_age: Option<HumanDuration>,
     #[serde(default)]
     pub dead_grant_answers: Vec<DeadGrantAnswer>,
+    // Client authentication without a shared secret, and the jwt_bearer grant
+    // (validated in client_auth.rs).
+    pub client_assertion_key_file: Option<PathBuf>,
+    pub client_assertion_alg: Option<String>,
+    pub client_assertion_kid: Option<String>,
+    pub client_assertion_audience: Option<String>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    pub assertion_issuer: Option<String>,
+    pub assertion_subject: Option<String>,
+    pub assertion_audience: Option<String>,
+    pub assertion_key_file: Option<PathBuf>,
+    pub assertion_alg: Option<String>,
+    pub assertion_kid: Option<String>,
+    #[serde(default)]
+    pub assertion_claims: BTreeMap<String, serde_json::Value>,
+    pub assertion_lifetime: Option<HumanDuration>,
+    pub service_account_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +147,8 @@ pub struct RawUpstream {
     pub body_timeout: Option<HumanDuration>,
     pub connect_timeout: Option<HumanDuration>,
     pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     #[serde(default)]
     pub allow_insecure_http: bool,
     #[serde(default)]

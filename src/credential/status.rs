@@ -66,6 +66,7 @@ impl Credential {
                 "at": humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(m.at_ms)).to_string(),
                 "action": format!("this environment no longer refreshes the credential; to take it back run tokenrelay import --credential {} with a bundle exported from where it went", self.name),
             })),
+            "client_certificate": self.config.client_cert.as_ref().map(|c| c.status()),
             "reauthorization_required": f.reauthorization.as_ref().map(|why| serde_json::json!({
                 "reason": why,
                 "action": format!("obtain a new token and run: tokenrelay authorize --config FILE --credential {0} (or tokenrelay seed --config FILE --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),

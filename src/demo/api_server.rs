@@ -105,15 +105,34 @@ impl ApiServer {
         addr: SocketAddr,
         validator: Option<TokenValidator>,
     ) -> io::Result<ApiServer> {
+        Self::start_with(addr, validator, None).await
+    }
+
+    /// Starts an https server on an ephemeral port of 127.0.0.1 with `tls` (whose
+    /// client-certificate verifier decides who may connect).
+    pub async fn start_tls(
+        validator: Option<TokenValidator>,
+        tls: rustls::ServerConfig,
+    ) -> io::Result<ApiServer> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_with(addr, validator, Some(Arc::new(tls))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        validator: Option<TokenValidator>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<ApiServer> {
         let listener = TcpListener::bind(addr).await?;
-        let origin = format!("http://{}", listener.local_addr()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let origin = format!("{scheme}://{}", listener.local_addr()?);
         let shared = Arc::new(Shared {
             validator,
             origin,
             record: Mutex::default(),
         });
         let handler_shared = Arc::clone(&shared);
-        let server = Server::start(listener, move |req| {
+        let server = Server::start(listener, tls, move |req| {
             handle(Arc::clone(&handler_shared), req)
         })?;
         tracing::info!(addr = %server.addr, "demo API server: listening");

@@ -16,7 +16,13 @@
 //! * **Single-use authorization codes** valid for ten minutes; a second redemption
 //!   also revokes the tokens issued for the first (RFC 6749 §4.1.2).
 //! * **Client authentication** by HTTP Basic with form-urlencoded credentials
-//!   (RFC 6749 §2.3.1) or by `client_id`/`client_secret` in the body, never both.
+//!   (RFC 6749 §2.3.1) or by `client_id`/`client_secret` in the body, never both; by a
+//!   signed client assertion (RFC 7523 §2.2: `private_key_jwt` with registered public
+//!   keys, `client_secret_jwt` with HS256 over the secret), verified with a JOSE library
+//!   including `aud`, `exp` and `jti` replay; or, on a TLS listener
+//!   ([`AuthServer::start_tls`]) whose verifier required a client certificate, by that
+//!   certificate (RFC 8705).
+//! * **The `jwt-bearer` grant** (RFC 7523 §2.1) for assertions signed by registered keys.
 //! * Form-urlencoded or JSON request bodies (some CRMs accept only JSON).
 //!
 //! Everything it is sent is recorded (secret values redacted, see
@@ -40,7 +46,9 @@ use rand::RngCore;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::{full, json_response, Body, Server, TokenValidator};
+use super::assertions::{self, ReplayCache};
+use super::{full, json_response, Body, PeerCertificate, Server, TokenValidator};
+use crate::oauth::assertion::{CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
 
 /// Path of the token endpoint.
 const TOKEN_PATH: &str = "/oauth2/token";
@@ -87,6 +95,16 @@ pub struct AuthServerOptions {
     pub password: String,
     /// How the token endpoint departs from RFC 6749, as a real provider documents it.
     pub profile: ProviderProfile,
+    /// Public keys (PEM) that may sign the client's assertions (`private_key_jwt`).
+    /// `client_secret_jwt` (HS256 over `client_secret`) is always accepted.
+    pub client_assertion_keys: Vec<String>,
+    /// Public keys (PEM) whose assertions are accepted as `jwt-bearer` grants.
+    pub grant_assertion_keys: Vec<String>,
+    /// The `aud` assertions must name; `None`: this server's token URL.
+    pub assertion_audience: Option<String>,
+    /// Accept `client_id` alone from a connection whose client certificate the TLS
+    /// verifier accepted (RFC 8705 `tls_client_auth`).
+    pub tls_client_auth: bool,
 }
 
 /// A real provider's documented token-endpoint behaviour, emulated.
@@ -124,6 +142,10 @@ impl Default for AuthServerOptions {
             username: "demo-user".into(),
             password: "demo-password".into(),
             profile: ProviderProfile::Standard,
+            client_assertion_keys: Vec::new(),
+            grant_assertion_keys: Vec::new(),
+            assertion_audience: None,
+            tls_client_auth: false,
         }
     }
 }
@@ -141,6 +163,10 @@ impl fmt::Debug for AuthServerOptions {
             .field("username", &self.username)
             .field("password", &REDACTED)
             .field("profile", &self.profile)
+            .field("client_assertion_keys", &self.client_assertion_keys.len())
+            .field("grant_assertion_keys", &self.grant_assertion_keys.len())
+            .field("assertion_audience", &self.assertion_audience)
+            .field("tls_client_auth", &self.tls_client_auth)
             .finish()
     }
 }
@@ -191,6 +217,8 @@ pub struct AuthStats {
     pub rotations: u64,
     /// Successful token responses (access token issued).
     pub issued: u64,
+    /// Requests with the `jwt-bearer` grant type, whatever their outcome.
+    pub jwt_bearer: u64,
 }
 
 /// What one token request looked like, with secret values redacted.
@@ -200,8 +228,12 @@ pub struct TokenRequestRecord {
     pub at: Instant,
     /// The `grant_type` parameter; empty if there was none.
     pub grant_type: String,
-    /// How the client authenticated: `"basic"`, `"body"` or `"none"`.
+    /// How the client authenticated: `"basic"`, `"body"`, `"assertion"`, `"tls"` or
+    /// `"none"`.
     pub client_auth: String,
+    /// Assertions verified for this request (client assertion, grant assertion): the
+    /// header's `alg` and `kid` and the claims, never the signature.
+    pub assertions: Vec<Value>,
     /// Body format: `"form"`, `"json"`, `"none"` (no `Content-Type`) or the media type sent.
     pub content_type: String,
     /// Body parameters in the order sent (JSON bodies: alphabetical). Values of secret parameters
@@ -259,13 +291,40 @@ impl AuthServer {
 
     /// Starts a server on `addr` (port 0 picks a free port).
     pub async fn start_on(addr: SocketAddr, opts: AuthServerOptions) -> io::Result<AuthServer> {
+        Self::start_with(addr, opts, None).await
+    }
+
+    /// Starts an https server on `addr` with `tls`; its client-certificate verifier
+    /// decides which clients may connect (see [`AuthServerOptions::tls_client_auth`]).
+    pub async fn start_tls(
+        addr: SocketAddr,
+        opts: AuthServerOptions,
+        tls: rustls::ServerConfig,
+    ) -> io::Result<AuthServer> {
+        Self::start_with(addr, opts, Some(Arc::new(tls))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        opts: AuthServerOptions,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<AuthServer> {
         let listener = TcpListener::bind(addr).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let origin = format!("{scheme}://{}", listener.local_addr()?);
         let shared = Arc::new(Shared {
+            audience: opts
+                .assertion_audience
+                .clone()
+                .unwrap_or_else(|| format!("{origin}{TOKEN_PATH}")),
+            client_keys: assertions::decoding_keys(&opts.client_assertion_keys)?,
+            grant_keys: assertions::decoding_keys(&opts.grant_assertion_keys)?,
+            origin,
             opts,
             state: Mutex::new(State::default()),
         });
         let handler_shared = Arc::clone(&shared);
-        let server = Server::start(listener, move |req| {
+        let server = Server::start(listener, tls, move |req| {
             handle(Arc::clone(&handler_shared), req)
         })?;
         tracing::info!(addr = %server.addr, "demo auth server: listening");
@@ -277,9 +336,9 @@ impl AuthServer {
         self.server.addr
     }
 
-    /// `http://ADDR`, the server's origin.
+    /// `http://ADDR` (`https://` for [`AuthServer::start_tls`]), the server's origin.
     pub fn url(&self) -> String {
-        format!("http://{}", self.server.addr)
+        self.shared.origin.clone()
     }
 
     /// `http://ADDR/oauth2/token`.
@@ -408,6 +467,11 @@ impl AuthServer {
 /// State shared by the server task, the [`AuthServer`] handle and validators.
 struct Shared {
     opts: AuthServerOptions,
+    origin: String,
+    /// The `aud` assertions must name.
+    audience: String,
+    client_keys: Vec<jsonwebtoken::DecodingKey>,
+    grant_keys: Vec<jsonwebtoken::DecodingKey>,
     // A plain mutex: it is never held across an await, and every token operation
     // (check, retire, issue) must be atomic for rotation to be race-free.
     state: Mutex<State>,
@@ -443,6 +507,10 @@ struct State {
     access_tokens: HashMap<String, AccessEntry>,
     codes: HashMap<String, CodeEntry>,
     issued_since_prune: u32,
+    /// `jti` values of assertions already accepted.
+    replay: ReplayCache,
+    /// Assertions verified for the request being processed, for its record.
+    verified: Vec<Value>,
 }
 
 /// One authorization and every token descended from it.
@@ -741,6 +809,9 @@ fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, String> {
 /// Whether a parameter's value must not be kept in the request log.
 fn is_secret_param(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
+    if name == "client_assertion_type" {
+        return false;
+    }
     name == "code"
         || ["secret", "token", "password", "assertion", "verifier"]
             .iter()
@@ -776,9 +847,16 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"));
+    let peer_cert = parts.extensions.get::<PeerCertificate>().is_some();
     let client_auth = if basic {
         "basic"
-    } else if param(params, "client_id").is_some() || param(params, "client_secret").is_some() {
+    } else if param(params, "client_assertion").is_some() {
+        "assertion"
+    } else if param(params, "client_secret").is_some() {
+        "body"
+    } else if peer_cert && param(params, "client_id").is_some() {
+        "tls"
+    } else if param(params, "client_id").is_some() {
         "body"
     } else {
         "none"
@@ -791,6 +869,7 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
         "password" => state.stats.password += 1,
         "refresh_token" => state.stats.refreshes += 1,
         "authorization_code" => state.stats.authorization_codes += 1,
+        JWT_BEARER_GRANT => state.stats.jwt_bearer += 1,
         _ => {}
     }
 
@@ -872,6 +951,7 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
         at: Instant::now(),
         grant_type,
         client_auth: client_auth.to_owned(),
+        assertions: std::mem::take(&mut state.verified),
         content_type: request.format,
         params: params
             .iter()
@@ -927,13 +1007,43 @@ fn grant(
             "credentials must be sent in the request body, not the URL",
         ));
     }
-    authenticate_client(&shared.opts, &parts.headers, params)?;
+    let grant_type = param(params, "grant_type");
+    // RFC 7523 §3.1: client authentication is optional with an assertion grant.
+    let anonymous = parts.headers.get(header::AUTHORIZATION).is_none()
+        && ["client_id", "client_secret", "client_assertion"]
+            .iter()
+            .all(|n| param(params, n).is_none());
+    if !(grant_type == Some(JWT_BEARER_GRANT) && anonymous) {
+        authenticate_client(shared, state, parts, params)?;
+    }
     profile_rules(shared.opts.profile, parts, params)?;
 
     let opts = &shared.opts;
     let requested_scope = param(params, "scope");
-    match param(params, "grant_type") {
+    match grant_type {
         None => Err(OAuthError::invalid_request("missing grant_type")),
+        Some(JWT_BEARER_GRANT) => {
+            let assertion = param(params, "assertion")
+                .ok_or_else(|| OAuthError::invalid_request("missing assertion"))?;
+            let verified = assertions::verify(
+                assertion,
+                &shared.grant_keys,
+                None,
+                &shared.audience,
+                &mut state.replay,
+            )
+            .map_err(OAuthError::invalid_grant)?;
+            state.verified.push(verified.summary);
+            // Google-style: the scope is a claim; RFC 7521 §4.1 also allows the parameter.
+            let scope = verified
+                .claims
+                .get("scope")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .or(requested_scope.map(str::to_owned));
+            let id = state.new_grant(scope.clone());
+            Ok(token_body(opts, state, id, None, scope.as_deref()))
+        }
         Some("client_credentials") => {
             // §4.4.3: no refresh token for client credentials.
             let id = state.new_grant(requested_scope.map(str::to_owned));
@@ -1160,13 +1270,32 @@ fn token_body(
     body
 }
 
-/// Checks the client's credentials (RFC 6749 §2.3.1).
+/// Checks the client's credentials (RFC 6749 §2.3.1, RFC 7523 §3, RFC 8705 §2).
 fn authenticate_client(
-    opts: &AuthServerOptions,
-    headers: &HeaderMap,
+    shared: &Shared,
+    state: &mut State,
+    parts: &Parts,
     params: &[(String, String)],
 ) -> Result<(), OAuthError> {
+    let (opts, headers) = (&shared.opts, &parts.headers);
+    if param(params, "client_assertion").is_some()
+        || param(params, "client_assertion_type").is_some()
+    {
+        return authenticate_assertion(shared, state, parts, params);
+    }
     let body_id = param(params, "client_id");
+    if opts.tls_client_auth
+        && parts.extensions.get::<PeerCertificate>().is_some()
+        && headers.get(header::AUTHORIZATION).is_none()
+        && param(params, "client_secret").is_none()
+    {
+        // The TLS verifier required and accepted the certificate; it stands for the client.
+        return if body_id == Some(opts.client_id.as_str()) {
+            Ok(())
+        } else {
+            Err(OAuthError::invalid_client(false))
+        };
+    }
     let body_secret = param(params, "client_secret");
     let Some(authorization) = headers.get(header::AUTHORIZATION) else {
         return match (body_id, body_secret) {
@@ -1193,6 +1322,57 @@ fn authenticate_client(
     } else {
         Err(OAuthError::invalid_client(true))
     }
+}
+
+/// A client assertion: one method only, the right type, verified, naming the client.
+fn authenticate_assertion(
+    shared: &Shared,
+    state: &mut State,
+    parts: &Parts,
+    params: &[(String, String)],
+) -> Result<(), OAuthError> {
+    if parts.headers.get(header::AUTHORIZATION).is_some()
+        || param(params, "client_secret").is_some()
+    {
+        return Err(OAuthError::invalid_request(
+            "more than one client authentication method",
+        ));
+    }
+    if param(params, "client_assertion_type") != Some(CLIENT_ASSERTION_TYPE) {
+        return Err(OAuthError::invalid_request(
+            "unsupported client_assertion_type",
+        ));
+    }
+    let assertion = param(params, "client_assertion")
+        .ok_or_else(|| OAuthError::invalid_request("missing client_assertion"))?;
+    let opts = &shared.opts;
+    let refuse = |why: String| {
+        tracing::debug!(reason = %why, "demo auth server: client assertion refused");
+        let mut e = OAuthError::invalid_client(false);
+        e.description = why;
+        e
+    };
+    let verified = assertions::verify(
+        assertion,
+        &shared.client_keys,
+        Some(&opts.client_secret),
+        &shared.audience,
+        &mut state.replay,
+    )
+    .map_err(refuse)?;
+    let claim = |n: &str| verified.claims.get(n).and_then(Value::as_str);
+    if claim("iss") != Some(opts.client_id.as_str())
+        || claim("sub") != Some(opts.client_id.as_str())
+    {
+        return Err(refuse("iss and sub must be the client_id".into()));
+    }
+    if param(params, "client_id").is_some_and(|id| id != opts.client_id) {
+        return Err(OAuthError::invalid_request(
+            "client_id differs from the assertion's subject",
+        ));
+    }
+    state.verified.push(verified.summary);
+    Ok(())
 }
 
 /// Decodes `Basic base64(urlencode(id) ":" urlencode(secret))`. §2.3.1 requires the

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod api_server;
+mod assertions;
 pub mod auth_server;
 
 pub use api_server::{pattern_byte, ApiServer, ApiStats, RecordedRequest};
@@ -101,14 +102,19 @@ impl Server {
     ///
     /// Callers bind the listener themselves because handlers may need the bound
     /// address (port 0 resolved) before the first request arrives.
-    fn start<F, Fut>(listener: TcpListener, handler: F) -> io::Result<Server>
+    fn start<F, Fut>(
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handler: F,
+    ) -> io::Result<Server>
     where
         F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, handler, rx));
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        let task = tokio::spawn(accept_loop(listener, tls, handler, rx));
         Ok(Server {
             addr,
             shutdown: Some(tx),
@@ -136,8 +142,16 @@ impl Drop for Server {
     }
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, handler: F, mut stop: oneshot::Receiver<()>)
-where
+/// The leaf certificate a TLS client presented; a request extension on TLS listeners.
+#[derive(Clone, Debug)]
+pub struct PeerCertificate(pub Vec<u8>);
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: F,
+    mut stop: oneshot::Receiver<()>,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -151,17 +165,21 @@ where
                     // Tests measure latency; don't let Nagle hold back small writes.
                     let _ = stream.set_nodelay(true);
                     let handler = handler.clone();
-                    let service = service_fn(move |req| {
-                        let fut = handler(req);
-                        async move { Ok::<_, Infallible>(fut.await) }
-                    });
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = graceful.watch(conn);
+                    let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
                     connections.spawn(async move {
-                        if let Err(err) = conn.await {
-                            tracing::debug!(error = %err, "demo server: connection error");
+                        let Some(acceptor) = tls else {
+                            return serve(builder, watcher, TokioIo::new(stream), handler, None).await;
+                        };
+                        // A handshake the server's verifier refuses (say, no client
+                        // certificate where one is required) ends here.
+                        match acceptor.accept(stream).await {
+                            Ok(tls) => {
+                                let peer = tls.get_ref().1.peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| PeerCertificate(c.to_vec()));
+                                serve(builder, watcher, TokioIo::new(tls), handler, peer).await
+                            }
+                            Err(err) => tracing::debug!(error = %err, "demo server: TLS handshake failed"),
                         }
                     });
                 }
@@ -180,6 +198,31 @@ where
     drop(listener);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
     connections.shutdown().await;
+}
+
+/// Serves one connection, adding the client's certificate to each request.
+async fn serve<I, F, Fut>(
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: TokioIo<I>,
+    handler: F,
+    peer: Option<PeerCertificate>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if let Some(p) = &peer {
+            req.extensions_mut().insert(p.clone());
+        }
+        let fut = handler(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = builder.serve_connection(io, service).into_owned();
+    if let Err(err) = watcher.watch(conn).await {
+        tracing::debug!(error = %err, "demo server: connection error");
+    }
 }
 
 /// An HTTP client for the unit tests: follows no redirects, so tests see them.

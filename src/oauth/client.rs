@@ -1,6 +1,7 @@
 //! Sends token requests for one credential: client authentication (`request_body` or HTTP
-//! Basic per RFC 6749 §2.3.1), `form` or `json` bodies, scopes, extra parameters and
-//! headers. Redirects are never followed, so the client secret only reaches `token_url`.
+//! Basic per RFC 6749 §2.3.1, signed client assertions per RFC 7523 §2.2, a client
+//! certificate per RFC 8705), `form` or `json` bodies, scopes, extra parameters and
+//! headers. Redirects are never followed, so credentials only reach `token_url`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,8 +9,13 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
+use super::assertion::{
+    Signer, CLIENT_ASSERTION_LIFETIME, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT,
+};
 use super::response::{parse, Answer, TokenAnswer, TokenError};
-use crate::config::{ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod};
+use crate::config::{
+    AssertionKey, ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod,
+};
 use crate::secret::Secret;
 
 /// Largest token endpoint answer read; real ones are a few KiB.
@@ -24,6 +30,8 @@ pub enum GrantRequest<'a> {
         code: &'a str,
         code_verifier: Option<&'a str>,
     },
+    /// RFC 7523 §2.1: a freshly signed assertion is the grant.
+    JwtBearer,
 }
 
 impl GrantRequest<'_> {
@@ -33,6 +41,7 @@ impl GrantRequest<'_> {
             GrantRequest::Password => "password",
             GrantRequest::RefreshToken(_) => "refresh_token",
             GrantRequest::AuthorizationCode { .. } => "authorization_code",
+            GrantRequest::JwtBearer => JWT_BEARER_GRANT,
         }
     }
 }
@@ -41,6 +50,10 @@ impl GrantRequest<'_> {
 pub struct TokenClient {
     http: reqwest::Client,
     config: Arc<CredentialConfig>,
+    /// Signs client assertions (`private_key_jwt`, `client_secret_jwt`).
+    client_signer: Option<Signer>,
+    /// Signs the `jwt_bearer` grant's assertion.
+    grant_signer: Option<Signer>,
 }
 
 impl std::fmt::Debug for TokenClient {
@@ -52,9 +65,34 @@ impl std::fmt::Debug for TokenClient {
 }
 
 impl TokenClient {
-    /// Builds the HTTP client (TLS 1.2+, verified, optional private CA, no redirects).
+    /// Builds the HTTP client (TLS 1.2+, verified, optional private CA and client
+    /// certificate, no redirects) and loads signing keys.
     pub fn new(config: Arc<CredentialConfig>) -> Result<TokenClient, String> {
-        let tls = crate::tls::client_config(config.ca_file.as_deref(), &[b"http/1.1"])?;
+        let tls = crate::tls::client_config_with_cert(
+            config.ca_file.as_deref(),
+            &[b"http/1.1"],
+            config.client_cert.as_ref().map(|c| &c.files),
+        )?;
+        let key_signer = |k: &AssertionKey| {
+            Signer::from_key(k.source.clone(), k.configured_alg, k.configured_kid.clone())
+        };
+        let client_signer = match &config.client_assertion {
+            None => None,
+            Some(a) => Some(match &a.key {
+                Some(k) => key_signer(k)?,
+                None => Signer::Secret(
+                    config
+                        .client_secret
+                        .clone()
+                        .ok_or("client_secret_jwt needs a client secret")?,
+                ),
+            }),
+        };
+        let grant_signer = config
+            .jwt_bearer
+            .as_ref()
+            .map(|j| key_signer(&j.key))
+            .transpose()?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .redirect(reqwest::redirect::Policy::none())
@@ -63,15 +101,76 @@ impl TokenClient {
             .user_agent(concat!("tokenrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build token client: {e}"))?;
-        Ok(TokenClient { http, config })
+        Ok(TokenClient {
+            http,
+            config,
+            client_signer,
+            grant_signer,
+        })
+    }
+
+    fn sign(
+        signer: Option<&Signer>,
+        claims: serde_json::Map<String, serde_json::Value>,
+        lifetime: Duration,
+    ) -> Result<String, TokenError> {
+        signer
+            .ok_or_else(|| TokenError::Transient("no signing key configured".into()))?
+            .sign(claims, lifetime)
+            .map(|s| s.expose().to_owned())
+            .map_err(TokenError::Transient)
+    }
+
+    fn token_url_string(&self) -> String {
+        self.config
+            .token_url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_default()
+    }
+
+    /// RFC 7523 §2.1's assertion: the configured claims plus `iss`, `sub`, `aud`.
+    fn grant_assertion(&self) -> Result<String, TokenError> {
+        let j =
+            self.config.jwt_bearer.as_ref().ok_or_else(|| {
+                TokenError::Transient("grant jwt_bearer is not configured".into())
+            })?;
+        let mut claims = j.claims.clone();
+        claims.insert("iss".into(), j.issuer.clone().into());
+        if let Some(sub) = &j.subject {
+            claims.insert("sub".into(), sub.clone().into());
+        }
+        claims.insert("aud".into(), j.audience.clone().into());
+        Self::sign(self.grant_signer.as_ref(), claims, j.lifetime.0)
+    }
+
+    /// RFC 7523 §3's client assertion: `iss` and `sub` are the client id.
+    fn client_assertion(&self) -> Result<String, TokenError> {
+        let c = &self.config;
+        let id = c.client_id.clone().unwrap_or_default();
+        let audience = c
+            .client_assertion
+            .as_ref()
+            .and_then(|a| a.audience.clone())
+            .unwrap_or_else(|| self.token_url_string());
+        let mut claims = serde_json::Map::new();
+        claims.insert("iss".into(), id.clone().into());
+        claims.insert("sub".into(), id.into());
+        claims.insert("aud".into(), audience.into());
+        Self::sign(
+            self.client_signer.as_ref(),
+            claims,
+            CLIENT_ASSERTION_LIFETIME,
+        )
     }
 
     /// The request parameters, in a stable order (secrets included; never log them).
-    fn params(&self, grant: &GrantRequest<'_>) -> Vec<(&str, String)> {
+    fn params(&self, grant: &GrantRequest<'_>) -> Result<Vec<(&str, String)>, TokenError> {
         let c = &self.config;
         let mut p: Vec<(&str, String)> = vec![("grant_type", grant.grant_type().into())];
         match grant {
             GrantRequest::ClientCredentials => {}
+            GrantRequest::JwtBearer => p.push(("assertion", self.grant_assertion()?)),
             GrantRequest::Password => {
                 p.push(("username", c.username.clone().unwrap_or_default()));
                 if let Some(pw) = &c.password {
@@ -95,7 +194,9 @@ impl TokenClient {
             let wanted = match grant {
                 GrantRequest::AuthorizationCode { .. } => true,
                 GrantRequest::RefreshToken(_) => c.redirect_uri_on_refresh,
-                GrantRequest::ClientCredentials | GrantRequest::Password => false,
+                GrantRequest::ClientCredentials
+                | GrantRequest::Password
+                | GrantRequest::JwtBearer => false,
             };
             if wanted {
                 p.push(("redirect_uri", r.clone()));
@@ -104,23 +205,29 @@ impl TokenClient {
         if !c.scopes.is_empty() && !matches!(grant, GrantRequest::AuthorizationCode { .. }) {
             p.push(("scope", c.scopes.join(" ")));
         }
-        if c.client_auth == ClientAuth::RequestBody {
-            if let Some(id) = &c.client_id {
-                p.push(("client_id", id.clone()));
+        let id = c.client_id.iter().map(|id| ("client_id", id.clone()));
+        match c.client_auth {
+            ClientAuth::RequestBody => {
+                p.extend(id);
+                if let Some(s) = &c.client_secret {
+                    p.push(("client_secret", s.expose().into()));
+                }
             }
-            if let Some(s) = &c.client_secret {
-                p.push(("client_secret", s.expose().into()));
-            }
-        } else if c.client_secret.is_none() {
             // A public client still identifies itself.
-            if let Some(id) = &c.client_id {
-                p.push(("client_id", id.clone()));
+            ClientAuth::Basic if c.client_secret.is_none() => p.extend(id),
+            ClientAuth::Basic => {}
+            ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
+                p.extend(id);
+                p.push(("client_assertion_type", CLIENT_ASSERTION_TYPE.into()));
+                p.push(("client_assertion", self.client_assertion()?));
             }
+            // RFC 8705 §2: the certificate authenticates, client_id names the client.
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => p.extend(id),
         }
         for (k, v) in &c.extra_params {
             p.push((k.as_str(), v.clone()));
         }
-        p
+        Ok(p)
     }
 
     /// Sends one token request and parses the answer (see [`TokenAnswer`]: a new refresh
@@ -131,7 +238,7 @@ impl TokenClient {
             .token_url
             .clone()
             .ok_or_else(|| TokenError::Transient("credential has no token_url".into()))?;
-        let params = self.params(&grant);
+        let params = self.params(&grant)?;
         let mut req = match c.token_params_in {
             // Bitrix24 (GET) and Zoho (POST) take the parameters in the query string;
             // the URL then holds secrets, so it is never logged (errors omit it).

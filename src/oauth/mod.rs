@@ -1,7 +1,9 @@
 //! The token endpoint: building token requests (RFC 6749 §4–6) and parsing their answers.
 
+pub mod assertion;
 mod client;
 mod response;
 
+pub use assertion::fingerprint;
 pub use client::{GrantRequest, TokenClient};
 pub use response::{AccessToken, TokenAnswer, TokenError, TokenResponse};

@@ -42,6 +42,7 @@ METRICS = {
     "tokenrelay_upstream_401_retries_total",
     "tokenrelay_store_operations_total",
     "tokenrelay_build_info",
+    "tokenrelay_client_certificate_expiry_timestamp_seconds",
 }
 HISTOGRAMS = {"tokenrelay_request_duration_seconds", "tokenrelay_token_refresh_duration_seconds"}
 

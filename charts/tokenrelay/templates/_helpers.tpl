@@ -94,11 +94,20 @@ the app's ports, so it carries a prefix.
 
 {{/*
 Secret files the container mounts, as a YAML list of
-{credential, configKey, secretName, secretKey, path}; path is relative to secretsDir.
+{credential, upstream, configKey, secretName, secretKey, path}; path is relative to
+secretsDir. Projected without subPath, so rotated keys and certificates reach the files.
 */}}
 {{- define "tokenrelay.secretFiles" -}}
 {{- $files := list }}
-{{- $refs := list (list "clientSecretRef" "client_secret_file" "client-secret") (list "passwordRef" "password_file" "password") (list "tokenRef" "token_file" "token") }}
+{{- $refs := list (list "clientSecretRef" "client_secret_file" "client-secret") (list "passwordRef" "password_file" "password") (list "tokenRef" "token_file" "token") (list "clientAssertionKeyRef" "client_assertion_key_file" "client-assertion-key.pem") (list "assertionKeyRef" "assertion_key_file" "assertion-key.pem") (list "serviceAccountRef" "service_account_file" "service-account.json") (list "clientCertRef" "client_cert_file" "client.crt") (list "clientKeyRef" "client_key_file" "client.key") }}
+{{- range $up := .Values.upstreams }}
+{{- range $r := list (list "clientCertRef" "client_cert_file" "client.crt") (list "clientKeyRef" "client_key_file" "client.key") }}
+{{- $ref := index $up (index $r 0) }}
+{{- if $ref }}
+{{- $files = append $files (dict "credential" "" "upstream" $up.name "configKey" (index $r 1) "secretName" $ref.name "secretKey" $ref.key "path" (printf "upstreams/%s/%s" $up.name (index $r 2))) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $cred := .Values.credentials }}
 {{- range $r := $refs }}
 {{- $ref := index $cred (index $r 0) }}
@@ -182,7 +191,7 @@ keys, so the output is stable and its checksum changes only when the config does
 {{- $_ := set $store "endpoints" .Values.store.etcd.endpoints }}
 {{- end }}
 {{- range $files }}
-{{- if not .credential }}
+{{- if and (not .credential) (not .upstream) }}
 {{- $_ := set $store .configKey (printf "%s/%s" $secretsDir .path) }}
 {{- end }}
 {{- end }}
@@ -190,7 +199,7 @@ keys, so the output is stable and its checksum changes only when the config does
 {{- /* credentials */}}
 {{- $credentials := dict }}
 {{- range .Values.credentials }}
-{{- $_ := set $credentials .name (omit (deepCopy .) "name" "clientSecretRef" "passwordRef" "tokenRef") }}
+{{- $_ := set $credentials .name (omit (deepCopy .) "name" "clientSecretRef" "passwordRef" "tokenRef" "clientAssertionKeyRef" "assertionKeyRef" "serviceAccountRef" "clientCertRef" "clientKeyRef") }}
 {{- end }}
 {{- range $files }}
 {{- if .credential }}
@@ -200,11 +209,16 @@ keys, so the output is stable and its checksum changes only when the config does
 {{- /* upstreams */}}
 {{- $upstreams := dict }}
 {{- range .Values.upstreams }}
-{{- $u := omit (deepCopy .) "name" "port" }}
+{{- $u := omit (deepCopy .) "name" "port" "clientCertRef" "clientKeyRef" }}
 {{- if not (hasKey $u "listen") }}
 {{- $_ := set $u "listen" (printf "%s:%d" $bind (int .port)) }}
 {{- end }}
 {{- $_ := set $upstreams .name $u }}
+{{- end }}
+{{- range $files }}
+{{- if .upstream }}
+{{- $_ := set (index $upstreams .upstream) .configKey (printf "%s/%s" $secretsDir .path) }}
+{{- end }}
 {{- end }}
 {{- $config := dict "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port))) "store" $store "credentials" $credentials "upstreams" $upstreams }}
 {{- with .Values.log }}

@@ -1,4 +1,5 @@
-//! Grants with nothing to spend or store (`client_credentials`, `password`): a token is
+//! Grants with nothing to spend or store (`client_credentials`, `password`, `jwt_bearer`
+//! with a freshly signed assertion each time): a token is
 //! requested at startup and before expiry, and kept in memory only.
 
 use std::time::SystemTime;

@@ -519,6 +519,7 @@ impl Refresher {
             Grant::RefreshToken => self.refresh_rotating(trigger).await,
             Grant::ClientCredentials => self.refresh_local(GrantRequest::ClientCredentials).await,
             Grant::Password => self.refresh_local(GrantRequest::Password).await,
+            Grant::JwtBearer => self.refresh_local(GrantRequest::JwtBearer).await,
             Grant::Static => Ok(RefreshResult::Success),
         };
         let took = started.elapsed();

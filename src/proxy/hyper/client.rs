@@ -19,7 +19,11 @@ pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamBody>;
 /// (WebSocket needs an HTTP/1.1 connection).
 pub fn build(config: &UpstreamConfig, h2: bool) -> Result<UpstreamClient, String> {
     // hyper-rustls sets ALPN (h2, http/1.1) itself from the enabled protocols.
-    let tls = crate::tls::client_config(config.ca_file.as_deref(), &[])?;
+    let tls = crate::tls::client_config_with_cert(
+        config.ca_file.as_deref(),
+        &[],
+        config.client_cert.as_ref().map(|c| &c.files),
+    )?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
