@@ -19,8 +19,6 @@ use serde_json::{json, Value};
 use support::{eventually, metric, metrics_text, status_json, Load};
 use tokenrelay::config::Config;
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
-use tokenrelay::secret::Secret;
-use tokenrelay::store::{now_ms, CasOutcome, StoredState};
 
 /// The demo servers, a state directory and a config with credential and upstream `crm`.
 struct Fixture {
@@ -78,24 +76,7 @@ async fn fixture(access_ttl: Duration, cred_extra: &str) -> Fixture {
 
 /// Stores a fresh grant's refresh token, as `seed` does.
 async fn seed(f: &Fixture) {
-    let cfg = Config::from_yaml(&f.yaml, &|_| None).unwrap();
-    let store = tokenrelay::store::open(&cfg.store).unwrap();
-    let now = now_ms();
-    let state = StoredState {
-        generation: 1,
-        access_token: None,
-        access_expires_at_ms: None,
-        refresh_token: Some(Secret::new(f.auth.new_grant())),
-        obtained_at_ms: now,
-        updated_at_ms: now,
-        updated_by: "test".into(),
-        reauthorization_required: None,
-        ..Default::default()
-    };
-    assert_eq!(
-        store.compare_and_swap("crm", 0, &state).await.unwrap(),
-        CasOutcome::Swapped
-    );
+    support::seed_refresh_token(&f.yaml, "crm", &f.auth.new_grant()).await;
 }
 
 fn refreshes(metrics: &str, result: &str) -> f64 {

@@ -77,18 +77,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        support::run_cli(&args)
-    })
-    .await
-    .unwrap()
-}
-
 /// `tokenrelay check`: valid, and it says which values the preset filled in.
 async fn check(j: &Journey, provider: &str) {
-    let out = cli(vec!["check".into(), "--config".into(), path(&j.config)]).await;
+    let out = support::cli(&["check", "--config", &path(&j.config)]).await;
     assert!(out.status.success(), "check failed: {}", text(&out.stderr));
     let printed = text(&out.stdout);
     assert!(
@@ -101,14 +92,15 @@ async fn check(j: &Journey, provider: &str) {
 /// `tokenrelay authorize --code` with a fresh code from the provider.
 async fn authorize(j: &Journey) {
     let code = j.auth.new_authorization_code(REDIRECT_URI);
-    let out = cli(vec![
-        "authorize".into(),
-        "--config".into(),
-        path(&j.config),
-        "--credential".into(),
-        "crm".into(),
-        "--code".into(),
-        code,
+    let config = path(&j.config);
+    let out = support::cli(&[
+        "authorize",
+        "--config",
+        &config,
+        "--credential",
+        "crm",
+        "--code",
+        &code,
     ])
     .await;
     assert!(

@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::{eventually, status_json};
-use tokenrelay::config::Config;
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
-use tokenrelay::secret::Secret;
-use tokenrelay::store::{now_ms, StoredState};
 
 struct Env {
     config: PathBuf,
@@ -39,28 +36,7 @@ upstreams:
 }
 
 async fn seed(e: &Env, auth: &AuthServer) {
-    let cfg = Config::from_yaml(&e.yaml, &|_| None).unwrap();
-    let store = tokenrelay::store::open(&cfg.store).unwrap();
-    let s = StoredState {
-        generation: 1,
-        refresh_token: Some(Secret::new(auth.new_grant())),
-        obtained_at_ms: now_ms(),
-        ..Default::default()
-    };
-    store.compare_and_swap("crm", 0, &s).await.unwrap();
-}
-
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        support::run_cli(&args)
-    })
-    .await
-    .unwrap()
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
+    support::seed_refresh_token(&e.yaml, "crm", &auth.new_grant()).await;
 }
 
 fn text(b: &[u8]) -> String {
@@ -115,7 +91,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
     assert!(rotated);
 
     let bundle = dir.path().join("crm.bundle");
-    let out = cli(args(&[
+    let out = support::cli(&[
         "export",
         "--config",
         &a.config.display().to_string(),
@@ -127,7 +103,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
         &pass.display().to_string(),
         "--to",
         "environment-b",
-    ]))
+    ])
     .await;
     assert!(out.status.success(), "export failed: {}", text(&out.stderr));
     let sealed = std::fs::read_to_string(&bundle).unwrap();
@@ -147,7 +123,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
     );
     assert_eq!(get(&url_a).await, 503, "A no longer uses the credential");
 
-    let out = cli(args(&[
+    let out = support::cli(&[
         "import",
         "--config",
         &b.config.display().to_string(),
@@ -157,7 +133,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
         &bundle.display().to_string(),
         "--passphrase-file",
         &pass.display().to_string(),
-    ]))
+    ])
     .await;
     assert!(out.status.success(), "import failed: {}", text(&out.stderr));
     let adopted = eventually(Duration::from_secs(10), || {
@@ -203,7 +179,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         bundle.display().to_string(),
         pass.display().to_string(),
     );
-    let out = cli(args(&[
+    let out = support::cli(&[
         "export",
         "--config",
         &cfg_a,
@@ -214,11 +190,11 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         "--passphrase-file",
         &pass_s,
         "--copy",
-    ]))
+    ])
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let out = cli(args(&[
+    let out = support::cli(&[
         "import",
         "--config",
         &other.config.display().to_string(),
@@ -228,7 +204,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &bundle_s,
         "--passphrase-file",
         &pass_s,
-    ]))
+    ])
     .await;
     assert!(!out.status.success());
     assert!(
@@ -241,7 +217,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     let relay = support::start(&a.yaml).await;
     assert_eq!(get(&format!("{}/echo", relay.url("crm"))).await, 200);
     relay.stop().await;
-    let out = cli(args(&[
+    let out = support::cli(&[
         "import",
         "--config",
         &cfg_a,
@@ -251,7 +227,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &bundle_s,
         "--passphrase-file",
         &pass_s,
-    ]))
+    ])
     .await;
     assert!(!out.status.success());
     assert!(
@@ -261,7 +237,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     );
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not it\n").unwrap();
-    let out = cli(args(&[
+    let out = support::cli(&[
         "import",
         "--config",
         &cfg_a,
@@ -271,7 +247,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &bundle_s,
         "--passphrase-file",
         &wrong.display().to_string(),
-    ]))
+    ])
     .await;
     assert!(!out.status.success());
     assert!(

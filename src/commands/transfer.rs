@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::config::{Config, CredentialConfig, Grant};
-use crate::secret::Secret;
 use crate::store::bundle::{self, Contents, Key};
 use crate::store::{now_ms, CasOutcome, Moved, Store, StoredState};
 
@@ -45,14 +44,14 @@ fn refresh_credential<'a>(cfg: &'a Config, name: &str) -> anyhow::Result<&'a Cre
 }
 
 /// The passphrase from `--passphrase-file`, else the store's key.
-fn key_secret(cfg: &Config, passphrase_file: Option<&Path>) -> anyhow::Result<(Secret, bool)> {
+fn bundle_key(cfg: &Config, passphrase_file: Option<&Path>) -> anyhow::Result<Key> {
     match passphrase_file {
         Some(f) => {
             let p = crate::config::read_secret(f).map_err(anyhow::Error::msg)?;
-            Ok((p, true))
+            Ok(Key::Passphrase(p))
         }
         None => match &cfg.store.encryption_key {
-            Some(k) => Ok((k.clone(), false)),
+            Some(k) => Ok(Key::StoreKey(k.clone())),
             None => bail!("give --passphrase-file (or set store.encryption_key_file to seal the bundle with the store's key)"),
         },
     }
@@ -70,12 +69,7 @@ fn identity(c: &CredentialConfig) -> (String, String) {
 
 pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
     let c = refresh_credential(&cfg, &args.credential)?;
-    let (secret, passphrase) = key_secret(&cfg, args.passphrase_file.as_deref())?;
-    let key = if passphrase {
-        Key::Passphrase(&secret)
-    } else {
-        Key::StoreKey(&secret)
-    };
+    let key = bundle_key(&cfg, args.passphrase_file.as_deref())?;
     if args.out.exists() {
         bail!("{} exists; choose a new file", args.out.display());
     }
@@ -131,12 +125,7 @@ pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
 
 pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
     let c = refresh_credential(&cfg, &args.credential)?;
-    let (secret, passphrase) = key_secret(&cfg, args.passphrase_file.as_deref())?;
-    let key = if passphrase {
-        Key::Passphrase(&secret)
-    } else {
-        Key::StoreKey(&secret)
-    };
+    let key = bundle_key(&cfg, args.passphrase_file.as_deref())?;
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let contents = bundle::open(&bytes, &key)?;

@@ -35,11 +35,11 @@ pub struct Contents {
 }
 
 /// How the bundle key is obtained.
-pub enum Key<'a> {
+pub enum Key {
     /// A passphrase (from `--passphrase-file`).
-    Passphrase(&'a Secret),
+    Passphrase(Secret),
     /// The store's 32-byte key (`store.encryption_key_file`).
-    StoreKey(&'a Secret),
+    StoreKey(Secret),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,7 @@ fn aad(key: &KeySource) -> Vec<u8> {
     format!("{FORMAT}/v{VERSION}/{key}").into_bytes()
 }
 
-fn cipher(key: &Key<'_>, source: &KeySource) -> Result<Cipher, BundleError> {
+fn cipher(key: &Key, source: &KeySource) -> Result<Cipher, BundleError> {
     let secret = match (key, source) {
         (
             Key::Passphrase(p),
@@ -124,7 +124,7 @@ fn cipher(key: &Key<'_>, source: &KeySource) -> Result<Cipher, BundleError> {
                     .collect::<String>(),
             )
         }
-        (Key::StoreKey(k), KeySource::StoreKey) => (*k).clone(),
+        (Key::StoreKey(k), KeySource::StoreKey) => k.clone(),
         (Key::Passphrase(_), KeySource::StoreKey) => {
             return Err(BundleError::WrongKeyKind("the store's key file"))
         }
@@ -138,7 +138,7 @@ fn cipher(key: &Key<'_>, source: &KeySource) -> Result<Cipher, BundleError> {
 }
 
 /// Seals `contents` under `key`.
-pub fn seal(contents: &Contents, key: &Key<'_>) -> Result<Vec<u8>, BundleError> {
+pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
     let source = match key {
         Key::Passphrase(_) => KeySource::Scrypt {
             salt: B64.encode(rand::random::<[u8; 16]>()),
@@ -182,7 +182,7 @@ pub fn seal(contents: &Contents, key: &Key<'_>) -> Result<Vec<u8>, BundleError> 
 }
 
 /// Opens a bundle sealed by [`seal`].
-pub fn open(bytes: &[u8], key: &Key<'_>) -> Result<Contents, BundleError> {
+pub fn open(bytes: &[u8], key: &Key) -> Result<Contents, BundleError> {
     let env: Envelope = serde_json::from_slice(bytes).map_err(|_| BundleError::NotABundle)?;
     if env.format != FORMAT || env.version != VERSION {
         return Err(BundleError::NotABundle);
@@ -237,37 +237,34 @@ mod tests {
 
     #[test]
     fn round_trip_with_a_passphrase_and_with_the_store_key() {
-        let pass = Secret::new("correct horse battery staple");
-        let sealed = seal(&contents(), &Key::Passphrase(&pass)).unwrap();
+        let pass = Key::Passphrase(Secret::new("correct horse battery staple"));
+        let sealed = seal(&contents(), &pass).unwrap();
         assert!(!String::from_utf8_lossy(&sealed).contains("rt-secret-value"));
-        assert_eq!(open(&sealed, &Key::Passphrase(&pass)).unwrap(), contents());
-        let wrong = Secret::new("wrong");
+        assert_eq!(open(&sealed, &pass).unwrap(), contents());
+        let wrong = Key::Passphrase(Secret::new("wrong"));
         assert!(matches!(
-            open(&sealed, &Key::Passphrase(&wrong)),
+            open(&sealed, &wrong),
             Err(BundleError::CannotOpen)
         ));
-        let key = Secret::new("00".repeat(32));
+        let key = Key::StoreKey(Secret::new("00".repeat(32)));
         assert!(matches!(
-            open(&sealed, &Key::StoreKey(&key)),
+            open(&sealed, &key),
             Err(BundleError::WrongKeyKind(_))
         ));
-        let sealed = seal(&contents(), &Key::StoreKey(&key)).unwrap();
-        assert_eq!(open(&sealed, &Key::StoreKey(&key)).unwrap(), contents());
+        let sealed = seal(&contents(), &key).unwrap();
+        assert_eq!(open(&sealed, &key).unwrap(), contents());
     }
 
     #[test]
     fn altered_or_foreign_bytes_are_refused() {
-        let pass = Secret::new("p");
-        let mut sealed = seal(&contents(), &Key::Passphrase(&pass)).unwrap();
+        let pass = Key::Passphrase(Secret::new("p"));
+        let mut sealed = seal(&contents(), &pass).unwrap();
         let text = String::from_utf8(sealed.clone()).unwrap();
         let altered = text.replace("\"log_n\": 15", "\"log_n\": 14");
-        assert!(open(altered.as_bytes(), &Key::Passphrase(&pass)).is_err());
+        assert!(open(altered.as_bytes(), &pass).is_err());
         sealed.truncate(10);
-        assert!(matches!(
-            open(&sealed, &Key::Passphrase(&pass)),
-            Err(BundleError::NotABundle)
-        ));
-        let e = open(b"{}", &Key::Passphrase(&pass)).unwrap_err();
+        assert!(matches!(open(&sealed, &pass), Err(BundleError::NotABundle)));
+        let e = open(b"{}", &pass).unwrap_err();
         assert!(!format!("{e} {e:?}").contains("rt-secret"));
     }
 }

@@ -354,6 +354,33 @@ pub async fn status_json(admin: &str) -> serde_json::Value {
         .expect("/status is JSON")
 }
 
+/// Runs the tokenrelay CLI with `args` off the async runtime (it may take a while).
+pub async fn cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli(&args)
+    })
+    .await
+    .expect("the CLI task ran")
+}
+
+/// Stores `refresh_token` as the first generation of credential `credential` through the
+/// store of config `yaml`, as `seed` does.
+pub async fn seed_refresh_token(yaml: &str, credential: &str, refresh_token: &str) {
+    let cfg = Config::from_yaml(yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    let state = tokenrelay::store::StoredState {
+        generation: 1,
+        refresh_token: Some(tokenrelay::secret::Secret::new(refresh_token)),
+        obtained_at_ms: tokenrelay::store::now_ms(),
+        updated_by: "test".into(),
+        ..Default::default()
+    };
+    let outcome = store.compare_and_swap(credential, 0, &state).await.unwrap();
+    assert_eq!(outcome, tokenrelay::store::CasOutcome::Swapped);
+}
+
 /// Runs `tokenrelay seed --config <config> --credential <credential> --refresh-token-file -`
 /// with `token` on standard input.
 pub fn seed_cli(config: &Path, credential: &str, token: &str) -> std::process::Output {

@@ -377,11 +377,7 @@ impl Refresher {
             Some(Some(state)) => {
                 self.known_generation = state.generation;
                 self.note_state(&state);
-                if self.stop_if_moved(&state) {
-                    return Attempt::Idle;
-                }
-                if let Some(why) = &state.reauthorization_required {
-                    self.enter_reauthorization(why.clone());
+                if self.stays_idle(&state) {
                     return Attempt::Idle;
                 }
                 if self.publish_stored(&state) {
@@ -453,6 +449,19 @@ impl Refresher {
         true
     }
 
+    /// Whether a stored state leaves nothing to do until the store changes again: handed
+    /// over elsewhere, or marked as needing re-authorization.
+    fn stays_idle(&self, s: &StoredState) -> bool {
+        if self.stop_if_moved(s) {
+            return true;
+        }
+        if let Some(why) = &s.reauthorization_required {
+            self.enter_reauthorization(why.clone());
+            return true;
+        }
+        false
+    }
+
     /// A handed-over credential (`tokenrelay export`) is not refreshed here: true and
     /// the credential shows `moved`. A state without the marker (an import) lifts it.
     fn stop_if_moved(&self, s: &StoredState) -> bool {
@@ -489,11 +498,7 @@ impl Refresher {
             };
         }
         self.known_generation = state.generation;
-        if self.stop_if_moved(&state) {
-            return Attempt::Idle;
-        }
-        if let Some(why) = &state.reauthorization_required {
-            self.enter_reauthorization(why.clone());
+        if self.stays_idle(&state) {
             return Attempt::Idle;
         }
         if self.publish_stored(&state) {

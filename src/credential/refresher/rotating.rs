@@ -96,13 +96,8 @@ impl Refresher {
             Some(Some(s)) => s,
         };
         self.note_state(&stored);
-        if self.stop_if_moved(&stored) {
+        if self.stays_idle(&stored) {
             self.known_generation = stored.generation;
-            return Err(Failure::Idle);
-        }
-        if let Some(why) = &stored.reauthorization_required {
-            self.known_generation = stored.generation;
-            self.enter_reauthorization(why.clone());
             return Err(Failure::Idle);
         }
         if stored.generation != self.known_generation {
