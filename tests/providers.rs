@@ -318,6 +318,13 @@ async fn elma365_refresh_token_deadline_is_shown() {
             &[("credential", "crm")],
         )
     };
+    // The refresher reads the stored state just after startup.
+    let shown = eventually(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move { gauge(&metrics_text(&admin).await) > 0.0 }
+    })
+    .await;
+    assert!(shown, "no refresh-token expiry after startup");
     let before = gauge(&metrics_text(&admin).await);
     let rotated = eventually(Duration::from_secs(15), || async {
         j.auth.stats().rotations >= 1

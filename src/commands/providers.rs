@@ -7,6 +7,16 @@ use crate::config::preset;
 use crate::config::Config;
 
 pub fn run(name: Option<&str>) -> ExitCode {
+    // Written whole, so a reader that stops early (`| head`) ends the output quietly.
+    let mut out = String::new();
+    let code = render(name, &mut out);
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    code
+}
+
+fn render(name: Option<&str>, out: &mut String) -> ExitCode {
+    use std::fmt::Write;
     match name {
         None => {
             let presets = preset::all();
@@ -16,7 +26,8 @@ pub fn run(name: Option<&str>) -> ExitCode {
                 .max()
                 .unwrap_or(0)
                 .max(6);
-            println!(
+            let _ = writeln!(
+                out,
                 "{:<w$} {:<28} {:<22} docs",
                 "preset", "provider", "provider_params"
             );
@@ -36,14 +47,14 @@ pub fn run(name: Option<&str>) -> ExitCode {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                println!("{:<w$} {:<28} {:<22} {}", p.name, p.title, params, p.docs);
+                let _ = writeln!(out, "{:<w$} {:<28} {:<22} {}", p.name, p.title, params, p.docs);
             }
-            println!("\n`tokenrelay providers NAME` shows one; [param] is optional.");
+            let _ = writeln!(out, "\n`tokenrelay providers NAME` shows one; [param] is optional.");
             ExitCode::SUCCESS
         }
         Some(name) => match preset::get(name) {
             Some(p) => {
-                print!("{}", describe(&p));
+                out.push_str(&describe(&p));
                 ExitCode::SUCCESS
             }
             None => {
