@@ -256,8 +256,7 @@ impl ServiceAccount {
             path: origin.clone(),
             reason: e.to_string(),
         })?;
-        // serde_json's messages quote no values for type errors, but a syntax error
-        // position is all we report, never the document.
+        // Only the position is reported: serde_json's messages may quote the document.
         let doc: Map<String, Value> = serde_json::from_slice(&text).map_err(|e| {
             bad(format!(
                 "not a JSON object (line {}, column {})",

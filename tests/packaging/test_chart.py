@@ -176,6 +176,7 @@ def test_monitoring_value_set_renders_every_monitoring_object() -> None:
         "TokenrelayAccessTokenExpiring",
         "TokenrelayReauthorizationRequired",
         "TokenrelayReauthorizationDueSoon",
+        "TokenrelayClientCertificateExpiring",
         "TokenrelayHighUpstreamErrorRate",
     } <= alerts
 
@@ -202,6 +203,11 @@ def test_alert_expressions_match_the_documented_conditions() -> None:
     )
     assert by_name["TokenrelayReauthorizationDueSoon"]["for"] == "10m"
     assert by_name["TokenrelayReauthorizationDueSoon"]["labels"]["severity"] == "warning"
+    assert (
+        by_name["TokenrelayClientCertificateExpiring"]["expr"]
+        == f"tokenrelay_client_certificate_expiry_timestamp_seconds{{{sel}}} < time() + 1209600"
+    )
+    assert by_name["TokenrelayClientCertificateExpiring"]["for"] == "10m"
     # Prometheus templates survive Helm's templating untouched.
     assert "{{ $labels.credential }}" in by_name["TokenrelayCredentialNotReady"]["annotations"]["summary"]
 
