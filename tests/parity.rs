@@ -1019,3 +1019,62 @@ async fn chunked_and_expect_continue_uploads_arrive_whole() {
     })
     .await;
 }
+
+/// Every response body cut by `body_idle_timeout` logs one line saying so, on both
+/// engines (tokenrelay as a child process, its log read back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_response_body_logs_a_line() {
+    for engine in [Engine::Fast, Engine::Hyper] {
+        let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
+            vec![
+                Step::Send(
+                    response("200 OK", "", "0123456789")
+                        .into_iter()
+                        .take(80)
+                        .collect(),
+                ),
+                Step::Sleep(Duration::from_secs(30)),
+            ]
+        });
+        let auth = AuthServer::start(AuthServerOptions::default())
+            .await
+            .unwrap();
+        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin) = (support::free_port(), support::free_port());
+        let yaml = relay_yaml(&auth, &up, &dir, "", "body_idle_timeout: 1s")
+            .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1)
+            .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let log = dir.path().join("log");
+        let mut child = support::ChildProc::spawn(&config, &log, &[]);
+        assert!(
+            support::wait_ready(
+                &format!("http://127.0.0.1:{admin}/readyz"),
+                Duration::from_secs(20)
+            )
+            .await,
+            "{}",
+            support::log_tail(&log, 20)
+        );
+        let answer = support::raw_exchange(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &get_close("/stream"),
+            Duration::from_secs(15),
+        )
+        .await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(200),
+            "{engine:?}: {answer}"
+        );
+        let logged = support::eventually(Duration::from_secs(10), || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("upstream response body cut short") && text.contains("body_idle_timeout")
+        })
+        .await;
+        assert!(logged, "{engine:?}: {}", support::log_tail(&log, 20));
+        child.terminate();
+    }
+}
