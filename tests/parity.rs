@@ -225,6 +225,8 @@ fn normalise_request(seen: &Seen) -> String {
             let value = match name.as_str() {
                 "host" => "UPSTREAM".to_string(),
                 "authorization" if value.starts_with("Bearer ") => "Bearer TOKEN".to_string(),
+                // The custom credential header of one case.
+                "x-api-key" if value.starts_with("key=") => "key=TOKEN".to_string(),
                 _ => value.to_string(),
             };
             format!("{name}: {value}")
@@ -910,5 +912,169 @@ async fn an_app_that_stops_reading_is_cut_after_the_idle_timeout() {
         );
         drop(conn);
         relay.stop().await;
+    }
+}
+
+/// The app's own credentials: refused under `inbound_authorization: reject`, and a
+/// custom header and format carry the token while the app's copy is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_authorization_and_a_custom_credential_header() {
+    let case = Case {
+        config: "inbound_authorization: reject",
+        base_path: "",
+        app: vec![App::Send(
+            b"GET /x HTTP/1.1\r\nHost: app.local\r\nAuthorization: Basic app\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+        )],
+        methods: vec!["GET"],
+        script: echo_target(),
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [400]);
+        assert!(o.upstream.is_empty());
+    })
+    .await;
+
+    let case = Case {
+        config: "header: X-Api-Key, format: \"key={token}\"",
+        base_path: "",
+        app: vec![App::Send(
+            b"GET /x HTTP/1.1\r\nHost: app.local\r\nX-Api-Key: mine\r\nAuthorization: Basic app\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+        )],
+        methods: vec!["GET"],
+        script: echo_target(),
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [200]);
+        let up = &o.upstream[0];
+        assert!(
+            !up.contains("mine") && !up.contains("authorization"),
+            "{up}"
+        );
+        assert_eq!(up.matches("x-api-key: key=").count(), 1, "{up}");
+    })
+    .await;
+}
+
+/// Targets a listener refuses: `CONNECT` (405 with `Allow`) and an absolute-form target
+/// for another host (400); neither reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_foreign_absolute_targets_are_refused() {
+    for (request, status) in [
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+            405,
+        ),
+        (
+            "GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+    ] {
+        let case = Case {
+            config: "",
+            base_path: "",
+            app: vec![App::Send(request.as_bytes().to_vec())],
+            methods: vec!["GET"],
+            script: echo_target(),
+        };
+        both(case, |o| {
+            assert_eq!(statuses(o), [status], "{request:?}");
+            assert!(o.upstream.is_empty());
+            if status == 405 {
+                assert!(o.app[0].header("allow").is_some());
+            }
+        })
+        .await;
+    }
+}
+
+/// Uploads: a chunked body and an `Expect: 100-continue` body reach the upstream whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_expect_continue_uploads_arrive_whole() {
+    let script: Arc<upstream::Script> =
+        Arc::new(|seen: &Seen, _| vec![Step::Send(ok(&String::from_utf8_lossy(&seen.body)))]);
+    let case = Case {
+        config: "",
+        base_path: "",
+        app: vec![
+            App::Send(
+                b"POST /c HTTP/1.1\r\nHost: app.local\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                    .to_vec(),
+            ),
+            App::Send(
+                b"POST /e HTTP/1.1\r\nHost: app.local\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            ),
+            App::Sleep(Duration::from_millis(100)),
+            App::Send(b"hello".to_vec()),
+        ],
+        methods: vec!["POST", "POST"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [200, 200]);
+        assert_eq!(o.app[0].body, "abcde");
+        assert_eq!(o.app[1].body, "hello");
+    })
+    .await;
+}
+
+/// Every response body cut by `body_idle_timeout` logs one line saying so, on both
+/// engines (tokenrelay as a child process, its log read back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_response_body_logs_a_line() {
+    for engine in [Engine::Fast, Engine::Hyper] {
+        let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
+            vec![
+                Step::Send(
+                    response("200 OK", "", "0123456789")
+                        .into_iter()
+                        .take(80)
+                        .collect(),
+                ),
+                Step::Sleep(Duration::from_secs(30)),
+            ]
+        });
+        let auth = AuthServer::start(AuthServerOptions::default())
+            .await
+            .unwrap();
+        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin) = (support::free_port(), support::free_port());
+        let yaml = relay_yaml(&auth, &up, &dir, "", "body_idle_timeout: 1s")
+            .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1)
+            .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let log = dir.path().join("log");
+        let mut child = support::ChildProc::spawn(&config, &log, &[]);
+        assert!(
+            support::wait_ready(
+                &format!("http://127.0.0.1:{admin}/readyz"),
+                Duration::from_secs(20)
+            )
+            .await,
+            "{}",
+            support::log_tail(&log, 20)
+        );
+        let answer = support::raw_exchange(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &get_close("/stream"),
+            Duration::from_secs(15),
+        )
+        .await;
+        assert_eq!(
+            support::raw_status(&answer),
+            Some(200),
+            "{engine:?}: {answer}"
+        );
+        let logged = support::eventually(Duration::from_secs(10), || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("upstream response body cut short") && text.contains("body_idle_timeout")
+        })
+        .await;
+        assert!(logged, "{engine:?}: {}", support::log_tail(&log, 20));
+        child.terminate();
     }
 }

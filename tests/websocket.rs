@@ -256,3 +256,42 @@ async fn a_busy_tunnel_outlives_the_connection_timeouts() {
     }
     relay.stop().await;
 }
+
+/// An open tunnel holds its place under `limits.max_connections`: with a cap of one, a
+/// second connection waits until the tunnel closes, then gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_counts_against_the_connection_cap() {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let server = EchoServer::start(false).await;
+    let (relay, _dir) = relay(&server, &auth, ", limits: { max_connections: 1 }").await;
+    let addr = relay.upstreams["api"];
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/cap"))
+        .await
+        .unwrap();
+    ws.send(Message::text("x")).await.unwrap();
+    ws.next().await.unwrap().unwrap();
+
+    let second = tokio::spawn(async move {
+        support::raw_exchange(
+            addr,
+            b"GET /cap HTTP/1.1\r\nHost: app.local\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(20),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection was served while the tunnel was open"
+    );
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let answer = second.await.unwrap();
+    assert!(
+        support::raw_status(&answer).is_some(),
+        "the waiting connection is served once the tunnel closes: {answer:?}"
+    );
+    relay.stop().await;
+}

@@ -171,7 +171,8 @@ fn split_target<'a>(
 /// A dot-segment, also percent-encoded: 1 for `.`, 2 for `..`, 0 otherwise.
 fn dots(segment: &str) -> u8 {
     let s = segment.as_bytes();
-    let is_dot = |i: usize| -> Option<usize> {
+    // The length of a dot (`.` or `%2e`) starting at `i`.
+    let dot_len = |i: usize| -> Option<usize> {
         match s.get(i)? {
             b'.' => Some(1),
             b'%' if s.get(i + 1) == Some(&b'2')
@@ -182,11 +183,11 @@ fn dots(segment: &str) -> u8 {
             _ => None,
         }
     };
-    let Some(a) = is_dot(0) else { return 0 };
+    let Some(a) = dot_len(0) else { return 0 };
     if a == s.len() {
         return 1;
     }
-    match is_dot(a) {
+    match dot_len(a) {
         Some(b) if a + b == s.len() => 2,
         _ => 0,
     }

@@ -98,7 +98,7 @@ impl Conn<'_> {
         let Some(fresh) = up.token_after_401(token).await else {
             return Ok((conn, resp));
         };
-        if resp.reusable && held_end == conn.buf.len() {
+        if resp.reusable && held_end == conn.buf.len() && !plan.close_upstream {
             self.fast.pool.checkin(self.worker, conn, resp.keep_alive);
         }
         self.add_credential(&fresh, plan, auth_at);
