@@ -40,6 +40,8 @@ use pool::Pool;
 const HELD_401_LIMIT: usize = 64 * 1024;
 /// Response heads larger than this are refused (hyper's client limit is similar).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How long a refused connection keeps reading after answering (see `Conn::linger`).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Below this, a response head and the first body bytes are sent in one write.
 const COALESCE_LIMIT: usize = 16 * 1024;
 
@@ -124,6 +126,7 @@ pub async fn serve(
             Next::Request(plan) => plan,
             Next::Refuse(e, plan) => {
                 conn.refuse(e, &plan, Instant::now()).await;
+                conn.linger().await;
                 return End::Closed;
             }
             Next::Closed => return End::Closed,
@@ -252,6 +255,24 @@ impl Conn<'_> {
             }
         }
         Next::Request(plan)
+    }
+}
+
+impl Conn<'_> {
+    /// After refusing a request whose body was still arriving: closes our side first
+    /// and reads (and drops) what the app still sends for a moment, so the app reads the
+    /// answer instead of a reset (closing with unread bytes sends RST).
+    async fn linger(&mut self) {
+        let _ = self.client.shutdown().await;
+        self.dl.set(Instant::now() + LINGER);
+        loop {
+            self.inbuf.clear();
+            reserve(&mut self.inbuf);
+            match self.dl.within(self.client.read_buf(&mut self.inbuf)).await {
+                Some(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
     }
 }
 
