@@ -47,9 +47,16 @@ fn render(name: Option<&str>, out: &mut String) -> ExitCode {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                let _ = writeln!(out, "{:<w$} {:<28} {:<22} {}", p.name, p.title, params, p.docs);
+                let _ = writeln!(
+                    out,
+                    "{:<w$} {:<28} {:<22} {}",
+                    p.name, p.title, params, p.docs
+                );
             }
-            let _ = writeln!(out, "\n`tokenrelay providers NAME` shows one; [param] is optional.");
+            let _ = writeln!(
+                out,
+                "\n`tokenrelay providers NAME` shows one; [param] is optional."
+            );
             ExitCode::SUCCESS
         }
         Some(name) => match preset::get(name) {
