@@ -360,7 +360,7 @@ credentials:
   google:
     grant: jwt_bearer
     service_account_file: "{}"
-    assertion_subject: admin@demo.example
+    subject: admin@demo.example
     scopes: [https://www.googleapis.com/auth/admin.directory.user.readonly, openid]
     allow_insecure_http: true
 upstreams:

@@ -120,6 +120,8 @@ pub struct RawCredential {
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
     pub assertion_issuer: Option<String>,
+    /// `subject` is what Google's service-account guides call it (domain-wide delegation).
+    #[serde(alias = "subject")]
     pub assertion_subject: Option<String>,
     pub assertion_audience: Option<String>,
     pub assertion_key_file: Option<PathBuf>,
