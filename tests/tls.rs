@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 use tokio::net::TcpListener;
 
@@ -22,28 +20,8 @@ struct Pki {
 }
 
 fn pki(alpn: &[&[u8]]) -> Pki {
-    tokenrelay::tls::install_crypto_provider();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let mut server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(cert.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-    server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Pki {
-        ca_pem: ca.pem(),
-        server,
-    }
+    let (server, ca_pem) = support::pki::localhost_server(alpn);
+    Pki { ca_pem, server }
 }
 
 /// Terminates TLS on a loopback port and relays the bytes to `backend`; records the

@@ -159,6 +159,27 @@ impl<T: Read + Unpin> Read for ConnTimeouts<T> {
     }
 }
 
+impl<T> ConnTimeouts<T> {
+    /// Bookkeeping after a write attempt: a finished write clears the write timer, a
+    /// pending one arms it (or reports that it ran out).
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match poll {
+            Poll::Ready(r) => {
+                self.write_done();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.write_pending(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
 impl<T: Write + Unpin> Write for ConnTimeouts<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -166,16 +187,8 @@ impl<T: Write + Unpin> Write for ConnTimeouts<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                this.write_done();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match this.write_pending(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after_write(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -184,16 +197,8 @@ impl<T: Write + Unpin> Write for ConnTimeouts<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                this.write_done();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match this.write_pending(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {

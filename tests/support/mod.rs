@@ -1,6 +1,7 @@
 //! Shared test harness: tokenrelay in-process or as a child process, on loopback only.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod tools;
 
 use std::collections::BTreeMap;
