@@ -1007,11 +1007,8 @@ async fn logs_at_debug_level_never_show_keys_or_assertions() {
     .await;
     let good_file = write(dir.path(), "good.pem", &good.private);
     let wrong_file = write(dir.path(), "wrong.pem", &wrong.private);
-    let (admin, up1, up2) = (
-        support::free_port(),
-        support::free_port(),
-        support::free_port(),
-    );
+    let ports = support::free_ports(3);
+    let (admin, up1, up2) = (ports[0], ports[1], ports[2]);
     let config = write(
         dir.path(),
         "config.yaml",

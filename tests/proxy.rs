@@ -702,8 +702,13 @@ async fn listener_workers_share_the_connection_cap_and_stop_with_the_process() {
         "limits: { max_connections: 3 }",
     ) + "runtime: { worker_threads: 4 }\n";
     let tr = support::start(&yaml).await;
+    // The worker threads start beside the listeners; give them a moment.
+    let started = support::eventually(Duration::from_secs(10), || async {
+        thread_names().iter().any(|n| n == "tokenrelay-w3")
+    })
+    .await;
     assert!(
-        thread_names().iter().any(|n| n == "tokenrelay-w3"),
+        started,
         "4 workers: the main runtime and threads w1..w3: {:?}",
         thread_names()
     );

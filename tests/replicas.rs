@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{metric, metrics_text, wait_ready, ChildProc, Load, LoadReport};
+use support::{free_ports, metric, metrics_text, wait_ready, ChildProc, Load, LoadReport};
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 
 // ---------------------------------------------------------------------------------------
@@ -46,18 +46,6 @@ use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 /// TOKENRELAY_REQUIRE_TOOLS=1), see `support::tools`.
 fn have_tool(name: &str) -> bool {
     support::tools::tool(name).is_some()
-}
-
-/// `n` distinct loopback ports that were free a moment ago (all bound at once, so they
-/// differ from each other).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 fn kill_child(child: &mut Option<Child>) {

@@ -127,6 +127,18 @@ where
 }
 
 /// A loopback port that was free a moment ago (for child processes' configs).
+/// `n` distinct loopback ports that were free a moment ago (bound all at once, so they
+/// differ from each other).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
