@@ -1,27 +1,36 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status` (JSON), `/metrics` (Prometheus).
-//! Nothing here ever includes a token or secret value.
+//! The admin listener: `/healthz`, `/readyz`, `/status` (JSON), `/metrics` (Prometheus),
+//! and `POST /reload` (loopback peers only). Nothing here ever includes a token or
+//! secret value.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use tokio::sync::mpsc;
 
-use crate::credential::Credential;
+use crate::config_reload::ReloadRequest;
+use crate::instance::record::{ConfigStatus, Trigger};
+use crate::instance::View;
 use crate::metrics::Metrics;
-use crate::proxy::Upstream;
 
 /// What the admin endpoints report on.
 pub struct Admin {
-    pub credentials: Vec<Arc<Credential>>,
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub view: Arc<ArcSwap<View>>,
     pub metrics: Arc<Metrics>,
-    pub store_kind: &'static str,
+    pub store_kind: Mutex<&'static str>,
+    pub config: Arc<Mutex<ConfigStatus>>,
+    /// Where `POST /reload` sends its request.
+    pub reloads: mpsc::Sender<ReloadRequest>,
 }
 
 impl Admin {
     /// Routes one admin request.
-    pub fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/reload" {
+            return self.reload(&req).await;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         }
@@ -38,8 +47,45 @@ impl Admin {
         }
     }
 
+    /// The backend name `/status` shows (a reload may open the store).
+    pub fn set_store_kind(&self, kind: &'static str) {
+        *self.store_kind.lock().unwrap() = kind;
+    }
+
+    /// `POST /reload`: re-reads the config file and answers with what changed, or why
+    /// nothing did (409). Only a loopback peer may ask: the admin listener is often
+    /// exposed to Prometheus, and a reload is an operator's action.
+    async fn reload<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
+        }
+        let peer = req.extensions().get::<crate::inbound::Peer>();
+        if !peer.is_some_and(|p| p.0.ip().is_loopback()) {
+            return text(
+                StatusCode::FORBIDDEN,
+                "reload is allowed from loopback addresses only\n",
+            );
+        }
+        let (request, outcome) = ReloadRequest::awaited(Trigger::Admin);
+        if self.reloads.send(request).await.is_err() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        }
+        match outcome.await {
+            Ok(Ok(applied)) => json(
+                StatusCode::OK,
+                &serde_json::json!({"result": "success", "generation": self.config.lock().unwrap().generation, "applied": applied}),
+            ),
+            Ok(Err(error)) => json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({"result": "failure", "error": error}),
+            ),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        }
+    }
+
     fn readyz(&self) -> Response<Full<Bytes>> {
-        let not_ready: Vec<String> = self
+        let view = self.view.load();
+        let not_ready: Vec<String> = view
             .credentials
             .iter()
             .filter(|c| {
@@ -62,12 +108,13 @@ impl Admin {
 
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
-        let credentials: serde_json::Map<String, serde_json::Value> = self
+        let view = self.view.load();
+        let credentials: serde_json::Map<String, serde_json::Value> = view
             .credentials
             .iter()
             .map(|c| (c.name.clone(), c.status()))
             .collect();
-        let upstreams: serde_json::Map<String, serde_json::Value> = self
+        let upstreams: serde_json::Map<String, serde_json::Value> = view
             .upstreams
             .iter()
             .map(|u| {
@@ -87,22 +134,24 @@ impl Admin {
             .collect();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "store": self.store_kind,
+            "store": *self.store_kind.lock().unwrap(),
+            "config": *self.config.lock().unwrap(),
             "credentials": credentials,
             "upstreams": upstreams,
         })
     }
 
     fn metrics(&self) -> Response<Full<Bytes>> {
-        for c in &self.credentials {
+        let view = self.view.load();
+        for c in &view.credentials {
             c.update_gauges();
         }
-        let certs = self
+        let certs = view
             .credentials
             .iter()
             .map(|c| ("credential", &c.name, &c.config.client_cert))
             .chain(
-                self.upstreams
+                view.upstreams
                     .iter()
                     .map(|u| ("upstream", &u.config.name, &u.config.client_cert)),
             );
@@ -159,4 +208,62 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("no-store"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin() -> (Admin, mpsc::Receiver<ReloadRequest>) {
+        let (tx, rx) = mpsc::channel(1);
+        let admin = Admin {
+            view: Arc::new(ArcSwap::from_pointee(View::default())),
+            metrics: Arc::new(Metrics::new()),
+            store_kind: Mutex::new("none"),
+            config: Arc::new(Mutex::new(ConfigStatus::new(None))),
+            reloads: tx,
+        };
+        (admin, rx)
+    }
+
+    fn post_reload(peer: &str) -> Request<()> {
+        let mut req = Request::post("/reload").body(()).unwrap();
+        req.extensions_mut()
+            .insert(crate::inbound::Peer(peer.parse().unwrap()));
+        req
+    }
+
+    #[tokio::test]
+    async fn reload_is_refused_to_peers_off_loopback_and_to_get() {
+        let (admin, mut rx) = admin();
+        for peer in ["10.1.2.3:5000", "[2001:db8::1]:5000"] {
+            let r = admin.handle(post_reload(peer)).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
+        }
+        let get = admin
+            .handle(Request::get("/reload").body(()).unwrap())
+            .await;
+        assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(rx.try_recv().is_err(), "nothing reached the reload task");
+    }
+
+    #[tokio::test]
+    async fn a_loopback_reload_waits_for_the_outcome() {
+        let (admin, mut rx) = admin();
+        let answer = tokio::spawn(async move {
+            let request = rx.recv().await.unwrap();
+            assert_eq!(request.trigger, Trigger::Admin);
+            request.answer(Err("upstreams.a.url: not a URL".into()));
+        });
+        let r = admin.handle(post_reload("127.0.0.1:5000")).await;
+        answer.await.unwrap();
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["result"], "failure");
+        assert_eq!(v["error"], "upstreams.a.url: not a URL");
+    }
 }

@@ -1,26 +1,27 @@
-//! Wiring of a running instance: store, credentials and their refreshers, upstream
-//! listeners, the admin listener, and orderly shutdown.
+//! Wiring of a running instance: the instance (credentials, refreshers, upstream
+//! listeners), the admin listener, config reloads, and orderly shutdown.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info};
 
 use crate::admin::Admin;
 use crate::config::units::{ByteSize, HumanDuration};
-use crate::config::{Config, Grant, Limits};
-use crate::credential::refresher::Refresher;
-use crate::credential::Credential;
+use crate::config::{Config, ConfigError, Limits};
+use crate::config_reload::{ReloadRequest, Reloads};
+use crate::instance::record::{ConfigStatus, Trigger};
+use crate::instance::Instance;
 use crate::metrics::Metrics;
-use crate::proxy::Upstream;
 
 /// Addresses actually bound (useful when the config asked for port 0).
 #[derive(Debug, Clone)]
@@ -29,175 +30,159 @@ pub struct Bound {
     pub upstreams: BTreeMap<String, SocketAddr>,
 }
 
-/// Runs until `shutdown` resolves, then stops accepting, drains in-flight requests
-/// (bounded by `runtime.shutdown_grace`) and lets any refresh in progress finish its
-/// durable write. `on_bound` learns the bound addresses once listening.
+/// Reads the config again for a reload.
+pub type Loader = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// How an instance reloads its config; the default is never.
+#[derive(Clone, Default)]
+pub struct ReloadOptions {
+    /// Reads the config again; without it every reload request is refused.
+    pub loader: Option<Loader>,
+    /// The file the loader reads (shown in `/status`).
+    pub path: Option<PathBuf>,
+    /// Reload on `SIGHUP`.
+    pub on_sighup: bool,
+    /// Poll `path` and reload when its contents change (`--watch-config`).
+    pub watch: Option<Duration>,
+}
+
+/// Runs `config` until `shutdown` resolves, without reloads.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
+    run_with(config, ReloadOptions::default(), shutdown, on_bound).await
+}
+
+/// Runs until `shutdown` resolves, applying reloads as `reloading` allows, then stops
+/// accepting, drains in-flight requests (bounded by `runtime.shutdown_grace`) and lets
+/// any refresh in progress finish its durable write. `on_bound` learns the bound
+/// addresses once listening.
+pub async fn run_with(
+    config: Config,
+    reloading: ReloadOptions,
+    shutdown: impl Future<Output = ()>,
+    on_bound: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
-    let needs_store = config
-        .credentials
-        .values()
-        .any(|c| c.grant == Grant::RefreshToken);
-    let store = if needs_store {
-        Some(crate::store::open(&config.store).context("opening the store")?)
-    } else {
-        None
-    };
-
-    let mut credentials: BTreeMap<String, Arc<Credential>> = BTreeMap::new();
-    let mut cred_configs = config.credentials;
-    for (name, cfg) in std::mem::take(&mut cred_configs) {
-        let mut formats: Vec<String> = config
-            .upstreams
-            .values()
-            .filter(|u| u.credential == name)
-            .map(|u| u.format.clone())
-            .collect();
-        formats.sort();
-        formats.dedup();
-        credentials.insert(
-            name,
-            Arc::new(Credential::new(Arc::new(cfg), formats, metrics.clone())),
-        );
-    }
-
-    // Bind everything before starting work, so a busy port fails startup at once.
-    let admin_listener = TcpListener::bind(config.admin.listen)
+    // Bind the admin listener first, so a busy port fails startup before any work.
+    let admin_listen = config.admin.listen;
+    let admin_listener = TcpListener::bind(admin_listen)
         .await
-        .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
-    // Listener workers: the main runtime plus this many threads of their own.
-    let extra_workers = config
-        .runtime
-        .worker_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1)
-        - 1;
-    let mut upstreams = Vec::new();
-    let mut listeners = Vec::new();
-    for (name, ucfg) in config.upstreams {
-        let listener = TcpListener::bind(ucfg.listen).await.with_context(|| {
-            format!("upstreams.{name}.listen: cannot listen on {}", ucfg.listen)
-        })?;
-        let cred = credentials[&ucfg.credential].clone();
-        let up = Upstream::new(
-            Arc::new(ucfg),
-            listener.local_addr()?,
-            cred,
-            &metrics,
-            config.log.access_log,
-            extra_workers + 1,
-        )
-        .map_err(|e| anyhow::anyhow!("upstreams.{name}: {e}"))?;
-        upstreams.push(Arc::new(up));
-        listeners.push(listener);
+        .with_context(|| format!("admin.listen: cannot listen on {admin_listen}"))?;
+    // Reload triggers come first: a SIGHUP during startup must not end the process.
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let stop_triggers = CancellationToken::new();
+    let reloads = Reloads::new(reload_tx.clone(), stop_triggers.clone());
+    if reloading.on_sighup {
+        reloads
+            .on_sighup()
+            .context("installing the SIGHUP handler")?;
     }
+    let mut instance = Instance::start(config, metrics.clone()).await?;
     let bound = Bound {
         admin: admin_listener.local_addr()?,
-        upstreams: upstreams
-            .iter()
-            .zip(&listeners)
-            .map(|(u, _)| (u.config.name.clone(), u.listen))
-            .collect(),
+        upstreams: instance.upstream_addresses(),
     };
-
-    let stop_accepting = CancellationToken::new();
-    let stop_refreshing = CancellationToken::new();
-    let connections = TaskTracker::new();
-    let mut refreshers = Vec::new();
-    for cred in credentials.values() {
-        let r = Refresher::new(
-            cred.clone(),
-            store.clone(),
-            config.store.lease_ttl.map(|t| t.0),
-            config.runtime.instance_id.clone(),
-            metrics.clone(),
-            stop_refreshing.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!("credentials.{}: {e}", cred.name))?;
-        let span = tracing::info_span!("refresher", credential = %cred.name);
-        refreshers.push(tokio::spawn(r.run().instrument(span)));
-    }
-
-    let mut servers = Vec::new();
-    let mut shared = Vec::new();
-    for (up, listener) in upstreams.iter().cloned().zip(listeners) {
-        info!(upstream = %up.config.name, listen = %listener.local_addr()?, url = %up.config.url, "listening");
-        let socket = listener.into_std()?;
-        let permits = Arc::new(Semaphore::new(up.config.limits.max_connections));
-        shared.push(crate::workers::Listener {
-            upstream: up.clone(),
-            socket: socket.try_clone()?,
-            permits: permits.clone(),
-        });
-        servers.push(tokio::spawn(crate::server::serve_upstream(
-            TcpListener::from_std(socket)?,
-            up,
-            permits,
-            stop_accepting.clone(),
-            connections.clone(),
-            0,
-        )));
-    }
-    let workers =
-        crate::workers::Workers::start(extra_workers, &shared, &stop_accepting, &connections)
-            .context("starting listener worker threads")?;
-    drop(shared);
+    let config_status = Arc::new(Mutex::new(ConfigStatus::new(reloading.path.clone())));
     let admin = Arc::new(Admin {
-        credentials: credentials.values().cloned().collect(),
-        upstreams: upstreams.clone(),
+        view: instance.view(),
         metrics: metrics.clone(),
-        store_kind: store.as_ref().map(|s| s.kind()).unwrap_or("none"),
+        store_kind: Mutex::new(instance.store_kind()),
+        config: config_status.clone(),
+        reloads: reload_tx,
     });
+    if let (Some(every), Some(path)) = (reloading.watch, &reloading.path) {
+        reloads.watch(path.clone(), every);
+    }
+
     info!(listen = %bound.admin, "admin listening");
-    let admin_limits = Limits {
+    let admin_task = serve_admin(admin_listener, admin.clone());
+    on_bound(bound);
+
+    tokio::pin!(shutdown);
+    loop {
+        let request = tokio::select! {
+            () = &mut shutdown => break,
+            r = reload_rx.recv() => match r { Some(r) => r, None => break },
+        };
+        let Some(loader) = &reloading.loader else {
+            request.answer(Err(
+                "this instance was not started from a config file".into()
+            ));
+            continue;
+        };
+        let outcome = reload(&mut instance, loader, request.trigger).await;
+        metrics.config_reload(outcome.is_ok());
+        config_status
+            .lock()
+            .unwrap()
+            .record(request.trigger, &outcome);
+        admin.set_store_kind(instance.store_kind());
+        request.answer(outcome);
+    }
+    stop_triggers.cancel();
+    instance.shutdown().await;
+    admin_task.stop().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Reads the config again and applies it; an invalid file changes nothing.
+async fn reload(
+    instance: &mut Instance,
+    loader: &Loader,
+    trigger: Trigger,
+) -> Result<crate::instance::record::Applied, String> {
+    info!(?trigger, "reloading the config");
+    let outcome = match loader() {
+        Ok(config) => instance.apply(config).await,
+        Err(e) => Err(format!("the new config is invalid; nothing changed:\n{e}")),
+    };
+    match &outcome {
+        Ok(applied) => info!(
+            changes = %applied.changes.summary(),
+            restart_needed = ?applied.restart_needed,
+            "config reloaded"
+        ),
+        Err(e) => error!(error = %e, "config reload failed; the running config is kept"),
+    }
+    outcome
+}
+
+/// The admin listener's task.
+struct AdminTask {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminTask {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn serve_admin(listener: TcpListener, admin: Arc<Admin>) -> AdminTask {
+    let limits = Limits {
         max_connections: 64,
         header_read_timeout: HumanDuration(Duration::from_secs(10)),
         idle_timeout: HumanDuration(Duration::from_secs(60)),
         max_header_size: ByteSize(16 * 1024),
     };
-    let admin_handler = move |req: http::Request<hyper::body::Incoming>, _local| {
+    let handler = move |req: http::Request<hyper::body::Incoming>, _local| {
         let admin = admin.clone();
-        async move { admin.handle(&req) }
+        async move { admin.handle(req).await }
     };
-    let admin_stop = CancellationToken::new();
-    let admin_connections = TaskTracker::new();
-    let admin_task = tokio::spawn(crate::server::serve(
-        admin_listener,
-        admin_limits,
-        admin_handler,
-        admin_stop.clone(),
-        admin_connections,
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(crate::server::serve(
+        listener,
+        limits,
+        handler,
+        stop.clone(),
+        TaskTracker::new(),
     ));
-    on_bound(bound);
-
-    shutdown.await;
-    let grace = config.runtime.shutdown_grace.0;
-    info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
-    stop_accepting.cancel();
-    for s in servers {
-        let _ = s.await;
-    }
-    connections.close();
-    if tokio::time::timeout(grace, connections.wait())
-        .await
-        .is_err()
-    {
-        warn!("drain period over; closing remaining connections");
-    }
-    workers.stop().await;
-    // Refreshers stop at their next idle point; one that is mid-refresh first finishes
-    // its durable write.
-    stop_refreshing.cancel();
-    for r in refreshers {
-        let _ = r.await;
-    }
-    admin_stop.cancel();
-    let _ = admin_task.await;
-    info!("stopped");
-    Ok(())
+    AdminTask { stop, task }
 }

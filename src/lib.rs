@@ -15,6 +15,8 @@
 //!   extra listener threads.
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`; [`status_page`]: `GET /`.
 //! - [`metrics`]: the Prometheus families.
+//! - [`instance`]: the running credentials and listeners, and how a config (the first
+//!   or a reloaded one) is applied to them; [`config_reload`]: what asks for a reload.
 //! - [`app`]: wiring and shutdown. [`commands`]: the CLI.
 //! - [`demo`]: the demo authorization server and API used by `tokenrelay demo` and tests.
 
@@ -24,9 +26,11 @@ pub mod admin;
 pub mod app;
 pub mod commands;
 pub mod config;
+pub mod config_reload;
 pub mod credential;
 pub mod demo;
 pub mod inbound;
+pub mod instance;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;

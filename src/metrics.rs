@@ -45,6 +45,7 @@ pub struct Metrics {
     tunnel_bytes: IntCounterVec,
     pub store_ops: IntCounterVec,
     lease_lost: IntCounterVec,
+    config_reloads: IntCounterVec,
     pub client_cert_expiry: IntGaugeVec,
 }
 
@@ -143,6 +144,11 @@ impl Metrics {
                 "Refreshes whose store lease could not be renewed after the refresh token was sent (the write then relies on compare-and-swap on the generation).",
                 &["credential"],
             ),
+            config_reloads: cv(
+                "tokenrelay_config_reloads_total",
+                "Config reloads (SIGHUP, tokenrelay reload, --watch-config), by result.",
+                &["result"],
+            ),
             client_cert_expiry: gv(
                 "tokenrelay_client_certificate_expiry_timestamp_seconds",
                 "Unix time at which a client certificate (mutual TLS) expires, as its file is now.",
@@ -177,6 +183,10 @@ impl Metrics {
         .unwrap();
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         reg(&m.registry, build);
+        // Both results are shown from the start, so an alert on failures has a series.
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
         m
     }
 
@@ -222,6 +232,30 @@ impl Metrics {
     /// Counts a refresh that lost its lease after sending the refresh token.
     pub fn lease_lost(&self, credential: &str) {
         self.lease_lost.with_label_values(&[credential]).inc();
+    }
+
+    /// Drops a removed credential's gauges, so no stale state (and no alert on it)
+    /// outlives it. Its counters stay, as counters do.
+    pub fn forget_credential(&self, name: &str) {
+        for g in [
+            &self.expiry_timestamp,
+            &self.refresh_expiry_timestamp,
+            &self.generation,
+            &self.ready,
+            &self.last_success,
+        ] {
+            let _ = g.remove_label_values(&[name]);
+        }
+        for state in STATES {
+            let _ = self.state.remove_label_values(&[name, state]);
+        }
+    }
+
+    /// Counts a config reload.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "success" } else { "failure" }])
+            .inc();
     }
 
     /// Counts a store operation.

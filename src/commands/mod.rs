@@ -3,16 +3,22 @@
 mod authorize;
 mod demo;
 mod providers;
+mod reload;
 mod seed;
 mod status;
 mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LogFormat};
+
+/// How often `--watch-config` reads the config file.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +56,16 @@ pub enum Command {
         /// Worker threads (overrides runtime.worker_threads; default: one per core).
         #[arg(long)]
         worker_threads: Option<usize>,
+        /// Reload when the config file's contents change (checked every 2 s; survives
+        /// Kubernetes ConfigMap symlink swaps). SIGHUP and `tokenrelay reload` always work.
+        #[arg(long)]
+        watch_config: bool,
+    },
+    /// Asks the running instance (over its admin listener, from loopback) to re-read its
+    /// config file; prints what changed, or why nothing did (exit 1).
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Validate the config and print it resolved, secrets redacted; exit 1 on errors.
     Check {
@@ -162,6 +178,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run {
             config,
             worker_threads,
+            watch_config,
         } => {
             let cfg = match Config::load(&config.config) {
                 Ok(c) => c,
@@ -182,9 +199,21 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let path = config.config.clone();
+            let loader: crate::app::Loader = Arc::new(move || {
+                let mut c = Config::load(&path)?;
+                c.runtime.worker_threads = worker_threads.or(c.runtime.worker_threads);
+                Ok(c)
+            });
+            let reloading = crate::app::ReloadOptions {
+                loader: Some(loader),
+                path: Some(config.config.clone()),
+                on_sighup: true,
+                watch: watch_config.then_some(WATCH_EVERY),
+            };
             let served = rt.block_on(async {
                 let stop = crate::shutdown::signal();
-                crate::app::run(cfg, stop, |_| {}).await
+                crate::app::run_with(cfg, reloading, stop, |_| {}).await
             });
             match served {
                 Ok(()) => ExitCode::SUCCESS,
@@ -254,6 +283,7 @@ pub fn main(cli: Cli) -> ExitCode {
             authorize::run(cfg, &credential, code)
         }),
         Command::Status { config } => with_config(&config, log_format, status::run),
+        Command::Reload { config } => with_config(&config, log_format, reload::run),
         Command::Demo { state_dir } => {
             crate::logging::init(log_format.unwrap_or(LogFormat::Text), None);
             let rt = match runtime(None) {

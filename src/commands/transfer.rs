@@ -58,13 +58,7 @@ fn bundle_key(cfg: &Config, passphrase_file: Option<&Path>) -> anyhow::Result<Ke
 }
 
 fn identity(c: &CredentialConfig) -> (String, String) {
-    (
-        c.token_url
-            .as_ref()
-            .map(|u| u.to_string())
-            .unwrap_or_default(),
-        c.client_id.clone().unwrap_or_default(),
-    )
+    c.token_endpoint_identity()
 }
 
 pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {

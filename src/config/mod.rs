@@ -3,6 +3,7 @@
 //! reported together. Secret files are read here; the network is never contacted.
 
 mod client_auth;
+mod compare;
 mod expand;
 pub mod preset;
 pub mod provider_rules;
@@ -25,6 +26,7 @@ pub use client_auth::{
     AssertionKey, ClientAssertion, ClientCertConfig, JwtBearer, CERT_EXPIRY_WARNING,
     DEFAULT_ASSERTION_LIFETIME,
 };
+pub use compare::RESTART_ONLY;
 pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules, TokenMethod};
 use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};

@@ -118,8 +118,10 @@ struct Facts {
 pub struct Credential {
     pub name: String,
     pub config: Arc<CredentialConfig>,
-    /// Header formats of the upstreams using this credential, indexed by format slot.
-    formats: Vec<String>,
+    /// Header formats of the upstreams using this credential, indexed by format slot;
+    /// only ever appended to. Held while the cell is written, so every published token
+    /// has a header value for every slot handed out.
+    formats: Mutex<Vec<String>>,
     /// Written only by the refresher; read lock-free by every request.
     cell: ArcSwapOption<ActiveToken>,
     facts: Mutex<Facts>,
@@ -143,14 +145,15 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    /// A credential with no token yet; `formats` are the header formats using it.
-    pub fn new(config: Arc<CredentialConfig>, formats: Vec<String>, metrics: Arc<Metrics>) -> Self {
+    /// A credential with no token yet and no header formats; each upstream using it adds
+    /// its own ([`Credential::add_format`]).
+    pub fn new(config: Arc<CredentialConfig>, metrics: Arc<Metrics>) -> Self {
         let (attempts, _) = watch::channel(0);
         let c = Credential {
             name: config.name.clone(),
             metrics: metrics.credential(&config.name),
             config,
-            formats,
+            formats: Mutex::new(Vec::new()),
             cell: ArcSwapOption::empty(),
             facts: Mutex::new(Facts::default()),
             demand: Mutex::new(None),
@@ -163,9 +166,21 @@ impl Credential {
         c
     }
 
-    /// Index of `format` among this credential's header formats.
-    pub fn format_slot(&self, format: &str) -> Option<usize> {
-        self.formats.iter().position(|f| f == format)
+    /// Index of `format` among this credential's header formats, adding it when it is
+    /// new (an upstream using this credential was added, at startup or by a reload); the
+    /// current token, if any, gets its value at once, with no token request.
+    pub fn add_format(&self, format: &str) -> Result<usize, InvalidToken> {
+        let mut formats = self.formats.lock().unwrap();
+        if let Some(slot) = formats.iter().position(|f| f == format) {
+            return Ok(slot);
+        }
+        let mut more = formats.clone();
+        more.push(format.to_string());
+        if let Some(t) = self.cell.load_full() {
+            self.cell.store(Some(Arc::new(t.with_formats(&more)?)));
+        }
+        *formats = more;
+        Ok(formats.len() - 1)
     }
 
     /// The current token if it is still usable: one atomic load, no locks.
@@ -191,8 +206,10 @@ impl Credential {
         generation: u64,
         expires_at_wall: Option<SystemTime>,
     ) -> Result<(), InvalidToken> {
-        let token = ActiveToken::new(access_token, &self.formats, generation, expires_at_wall)?;
+        let formats = self.formats.lock().unwrap();
+        let token = ActiveToken::new(access_token, &formats, generation, expires_at_wall)?;
         self.cell.store(Some(Arc::new(token)));
+        drop(formats);
         self.update_gauges();
         Ok(())
     }

@@ -18,6 +18,8 @@ const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 86400);
 /// The access token currently in use, with its header values built once per refresh.
 pub struct ActiveToken {
     pub generation: u64,
+    /// Kept so a header format added by a reload can be built without a refresh.
+    access_token: Secret,
     /// One value per header format of the upstreams using this credential, marked
     /// sensitive so HTTP/2 never indexes it.
     headers: Box<[HeaderValue]>,
@@ -56,15 +58,7 @@ impl ActiveToken {
         let expiry_known = expires_at_wall.is_some();
         let expires_at_wall = expires_at_wall.unwrap_or_else(|| SystemTime::now() + NO_EXPIRY);
         access_token.check_token()?;
-        let headers = formats
-            .iter()
-            .map(|f| {
-                let mut v = HeaderValue::from_str(&f.replace("{token}", access_token.expose()))
-                    .map_err(|_| InvalidToken::Control)?;
-                v.set_sensitive(true);
-                Ok(v)
-            })
-            .collect::<Result<Box<[HeaderValue]>, InvalidToken>>()?;
+        let headers = header_values(access_token, formats)?;
         let remaining = expires_at_wall
             .duration_since(SystemTime::now())
             .unwrap_or_default();
@@ -72,6 +66,7 @@ impl ActiveToken {
         let margin = EXPIRY_MARGIN.min(remaining / 4);
         Ok(ActiveToken {
             generation,
+            access_token: access_token.clone(),
             headers,
             expires_at,
             expires_at_wall,
@@ -79,6 +74,22 @@ impl ActiveToken {
             lifetime: remaining,
             expiry_known,
             accepted: AtomicBool::new(false),
+        })
+    }
+
+    /// The same token with header values for `formats` (a superset of the formats it
+    /// was built for: slots already handed out keep their index).
+    pub(crate) fn with_formats(&self, formats: &[String]) -> Result<ActiveToken, InvalidToken> {
+        Ok(ActiveToken {
+            generation: self.generation,
+            access_token: self.access_token.clone(),
+            headers: header_values(&self.access_token, formats)?,
+            expires_at: self.expires_at,
+            expires_at_wall: self.expires_at_wall,
+            usable_until: self.usable_until,
+            lifetime: self.lifetime,
+            expiry_known: self.expiry_known,
+            accepted: AtomicBool::new(self.was_accepted()),
         })
     }
 
@@ -120,6 +131,22 @@ impl ActiveToken {
     }
 }
 
+/// One sensitive header value per format.
+fn header_values(
+    access_token: &Secret,
+    formats: &[String],
+) -> Result<Box<[HeaderValue]>, InvalidToken> {
+    formats
+        .iter()
+        .map(|f| {
+            let mut v = HeaderValue::from_str(&f.replace("{token}", access_token.expose()))
+                .map_err(|_| InvalidToken::Control)?;
+            v.set_sensitive(true);
+            Ok(v)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +167,24 @@ mod tests {
         for bad in ["", "a\nb", "a\u{7f}"] {
             assert!(ActiveToken::new(&Secret::new(bad), &formats, 1, later).is_err());
         }
+    }
+
+    #[test]
+    fn a_format_added_later_keeps_the_old_slots_and_the_token_facts() {
+        let later = Some(SystemTime::now() + Duration::from_secs(60));
+        let t =
+            ActiveToken::new(&Secret::new("abc"), &["Bearer {token}".into()], 7, later).unwrap();
+        t.mark_accepted();
+        let more = ["Bearer {token}".to_string(), "Token {token}".to_string()];
+        let u = t.with_formats(&more).unwrap();
+        assert_eq!(u.header(0), "Bearer abc");
+        assert_eq!(u.header(1), "Token abc");
+        assert!(u.header(1).is_sensitive());
+        assert_eq!(
+            (u.generation, u.expires_at, u.expiry_known),
+            (7, t.expires_at, true)
+        );
+        assert!(u.was_accepted());
+        assert!(!format!("{u:?}").contains("abc"));
     }
 }

@@ -45,6 +45,10 @@ pub fn builder(limits: &Limits) -> http1::Builder {
     builder
 }
 
+/// The app's address, in each request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
 /// Serves one connection with hyper; on `shutdown`, finishes the request in flight and
 /// closes. Upgraded connections (WebSocket) are carried on by the handler.
 pub async fn serve<H, Fut, B>(
@@ -71,6 +75,7 @@ pub async fn serve<H, Fut, B>(
     );
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let handler = handler.clone();
+        req.extensions_mut().insert(Peer(peer));
         let guard = InFlight::enter(requests.clone());
         if req.headers().contains_key(http::header::UPGRADE) {
             let held = Upgrading(Arc::new(InFlight::enter(requests.clone())));

@@ -55,8 +55,8 @@ impl Upstream {
         workers: usize,
     ) -> Result<Upstream, String> {
         let slot = credential
-            .format_slot(&config.format)
-            .ok_or("credential lacks this upstream's header format")?;
+            .add_format(&config.format)
+            .map_err(|e| format!("the current token cannot be sent in this header format: {e}"))?;
         let url = &config.url;
         let scheme: Scheme = url.scheme().parse().map_err(|_| "bad scheme")?;
         let host = url.host_str().unwrap_or_default();

@@ -2,6 +2,10 @@
 //! connection goes to the upstream's handler ([`crate::proxy::Upstream::serve_connection`])
 //! or, for the admin and demo listeners, to hyper ([`crate::inbound`]).
 
+mod slot;
+
+pub use slot::{Current, Slot};
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,25 +20,34 @@ use tracing::warn;
 
 use crate::config::Limits;
 use crate::inbound::Rewind;
-use crate::proxy::Upstream;
 
-/// Serves an upstream's listener until `shutdown`; connection tasks run on `tracker`,
-/// which the caller waits on to drain. `worker` is the listener worker serving it.
+/// Serves an upstream's listener until `stop`; connection tasks run on `tracker`, which
+/// the caller waits on to drain. Each connection is served by what `slot` holds when it
+/// is accepted, and ends after its request in flight once that is retired (a reload
+/// replaced it). `worker` is the listener worker serving it.
 pub async fn serve_upstream(
     listener: TcpListener,
-    up: Arc<Upstream>,
-    permits: Arc<Semaphore>,
-    shutdown: CancellationToken,
+    slot: Arc<Slot>,
+    stop: CancellationToken,
     tracker: TaskTracker,
     worker: usize,
 ) {
     let local = local_addr(&listener);
-    let conn_shutdown = shutdown.clone();
-    let on_conn = move |stream: TcpStream, peer: SocketAddr| {
-        up.clone()
-            .serve_connection(stream, local, peer, worker, conn_shutdown.clone())
+    let permits = {
+        let slot = slot.clone();
+        move || slot.current().permits.clone()
     };
-    accept_loop(listener, permits, shutdown, tracker, on_conn).await
+    let on_conn = move |stream: TcpStream, peer: SocketAddr| {
+        let current = slot.current();
+        current.upstream.clone().serve_connection(
+            stream,
+            local,
+            peer,
+            worker,
+            current.retire.clone(),
+        )
+    };
+    accept_loop(listener, permits, stop, tracker, on_conn).await
 }
 
 /// Serves `listener` with a hyper `handler` until `shutdown`; connection tasks run on
@@ -69,7 +82,14 @@ pub async fn serve<H, Fut, B>(
         }
     };
     let permits = Arc::new(Semaphore::new(max));
-    accept_loop(listener, permits, shutdown, tracker, on_conn).await
+    accept_loop(
+        listener,
+        move || permits.clone(),
+        shutdown,
+        tracker,
+        on_conn,
+    )
+    .await
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {
@@ -80,13 +100,15 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
 
 /// Accepts connections (at most one per permit at once; workers sharing a listening
 /// socket share its permits) until `shutdown`, running `on_conn` for each on `tracker`.
-async fn accept_loop<F, Fut>(
+/// `permits` gives the current connection cap (a reload may change it).
+async fn accept_loop<P, F, Fut>(
     listener: TcpListener,
-    permits: Arc<Semaphore>,
+    permits: P,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     on_conn: F,
 ) where
+    P: Fn() -> Arc<Semaphore>,
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -95,7 +117,7 @@ async fn accept_loop<F, Fut>(
         // Waiting for a permit before accepting leaves excess connections in the
         // kernel's backlog instead of accepting and dropping them.
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            p = permits().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = shutdown.cancelled() => return,
         };
         let (stream, peer) = tokio::select! {

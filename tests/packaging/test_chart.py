@@ -426,6 +426,20 @@ def test_checksum_annotation_follows_the_config() -> None:
     assert checksum({"upstreams": [{"name": "crm", "port": 8081, "url": "https://example.amocrm.ru", "credential": "crm", "timeout": "20s"}]}) != base
 
 
+def test_config_reload_watch_mode_watches_instead_of_rolling_the_pods() -> None:
+    docs = support.manifests(support.render_chart(CHART, {"configReload": "watch"}))
+    template = support.one(docs, "Deployment")["spec"]["template"]
+    assert "checksum/config" not in (template["metadata"].get("annotations") or {})
+    args = template["spec"]["containers"][0]["args"]
+    assert args[:3] == ["run", "--config", args[2]] and "--watch-config" in args
+    restart = support.manifests(support.render_chart(CHART, {}))
+    default_args = support.one(restart, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--watch-config" not in default_args
+    h = support.helm()
+    with pytest.raises(h.HelmError, match="configReload must be restart or watch"):
+        support.render_chart(CHART, {"configReload": "sometimes"})
+
+
 # --- the sidecar templates -------------------------------------------------------------------
 
 

@@ -292,6 +292,9 @@ args:
   - run
   - --config
   - {{ include "tokenrelay.configPath" . }}
+  {{- if eq (include "tokenrelay.configReload" .) "watch" }}
+  - --watch-config
+  {{- end }}
   {{- range .Values.extraArgs }}
   - {{ . | quote }}
   {{- end }}
@@ -424,4 +427,16 @@ series: the namespace, and the job the ServiceMonitor (service name) or PodMonit
 {{- end }}
 {{- printf "namespace=%q,job=%q," .Release.Namespace $job }}
 {{- end }}
+{{- end }}
+
+{{/*
+How config changes reach running pods: "restart" (checksum annotation) or "watch"
+(--watch-config, no annotation).
+*/}}
+{{- define "tokenrelay.configReload" -}}
+{{- $mode := .Values.configReload | default "restart" -}}
+{{- if not (has $mode (list "restart" "watch")) -}}
+{{- fail (printf "configReload must be restart or watch, not %q" $mode) -}}
+{{- end -}}
+{{- $mode -}}
 {{- end }}

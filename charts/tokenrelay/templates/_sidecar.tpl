@@ -68,10 +68,13 @@ Volumes the tokenrelay container mounts: its config, its secret files and its st
 {{- end }}
 
 {{/*
-Pod annotations: restart the pod when the tokenrelay config changes.
+Pod annotations: restart the pod when the tokenrelay config changes (configReload:
+restart); none when tokenrelay watches its config (configReload: watch).
 */}}
 {{- define "tokenrelay.sidecar.podAnnotations" -}}
+{{- if eq (include "tokenrelay.configReload" .) "restart" }}
 checksum/tokenrelay-config: {{ include "tokenrelay.configChecksum" . }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -77,6 +77,11 @@ pub struct Refresher {
     /// The last refresh token seen in the store, for the store-less fallback refresh of
     /// credentials whose refresh tokens do not rotate.
     remembered_refresh_token: Option<crate::secret::Secret>,
+    /// Set when a reload changed the credential's token endpoint or client_id: what the
+    /// store holds at startup was issued for the previous ones and is never sent here.
+    set_aside_stored: bool,
+    /// Stored generations up to this one are set aside (see `set_aside_stored`).
+    foreign_up_to: Option<u64>,
 }
 
 impl Refresher {
@@ -118,7 +123,17 @@ impl Refresher {
             sent: Default::default(),
             not_before: None,
             remembered_refresh_token: None,
+            set_aside_stored: false,
+            foreign_up_to: None,
         })
+    }
+
+    /// The credential's token endpoint identity changed (a reload): the stored state
+    /// found at startup belongs to the old one. It is not used, and the credential waits
+    /// for a new `seed` or `authorize`.
+    pub fn set_aside_stored_state(mut self) -> Self {
+        self.set_aside_stored = true;
+        self
     }
 
     /// Checks the provider's refresh limits before a token request, and records the send
@@ -392,10 +407,14 @@ impl Refresher {
     }
 
     /// Loads the stored state; `None` when the store failed (recorded as degraded).
-    async fn load(&self) -> Option<Option<StoredState>> {
+    async fn load(&mut self) -> Option<Option<StoredState>> {
         let store = self.store.as_ref()?;
         match store.load(self.name()).await {
             Ok(s) => {
+                // The first state read after an identity change is the old identity's.
+                if self.set_aside_stored && self.foreign_up_to.is_none() {
+                    self.foreign_up_to = Some(s.as_ref().map_or(0, |s| s.generation));
+                }
                 self.metrics.store_op("load", true);
                 self.cred.set_store_error(None);
                 Some(s)
@@ -452,6 +471,13 @@ impl Refresher {
     /// Whether a stored state leaves nothing to do until the store changes again: handed
     /// over elsewhere, or marked as needing re-authorization.
     fn stays_idle(&self, s: &StoredState) -> bool {
+        if self.foreign_up_to.is_some_and(|g| s.generation <= g) {
+            self.enter_reauthorization(format!(
+                "token_url or client_id changed by a config reload; the stored refresh token was issued for the previous ones and is not sent to others: run `tokenrelay seed --credential {0}` or `tokenrelay authorize --credential {0}`",
+                self.name()
+            ));
+            return true;
+        }
         if self.stop_if_moved(s) {
             return true;
         }

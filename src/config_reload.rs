@@ -1,0 +1,119 @@
+//! What asks for a config reload: `SIGHUP`, `POST /reload` on the admin listener, and
+//! the `--watch-config` poller. Requests queue to the one task that applies them, so
+//! reloads never overlap.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::instance::record::{Applied, Trigger};
+
+/// One reload request; `reply` hears the outcome when someone waits for it.
+pub struct ReloadRequest {
+    pub trigger: Trigger,
+    reply: Option<oneshot::Sender<Result<Applied, String>>>,
+}
+
+impl ReloadRequest {
+    /// A request whose outcome the caller awaits on the returned receiver.
+    pub fn awaited(
+        trigger: Trigger,
+    ) -> (ReloadRequest, oneshot::Receiver<Result<Applied, String>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            ReloadRequest {
+                trigger,
+                reply: Some(tx),
+            },
+            rx,
+        )
+    }
+
+    pub fn answer(self, outcome: Result<Applied, String>) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// Starts the trigger tasks; they end with `stop`.
+pub struct Reloads {
+    tx: mpsc::Sender<ReloadRequest>,
+    stop: CancellationToken,
+}
+
+impl Reloads {
+    pub fn new(tx: mpsc::Sender<ReloadRequest>, stop: CancellationToken) -> Reloads {
+        Reloads { tx, stop }
+    }
+
+    /// Reloads on each `SIGHUP`. The handler is installed before this returns, so a
+    /// signal arriving from then on never gets the default action (termination).
+    pub fn on_sighup(&self) -> std::io::Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let (tx, stop) = (self.tx.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    s = hup.recv() => if s.is_none() { return },
+                    () = stop.cancelled() => return,
+                }
+                info!("SIGHUP received");
+                let request = ReloadRequest {
+                    trigger: Trigger::Signal,
+                    reply: None,
+                };
+                if tx.send(request).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Reads `path` every `every` and asks for a reload when its contents differ from
+    /// the last read. Reading through the path follows symlinks afresh each time, so a
+    /// Kubernetes ConfigMap update (a `..data` symlink swapped to a new directory) is
+    /// seen like an edit in place or an editor's rename-over. A file that cannot be
+    /// read for a moment (mid-swap) is tried again at the next tick.
+    pub fn watch(&self, path: PathBuf, every: Duration) {
+        let (tx, stop) = (self.tx.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            let mut last = tokio::fs::read(&path).await.ok();
+            let mut unreadable_logged = false;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = stop.cancelled() => return,
+                }
+                let now = match tokio::fs::read(&path).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        if !unreadable_logged {
+                            warn!(path = %path.display(), error = %e, "watched config file cannot be read; trying again");
+                            unreadable_logged = true;
+                        }
+                        continue;
+                    }
+                };
+                unreadable_logged = false;
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                last = Some(now);
+                info!(path = %path.display(), "config file changed");
+                let request = ReloadRequest {
+                    trigger: Trigger::Watch,
+                    reply: None,
+                };
+                if tx.send(request).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,45 @@
+//! What an upstream listener serves right now. A reload swaps it: connections accepted
+//! afterwards get the new upstream settings, and connections of the old ones end after
+//! their request in flight.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Upstream;
+
+/// One generation of a listener's settings.
+pub struct Current {
+    pub upstream: Arc<Upstream>,
+    /// The connection cap, shared by every worker accepting on the socket.
+    pub permits: Arc<Semaphore>,
+    /// Cancelled when this generation is replaced or the listener stops: its
+    /// connections finish the request in flight and close.
+    pub retire: CancellationToken,
+}
+
+/// The swappable settings of one listening socket.
+pub struct Slot {
+    current: ArcSwap<Current>,
+}
+
+impl Slot {
+    pub fn new(serving: Current) -> Slot {
+        Slot {
+            current: ArcSwap::from_pointee(serving),
+        }
+    }
+
+    /// The generation new connections get.
+    pub fn current(&self) -> Arc<Current> {
+        self.current.load_full()
+    }
+
+    /// Installs `next` for new connections and retires the generation it replaces.
+    pub fn replace(&self, next: Current) {
+        let old = self.current.swap(Arc::new(next));
+        old.retire.cancel();
+    }
+}

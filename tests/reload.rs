@@ -1,0 +1,518 @@
+//! Live config reload: SIGHUP, `tokenrelay reload` and `--watch-config` (through a
+//! Kubernetes-style ConfigMap symlink swap) on a real tokenrelay process, under load.
+//! Upstreams are added, changed and removed without a failed request on the untouched
+//! ones; an invalid file or a busy port changes nothing; unchanged credentials make no
+//! token request; a changed credential keeps its stored refresh token unless its token
+//! endpoint identity changed.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::{demo_servers, ChildProc, Load};
+use tokenrelay::demo::{ApiServer, AuthServerOptions};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+fn sighup(p: &ChildProc) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(p.child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+}
+
+/// `/status` of the process whose admin listener is on `admin_port`.
+async fn status(admin_port: u16) -> serde_json::Value {
+    support::status_json(&format!("http://127.0.0.1:{admin_port}")).await
+}
+
+/// Waits until the config generation reaches `generation`; returns the last reload.
+async fn reloaded(admin_port: u16, generation: u64) -> serde_json::Value {
+    let ok = support::eventually(WITHIN, || async move {
+        status(admin_port).await["config"]["generation"] == generation
+    })
+    .await;
+    let s = status(admin_port).await;
+    assert!(
+        ok,
+        "config generation {generation} within {WITHIN:?}: {s:#}"
+    );
+    s["config"]["last_reload"].clone()
+}
+
+/// Waits until a failed reload is recorded.
+async fn failed_reload(admin_port: u16) -> serde_json::Value {
+    let ok = support::eventually(WITHIN, || async move {
+        status(admin_port).await["config"]["last_reload"]["result"] == "failure"
+    })
+    .await;
+    let s = status(admin_port).await;
+    assert!(ok, "a failed reload within {WITHIN:?}: {s:#}");
+    s["config"]["last_reload"].clone()
+}
+
+async fn get(url: &str) -> reqwest::Result<reqwest::Response> {
+    support::client().get(url).send().await
+}
+
+fn credential_yaml(token_url: &str) -> String {
+    format!(
+        r#"  api:
+    grant: client_credentials
+    token_url: "{token_url}"
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+"#
+    )
+}
+
+fn upstream_yaml(name: &str, port: u16, url: &str, extra: &str) -> String {
+    format!(
+        "  {name}: {{ listen: \"127.0.0.1:{port}\", url: \"{url}\", credential: api, allow_insecure_http: true{extra} }}\n"
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    // Write-then-rename, as editors and config management do: never a half file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_request_or_token_request(
+) {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let plain = ApiServer::start(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenrelay.yaml");
+    let ports = support::free_ports(4);
+    let (admin, pa, pb, pc) = (ports[0], ports[1], ports[2], ports[3]);
+    let head = format!(
+        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}upstreams:\n",
+        credential_yaml(&demo.auth.token_url())
+    );
+    let api = demo.api.url();
+    let v1 = format!(
+        "{head}{}{}",
+        upstream_yaml("a", pa, &api, ""),
+        upstream_yaml("b", pb, &api, "")
+    );
+    write(&config, &v1);
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log"), &[]);
+    assert!(
+        support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await,
+        "ready: {}",
+        support::log_tail(&proc.log, 30)
+    );
+    let load = Load::start(
+        vec![format!("http://127.0.0.1:{pa}/v1/echo")],
+        4,
+        Duration::from_millis(2),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // v2 (SIGHUP): add c (another API, another header format, same credential) and change
+    // b's base path.
+    let v2 = format!(
+        "{head}{}{}{}",
+        upstream_yaml("a", pa, &api, ""),
+        upstream_yaml("b", pb, &format!("{api}/v1"), ""),
+        upstream_yaml(
+            "c",
+            pc,
+            &plain.url(),
+            ", header: X-Api-Key, format: \"Token {token}\""
+        )
+    );
+    write(&config, &v2);
+    sighup(&proc);
+    let r = reloaded(admin, 2).await;
+    assert_eq!(r["trigger"], "signal", "{r:#}");
+    assert_eq!(r["changes"]["upstreams_added"], serde_json::json!(["c"]));
+    assert_eq!(r["changes"]["upstreams_changed"], serde_json::json!(["b"]));
+    assert_eq!(r["changes"]["credentials_changed"], serde_json::json!([]));
+    // b now prefixes /v1: a request for /echo reaches the API's /v1/echo.
+    let resp = get(&format!("http://127.0.0.1:{pb}/echo")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(demo.api.last_request().unwrap().uri, "/v1/echo");
+    // c carries the unchanged credential's current token in its own format.
+    let resp = get(&format!("http://127.0.0.1:{pc}/echo")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let headers = plain.last_request_headers();
+    let key = headers
+        .iter()
+        .find(|(n, _)| n == "x-api-key")
+        .map(|(_, v)| v.clone())
+        .expect("c sends X-Api-Key");
+    let token = key.strip_prefix("Token ").expect("the Token format");
+    assert!(demo.auth.is_valid_access_token(token));
+
+    // v3 (`tokenrelay reload`): remove b.
+    let v3 = format!(
+        "{head}{}{}",
+        upstream_yaml("a", pa, &api, ""),
+        upstream_yaml(
+            "c",
+            pc,
+            &plain.url(),
+            ", header: X-Api-Key, format: \"Token {token}\""
+        )
+    );
+    write(&config, &v3);
+    let out = support::cli(&["reload", "--config", config.to_str().unwrap()]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("config generation 3"), "{stdout}");
+    assert!(stdout.contains("upstreams removed: b"), "{stdout}");
+    assert!(
+        support::eventually(WITHIN, || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", pb))
+                .await
+                .is_err()
+        })
+        .await,
+        "b's port closes"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let report = load.stop().await;
+    assert!(report.ok > 50, "{report:?}");
+    assert_eq!(
+        (
+            report.server_errors,
+            report.transport_errors,
+            report.unauthorized,
+            report.other
+        ),
+        (0, 0, 0, 0),
+        "a stayed untouched: {report:?}"
+    );
+    // The credential never changed: its one token served every reload.
+    assert_eq!(demo.auth.stats().client_credentials, 1);
+    let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "tokenrelay_config_reloads_total",
+            &[("result", "success")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "{}",
+        support::log_tail(&proc.log, 30)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_or_a_busy_port_changes_nothing_and_says_why() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenrelay.yaml");
+    let ports = support::free_ports(3);
+    let (admin, pa, pc) = (ports[0], ports[1], ports[2]);
+    let head = format!(
+        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}upstreams:\n",
+        credential_yaml(&demo.auth.token_url())
+    );
+    let api = demo.api.url();
+    let v1 = format!("{head}{}", upstream_yaml("a", pa, &api, ""));
+    write(&config, &v1);
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log"), &[]);
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+
+    // Invalid: a new upstream names a credential that does not exist.
+    let bad = format!(
+        "{}  c: {{ listen: \"127.0.0.1:{pc}\", url: \"{api}\", credential: nope, allow_insecure_http: true }}\n",
+        v1
+    );
+    write(&config, &bad);
+    sighup(&proc);
+    let r = failed_reload(admin).await;
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("upstreams.c.credential"), "{error}");
+    let s = status(admin).await;
+    assert_eq!(s["config"]["generation"], 1);
+    assert!(s["upstreams"].get("c").is_none(), "{s:#}");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", pc))
+        .await
+        .is_err());
+    // `tokenrelay reload` checks the file first and refuses it with the same words.
+    let out = support::cli(&["reload", "--config", config.to_str().unwrap()]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("upstreams.c.credential"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Valid but not applicable: c is fine, d's port is taken. Neither is applied.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let pd = busy.local_addr().unwrap().port();
+    let v2 = format!(
+        "{v1}{}{}",
+        upstream_yaml("c", pc, &api, ""),
+        upstream_yaml("d", pd, &api, "")
+    );
+    write(&config, &v2);
+    let out = support::cli(&["reload", "--config", config.to_str().unwrap()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("upstreams.d.listen"), "{stderr}");
+    assert!(stderr.contains("running config is kept"), "{stderr}");
+    let s = status(admin).await;
+    assert_eq!(s["config"]["generation"], 1, "{s:#}");
+    assert!(s["upstreams"].get("c").is_none(), "{s:#}");
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", pc))
+        .await
+        .is_err());
+    let resp = get(&format!("http://127.0.0.1:{pa}/v1/echo"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "tokenrelay_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        2.0
+    );
+
+    // A restart-only setting is reported and kept; the rest applies.
+    drop(busy);
+    let moved_admin = support::free_port();
+    let v3 = v2.replace(
+        &format!("127.0.0.1:{admin}"),
+        &format!("127.0.0.1:{moved_admin}"),
+    );
+    write(&config, &v3);
+    sighup(&proc);
+    let r = reloaded(admin, 2).await;
+    assert_eq!(r["restart_needed"], serde_json::json!(["admin"]), "{r:#}");
+    assert_eq!(
+        r["changes"]["upstreams_added"],
+        serde_json::json!(["c", "d"])
+    );
+    assert_eq!(demo.auth.stats().client_credentials, 1);
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "{}",
+        support::log_tail(&proc.log, 30)
+    );
+}
+
+/// Lays out `dir` as the kubelet does for a mounted ConfigMap: the file is a symlink to
+/// `..data/<file>`, and `..data` a symlink to a timestamped directory. An update writes
+/// a new directory and swaps `..data` atomically.
+struct ConfigMapDir {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl ConfigMapDir {
+    fn new(dir: &Path, text: &str) -> ConfigMapDir {
+        let mut m = ConfigMapDir {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        m.update(text);
+        std::os::unix::fs::symlink("..data/tokenrelay.yaml", dir.join("tokenrelay.yaml")).unwrap();
+        m
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("tokenrelay.yaml")
+    }
+
+    fn update(&mut self, text: &str) {
+        let old = format!("..2026_12_02_{:02}", self.version);
+        self.version += 1;
+        let new = format!("..2026_12_02_{:02}", self.version);
+        std::fs::create_dir(self.dir.join(&new)).unwrap();
+        std::fs::write(self.dir.join(&new).join("tokenrelay.yaml"), text).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&new, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        let _ = std::fs::remove_dir_all(self.dir.join(old));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_follows_a_configmap_symlink_swap() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = support::free_ports(3);
+    let (admin, pa, pb) = (ports[0], ports[1], ports[2]);
+    let head = format!(
+        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}upstreams:\n",
+        credential_yaml(&demo.auth.token_url())
+    );
+    let api = demo.api.url();
+    let mut map = ConfigMapDir::new(
+        dir.path(),
+        &format!("{head}{}", upstream_yaml("a", pa, &api, "")),
+    );
+    let log = dir.path().join("log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(support::binary())
+        .args(["run", "--watch-config", "--config"])
+        .arg(map.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut proc = ChildProc { child, log };
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+
+    map.update(&format!(
+        "{head}{}{}",
+        upstream_yaml("a", pa, &api, ""),
+        upstream_yaml("b", pb, &api, "")
+    ));
+    let r = reloaded(admin, 2).await;
+    assert_eq!(r["trigger"], "watch", "{r:#}");
+    assert_eq!(r["changes"]["upstreams_added"], serde_json::json!(["b"]));
+    let resp = get(&format!("http://127.0.0.1:{pb}/v1/echo"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A second swap (the old target directory is gone by now) is seen too.
+    map.update(&format!("{head}{}", upstream_yaml("b", pb, &api, "")));
+    let r = reloaded(admin, 3).await;
+    assert_eq!(r["changes"]["upstreams_removed"], serde_json::json!(["a"]));
+    assert_eq!(demo.auth.stats().client_credentials, 1);
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "{}",
+        support::log_tail(&proc.log, 30)
+    );
+}
+
+fn rotating_yaml(
+    admin: u16,
+    port: u16,
+    state: &Path,
+    token_url: &str,
+    api: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"admin: {{ listen: "127.0.0.1:{admin}" }}
+store: {{ type: file, path: "{state}" }}
+credentials:
+  crm:
+    grant: refresh_token
+    token_url: "{token_url}"
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+{extra}upstreams:
+  crm: {{ listen: "127.0.0.1:{port}", url: "{api}", credential: crm, allow_insecure_http: true }}
+"#,
+        state = state.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity_changed() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("tokenrelay.yaml");
+    let ports = support::free_ports(2);
+    let (admin, port) = (ports[0], ports[1]);
+    let (token_url, api) = (demo.auth.token_url(), format!("{}/v1", demo.api.url()));
+    let v1 = rotating_yaml(admin, port, &state, &token_url, &api, "");
+    write(&config, &v1);
+    support::seed_refresh_token(&v1, "crm", &demo.auth.new_grant()).await;
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log"), &[]);
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+    let url = format!("http://127.0.0.1:{port}/echo");
+    assert_eq!(get(&url).await.unwrap().status(), 200);
+    let before = demo.auth.stats();
+    assert_eq!(before.refreshes, 1, "{before:?}");
+
+    // Same token endpoint and client, other settings: the new refresher adopts the
+    // stored token (no token request) and the refresh token stays in use.
+    write(
+        &config,
+        &rotating_yaml(
+            admin,
+            port,
+            &state,
+            &token_url,
+            &api,
+            "    scopes: [leads]\n",
+        ),
+    );
+    sighup(&proc);
+    let r = reloaded(admin, 2).await;
+    assert_eq!(
+        r["changes"]["credentials_changed"],
+        serde_json::json!(["crm"])
+    );
+    assert_eq!(
+        r["changes"]["upstreams_changed"],
+        serde_json::json!(["crm"])
+    );
+    assert!(
+        support::eventually(WITHIN, || async {
+            status(admin).await["credentials"]["crm"]["state"] == "ready"
+        })
+        .await
+    );
+    assert_eq!(get(&url).await.unwrap().status(), 200);
+    let after = demo.auth.stats();
+    assert_eq!(after.refreshes, before.refreshes, "{after:?}");
+    assert_eq!(after.refresh_reuse_detected, 0);
+
+    // Another client_id: the stored refresh token belongs to demo-client and is never
+    // sent on behalf of another.
+    let token_requests = demo.auth.stats().token_requests;
+    write(
+        &config,
+        &rotating_yaml(admin, port, &state, &token_url, &api, "")
+            .replace("client_id: demo-client", "client_id: other-client"),
+    );
+    sighup(&proc);
+    reloaded(admin, 3).await;
+    assert!(
+        support::eventually(WITHIN, || async {
+            status(admin).await["credentials"]["crm"]["state"] == "reauthorization_required"
+        })
+        .await,
+        "{:#}",
+        status(admin).await
+    );
+    let s = status(admin).await;
+    let body = s.to_string();
+    assert!(body.contains("client_id changed"), "{body}");
+    // Requests are refused rather than sent with a token of the old client.
+    assert_ne!(get(&url).await.unwrap().status(), 200);
+    assert_eq!(
+        demo.auth.stats().token_requests,
+        token_requests,
+        "no token request without a new grant for the new client"
+    );
+    assert_eq!(demo.auth.stats().refreshes, before.refreshes);
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "{}",
+        support::log_tail(&proc.log, 30)
+    );
+}
