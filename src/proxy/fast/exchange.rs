@@ -7,10 +7,11 @@ use std::time::Instant;
 use bytes::Buf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::buffers::reserve;
 use super::framing::Framing;
 use super::head::{self, Redirects, RequestPlan, ResponseHead};
 use super::pool::UpstreamConn;
-use super::{reserve, Conn, COALESCE_LIMIT, HELD_401_LIMIT, MAX_RESPONSE_HEAD};
+use super::{Conn, COALESCE_LIMIT, HELD_401_LIMIT, MAX_RESPONSE_HEAD};
 use crate::credential::ActiveToken;
 use crate::metrics::UpstreamErrorKind;
 use crate::proxy::note_acceptance;

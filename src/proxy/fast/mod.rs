@@ -13,6 +13,7 @@
 //! the rest of its life, which forwards or refuses it. Both apply the rules of
 //! [`crate::proxy::policy`]; this engine keeps only framing and I/O.
 
+mod buffers;
 mod deadline;
 mod exchange;
 pub mod framing;
@@ -111,7 +112,8 @@ pub async fn serve(
         fast,
         client,
         local,
-        inbuf: BytesMut::with_capacity(8 * 1024),
+        // Taken from the worker's pool when the first bytes arrive.
+        inbuf: BytesMut::new(),
         out: Vec::with_capacity(1024),
         head: Vec::with_capacity(1024),
         opened: now,
@@ -127,9 +129,9 @@ pub async fn serve(
             Next::Refuse(e, plan) => {
                 conn.refuse(e, &plan, Instant::now()).await;
                 conn.linger().await;
-                return End::Closed;
+                break;
             }
-            Next::Closed => return End::Closed,
+            Next::Closed => break,
             Next::Handoff => {
                 return End::Handoff {
                     read: conn.inbuf.freeze(),
@@ -141,9 +143,11 @@ pub async fn serve(
         let keep_open = conn.exchange(&plan).await;
         conn.inbuf.advance(plan.head_len + plan.body_len);
         if !keep_open || plan.close || shutdown.is_cancelled() {
-            return End::Closed;
+            break;
         }
     }
+    buffers::give(conn.inbuf);
+    End::Closed
 }
 
 enum Next {
@@ -215,7 +219,17 @@ impl Conn<'_> {
                 Some(t) => self.dl.set(t + limits.header_read_timeout.0),
                 None => self.dl.after(limits.idle_timeout.0),
             }
-            reserve(&mut self.inbuf);
+            if idle {
+                match self.wait_without_buffer(cancelled.as_mut()).await {
+                    Some(true) => {
+                        head_started.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                    Some(false) => {}
+                    None => return Next::Closed,
+                }
+            }
+            buffers::reserve(&mut self.inbuf);
             let read = {
                 let read = pin!(self.client.read_buf(&mut self.inbuf));
                 let dl = &mut self.dl;
@@ -259,6 +273,38 @@ impl Conn<'_> {
 }
 
 impl Conn<'_> {
+    /// Waits for the app's next bytes without holding a read buffer: an idle
+    /// connection's buffer goes back to the pool. Tries one read first, since the next
+    /// request is often there already. `Some(true)`: bytes were read; `Some(false)`: the
+    /// socket is readable and `inbuf` is ready to read into; `None`: the connection ends
+    /// (closed, timed out, or shutdown began).
+    async fn wait_without_buffer(
+        &mut self,
+        cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> Option<bool> {
+        if self.inbuf.capacity() > 0 {
+            buffers::reserve(&mut self.inbuf);
+            match self.client.try_read_buf(&mut self.inbuf) {
+                Ok(0) => return None,
+                Ok(_) => return Some(true),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+            buffers::give(std::mem::take(&mut self.inbuf));
+        }
+        let ready = {
+            let ready = pin!(self.client.readable());
+            read_unless(ready, &mut self.dl, Some(cancelled)).await
+        };
+        match ready {
+            Some(Ok(())) => {
+                self.inbuf = buffers::take();
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
     /// After refusing a request whose body was still arriving: closes our side first
     /// and reads (and drops) what the app still sends for a moment, so the app reads the
     /// answer instead of a reset (closing with unread bytes sends RST).
@@ -267,19 +313,12 @@ impl Conn<'_> {
         self.dl.set(Instant::now() + LINGER);
         loop {
             self.inbuf.clear();
-            reserve(&mut self.inbuf);
+            buffers::reserve(&mut self.inbuf);
             match self.dl.within(self.client.read_buf(&mut self.inbuf)).await {
                 Some(Ok(n)) if n > 0 => {}
                 _ => return,
             }
         }
-    }
-}
-
-/// Makes room to read into.
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
     }
 }
 
