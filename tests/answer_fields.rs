@@ -9,7 +9,8 @@
 //! against the resolved base; the field is stored with the token and used after a restart
 //! and by a second instance adopting a rotation, with no token request of their own; a
 //! missing field gives 503 and an unusable one 502, each naming the field, until an answer
-//! brings a good one (client_credentials, kept in memory); config validation and `check`.
+//! brings a good one (client_credentials, kept in memory); `authorize --code` storing the
+//! code answer's fields (shown by `status`); config validation and `check`.
 
 mod support;
 
@@ -55,7 +56,7 @@ struct Fixture {
     /// Two instances of the same API (the same tokens are valid on both).
     one: ApiServer,
     two: ApiServer,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     yaml: String,
 }
 
@@ -77,7 +78,7 @@ async fn fixture() -> Fixture {
         auth,
         one,
         two,
-        _dir: dir,
+        dir,
         yaml,
     }
 }
@@ -430,4 +431,52 @@ fn check_prints_the_template_and_where_it_comes_from() {
         stdout.contains("upstreams.u.url: the field api_domain of credential c's token answers, followed by /crm/v8"),
         "{stdout}"
     );
+}
+
+/// `authorize --code` stores the code exchange's fields with the tokens (Salesforce's
+/// first instance_url comes from it); `status` shows them, and a start adopts the
+/// stored token and its instance without a token request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_stores_the_code_answers_fields() {
+    let f = fixture().await;
+    let redirect = "https://example.com/oauth/callback";
+    let yaml = f.yaml.replace(
+        "    token_timeout: 2s\n",
+        &format!("    token_timeout: 2s\n    redirect_uri: {redirect}\n"),
+    );
+    let config = f.dir.path().join("tokenrelay.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let cfg = config.to_str().unwrap();
+    f.auth
+        .set_answer_fields(fields(&[("instance_url", &f.one.url())]));
+    let code = f.auth.new_authorization_code(redirect);
+    let out = support::cli(&[
+        "authorize",
+        "--config",
+        cfg,
+        "--credential",
+        "sf",
+        "--code",
+        &code,
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = support::cli(&["status", "--config", cfg]).await;
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains(&format!("answer field:     instance_url = {}", f.one.url())),
+        "{text}"
+    );
+
+    let requests = f.auth.stats().token_requests;
+    let running = support::start(&yaml).await;
+    let (code, body) = get(&running.url("sf"), "/echo?authorized=1").await;
+    assert_eq!(code, 200, "{body}");
+    assert_reached(&f.one, "/v1/echo?authorized=1");
+    assert_eq!(f.auth.stats().token_requests, requests);
+    running.stop().await;
 }
