@@ -101,11 +101,18 @@ pub fn render(status: &Value) -> String {
                 })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "none yet".into());
+            // A url template shows where the current token sends requests, or why nowhere.
+            let resolved = &status["credentials"][text(&u["credential"])]["upstream_urls"][name];
+            let forwards = match (&resolved["url"], &resolved["error"]) {
+                (Value::String(url), _) => format!("{} → {url}", text(&u["url"])),
+                (_, Value::String(e)) => format!("{} ({e})", text(&u["url"])),
+                _ => text(&u["url"]),
+            };
             ups.push_str(&format!(
                 "<tr><td>{}</td><td>http://{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 esc(name),
                 esc(&text(&u["listen"])),
-                esc(&text(&u["url"])),
+                esc(&forwards),
                 esc(&text(&u["credential"])),
                 esc(&text(&u["requests_total"])),
                 esc(&counts),
@@ -165,5 +172,15 @@ mod tests {
         assert!(html.contains("2m 5s"));
         assert!(html.contains("200: 2"));
         assert!(!html.contains("<script>"));
+    }
+
+    #[test]
+    fn shows_where_a_url_template_goes() {
+        let status = serde_json::json!({
+            "credentials": {"sf": {"state": "ready", "upstream_urls": {
+                "sf": {"template": "{token.instance_url}/x", "url": "https://na1.example.com/x", "error": null}}}},
+            "upstreams": {"sf": {"listen": "127.0.0.1:1", "url": "{token.instance_url}/x", "credential": "sf"}}
+        });
+        assert!(render(&status).contains("{token.instance_url}/x → https://na1.example.com/x"));
     }
 }

@@ -19,6 +19,8 @@
 //!   `/status` says degraded, nothing stored is lost, and rotations resume by themselves;
 //! - a three-member etcd cluster losing its leader (SIGKILL) under load: the replicas
 //!   move on to the surviving members and stay healthy.
+//! - kept token-answer fields (`instance_url`) written and read back whole by each
+//!   backend.
 //!
 //! Each test prints its measurements (`--nocapture`); REPLICAS_SHOW_LOGS=1 adds the
 //! replicas' logs. `scripts/test.sh` installs `redis-server` and `etcd` (listed in
@@ -789,6 +791,53 @@ async fn three_replicas_share_an_etcd_store_under_load() {
     }
     let etcd = EtcdCluster::start(1).await;
     three_replicas_under_load("etcd", &etcd_store_yaml(&etcd.endpoints())).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 1a. Kept token-answer fields go through each backend with the token.
+// ---------------------------------------------------------------------------------------
+
+/// A state carrying `instance_url` (what a Salesforce answer leaves) is written and read
+/// back whole through the backend, so a replica adopting it routes the same way.
+async fn answer_fields_round_trip(store_yaml: &str) {
+    let yaml = format!(
+        "store:\n{store_yaml}credentials:\n  crm: {{ grant: refresh_token, token_url: https://login.example.com/token, client_id: i, client_secret: s }}\nupstreams:\n  crm: {{ listen: 127.0.0.1:0, url: \"{{token.instance_url}}/v1\", credential: crm }}\n"
+    );
+    let cfg = tokenrelay::config::Config::from_yaml(&yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    let state = tokenrelay::store::StoredState {
+        generation: 1,
+        refresh_token: Some(tokenrelay::secret::Secret::new("rt")),
+        updated_by: "test".into(),
+        answer_fields: [(
+            "instance_url".to_string(),
+            "https://na1.example.com".to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let outcome = store.compare_and_swap("crm", 0, &state).await.unwrap();
+    assert_eq!(outcome, tokenrelay::store::CasOutcome::Swapped);
+    assert_eq!(store.load("crm").await.unwrap(), Some(state));
+}
+
+#[tokio::test]
+async fn answer_fields_round_trip_through_redis() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    answer_fields_round_trip(&redis_store_yaml(&redis.url())).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn answer_fields_round_trip_through_etcd() {
+    if !have_tool("etcd") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1).await;
+    answer_fields_round_trip(&etcd_store_yaml(&etcd.endpoints())).await;
 }
 
 // ---------------------------------------------------------------------------------------

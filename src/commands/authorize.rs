@@ -74,6 +74,7 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
         answer.refresh_token,
         access,
         answer.refresh_expires_in,
+        answer.fields,
     )
     .await?;
     println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");

@@ -67,6 +67,7 @@ upstreams:
         Some(crate::secret::Secret::new(auth.new_grant())),
         None,
         None,
+        Default::default(),
     )
     .await?;
     let stop = crate::shutdown::signal();

@@ -167,6 +167,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(c) => {
                 print!("{}", c.to_redacted_yaml());
                 print!("{}", providers::origins_comment(&c));
+                print!("{}", url_templates_comment(&c));
                 for w in c.warnings() {
                     eprintln!("warning: {w}");
                 }
@@ -302,6 +303,28 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// For `check`: where each templated upstream url comes from.
+fn url_templates_comment(c: &Config) -> String {
+    let mut out = String::new();
+    for u in c.upstreams.values() {
+        if let Some(t) = u.url.template() {
+            if out.is_empty() {
+                out.push_str("# upstream urls taken from token answers (resolved for each new token; requests get 503 until an answer carries the field):\n");
+            }
+            let path = if t.path.is_empty() {
+                String::new()
+            } else {
+                format!(", followed by {}", t.path)
+            };
+            out.push_str(&format!(
+                "#   upstreams.{}.url: the field {} of credential {}'s token answers{path}\n",
+                u.name, t.field, u.credential
+            ));
+        }
+    }
+    out
 }
 
 fn config_error(path: &std::path::Path, e: &crate::config::ConfigError) -> ExitCode {

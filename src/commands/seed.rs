@@ -42,10 +42,28 @@ pub async fn run(cfg: Config, credential: &str, what: Seed<'_>) -> anyhow::Resul
     };
     let token = read_token(file, kind)?;
     let generation = match what {
-        Seed::RefreshToken(_) => store_new_grant(&cfg, credential, Some(token), None, None).await?,
+        Seed::RefreshToken(_) => {
+            store_new_grant(
+                &cfg,
+                credential,
+                Some(token),
+                None,
+                None,
+                Default::default(),
+            )
+            .await?
+        }
         Seed::AccessToken(_, lifetime) => {
             let expires = lifetime.map(|l| now_ms() + l.as_millis() as u64);
-            store_new_grant(&cfg, credential, None, Some((token, expires)), None).await?
+            store_new_grant(
+                &cfg,
+                credential,
+                None,
+                Some((token, expires)),
+                None,
+                Default::default(),
+            )
+            .await?
         }
     };
     println!("stored {kind} for credential {credential:?} (generation {generation}); running instances pick it up within seconds");
@@ -75,13 +93,16 @@ fn read_token(file: &Path, kind: &str) -> anyhow::Result<Secret> {
 
 /// Writes a fresh grant (a refresh token, an access token with its expiry if known, or
 /// both) as the next generation; used by `seed` and `authorize`. Returns the new
-/// generation.
+/// generation. `answer_fields` are the kept fields of the answer that brought it (none
+/// for a seeded token: a new grant starts without the previous one's fields, and learns
+/// them from its first token answer).
 pub async fn store_new_grant(
     cfg: &Config,
     credential: &str,
     refresh_token: Option<Secret>,
     access: Option<(Secret, Option<u64>)>,
     refresh_expires_in: Option<std::time::Duration>,
+    answer_fields: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<u64> {
     let store = crate::store::open(&cfg.store).context("opening the store")?;
     let rules = cfg
@@ -113,6 +134,7 @@ pub async fn store_new_grant(
             updated_at_ms: now,
             updated_by: format!("{} (seed)", cfg.runtime.instance_id),
             reauthorization_required: None,
+            answer_fields: answer_fields.clone(),
         };
         match store.compare_and_swap(credential, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),

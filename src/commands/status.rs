@@ -50,6 +50,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 println!("  refresh token:    {}", if s.refresh_token.is_some() { "stored" } else { "none" });
                 println!("  obtained:         {}", when(s.obtained_at_ms));
                 println!("  updated:          {} by {}", when(s.updated_at_ms), s.updated_by);
+                for (field, value) in &s.answer_fields {
+                    println!("  answer field:     {field} = {value}");
+                }
             }
         }
     }

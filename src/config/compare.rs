@@ -22,9 +22,12 @@ fn json(v: &impl Serialize) -> serde_json::Value {
 
 impl CredentialConfig {
     /// Whether two configs describe the same credential, secret values included (they
-    /// serialize redacted, so they are compared on their own).
+    /// serialize redacted, so they are compared on their own), and the url templates of
+    /// the upstreams using it (which the credential resolves per token).
     pub fn same_as(&self, other: &CredentialConfig) -> bool {
-        json(self) == json(other) && self.secret_values() == other.secret_values()
+        json(self) == json(other)
+            && self.secret_values() == other.secret_values()
+            && self.url_templates == other.url_templates
     }
 
     /// Every secret value the config holds.

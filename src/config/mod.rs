@@ -10,6 +10,7 @@ pub mod provider_rules;
 mod raw;
 mod secrets;
 pub mod units;
+pub mod url_template;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};
 pub use secrets::{read_secret, read_static_token};
 use units::{ByteSize, HumanDuration};
+pub use url_template::{TemplatedUpstream, UpstreamUrl, UrlTemplate};
 use validate::validate;
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -248,6 +250,14 @@ pub struct CredentialConfig {
     pub refresh_token: RefreshTokenRules,
     /// Answers besides `invalid_grant` that mean the grant is dead.
     pub dead_grant_answers: Vec<DeadGrantAnswer>,
+    /// Extra string fields of token answers kept with the token (stored with it, shown
+    /// by `/status`): the configured `answer_fields` (or the preset's) plus every field
+    /// an upstream's url template names. Secret-looking names are never kept.
+    pub answer_fields: Vec<String>,
+    /// Upstreams using this credential whose url comes from a token-answer field; each
+    /// is resolved when a token is published (filled in by validation).
+    #[serde(skip)]
+    pub url_templates: Vec<TemplatedUpstream>,
 }
 
 /// Inbound connection limits of one listener.
@@ -264,7 +274,8 @@ pub struct Limits {
 pub struct UpstreamConfig {
     pub name: String,
     pub listen: SocketAddr,
-    pub url: Url,
+    /// A fixed URL, or `{token.FIELD}` plus an optional path (taken from the token answer).
+    pub url: UpstreamUrl,
     pub credential: String,
     pub header: String,
     pub format: String,

@@ -16,6 +16,7 @@ pub mod schedule;
 mod status;
 mod token;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -183,6 +184,15 @@ impl Credential {
         Ok(formats.len() - 1)
     }
 
+    /// Index of `upstream`'s url template among this credential's (see
+    /// [`ActiveToken::target`]); `None` for an upstream with a fixed url.
+    pub fn template_slot(&self, upstream: &str) -> Option<usize> {
+        self.config
+            .url_templates
+            .iter()
+            .position(|t| t.upstream == upstream)
+    }
+
     /// The current token if it is still usable: one atomic load, no locks.
     pub fn usable(&self, now: Instant) -> Option<Arc<ActiveToken>> {
         let guard = self.cell.load();
@@ -206,12 +216,51 @@ impl Credential {
         generation: u64,
         expires_at_wall: Option<SystemTime>,
     ) -> Result<(), InvalidToken> {
+        self.publish_with_fields(access_token, generation, expires_at_wall, BTreeMap::new())
+    }
+
+    /// [`Credential::publish`] with the token answers' kept fields (`answer_fields`),
+    /// from which the url of each templated upstream is resolved here, once per token.
+    pub(crate) fn publish_with_fields(
+        &self,
+        access_token: &Secret,
+        generation: u64,
+        expires_at_wall: Option<SystemTime>,
+        fields: BTreeMap<String, String>,
+    ) -> Result<(), InvalidToken> {
         let formats = self.formats.lock().unwrap();
-        let token = ActiveToken::new(access_token, &formats, generation, expires_at_wall)?;
+        let token = ActiveToken::new(access_token, &formats, generation, expires_at_wall)?
+            .with_fields(fields, &self.config.url_templates);
+        self.log_target_changes(self.current().as_deref(), &token);
         self.cell.store(Some(Arc::new(token)));
         drop(formats);
         self.update_gauges();
         Ok(())
+    }
+
+    /// The fields kept with the current token (for a refresh answer to update: a field
+    /// it omits keeps its value).
+    pub(crate) fn current_fields(&self) -> BTreeMap<String, String> {
+        self.current().map(|t| t.fields.clone()).unwrap_or_default()
+    }
+
+    /// Logs where each templated upstream goes with `next`, when that changes.
+    fn log_target_changes(&self, previous: Option<&ActiveToken>, next: &ActiveToken) {
+        for (slot, t) in self.config.url_templates.iter().enumerate() {
+            let before = previous.map(|p| p.target(slot).map(|t| t.upstream_prefix.clone()));
+            let after = next.target(slot).map(|t| t.upstream_prefix.clone());
+            if before.as_ref() == Some(&after) {
+                continue;
+            }
+            match after {
+                Ok(url) => {
+                    tracing::info!(credential = %self.name, upstream = %t.upstream, %url, "upstream url resolved from the token answer")
+                }
+                Err(e) => {
+                    tracing::warn!(credential = %self.name, upstream = %t.upstream, error = %e.message, "upstream url cannot be resolved; its requests are refused until a token answer provides it")
+                }
+            }
+        }
     }
 
     /// Removes the token (after the grant was rejected).

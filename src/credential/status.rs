@@ -72,7 +72,36 @@ impl Credential {
                 "action": format!("obtain a new token and run: tokenrelay authorize --config FILE --credential {0} (or tokenrelay seed --config FILE --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),
             })),
             "detail": if state == State::Unavailable || state == State::Initializing { f.unavailable_reason.clone() } else { None },
+            // Kept token-answer fields (instance addresses, never secrets) and where each
+            // upstream with a url template goes with the current token.
+            "answer_fields": token.as_ref().filter(|_| !self.config.answer_fields.is_empty()).map(|t| &t.fields),
+            "upstream_urls": self.upstream_urls(token.as_deref()),
         })
+    }
+
+    /// Per upstream with a url template: the template, the url resolved for `token`,
+    /// or why there is none.
+    fn upstream_urls(&self, token: Option<&super::ActiveToken>) -> Option<serde_json::Value> {
+        let templates = &self.config.url_templates;
+        if templates.is_empty() {
+            return None;
+        }
+        let urls: serde_json::Map<String, serde_json::Value> = templates
+            .iter()
+            .enumerate()
+            .map(|(slot, t)| {
+                let (url, error) = match token.map(|tok| tok.target(slot)) {
+                    Some(Ok(target)) => (Some(target.upstream_prefix.clone()), None),
+                    Some(Err(e)) => (None, Some(e.message)),
+                    None => (None, Some("no token yet".to_string())),
+                };
+                (
+                    t.upstream.clone(),
+                    serde_json::json!({ "template": t.template.source, "url": url, "error": error }),
+                )
+            })
+            .collect();
+        Some(serde_json::Value::Object(urls))
     }
 
     /// Sets the state-derived gauges (also called before each scrape, since expiry

@@ -1,11 +1,15 @@
 //! The access token in the cell: its header values, built once per refresh, and the
 //! facts the hot path reads or sets about it.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
 
+use crate::config::url_template::{TemplatedUpstream, Unresolved};
+use crate::proxy::target::Target;
 use crate::secret::{InvalidToken, Secret};
 
 /// A token is treated as expired this long before its stated expiry (clock skew and the
@@ -34,6 +38,12 @@ pub struct ActiveToken {
     /// Set once the upstream answered a request carrying this token with anything but
     /// 401: a later 401 then means revocation, not a permission problem.
     accepted: AtomicBool,
+    /// Extra fields of the token answers kept with this token (`answer_fields`), e.g.
+    /// Salesforce's `instance_url`. Not secret.
+    pub fields: BTreeMap<String, String>,
+    /// The base of each upstream whose url is a template over `fields`, by the slot of
+    /// the credential's `url_templates`, resolved when the token is published.
+    targets: Box<[Result<Arc<Target>, Unresolved>]>,
 }
 
 impl std::fmt::Debug for ActiveToken {
@@ -42,6 +52,7 @@ impl std::fmt::Debug for ActiveToken {
             .field("generation", &self.generation)
             .field("expires_at", &self.expires_at)
             .field("value", &crate::secret::REDACTED)
+            .field("fields", &self.fields.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -74,6 +85,8 @@ impl ActiveToken {
             lifetime: remaining,
             expiry_known,
             accepted: AtomicBool::new(false),
+            fields: BTreeMap::new(),
+            targets: Box::default(),
         })
     }
 
@@ -90,7 +103,46 @@ impl ActiveToken {
             lifetime: self.lifetime,
             expiry_known: self.expiry_known,
             accepted: AtomicBool::new(self.was_accepted()),
+            fields: self.fields.clone(),
+            targets: self.targets.clone(),
         })
+    }
+
+    /// The token with the answer fields it came with, and the upstream base of each of
+    /// `templates` resolved from them.
+    pub(crate) fn with_fields(
+        mut self,
+        fields: BTreeMap<String, String>,
+        templates: &[TemplatedUpstream],
+    ) -> ActiveToken {
+        self.targets = templates
+            .iter()
+            .map(|t| {
+                let url = t.template.resolve(&fields, t.allow_insecure_http)?;
+                Target::of(&url).map(Arc::new).map_err(|e| Unresolved {
+                    missing: false,
+                    message: format!(
+                        "the token answer's field {} does not make a usable upstream url for {}: {e}",
+                        t.template.field, t.template.source
+                    ),
+                })
+            })
+            .collect();
+        self.fields = fields;
+        self
+    }
+
+    /// The base of the templated upstream in `slot`, or why there is none for this token.
+    pub fn target(&self, slot: usize) -> Result<&Arc<Target>, Unresolved> {
+        match self.targets.get(slot) {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(e.clone()),
+            // Not expected: every template of the credential is resolved at publish.
+            None => Err(Unresolved {
+                missing: true,
+                message: "the upstream url has not been resolved for this token".into(),
+            }),
+        }
     }
 
     pub fn is_usable(&self, now: Instant) -> bool {

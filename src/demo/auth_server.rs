@@ -447,6 +447,15 @@ impl AuthServer {
         self.shared.lock().next_answer_patch = Some(patch);
     }
 
+    /// Adds `fields` to every successful answer from the next request on, as providers
+    /// add their own (Salesforce's `instance_url`, Zoho's `api_domain`, Bitrix24's
+    /// `client_endpoint`); replaces what an earlier call set. An empty map stops adding
+    /// any, so later answers omit them.
+    pub fn set_answer_fields(&self, fields: serde_json::Map<String, Value>) {
+        tracing::info!(fields = ?fields.keys().collect::<Vec<_>>(), "demo auth server: answers carry extra fields");
+        self.shared.lock().answer_fields = fields;
+    }
+
     /// The current failure mode.
     pub fn mode(&self) -> FailureMode {
         self.shared.lock().mode.clone()
@@ -497,6 +506,8 @@ struct State {
     mode: FailureMode,
     /// Field overrides for the next successful answer, see [`AuthServer::alter_next_answer`].
     next_answer_patch: Option<serde_json::Map<String, Value>>,
+    /// Extra fields of every successful answer, see [`AuthServer::set_answer_fields`].
+    answer_fields: serde_json::Map<String, Value>,
     stats: AuthStats,
     log: VecDeque<TokenRequestRecord>,
     next_grant: u64,
@@ -913,6 +924,9 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
             match outcome {
                 Ok(mut body) => {
                     state.stats.issued += 1;
+                    if !state.answer_fields.is_empty() {
+                        apply_patch(&mut body, state.answer_fields.clone());
+                    }
                     if let Some(patch) = state.next_answer_patch.take() {
                         apply_patch(&mut body, patch);
                     }

@@ -289,7 +289,12 @@ impl TokenClient {
             content_type: &content_type,
             body: &body,
         };
-        parse(&answer, c.default_expires_in.0, &c.dead_grant_answers)
+        parse(
+            &answer,
+            c.default_expires_in.0,
+            &c.dead_grant_answers,
+            &c.answer_fields,
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! Strict parsing of token endpoint answers (RFC 6749 §5.1, §5.2).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -32,6 +33,9 @@ pub struct TokenAnswer {
     /// from Keycloak, `refresh_token_expires_in` from Microsoft, `x_refresh_token_expires_in`
     /// from Intuit); 0 or absent is unknown.
     pub refresh_expires_in: Option<Duration>,
+    /// The answer's extra string fields the credential keeps (`answer_fields`, e.g.
+    /// Salesforce's `instance_url`); never a secret-looking one.
+    pub fields: BTreeMap<String, String>,
 }
 
 /// A usable answer: both parts.
@@ -41,6 +45,8 @@ pub struct TokenResponse {
     pub expires_in: Duration,
     pub refresh_token: Option<Secret>,
     pub scope: Option<String>,
+    /// See [`TokenAnswer::fields`].
+    pub fields: BTreeMap<String, String>,
 }
 
 impl TokenAnswer {
@@ -53,6 +59,7 @@ impl TokenAnswer {
             expires_in: access.expires_in,
             refresh_token: self.refresh_token,
             scope: access.scope,
+            fields: self.fields,
         })
     }
 }
@@ -129,11 +136,13 @@ fn clean(s: &str) -> String {
 
 /// Parses a token endpoint answer. `Err` when it carries nothing usable; a `2xx` JSON
 /// object yields a [`TokenAnswer`] whose refresh token is taken whatever the rest says.
-/// An answer matching one of `dead_grant` is [`TokenError::DeadGrant`].
+/// An answer matching one of `dead_grant` is [`TokenError::DeadGrant`]. Of a `2xx`
+/// answer's other top-level fields, the string ones named in `keep` are kept.
 pub fn parse(
     answer: &Answer<'_>,
     default_expires_in: Duration,
     dead_grant: &[DeadGrantAnswer],
+    keep: &[String],
 ) -> Result<TokenAnswer, TokenError> {
     let Answer { status, body, .. } = *answer;
     let raw: Option<Raw> = serde_json::from_slice(body).ok();
@@ -162,8 +171,30 @@ pub fn parse(
             refresh_token,
             access,
             refresh_expires_in,
+            fields: kept_fields(body, keep),
         }),
     }
+}
+
+/// The string fields named in `keep` (never a secret-looking one, whatever the config
+/// says), each a printable value of bounded length; anything else is left out.
+fn kept_fields(body: &[u8], keep: &[String]) -> BTreeMap<String, String> {
+    use crate::config::url_template::{keepable_value, secret_looking};
+    if keep.is_empty() {
+        return BTreeMap::new();
+    }
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
+        return BTreeMap::new();
+    };
+    keep.iter()
+        .filter(|name| !secret_looking(name))
+        .filter_map(|name| match map.get(name.as_str()) {
+            Some(serde_json::Value::String(v)) if keepable_value(v) => {
+                Some((name.clone(), v.clone()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// The dead-grant error for an answer one of the rules names, with the provider's short
@@ -320,7 +351,38 @@ mod tests {
             content_type: "application/json",
             body,
         };
-        parse(&answer, default, &[])
+        parse(&answer, default, &[], &[])
+    }
+
+    /// Only named, non-secret string fields are kept, whatever else the answer holds
+    /// and whether or not its access-token part is usable.
+    #[test]
+    fn keeps_named_string_fields_only() {
+        let keep: Vec<String> = ["instance_url", "api_domain", "access_token", "n", "ctl"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let body = br#"{"access_token":"a","refresh_token":"r","instance_url":"https://na1.example.com","id":"https://login/id/1","n":7,"ctl":"a\nb"}"#;
+        let answer = Answer {
+            status: 200,
+            content_type: "application/json",
+            body,
+        };
+        let a = parse(&answer, D, &[], &keep).unwrap();
+        assert_eq!(
+            a.fields.into_iter().collect::<Vec<_>>(),
+            vec![(
+                "instance_url".to_string(),
+                "https://na1.example.com".to_string()
+            )]
+        );
+        let body =
+            br#"{"refresh_token":"r","expires_in":0,"api_domain":"https://www.zohoapis.eu"}"#;
+        let answer = Answer { body, ..answer };
+        let a = parse(&answer, D, &[], &keep).unwrap();
+        assert!(a.access.is_err());
+        assert_eq!(a.fields["api_domain"], "https://www.zohoapis.eu");
+        assert!(parse(&answer, D, &[], &[]).unwrap().fields.is_empty());
     }
 
     #[test]
@@ -364,13 +426,13 @@ mod tests {
             content_type: Some("application/problem+json".into()),
             ..Default::default()
         }];
-        let e = parse(&answer, D, &rules).unwrap_err();
+        let e = parse(&answer, D, &rules, &[]).unwrap_err();
         assert!(e.is_invalid_grant(), "{e}");
         assert_eq!(
             e.to_string(),
             "token endpoint answered 401, which this provider uses for a dead grant: Token has been revoked"
         );
-        let e = parse(&answer, D, &[]).unwrap_err();
+        let e = parse(&answer, D, &[], &[]).unwrap_err();
         assert!(!e.is_invalid_grant(), "{e}");
     }
 

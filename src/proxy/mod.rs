@@ -8,12 +8,13 @@ pub mod fast;
 pub mod hyper;
 pub mod outcome;
 pub mod policy;
+pub mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HeaderName;
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -21,7 +22,8 @@ use tracing::warn;
 use crate::config::UpstreamConfig;
 use crate::credential::{ActiveToken, Credential};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use outcome::Recorder;
+use outcome::{ProxyError, Recorder};
+use target::Target;
 
 /// Everything the forwarding path of one upstream needs, resolved once at startup.
 pub struct Upstream {
@@ -32,12 +34,8 @@ pub struct Upstream {
     /// Index of this upstream's header format in the credential's prebuilt values.
     slot: usize,
     header_name: HeaderName,
-    scheme: Scheme,
-    authority: Authority,
-    /// Upstream path prefix without a trailing slash ("" for the root).
-    base_path: String,
-    /// `scheme://authority/base` as redirects from the upstream spell it.
-    upstream_prefix: String,
+    /// Where requests go.
+    base: Base,
     recorder: Recorder,
     general: hyper::General,
     /// Set for plain-http upstreams: most requests take [`fast`]'s path.
@@ -57,26 +55,21 @@ impl Upstream {
         let slot = credential
             .add_format(&config.format)
             .map_err(|e| format!("the current token cannot be sent in this header format: {e}"))?;
-        let url = &config.url;
-        let scheme: Scheme = url.scheme().parse().map_err(|_| "bad scheme")?;
-        let host = url.host_str().unwrap_or_default();
-        let authority: Authority = match url.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.to_string(),
-        }
-        .parse()
-        .map_err(|e| format!("bad upstream authority: {e}"))?;
-        let base_path = url.path().trim_end_matches('/').to_string();
+        let base = match &config.url {
+            crate::config::UpstreamUrl::Fixed(url) => Base::Fixed(Target::of(url)?),
+            crate::config::UpstreamUrl::Template(_) => Base::FromToken(
+                credential
+                    .template_slot(&config.name)
+                    .ok_or("credential lacks this upstream's url template")?,
+            ),
+        };
         Ok(Upstream {
             slot,
             header_name: HeaderName::from_bytes(config.header.as_bytes())
                 .map_err(|e| e.to_string())?,
             general: hyper::General::new(&config)?,
             fast: fast::FastPath::for_upstream(&config, workers),
-            upstream_prefix: format!("{scheme}://{authority}{base_path}"),
-            scheme,
-            authority,
-            base_path,
+            base,
             recorder: Recorder {
                 name: config.name.clone(),
                 credential: credential.name.clone(),
@@ -87,6 +80,42 @@ impl Upstream {
             listen,
             credential,
         })
+    }
+
+    /// Where requests carrying `token` go: the fixed url's target, or the one the
+    /// credential resolved from the token's answer fields when it published the token.
+    fn target<'a>(&'a self, token: &'a ActiveToken) -> Result<&'a Target, ProxyError> {
+        match &self.base {
+            Base::Fixed(t) => Ok(t),
+            Base::FromToken(slot) => token.target(*slot).map(|t| &**t).map_err(|e| {
+                if e.missing {
+                    ProxyError::NoUpstreamUrl(e.message)
+                } else {
+                    ProxyError::BadUpstreamUrl(e.message)
+                }
+            }),
+        }
+    }
+
+    /// The target of an upstream with a fixed url.
+    fn fixed_target(&self) -> Option<&Target> {
+        match &self.base {
+            Base::Fixed(t) => Some(t),
+            Base::FromToken(_) => None,
+        }
+    }
+
+    /// Whether an absolute-form request for `a` is for this upstream (its current
+    /// authority) or this listener.
+    fn is_own_authority(&self, a: &Authority, local: SocketAddr) -> bool {
+        match &self.base {
+            Base::Fixed(t) => policy::is_own_authority(a, Some(&t.authority), local),
+            Base::FromToken(_) => {
+                let token = self.credential.current();
+                let upstream = token.as_deref().and_then(|t| self.target(t).ok());
+                policy::is_own_authority(a, upstream.map(|t| &t.authority), local)
+            }
+        }
     }
 
     /// Requests answered so far by this upstream's listener, by status code.
@@ -148,6 +177,16 @@ impl Upstream {
             let _ = cred.after_401(generation).await;
         });
     }
+}
+
+/// Where an upstream's requests go.
+enum Base {
+    /// A fixed url, resolved at startup.
+    Fixed(Target),
+    /// A url template (`{token.instance_url}/...`): resolved by the credential for each
+    /// token it publishes, in this slot of its templates. Such upstreams always use the
+    /// general engine, as the authority may change with any token.
+    FromToken(usize),
 }
 
 /// Both engines report each upstream answer here: any status but 401 proves the token

@@ -35,6 +35,12 @@ pub enum ProxyError {
     /// No valid token (never forward without one).
     #[error("{0}")]
     NoToken(String),
+    /// A templated upstream url (`{token.FIELD}`) whose field no token answer carried yet.
+    #[error("{0}")]
+    NoUpstreamUrl(String),
+    /// A templated upstream url whose field does not make a usable url.
+    #[error("{0}")]
+    BadUpstreamUrl(String),
     #[error("upstream {kind} error: {1}", kind = kind_str(*.0))]
     Upstream(UpstreamErrorKind, String),
     #[error("upstream did not answer in time")]
@@ -55,7 +61,10 @@ impl ProxyError {
             | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::NoToken(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoToken(_) | ProxyError::NoUpstreamUrl(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::BadUpstreamUrl(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream(UpstreamErrorKind::Timeout, _) | ProxyError::Timeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -188,10 +197,13 @@ impl Recorder {
         if let Some(kind) = e.kind() {
             self.metrics.error(kind);
         }
-        if let ProxyError::NoToken(_) = e {
-            // The refresher already logs why there is no token; one line per refused
-            // request would flood the log during an outage.
-            debug!(upstream = %self.name, error = %e, "request refused: no valid token");
+        if let ProxyError::NoToken(_)
+        | ProxyError::NoUpstreamUrl(_)
+        | ProxyError::BadUpstreamUrl(_) = e
+        {
+            // The refresher (or the credential, for an unresolved url) already logs why;
+            // one line per refused request would flood the log during an outage.
+            debug!(upstream = %self.name, error = %e, "request refused: no valid token or upstream url");
         } else {
             warn!(upstream = %self.name, status = e.status().as_u16(), error = %e, "request not forwarded");
         }

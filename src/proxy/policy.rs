@@ -236,9 +236,10 @@ pub fn closes_after(method: &str) -> bool {
     method == "HEAD"
 }
 
-/// An absolute-form target is accepted only for the upstream itself or this listener.
-pub fn is_own_authority(a: &Authority, upstream: &Authority, local: SocketAddr) -> bool {
-    if a.as_str().eq_ignore_ascii_case(upstream.as_str()) {
+/// An absolute-form target is accepted only for the upstream itself or this listener
+/// (`upstream` is `None` while a templated upstream's authority is not known).
+pub fn is_own_authority(a: &Authority, upstream: Option<&Authority>, local: SocketAddr) -> bool {
+    if upstream.is_some_and(|u| a.as_str().eq_ignore_ascii_case(u.as_str())) {
         return true;
     }
     let port_ok = a.port_u16() == Some(local.port());

@@ -93,6 +93,9 @@ struct Plain {
     obtained_at_ms: u64,
     authorized_at_ms: Option<u64>,
     refresh_expires_at_ms: Option<u64>,
+    /// Kept token-answer fields (`instance_url`, ...); absent in older bundles.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    answer_fields: std::collections::BTreeMap<String, String>,
 }
 
 fn aad(key: &KeySource) -> Vec<u8> {
@@ -163,6 +166,7 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
         obtained_at_ms: s.obtained_at_ms,
         authorized_at_ms: s.authorized_at_ms,
         refresh_expires_at_ms: s.refresh_expires_at_ms,
+        answer_fields: s.answer_fields.clone(),
     };
     let bytes = serde_json::to_vec(&plain).map_err(|e| BundleError::Seal(e.to_string()))?;
     let sealed = cipher(key, &source)?
@@ -210,6 +214,7 @@ pub fn open(bytes: &[u8], key: &Key) -> Result<Contents, BundleError> {
             obtained_at_ms: p.obtained_at_ms,
             authorized_at_ms: p.authorized_at_ms,
             refresh_expires_at_ms: p.refresh_expires_at_ms,
+            answer_fields: p.answer_fields,
             ..Default::default()
         },
     })
@@ -230,6 +235,11 @@ mod tests {
             state: StoredState {
                 generation: 7,
                 refresh_token: Some(Secret::new("rt-secret-value")),
+                answer_fields: [(
+                    "instance_url".to_string(),
+                    "https://na1.example.com".to_string(),
+                )]
+                .into(),
                 ..Default::default()
             },
         }

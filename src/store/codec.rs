@@ -54,6 +54,10 @@ struct Payload {
     refresh_expires_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     moved: Option<super::Moved>,
+    /// Absent in states written before answer fields were kept (and ignored by such
+    /// versions, so a rollback still reads newer states).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    answer_fields: std::collections::BTreeMap<String, String>,
 }
 
 fn aad(name: &str, generation: u64) -> Vec<u8> {
@@ -86,6 +90,7 @@ impl Codec {
             authorized_at_ms: s.authorized_at_ms,
             refresh_expires_at_ms: s.refresh_expires_at_ms,
             moved: s.moved.clone(),
+            answer_fields: s.answer_fields.clone(),
         };
         let mut env = Envelope {
             version: FORMAT_VERSION,
@@ -168,6 +173,49 @@ impl Codec {
             authorized_at_ms: payload.authorized_at_ms,
             refresh_expires_at_ms: payload.refresh_expires_at_ms,
             moved: payload.moved,
+            answer_fields: payload.answer_fields,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_fields() -> StoredState {
+        StoredState {
+            generation: 3,
+            access_token: Some(Secret::new("at-value")),
+            refresh_token: Some(Secret::new("rt-value")),
+            updated_by: "test".into(),
+            answer_fields: [(
+                "instance_url".to_string(),
+                "https://na1.example.com".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    /// Kept answer fields go through every backend's codec, plain and encrypted; a state
+    /// written before they existed still loads (with none).
+    #[test]
+    fn answer_fields_round_trip_and_old_states_load() {
+        let key = Secret::new("11".repeat(32));
+        for codec in [Codec::new(None).unwrap(), Codec::new(Some(&key)).unwrap()] {
+            let bytes = codec.encode("crm", &with_fields()).unwrap();
+            assert_eq!(codec.decode("crm", &bytes).unwrap(), with_fields());
+            let none = StoredState {
+                answer_fields: Default::default(),
+                ..with_fields()
+            };
+            let bytes = codec.encode("crm", &none).unwrap();
+            assert!(!String::from_utf8_lossy(&bytes).contains("answer_fields"));
+            assert_eq!(codec.decode("crm", &bytes).unwrap(), none);
+        }
+        let old = br#"{"version":1,"generation":2,"state":{"access_token":null,"access_expires_at_ms":null,"refresh_token":"r","obtained_at_ms":1,"updated_at_ms":1,"updated_by":"old"}}"#;
+        let s = Codec::new(None).unwrap().decode("crm", old).unwrap();
+        assert_eq!(s.generation, 2);
+        assert!(s.answer_fields.is_empty());
     }
 }

@@ -48,6 +48,11 @@ pub struct StoredState {
     /// Set by `tokenrelay export` (a handover): the tokens went elsewhere, and no process
     /// using this store refreshes the credential until an import brings it back.
     pub moved: Option<Moved>,
+    /// Extra fields of the token answers that are not secret but needed later, e.g.
+    /// Salesforce's `instance_url` (see `answer_fields`): stored with the token so a
+    /// replica adopting it, or a restart, routes the upstream the same way. A refresh
+    /// answer that omits a field keeps its previous value.
+    pub answer_fields: std::collections::BTreeMap<String, String>,
 }
 
 /// Where and when a credential was handed over.

@@ -188,6 +188,20 @@ pub(super) fn validate_credential(
         (TokenMethod::Get, _) => ParamsIn::Query,
         (TokenMethod::Post, p_in) => p_in.unwrap_or_default(),
     };
+    let mut answer_fields = c.answer_fields.unwrap_or_default();
+    if grant == Grant::Static && !answer_fields.is_empty() {
+        p.add(
+            &at("answer_fields"),
+            "not used by grant static (there is no token answer)",
+        );
+    }
+    for f in &answer_fields {
+        if let Err(e) = url_template::check_field_name(f) {
+            p.add(&at("answer_fields"), e);
+        }
+    }
+    answer_fields.sort();
+    answer_fields.dedup();
     provider_rules::check_dead_grant(p, &path, &c.dead_grant_answers);
     provider_rules::check_rate_limit(p, &at("refresh_rate_limit"), &c.refresh_rate_limit);
     Some(CredentialConfig {
@@ -234,6 +248,8 @@ pub(super) fn validate_credential(
             min_token_age: c.min_token_age,
         },
         dead_grant_answers: c.dead_grant_answers,
+        answer_fields,
+        url_templates: Vec::new(),
     })
 }
 

@@ -89,6 +89,22 @@ pub(super) fn validate(
         }
     }
 
+    // Fields named by url templates are kept by their credential, which resolves the
+    // templates each time it publishes a token.
+    for u in upstreams.values() {
+        if let (Some(t), Some(c)) = (u.url.template(), credentials.get_mut(&u.credential)) {
+            if !c.answer_fields.contains(&t.field) {
+                c.answer_fields.push(t.field.clone());
+                c.answer_fields.sort();
+            }
+            c.url_templates.push(TemplatedUpstream {
+                upstream: u.name.clone(),
+                template: t.clone(),
+                allow_insecure_http: u.allow_insecure_http,
+            });
+        }
+    }
+
     if !p.0.is_empty() {
         return Err(ConfigError { problems: p.0 });
     }

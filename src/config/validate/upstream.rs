@@ -24,15 +24,35 @@ pub(super) fn validate_upstream(
         }
     };
     let url = match &u.url {
-        Some(s) => parse_url(p, &at("url"), s, u.allow_insecure_http),
+        Some(s) if url_template::is_template(s) => match UrlTemplate::parse(s) {
+            Ok(t) => Some(UpstreamUrl::Template(t)),
+            Err(e) => {
+                p.add(&at("url"), e);
+                None
+            }
+        },
+        Some(s) => parse_url(p, &at("url"), s, u.allow_insecure_http).map(UpstreamUrl::Fixed),
         None => {
             p.add(&at("url"), "is required");
             None
         }
     };
-    if let Some(url) = &url {
+    if let Some(UpstreamUrl::Fixed(url)) = &url {
         if url.query().is_some() || url.fragment().is_some() {
             p.add(&at("url"), "must not have a query or fragment");
+        }
+    }
+    if let (Some(UpstreamUrl::Template(t)), Some(c)) =
+        (&url, u.credential.as_ref().and_then(|c| credentials.get(c)))
+    {
+        if c.grant == Grant::Static {
+            p.add(
+                &at("url"),
+                format!(
+                    "{{token.{}}} takes the url from a token answer, but credential {:?} uses grant static, which has none; use a grant that requests tokens (refresh_token, client_credentials, password, jwt_bearer) or a fixed url",
+                    t.field, c.name
+                ),
+            );
         }
     }
     let credential = match u.credential {
@@ -108,7 +128,11 @@ pub(super) fn validate_upstream(
     }
     check_ca_file(p, &at("ca_file"), &u.ca_file);
     let client_cert = client_auth::client_cert(p, &path, u.client_cert_file, u.client_key_file);
-    if let Some(url) = url.as_ref().filter(|u| u.scheme() != "https") {
+    if let Some(url) = url
+        .as_ref()
+        .and_then(UpstreamUrl::fixed)
+        .filter(|u| u.scheme() != "https")
+    {
         if client_cert.is_some() {
             p.add(
                 &at("client_cert_file"),

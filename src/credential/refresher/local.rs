@@ -5,6 +5,7 @@
 use std::time::SystemTime;
 
 use super::{Failure, Refresher};
+use crate::config::url_template::merge_fields;
 use crate::credential::RefreshResult;
 use crate::oauth::{GrantRequest, TokenAnswer};
 
@@ -21,11 +22,14 @@ impl Refresher {
             .and_then(TokenAnswer::into_response)
             .map_err(|e| Failure::Error(e.into()))?;
         let generation = self.cred.current().map(|t| t.generation).unwrap_or(0) + 1;
+        // Kept in memory only; a field this answer omits keeps its previous value.
+        let fields = merge_fields(&self.cred.current_fields(), &resp.fields);
         self.cred
-            .publish(
+            .publish_with_fields(
                 &resp.access_token,
                 generation,
                 Some(SystemTime::now() + resp.expires_in),
+                fields,
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)

@@ -458,7 +458,10 @@ impl Refresher {
             None if s.is_long_lived() => None,
             None => return false,
         };
-        if let Err(e) = self.cred.publish(tok, s.generation, expires) {
+        if let Err(e) =
+            self.cred
+                .publish_with_fields(tok, s.generation, expires, s.answer_fields.clone())
+        {
             warn!(credential = %self.name(), generation = s.generation, error = %e, "the stored access token is unusable");
             return false;
         }

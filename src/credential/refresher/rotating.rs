@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, warn};
 
 use super::{Failure, Refresher};
+use crate::config::url_template::merge_fields;
 use crate::credential::{policy, schedule, RefreshError, RefreshResult, Trigger};
 use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
@@ -219,18 +220,22 @@ impl Refresher {
             authorized_at_ms: stored.authorized_at_ms,
             refresh_expires_at_ms: self.refresh_expiry(now, answer.refresh_expires_in, stored),
             moved: None,
+            // A field this answer omits keeps its stored value (Salesforce sends
+            // instance_url on some answers only).
+            answer_fields: merge_fields(&stored.answer_fields, &answer.fields),
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;
         self.note_state(&new);
         self.cred
-            .publish(
+            .publish_with_fields(
                 new.access_token.as_ref().expect("set above"),
                 new.generation,
                 Some(
                     SystemTime::UNIX_EPOCH
                         + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
                 ),
+                new.answer_fields.clone(),
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)
@@ -255,11 +260,13 @@ impl Refresher {
             Ok(resp) => {
                 let generation = self.cred.current().map(|t| t.generation).unwrap_or(0);
                 warn!(credential = %self.name(), "store unreachable: refreshed on this replica alone (this credential's refresh tokens do not rotate); the token is kept in memory");
+                let fields = merge_fields(&self.cred.current_fields(), &resp.fields);
                 self.cred
-                    .publish(
+                    .publish_with_fields(
                         &resp.access_token,
                         generation,
                         Some(SystemTime::now() + resp.expires_in),
+                        fields,
                     )
                     .map(|()| RefreshResult::Success)
                     .map_err(|e| Failure::Error(e.into()))

@@ -185,7 +185,7 @@ impl Conn<'_> {
         conn: &mut UpstreamConn,
         plan: &RequestPlan,
     ) -> Result<ResponseHead, HeadError> {
-        let up = self.up;
+        let fast = self.fast;
         let host = plan
             .host
             .clone()
@@ -193,7 +193,7 @@ impl Conn<'_> {
         let local = self.local;
         let local_prefix = || crate::proxy::policy::local_prefix(host, local);
         let redirects = Redirects {
-            upstream_prefix: &up.upstream_prefix,
+            upstream_prefix: &fast.target.upstream_prefix,
             local_prefix: &local_prefix,
         };
         let mut any_byte = false;

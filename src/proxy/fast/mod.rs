@@ -49,19 +49,23 @@ const COALESCE_LIMIT: usize = 16 * 1024;
 /// The fast path's per-upstream state.
 pub struct FastPath {
     pool: Pool,
+    /// The upstream's fixed target (templated upstreams never take the fast path).
+    target: super::target::Target,
     /// Largest request body taken on the fast path.
     body_limit: u64,
 }
 
 impl FastPath {
-    /// For `http://` upstreams; `None` otherwise (TLS and HTTP/2 stay with hyper).
+    /// For `http://` upstreams with a fixed url; `None` otherwise (TLS and HTTP/2 stay
+    /// with hyper, and so do url templates, whose authority may change with a token).
     pub fn for_upstream(up: &crate::config::UpstreamConfig, workers: usize) -> Option<FastPath> {
-        let url = &up.url;
+        let url = up.url.fixed()?;
         if url.scheme() != "http" {
             return None;
         }
         let port = url.port_or_known_default()?;
         Some(FastPath {
+            target: super::target::Target::of(url).ok()?,
             // Each app connection holds at most one upstream connection at a time.
             pool: Pool::new(
                 url.host_str()?,
@@ -184,9 +188,10 @@ impl Conn<'_> {
         mut cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Next {
         let limits = &self.up.config.limits;
+        let fast = self.fast;
         let rules = Rules {
-            base_path: &self.up.base_path,
-            authority: self.up.authority.as_str(),
+            base_path: &fast.target.base_path,
+            authority: fast.target.authority.as_str(),
             credential_header: self.up.header_name.as_str(),
             reject_authorization: self.up.config.inbound_authorization
                 == crate::config::InboundAuthorization::Reject,

@@ -30,7 +30,7 @@ pub fn build(config: &UpstreamConfig, h2: bool) -> Result<UpstreamClient, String
     http.set_connect_timeout(Some(config.connect_timeout.0));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let http = EgressConnector::new(http);
-    if let Some(proxy) = http.proxy_for(&config.url) {
+    if let Some(proxy) = config.url.fixed().and_then(|u| http.proxy_for(u)) {
         tracing::info!(upstream = %config.name, %proxy, "upstream reached through an HTTP CONNECT proxy");
     }
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);

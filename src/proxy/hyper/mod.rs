@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::outcome::ProxyError;
+use super::target::Target;
 use super::{note_acceptance, policy, Upstream};
 use crate::config::{InboundAuthorization, UpstreamConfig};
 use crate::inbound::{Rewind, Upgrading};
@@ -153,7 +154,7 @@ async fn forward(
         return Err(ProxyError::Connect);
     }
     if let Some(a) = req.uri().authority() {
-        if !policy::is_own_authority(a, &up.authority, local) {
+        if !up.is_own_authority(a, local) {
             return Err(ProxyError::ForeignHost(a.to_string()));
         }
     }
@@ -195,17 +196,35 @@ async fn forward(
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 
-    let uri = upstream_uri(up, &parts.method, parts.uri.path_and_query())?;
+    // A fixed upstream's URI is known before the token; a templated one's base comes
+    // with the token (its target is checked first all the same).
+    let fixed_uri = match up.fixed_target() {
+        Some(t) => Some(upstream_uri(t, &parts.method, parts.uri.path_and_query())?),
+        None => {
+            let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            policy::upstream_target("", parts.method.as_str(), target)?;
+            None
+        }
+    };
     let token = up
         .credential
         .acquire()
         .await
         .map_err(|e| ProxyError::NoToken(e.to_string()))?;
+    let uri = match fixed_uri {
+        Some(uri) => uri,
+        None => upstream_uri(
+            up.target(&token)?,
+            &parts.method,
+            parts.uri.path_and_query(),
+        )?,
+    };
     if let Some((app_upgrade, held)) = websocket {
         policy::ask_websocket(&mut parts.headers);
         let handshake = Handshake {
             method: parts.method,
             uri,
+            path: parts.uri.path_and_query().cloned(),
             headers: parts.headers,
             inbound_host,
             local,
@@ -251,12 +270,23 @@ async fn forward(
 
     let mut resp = send(up, out, &expired).await?;
     note_acceptance(&token, resp.status().as_u16());
+    // The newer token of a retry, whose target answered then (for redirect rewriting).
+    let mut retried_with = None;
 
     if resp.status() == StatusCode::UNAUTHORIZED && retry {
         match replay {
             Some((headers, body)) => {
                 if let Some(fresh) = up.token_after_401(&token).await {
                     drop(resp);
+                    // A templated upstream may have moved with the new token.
+                    let uri = match up.fixed_target() {
+                        Some(_) => uri,
+                        None => upstream_uri(
+                            up.target(&fresh)?,
+                            &parts.method,
+                            parts.uri.path_and_query(),
+                        )?,
+                    };
                     let mut again = Request::new(UpstreamBody::Full(body));
                     *again.method_mut() = parts.method;
                     *again.uri_mut() = uri;
@@ -268,6 +298,7 @@ async fn forward(
                     resp = send(up, again, &expired).await?;
                     note_acceptance(&fresh, resp.status().as_u16());
                     up.retried(resp.status().as_u16());
+                    retried_with = Some(fresh);
                 }
             }
             // Body too large to replay.
@@ -280,7 +311,8 @@ async fn forward(
             "unexpected 101 Switching Protocols".into(),
         ));
     }
-    let mut resp = filter_response(up, resp, inbound_host.as_ref(), local);
+    let answered = retried_with.as_deref().unwrap_or(&token);
+    let mut resp = filter_response(up, answered, resp, inbound_host.as_ref(), local);
     if keep_alive_10 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
@@ -291,7 +323,10 @@ async fn forward(
 /// A WebSocket handshake, prepared for the upstream.
 struct Handshake {
     method: Method,
+    /// The URI for the token the handshake was prepared with.
     uri: Uri,
+    /// The app's target, for a templated upstream's URI under another token.
+    path: Option<PathAndQuery>,
     headers: http::HeaderMap,
     inbound_host: Option<HeaderValue>,
     local: SocketAddr,
@@ -307,27 +342,38 @@ async fn websocket_handshake(
     held: Option<Upgrading>,
     ctx: &ConnCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let request = |token: &crate::credential::ActiveToken| {
+    let request = |token: &crate::credential::ActiveToken| -> Result<_, ProxyError> {
         let mut req = Request::new(UpstreamBody::Full(None));
         *req.method_mut() = h.method.clone();
-        *req.uri_mut() = h.uri.clone();
+        *req.uri_mut() = match up.fixed_target() {
+            Some(_) => h.uri.clone(),
+            None => upstream_uri(up.target(token)?, &h.method, h.path.as_ref())?,
+        };
         *req.headers_mut() = h.headers.clone();
         req.headers_mut()
             .insert(up.header_name.clone(), token.header(up.slot));
-        req
+        Ok(req)
     };
     let never = AtomicBool::new(false);
-    let mut resp = send_on(up, &up.general.upgrades, request(&token), &never).await?;
+    let mut resp = send_on(up, &up.general.upgrades, request(&token)?, &never).await?;
     note_acceptance(&token, resp.status().as_u16());
+    let mut retried_with = None;
     if resp.status() == StatusCode::UNAUTHORIZED && up.config.retry_on_401 {
         if let Some(fresh) = up.token_after_401(&token).await {
-            resp = send_on(up, &up.general.upgrades, request(&fresh), &never).await?;
+            resp = send_on(up, &up.general.upgrades, request(&fresh)?, &never).await?;
             note_acceptance(&fresh, resp.status().as_u16());
             up.retried(resp.status().as_u16());
+            retried_with = Some(fresh);
         }
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(filter_response(up, resp, h.inbound_host.as_ref(), h.local));
+        return Ok(filter_response(
+            up,
+            retried_with.as_deref().unwrap_or(&token),
+            resp,
+            h.inbound_host.as_ref(),
+            h.local,
+        ));
     }
     let upstream_upgrade = ::hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
@@ -368,8 +414,11 @@ async fn send_on(
     }
 }
 
+/// The upstream's response for the app; `token` is the one whose request it answers
+/// (a templated upstream's redirects are rewritten against that token's target).
 fn filter_response(
     up: &Arc<Upstream>,
+    token: &crate::credential::ActiveToken,
     resp: Response<Incoming>,
     inbound_host: Option<&HeaderValue>,
     local: SocketAddr,
@@ -380,16 +429,18 @@ fn filter_response(
     if parts.headers.contains_key(header::LOCATION)
         || parts.headers.contains_key(header::CONTENT_LOCATION)
     {
-        let host = inbound_host.and_then(|h| h.to_str().ok());
-        let local_prefix = policy::local_prefix(host, local);
-        policy::rewrite_locations(&mut parts.headers, &up.upstream_prefix, &local_prefix);
+        if let Ok(target) = up.target(token) {
+            let host = inbound_host.and_then(|h| h.to_str().ok());
+            let local_prefix = policy::local_prefix(host, local);
+            policy::rewrite_locations(&mut parts.headers, &target.upstream_prefix, &local_prefix);
+        }
     }
     Response::from_parts(parts, Either::Left(ResponseBody::new(body, up.clone())))
 }
 
 /// The policy's target on the upstream's scheme and authority.
 fn upstream_uri(
-    up: &Upstream,
+    up: &Target,
     method: &Method,
     pq: Option<&PathAndQuery>,
 ) -> Result<Uri, ProxyError> {

@@ -1,0 +1,388 @@
+//! Upstream URLs taken from a token answer, and the answer fields tokenrelay keeps.
+//!
+//! Some providers name the API host in the token answer rather than in their docs:
+//! Salesforce's `instance_url`, Bitrix24's `client_endpoint`, Zoho's `api_domain`. A
+//! credential keeps such fields (`answer_fields`, from its preset, its own key, and every
+//! field an upstream's url names), stores them with the token, and an upstream may take
+//! its base URL from one: `url: "{token.instance_url}/services/data/v59.0"`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use url::Url;
+
+/// Longest field value kept (an instance URL is far shorter).
+pub const MAX_FIELD_VALUE: usize = 2048;
+
+/// An upstream's `url`: fixed in the config, or a template over a token-answer field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamUrl {
+    Fixed(Url),
+    Template(UrlTemplate),
+}
+
+impl UpstreamUrl {
+    /// The URL, or the template as written.
+    pub fn as_str(&self) -> &str {
+        match self {
+            UpstreamUrl::Fixed(u) => u.as_str(),
+            UpstreamUrl::Template(t) => &t.source,
+        }
+    }
+
+    /// The URL when it is fixed.
+    pub fn fixed(&self) -> Option<&Url> {
+        match self {
+            UpstreamUrl::Fixed(u) => Some(u),
+            UpstreamUrl::Template(_) => None,
+        }
+    }
+
+    /// The template when the URL comes from the token answer.
+    pub fn template(&self) -> Option<&UrlTemplate> {
+        match self {
+            UpstreamUrl::Fixed(_) => None,
+            UpstreamUrl::Template(t) => Some(t),
+        }
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for UpstreamUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// `{token.FIELD}` followed by an optional path: the field's value is the base URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlTemplate {
+    /// As written in the config.
+    pub source: String,
+    /// The token-answer field whose value starts the URL.
+    pub field: String,
+    /// What follows: empty, or a path starting with `/`.
+    pub path: String,
+}
+
+/// An upstream whose url is a template, as its credential knows it (the credential
+/// resolves it each time it publishes a token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplatedUpstream {
+    pub upstream: String,
+    pub template: UrlTemplate,
+    pub allow_insecure_http: bool,
+}
+
+/// Why a template gave no usable URL for a token. Field values are not secret (they
+/// are instance addresses), so the message may quote one; it never holds a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    /// The field was absent from every answer so far (rather than present but unusable).
+    pub missing: bool,
+    pub message: String,
+}
+
+/// Whether a configured url is meant as a template.
+pub fn is_template(s: &str) -> bool {
+    s.contains(['{', '}'])
+}
+
+impl UrlTemplate {
+    /// Parses `{token.FIELD}` plus an optional path; errors say what is wrong.
+    pub fn parse(s: &str) -> Result<UrlTemplate, String> {
+        let Some(rest) = s.strip_prefix("{token.") else {
+            return Err(if s.starts_with('{') {
+                format!("{s:?}: the only placeholder is {{token.FIELD}}, a field of the token answer, e.g. {{token.instance_url}}")
+            } else {
+                format!("{s:?}: a url template must start with {{token.FIELD}} (e.g. \"{{token.instance_url}}/services/data\"); the field's value is the base URL, optionally followed by a path")
+            });
+        };
+        let Some(end) = rest.find('}') else {
+            return Err(format!("{s:?}: {{token. is not closed with }}"));
+        };
+        let field = &rest[..end];
+        check_field_name(field).map_err(|e| format!("{s:?}: {e}"))?;
+        let path = &rest[end + 1..];
+        if path.contains(['{', '}']) {
+            return Err(format!(
+                "{s:?}: only one {{token.FIELD}}, at the start, is supported"
+            ));
+        }
+        if path.contains(['?', '#']) {
+            return Err(format!("{s:?}: must not have a query or fragment"));
+        }
+        if !(path.is_empty() || path.starts_with('/')) {
+            return Err(format!(
+                "{s:?}: what follows {{token.{field}}} must be a path starting with '/'"
+            ));
+        }
+        if path.chars().any(|c| c.is_whitespace() || c.is_control())
+            || Url::parse(&format!("https://example.invalid{path}")).is_err()
+        {
+            return Err(format!("{s:?}: the path after the field is not a URL path"));
+        }
+        Ok(UrlTemplate {
+            source: s.to_string(),
+            field: field.to_string(),
+            path: path.to_string(),
+        })
+    }
+
+    /// The URL for a token whose answers carried `fields`: the field's value with the
+    /// path appended (one `/` between them), absolute, https unless `allow_insecure_http`.
+    pub fn resolve(
+        &self,
+        fields: &BTreeMap<String, String>,
+        allow_insecure_http: bool,
+    ) -> Result<Url, Unresolved> {
+        let field = &self.field;
+        let Some(value) = fields.get(field) else {
+            return Err(Unresolved {
+                missing: true,
+                message: format!(
+                    "no token answer so far carried the field {field}, which the upstream url {} needs",
+                    self.source
+                ),
+            });
+        };
+        let bad = |why: &str| {
+            Unresolved {
+            missing: false,
+            message: format!(
+                "the token answer's field {field} ({:?}) does not make a usable upstream url for {}: {why}",
+                shorten(value),
+                self.source
+            ),
+        }
+        };
+        let joined = if self.path.is_empty() {
+            value.clone()
+        } else {
+            format!("{}{}", value.trim_end_matches('/'), self.path)
+        };
+        let url = Url::parse(&joined).map_err(|e| bad(&format!("not an absolute URL ({e})")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_insecure_http => {}
+            "http" => {
+                return Err(bad(
+                    "must use https:// (the upstream does not set allow_insecure_http)",
+                ))
+            }
+            other => return Err(bad(&format!("scheme {other:?} is not supported"))),
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad("it has no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad("credentials in the URL are not allowed"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("it has a query or fragment"));
+        }
+        Ok(url)
+    }
+}
+
+/// A field value as quoted in messages.
+fn shorten(v: &str) -> String {
+    v.chars().filter(|c| !c.is_control()).take(120).collect()
+}
+
+/// A field name: letters, digits and `_`, not starting with a digit, and nothing that
+/// looks like a secret (answers' tokens are never kept as fields).
+pub fn check_field_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 64
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        return Err(format!(
+            "{name:?} is not a field name (letters, digits and '_', not starting with a digit)"
+        ));
+    }
+    if secret_looking(name) {
+        return Err(format!(
+            "{name:?} looks like a secret (a token, secret, password, key or code); only fields such as instance_url are kept"
+        ));
+    }
+    Ok(())
+}
+
+/// Names of answer fields that are or may be secrets: never kept, whatever is configured.
+pub fn secret_looking(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    [
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "assertion",
+        "credential",
+        "cookie",
+    ]
+    .iter()
+    .any(|s| lower.contains(s))
+        || lower
+            .split(['_', '-'])
+            .any(|part| matches!(part, "key" | "code" | "pwd" | "session" | "sid" | "jwt"))
+}
+
+/// The fields of an answer worth keeping: `value` is a non-empty string of printable
+/// characters, at most [`MAX_FIELD_VALUE`] long.
+pub fn keepable_value(value: &str) -> bool {
+    !value.is_empty() && value.len() <= MAX_FIELD_VALUE && !value.chars().any(char::is_control)
+}
+
+/// `previous` updated with `answer`: a field the answer carries replaces the one known,
+/// a field it omits keeps its previous value (Salesforce sends `instance_url` on some
+/// answers only).
+pub fn merge_fields(
+    previous: &BTreeMap<String, String>,
+    answer: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut out = previous.clone();
+    out.extend(answer.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_field_and_path() {
+        let t = UrlTemplate::parse("{token.instance_url}/services/data/v59.0").unwrap();
+        assert_eq!(t.field, "instance_url");
+        assert_eq!(t.path, "/services/data/v59.0");
+        let t = UrlTemplate::parse("{token.api_domain}").unwrap();
+        assert_eq!((t.field.as_str(), t.path.as_str()), ("api_domain", ""));
+    }
+
+    #[test]
+    fn refuses_bad_templates() {
+        for (bad, says) in [
+            (
+                "https://{token.instance_url}/x",
+                "must start with {token.FIELD}",
+            ),
+            ("{instance_url}", "the only placeholder is {token.FIELD}"),
+            (
+                "{tokens.instance_url}",
+                "the only placeholder is {token.FIELD}",
+            ),
+            ("{token.instance_url", "is not closed"),
+            ("{token.}", "is not a field name"),
+            ("{token.instance-url}", "is not a field name"),
+            ("{token.1x}", "is not a field name"),
+            ("{token.access_token}", "looks like a secret"),
+            ("{token.refresh_token}/x", "looks like a secret"),
+            ("{token.api_key}", "looks like a secret"),
+            (
+                "{token.instance_url}services",
+                "must be a path starting with '/'",
+            ),
+            ("{token.instance_url}/a?b=1", "query or fragment"),
+            ("{token.a}/{token.b}", "only one {token.FIELD}"),
+            ("{token.instance_url}/a b", "not a URL path"),
+        ] {
+            let e = UrlTemplate::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn resolves_with_one_slash_between_value_and_path() {
+        let t = UrlTemplate::parse("{token.client_endpoint}/profile").unwrap();
+        let f = fields(&[("client_endpoint", "https://portal.bitrix24.com/rest/")]);
+        assert_eq!(
+            t.resolve(&f, false).unwrap().as_str(),
+            "https://portal.bitrix24.com/rest/profile"
+        );
+        let t = UrlTemplate::parse("{token.instance_url}").unwrap();
+        let f = fields(&[("instance_url", "https://na1.salesforce.com")]);
+        assert_eq!(
+            t.resolve(&f, false).unwrap().as_str(),
+            "https://na1.salesforce.com/"
+        );
+    }
+
+    #[test]
+    fn unresolved_says_which_field_and_why() {
+        let t = UrlTemplate::parse("{token.instance_url}/x").unwrap();
+        let e = t.resolve(&fields(&[]), false).unwrap_err();
+        assert!(e.missing && e.message.contains("instance_url"), "{e:?}");
+        for (value, why) in [
+            ("http://na1.example.com", "https://"),
+            ("na1.example.com", "not an absolute URL"),
+            ("ftp://na1.example.com", "scheme"),
+            ("https://u:p@na1.example.com", "credentials"),
+            ("https://na1.example.com/?q=1", "query"),
+        ] {
+            let e = t
+                .resolve(&fields(&[("instance_url", value)]), false)
+                .unwrap_err();
+            assert!(
+                !e.missing && e.message.contains("instance_url") && e.message.contains(why),
+                "{value}: {e:?}"
+            );
+        }
+        assert!(t
+            .resolve(&fields(&[("instance_url", "http://127.0.0.1:1")]), true)
+            .is_ok());
+    }
+
+    #[test]
+    fn secret_looking_names() {
+        for s in [
+            "access_token",
+            "refresh_token",
+            "id_token",
+            "client_secret",
+            "api_key",
+            "code",
+            "session_id",
+            "sid",
+            "x_password",
+        ] {
+            assert!(secret_looking(s), "{s}");
+        }
+        for s in [
+            "instance_url",
+            "api_domain",
+            "client_endpoint",
+            "server_endpoint",
+            "domain",
+            "member_id",
+            "keycloak_realm",
+        ] {
+            assert!(!secret_looking(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn merge_keeps_what_an_answer_omits() {
+        let prev = fields(&[("instance_url", "https://a"), ("api_domain", "https://z")]);
+        let m = merge_fields(&prev, &fields(&[("instance_url", "https://b")]));
+        assert_eq!(
+            m,
+            fields(&[("instance_url", "https://b"), ("api_domain", "https://z")])
+        );
+    }
+}
