@@ -55,8 +55,12 @@ async fn get(url: &str) -> reqwest::Result<reqwest::Response> {
 }
 
 fn credential_yaml(token_url: &str) -> String {
+    named_credential_yaml("api", token_url)
+}
+
+fn named_credential_yaml(name: &str, token_url: &str) -> String {
     format!(
-        r#"  api:
+        r#"  {name}:
     grant: client_credentials
     token_url: "{token_url}"
     client_id: demo-client
@@ -88,15 +92,17 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     let config = dir.path().join("tokenrelay.yaml");
     let ports = support::free_ports(4);
     let (admin, pa, pb, pc) = (ports[0], ports[1], ports[2], ports[3]);
+    let token_url = demo.auth.token_url();
     let head = format!(
-        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}upstreams:\n",
-        credential_yaml(&demo.auth.token_url())
+        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}{}upstreams:\n",
+        credential_yaml(&token_url),
+        named_credential_yaml("other", &token_url)
     );
     let api = demo.api.url();
     let v1 = format!(
         "{head}{}{}",
         upstream_yaml("a", pa, &api, ""),
-        upstream_yaml("b", pb, &api, "")
+        upstream_yaml("b", pb, &api, "").replace("credential: api", "credential: other")
     );
     write(&config, &v1);
     let mut proc = ChildProc::spawn(&config, &dir.path().join("log"), &[]);
@@ -117,7 +123,8 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     let v2 = format!(
         "{head}{}{}{}",
         upstream_yaml("a", pa, &api, ""),
-        upstream_yaml("b", pb, &format!("{api}/v1"), ""),
+        upstream_yaml("b", pb, &format!("{api}/v1"), "")
+            .replace("credential: api", "credential: other"),
         upstream_yaml(
             "c",
             pc,
@@ -148,7 +155,8 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     let token = key.strip_prefix("Token ").expect("the Token format");
     assert!(demo.auth.is_valid_access_token(token));
 
-    // v3 (`tokenrelay reload`): remove b.
+    // v3 (`tokenrelay reload`): remove b and its credential.
+    let head = head.replace(&named_credential_yaml("other", &token_url), "");
     let v3 = format!(
         "{head}{}{}",
         upstream_yaml("a", pa, &api, ""),
@@ -169,6 +177,16 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     );
     assert!(stdout.contains("config generation 3"), "{stdout}");
     assert!(stdout.contains("upstreams removed: b"), "{stdout}");
+    assert!(stdout.contains("credentials removed: other"), "{stdout}");
+    let s = status(admin).await;
+    assert!(s["credentials"].get("other").is_none(), "{s:#}");
+    let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
+    for gauge in ["tokenrelay_credential_ready", "tokenrelay_credential_state"] {
+        assert!(
+            !metrics.contains(&format!("{gauge}{{credential=\"other\"")),
+            "a removed credential's {gauge} is gone"
+        );
+    }
     assert!(
         support::eventually(WITHIN, || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", pb))
@@ -192,8 +210,8 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
         (0, 0, 0, 0),
         "a stayed untouched: {report:?}"
     );
-    // The credential never changed: its one token served every reload.
-    assert_eq!(demo.auth.stats().client_credentials, 1);
+    // No credential changed: one token each served every reload.
+    assert_eq!(demo.auth.stats().client_credentials, 2);
     let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
     assert_eq!(
         support::metric(
