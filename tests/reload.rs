@@ -54,6 +54,12 @@ async fn get(url: &str) -> reqwest::Result<reqwest::Response> {
     support::client().get(url).send().await
 }
 
+/// The admin listener and `credentials` (YAML of the credential entries), up to the
+/// `upstreams:` key.
+fn head_yaml(admin: u16, credentials: &str) -> String {
+    format!("admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{credentials}upstreams:\n")
+}
+
 fn credential_yaml(token_url: &str) -> String {
     named_credential_yaml("api", token_url)
 }
@@ -93,10 +99,9 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     let ports = support::free_ports(4);
     let (admin, pa, pb, pc) = (ports[0], ports[1], ports[2], ports[3]);
     let token_url = demo.auth.token_url();
-    let head = format!(
-        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}{}upstreams:\n",
-        credential_yaml(&token_url),
-        named_credential_yaml("other", &token_url)
+    let head = head_yaml(
+        admin,
+        &(credential_yaml(&token_url) + &named_credential_yaml("other", &token_url)),
     );
     let api = demo.api.url();
     let v1 = format!(
@@ -236,10 +241,7 @@ async fn an_invalid_file_or_a_busy_port_changes_nothing_and_says_why() {
     let config = dir.path().join("tokenrelay.yaml");
     let ports = support::free_ports(3);
     let (admin, pa, pc) = (ports[0], ports[1], ports[2]);
-    let head = format!(
-        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}upstreams:\n",
-        credential_yaml(&demo.auth.token_url())
-    );
+    let head = head_yaml(admin, &credential_yaml(&demo.auth.token_url()));
     let api = demo.api.url();
     let v1 = format!("{head}{}", upstream_yaml("a", pa, &api, ""));
     write(&config, &v1);
@@ -371,10 +373,7 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
     let dir = tempfile::tempdir().unwrap();
     let ports = support::free_ports(3);
     let (admin, pa, pb) = (ports[0], ports[1], ports[2]);
-    let head = format!(
-        "admin: {{ listen: \"127.0.0.1:{admin}\" }}\ncredentials:\n{}upstreams:\n",
-        credential_yaml(&demo.auth.token_url())
-    );
+    let head = head_yaml(admin, &credential_yaml(&demo.auth.token_url()));
     let api = demo.api.url();
     let mut map = ConfigMapDir::new(
         dir.path(),
