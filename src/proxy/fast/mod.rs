@@ -118,8 +118,8 @@ pub async fn serve(
         local,
         // Taken from the worker's pool when the first bytes arrive.
         inbuf: BytesMut::new(),
-        out: Vec::with_capacity(1024),
-        head: Vec::with_capacity(1024),
+        out: Vec::new(),
+        head: Vec::new(),
         opened: now,
         worker,
         shutdown: &shutdown,
@@ -150,7 +150,7 @@ pub async fn serve(
             break;
         }
     }
-    buffers::give(conn.inbuf);
+    buffers::give(conn.release_buffers());
     End::Closed
 }
 
@@ -295,7 +295,7 @@ impl Conn<'_> {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return None,
             }
-            buffers::give(std::mem::take(&mut self.inbuf));
+            buffers::give(self.release_buffers());
         }
         let ready = {
             let ready = pin!(self.client.readable());
@@ -303,10 +303,20 @@ impl Conn<'_> {
         };
         match ready {
             Some(Ok(())) => {
-                self.inbuf = buffers::take();
+                let b = buffers::take();
+                (self.inbuf, self.out, self.head) = (b.read, b.out, b.head);
                 Some(false)
             }
             _ => None,
+        }
+    }
+
+    /// Takes the connection's buffers out, leaving none allocated.
+    fn release_buffers(&mut self) -> buffers::Buffers {
+        buffers::Buffers {
+            read: std::mem::take(&mut self.inbuf),
+            out: std::mem::take(&mut self.out),
+            head: std::mem::take(&mut self.head),
         }
     }
 
