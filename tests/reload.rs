@@ -50,6 +50,16 @@ async fn failed_reload(admin_port: u16) -> serde_json::Value {
     s["config"]["last_reload"].clone()
 }
 
+/// `tokenrelay_config_reloads_total{result}` of the process at `admin_port`.
+async fn reloads_counted(admin_port: u16, result: &str) -> f64 {
+    let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin_port}")).await;
+    support::metric(
+        &metrics,
+        "tokenrelay_config_reloads_total",
+        &[("result", result)],
+    )
+}
+
 async fn get(url: &str) -> reqwest::Result<reqwest::Response> {
     support::client().get(url).send().await
 }
@@ -217,15 +227,7 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     );
     // No credential changed: one token each served every reload.
     assert_eq!(demo.auth.stats().client_credentials, 2);
-    let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
-    assert_eq!(
-        support::metric(
-            &metrics,
-            "tokenrelay_config_reloads_total",
-            &[("result", "success")]
-        ),
-        2.0
-    );
+    assert_eq!(reloads_counted(admin, "success").await, 2.0);
     assert_eq!(
         proc.terminate(),
         Some(0),
@@ -297,15 +299,7 @@ async fn an_invalid_file_or_a_busy_port_changes_nothing_and_says_why() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin}")).await;
-    assert_eq!(
-        support::metric(
-            &metrics,
-            "tokenrelay_config_reloads_total",
-            &[("result", "failure")]
-        ),
-        2.0
-    );
+    assert_eq!(reloads_counted(admin, "failure").await, 2.0);
 
     // A restart-only setting is reported and kept; the rest applies.
     drop(busy);
