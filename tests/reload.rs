@@ -50,6 +50,16 @@ async fn failed_reload(admin_port: u16) -> serde_json::Value {
     s["config"]["last_reload"].clone()
 }
 
+/// SIGTERM ends the process with exit code 0.
+fn stops_cleanly(proc: &mut ChildProc) {
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "{}",
+        support::log_tail(&proc.log, 30)
+    );
+}
+
 /// `tokenrelay_config_reloads_total{result}` of the process at `admin_port`.
 async fn reloads_counted(admin_port: u16, result: &str) -> f64 {
     let metrics = support::metrics_text(&format!("http://127.0.0.1:{admin_port}")).await;
@@ -228,12 +238,7 @@ async fn upstreams_are_added_changed_and_removed_under_load_without_a_failed_req
     // No credential changed: one token each served every reload.
     assert_eq!(demo.auth.stats().client_credentials, 2);
     assert_eq!(reloads_counted(admin, "success").await, 2.0);
-    assert_eq!(
-        proc.terminate(),
-        Some(0),
-        "{}",
-        support::log_tail(&proc.log, 30)
-    );
+    stops_cleanly(&mut proc);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,12 +322,7 @@ async fn an_invalid_file_or_a_busy_port_changes_nothing_and_says_why() {
         serde_json::json!(["c", "d"])
     );
     assert_eq!(demo.auth.stats().client_credentials, 1);
-    assert_eq!(
-        proc.terminate(),
-        Some(0),
-        "{}",
-        support::log_tail(&proc.log, 30)
-    );
+    stops_cleanly(&mut proc);
 }
 
 /// Lays out `dir` as the kubelet does for a mounted ConfigMap: the file is a symlink to
@@ -405,12 +405,7 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
     let r = reloaded(admin, 3).await;
     assert_eq!(r["changes"]["upstreams_removed"], serde_json::json!(["a"]));
     assert_eq!(demo.auth.stats().client_credentials, 1);
-    assert_eq!(
-        proc.terminate(),
-        Some(0),
-        "{}",
-        support::log_tail(&proc.log, 30)
-    );
+    stops_cleanly(&mut proc);
 }
 
 fn rotating_yaml(
@@ -520,10 +515,5 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
         "no token request without a new grant for the new client"
     );
     assert_eq!(demo.auth.stats().refreshes, before.refreshes);
-    assert_eq!(
-        proc.terminate(),
-        Some(0),
-        "{}",
-        support::log_tail(&proc.log, 30)
-    );
+    stops_cleanly(&mut proc);
 }
