@@ -433,10 +433,14 @@ fn seed(replica: &Replica, auth: &AuthServer) {
 /// The stored state of credential `crm`, read through the store API with `replica`'s
 /// config.
 async fn stored(replica: &Replica) -> Option<tokenrelay::store::StoredState> {
+    store_of(replica).load("crm").await.unwrap()
+}
+
+/// The store `replica`'s config names, opened in this process.
+fn store_of(replica: &Replica) -> Arc<dyn tokenrelay::store::Store> {
     let yaml = std::fs::read_to_string(&replica.config).unwrap();
     let config = tokenrelay::config::Config::from_yaml(&yaml, &|_| None).unwrap();
-    let store = tokenrelay::store::open(&config.store).unwrap();
-    store.load("crm").await.unwrap()
+    tokenrelay::store::open(&config.store).unwrap()
 }
 
 fn rotating(access_ttl: Duration) -> AuthServerOptions {
@@ -1426,4 +1430,244 @@ async fn rotating_credentials_wait_for_the_store() {
         "a rotating refresh token was spent without the store"
     );
     assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 1c. The lease is lost while a refresh holds it; a rolled-back Redis state.
+// ---------------------------------------------------------------------------------------
+
+async fn redis_connection(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The lease key vanishes (a Redis failover that lost it, say) while the holder's token
+/// request is in flight: its renewal fails, the holder still writes what it got under the
+/// compare-and-swap on the generation, and logs and counts that the lease was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_lost_mid_refresh_is_counted_and_the_generation_decides() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let auth = AuthServer::start(AuthServerOptions {
+        response_delay: Duration::from_secs(3),
+        ..rotating(Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url) = (auth.token_url(), api.url());
+    let store_yaml = format!("{}  lease_ttl: 2s\n", redis_store_yaml(&redis.url()));
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "6s",
+    };
+    let mut a = Replica::new(dir.path(), "lost-lease", &spec);
+    seed(&a, &auth);
+    let seeded = stored(&a).await.expect("seeded").generation;
+    let mut conn = redis_connection(&redis).await;
+    a.spawn();
+    // The startup refresh takes the lease and waits 3 s at the token endpoint.
+    let lease_key = "tokenrelay/crm:lease";
+    let t0 = Instant::now();
+    loop {
+        let held: bool = redis::cmd("EXISTS")
+            .arg(lease_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if held {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no refresh under the lease; log:\n{}",
+            a.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Well into the 3 s the token endpoint takes (the request went out right after the
+    // lease was taken and confirmed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(auth.stats().refreshes, 0, "answered already");
+    let _: i64 = redis::cmd("DEL")
+        .arg(lease_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    a.ready(Duration::from_secs(20)).await;
+    let status = support::client()
+        .get(a.url("/api/v4/leads"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    let m = metrics_text(&a.admin_url()).await;
+    let lost = metric(&m, "tokenrelay_refresh_lease_lost_total", &[]);
+    let state = stored(&a).await.expect("state");
+    let stats = auth.stats();
+    a.terminate().await;
+    let log = a.log_tail(200);
+    eprintln!(
+        "lease deleted mid-refresh: leases lost {lost}, refreshes {}, generation {} -> {}",
+        stats.refreshes, seeded, state.generation
+    );
+    assert_eq!(status, 200);
+    assert!(lost >= 1.0, "the lost lease was not counted; log:\n{log}");
+    assert!(
+        log.contains("lease could not be renewed"),
+        "the lost lease was not logged; log:\n{log}"
+    );
+    assert_eq!(state.generation, seeded + 1, "the new token was written");
+    assert_eq!(stats.refreshes, 1);
+    assert_eq!(stats.refresh_reuse_detected, 0);
+}
+
+/// A Redis state rolled back under a running replica (an older RDB/AOF restored, a
+/// lagging replica promoted): the replica has seen a newer generation, so it refuses the
+/// older state instead of sending its spent refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_redis_state_is_refused_by_a_replica_that_saw_newer() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let auth = AuthServer::start(rotating(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url) = (auth.token_url(), api.url());
+    let store_yaml = redis_store_yaml(&redis.url());
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "2s",
+    };
+    let mut replicas = start_fleet(1, dir.path(), "rollback", &spec, &auth).await;
+    let a = &replicas[0];
+    let mut conn = redis_connection(&redis).await;
+    let backup: std::collections::HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+        .arg("tokenrelay/crm")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let backed_up = stored(a).await.expect("state").generation;
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            stored(a)
+                .await
+                .is_some_and(|s| s.generation >= backed_up + 2)
+        })
+        .await,
+        "no rotations; log:\n{}",
+        a.log_tail(30)
+    );
+    // Restore the backup.
+    let mut hset = redis::cmd("HSET");
+    hset.arg("tokenrelay/crm");
+    for (field, value) in &backup {
+        hset.arg(field).arg(value.as_slice());
+    }
+    let _: i64 = hset.query_async(&mut conn).await.unwrap();
+    let restored = auth.stats();
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            support::status_json(&a.admin_url()).await["credentials"]["crm"]["state"]
+                == "reauthorization_required"
+        })
+        .await,
+        "the rolled-back state was not refused; log:\n{}",
+        a.log_tail(30)
+    );
+    let status = support::status_json(&a.admin_url()).await;
+    let after = auth.stats();
+    replicas[0].terminate().await;
+    let text = status.to_string();
+    assert!(
+        text.contains("older than"),
+        "/status does not say why: {text}"
+    );
+    assert_eq!(
+        after.refreshes, restored.refreshes,
+        "a refresh token was sent after the rollback"
+    );
+    assert_eq!(after.refresh_reuse_detected, 0);
+}
+
+/// The lease primitive the refresher relies on before sending a refresh token, on a real
+/// store: `secure_for` extends a lease shorter than the request so that nobody else can
+/// take it meanwhile, and refuses (so nothing is sent) once the lease is not ours.
+async fn lease_is_secured_for_the_request_or_refused(backend: &str, store_yaml: &str) {
+    let auth = AuthServer::start(rotating(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_url = auth.token_url();
+    let spec = ReplicaSpec {
+        store_yaml,
+        token_url: &token_url,
+        api_url: "http://127.0.0.1:9",
+        token_timeout: "2s",
+    };
+    let replica = Replica::new(dir.path(), backend, &spec);
+    let (ours, theirs) = (store_of(&replica), store_of(&replica));
+    let ttl = Duration::from_secs(2);
+    let needed = Duration::from_secs(5);
+
+    let lease = ours.try_lease("crm", ttl).await.unwrap().expect("free");
+    assert!(lease.secure_for(needed).await, "{backend}: not secured");
+    // Past the TTL it was taken with, with no renewal since: still held.
+    tokio::time::sleep(ttl + Duration::from_secs(2)).await;
+    assert!(
+        theirs.try_lease("crm", ttl).await.unwrap().is_none(),
+        "{backend}: the lease ran out under a request it was secured for"
+    );
+    assert!(lease.renew().await, "{backend}: renewal failed");
+    lease.release().await;
+
+    // Taken by someone else after it ran out: not secured, so nothing would be sent.
+    let lease = ours.try_lease("crm", ttl).await.unwrap().expect("free");
+    tokio::time::sleep(ttl + Duration::from_secs(2)).await;
+    let other = theirs
+        .try_lease("crm", ttl)
+        .await
+        .unwrap()
+        .expect("expired");
+    assert!(
+        !lease.secure_for(needed).await,
+        "{backend}: secured a lease held by another"
+    );
+    assert!(
+        !lease.renew().await,
+        "{backend}: renewed a lease held by another"
+    );
+    other.release().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_is_secured_for_the_request_or_refused() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    lease_is_secured_for_the_request_or_refused("redis", &redis_store_yaml(&redis.url())).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lease_is_secured_for_the_request_or_refused() {
+    if !have_tool("etcd") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1).await;
+    lease_is_secured_for_the_request_or_refused("etcd", &etcd_store_yaml(&etcd.endpoints())).await;
 }

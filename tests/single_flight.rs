@@ -224,3 +224,70 @@ async fn requests_get_a_prompt_503_when_the_first_token_cannot_be_obtained() {
     assert_eq!(demo.api.stats().requests, 0);
     tr.stop().await;
 }
+
+/// How many attempts the usual backoff (no valid token: 0.5 s doubling to 5 s, each
+/// scaled by at least 0.75) can make in `window`, counting one at its start.
+fn usual_attempts_at_most(window: Duration) -> u64 {
+    let mut elapsed = Duration::ZERO;
+    let mut attempts = 1;
+    for failures in 0.. {
+        let delay = (Duration::from_millis(500) * (1 << failures.min(7)))
+            .min(Duration::from_secs(5))
+            .mul_f64(0.75);
+        elapsed += delay;
+        if elapsed > window {
+            break;
+        }
+        attempts += 1;
+    }
+    attempts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_requests_never_raise_a_down_endpoint_above_twice_the_usual_attempt_rate() {
+    let demo = demo_servers(AuthServerOptions {
+        access_ttl: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "token_timeout: 1s",
+        "",
+    );
+    let tr = support::start(&yaml).await;
+    let c = support::client();
+    let url = format!("{}/echo", tr.url("api"));
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    demo.auth.set_mode(FailureMode::ServerError);
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            credential_state(&tr, "api").await == "unavailable"
+        })
+        .await,
+        "token never expired"
+    );
+
+    // Requests keep arriving (each waiting or answered 503) while the endpoint stays down.
+    let before = demo.auth.stats().token_requests;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let answers = join_all((0..4).map(|_| c.get(&url).send())).await;
+        for resp in answers {
+            assert_eq!(resp.unwrap().status(), 503);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let window = started.elapsed();
+    let attempts = demo.auth.stats().token_requests - before;
+    // Bringing retries forward may at most double the usual rate (one extra attempt per
+    // backoff step); an attempt in flight when the window opened counts too.
+    let bound = 2 * usual_attempts_at_most(window) + 1;
+    eprintln!("{attempts} token requests in {window:?} (bound {bound})");
+    assert!(
+        attempts <= bound,
+        "{attempts} token requests in {window:?} with the endpoint down; at most {bound} allowed"
+    );
+    tr.stop().await;
+}

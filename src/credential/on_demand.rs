@@ -16,6 +16,21 @@ pub(super) struct Demand {
     pub(super) generation: u64,
 }
 
+impl Demand {
+    /// One demand standing for a pending one and a newer one: the demand about the
+    /// newest generation, and at the same generation a 401, which the refresher treats
+    /// by its own policy (a plain expiry demand would skip the 401 spacing).
+    fn merged(self, newer: Demand) -> Demand {
+        let newer_wins = newer.generation > self.generation
+            || (newer.generation == self.generation && newer.trigger == Trigger::Upstream401);
+        if newer_wins {
+            newer
+        } else {
+            self
+        }
+    }
+}
+
 /// Why a request cannot get a token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NoToken {
@@ -136,10 +151,10 @@ impl Credential {
 
     pub(super) fn demand(&self, d: Demand) {
         let mut slot = self.demand.lock().unwrap();
-        match &mut *slot {
-            Some(existing) => existing.generation = existing.generation.max(d.generation),
-            None => *slot = Some(d),
-        }
+        *slot = Some(match *slot {
+            Some(pending) => pending.merged(d),
+            None => d,
+        });
         drop(slot);
         self.demand_notify.notify_one();
     }
@@ -147,5 +162,32 @@ impl Credential {
     /// Takes the pending demand, if any (refresher side).
     pub(super) fn take_demand(&self) -> Option<Demand> {
         self.demand.lock().unwrap().take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demand(trigger: Trigger, generation: u64) -> Demand {
+        Demand {
+            trigger,
+            generation,
+        }
+    }
+
+    #[test]
+    fn a_401_merged_into_a_pending_expiry_demand_stays_a_401() {
+        // A request waited for the startup token (Expired, generation 0); the next one got
+        // that token rejected before the refresher took the demand. The 401 must reach
+        // the 401 policy, or its spacing is skipped.
+        let m = demand(Trigger::Expired, 0).merged(demand(Trigger::Upstream401, 1));
+        assert_eq!((m.trigger, m.generation), (Trigger::Upstream401, 1));
+        // A 401 pending for the newest generation stays one.
+        let m = demand(Trigger::Upstream401, 1).merged(demand(Trigger::Expired, 1));
+        assert_eq!((m.trigger, m.generation), (Trigger::Upstream401, 1));
+        // An older 401 is superseded by a demand for a newer generation.
+        let m = demand(Trigger::Upstream401, 1).merged(demand(Trigger::Expired, 2));
+        assert_eq!((m.trigger, m.generation), (Trigger::Expired, 2));
     }
 }

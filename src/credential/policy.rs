@@ -25,6 +25,8 @@ pub struct Backoff {
     pub last_failure_ms: u64,
     /// Whether waiting requests already brought this step's retry forward.
     pub brought_forward: bool,
+    /// The step's own retry time, where it stays when an attempt brought forward fails.
+    pub step_retry_ms: Option<u64>,
 }
 
 /// When the next attempt can start if requests ask for one at `now_ms`.
@@ -54,8 +56,41 @@ pub fn bring_forward(now_ms: u64, b: Backoff) -> Option<Backoff> {
     Some(Backoff {
         retry_at_ms: Some(earliest_attempt(now_ms, b)),
         brought_forward: true,
+        step_retry_ms: Some(at),
         ..b
     })
+}
+
+/// The backoff after an attempt failed at `now_ms`, and whether it is a new step (the
+/// caller counts it as a further failure). A failed attempt that requests had brought
+/// forward was the one extra attempt its step allows: the step keeps its own retry and
+/// cannot be brought forward again, so a token endpoint that stays down sees at most
+/// twice the usual attempt rate however many requests keep asking. Otherwise a new step
+/// retries `delay` from now.
+pub fn after_failure(now_ms: u64, b: Backoff, delay: Duration) -> (Backoff, bool) {
+    match b.step_retry_ms {
+        Some(at) if b.brought_forward && at > now_ms => (
+            Backoff {
+                retry_at_ms: Some(at),
+                last_failure_ms: now_ms,
+                brought_forward: true,
+                step_retry_ms: Some(at),
+            },
+            false,
+        ),
+        _ => {
+            let at = now_ms + millis(delay);
+            (
+                Backoff {
+                    retry_at_ms: Some(at),
+                    last_failure_ms: now_ms,
+                    brought_forward: false,
+                    step_retry_ms: Some(at),
+                },
+                true,
+            )
+        }
+    }
 }
 
 /// How an upstream 401 to the current token is treated.
@@ -111,11 +146,25 @@ pub fn lease_renew_interval(ttl: Duration) -> Duration {
     ttl / 3
 }
 
-/// How long the lease must still be held, right after renewing it, to send a refresh
-/// token: the whole token request plus a second, or, under a lease TTL shorter than
-/// that, half the TTL (renewals then keep it for the rest of the request).
-pub fn lease_needed_to_send(ttl: Duration, token_timeout: Duration) -> Duration {
-    (token_timeout + Duration::from_secs(1)).min(ttl / 2)
+/// Whether a stored state is a rollback (a restored backup, a store that lost writes):
+/// older than the newest generation this process saw, and not from a newer
+/// authorization (`seed`/`authorize` into an emptied store starts generations again).
+/// Its refresh token has most likely been spent, so it must not be sent.
+pub fn rolled_back(
+    stored_generation: u64,
+    stored_authorized_ms: Option<u64>,
+    known_generation: u64,
+    known_authorized_ms: Option<u64>,
+) -> bool {
+    stored_generation < known_generation && stored_authorized_ms <= known_authorized_ms
+}
+
+/// How long the lease must be held, from right before a refresh token is sent: the
+/// whole token request plus a second for a server finishing just after the client gave
+/// up. [`crate::store::Lease::secure_for`] extends a shorter lease that far, so it cannot
+/// run out under the request even if every renewal after it fails.
+pub fn lease_needed_to_send(token_timeout: Duration) -> Duration {
+    token_timeout + Duration::from_secs(1)
 }
 
 /// When a refresh token obtained at `obtained_ms` dies (Unix ms): the earliest of what
@@ -184,6 +233,7 @@ mod tests {
             retry_at_ms: Some(10_000 + retry_in),
             last_failure_ms: 10_000 - failed_ago,
             brought_forward,
+            step_retry_ms: Some(10_000 + retry_in),
         }
     }
 
@@ -245,10 +295,19 @@ mod tests {
     fn lease_rules() {
         let s = Duration::from_secs;
         assert_eq!(lease_renew_interval(s(30)), s(10));
-        // The default TTL (3 × timeout + 5 s) covers the whole request.
-        assert_eq!(lease_needed_to_send(s(35), s(10)), s(11));
-        // A short TTL relies on renewals.
-        assert_eq!(lease_needed_to_send(s(2), s(6)), s(1));
+        // The whole request, whatever the TTL (a shorter lease is extended for it).
+        assert_eq!(lease_needed_to_send(s(10)), s(11));
+        assert_eq!(lease_needed_to_send(s(6)), s(7));
+    }
+
+    #[test]
+    fn rollback_is_an_older_generation_of_no_newer_authorization() {
+        assert!(rolled_back(5, Some(100), 8, Some(100)));
+        assert!(rolled_back(5, None, 8, None));
+        assert!(!rolled_back(8, Some(100), 8, Some(100)));
+        assert!(!rolled_back(9, Some(100), 8, Some(100)));
+        // Seeded again into an emptied store: generation 1 of a newer grant.
+        assert!(!rolled_back(1, Some(200), 8, Some(100)));
     }
 
     #[test]
@@ -285,12 +344,44 @@ mod tests {
     }
 
     #[test]
-    fn a_far_retry_already_brought_forward_fails_requests_at_once() {
-        // Brought forward, that attempt failed, and the new step's retry is 5 s away
-        // but was already brought forward once: nothing can happen within the bound.
-        let b = backing_off(5_000, 10, true);
-        assert!(!waits_for_attempt(10_000, b, T));
-        assert!(waits_for_attempt(10_000, b, Duration::from_secs(6)));
+    fn a_failed_attempt_brought_forward_keeps_its_step() {
+        let d = Duration::from_secs(4);
+        // A step's retry 4 s away is brought forward; that attempt fails at once.
+        let (step, new) = after_failure(10_000, Backoff::default(), d);
+        assert!(new);
+        let moved = bring_forward(10_000, step).unwrap();
+        assert_eq!(moved.retry_at_ms, Some(10_250));
+        let (kept, new) = after_failure(10_300, moved, d);
+        // Not a new step: the step's own retry stands and cannot move again, so
+        // requests arriving now are answered at once.
+        assert!(!new);
+        assert_eq!(kept.retry_at_ms, Some(14_000));
+        assert_eq!(bring_forward(10_400, kept), None);
+        assert!(!waits_for_attempt(10_400, kept, T));
+        // The step's own retry fails too: a new step, which may be brought forward.
+        let (next, new) = after_failure(14_000, kept, d);
+        assert!(new);
+        assert_eq!(next.retry_at_ms, Some(18_000));
+        assert!(bring_forward(14_300, next).is_some());
+    }
+
+    #[test]
+    fn at_most_one_extra_attempt_per_step_whatever_the_demand() {
+        // Requests ask every 10 ms for 60 s while every attempt fails at once, with 2 s
+        // steps: the usual 30 attempts may at most double.
+        let d = Duration::from_secs(2);
+        let (mut b, _) = after_failure(0, Backoff::default(), d);
+        let mut attempts = 1;
+        for now in (10..60_000).step_by(10) {
+            if let Some(moved) = bring_forward(now, b) {
+                b = moved;
+            }
+            if b.retry_at_ms.is_some_and(|at| at <= now) {
+                attempts += 1;
+                b = after_failure(now, b, d).0;
+            }
+        }
+        assert!((30..=61).contains(&attempts), "{attempts} attempts");
     }
 
     #[test]

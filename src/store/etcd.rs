@@ -216,15 +216,97 @@ impl Inner {
 struct EtcdLease {
     inner: Arc<Inner>,
     name: String,
+    /// The lock key's value: the id of the etcd lease it was first bound to.
+    value: String,
+    held: StdMutex<Held>,
+}
+
+/// The etcd lease the lock key is bound to now.
+#[derive(Clone, Copy)]
+struct Held {
     id: i64,
+    ttl: Duration,
     /// Local bound of the lease's end, advanced by each keep-alive answer.
-    held_until: StdMutex<Instant>,
+    until: Instant,
+}
+
+impl EtcdLease {
+    fn current(&self) -> Held {
+        *self.held.lock().unwrap()
+    }
+
+    fn held_for(&self, needed: Duration) -> bool {
+        Instant::now() + needed < self.current().until
+    }
+
+    /// Binds the lock key to a new etcd lease of at least `ttl` (a keep-alive only
+    /// restores the TTL a lease was granted with), if the key is still ours.
+    async fn rebind(&self, ttl: Duration) -> bool {
+        let (inner, name) = (&self.inner, self.name.as_str());
+        let secs = ttl.as_secs_f64().ceil() as i64;
+        let sent = Instant::now();
+        let Ok(grant) = inner
+            .request("lease", name, |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await
+        else {
+            return false;
+        };
+        let id = grant.id();
+        let lock = inner.lease_key(name);
+        let txn = Txn::new()
+            .when([Compare::value(
+                lock.clone(),
+                CompareOp::Equal,
+                self.value.clone(),
+            )])
+            .and_then([TxnOp::put(
+                lock,
+                self.value.clone(),
+                Some(PutOptions::new().with_lease(id)),
+            )]);
+        // Repeating it is harmless: the same value is put with the same lease.
+        let bound = inner
+            .request("lease", name, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .is_ok_and(|r| r.succeeded());
+        let revoke = |id: i64| async move {
+            let _ = inner
+                .request(
+                    "lease",
+                    name,
+                    |mut c| async move { c.lease_revoke(id).await },
+                )
+                .await;
+        };
+        if !bound {
+            // Not ours any more, or unknown: revoking the new lease also drops the key
+            // if the put did land, so nothing of ours is left behind either way.
+            revoke(id).await;
+            return false;
+        }
+        let old = std::mem::replace(
+            &mut *self.held.lock().unwrap(),
+            Held {
+                id,
+                ttl: Duration::from_secs(grant.ttl().max(0) as u64),
+                until: sent + Duration::from_secs(grant.ttl().max(0) as u64),
+            },
+        );
+        // The key no longer depends on the old lease.
+        revoke(old.id).await;
+        true
+    }
 }
 
 #[async_trait]
 impl Lease for EtcdLease {
     async fn renew(&self) -> bool {
-        let id = self.id;
+        let id = self.current().id;
         let sent = Instant::now();
         let answer = self
             .inner
@@ -234,22 +316,33 @@ impl Lease for EtcdLease {
                 stream.message().await
             })
             .await;
+        let mut held = self.held.lock().unwrap();
+        if held.id != id {
+            // Rebound meanwhile, which renewed it.
+            return true;
+        }
         match answer {
             Ok(Some(r)) if r.ttl() > 0 => {
-                *self.held_until.lock().unwrap() = sent + Duration::from_secs(r.ttl() as u64);
+                held.until = sent + Duration::from_secs(r.ttl() as u64);
                 true
             }
-            // Expired (TTL 0), or unreachable: held_until stops advancing and runs out.
+            // Expired (TTL 0), or unreachable: `until` stops advancing and runs out.
             _ => false,
         }
     }
 
-    async fn is_held_for(&self, needed: Duration) -> bool {
-        Instant::now() + needed < *self.held_until.lock().unwrap()
+    async fn secure_for(&self, needed: Duration) -> bool {
+        let ttl = self.current().ttl;
+        // A renewal interval of slack, so that the check is not lost to the call's time.
+        if needed + ttl / 3 <= ttl {
+            self.renew().await && self.held_for(needed)
+        } else {
+            self.rebind(needed + ttl / 3).await && self.held_for(needed)
+        }
     }
 
     async fn release(self: Box<Self>) {
-        let id = self.id;
+        let id = self.current().id;
         // Revoking twice is harmless (the second finds no lease and fails, ignored).
         let _ = self
             .inner
@@ -390,11 +483,16 @@ impl Store for EtcdStore {
                 return Err(e);
             }
         }
+        let ttl = Duration::from_secs(grant.ttl().max(0) as u64);
         Ok(Some(Box::new(EtcdLease {
             inner: inner.clone(),
             name: name.to_string(),
-            id,
-            held_until: StdMutex::new(started + Duration::from_secs(grant.ttl().max(0) as u64)),
+            value,
+            held: StdMutex::new(Held {
+                id,
+                ttl,
+                until: started + ttl,
+            }),
         })))
     }
 

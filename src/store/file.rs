@@ -286,7 +286,7 @@ impl Lease for FileLease {
         true
     }
 
-    async fn is_held_for(&self, _needed: Duration) -> bool {
+    async fn secure_for(&self, _needed: Duration) -> bool {
         // A flock lasts until this process closes the file or dies: it cannot expire
         // while we hold it.
         true

@@ -150,15 +150,18 @@ impl StoreError {
 /// A held refresh lease. Dropping it releases it (best effort); prefer `release`.
 #[async_trait]
 pub trait Lease: Send + Sync {
-    /// Extends the lease by the TTL it was taken with, counted from now, if this holder
-    /// still has it. False when that cannot be confirmed (it expired and was taken, or
-    /// the store is unreachable). The refresher renews every third of the TTL while a
-    /// refresh holds the lease.
+    /// Extends the lease to the TTL it was taken with, counted from now, if this holder
+    /// still has it (never shortening a longer hold from [`Lease::secure_for`]). False
+    /// when that cannot be confirmed (it expired and was taken, or the store is
+    /// unreachable). The refresher renews every third of the TTL while a refresh holds
+    /// the lease.
     async fn renew(&self) -> bool;
-    /// True while the lease is certainly held for at least `needed` more time (asking the
-    /// store where it can expire). A refresher checks this right before sending a refresh
-    /// token and never sends it otherwise.
-    async fn is_held_for(&self, needed: Duration) -> bool;
+    /// Makes the lease held for at least `needed` from now, past the TTL it was taken
+    /// with when `needed` is longer, and confirms that with the store. A refresher calls
+    /// this right before sending a refresh token, with the whole token request plus a
+    /// margin, and never sends it when this is false: so the lease cannot run out under
+    /// a request in flight even if every renewal after it fails.
+    async fn secure_for(&self, needed: Duration) -> bool;
     /// Releases the lease so another process may refresh at once.
     async fn release(self: Box<Self>);
 }

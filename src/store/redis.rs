@@ -43,20 +43,18 @@ end
 return 0
 "#;
 
-/// Extends the lease to ARGV[2] ms if we still hold it; 1 if so, else 0.
-const RENEW_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+/// If we still hold the lease: makes it last at least ARGV[2] ms from now (never
+/// shortening it) and returns the ms it has left; else -1.
+const EXTEND_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
 end
-return 0
-"#;
-
-/// Remaining lease time in ms if we still hold it, else -1.
-const HELD_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PTTL', KEYS[1])
+local left = redis.call('PTTL', KEYS[1])
+if left < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  left = tonumber(ARGV[2])
 end
-return -1
+return left
 "#;
 
 /// Bound on every Redis command, so a hung server looks like a down one.
@@ -165,44 +163,39 @@ struct RedisLease {
     key: String,
     token: String,
     ttl: Duration,
-    /// Local upper bound of the lease's end (measured from before the last SET or
-    /// renewal was sent).
-    expires: std::sync::Mutex<Instant>,
+}
+
+impl RedisLease {
+    /// Runs [`EXTEND_SCRIPT`] for `at_least`; the time the lease is certainly held from
+    /// now on, or `None` if it is not ours (or the store did not answer).
+    async fn extend(&self, at_least: Duration) -> Option<Duration> {
+        let sent = Instant::now();
+        let mut c = self.inner.conn("lease", &self.key).await.ok()?;
+        let left: i64 = Script::new(EXTEND_SCRIPT)
+            .key(&self.key)
+            .arg(&self.token)
+            .arg(at_least.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await
+            .ok()?;
+        let left = Duration::from_millis(u64::try_from(left).ok().filter(|ms| *ms > 0)?);
+        // Counted from before the call was sent: a lower bound of the lease's end.
+        Some((sent + left).saturating_duration_since(Instant::now()))
+    }
 }
 
 #[async_trait]
 impl Lease for RedisLease {
     async fn renew(&self) -> bool {
-        let sent = Instant::now();
-        let Ok(mut c) = self.inner.conn("lease", &self.key).await else {
-            return false;
-        };
-        let renewed: Result<i64, _> = Script::new(RENEW_SCRIPT)
-            .key(&self.key)
-            .arg(&self.token)
-            .arg(self.ttl.as_millis() as u64)
-            .invoke_async(&mut c)
-            .await;
-        if !matches!(renewed, Ok(1)) {
-            return false;
-        }
-        *self.expires.lock().unwrap() = sent + self.ttl;
-        true
+        self.extend(self.ttl).await.is_some()
     }
 
-    async fn is_held_for(&self, needed: Duration) -> bool {
-        if Instant::now() + needed >= *self.expires.lock().unwrap() {
-            return false;
-        }
-        let Ok(mut c) = self.inner.conn("lease", &self.key).await else {
-            return false;
-        };
-        let remaining: Result<i64, _> = Script::new(HELD_SCRIPT)
-            .key(&self.key)
-            .arg(&self.token)
-            .invoke_async(&mut c)
-            .await;
-        matches!(remaining, Ok(ms) if ms > 0 && Duration::from_millis(ms as u64) > needed)
+    async fn secure_for(&self, needed: Duration) -> bool {
+        // Extended to a renewal interval beyond what is needed, so that the check below
+        // is not lost to the time the call took.
+        self.extend(needed + self.ttl / 3)
+            .await
+            .is_some_and(|left| left > needed)
     }
 
     async fn release(self: Box<Self>) {
@@ -282,7 +275,6 @@ impl Store for RedisStore {
         let inner = &self.inner;
         let mut c = inner.conn("lease", name).await?;
         let token = format!("{:032x}", rand::random::<u128>());
-        let started = Instant::now();
         let set: Option<String> = redis::cmd("SET")
             .arg(inner.lease_key(name))
             .arg(&token)
@@ -298,7 +290,6 @@ impl Store for RedisStore {
                 key: inner.lease_key(name),
                 token,
                 ttl,
-                expires: std::sync::Mutex::new(started + ttl),
             }) as Box<dyn Lease>
         }))
     }

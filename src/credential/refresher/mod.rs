@@ -52,6 +52,8 @@ pub struct Refresher {
     shutdown: CancellationToken,
     /// Newest stored generation this process has seen or written.
     known_generation: u64,
+    /// When the newest authorization (`seed`, `authorize`) this process saw was made.
+    newest_authorization_ms: Option<u64>,
     /// Consecutive failures, for backoff (the step itself is kept in the credential,
     /// where waiting requests read it).
     failures: u32,
@@ -113,6 +115,7 @@ impl Refresher {
             metrics,
             shutdown,
             known_generation: 0,
+            newest_authorization_ms: None,
             failures: 0,
             scheduled: None,
             idle: false,
@@ -363,13 +366,12 @@ impl Refresher {
                 if let Some(at) = self.not_before.take() {
                     delay = delay.max(at.saturating_duration_since(Instant::now()));
                 }
-                self.failures = self.failures.saturating_add(1);
-                let now = now_ms();
-                self.cred.set_backoff(policy::Backoff {
-                    retry_at_ms: Some(now + delay.as_millis() as u64),
-                    last_failure_ms: now,
-                    brought_forward: false,
-                });
+                let (backoff, new_step) =
+                    policy::after_failure(now_ms(), self.cred.backoff(), delay);
+                if new_step {
+                    self.failures = self.failures.saturating_add(1);
+                }
+                self.cred.set_backoff(backoff);
             }
         }
     }
@@ -432,6 +434,7 @@ impl Refresher {
     /// Takes note of a stored state's refresh-token facts (its expiry for `/status` and
     /// the metrics, when it was obtained for the keep-alive refresh).
     fn note_state(&mut self, s: &StoredState) {
+        self.newest_authorization_ms = self.newest_authorization_ms.max(s.authorized_at_ms);
         self.cred.set_refresh_expiry(s.refresh_expires_at_ms);
         self.refresh_obtained_ms = s.refresh_token.as_ref().map(|_| s.obtained_at_ms);
         if !self.cred.config.refresh_token.rotating {

@@ -96,6 +96,21 @@ impl Refresher {
             }
             Some(Some(s)) => s,
         };
+        if policy::rolled_back(
+            stored.generation,
+            stored.authorized_at_ms,
+            self.known_generation,
+            self.newest_authorization_ms,
+        ) {
+            let why = format!(
+                "the stored state (generation {}) is older than the last one this process saw (generation {}): a backup restored, or a store that lost writes? Its refresh token has most likely been spent and is not sent",
+                stored.generation, self.known_generation
+            );
+            // A `seed` or `authorize` writes the generation after this one.
+            self.known_generation = stored.generation;
+            self.enter_reauthorization(why);
+            return Err(Failure::Idle);
+        }
         self.note_state(&stored);
         if self.stays_idle(&stored) {
             self.known_generation = stored.generation;
@@ -139,10 +154,10 @@ impl Refresher {
             return Err(Failure::Idle);
         };
         self.may_send_refresh().map_err(Failure::Error)?;
-        // Confirm the lease right before spending the refresh token: renewed now, and
-        // held long enough for the request (or for renewals to keep it).
-        let needed = policy::lease_needed_to_send(self.lease_ttl, self.cred.config.token_timeout.0);
-        if !(lease.renew().await && lease.is_held_for(needed).await) {
+        // Confirm the lease right before spending the refresh token, held (extended if
+        // need be) for the whole request.
+        let needed = policy::lease_needed_to_send(self.cred.config.token_timeout.0);
+        if !lease.secure_for(needed).await {
             return Err(Failure::Error(RefreshError::LeaseNotConfirmed));
         }
         lease_lost.store(false, Ordering::Relaxed);
