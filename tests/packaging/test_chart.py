@@ -556,6 +556,20 @@ def test_notes_explain_how_to_use_the_standalone_service() -> None:
     assert "emptyDir" not in support.notes(support.render_set("monitoring"))
 
 
+def test_notes_name_each_secret_file_by_its_config_key() -> None:
+    text = support.notes(support.render_set("client-auth"))
+    for line in [
+        "Secret signing-key, key key.pem  (credentials.api.client_assertion_key_file)",
+        "Secret google-sa, key sa.json  (credentials.google.service_account_file)",
+        "Secret salesforce-key, key key.pem  (credentials.salesforce.assertion_key_file)",
+        "Secret bank-tls, key tls.crt  (credentials.bank.client_cert_file)",
+        "Secret bank-tls, key tls.key  (credentials.bank.client_key_file)",
+        "Secret payments-tls, key tls.crt  (upstreams.payments.client_cert_file)",
+        "Secret payments-tls, key tls.key  (upstreams.payments.client_key_file)",
+    ]:
+        assert line in text, text
+    assert "Secret tokenrelay-etcd, key password  (store.password_file)" in support.notes(support.render_set("etcd"))
+
 
 # --- values.schema.json and template guards --------------------------------------------------------
 
