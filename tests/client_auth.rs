@@ -584,6 +584,75 @@ fn bad_keys_and_certificates_are_config_errors_naming_the_key() {
     );
 }
 
+/// `Config::from_yaml` of one credential accepts it.
+fn config_ok(body: &str) -> Config {
+    let y = yaml(
+        "https://auth.example/token",
+        "https://api.example",
+        &indent(body),
+    );
+    Config::from_yaml(&y, &|_| None).unwrap_or_else(|e| panic!("refused:\n{body}\n{e}"))
+}
+
+#[test]
+fn jwt_bearer_that_authenticates_the_client_needs_a_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    let (cert, cert_key) = Ca::new()
+        .client_cert("demo-client", None)
+        .write(dir.path(), "client");
+    let grant = format!(
+        "grant: jwt_bearer\nassertion_issuer: svc\nassertion_key_file: {}\n",
+        key_file.display()
+    );
+    // The assertion grant alone identifies nobody else: no client_id needed.
+    let c = config_ok(&grant);
+    assert_eq!(c.credentials["api"].client_id, None);
+    // Authenticating the client as well needs the client's id: the client assertion's
+    // iss and sub, the id that goes with a certificate or a secret.
+    for (auth, why) in [
+        (
+            format!(
+                "client_auth: private_key_jwt\nclient_assertion_key_file: {}",
+                key_file.display()
+            ),
+            "client_auth private_key_jwt",
+        ),
+        (
+            "client_auth: client_secret_jwt\nclient_secret: s".to_string(),
+            "client_auth client_secret_jwt",
+        ),
+        (
+            format!(
+                "client_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
+                cert.display(),
+                cert_key.display()
+            ),
+            "client_auth tls_client_auth",
+        ),
+        (
+            format!(
+                "client_auth: self_signed_tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
+                cert.display(),
+                cert_key.display()
+            ),
+            "client_auth self_signed_tls_client_auth",
+        ),
+        ("client_auth: basic\nclient_secret: s".to_string(), "client_auth basic"),
+        ("client_secret: s".to_string(), "client_secret"),
+    ] {
+        let e = config_error(&format!("{grant}{auth}"));
+        assert!(
+            e.contains("credentials.api.client_id: is required for grant jwt_bearer with ")
+                && e.contains(why),
+            "{auth}: {e}"
+        );
+        let c = config_ok(&format!("{grant}{auth}\nclient_id: demo-client"));
+        assert_eq!(c.credentials["api"].client_id.as_deref(), Some("demo-client"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
     let dir = tempfile::tempdir().unwrap();
