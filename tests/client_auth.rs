@@ -957,6 +957,82 @@ async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_endpoint_certificate_is_never_shown_to_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (Ca::new(), Ca::new());
+    let ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem());
+    let auth = AuthServer::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        AuthServerOptions {
+            tls_client_auth: true,
+            ..Default::default()
+        },
+        server_ca.server_requiring_client_certs(client_ca.roots()),
+    )
+    .await
+    .unwrap();
+    // The upstream trusts the very CA that issued the token endpoint's certificate: had
+    // the relay presented that certificate here too, the upstream would accept it.
+    let api = ApiServer::start_tls(
+        Some(auth.validator()),
+        server_ca.server_requiring_client_certs(client_ca.roots()),
+    )
+    .await
+    .unwrap();
+    let (cert, key) = client_ca
+        .client_cert("demo-client", None)
+        .write(dir.path(), "client");
+    let config = |upstream_cert: &str| {
+        format!(
+            r#"
+admin: {{ listen: "127.0.0.1:0" }}
+credentials:
+  api: {{ grant: client_credentials, token_url: "{}", client_id: demo-client, client_auth: tls_client_auth, client_cert_file: "{cert}", client_key_file: "{key}", ca_file: "{ca}" }}
+upstreams:
+  api: {{ listen: "127.0.0.1:0", url: "{}", credential: api, ca_file: "{ca}"{upstream_cert} }}
+"#,
+            auth.token_url(),
+            api.url(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = ca_file.display(),
+        )
+    };
+    let relay = support::start(&config("")).await;
+    assert_eq!(
+        get(&relay, "api").await,
+        502,
+        "the upstream refuses a handshake without a client certificate"
+    );
+    let log = auth.requests_log();
+    let r = log.last().expect("a token request");
+    assert_eq!(
+        (r.status, r.client_auth.as_str()),
+        (200, "tls"),
+        "the token endpoint accepted the certificate: {r:?}"
+    );
+    assert_eq!(api.stats().authorized, 0);
+    let st = support::status_json(&relay.admin_url("")).await;
+    assert_eq!(
+        st["upstreams"]["api"]["client_certificate"],
+        Value::Null,
+        "{st}"
+    );
+    relay.stop().await;
+
+    // Control: configured for the upstream as well, the same certificate is accepted there.
+    let relay = support::start(&config(&format!(
+        ", client_cert_file: \"{}\", client_key_file: \"{}\"",
+        cert.display(),
+        key.display()
+    )))
+    .await;
+    assert_eq!(get(&relay, "api").await, 200);
+    assert!(api.stats().authorized >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_signed_tls_client_auth_presents_a_self_signed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let server_ca = Ca::new();
