@@ -194,6 +194,79 @@ async fn client_secret_jwt_is_hs256_over_the_secret_and_the_audience_can_be_set(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_grant_authenticates_the_client_with_private_key_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&rcgen::PKCS_ECDSA_P384_SHA384);
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![k.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    let relay = support::start(&yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        &indent(&format!(
+            "grant: password\nusername: demo-user\npassword: demo-password\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+            key_file.display()
+        )),
+    ))
+    .await;
+    assert_eq!(get(&relay, "api").await, 200);
+    let log = demo.auth.requests_log();
+    let r = log.last().unwrap();
+    assert_eq!(
+        (r.status, r.grant_type.as_str(), r.client_auth.as_str()),
+        (200, "password", "assertion"),
+        "{r:?}"
+    );
+    assert_eq!(r.param("username"), Some("demo-user"));
+    assert_eq!(r.param("client_secret"), None);
+    let a = &r.assertions[0];
+    assert_eq!(a["alg"], "ES384");
+    assert_eq!(a["claims"]["iss"], "demo-client");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_key_signs_with_the_configured_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(k) = rsa_key(dir.path()) else { return };
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![k.public.clone()],
+        grant_assertion_keys: vec![k.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    for (credential, alg, auth) in [
+        (
+            format!("grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}\nclient_assertion_alg: PS256", key_file.display()),
+            "PS256",
+            "assertion",
+        ),
+        (
+            format!("grant: jwt_bearer\nassertion_issuer: svc@example\nassertion_key_file: {}\nassertion_alg: RS512", key_file.display()),
+            "RS512",
+            "none",
+        ),
+    ] {
+        let relay = support::start(&yaml(
+            &demo.auth.token_url(),
+            &demo.api.url(),
+            &indent(&credential),
+        ))
+        .await;
+        assert_eq!(get(&relay, "api").await, 200, "{alg}");
+        let log = demo.auth.requests_log();
+        let r = log.last().unwrap();
+        assert_eq!((r.status, r.client_auth.as_str()), (200, auth), "{alg}: {r:?}");
+        assert_eq!(r.assertions[0]["alg"], alg);
+        relay.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_or_audience_is_refused_by_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let registered = key(&rcgen::PKCS_ECDSA_P256_SHA256);
@@ -341,16 +414,11 @@ async fn a_google_service_account_file_drives_jwt_bearer_end_to_end() {
     .await
     .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let sa = json!({
-        "type": "service_account",
-        "project_id": "demo",
-        "private_key_id": "0123abcd",
-        "private_key": k.private,
-        "client_email": "relay@demo.iam.gserviceaccount.com",
-        "client_id": "1234",
-        "token_uri": auth.token_url(),
-    });
-    let sa_file = write(dir.path(), "sa.json", &sa.to_string());
+    let sa_file = write(
+        dir.path(),
+        "sa.json",
+        &service_account(&k, "0123abcd", &auth.token_url()),
+    );
     let state = dir.path().join("state");
     let relay = support::start(&format!(
         r#"
@@ -415,12 +483,84 @@ upstreams:
     relay.stop().await;
 }
 
+/// A Google-style service-account key file for `key`.
+fn service_account(key: &Key, key_id: &str, token_uri: &str) -> String {
+    json!({
+        "type": "service_account",
+        "project_id": "demo",
+        "private_key_id": key_id,
+        "private_key": key.private,
+        "client_email": "relay@demo.iam.gserviceaccount.com",
+        "client_id": "1234",
+        "token_uri": token_uri,
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_service_account_file_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        key(&rcgen::PKCS_ECDSA_P256_SHA256),
+        key(&rcgen::PKCS_ECDSA_P256_SHA256),
+    );
+    // The provider already has the new key; the old one was deleted.
+    let demo = support::demo_servers(AuthServerOptions {
+        grant_assertion_keys: vec![new.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let sa_file = write(
+        dir.path(),
+        "sa.json",
+        &service_account(&old, "old-key", &demo.auth.token_url()),
+    );
+    let relay = support::start(&yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        &indent(&format!(
+            "grant: jwt_bearer\nservice_account_file: {}\nscopes: [openid]",
+            sa_file.display()
+        )),
+    ))
+    .await;
+    assert_ne!(get(&relay, "api").await, 200);
+    let refused = demo.auth.requests_log();
+    assert_eq!(
+        (
+            refused.last().unwrap().status,
+            refused.last().unwrap().error.as_deref()
+        ),
+        (400, Some("invalid_grant"))
+    );
+    replace(
+        &sa_file,
+        &service_account(&new, "new-key", &demo.auth.token_url()),
+    );
+    assert!(
+        support::eventually(Duration::from_secs(45), || async {
+            get(&relay, "api").await == 200
+        })
+        .await,
+        "the rotated service account is used"
+    );
+    let log = demo.auth.requests_log();
+    let r = log.last().unwrap();
+    assert_eq!((r.status, r.grant_type.as_str()), (200, JWT_BEARER));
+    // The key id comes from the file as it is now.
+    assert_eq!(r.assertions[0]["kid"], "new-key");
+    assert_eq!(r.assertions[0]["claims"]["scope"], "openid");
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_bearer_with_generic_keys_and_extra_claims() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(&rcgen::PKCS_ED25519);
+    // The server wants its issuer as the audience, not the token URL (as Salesforce does).
     let demo = support::demo_servers(AuthServerOptions {
         grant_assertion_keys: vec![k.public.clone()],
+        assertion_audience: Some("https://login.example.com".into()),
         ..Default::default()
     })
     .await;
@@ -429,7 +569,7 @@ async fn jwt_bearer_with_generic_keys_and_extra_claims() {
         &demo.auth.token_url(),
         &demo.api.url(),
         &indent(&format!(
-            "grant: jwt_bearer\nassertion_issuer: 3MVG9-consumer-key\nassertion_subject: integration@example.com\nassertion_key_file: {}\nassertion_lifetime: 3m\nassertion_claims: {{ tenant: acme, level: 2 }}\nscopes: [api]",
+            "grant: jwt_bearer\nassertion_issuer: 3MVG9-consumer-key\nassertion_subject: integration@example.com\nassertion_audience: https://login.example.com\nassertion_key_file: {}\nassertion_alg: EdDSA\nassertion_kid: sf-2026\nassertion_lifetime: 3m\nassertion_claims: {{ tenant: acme, level: 2 }}\nscopes: [api]",
             key_file.display()
         )),
     ))
@@ -437,8 +577,15 @@ async fn jwt_bearer_with_generic_keys_and_extra_claims() {
     assert_eq!(get(&relay, "api").await, 200);
     let log = demo.auth.requests_log();
     let r = log.last().unwrap();
+    assert_eq!(
+        (r.status, r.grant_type.as_str()),
+        (200, JWT_BEARER),
+        "{r:?}"
+    );
     assert_eq!(r.param("scope"), Some("api"));
+    assert_eq!(r.assertions[0]["kid"], "sf-2026");
     let c = &r.assertions[0]["claims"];
+    assert_eq!(c["aud"], "https://login.example.com");
     assert_eq!(c["iss"], "3MVG9-consumer-key");
     assert_eq!(c["sub"], "integration@example.com");
     assert_eq!(
@@ -582,6 +729,98 @@ fn bad_keys_and_certificates_are_config_errors_naming_the_key() {
         ),
         "{e}"
     );
+}
+
+/// `pem` encrypted with a passphrase by openssl: PKCS#8 (`BEGIN ENCRYPTED PRIVATE KEY`),
+/// or `traditional` (the legacy `Proc-Type: 4,ENCRYPTED` headers); `None` skips.
+fn encrypted_key(dir: &Path, pem: &str, traditional: bool) -> Option<String> {
+    let plain = write(dir, "plain.pem", pem);
+    let mut cmd = support::tools::command("openssl")?;
+    cmd.args(["pkey", "-aes256", "-passout", "pass:test-passphrase", "-in"])
+        .arg(&plain);
+    if traditional {
+        cmd.arg("-traditional");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "openssl pkey failed");
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn unusable_client_auth_settings_are_config_errors_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // client_secret_jwt signs with HS256 over the secret, nothing else.
+    for alg in ["HS512", "RS256"] {
+        let e = config_error(&format!(
+            "grant: client_credentials\nclient_id: c\nclient_secret: s\nclient_auth: client_secret_jwt\nclient_assertion_alg: {alg}"
+        ));
+        assert!(
+            e.contains(
+                "credentials.api.client_assertion_alg: client_secret_jwt signs with HS256 only"
+            ),
+            "{alg}: {e}"
+        );
+    }
+
+    // A client certificate for an upstream reached over plain http could never be shown.
+    let issued = Ca::new().client_cert("relay", None);
+    let (cert, key_file) = issued.write(dir.path(), "up");
+    let upstream = |url: &str| {
+        format!(
+            r#"
+credentials:
+  api: {{ grant: client_credentials, token_url: "https://auth.example/token", client_id: c, client_secret: s }}
+upstreams:
+  api: {{ listen: "127.0.0.1:0", url: "{url}", credential: api, allow_insecure_http: true, client_cert_file: "{}", client_key_file: "{}" }}
+"#,
+            cert.display(),
+            key_file.display()
+        )
+    };
+    let e = Config::from_yaml(&upstream("http://api.example"), &|_| None)
+        .expect_err("a client certificate on an http:// upstream is refused")
+        .to_string();
+    assert!(
+        e.contains("upstreams.api.client_cert_file: a client certificate needs an https:// url"),
+        "{e}"
+    );
+    Config::from_yaml(&upstream("https://api.example"), &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // An encrypted client key, in either PEM form, is refused by its key.
+    for (traditional, marker) in [
+        (false, "-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+        (true, "Proc-Type: 4,ENCRYPTED"),
+    ] {
+        let Some(pem) = encrypted_key(dir.path(), &issued.key_pem, traditional) else {
+            return;
+        };
+        assert!(pem.contains(marker), "{pem}");
+        let enc = write(dir.path(), "enc.key", &pem);
+        let e = config_error(&format!(
+            "grant: client_credentials\nclient_id: c\nclient_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
+            cert.display(),
+            enc.display()
+        ));
+        assert!(
+            e.contains(&format!(
+                "credentials.api.client_key_file: {} is an encrypted private key",
+                enc.display()
+            )),
+            "{marker}: {e}"
+        );
+        let e = config_error(&format!(
+            "grant: client_credentials\nclient_id: c\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+            enc.display()
+        ));
+        assert!(
+            e.contains(&format!(
+                "credentials.api.client_assertion_key_file: {} is an encrypted private key",
+                enc.display()
+            )),
+            "{marker}: {e}"
+        );
+    }
 }
 
 /// `Config::from_yaml` of one credential accepts it.
@@ -1126,7 +1365,9 @@ upstreams:
         "an untrusted certificate is refused"
     );
     assert_eq!(api.stats().authorized, 0);
-    let trusted = client_ca.client_cert("relay", None);
+    // The replacement expires in 5 days.
+    let soon = ymd(SystemTime::now() + Duration::from_secs(5 * 86400));
+    let trusted = client_ca.client_cert("relay", Some(soon));
     replace(&cert, &trusted.cert_pem);
     replace(&key, &trusted.key_pem);
     assert!(
@@ -1137,7 +1378,55 @@ upstreams:
         "the rotated certificate is used without a restart"
     );
     assert!(api.stats().authorized >= 1);
+
+    // /status and the expiry metric show the certificate as the file is now.
+    let st = support::status_json(&relay.admin_url("")).await;
+    let cc = &st["upstreams"]["api"]["client_certificate"];
+    assert_eq!(cc["cert_file"], cert.display().to_string(), "{st}");
+    let fp = tokenrelay::oauth::fingerprint(
+        &KeyPair::from_pem(&trusted.key_pem)
+            .unwrap()
+            .public_key_der(),
+    );
+    assert_eq!(cc["fingerprint"], fp, "{cc}");
+    let not_after = humantime::parse_rfc3339(cc["not_after"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cc["not_after"],
+        format!("{:04}-{:02}-{:02}T00:00:00Z", soon.0, soon.1, soon.2)
+    );
+    assert!(
+        cc["expires_in_seconds"].as_u64().unwrap() < 5 * 86400,
+        "{cc}"
+    );
+    assert_eq!(
+        st["credentials"]["api"]["client_certificate"],
+        Value::Null,
+        "the upstream's certificate is not the credential's"
+    );
+    let metrics = support::metrics_text(&relay.admin_url("")).await;
+    let expiry = support::metric(
+        &metrics,
+        "tokenrelay_client_certificate_expiry_timestamp_seconds",
+        &[("scope", "upstream"), ("name", "api")],
+    );
+    assert_eq!(
+        expiry as u64,
+        not_after.duration_since(UNIX_EPOCH).unwrap().as_secs()
+    );
     relay.stop().await;
+
+    // `check` warns about an upstream certificate that expires soon.
+    let config_path = write(dir.path(), "config.yaml", &config(Some((&cert, &key))));
+    let out = support::run_cli(&["check", "--config", config_path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: upstreams.api.client_cert_file: the certificate in {} expires at",
+            cert.display()
+        )) && stderr.contains("(in 4 days)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
