@@ -16,53 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
+use support::pki::{key, rsa_key, Key};
 use tokenrelay::config::Config;
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-
-/// A private key (PKCS#8 PEM) and its public key (SubjectPublicKeyInfo PEM).
-struct Key {
-    private: String,
-    public: String,
-}
-
-fn key(alg: &'static rcgen::SignatureAlgorithm) -> Key {
-    let k = KeyPair::generate_for(alg).unwrap();
-    Key {
-        private: k.serialize_pem(),
-        public: k.public_key_pem(),
-    }
-}
-
-/// A 2048-bit RSA key from openssl (ring cannot generate RSA keys); `None` skips.
-fn rsa_key(dir: &Path) -> Option<Key> {
-    let path = dir.join("rsa.pem");
-    let out = support::tools::command("openssl")?
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl genpkey failed");
-    let public = support::tools::command("openssl")?
-        .args(["pkey", "-pubout", "-in"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(public.status.success());
-    Some(Key {
-        private: std::fs::read_to_string(&path).unwrap(),
-        public: String::from_utf8(public.stdout).unwrap(),
-    })
-}
 
 fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
