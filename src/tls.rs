@@ -88,7 +88,7 @@ pub enum ClientCertError {
     Unreadable { path: String, reason: String },
     #[error("{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
     NoCertificate { path: String },
-    #[error("{path} is an encrypted private key; tokenrelay needs it unencrypted: `openssl pkey -in {path} -out key.pem`")]
+    #[error("{path} is an encrypted private key; tokenrelay needs it unencrypted: decrypt it into a new file with `openssl pkey -in {path} -out NEW_FILE`")]
     Encrypted { path: String },
     #[error("{path} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")]
     NoKey { path: String },

@@ -16,53 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
+use support::pki::{key, rsa_key, Key};
 use tokenrelay::config::Config;
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-
-/// A private key (PKCS#8 PEM) and its public key (SubjectPublicKeyInfo PEM).
-struct Key {
-    private: String,
-    public: String,
-}
-
-fn key(alg: &'static rcgen::SignatureAlgorithm) -> Key {
-    let k = KeyPair::generate_for(alg).unwrap();
-    Key {
-        private: k.serialize_pem(),
-        public: k.public_key_pem(),
-    }
-}
-
-/// A 2048-bit RSA key from openssl (ring cannot generate RSA keys); `None` skips.
-fn rsa_key(dir: &Path) -> Option<Key> {
-    let path = dir.join("rsa.pem");
-    let out = support::tools::command("openssl")?
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl genpkey failed");
-    let public = support::tools::command("openssl")?
-        .args(["pkey", "-pubout", "-in"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(public.status.success());
-    Some(Key {
-        private: std::fs::read_to_string(&path).unwrap(),
-        public: String::from_utf8(public.stdout).unwrap(),
-    })
-}
 
 fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     let p = dir.join(name);
@@ -191,6 +150,79 @@ async fn client_secret_jwt_is_hs256_over_the_secret_and_the_audience_can_be_set(
         "the secret itself is never sent"
     );
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_grant_authenticates_the_client_with_private_key_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&rcgen::PKCS_ECDSA_P384_SHA384);
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![k.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    let relay = support::start(&yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        &indent(&format!(
+            "grant: password\nusername: demo-user\npassword: demo-password\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+            key_file.display()
+        )),
+    ))
+    .await;
+    assert_eq!(get(&relay, "api").await, 200);
+    let log = demo.auth.requests_log();
+    let r = log.last().unwrap();
+    assert_eq!(
+        (r.status, r.grant_type.as_str(), r.client_auth.as_str()),
+        (200, "password", "assertion"),
+        "{r:?}"
+    );
+    assert_eq!(r.param("username"), Some("demo-user"));
+    assert_eq!(r.param("client_secret"), None);
+    let a = &r.assertions[0];
+    assert_eq!(a["alg"], "ES384");
+    assert_eq!(a["claims"]["iss"], "demo-client");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_key_signs_with_the_configured_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(k) = rsa_key(dir.path()) else { return };
+    let demo = support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![k.public.clone()],
+        grant_assertion_keys: vec![k.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    for (credential, alg, auth) in [
+        (
+            format!("grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}\nclient_assertion_alg: PS256", key_file.display()),
+            "PS256",
+            "assertion",
+        ),
+        (
+            format!("grant: jwt_bearer\nassertion_issuer: svc@example\nassertion_key_file: {}\nassertion_alg: RS512", key_file.display()),
+            "RS512",
+            "none",
+        ),
+    ] {
+        let relay = support::start(&yaml(
+            &demo.auth.token_url(),
+            &demo.api.url(),
+            &indent(&credential),
+        ))
+        .await;
+        assert_eq!(get(&relay, "api").await, 200, "{alg}");
+        let log = demo.auth.requests_log();
+        let r = log.last().unwrap();
+        assert_eq!((r.status, r.client_auth.as_str()), (200, auth), "{alg}: {r:?}");
+        assert_eq!(r.assertions[0]["alg"], alg);
+        relay.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,16 +373,11 @@ async fn a_google_service_account_file_drives_jwt_bearer_end_to_end() {
     .await
     .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let sa = json!({
-        "type": "service_account",
-        "project_id": "demo",
-        "private_key_id": "0123abcd",
-        "private_key": k.private,
-        "client_email": "relay@demo.iam.gserviceaccount.com",
-        "client_id": "1234",
-        "token_uri": auth.token_url(),
-    });
-    let sa_file = write(dir.path(), "sa.json", &sa.to_string());
+    let sa_file = write(
+        dir.path(),
+        "sa.json",
+        &service_account(&k, "0123abcd", &auth.token_url()),
+    );
     let state = dir.path().join("state");
     let relay = support::start(&format!(
         r#"
@@ -415,12 +442,84 @@ upstreams:
     relay.stop().await;
 }
 
+/// A Google-style service-account key file for `key`.
+fn service_account(key: &Key, key_id: &str, token_uri: &str) -> String {
+    json!({
+        "type": "service_account",
+        "project_id": "demo",
+        "private_key_id": key_id,
+        "private_key": key.private,
+        "client_email": "relay@demo.iam.gserviceaccount.com",
+        "client_id": "1234",
+        "token_uri": token_uri,
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_service_account_file_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        key(&rcgen::PKCS_ECDSA_P256_SHA256),
+        key(&rcgen::PKCS_ECDSA_P256_SHA256),
+    );
+    // The provider already has the new key; the old one was deleted.
+    let demo = support::demo_servers(AuthServerOptions {
+        grant_assertion_keys: vec![new.public.clone()],
+        ..Default::default()
+    })
+    .await;
+    let sa_file = write(
+        dir.path(),
+        "sa.json",
+        &service_account(&old, "old-key", &demo.auth.token_url()),
+    );
+    let relay = support::start(&yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        &indent(&format!(
+            "grant: jwt_bearer\nservice_account_file: {}\nscopes: [openid]",
+            sa_file.display()
+        )),
+    ))
+    .await;
+    assert_ne!(get(&relay, "api").await, 200);
+    let refused = demo.auth.requests_log();
+    assert_eq!(
+        (
+            refused.last().unwrap().status,
+            refused.last().unwrap().error.as_deref()
+        ),
+        (400, Some("invalid_grant"))
+    );
+    replace(
+        &sa_file,
+        &service_account(&new, "new-key", &demo.auth.token_url()),
+    );
+    assert!(
+        support::eventually(Duration::from_secs(45), || async {
+            get(&relay, "api").await == 200
+        })
+        .await,
+        "the rotated service account is used"
+    );
+    let log = demo.auth.requests_log();
+    let r = log.last().unwrap();
+    assert_eq!((r.status, r.grant_type.as_str()), (200, JWT_BEARER));
+    // The key id comes from the file as it is now.
+    assert_eq!(r.assertions[0]["kid"], "new-key");
+    assert_eq!(r.assertions[0]["claims"]["scope"], "openid");
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_bearer_with_generic_keys_and_extra_claims() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(&rcgen::PKCS_ED25519);
+    // The server wants its issuer as the audience, not the token URL (as Salesforce does).
     let demo = support::demo_servers(AuthServerOptions {
         grant_assertion_keys: vec![k.public.clone()],
+        assertion_audience: Some("https://login.example.com".into()),
         ..Default::default()
     })
     .await;
@@ -429,7 +528,7 @@ async fn jwt_bearer_with_generic_keys_and_extra_claims() {
         &demo.auth.token_url(),
         &demo.api.url(),
         &indent(&format!(
-            "grant: jwt_bearer\nassertion_issuer: 3MVG9-consumer-key\nassertion_subject: integration@example.com\nassertion_key_file: {}\nassertion_lifetime: 3m\nassertion_claims: {{ tenant: acme, level: 2 }}\nscopes: [api]",
+            "grant: jwt_bearer\nassertion_issuer: 3MVG9-consumer-key\nassertion_subject: integration@example.com\nassertion_audience: https://login.example.com\nassertion_key_file: {}\nassertion_alg: EdDSA\nassertion_kid: sf-2026\nassertion_lifetime: 3m\nassertion_claims: {{ tenant: acme, level: 2 }}\nscopes: [api]",
             key_file.display()
         )),
     ))
@@ -437,8 +536,15 @@ async fn jwt_bearer_with_generic_keys_and_extra_claims() {
     assert_eq!(get(&relay, "api").await, 200);
     let log = demo.auth.requests_log();
     let r = log.last().unwrap();
+    assert_eq!(
+        (r.status, r.grant_type.as_str()),
+        (200, JWT_BEARER),
+        "{r:?}"
+    );
     assert_eq!(r.param("scope"), Some("api"));
+    assert_eq!(r.assertions[0]["kid"], "sf-2026");
     let c = &r.assertions[0]["claims"];
+    assert_eq!(c["aud"], "https://login.example.com");
     assert_eq!(c["iss"], "3MVG9-consumer-key");
     assert_eq!(c["sub"], "integration@example.com");
     assert_eq!(
@@ -582,6 +688,167 @@ fn bad_keys_and_certificates_are_config_errors_naming_the_key() {
         ),
         "{e}"
     );
+}
+
+/// `pem` encrypted with a passphrase by openssl: PKCS#8 (`BEGIN ENCRYPTED PRIVATE KEY`),
+/// or `traditional` (the legacy `Proc-Type: 4,ENCRYPTED` headers); `None` skips.
+fn encrypted_key(dir: &Path, pem: &str, traditional: bool) -> Option<String> {
+    let plain = write(dir, "plain.pem", pem);
+    let mut cmd = support::tools::command("openssl")?;
+    cmd.args(["pkey", "-aes256", "-passout", "pass:test-passphrase", "-in"])
+        .arg(&plain);
+    if traditional {
+        cmd.arg("-traditional");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "openssl pkey failed");
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn unusable_client_auth_settings_are_config_errors_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // client_secret_jwt signs with HS256 over the secret, nothing else.
+    for alg in ["HS512", "RS256"] {
+        let e = config_error(&format!(
+            "grant: client_credentials\nclient_id: c\nclient_secret: s\nclient_auth: client_secret_jwt\nclient_assertion_alg: {alg}"
+        ));
+        assert!(
+            e.contains(
+                "credentials.api.client_assertion_alg: client_secret_jwt signs with HS256 only"
+            ),
+            "{alg}: {e}"
+        );
+    }
+
+    // A client certificate for an upstream reached over plain http could never be shown.
+    let issued = Ca::new().client_cert("relay", None);
+    let (cert, key_file) = issued.write(dir.path(), "up");
+    let upstream = |url: &str| {
+        format!(
+            r#"
+credentials:
+  api: {{ grant: client_credentials, token_url: "https://auth.example/token", client_id: c, client_secret: s }}
+upstreams:
+  api: {{ listen: "127.0.0.1:0", url: "{url}", credential: api, allow_insecure_http: true, client_cert_file: "{}", client_key_file: "{}" }}
+"#,
+            cert.display(),
+            key_file.display()
+        )
+    };
+    let e = Config::from_yaml(&upstream("http://api.example"), &|_| None)
+        .expect_err("a client certificate on an http:// upstream is refused")
+        .to_string();
+    assert!(
+        e.contains("upstreams.api.client_cert_file: a client certificate needs an https:// url"),
+        "{e}"
+    );
+    Config::from_yaml(&upstream("https://api.example"), &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // An encrypted client key, in either PEM form, is refused by its key.
+    for (traditional, marker) in [
+        (false, "-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+        (true, "Proc-Type: 4,ENCRYPTED"),
+    ] {
+        let Some(pem) = encrypted_key(dir.path(), &issued.key_pem, traditional) else {
+            return;
+        };
+        assert!(pem.contains(marker), "{pem}");
+        let enc = write(dir.path(), "enc.key", &pem);
+        let e = config_error(&format!(
+            "grant: client_credentials\nclient_id: c\nclient_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
+            cert.display(),
+            enc.display()
+        ));
+        assert!(
+            e.contains(&format!(
+                "credentials.api.client_key_file: {} is an encrypted private key",
+                enc.display()
+            )),
+            "{marker}: {e}"
+        );
+        let e = config_error(&format!(
+            "grant: client_credentials\nclient_id: c\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+            enc.display()
+        ));
+        assert!(
+            e.contains(&format!(
+                "credentials.api.client_assertion_key_file: {} is an encrypted private key",
+                enc.display()
+            )),
+            "{marker}: {e}"
+        );
+    }
+}
+
+/// `Config::from_yaml` of one credential accepts it.
+fn config_ok(body: &str) -> Config {
+    let y = yaml(
+        "https://auth.example/token",
+        "https://api.example",
+        &indent(body),
+    );
+    Config::from_yaml(&y, &|_| None).unwrap_or_else(|e| panic!("refused:\n{body}\n{e}"))
+}
+
+#[test]
+fn jwt_bearer_that_authenticates_the_client_needs_a_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let key_file = write(dir.path(), "k.pem", &k.private);
+    let (cert, cert_key) = Ca::new()
+        .client_cert("demo-client", None)
+        .write(dir.path(), "client");
+    let grant = format!(
+        "grant: jwt_bearer\nassertion_issuer: svc\nassertion_key_file: {}\n",
+        key_file.display()
+    );
+    // The assertion grant alone identifies nobody else: no client_id needed.
+    let c = config_ok(&grant);
+    assert_eq!(c.credentials["api"].client_id, None);
+    // Authenticating the client as well needs the client's id: the client assertion's
+    // iss and sub, the id that goes with a certificate or a secret.
+    for (auth, why) in [
+        (
+            format!(
+                "client_auth: private_key_jwt\nclient_assertion_key_file: {}",
+                key_file.display()
+            ),
+            "client_auth private_key_jwt",
+        ),
+        (
+            "client_auth: client_secret_jwt\nclient_secret: s".to_string(),
+            "client_auth client_secret_jwt",
+        ),
+        (
+            format!(
+                "client_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
+                cert.display(),
+                cert_key.display()
+            ),
+            "client_auth tls_client_auth",
+        ),
+        (
+            format!(
+                "client_auth: self_signed_tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
+                cert.display(),
+                cert_key.display()
+            ),
+            "client_auth self_signed_tls_client_auth",
+        ),
+        ("client_auth: basic\nclient_secret: s".to_string(), "client_auth basic"),
+        ("client_secret: s".to_string(), "client_secret"),
+    ] {
+        let e = config_error(&format!("{grant}{auth}"));
+        assert!(
+            e.contains("credentials.api.client_id: is required for grant jwt_bearer with ")
+                && e.contains(why),
+            "{auth}: {e}"
+        );
+        let c = config_ok(&format!("{grant}{auth}\nclient_id: demo-client"));
+        assert_eq!(c.credentials["api"].client_id.as_deref(), Some("demo-client"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -888,6 +1155,82 @@ async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_endpoint_certificate_is_never_shown_to_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (Ca::new(), Ca::new());
+    let ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem());
+    let auth = AuthServer::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        AuthServerOptions {
+            tls_client_auth: true,
+            ..Default::default()
+        },
+        server_ca.server_requiring_client_certs(client_ca.roots()),
+    )
+    .await
+    .unwrap();
+    // The upstream trusts the very CA that issued the token endpoint's certificate: had
+    // the relay presented that certificate here too, the upstream would accept it.
+    let api = ApiServer::start_tls(
+        Some(auth.validator()),
+        server_ca.server_requiring_client_certs(client_ca.roots()),
+    )
+    .await
+    .unwrap();
+    let (cert, key) = client_ca
+        .client_cert("demo-client", None)
+        .write(dir.path(), "client");
+    let config = |upstream_cert: &str| {
+        format!(
+            r#"
+admin: {{ listen: "127.0.0.1:0" }}
+credentials:
+  api: {{ grant: client_credentials, token_url: "{}", client_id: demo-client, client_auth: tls_client_auth, client_cert_file: "{cert}", client_key_file: "{key}", ca_file: "{ca}" }}
+upstreams:
+  api: {{ listen: "127.0.0.1:0", url: "{}", credential: api, ca_file: "{ca}"{upstream_cert} }}
+"#,
+            auth.token_url(),
+            api.url(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = ca_file.display(),
+        )
+    };
+    let relay = support::start(&config("")).await;
+    assert_eq!(
+        get(&relay, "api").await,
+        502,
+        "the upstream refuses a handshake without a client certificate"
+    );
+    let log = auth.requests_log();
+    let r = log.last().expect("a token request");
+    assert_eq!(
+        (r.status, r.client_auth.as_str()),
+        (200, "tls"),
+        "the token endpoint accepted the certificate: {r:?}"
+    );
+    assert_eq!(api.stats().authorized, 0);
+    let st = support::status_json(&relay.admin_url("")).await;
+    assert_eq!(
+        st["upstreams"]["api"]["client_certificate"],
+        Value::Null,
+        "{st}"
+    );
+    relay.stop().await;
+
+    // Control: configured for the upstream as well, the same certificate is accepted there.
+    let relay = support::start(&config(&format!(
+        ", client_cert_file: \"{}\", client_key_file: \"{}\"",
+        cert.display(),
+        key.display()
+    )))
+    .await;
+    assert_eq!(get(&relay, "api").await, 200);
+    assert!(api.stats().authorized >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_signed_tls_client_auth_presents_a_self_signed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let server_ca = Ca::new();
@@ -981,7 +1324,9 @@ upstreams:
         "an untrusted certificate is refused"
     );
     assert_eq!(api.stats().authorized, 0);
-    let trusted = client_ca.client_cert("relay", None);
+    // The replacement expires in 5 days.
+    let soon = ymd(SystemTime::now() + Duration::from_secs(5 * 86400));
+    let trusted = client_ca.client_cert("relay", Some(soon));
     replace(&cert, &trusted.cert_pem);
     replace(&key, &trusted.key_pem);
     assert!(
@@ -992,7 +1337,55 @@ upstreams:
         "the rotated certificate is used without a restart"
     );
     assert!(api.stats().authorized >= 1);
+
+    // /status and the expiry metric show the certificate as the file is now.
+    let st = support::status_json(&relay.admin_url("")).await;
+    let cc = &st["upstreams"]["api"]["client_certificate"];
+    assert_eq!(cc["cert_file"], cert.display().to_string(), "{st}");
+    let fp = tokenrelay::oauth::fingerprint(
+        &KeyPair::from_pem(&trusted.key_pem)
+            .unwrap()
+            .public_key_der(),
+    );
+    assert_eq!(cc["fingerprint"], fp, "{cc}");
+    let not_after = humantime::parse_rfc3339(cc["not_after"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cc["not_after"],
+        format!("{:04}-{:02}-{:02}T00:00:00Z", soon.0, soon.1, soon.2)
+    );
+    assert!(
+        cc["expires_in_seconds"].as_u64().unwrap() < 5 * 86400,
+        "{cc}"
+    );
+    assert_eq!(
+        st["credentials"]["api"]["client_certificate"],
+        Value::Null,
+        "the upstream's certificate is not the credential's"
+    );
+    let metrics = support::metrics_text(&relay.admin_url("")).await;
+    let expiry = support::metric(
+        &metrics,
+        "tokenrelay_client_certificate_expiry_timestamp_seconds",
+        &[("scope", "upstream"), ("name", "api")],
+    );
+    assert_eq!(
+        expiry as u64,
+        not_after.duration_since(UNIX_EPOCH).unwrap().as_secs()
+    );
     relay.stop().await;
+
+    // `check` warns about an upstream certificate that expires soon.
+    let config_path = write(dir.path(), "config.yaml", &config(Some((&cert, &key))));
+    let out = support::run_cli(&["check", "--config", config_path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: upstreams.api.client_cert_file: the certificate in {} expires at",
+            cert.display()
+        )) && stderr.contains("(in 4 days)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

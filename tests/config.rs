@@ -375,3 +375,238 @@ fn check_accepts_a_valid_config_without_touching_the_network() {
     assert!(stdout.contains("api.example.com"), "{stdout}");
     assert!(!stdout.contains("secret-1"), "{stdout}");
 }
+
+/// The ```yaml blocks of a Markdown text.
+fn yaml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```yaml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// Files a documented snippet refers to, made here: a signing key of the type its
+/// algorithm wants, a service-account file, a client certificate with its key, a CA, a
+/// secret.
+struct StandIns {
+    dir: tempfile::TempDir,
+    n: usize,
+}
+
+impl StandIns {
+    fn new() -> StandIns {
+        StandIns {
+            dir: tempfile::tempdir().unwrap(),
+            n: 0,
+        }
+    }
+
+    fn write(&mut self, content: &str) -> String {
+        self.n += 1;
+        let path = self.dir.path().join(format!("stand-in-{}", self.n));
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+
+    /// A private key (PEM) for `alg` (`None`: EC P-256); `None` when an RSA key is
+    /// wanted and openssl is missing.
+    fn key(&self, alg: Option<&str>) -> Option<String> {
+        use support::pki::{key, rsa_key};
+        Some(match alg {
+            Some(a) if a.starts_with("RS") || a.starts_with("PS") => {
+                rsa_key(self.dir.path())?.private
+            }
+            Some("ES384") => key(&rcgen::PKCS_ECDSA_P384_SHA384).private,
+            Some("EdDSA") => key(&rcgen::PKCS_ED25519).private,
+            _ => key(&rcgen::PKCS_ECDSA_P256_SHA256).private,
+        })
+    }
+
+    /// Points every `*_file` key of `block` (a credential or an upstream) at a stand-in;
+    /// `None` when one cannot be made here.
+    fn fill(&mut self, block: &mut serde_yaml::Mapping) -> Option<()> {
+        let get =
+            |b: &serde_yaml::Mapping, k: &str| b.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let keys: Vec<String> = block
+            .keys()
+            .filter_map(|k| k.as_str())
+            .filter(|k| k.ends_with("_file"))
+            .map(str::to_owned)
+            .collect();
+        for k in keys {
+            let path = match k.as_str() {
+                "client_assertion_key_file" => {
+                    let pem = self.key(get(block, "client_assertion_alg").as_deref())?;
+                    self.write(&pem)
+                }
+                "assertion_key_file" => {
+                    let pem = self.key(get(block, "assertion_alg").as_deref())?;
+                    self.write(&pem)
+                }
+                "service_account_file" => {
+                    let pem = self.key(get(block, "assertion_alg").as_deref())?;
+                    let account = serde_json::json!({
+                        "type": "service_account",
+                        "private_key_id": "stand-in",
+                        "private_key": pem,
+                        "client_email": "relay@example.iam.gserviceaccount.com",
+                        "token_uri": "https://oauth2.googleapis.com/token",
+                    });
+                    self.write(&account.to_string())
+                }
+                "client_cert_file" => {
+                    let key = rcgen::KeyPair::generate().unwrap();
+                    let cert = rcgen::CertificateParams::new(vec!["client".to_string()])
+                        .unwrap()
+                        .self_signed(&key)
+                        .unwrap();
+                    let key_path = self.write(&key.serialize_pem());
+                    block.insert("client_key_file".into(), key_path.into());
+                    self.write(&cert.pem())
+                }
+                // Written with client_cert_file.
+                "client_key_file" => continue,
+                "ca_file" => {
+                    let key = rcgen::KeyPair::generate().unwrap();
+                    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                    let ca = params.self_signed(&key).unwrap();
+                    self.write(&ca.pem())
+                }
+                "client_secret_file" | "password_file" | "token_file" => {
+                    self.write("stand-in-secret-value\n")
+                }
+                other => panic!("no stand-in for {other}: teach this test what the file holds"),
+            };
+            block.insert(k.as_str().into(), path.into());
+        }
+        Some(())
+    }
+}
+
+/// Completes a documented snippet (`credentials` and/or `upstreams` as mappings) into a
+/// config: stand-in files, an upstream for each credential none uses, a credential for
+/// each upstream whose credential is not shown. `None` when a stand-in cannot be made.
+fn complete_snippet(doc: &mut serde_yaml::Value, files: &mut StandIns) -> Option<()> {
+    use serde_yaml::{Mapping, Value};
+    let root = doc.as_mapping_mut().expect("a snippet is a mapping");
+    for section in ["credentials", "upstreams"] {
+        root.entry(section.into())
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+    }
+    let mut used = Vec::new();
+    let mut wanted = Vec::new();
+    for (_, u) in root["upstreams"].as_mapping_mut().unwrap().iter_mut() {
+        let u = u.as_mapping_mut().expect("an upstream is a mapping");
+        files.fill(u)?;
+        if let Some(c) = u.get("credential").and_then(Value::as_str) {
+            used.push(c.to_owned());
+        }
+    }
+    for (name, c) in root["credentials"].as_mapping_mut().unwrap().iter_mut() {
+        files.fill(c.as_mapping_mut().expect("a credential is a mapping"))?;
+        wanted.push(name.as_str().unwrap().to_owned());
+    }
+    let mut port = 18500;
+    for name in wanted.iter().filter(|n| !used.contains(n)) {
+        port += 1;
+        let upstream: Value = serde_yaml::from_str(&format!(
+            "{{ listen: \"127.0.0.1:{port}\", url: \"https://api.example.com\", credential: \"{name}\" }}"
+        ))
+        .unwrap();
+        root["upstreams"]
+            .as_mapping_mut()
+            .unwrap()
+            .insert(format!("{name}-stand-in").into(), upstream);
+    }
+    for name in used.iter().filter(|n| !wanted.contains(n)) {
+        let credential: Value = serde_yaml::from_str(
+            "{ grant: client_credentials, token_url: \"https://auth.example.com/token\", client_id: c, client_secret: s }",
+        )
+        .unwrap();
+        root["credentials"]
+            .as_mapping_mut()
+            .unwrap()
+            .insert(name.as_str().into(), credential);
+    }
+    Some(())
+}
+
+/// Every variable a snippet refers to is set.
+fn any_variable(name: &str) -> Option<String> {
+    Some(format!("value-of-{name}"))
+}
+
+#[test]
+fn the_client_auth_page_snippets_are_valid_config() {
+    let path = repo_file("docs/client-auth.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut files = StandIns::new();
+    let mut checked = 0;
+    for block in yaml_blocks(&text) {
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(&block).unwrap_or_else(|e| panic!("not YAML ({e}):\n{block}"));
+        // Chart values (lists of items with `name`) are rendered by the chart tests.
+        if doc.get("credentials").is_some_and(|c| c.is_sequence())
+            || doc.get("upstreams").is_some_and(|u| u.is_sequence())
+        {
+            continue;
+        }
+        if complete_snippet(&mut doc, &mut files).is_none() {
+            return; // openssl is missing: no RSA stand-in
+        }
+        let config = serde_yaml::to_string(&doc).unwrap();
+        Config::from_yaml(&config, &any_variable)
+            .unwrap_or_else(|e| panic!("docs/client-auth.md: refused\n{block}\n{e}"));
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} snippets found");
+}
+
+#[test]
+fn the_example_configs_commented_client_auth_credentials_are_valid() {
+    let path = repo_file("config.example.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // The commented section under `# Without a shared secret`, uncommented.
+    let section: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("  # Without a shared secret"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  # "))
+        .map(|l| format!("  {}\n", &l["  # ".len()..]))
+        .collect();
+    assert!(
+        section.contains("client_auth: private_key_jwt"),
+        "{section}"
+    );
+    let mut doc: serde_yaml::Value =
+        serde_yaml::from_str(&format!("credentials:\n{section}")).unwrap();
+    let names: Vec<String> = doc["credentials"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    let mut files = StandIns::new();
+    if complete_snippet(&mut doc, &mut files).is_none() {
+        return; // openssl is missing: no RSA stand-in
+    }
+    let config = Config::from_yaml(&serde_yaml::to_string(&doc).unwrap(), &any_variable)
+        .unwrap_or_else(|e| panic!("config.example.yaml, uncommented:\n{section}\n{e}"));
+    for name in ["signed", "hmac", "google", "salesforce", "bank"] {
+        assert!(names.contains(&name.to_string()), "{name}: {names:?}");
+        assert!(config.credentials.contains_key(name), "{name}");
+    }
+}

@@ -71,7 +71,7 @@ impl KeyKind {
 pub enum KeyError {
     #[error("cannot read {path}: {reason}")]
     Unreadable { path: String, reason: String },
-    #[error("{path} is an encrypted private key; tokenrelay needs it unencrypted (protect the file instead, e.g. a Kubernetes Secret): `openssl pkey -in {path} -out key.pem`")]
+    #[error("{path} is an encrypted private key; tokenrelay needs it unencrypted (protect the file instead, e.g. a Kubernetes Secret): decrypt it into a new file with `openssl pkey -in {path} -out NEW_FILE`")]
     Encrypted { path: String },
     #[error("{path} holds no PEM private key (-----BEGIN PRIVATE KEY-----)")]
     NoKey { path: String },

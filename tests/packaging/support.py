@@ -155,6 +155,35 @@ def config(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return yaml.safe_load(config_text(docs))
 
 
+#: Chart-only keys of a credential that mount a Secret key as a file: the config key the
+#: mounted path goes to, and the file's name under credentials/<name>/ (templates/_helpers.tpl).
+CREDENTIAL_FILE_REFS = {
+    "clientSecretRef": ("client_secret_file", "client-secret"),
+    "passwordRef": ("password_file", "password"),
+    "tokenRef": ("token_file", "token"),
+    "clientAssertionKeyRef": ("client_assertion_key_file", "client-assertion-key.pem"),
+    "assertionKeyRef": ("assertion_key_file", "assertion-key.pem"),
+    "serviceAccountRef": ("service_account_file", "service-account.json"),
+    "clientCertRef": ("client_cert_file", "client.crt"),
+    "clientKeyRef": ("client_key_file", "client.key"),
+}
+#: The same for an upstream, under upstreams/<name>/.
+UPSTREAM_FILE_REFS = {
+    "clientCertRef": ("client_cert_file", "client.crt"),
+    "clientKeyRef": ("client_key_file", "client.key"),
+}
+
+
+def secret_file_keys(cfg: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(block, key, path) of every secret-file key of a rendered config (`*_file` but
+    `ca_file`) in the store, the credentials and the upstreams; block is e.g.
+    `credentials.api`."""
+    blocks = [("store", cfg["store"])]
+    blocks += [(f"credentials.{n}", c) for n, c in cfg["credentials"].items()]
+    blocks += [(f"upstreams.{n}", u) for n, u in cfg["upstreams"].items()]
+    return [(where, k, v) for where, block in blocks for k, v in block.items() if k.endswith("_file") and k != "ca_file"]
+
+
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["template"]["spec"]
 

@@ -23,7 +23,7 @@ LATEST_K8S = kubernetes_validate.latest_version()
 
 
 def test_value_sets_cover_the_required_scenarios() -> None:
-    assert {"default", "sidecar", "native-sidecar", "monitoring", "redis"} <= set(VALUE_SETS)
+    assert {"default", "sidecar", "native-sidecar", "monitoring", "redis", "client-auth"} <= set(VALUE_SETS)
     assert support.load_values("default") == {}
 
 
@@ -356,9 +356,48 @@ def test_config_holds_no_chart_only_keys(name: str) -> None:
     cfg = support.config(support.manifests(support.render_set(name)))
     assert set(cfg) >= {"admin", "store", "credentials", "upstreams"}
     for cred in cfg["credentials"].values():
-        assert {"name", "clientSecretRef", "passwordRef", "tokenRef"}.isdisjoint(cred)
+        assert {"name", *support.CREDENTIAL_FILE_REFS}.isdisjoint(cred), sorted(cred)
     for upstream in cfg["upstreams"].values():
-        assert {"name", "port"}.isdisjoint(upstream)
+        assert {"name", "port", *support.UPSTREAM_FILE_REFS}.isdisjoint(upstream), sorted(upstream)
+
+
+def test_client_auth_value_set_uses_every_secret_file_key() -> None:
+    """The value set that renders the keys of credentials without shared secrets uses
+    each of them, for credentials and for an upstream."""
+    values = support.load_values("client-auth")
+    used = {k for cred in values["credentials"] for k in cred}
+    assert set(support.CREDENTIAL_FILE_REFS) - {"clientSecretRef", "passwordRef", "tokenRef"} <= used
+    assert set(support.UPSTREAM_FILE_REFS) <= {k for up in values["upstreams"] for k in up}
+
+
+def mounted_secret_items(spec: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Path under /run/secrets/tokenrelay -> (Secret name, key) of the projected volume."""
+    items: dict[str, tuple[str, str]] = {}
+    for v in spec["volumes"]:
+        for src in (v.get("projected") or {}).get("sources", []):
+            for i in src["secret"]["items"]:
+                items[f"/run/secrets/tokenrelay/{i['path']}"] = (src["secret"]["name"], i["key"])
+    return items
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_each_secret_ref_becomes_a_mounted_file_in_the_config(name: str, example_chart: Path) -> None:
+    """Every `*Ref` of a credential or an upstream sets its config key to a file under
+    the secrets mount, and the projected volume puts that Secret key at that path."""
+    values = support.load_values(name)
+    cfg = support.config(support.manifests(support.render_set(name)))
+    expected: dict[str, tuple[str, str]] = {}
+    for section, refs in (("credentials", support.CREDENTIAL_FILE_REFS), ("upstreams", support.UPSTREAM_FILE_REFS)):
+        for item in values.get(section) or []:
+            for ref, (config_key, file_name) in refs.items():
+                if ref not in item:
+                    continue
+                path = f"/run/secrets/tokenrelay/{section}/{item['name']}/{file_name}"
+                assert cfg[section][item["name"]][config_key] == path, f"{section}.{item['name']}.{config_key}"
+                expected[path] = (item[ref]["name"], item[ref]["key"])
+    for spec, _, _ in tokenrelay_pods(name, example_chart):
+        mounted = mounted_secret_items(spec)
+        assert {p: mounted.get(p) for p in expected} == expected
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -367,18 +406,11 @@ def test_secrets_are_mounted_files_never_inlined(name: str, example_chart: Path)
     cfg = support.config(docs)
     text = support.config_text(docs)
     assert "client_secret:" not in text and "password:" not in text
-    referenced = {
-        v
-        for block in [cfg["store"], *cfg["credentials"].values()]
-        for k, v in block.items()
-        if k.endswith("_file") and k != "ca_file"
-    }
+    assert "PRIVATE KEY" not in text and "CERTIFICATE" not in text and "private_key\"" not in text
+    referenced = {v for _, _, v in support.secret_file_keys(cfg)}
     assert all(p.startswith("/run/secrets/tokenrelay/") for p in referenced), referenced
     for spec, c, _ in tokenrelay_pods(name, example_chart):
-        mounted = set()
-        for v in spec["volumes"]:
-            for src in (v.get("projected") or {}).get("sources", []):
-                mounted |= {f"/run/secrets/tokenrelay/{i['path']}" for i in src["secret"]["items"]}
+        mounted = set(mounted_secret_items(spec))
         assert referenced <= mounted, referenced - mounted
         assert any(m["mountPath"] == "/run/secrets/tokenrelay" and m["readOnly"] for m in c["volumeMounts"]) == bool(referenced)
 
@@ -522,6 +554,21 @@ def test_notes_explain_how_to_use_the_standalone_service() -> None:
     assert "Secret crm-oauth, key client-secret" in text
     assert "emptyDir" in text  # the default store does not survive the pod
     assert "emptyDir" not in support.notes(support.render_set("monitoring"))
+
+
+def test_notes_name_each_secret_file_by_its_config_key() -> None:
+    text = support.notes(support.render_set("client-auth"))
+    for line in [
+        "Secret signing-key, key key.pem  (credentials.api.client_assertion_key_file)",
+        "Secret google-sa, key sa.json  (credentials.google.service_account_file)",
+        "Secret salesforce-key, key key.pem  (credentials.salesforce.assertion_key_file)",
+        "Secret bank-tls, key tls.crt  (credentials.bank.client_cert_file)",
+        "Secret bank-tls, key tls.key  (credentials.bank.client_key_file)",
+        "Secret payments-tls, key tls.crt  (upstreams.payments.client_cert_file)",
+        "Secret payments-tls, key tls.key  (upstreams.payments.client_key_file)",
+    ]:
+        assert line in text, text
+    assert "Secret tokenrelay-etcd, key password  (store.password_file)" in support.notes(support.render_set("etcd"))
 
 
 # --- values.schema.json and template guards --------------------------------------------------------

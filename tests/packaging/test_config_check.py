@@ -8,6 +8,7 @@ directory holding stand-in secret files, and every ${VAR} the config expands is 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import secrets
@@ -26,6 +27,54 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 VALUE_SETS = support.value_set_names()
 
 
+#: Config keys whose files hold key material `tokenrelay check` parses: a private key, a
+#: Google service-account file, a client certificate with its key.
+KEY_FILES = {"client_assertion_key_file", "assertion_key_file", "service_account_file", "client_cert_file", "client_key_file"}
+
+
+def openssl(*args: str) -> None:
+    """Run openssl (skips the test when it is not installed)."""
+    path = support.tool("openssl")
+    if path is None:
+        pytest.skip("openssl is not installed (scripts/test-tools.txt)")
+    done = support.run([path, *args], timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def pem_body(pem: str) -> list[str]:
+    """The base64 lines of a PEM file: what must never be printed."""
+    return [line for line in pem.splitlines() if line and not line.startswith("-----")]
+
+
+def write_key_material(block: dict[str, Any], key: str, path: Path, workdir: Path) -> list[str]:
+    """Write a real key, service account or certificate for `key` of a config block (a
+    certificate and its key together); return the secret lines."""
+    if key == "client_key_file":
+        return []  # written with client_cert_file
+    if key == "client_cert_file":
+        key_path = Path(block["client_key_file"])
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "90",
+                "-subj", "/CN=tokenrelay-test", "-keyout", str(key_path), "-out", str(path))
+        key_path.chmod(0o400)
+        return pem_body(key_path.read_text())
+    pem_path = path if key != "service_account_file" else workdir / f"sa-key-{secrets.token_hex(4)}.pem"
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(pem_path))
+    pem = pem_path.read_text()
+    if key == "service_account_file":
+        pem_path.unlink()
+        account = {
+            "type": "service_account",
+            "project_id": "test",
+            "private_key_id": secrets.token_hex(8),
+            "private_key": pem,
+            "client_email": "relay@test.iam.gserviceaccount.com",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        }
+        path.write_text(json.dumps(account))
+    return pem_body(pem)
+
+
 def materialize(config_text: str, workdir: Path) -> tuple[Path, dict[str, str], list[str]]:
     """Write the config with in-pod paths moved under workdir, create the files it refers
     to, and return (config path, environment, secret values that must never be printed)."""
@@ -35,21 +84,25 @@ def materialize(config_text: str, workdir: Path) -> tuple[Path, dict[str, str], 
     text = config_text.replace(SECRETS_DIR, str(secrets_dir)).replace(STATE_DIR, str(state_dir))
     cfg = yaml.safe_load(text)
     printed_never: list[str] = []
-    blocks = [("store", cfg["store"])] + [(f"credentials.{n}", c) for n, c in cfg["credentials"].items()]
-    for _, block in blocks:
-        for key, value in block.items():
-            if not key.endswith("_file") or key == "ca_file":
-                continue
-            path = Path(value)
-            assert path.is_relative_to(secrets_dir), f"{key}: {value} is not under the secrets mount"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if key == "encryption_key_file":
-                content = base64.b64encode(secrets.token_bytes(32)).decode()
-            else:
-                content = f"s3cr3t-{key}-{secrets.token_hex(8)}"
-            path.write_text(content + "\n")
-            path.chmod(0o400)
-            printed_never.append(content)
+    blocks = {"store": cfg["store"]}
+    blocks |= {f"credentials.{n}": c for n, c in cfg["credentials"].items()}
+    blocks |= {f"upstreams.{n}": u for n, u in cfg["upstreams"].items()}
+    for where, key, value in support.secret_file_keys(cfg):
+        path = Path(value)
+        assert path.is_relative_to(secrets_dir), f"{where}.{key}: {value} is not under the secrets mount"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if key in KEY_FILES:
+            printed_never += write_key_material(blocks[where], key, path, workdir)
+            if path.exists():
+                path.chmod(0o400)
+            continue
+        if key == "encryption_key_file":
+            content = base64.b64encode(secrets.token_bytes(32)).decode()
+        else:
+            content = f"s3cr3t-{key}-{secrets.token_hex(8)}"
+        path.write_text(content + "\n")
+        path.chmod(0o400)
+        printed_never.append(content)
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     for var in sorted(set(ENV_REF.findall(text))):
         env[var] = "redis://127.0.0.1:6379/0" if var == "TOKENRELAY_REDIS_URL" else f"test-{var.lower()}"

@@ -1,5 +1,7 @@
-//! A private CA and a server certificate for localhost/127.0.0.1 signed by it, made
-//! fresh for each test (never committed).
+//! Keys and certificates made fresh for each test (never committed): a private CA and a
+//! server certificate for localhost/127.0.0.1 signed by it, signing keys.
+
+use std::path::Path;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -25,4 +27,46 @@ pub fn localhost_server(alpn: &[&[u8]]) -> (rustls::ServerConfig, String) {
         .unwrap();
     server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     (server, ca.pem())
+}
+
+/// A private key (PKCS#8 PEM) and its public key (SubjectPublicKeyInfo PEM).
+pub struct Key {
+    pub private: String,
+    pub public: String,
+}
+
+pub fn key(alg: &'static rcgen::SignatureAlgorithm) -> Key {
+    let k = KeyPair::generate_for(alg).unwrap();
+    Key {
+        private: k.serialize_pem(),
+        public: k.public_key_pem(),
+    }
+}
+
+/// A 2048-bit RSA key from openssl (ring cannot generate RSA keys); `None` skips.
+pub fn rsa_key(dir: &Path) -> Option<Key> {
+    let path = dir.join("rsa.pem");
+    let out = super::tools::command("openssl")?
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl genpkey failed");
+    let public = super::tools::command("openssl")?
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    Some(Key {
+        private: std::fs::read_to_string(&path).unwrap(),
+        public: String::from_utf8(public.stdout).unwrap(),
+    })
 }

@@ -71,6 +71,21 @@ pub(super) fn validate_credential(
         c.client_secret_file.take(),
     );
     let auth = client_auth::client_auth(p, &path, &mut c, client_secret.as_ref());
+    // ... unless the client authenticates itself as well: then client_id names it (the
+    // client assertion's iss and sub, the id sent with a certificate or a secret).
+    if grant == Grant::JwtBearer && c.client_id.as_deref().unwrap_or("").is_empty() {
+        let by = match auth.method {
+            ClientAuth::RequestBody if client_secret.is_none() => None,
+            ClientAuth::RequestBody => Some("client_secret".to_string()),
+            m => Some(format!("client_auth {}", m.as_str())),
+        };
+        if let Some(by) = by {
+            p.add(
+                &at("client_id"),
+                format!("is required for grant jwt_bearer with {by}"),
+            );
+        }
+    }
     let jwt_bearer = client_auth::jwt_bearer(p, &path, &mut c, grant, &mut token_url);
     let request_format = match c.request_format.as_deref() {
         None | Some("form") => RequestFormat::Form,
