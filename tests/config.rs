@@ -610,3 +610,27 @@ fn the_example_configs_commented_client_auth_credentials_are_valid() {
         assert!(config.credentials.contains_key(name), "{name}");
     }
 }
+
+#[test]
+fn client_auth_accepts_the_registry_names_of_the_secret_methods() {
+    use tokenrelay::config::ClientAuth;
+    let with = |method: &str| {
+        let yaml = variant(
+            "    client_secret: ${CRM_CLIENT_SECRET}\n",
+            &format!("    client_secret: ${{CRM_CLIENT_SECRET}}\n    client_auth: {method}\n"),
+        );
+        parse(&yaml).unwrap().credentials["crm"].client_auth
+    };
+    assert_eq!(with("client_secret_basic"), ClientAuth::Basic);
+    assert_eq!(with("basic"), ClientAuth::Basic);
+    assert_eq!(with("client_secret_post"), ClientAuth::RequestBody);
+    assert_eq!(with("request_body"), ClientAuth::RequestBody);
+    assert_refused(
+        &variant(
+            "    client_secret: ${CRM_CLIENT_SECRET}\n",
+            "    client_secret: ${CRM_CLIENT_SECRET}\n    client_auth: client_secret\n",
+        ),
+        "credentials.crm.client_auth",
+        &["client_secret_basic"],
+    );
+}

@@ -207,8 +207,9 @@ pub(super) fn client_auth(
 ) -> ClientAuthSettings {
     let at = |key: &str| format!("{path}.{key}");
     let method = match c.client_auth.as_deref() {
-        None | Some("request_body") => ClientAuth::RequestBody,
-        Some("basic") => ClientAuth::Basic,
+        // The RFC 8414 registry names are accepted too, as providers' docs use them.
+        None | Some("request_body" | "client_secret_post") => ClientAuth::RequestBody,
+        Some("basic" | "client_secret_basic") => ClientAuth::Basic,
         Some("private_key_jwt") => ClientAuth::PrivateKeyJwt,
         Some("client_secret_jwt") => ClientAuth::ClientSecretJwt,
         Some("tls_client_auth") => ClientAuth::TlsClientAuth,
@@ -216,7 +217,7 @@ pub(super) fn client_auth(
         Some(o) => {
             p.add(
                 &at("client_auth"),
-                format!("must be request_body, basic, private_key_jwt, client_secret_jwt, tls_client_auth or self_signed_tls_client_auth, got {o:?}"),
+                format!("must be request_body (or client_secret_post), basic (or client_secret_basic), private_key_jwt, client_secret_jwt, tls_client_auth or self_signed_tls_client_auth, got {o:?}"),
             );
             ClientAuth::RequestBody
         }
