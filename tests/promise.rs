@@ -13,6 +13,8 @@
 mod support;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -97,6 +99,24 @@ async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) 
     let first = support::client().get(&url).send().await.unwrap();
     assert_eq!(first.status(), 200, "startup refresh");
     let issued_before = f.auth.stats().issued;
+    // What /status says of each refresh while this runs (the failure is brief).
+    let watching = Arc::new(AtomicBool::new(true));
+    let status_errors = tokio::spawn({
+        let (admin, watching) = (admin.clone(), watching.clone());
+        async move {
+            let mut seen = Vec::<String>::new();
+            while watching.load(Ordering::Relaxed) {
+                let st = status_json(&admin).await;
+                if let Some(e) = st["credentials"]["crm"]["last_refresh"]["error"].as_str() {
+                    if !seen.iter().any(|s| s == e) {
+                        seen.push(e.to_string());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            seen
+        }
+    });
     f.auth.alter_next_answer(patch.as_object().unwrap().clone());
     let load = Load::start(vec![url.clone()], 4, Duration::from_millis(20));
     // The altered rotation, then (unless it was usable) a failure and a retry with the
@@ -113,6 +133,8 @@ async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) 
     let metrics = metrics_text(&admin).await;
     let status = status_json(&admin).await;
     let last = support::client().get(&url).send().await.unwrap().status();
+    watching.store(false, Ordering::Relaxed);
+    let status_errors = status_errors.await.unwrap();
     relay.stop().await;
     eprintln!(
         "patch {patch}: {stats:?}; load {} ok, {} 5xx; refreshes ok {} failed {}",
@@ -147,6 +169,12 @@ async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) 
         assert!(
             refreshes(&metrics, "failure") >= 1.0,
             "the unusable answer counts as a failed refresh"
+        );
+        assert!(
+            status_errors
+                .iter()
+                .any(|e| e.contains("the new refresh token was stored")),
+            "/status never said why the refresh failed: {status_errors:?}"
         );
     }
 }
@@ -429,4 +457,96 @@ async fn a_burst_after_expiry_waits_for_one_attempt_instead_of_503() {
         issued, 1,
         "one successful token request for the whole burst"
     );
+}
+
+/// The log says which 401 case it was: a revoked token that had worked, a newly issued
+/// token never accepted, and the spacing that follows repeated rejections of new ones.
+/// (A child process, so its log can be read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_which_401_case_it_was() {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl: Duration::from_secs(60),
+        rotate_refresh_tokens: true,
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let refusing = ApiServer::start(Some(Arc::new(|_: &str| false)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let [admin, crm, denied] = support::free_ports(3)[..] else {
+        unreachable!()
+    };
+    let credential = |name: &str| {
+        format!(
+            "  {name}:
+    grant: refresh_token
+    token_url: {}
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+    token_timeout: 2s
+",
+            auth.token_url()
+        )
+    };
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:{admin} }}
+store: {{ type: file, path: {state} }}
+credentials:
+{crm_cred}{denied_cred}upstreams:
+  crm: {{ listen: 127.0.0.1:{crm}, url: {api}, credential: crm, allow_insecure_http: true }}
+  denied: {{ listen: 127.0.0.1:{denied}, url: {refusing}, credential: denied, allow_insecure_http: true }}
+",
+        state = dir.path().join("state").display(),
+        crm_cred = credential("crm"),
+        denied_cred = credential("denied"),
+        api = api.url(),
+        refusing = refusing.url(),
+    );
+    let config = dir.path().join("tokenrelay.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    support::seed_refresh_token(&yaml, "crm", &auth.new_grant()).await;
+    support::seed_refresh_token(&yaml, "denied", &auth.new_grant()).await;
+    let log = dir.path().join("relay.log");
+    let mut child = support::ChildProc::spawn(&config, &log, &[]);
+    assert!(
+        support::wait_ready(
+            &format!("http://127.0.0.1:{admin}/readyz"),
+            Duration::from_secs(30)
+        )
+        .await
+    );
+    let c = support::client();
+    let get = |port: u16| c.get(format!("http://127.0.0.1:{port}/echo")).send();
+    assert_eq!(get(crm).await.unwrap().status(), 200);
+    auth.expire_access_tokens();
+    assert_eq!(get(crm).await.unwrap().status(), 200, "revoked: refreshed");
+    for _ in 0..3 {
+        assert_eq!(get(denied).await.unwrap().status(), 401);
+    }
+    child.terminate();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = |credential: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("credential={credential}")) && l.contains(what))
+            .count()
+    };
+    assert_eq!(
+        lines("crm", "rejected a token it had accepted before (revoked"),
+        1,
+        "{text}"
+    );
+    assert_eq!(lines("crm", "never accepted"), 0, "{text}");
+    assert!(
+        lines("denied", "rejected a token it never accepted") >= 1,
+        "{text}"
+    );
+    assert!(
+        lines("denied", "permission problem rather than an expired token") >= 1,
+        "{text}"
+    );
+    assert_eq!(lines("denied", "had accepted before"), 0, "{text}");
 }

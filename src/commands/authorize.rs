@@ -33,7 +33,7 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
         bail!("credential {credential:?} uses grant {:?}; authorize applies only to grant refresh_token", c.grant);
     }
     crate::tls::install_crypto_provider();
-    let client = TokenClient::new(Arc::new(c.clone())).map_err(anyhow::Error::msg)?;
+    let client = TokenClient::new(Arc::new(c.clone()))?;
     let (code, verifier) = match code {
         Some(code) => (code.trim().to_string(), None),
         None => obtain_code(c).await?,

@@ -47,7 +47,7 @@ fn refresh_credential<'a>(cfg: &'a Config, name: &str) -> anyhow::Result<&'a Cre
 fn bundle_key(cfg: &Config, passphrase_file: Option<&Path>) -> anyhow::Result<Key> {
     match passphrase_file {
         Some(f) => {
-            let p = crate::config::read_secret(f).map_err(anyhow::Error::msg)?;
+            let p = crate::config::read_secret(f)?;
             Ok(Key::Passphrase(p))
         }
         None => match &cfg.store.encryption_key {

@@ -31,7 +31,7 @@ pub use compare::RESTART_ONLY;
 pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules, TokenMethod};
 use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};
-pub use secrets::{read_secret, read_static_token};
+pub use secrets::{read_secret, read_static_token, SecretFileError};
 use units::{ByteSize, HumanDuration};
 pub use url_template::{TemplatedUpstream, UpstreamUrl, UrlTemplate};
 use validate::validate;

@@ -40,8 +40,38 @@ pub fn backoff(failures: u32, remaining_validity: Option<Duration>, jitter01: f6
     d.max(Duration::from_millis(200))
 }
 
+/// Whether an access token another process just stored (obtained at `obtained_ms`,
+/// expiring at `expires_ms`, Unix ms) is itself due for refresh at `now_ms`, so the
+/// lease holder refreshes it rather than adopting it: within half the lead of its
+/// expiry, or with no expiry known.
+pub fn rotated_token_due(
+    now_ms: u64,
+    obtained_ms: u64,
+    expires_ms: Option<u64>,
+    refresh_at: f64,
+    refresh_before: Duration,
+) -> bool {
+    let Some(exp) = expires_ms else {
+        return true;
+    };
+    let left = Duration::from_millis(exp.saturating_sub(now_ms));
+    let life = Duration::from_millis(exp.saturating_sub(obtained_ms));
+    left <= lead(life, refresh_at, refresh_before) / 2
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_token_rotated_elsewhere_is_adopted_unless_itself_due() {
+        let min = Duration::from_secs(60);
+        // 10 min token (lead 2 min): adopted with 5 min left, refreshed with 30 s left.
+        assert!(!rotated_token_due(300_000, 0, Some(600_000), 0.8, min));
+        assert!(rotated_token_due(570_000, 0, Some(600_000), 0.8, min));
+        // Already expired, or no expiry known: refreshed.
+        assert!(rotated_token_due(700_000, 0, Some(600_000), 0.8, min));
+        assert!(rotated_token_due(0, 0, None, 0.8, min));
+    }
+
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);

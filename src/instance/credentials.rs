@@ -39,7 +39,10 @@ pub struct Context {
 
 impl Prepared {
     /// Builds the credential and its refresher; nothing runs yet.
-    pub fn new(credential: Arc<Credential>, ctx: &Context) -> Result<Prepared, String> {
+    pub fn new(
+        credential: Arc<Credential>,
+        ctx: &Context,
+    ) -> Result<Prepared, crate::oauth::TokenClientError> {
         let stop = ctx.stop_all.child_token();
         let refresher = Refresher::new(
             credential.clone(),

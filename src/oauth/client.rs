@@ -64,17 +64,34 @@ impl std::fmt::Debug for TokenClient {
     }
 }
 
+/// Why a credential's token client cannot be built; each names the file or setting.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenClientError {
+    /// The CA file or client certificate (the TLS layer's message, naming the file).
+    #[error("{0}")]
+    Tls(String),
+    /// A client-assertion or grant-assertion signing key (naming the file).
+    #[error("{0}")]
+    SigningKey(String),
+    #[error("client_secret_jwt needs a client secret")]
+    NoClientSecret,
+    #[error("cannot build token client: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
 impl TokenClient {
     /// Builds the HTTP client (TLS 1.2+, verified, optional private CA and client
     /// certificate, no redirects) and loads signing keys.
-    pub fn new(config: Arc<CredentialConfig>) -> Result<TokenClient, String> {
+    pub fn new(config: Arc<CredentialConfig>) -> Result<TokenClient, TokenClientError> {
         let tls = crate::tls::client_config_with_cert(
             config.ca_file.as_deref(),
             &[b"http/1.1"],
             config.client_cert.as_ref().map(|c| &c.files),
-        )?;
+        )
+        .map_err(TokenClientError::Tls)?;
         let key_signer = |k: &AssertionKey| {
             Signer::from_key(k.source.clone(), k.configured_alg, k.configured_kid.clone())
+                .map_err(TokenClientError::SigningKey)
         };
         let client_signer = match &config.client_assertion {
             None => None,
@@ -84,7 +101,7 @@ impl TokenClient {
                     config
                         .client_secret
                         .clone()
-                        .ok_or("client_secret_jwt needs a client secret")?,
+                        .ok_or(TokenClientError::NoClientSecret)?,
                 ),
             }),
         };
@@ -100,7 +117,7 @@ impl TokenClient {
             .connect_timeout(config.token_timeout.0.min(Duration::from_secs(5)))
             .user_agent(concat!("tokenrelay/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("cannot build token client: {e}"))?;
+            .map_err(TokenClientError::Http)?;
         Ok(TokenClient {
             http,
             config,

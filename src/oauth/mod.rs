@@ -5,5 +5,5 @@ mod client;
 mod response;
 
 pub use assertion::fingerprint;
-pub use client::{GrantRequest, TokenClient};
+pub use client::{GrantRequest, TokenClient, TokenClientError};
 pub use response::{AccessToken, TokenAnswer, TokenError, TokenResponse};

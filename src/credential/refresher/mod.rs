@@ -23,7 +23,7 @@ use super::schedule;
 use super::{Credential, RefreshError, RefreshResult, Trigger};
 use crate::config::Grant;
 use crate::metrics::Metrics;
-use crate::oauth::{GrantRequest, TokenClient};
+use crate::oauth::{GrantRequest, TokenClient, TokenClientError};
 use crate::store::{now_ms, Store, StoredState};
 
 /// Consecutive upstream 401s (with no accepted answer between) after which a long-lived
@@ -94,7 +94,7 @@ impl Refresher {
         instance_id: String,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-    ) -> Result<Refresher, String> {
+    ) -> Result<Refresher, TokenClientError> {
         let client = match cred.config.grant {
             Grant::Static => None,
             _ => Some(TokenClient::new(cred.config.clone())?),

@@ -119,19 +119,14 @@ impl Refresher {
         if stored.generation != self.known_generation {
             // Rotated by another process since we last looked: adopt unless its token is
             // itself due (then we refresh it, holding the lease).
-            let due = match (stored.access_expires_at_ms, trigger) {
-                (_, Trigger::Startup) => false,
-                (Some(exp), _) => {
-                    let left = Duration::from_millis(exp.saturating_sub(now_ms()));
-                    let life = Duration::from_millis(exp.saturating_sub(stored.obtained_at_ms));
-                    left <= schedule::lead(
-                        life,
-                        self.cred.config.refresh_at,
-                        self.cred.config.refresh_before.0,
-                    ) / 2
-                }
-                (None, _) => true,
-            };
+            let due = trigger != Trigger::Startup
+                && schedule::rotated_token_due(
+                    now_ms(),
+                    stored.obtained_at_ms,
+                    stored.access_expires_at_ms,
+                    self.cred.config.refresh_at,
+                    self.cred.config.refresh_before.0,
+                );
             if !due && self.publish_stored(&stored) {
                 self.known_generation = stored.generation;
                 return Ok(RefreshResult::Adopted);

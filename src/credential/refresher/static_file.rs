@@ -5,6 +5,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::Refresher;
+use crate::config::SecretFileError;
 use crate::credential::{RefreshResult, Trigger};
 
 /// How often a static token's `token_file` is re-read (mounted secrets are replaced in
@@ -51,7 +52,10 @@ impl Refresher {
                     self.cred
                         .publish(&fresh, generation + 1, None)
                         .map(|()| Some(fresh))
-                        .map_err(|e| format!("{}: {e}", f.display()))
+                        .map_err(|reason| SecretFileError::NotAToken {
+                            file: f.to_path_buf(),
+                            reason,
+                        })
                 })
             });
             match read {
@@ -66,6 +70,7 @@ impl Refresher {
                 }
                 Some(Err(e)) => {
                     // Reported once per distinct problem; the previous token stays in use.
+                    let e = e.to_string();
                     if last_error.as_ref() != Some(&e) {
                         warn!(credential = %self.name(), error = %e, "cannot use the static token file; keeping the current token");
                         let why = format!("token_file {e}; keeping the previous token");
