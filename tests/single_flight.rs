@@ -140,9 +140,11 @@ async fn assert_503_json(resp: reqwest::Response) {
     assert_eq!(body["credential"], "api");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_get_a_prompt_503_when_no_token_can_be_obtained() {
-    // 3 s tokens, refreshed proactively ~1.4 s in; the endpoint fails from then on.
+/// Tokenrelay with one upstream and 3 s tokens (refreshed proactively ~1.4 s in), whose
+/// token endpoint fails from after the first token on, once that token has expired:
+/// the demo servers, the running instance and the upstream's `/echo` url.
+async fn token_expired_with_the_endpoint_down() -> (support::DemoServers, support::Running, String)
+{
     let demo = demo_servers(AuthServerOptions {
         access_ttl: Duration::from_secs(3),
         ..Default::default()
@@ -155,11 +157,10 @@ async fn requests_get_a_prompt_503_when_no_token_can_be_obtained() {
         "",
     );
     let tr = support::start(&yaml).await;
-    let c = support::client();
     let url = format!("{}/echo", tr.url("api"));
-    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    let first = support::client().get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
     demo.auth.set_mode(FailureMode::ServerError);
-
     assert!(
         support::eventually(Duration::from_secs(10), || async {
             credential_state(&tr, "api").await == "unavailable"
@@ -167,6 +168,13 @@ async fn requests_get_a_prompt_503_when_no_token_can_be_obtained() {
         .await,
         "token never expired"
     );
+    (demo, tr, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_get_a_prompt_503_when_no_token_can_be_obtained() {
+    let (demo, tr, url) = token_expired_with_the_endpoint_down().await;
+    let c = support::client();
     let forwarded = demo.api.stats().requests;
     // token_timeout 1s: any wait is bounded by 2 × 1 s + margin.
     let bound = Duration::from_secs(5);
@@ -245,29 +253,8 @@ fn usual_attempts_at_most(window: Duration) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_requests_never_raise_a_down_endpoint_above_twice_the_usual_attempt_rate() {
-    let demo = demo_servers(AuthServerOptions {
-        access_ttl: Duration::from_secs(3),
-        ..Default::default()
-    })
-    .await;
-    let yaml = one_upstream_yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        "token_timeout: 1s",
-        "",
-    );
-    let tr = support::start(&yaml).await;
+    let (demo, tr, url) = token_expired_with_the_endpoint_down().await;
     let c = support::client();
-    let url = format!("{}/echo", tr.url("api"));
-    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
-    demo.auth.set_mode(FailureMode::ServerError);
-    assert!(
-        support::eventually(Duration::from_secs(10), || async {
-            credential_state(&tr, "api").await == "unavailable"
-        })
-        .await,
-        "token never expired"
-    );
 
     // Requests keep arriving (each waiting or answered 503) while the endpoint stays down.
     let before = demo.auth.stats().token_requests;
