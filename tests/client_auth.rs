@@ -17,8 +17,9 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 use support::pki::{key, rsa_key, Key};
+use support::DemoServers;
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, TokenRequestRecord};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -73,6 +74,61 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// Demo servers whose token endpoint accepts client assertions signed by `key`.
+async fn demo_trusting_client_key(key: &Key) -> DemoServers {
+    support::demo_servers(AuthServerOptions {
+        client_assertion_keys: vec![key.public.clone()],
+        ..Default::default()
+    })
+    .await
+}
+
+/// A config with one credential (`credential` are its YAML lines) at the demo servers.
+fn demo_yaml(demo: &DemoServers, credential: &str) -> String {
+    yaml(&demo.auth.token_url(), &demo.api.url(), &indent(credential))
+}
+
+/// tokenrelay running with one credential (`credential` are its YAML lines) at the demo servers.
+async fn start_at(demo: &DemoServers, credential: &str) -> support::Running {
+    support::start(&demo_yaml(demo, credential)).await
+}
+
+/// The YAML lines of a client_credentials credential signing its assertions with `key_file`.
+fn private_key_jwt(key_file: &Path) -> String {
+    format!(
+        "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+        key_file.display()
+    )
+}
+
+/// The YAML lines naming a client certificate and its key.
+fn cert_files(cert: &Path, key: &Path) -> String {
+    format!(
+        "client_cert_file: {}\nclient_key_file: {}",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// The same as extra entries of a YAML flow mapping (an upstream's).
+fn flow_cert_files(cert: &Path, key: &Path) -> String {
+    format!(
+        ", client_cert_file: \"{}\", client_key_file: \"{}\"",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// The last token request the authorization server saw.
+fn last_request(auth: &AuthServer) -> TokenRequestRecord {
+    auth.requests_log().pop().expect("a token request")
+}
+
+/// Whether the relay's upstream `api` answers 200 at some point within `within`.
+async fn serves_within(relay: &support::Running, within: Duration) -> bool {
+    support::eventually(within, || async { get(relay, "api").await == 200 }).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_key_jwt_with_each_key_type_is_verified_by_the_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,24 +141,15 @@ async fn private_key_jwt_with_each_key_type_is_verified_by_the_server() {
         keys.push(("RS256", k));
     }
     for (alg, k) in keys {
-        let demo = support::demo_servers(AuthServerOptions {
-            client_assertion_keys: vec![k.public.clone()],
-            ..Default::default()
-        })
-        .await;
+        let demo = demo_trusting_client_key(&k).await;
         let key_file = write(dir.path(), &format!("{alg}.pem"), &k.private);
-        let relay = support::start(&yaml(
-            &demo.auth.token_url(),
-            &demo.api.url(),
-            &indent(&format!(
-                "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}\nclient_assertion_kid: k1",
-                key_file.display()
-            )),
-        ))
+        let relay = start_at(
+            &demo,
+            &format!("{}\nclient_assertion_kid: k1", private_key_jwt(&key_file)),
+        )
         .await;
         assert_eq!(get(&relay, "api").await, 200, "{alg}");
-        let log = demo.auth.requests_log();
-        let r = log.last().unwrap();
+        let r = last_request(&demo.auth);
         assert_eq!(
             (r.status, r.client_auth.as_str()),
             (200, "assertion"),
@@ -132,15 +179,13 @@ async fn client_secret_jwt_is_hs256_over_the_secret_and_the_audience_can_be_set(
         ..Default::default()
     })
     .await;
-    let relay = support::start(&yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        &indent("grant: client_credentials\nclient_id: demo-client\nclient_secret: demo-secret\nclient_auth: client_secret_jwt\nclient_assertion_audience: https://issuer.example"),
-    ))
+    let relay = start_at(
+        &demo,
+        "grant: client_credentials\nclient_id: demo-client\nclient_secret: demo-secret\nclient_auth: client_secret_jwt\nclient_assertion_audience: https://issuer.example",
+    )
     .await;
     assert_eq!(get(&relay, "api").await, 200);
-    let log = demo.auth.requests_log();
-    let r = log.last().unwrap();
+    let r = last_request(&demo.auth);
     assert_eq!(r.client_auth, "assertion");
     assert_eq!(r.assertions[0]["alg"], "HS256");
     assert_eq!(r.assertions[0]["claims"]["aud"], "https://issuer.example");
@@ -156,24 +201,18 @@ async fn client_secret_jwt_is_hs256_over_the_secret_and_the_audience_can_be_set(
 async fn the_password_grant_authenticates_the_client_with_private_key_jwt() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(&rcgen::PKCS_ECDSA_P384_SHA384);
-    let demo = support::demo_servers(AuthServerOptions {
-        client_assertion_keys: vec![k.public.clone()],
-        ..Default::default()
-    })
-    .await;
+    let demo = demo_trusting_client_key(&k).await;
     let key_file = write(dir.path(), "k.pem", &k.private);
-    let relay = support::start(&yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        &indent(&format!(
+    let relay = start_at(
+        &demo,
+        &format!(
             "grant: password\nusername: demo-user\npassword: demo-password\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
             key_file.display()
-        )),
-    ))
+        ),
+    )
     .await;
     assert_eq!(get(&relay, "api").await, 200);
-    let log = demo.auth.requests_log();
-    let r = log.last().unwrap();
+    let r = last_request(&demo.auth);
     assert_eq!(
         (r.status, r.grant_type.as_str(), r.client_auth.as_str()),
         (200, "password", "assertion"),
@@ -200,7 +239,7 @@ async fn an_rsa_key_signs_with_the_configured_algorithm() {
     let key_file = write(dir.path(), "k.pem", &k.private);
     for (credential, alg, auth) in [
         (
-            format!("grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}\nclient_assertion_alg: PS256", key_file.display()),
+            format!("{}\nclient_assertion_alg: PS256", private_key_jwt(&key_file)),
             "PS256",
             "assertion",
         ),
@@ -210,15 +249,9 @@ async fn an_rsa_key_signs_with_the_configured_algorithm() {
             "none",
         ),
     ] {
-        let relay = support::start(&yaml(
-            &demo.auth.token_url(),
-            &demo.api.url(),
-            &indent(&credential),
-        ))
-        .await;
+        let relay = start_at(&demo, &credential).await;
         assert_eq!(get(&relay, "api").await, 200, "{alg}");
-        let log = demo.auth.requests_log();
-        let r = log.last().unwrap();
+        let r = last_request(&demo.auth);
         assert_eq!((r.status, r.client_auth.as_str()), (200, auth), "{alg}: {r:?}");
         assert_eq!(r.assertions[0]["alg"], alg);
         relay.stop().await;
@@ -230,11 +263,7 @@ async fn a_wrong_key_or_audience_is_refused_by_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let registered = key(&rcgen::PKCS_ECDSA_P256_SHA256);
     let other = key(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let demo = support::demo_servers(AuthServerOptions {
-        client_assertion_keys: vec![registered.public.clone()],
-        ..Default::default()
-    })
-    .await;
+    let demo = demo_trusting_client_key(&registered).await;
     for (file, extra, why) in [
         (
             write(dir.path(), "other.pem", &other.private),
@@ -247,18 +276,9 @@ async fn a_wrong_key_or_audience_is_refused_by_the_server() {
             "aud",
         ),
     ] {
-        let relay = support::start(&yaml(
-            &demo.auth.token_url(),
-            &demo.api.url(),
-            &indent(&format!(
-                "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}{extra}",
-                file.display()
-            )),
-        ))
-        .await;
+        let relay = start_at(&demo, &format!("{}{extra}", private_key_jwt(&file))).await;
         assert_ne!(get(&relay, "api").await, 200);
-        let log = demo.auth.requests_log();
-        let r = log.last().unwrap();
+        let r = last_request(&demo.auth);
         assert_eq!(
             (r.status, r.error.as_deref()),
             (401, Some("invalid_client")),
@@ -399,8 +419,7 @@ upstreams:
     ))
     .await;
     assert_eq!(get(&relay, "api").await, 200);
-    let log = auth.requests_log();
-    let r = log.last().unwrap();
+    let r = last_request(&auth);
     assert_eq!((r.status, r.grant_type.as_str()), (200, JWT_BEARER));
     assert_eq!(
         r.client_auth, "none",
@@ -474,22 +493,18 @@ async fn a_rotated_service_account_file_is_used_without_a_restart() {
         "sa.json",
         &service_account(&old, "old-key", &demo.auth.token_url()),
     );
-    let relay = support::start(&yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        &indent(&format!(
+    let relay = start_at(
+        &demo,
+        &format!(
             "grant: jwt_bearer\nservice_account_file: {}\nscopes: [openid]",
             sa_file.display()
-        )),
-    ))
+        ),
+    )
     .await;
     assert_ne!(get(&relay, "api").await, 200);
-    let refused = demo.auth.requests_log();
+    let refused = last_request(&demo.auth);
     assert_eq!(
-        (
-            refused.last().unwrap().status,
-            refused.last().unwrap().error.as_deref()
-        ),
+        (refused.status, refused.error.as_deref()),
         (400, Some("invalid_grant"))
     );
     replace(
@@ -497,14 +512,10 @@ async fn a_rotated_service_account_file_is_used_without_a_restart() {
         &service_account(&new, "new-key", &demo.auth.token_url()),
     );
     assert!(
-        support::eventually(Duration::from_secs(45), || async {
-            get(&relay, "api").await == 200
-        })
-        .await,
+        serves_within(&relay, Duration::from_secs(45)).await,
         "the rotated service account is used"
     );
-    let log = demo.auth.requests_log();
-    let r = log.last().unwrap();
+    let r = last_request(&demo.auth);
     assert_eq!((r.status, r.grant_type.as_str()), (200, JWT_BEARER));
     // The key id comes from the file as it is now.
     assert_eq!(r.assertions[0]["kid"], "new-key");
@@ -524,18 +535,16 @@ async fn jwt_bearer_with_generic_keys_and_extra_claims() {
     })
     .await;
     let key_file = write(dir.path(), "k.pem", &k.private);
-    let relay = support::start(&yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        &indent(&format!(
+    let relay = start_at(
+        &demo,
+        &format!(
             "grant: jwt_bearer\nassertion_issuer: 3MVG9-consumer-key\nassertion_subject: integration@example.com\nassertion_audience: https://login.example.com\nassertion_key_file: {}\nassertion_alg: EdDSA\nassertion_kid: sf-2026\nassertion_lifetime: 3m\nassertion_claims: {{ tenant: acme, level: 2 }}\nscopes: [api]",
             key_file.display()
-        )),
-    ))
+        ),
+    )
     .await;
     assert_eq!(get(&relay, "api").await, 200);
-    let log = demo.auth.requests_log();
-    let r = log.last().unwrap();
+    let r = last_request(&demo.auth);
     assert_eq!(
         (r.status, r.grant_type.as_str()),
         (200, JWT_BEARER),
@@ -654,11 +663,7 @@ fn bad_keys_and_certificates_are_config_errors_naming_the_key() {
     let expired = ca.client_cert("expired", Some((2020, 1, 1)));
     let (cert, key_file) = expired.write(dir.path(), "expired");
     let tls = "grant: client_credentials\nclient_id: c\nclient_auth: tls_client_auth\n";
-    let e = config_error(&format!(
-        "{tls}client_cert_file: {}\nclient_key_file: {}",
-        cert.display(),
-        key_file.display()
-    ));
+    let e = config_error(&format!("{tls}{}", cert_files(&cert, &key_file)));
     assert!(
         e.contains("credentials.api.client_cert_file: the certificate in ")
             && e.contains("expired at 2020-01-01"),
@@ -666,11 +671,7 @@ fn bad_keys_and_certificates_are_config_errors_naming_the_key() {
     );
     let good = ca.client_cert("good", None);
     let (cert, _) = good.write(dir.path(), "good");
-    let e = config_error(&format!(
-        "{tls}client_cert_file: {}\nclient_key_file: {}",
-        cert.display(),
-        ec_file.display()
-    ));
+    let e = config_error(&format!("{tls}{}", cert_files(&cert, &ec_file)));
     assert!(
         e.contains("credentials.api.client_cert_file: ")
             && e.contains("does not belong to the certificate"),
@@ -730,10 +731,9 @@ fn unusable_client_auth_settings_are_config_errors_naming_the_key() {
 credentials:
   api: {{ grant: client_credentials, token_url: "https://auth.example/token", client_id: c, client_secret: s }}
 upstreams:
-  api: {{ listen: "127.0.0.1:0", url: "{url}", credential: api, allow_insecure_http: true, client_cert_file: "{}", client_key_file: "{}" }}
+  api: {{ listen: "127.0.0.1:0", url: "{url}", credential: api, allow_insecure_http: true{} }}
 "#,
-            cert.display(),
-            key_file.display()
+            flow_cert_files(&cert, &key_file)
         )
     };
     let e = Config::from_yaml(&upstream("http://api.example"), &|_| None)
@@ -756,29 +756,31 @@ upstreams:
         };
         assert!(pem.contains(marker), "{pem}");
         let enc = write(dir.path(), "enc.key", &pem);
-        let e = config_error(&format!(
-            "grant: client_credentials\nclient_id: c\nclient_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
-            cert.display(),
-            enc.display()
-        ));
-        assert!(
-            e.contains(&format!(
-                "credentials.api.client_key_file: {} is an encrypted private key",
-                enc.display()
-            )),
-            "{marker}: {e}"
-        );
-        let e = config_error(&format!(
-            "grant: client_credentials\nclient_id: c\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
-            enc.display()
-        ));
-        assert!(
-            e.contains(&format!(
-                "credentials.api.client_assertion_key_file: {} is an encrypted private key",
-                enc.display()
-            )),
-            "{marker}: {e}"
-        );
+        for (field, credential) in [
+            (
+                "client_key_file",
+                format!(
+                    "grant: client_credentials\nclient_id: c\nclient_auth: tls_client_auth\n{}",
+                    cert_files(&cert, &enc)
+                ),
+            ),
+            (
+                "client_assertion_key_file",
+                format!(
+                    "grant: client_credentials\nclient_id: c\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
+                    enc.display()
+                ),
+            ),
+        ] {
+            let e = config_error(&credential);
+            assert!(
+                e.contains(&format!(
+                    "credentials.api.{field}: {} is an encrypted private key",
+                    enc.display()
+                )),
+                "{marker}: {e}"
+            );
+        }
     }
 }
 
@@ -823,21 +825,22 @@ fn jwt_bearer_that_authenticates_the_client_needs_a_client_id() {
         ),
         (
             format!(
-                "client_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
-                cert.display(),
-                cert_key.display()
+                "client_auth: tls_client_auth\n{}",
+                cert_files(&cert, &cert_key)
             ),
             "client_auth tls_client_auth",
         ),
         (
             format!(
-                "client_auth: self_signed_tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
-                cert.display(),
-                cert_key.display()
+                "client_auth: self_signed_tls_client_auth\n{}",
+                cert_files(&cert, &cert_key)
             ),
             "client_auth self_signed_tls_client_auth",
         ),
-        ("client_auth: basic\nclient_secret: s".to_string(), "client_auth basic"),
+        (
+            "client_auth: basic\nclient_secret: s".to_string(),
+            "client_auth basic",
+        ),
         ("client_secret: s".to_string(), "client_secret"),
     ] {
         let e = config_error(&format!("{grant}{auth}"));
@@ -847,7 +850,10 @@ fn jwt_bearer_that_authenticates_the_client_needs_a_client_id() {
             "{auth}: {e}"
         );
         let c = config_ok(&format!("{grant}{auth}\nclient_id: demo-client"));
-        assert_eq!(c.credentials["api"].client_id.as_deref(), Some("demo-client"));
+        assert_eq!(
+            c.credentials["api"].client_id.as_deref(),
+            Some("demo-client")
+        );
     }
 }
 
@@ -855,28 +861,21 @@ fn jwt_bearer_that_authenticates_the_client_needs_a_client_id() {
 async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let demo = support::demo_servers(AuthServerOptions {
-        client_assertion_keys: vec![k.public.clone()],
-        ..Default::default()
-    })
-    .await;
+    let demo = demo_trusting_client_key(&k).await;
     let key_file = write(dir.path(), "k.pem", &k.private);
     let ca = Ca::new();
     // Expires in 5 days: `check` warns.
     let soon = ymd(SystemTime::now() + Duration::from_secs(5 * 86400));
     let (cert, cert_key) = ca.client_cert("soon", Some(soon)).write(dir.path(), "soon");
-    let config_text = yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        &indent(&format!(
-            "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}\nclient_cert_file: {}\nclient_key_file: {}",
-            key_file.display(),
-            cert.display(),
-            cert_key.display()
-        )),
+    let config_text = demo_yaml(
+        &demo,
+        &format!(
+            "{}\n{}",
+            private_key_jwt(&key_file),
+            cert_files(&cert, &cert_key)
+        ),
     );
-    let config_path = write(dir.path(), "config.yaml", &config_text);
-    let out = support::run_cli(&["check", "--config", config_path.to_str().unwrap()]);
+    let out = check(dir.path(), &config_text);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
@@ -928,15 +927,9 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
         .await
         .unwrap();
     let metrics = support::metrics_text(&relay.admin_url("")).await;
-    let expiry = support::metric(
-        &metrics,
-        "tokenrelay_client_certificate_expiry_timestamp_seconds",
-        &[("scope", "credential"), ("name", "api")],
-    );
-    let not_after = humantime::parse_rfc3339(cc["not_after"].as_str().unwrap()).unwrap();
     assert_eq!(
-        expiry as u64,
-        not_after.duration_since(UNIX_EPOCH).unwrap().as_secs()
+        cert_expiry_metric(&metrics, "credential"),
+        unix_seconds(&cc["not_after"])
     );
     for (what, text) in [
         ("check", format!("{stdout}{stderr}")),
@@ -961,6 +954,27 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
         );
     }
     relay.stop().await;
+}
+
+/// `tokenrelay check` of `config`, written to config.yaml in `dir`.
+fn check(dir: &Path, config: &str) -> std::process::Output {
+    let path = write(dir, "config.yaml", config);
+    support::run_cli(&["check", "--config", path.to_str().unwrap()])
+}
+
+/// The client-certificate expiry metric of the `scope` (credential or upstream) `api`.
+fn cert_expiry_metric(metrics: &str, scope: &str) -> u64 {
+    support::metric(
+        metrics,
+        "tokenrelay_client_certificate_expiry_timestamp_seconds",
+        &[("scope", scope), ("name", "api")],
+    ) as u64
+}
+
+/// An RFC 3339 time as /status shows it, in seconds since the Unix epoch.
+fn unix_seconds(t: &Value) -> u64 {
+    let t = humantime::parse_rfc3339(t.as_str().unwrap()).unwrap();
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// The UTC date of `t`, as (year, month, day).
@@ -1067,40 +1081,55 @@ fn mtls_yaml(auth: &AuthServer, api: &ApiServer, ca: &Path, credential: &str) ->
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server_ca, client_ca, stranger_ca) = (Ca::new(), Ca::new(), Ca::new());
-    let ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem());
-    let auth = AuthServer::start_tls(
+/// A TLS token endpoint (certified by `server_ca`) that requires a client certificate from `clients`.
+async fn mtls_token_endpoint(server_ca: &Ca, clients: Arc<rustls::RootCertStore>) -> AuthServer {
+    AuthServer::start_tls(
         "127.0.0.1:0".parse().unwrap(),
         AuthServerOptions {
             tls_client_auth: true,
             ..Default::default()
         },
-        server_ca.server_requiring_client_certs(client_ca.roots()),
+        server_ca.server_requiring_client_certs(clients),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// A TLS upstream taking `auth`'s tokens that requires a client certificate from `clients`.
+async fn mtls_upstream(
+    auth: &AuthServer,
+    server_ca: &Ca,
+    clients: Arc<rustls::RootCertStore>,
+) -> ApiServer {
+    ApiServer::start_tls(
+        Some(auth.validator()),
+        server_ca.server_requiring_client_certs(clients),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca, stranger_ca) = (Ca::new(), Ca::new(), Ca::new());
+    let ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem());
+    let auth = mtls_token_endpoint(&server_ca, client_ca.roots()).await;
     assert!(auth.token_url().starts_with("https://"));
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let (cert, key) = client_ca
         .client_cert("demo-client", None)
         .write(dir.path(), "client");
-    let relay = support::start(&mtls_yaml(
-        &auth,
-        &api,
-        &ca_file,
-        &format!(
-            "client_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
-            cert.display(),
-            key.display()
-        ),
-    ))
-    .await;
+    let config = |credential: &str| mtls_yaml(&auth, &api, &ca_file, credential);
+    let tls_client_auth = |cert: &Path, key: &Path| {
+        config(&format!(
+            "client_auth: tls_client_auth\n{}",
+            cert_files(cert, key)
+        ))
+    };
+    let relay = support::start(&tls_client_auth(&cert, &key)).await;
     assert_eq!(get(&relay, "api").await, 200);
-    let log = auth.requests_log();
-    let r = log.last().unwrap();
+    let r = last_request(&auth);
     assert_eq!((r.status, r.client_auth.as_str()), (200, "tls"), "{r:?}");
     assert_eq!(r.param("client_id"), Some("demo-client"));
     assert_eq!(r.param("client_secret"), None);
@@ -1108,13 +1137,7 @@ async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() 
 
     // No certificate: the handshake is refused before any HTTP request is made.
     let before = auth.stats().token_requests;
-    let relay = support::start(&mtls_yaml(
-        &auth,
-        &api,
-        &ca_file,
-        "client_secret: demo-secret",
-    ))
-    .await;
+    let relay = support::start(&config("client_secret: demo-secret")).await;
     assert_ne!(get(&relay, "api").await, 200);
     assert_eq!(
         auth.stats().token_requests,
@@ -1128,27 +1151,14 @@ async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() 
     let (cert, key) = stranger_ca
         .client_cert("demo-client", None)
         .write(dir.path(), "rotating");
-    let relay = support::start(&mtls_yaml(
-        &auth,
-        &api,
-        &ca_file,
-        &format!(
-            "client_auth: tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
-            cert.display(),
-            key.display()
-        ),
-    ))
-    .await;
+    let relay = support::start(&tls_client_auth(&cert, &key)).await;
     assert_ne!(get(&relay, "api").await, 200);
     assert_eq!(auth.stats().token_requests, before);
     let trusted = client_ca.client_cert("demo-client", None);
     replace(&key, &trusted.key_pem);
     replace(&cert, &trusted.cert_pem);
     assert!(
-        support::eventually(Duration::from_secs(45), || async {
-            get(&relay, "api").await == 200
-        })
-        .await,
+        serves_within(&relay, Duration::from_secs(45)).await,
         "the rotated certificate is used"
     );
     relay.stop().await;
@@ -1159,24 +1169,10 @@ async fn the_token_endpoint_certificate_is_never_shown_to_the_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let (server_ca, client_ca) = (Ca::new(), Ca::new());
     let ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem());
-    let auth = AuthServer::start_tls(
-        "127.0.0.1:0".parse().unwrap(),
-        AuthServerOptions {
-            tls_client_auth: true,
-            ..Default::default()
-        },
-        server_ca.server_requiring_client_certs(client_ca.roots()),
-    )
-    .await
-    .unwrap();
+    let auth = mtls_token_endpoint(&server_ca, client_ca.roots()).await;
     // The upstream trusts the very CA that issued the token endpoint's certificate: had
     // the relay presented that certificate here too, the upstream would accept it.
-    let api = ApiServer::start_tls(
-        Some(auth.validator()),
-        server_ca.server_requiring_client_certs(client_ca.roots()),
-    )
-    .await
-    .unwrap();
+    let api = mtls_upstream(&auth, &server_ca, client_ca.roots()).await;
     let (cert, key) = client_ca
         .client_cert("demo-client", None)
         .write(dir.path(), "client");
@@ -1202,8 +1198,7 @@ upstreams:
         502,
         "the upstream refuses a handshake without a client certificate"
     );
-    let log = auth.requests_log();
-    let r = log.last().expect("a token request");
+    let r = last_request(&auth);
     assert_eq!(
         (r.status, r.client_auth.as_str()),
         (200, "tls"),
@@ -1219,12 +1214,7 @@ upstreams:
     relay.stop().await;
 
     // Control: configured for the upstream as well, the same certificate is accepted there.
-    let relay = support::start(&config(&format!(
-        ", client_cert_file: \"{}\", client_key_file: \"{}\"",
-        cert.display(),
-        key.display()
-    )))
-    .await;
+    let relay = support::start(&config(&flow_cert_files(&cert, &key))).await;
     assert_eq!(get(&relay, "api").await, 200);
     assert!(api.stats().authorized >= 1);
     relay.stop().await;
@@ -1243,16 +1233,7 @@ async fn self_signed_tls_client_auth_presents_a_self_signed_certificate() {
     // The server registered exactly this certificate (RFC 8705 §2.2).
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(own.der().to_vec())).unwrap();
-    let auth = AuthServer::start_tls(
-        "127.0.0.1:0".parse().unwrap(),
-        AuthServerOptions {
-            tls_client_auth: true,
-            ..Default::default()
-        },
-        server_ca.server_requiring_client_certs(Arc::new(roots)),
-    )
-    .await
-    .unwrap();
+    let auth = mtls_token_endpoint(&server_ca, Arc::new(roots)).await;
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let cert = write(dir.path(), "own.crt", &own.pem());
     let key_file = write(dir.path(), "own.key", &key.serialize_pem());
@@ -1261,14 +1242,13 @@ async fn self_signed_tls_client_auth_presents_a_self_signed_certificate() {
         &api,
         &ca_file,
         &format!(
-            "client_auth: self_signed_tls_client_auth\nclient_cert_file: {}\nclient_key_file: {}",
-            cert.display(),
-            key_file.display()
+            "client_auth: self_signed_tls_client_auth\n{}",
+            cert_files(&cert, &key_file)
         ),
     ))
     .await;
     assert_eq!(get(&relay, "api").await, 200);
-    assert_eq!(auth.requests_log().last().unwrap().client_auth, "tls");
+    assert_eq!(last_request(&auth).client_auth, "tls");
     relay.stop().await;
 }
 
@@ -1280,22 +1260,9 @@ async fn an_upstream_requiring_a_client_certificate_gets_the_rotated_one() {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    let api = ApiServer::start_tls(
-        Some(auth.validator()),
-        server_ca.server_requiring_client_certs(client_ca.roots()),
-    )
-    .await
-    .unwrap();
+    let api = mtls_upstream(&auth, &server_ca, client_ca.roots()).await;
     let config = |cert: Option<(&Path, &Path)>| {
-        let extra = cert
-            .map(|(c, k)| {
-                format!(
-                    ", client_cert_file: \"{}\", client_key_file: \"{}\"",
-                    c.display(),
-                    k.display()
-                )
-            })
-            .unwrap_or_default();
+        let extra = cert.map(|(c, k)| flow_cert_files(c, k)).unwrap_or_default();
         format!(
             r#"
 admin: {{ listen: "127.0.0.1:0" }}
@@ -1330,10 +1297,7 @@ upstreams:
     replace(&cert, &trusted.cert_pem);
     replace(&key, &trusted.key_pem);
     assert!(
-        support::eventually(Duration::from_secs(30), || async {
-            get(&relay, "api").await == 200
-        })
-        .await,
+        serves_within(&relay, Duration::from_secs(30)).await,
         "the rotated certificate is used without a restart"
     );
     assert!(api.stats().authorized >= 1);
@@ -1348,7 +1312,6 @@ upstreams:
             .public_key_der(),
     );
     assert_eq!(cc["fingerprint"], fp, "{cc}");
-    let not_after = humantime::parse_rfc3339(cc["not_after"].as_str().unwrap()).unwrap();
     assert_eq!(
         cc["not_after"],
         format!("{:04}-{:02}-{:02}T00:00:00Z", soon.0, soon.1, soon.2)
@@ -1363,20 +1326,14 @@ upstreams:
         "the upstream's certificate is not the credential's"
     );
     let metrics = support::metrics_text(&relay.admin_url("")).await;
-    let expiry = support::metric(
-        &metrics,
-        "tokenrelay_client_certificate_expiry_timestamp_seconds",
-        &[("scope", "upstream"), ("name", "api")],
-    );
     assert_eq!(
-        expiry as u64,
-        not_after.duration_since(UNIX_EPOCH).unwrap().as_secs()
+        cert_expiry_metric(&metrics, "upstream"),
+        unix_seconds(&cc["not_after"])
     );
     relay.stop().await;
 
     // `check` warns about an upstream certificate that expires soon.
-    let config_path = write(dir.path(), "config.yaml", &config(Some((&cert, &key))));
-    let out = support::run_cli(&["check", "--config", config_path.to_str().unwrap()]);
+    let out = check(dir.path(), &config(Some((&cert, &key))));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -1431,17 +1388,10 @@ upstreams:
         .await
     );
     let c = support::client();
-    let ok = c
-        .get(format!("http://127.0.0.1:{up1}/echo"))
-        .send()
-        .await
-        .unwrap();
+    let echo = |port: u16| c.get(format!("http://127.0.0.1:{port}/echo")).send();
+    let ok = echo(up1).await.unwrap();
     assert_eq!(ok.status(), 200);
-    let refused = c
-        .get(format!("http://127.0.0.1:{up2}/echo"))
-        .send()
-        .await
-        .unwrap();
+    let refused = echo(up2).await.unwrap();
     assert_ne!(refused.status(), 200);
     child.terminate();
     let text = std::fs::read_to_string(&log).unwrap();
@@ -1461,11 +1411,7 @@ upstreams:
 async fn the_authorize_code_exchange_and_refreshes_use_private_key_jwt() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(&rcgen::PKCS_ECDSA_P256_SHA256);
-    let demo = support::demo_servers(AuthServerOptions {
-        client_assertion_keys: vec![k.public.clone()],
-        ..Default::default()
-    })
-    .await;
+    let demo = demo_trusting_client_key(&k).await;
     let key_file = write(dir.path(), "k.pem", &k.private);
     let redirect = "https://example.com/oauth/callback";
     let text = format!(
@@ -1512,7 +1458,7 @@ upstreams:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let exchange = demo.auth.requests_log().last().unwrap().clone();
+    let exchange = last_request(&demo.auth);
     assert_eq!(
         (exchange.grant_type.as_str(), exchange.client_auth.as_str()),
         ("authorization_code", "assertion")
@@ -1543,33 +1489,17 @@ async fn a_rotated_signing_key_is_used_without_a_restart() {
         key(&rcgen::PKCS_ED25519),
     );
     // The provider already has the new public key; the old one was withdrawn.
-    let demo = support::demo_servers(AuthServerOptions {
-        client_assertion_keys: vec![new.public.clone()],
-        ..Default::default()
-    })
-    .await;
+    let demo = demo_trusting_client_key(&new).await;
     let key_file = write(dir.path(), "k.pem", &old.private);
-    let relay = support::start(&yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        &indent(&format!(
-            "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
-            key_file.display()
-        )),
-    ))
-    .await;
+    let relay = start_at(&demo, &private_key_jwt(&key_file)).await;
     assert_ne!(get(&relay, "api").await, 200);
     // Even a key of another type: the algorithm follows the key when none is configured.
     replace(&key_file, &new.private);
     assert!(
-        support::eventually(Duration::from_secs(45), || async {
-            get(&relay, "api").await == 200
-        })
-        .await,
+        serves_within(&relay, Duration::from_secs(45)).await,
         "the rotated key is used"
     );
-    let log = demo.auth.requests_log();
-    assert_eq!(log.last().unwrap().assertions[0]["alg"], "EdDSA");
+    assert_eq!(last_request(&demo.auth).assertions[0]["alg"], "EdDSA");
     // The status page renders the new /status fields.
     let page = support::client()
         .get(relay.admin_url("/"))
@@ -1680,26 +1610,11 @@ async fn sec1_and_pkcs1_keys_as_cert_manager_writes_them_sign_too() {
         let Some(k) = k else {
             return;
         };
-        let demo = support::demo_servers(AuthServerOptions {
-            client_assertion_keys: vec![k.public.clone()],
-            ..Default::default()
-        })
-        .await;
+        let demo = demo_trusting_client_key(&k).await;
         let key_file = write(dir.path(), "sec1.pem", &k.private);
-        let relay = support::start(&yaml(
-            &demo.auth.token_url(),
-            &demo.api.url(),
-            &indent(&format!(
-                "grant: client_credentials\nclient_id: demo-client\nclient_auth: private_key_jwt\nclient_assertion_key_file: {}",
-                key_file.display()
-            )),
-        ))
-        .await;
+        let relay = start_at(&demo, &private_key_jwt(&key_file)).await;
         assert_eq!(get(&relay, "api").await, 200, "{curve}");
-        assert_eq!(
-            demo.auth.requests_log().last().unwrap().assertions[0]["alg"],
-            alg
-        );
+        assert_eq!(last_request(&demo.auth).assertions[0]["alg"], alg);
         relay.stop().await;
     }
 }
