@@ -849,9 +849,11 @@ async fn answer_fields_round_trip_through_etcd() {
 // ---------------------------------------------------------------------------------------
 
 /// Three replicas, `store.lease_ttl: 2s`, and a token endpoint that takes 3 s to answer:
-/// without renewal the holder's lease would expire mid-request and another replica would
-/// spend the same refresh token. Renewed every third of the TTL, it outlives the refresh:
-/// exactly one refresh per rotation, no reuse, no client-visible error.
+/// with the lease as taken, the holder's lease would expire mid-request and another
+/// replica would spend the same refresh token. Secured for the whole request before the
+/// refresh token is sent (extended past the TTL) and renewed every third of the TTL, it
+/// outlives the refresh: exactly one refresh per rotation, no reuse, no client-visible
+/// error.
 async fn slow_endpoint_outlasting_the_lease_ttl(backend: &str, store_yaml: &str) {
     const N: usize = 3;
     const DURATION: Duration = Duration::from_secs(22);
@@ -1605,7 +1607,8 @@ async fn a_rolled_back_redis_state_is_refused_by_a_replica_that_saw_newer() {
 
 /// The lease primitive the refresher relies on before sending a refresh token, on a real
 /// store: `secure_for` extends a lease shorter than the request so that nobody else can
-/// take it meanwhile, and refuses (so nothing is sent) once the lease is not ours.
+/// take it meanwhile, and refuses (so nothing is sent) once the lease is not ours; and
+/// renewals every third of the TTL keep a lease for as long as they go on.
 async fn lease_is_secured_for_the_request_or_refused(backend: &str, store_yaml: &str) {
     let auth = AuthServer::start(rotating(Duration::from_secs(60)))
         .await
@@ -1632,6 +1635,18 @@ async fn lease_is_secured_for_the_request_or_refused(backend: &str, store_yaml: 
         "{backend}: the lease ran out under a request it was secured for"
     );
     assert!(lease.renew().await, "{backend}: renewal failed");
+    lease.release().await;
+
+    // Renewed every third of its TTL, a lease outlives the TTL many times over.
+    let lease = ours.try_lease("crm", ttl).await.unwrap().expect("free");
+    for _ in 0..9 {
+        tokio::time::sleep(ttl / 3).await;
+        assert!(lease.renew().await, "{backend}: renewal failed");
+    }
+    assert!(
+        theirs.try_lease("crm", ttl).await.unwrap().is_none(),
+        "{backend}: a renewed lease ran out"
+    );
     lease.release().await;
 
     // Taken by someone else after it ran out: not secured, so nothing would be sent.
