@@ -516,4 +516,38 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
     );
     assert_eq!(demo.auth.stats().refreshes, before.refreshes);
     stops_cleanly(&mut proc);
+
+    // Restarted with the other client: the stored state says whom its refresh token was
+    // issued to, so a fresh process does not send it either.
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log2"), &[]);
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/healthz"), WITHIN).await);
+    assert!(
+        support::eventually(WITHIN, || async {
+            status(admin).await["credentials"]["crm"]["state"] == "reauthorization_required"
+        })
+        .await,
+        "{:#}",
+        status(admin).await
+    );
+    let body = status(admin).await.to_string();
+    assert!(
+        body.contains(r#"issued to client_id \"demo-client\""#),
+        "{body}"
+    );
+    assert_ne!(get(&url).await.unwrap().status(), 200);
+    assert_eq!(
+        demo.auth.stats().token_requests,
+        token_requests,
+        "no token request for the other client after a restart"
+    );
+    stops_cleanly(&mut proc);
+
+    // Back to the client it was issued to: used again, nothing was lost.
+    write(&config, &v1);
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log3"), &[]);
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+    assert_eq!(get(&url).await.unwrap().status(), 200);
+    assert_eq!(demo.auth.stats().refresh_reuse_detected, 0);
+    assert_eq!(demo.auth.stats().invalid_grant, 0);
+    stops_cleanly(&mut proc);
 }

@@ -52,6 +52,15 @@ impl CredentialConfig {
             self.client_id.clone().unwrap_or_default(),
         )
     }
+
+    /// [`Self::token_endpoint_identity`], as recorded with a stored refresh token.
+    pub fn issued_to(&self) -> crate::store::IssuedTo {
+        let (token_url, client_id) = self.token_endpoint_identity();
+        crate::store::IssuedTo {
+            token_url,
+            client_id,
+        }
+    }
 }
 
 impl UpstreamConfig {

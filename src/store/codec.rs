@@ -58,6 +58,9 @@ struct Payload {
     /// versions, so a rollback still reads newer states).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     answer_fields: std::collections::BTreeMap<String, String>,
+    /// Absent in states written before it was recorded (and ignored by such versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issued_to: Option<super::IssuedTo>,
 }
 
 fn aad(name: &str, generation: u64) -> Vec<u8> {
@@ -91,6 +94,7 @@ impl Codec {
             refresh_expires_at_ms: s.refresh_expires_at_ms,
             moved: s.moved.clone(),
             answer_fields: s.answer_fields.clone(),
+            issued_to: s.issued_to.clone(),
         };
         let mut env = Envelope {
             version: FORMAT_VERSION,
@@ -174,6 +178,7 @@ impl Codec {
             refresh_expires_at_ms: payload.refresh_expires_at_ms,
             moved: payload.moved,
             answer_fields: payload.answer_fields,
+            issued_to: payload.issued_to,
         })
     }
 }
@@ -193,14 +198,18 @@ mod tests {
                 "https://na1.example.com".to_string(),
             )]
             .into(),
+            issued_to: Some(super::super::IssuedTo {
+                token_url: "https://auth.example.com/token".into(),
+                client_id: "crm-client".into(),
+            }),
             ..Default::default()
         }
     }
 
-    /// Kept answer fields go through every backend's codec, plain and encrypted; a state
-    /// written before they existed still loads (with none).
+    /// Kept answer fields and who the token was issued to go through every backend's
+    /// codec, plain and encrypted; a state written before they existed still loads.
     #[test]
-    fn answer_fields_round_trip_and_old_states_load() {
+    fn answer_fields_and_issued_to_round_trip_and_old_states_load() {
         let key = Secret::new("11".repeat(32));
         for codec in [Codec::new(None).unwrap(), Codec::new(Some(&key)).unwrap()] {
             let bytes = codec.encode("crm", &with_fields()).unwrap();
@@ -217,5 +226,6 @@ mod tests {
         let s = Codec::new(None).unwrap().decode("crm", old).unwrap();
         assert_eq!(s.generation, 2);
         assert!(s.answer_fields.is_empty());
+        assert_eq!(s.issued_to, None);
     }
 }

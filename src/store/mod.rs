@@ -53,6 +53,17 @@ pub struct StoredState {
     /// replica adopting it, or a restart, routes the upstream the same way. A refresh
     /// answer that omits a field keeps its previous value.
     pub answer_fields: std::collections::BTreeMap<String, String>,
+    /// Who the refresh token was issued to. A config naming another token endpoint or
+    /// client never sends it (after a restart as well as a reload). `None` in states
+    /// written before it was recorded; the next write records it.
+    pub issued_to: Option<IssuedTo>,
+}
+
+/// The token endpoint and client a refresh token belongs to (neither is secret).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuedTo {
+    pub token_url: String,
+    pub client_id: String,
 }
 
 /// Where and when a credential was handed over.
