@@ -634,3 +634,26 @@ fn client_auth_accepts_the_registry_names_of_the_secret_methods() {
         &["client_secret_basic"],
     );
 }
+
+#[test]
+fn token_query_param_must_be_a_plain_name() {
+    let with = |param: &str| {
+        variant(
+            "    credential: crm\n",
+            &format!("    credential: crm\n    token_query_param: {param}\n"),
+        )
+    };
+    let cfg = parse(&with("auth")).unwrap();
+    assert_eq!(
+        cfg.upstreams["crm"].token_query_param.as_deref(),
+        Some("auth")
+    );
+    assert!(parse(VALID).unwrap().upstreams["crm"]
+        .token_query_param
+        .is_none());
+    assert_refused(
+        &with("'a&b'"),
+        "upstreams.crm.token_query_param",
+        &["letters, digits"],
+    );
+}

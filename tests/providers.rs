@@ -38,7 +38,13 @@ async fn journey(
     })
     .await
     .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    // Bitrix24's REST API takes the token as the `auth` query parameter.
+    let api = if profile == ProviderProfile::Bitrix24 {
+        ApiServer::start_with_query_token(auth.validator(), "auth").await
+    } else {
+        ApiServer::start(Some(auth.validator())).await
+    }
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}
@@ -216,6 +222,59 @@ async fn bitrix24_journey() {
         ProviderProfile::Bitrix24,
     )
     .await;
+}
+
+/// Bitrix24's REST API takes the token as the `auth` query parameter: it is added to
+/// every call (the app's own `auth` dropped), and after a 401 the retry carries the new
+/// token there too, a POST body included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitrix24_rest_calls_carry_the_token_as_the_auth_parameter() {
+    let j = journey(
+        "bitrix24",
+        "portal: acme.bitrix24.ru",
+        ProviderProfile::Bitrix24,
+        Duration::from_secs(60),
+    )
+    .await;
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let base = relay.url("crm");
+    let c = support::client();
+    // (The demo API's /echo stands for a REST method such as /rest/crm.deal.list.)
+    let call = format!("{base}/echo?start=50&auth=app-token");
+    assert_eq!(c.get(&call).send().await.unwrap().status(), 200);
+    let first = j._api.last_request().unwrap().uri;
+    let (path, query) = first.split_once('?').unwrap();
+    assert_eq!(path, "/echo");
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(pairs.len(), 2, "{first}");
+    assert_eq!(pairs[0], ("start".to_string(), "50".to_string()));
+    assert_eq!(pairs[1].0, "auth");
+    assert_ne!(
+        pairs[1].1, "app-token",
+        "the app's own auth reached the API"
+    );
+
+    // The access token is revoked: the 401 leads to a refresh and the retried POST
+    // carries the new token.
+    j.auth.expire_access_tokens();
+    let resp = c
+        .post(format!("{base}/echo"))
+        .json(&serde_json::json!({"fields": {"TITLE": "deal"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let retried = j._api.last_request().unwrap().uri;
+    assert!(retried.starts_with("/echo?auth="), "{retried}");
+    assert!(
+        !retried.contains(&pairs[1].1),
+        "the retry kept the old token"
+    );
+    assert_eq!(j._api.stats().unauthorized, 1);
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,9 @@ fn describe(p: &preset::Preset) -> String {
     if let Some(f) = &p.header_format {
         out.push_str(&format!("upstream header format: {f:?}\n"));
     }
+    if let Some(q) = &p.token_query_param {
+        out.push_str(&format!("upstream token query parameter: {q:?}\n"));
+    }
     if let Some(u) = &p.uncertain {
         out.push_str("uncertain:\n");
         for line in u.lines() {

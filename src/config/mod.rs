@@ -279,6 +279,9 @@ pub struct UpstreamConfig {
     pub credential: String,
     pub header: String,
     pub format: String,
+    /// Also passes the bare token as this query parameter (Bitrix24's `auth`), replacing
+    /// any the app sent. Served by the general engine.
+    pub token_query_param: Option<String>,
     pub inbound_authorization: InboundAuthorization,
     pub retry_on_401: bool,
     pub retry_body_limit: ByteSize,

@@ -59,6 +59,8 @@ pub struct Preset {
     pub credential: Mapping,
     /// Default `format` of upstreams using the credential.
     pub header_format: Option<String>,
+    /// Default `token_query_param` of upstreams using the credential.
+    pub token_query_param: Option<String>,
     /// Facts the sources do not settle, and the safe default chosen.
     pub uncertain: Option<String>,
 }
@@ -192,12 +194,16 @@ fn fill(v: &mut Value, values: &BTreeMap<String, String>) {
     }
 }
 
+/// What a preset fills in for the upstreams of its credential: (key, value) pairs, and
+/// the preset's name.
+type UpstreamDefaults = (Vec<(&'static str, String)>, String);
+
 /// Applies the presets named by `credentials.*.provider` to the config document: fills
 /// in what each entry does not set, and the header format of upstreams using it.
 /// Returns where each filled value came from; problems are pushed as messages.
 pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
     let mut origins = Origins::new();
-    let mut formats: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut upstream_defaults: BTreeMap<String, UpstreamDefaults> = BTreeMap::new();
     if let Some(creds) = doc.get_mut("credentials").and_then(Value::as_mapping_mut) {
         for (name, entry) in creds.iter_mut() {
             let (Some(name), Some(entry)) = (name.as_str(), entry.as_mapping_mut()) else {
@@ -241,9 +247,14 @@ pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
                 }
                 entry.insert(key, value);
             }
-            if let Some(f) = preset.header_format {
-                formats.insert(name.to_string(), (f, provider));
-            }
+            let defaults: Vec<(&'static str, String)> = [
+                ("format", preset.header_format),
+                ("token_query_param", preset.token_query_param),
+            ]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value?)))
+            .collect();
+            upstream_defaults.insert(name.to_string(), (defaults, provider));
         }
     }
     if let Some(ups) = doc.get_mut("upstreams").and_then(Value::as_mapping_mut) {
@@ -252,15 +263,17 @@ pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
                 continue;
             };
             let cred = entry.get("credential").and_then(Value::as_str);
-            let Some((format, provider)) = cred.and_then(|c| formats.get(c)) else {
+            let Some((defaults, provider)) = cred.and_then(|c| upstream_defaults.get(c)) else {
                 continue;
             };
-            if !entry.contains_key("format") {
-                entry.insert("format".into(), Value::String(format.clone()));
-                origins.insert(
-                    format!("upstreams.{name}.format"),
-                    format!("preset {provider}"),
-                );
+            for (key, value) in defaults {
+                if !entry.contains_key(*key) {
+                    entry.insert((*key).into(), Value::String(value.clone()));
+                    origins.insert(
+                        format!("upstreams.{name}.{key}"),
+                        format!("preset {provider}"),
+                    );
+                }
             }
         }
     }
@@ -337,6 +350,11 @@ mod tests {
             if let Some(f) = &p.header_format {
                 assert_eq!(&cfg.upstreams["u"].format, f, "{}", p.name);
             }
+            assert_eq!(
+                cfg.upstreams["u"].token_query_param, p.token_query_param,
+                "{}",
+                p.name
+            );
             let url = c
                 .token_url
                 .as_ref()

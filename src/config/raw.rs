@@ -143,6 +143,7 @@ pub struct RawUpstream {
     pub credential: Option<String>,
     pub header: Option<String>,
     pub format: Option<String>,
+    pub token_query_param: Option<String>,
     pub inbound_authorization: Option<String>,
     pub retry_on_401: Option<bool>,
     pub retry_body_limit: Option<ByteSize>,

@@ -153,6 +153,11 @@ impl ActiveToken {
         self.usable_until.saturating_duration_since(now)
     }
 
+    /// The bare token, for an upstream that takes it as a query parameter.
+    pub(crate) fn value(&self) -> &str {
+        self.access_token.expose()
+    }
+
     /// The header value for format `slot`.
     pub fn header(&self, slot: usize) -> HeaderValue {
         self.headers[slot].clone()

@@ -118,16 +118,37 @@ impl ApiServer {
         Self::start_with(addr, validator, Some(Arc::new(tls))).await
     }
 
+    /// Starts a server that takes the token only from the query parameter `param`, as
+    /// Bitrix24's REST API documents (`/rest/profile.json?auth=TOKEN`); an Authorization
+    /// header is ignored.
+    pub async fn start_with_query_token(
+        validator: TokenValidator,
+        param: &'static str,
+    ) -> io::Result<ApiServer> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_inner(addr, Some(validator), None, Some(param)).await
+    }
+
     async fn start_with(
         addr: SocketAddr,
         validator: Option<TokenValidator>,
         tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<ApiServer> {
+        Self::start_inner(addr, validator, tls, None).await
+    }
+
+    async fn start_inner(
+        addr: SocketAddr,
+        validator: Option<TokenValidator>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        token_param: Option<&'static str>,
     ) -> io::Result<ApiServer> {
         let listener = TcpListener::bind(addr).await?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let origin = format!("{scheme}://{}", listener.local_addr()?);
         let shared = Arc::new(Shared {
             validator,
+            token_param,
             origin,
             record: Mutex::default(),
         });
@@ -179,6 +200,8 @@ impl ApiServer {
 
 struct Shared {
     validator: Option<TokenValidator>,
+    /// Where the token is taken from: this query parameter, or else the bearer header.
+    token_param: Option<&'static str>,
     /// `http://ADDR`, for the absolute URLs of `/redirect`.
     origin: String,
     record: Mutex<Record>,
@@ -218,6 +241,18 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthFailure> {
         return Err(AuthFailure::Invalid);
     }
     Ok(token.trim())
+}
+
+/// The token in query parameter `param`; `Err` if there is none, or more than one.
+fn query_token(query: Option<&str>, param: &str) -> Result<String, AuthFailure> {
+    let mut values = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(name, _)| name == param)
+        .map(|(_, value)| value.into_owned());
+    let token = values.next().ok_or(AuthFailure::Missing)?;
+    if values.next().is_some() || token.is_empty() {
+        return Err(AuthFailure::Invalid);
+    }
+    Ok(token)
 }
 
 fn unauthorized(failure: AuthFailure) -> Response<Body> {
@@ -266,8 +301,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 
     if let Some(validator) = &shared.validator {
         // The validator may take the auth server's lock: call it without ours.
-        let verdict = bearer_token(req.headers()).and_then(|token| {
-            if validator(token) {
+        let token = match shared.token_param {
+            Some(param) => query_token(req.uri().query(), param),
+            None => bearer_token(req.headers()).map(str::to_owned),
+        };
+        let verdict = token.and_then(|token| {
+            if validator(&token) {
                 Ok(())
             } else {
                 Err(AuthFailure::Invalid)

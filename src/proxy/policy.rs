@@ -114,6 +114,38 @@ pub fn unusable_credential_header(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Why `name` cannot be the query parameter that carries the token, if it cannot: it
+/// must be a plain name that needs no percent-encoding.
+pub fn unusable_query_param(name: &str) -> Option<&'static str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '~');
+    if name.is_empty() || !name.chars().all(plain) {
+        Some("must be a name of letters, digits, '_', '-', '.' or '~'")
+    } else {
+        None
+    }
+}
+
+/// `target` with the token as query parameter `param`: pairs of that name the app sent
+/// are dropped (its own token must not reach the upstream), and `param=<token>`, form
+/// encoded, is appended.
+pub fn with_query_token(target: &str, param: &str, token: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut out = String::with_capacity(target.len() + param.len() + token.len() + 2);
+    out.push_str(path);
+    out.push('?');
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if name != param {
+            out.push_str(pair);
+            out.push('&');
+        }
+    }
+    out.push_str(param);
+    out.push('=');
+    out.extend(url::form_urlencoded::byte_serialize(token.as_bytes()));
+    out
+}
+
 /// The request target for the upstream: `*` as it is (only `OPTIONS` may use it), else
 /// the path with its dot-segments removed, joined to `base_path`. A path whose `..`
 /// segments would climb out of the base path is refused.
@@ -352,6 +384,32 @@ mod tests {
         }
         assert_eq!(upstream_target("/v1", "OPTIONS", "*").unwrap(), "*");
         assert!(upstream_target("/v1", "GET", "*").is_err());
+    }
+
+    #[test]
+    fn the_token_goes_in_the_query_in_place_of_the_apps() {
+        assert_eq!(
+            with_query_token("/rest/profile.json", "auth", "t0k"),
+            "/rest/profile.json?auth=t0k"
+        );
+        assert_eq!(
+            with_query_token(
+                "/rest/crm.deal.list?start=50&auth=app&filter=x",
+                "auth",
+                "t"
+            ),
+            "/rest/crm.deal.list?start=50&filter=x&auth=t"
+        );
+        // Bare and empty names are dropped too; other names that merely start alike stay.
+        assert_eq!(
+            with_query_token("/r?auth&auth=&author=me&", "auth", "a b+c/="),
+            "/r?author=me&auth=a+b%2Bc%2F%3D"
+        );
+        assert_eq!(unusable_query_param("auth"), None);
+        assert_eq!(unusable_query_param("access_token"), None);
+        assert!(unusable_query_param("").is_some());
+        assert!(unusable_query_param("a&b").is_some());
+        assert!(unusable_query_param("a=b").is_some());
     }
 
     #[test]

@@ -84,6 +84,11 @@ pub(super) fn validate_upstream(
     } else if http::HeaderValue::from_str(&format.replace("{token}", "x")).is_err() {
         p.add(&at("format"), "is not a valid header value");
     }
+    if let Some(name) = &u.token_query_param {
+        if let Some(why) = crate::proxy::policy::unusable_query_param(name) {
+            p.add(&at("token_query_param"), format!("{name:?} {why}"));
+        }
+    }
     let inbound_authorization = match u.inbound_authorization.as_deref() {
         None | Some("strip") => InboundAuthorization::Strip,
         Some("reject") => InboundAuthorization::Reject,
@@ -174,6 +179,7 @@ pub(super) fn validate_upstream(
         credential,
         header,
         format,
+        token_query_param: u.token_query_param,
         inbound_authorization,
         retry_on_401: u.retry_on_401.unwrap_or(true),
         retry_body_limit,

@@ -60,7 +60,9 @@ impl FastPath {
     /// with hyper, and so do url templates, whose authority may change with a token).
     pub fn for_upstream(up: &crate::config::UpstreamConfig, workers: usize) -> Option<FastPath> {
         let url = up.url.fixed()?;
-        if url.scheme() != "http" {
+        // The fast path writes the target once, before the token is known; a token in the
+        // query is the general engine's.
+        if url.scheme() != "http" || up.token_query_param.is_some() {
             return None;
         }
         let port = url.port_or_known_default()?;

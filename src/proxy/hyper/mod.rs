@@ -211,7 +211,7 @@ async fn forward(
         .acquire()
         .await
         .map_err(|e| ProxyError::NoToken(e.to_string()))?;
-    let uri = match fixed_uri {
+    let base_uri = match fixed_uri {
         Some(uri) => uri,
         None => upstream_uri(
             up.target(&token)?,
@@ -223,7 +223,7 @@ async fn forward(
         policy::ask_websocket(&mut parts.headers);
         let handshake = Handshake {
             method: parts.method,
-            uri,
+            uri: base_uri,
             path: parts.uri.path_and_query().cloned(),
             headers: parts.headers,
             inbound_host,
@@ -262,7 +262,7 @@ async fn forward(
 
     let mut out = Request::new(body);
     *out.method_mut() = parts.method.clone();
-    *out.uri_mut() = uri.clone();
+    *out.uri_mut() = token_uri(up, &base_uri, &token)?;
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = parts.headers;
     out.headers_mut()
@@ -279,8 +279,8 @@ async fn forward(
                 if let Some(fresh) = up.token_after_401(&token).await {
                     drop(resp);
                     // A templated upstream may have moved with the new token.
-                    let uri = match up.fixed_target() {
-                        Some(_) => uri,
+                    let base_uri = match up.fixed_target() {
+                        Some(_) => base_uri,
                         None => upstream_uri(
                             up.target(&fresh)?,
                             &parts.method,
@@ -289,7 +289,7 @@ async fn forward(
                     };
                     let mut again = Request::new(UpstreamBody::Full(body));
                     *again.method_mut() = parts.method;
-                    *again.uri_mut() = uri;
+                    *again.uri_mut() = token_uri(up, &base_uri, &fresh)?;
                     *again.version_mut() = Version::HTTP_11;
                     *again.headers_mut() = headers;
                     again
@@ -320,10 +320,33 @@ async fn forward(
     Ok(resp)
 }
 
+/// `uri` as sent with `token`: with the token as the upstream's `token_query_param`
+/// where it has one, else as it is.
+fn token_uri(
+    up: &Upstream,
+    uri: &Uri,
+    token: &crate::credential::ActiveToken,
+) -> Result<Uri, ProxyError> {
+    let Some(param) = &up.config.token_query_param else {
+        return Ok(uri.clone());
+    };
+    let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let mut parts = uri.clone().into_parts();
+    // The token was checked as a header value and is form-encoded here, so this parses;
+    // the error never shows the URI, which holds the token.
+    parts.path_and_query = Some(
+        policy::with_query_token(target, param, token.value())
+            .parse()
+            .map_err(|_| ProxyError::BadTarget("the token cannot be put in the query".into()))?,
+    );
+    Uri::from_parts(parts)
+        .map_err(|_| ProxyError::BadTarget("the token cannot be put in the query".into()))
+}
+
 /// A WebSocket handshake, prepared for the upstream.
 struct Handshake {
     method: Method,
-    /// The URI for the token the handshake was prepared with.
+    /// The URI (without a query token) for the token the handshake was prepared with.
     uri: Uri,
     /// The app's target, for a templated upstream's URI under another token.
     path: Option<PathAndQuery>,
@@ -345,10 +368,11 @@ async fn websocket_handshake(
     let request = |token: &crate::credential::ActiveToken| -> Result<_, ProxyError> {
         let mut req = Request::new(UpstreamBody::Full(None));
         *req.method_mut() = h.method.clone();
-        *req.uri_mut() = match up.fixed_target() {
+        let base = match up.fixed_target() {
             Some(_) => h.uri.clone(),
             None => upstream_uri(up.target(token)?, &h.method, h.path.as_ref())?,
         };
+        *req.uri_mut() = token_uri(up, &base, token)?;
         *req.headers_mut() = h.headers.clone();
         req.headers_mut()
             .insert(up.header_name.clone(), token.header(up.slot));
