@@ -40,6 +40,19 @@ async fn reloaded(admin_port: u16, generation: u64) -> serde_json::Value {
 }
 
 /// Waits until a failed reload is recorded.
+/// Waits for credential `crm` to reach `state`; the `/status` body then.
+async fn crm_state_becomes(admin_port: u16, state: &str) -> String {
+    assert!(
+        support::eventually(WITHIN, || async {
+            status(admin_port).await["credentials"]["crm"]["state"] == state
+        })
+        .await,
+        "{:#}",
+        status(admin_port).await
+    );
+    status(admin_port).await.to_string()
+}
+
 async fn failed_reload(admin_port: u16) -> serde_json::Value {
     let ok = support::eventually(WITHIN, || async move {
         status(admin_port).await["config"]["last_reload"]["result"] == "failure"
@@ -496,16 +509,7 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
     );
     sighup(&proc);
     reloaded(admin, 3).await;
-    assert!(
-        support::eventually(WITHIN, || async {
-            status(admin).await["credentials"]["crm"]["state"] == "reauthorization_required"
-        })
-        .await,
-        "{:#}",
-        status(admin).await
-    );
-    let s = status(admin).await;
-    let body = s.to_string();
+    let body = crm_state_becomes(admin, "reauthorization_required").await;
     assert!(body.contains("client_id changed"), "{body}");
     // Requests are refused rather than sent with a token of the old client.
     assert_ne!(get(&url).await.unwrap().status(), 200);
@@ -521,15 +525,7 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
     // issued to, so a fresh process does not send it either.
     let mut proc = ChildProc::spawn(&config, &dir.path().join("log2"), &[]);
     assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/healthz"), WITHIN).await);
-    assert!(
-        support::eventually(WITHIN, || async {
-            status(admin).await["credentials"]["crm"]["state"] == "reauthorization_required"
-        })
-        .await,
-        "{:#}",
-        status(admin).await
-    );
-    let body = status(admin).await.to_string();
+    let body = crm_state_becomes(admin, "reauthorization_required").await;
     assert!(
         body.contains(r#"issued to client_id \"demo-client\""#),
         "{body}"
