@@ -5,8 +5,9 @@
 //! re-authorization instead of being used. Each test rotates a credential against the
 //! demo authorization server (2 s access tokens, rotating single-use refresh tokens with
 //! reuse detection), restores a backup taken a few rotations earlier, and checks from the
-//! provider's side that nothing was presented after the restore; then `seed` stores a new
-//! grant, which the running instance adopts without a restart, and the mark follows it.
+//! provider's side that nothing was presented after the restore; then `seed` (or, in one
+//! test, `authorize --code`) stores a new grant, which the running instance adopts
+//! without a restart, and the mark follows it.
 
 mod support;
 
@@ -17,6 +18,9 @@ use std::time::Duration;
 use support::{eventually, status_json};
 use tokenrelay::config::Config;
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
+
+/// Where `authorize --code` says the code was sent (no callback is served).
+const REDIRECT_URI: &str = "http://127.0.0.1:9/callback";
 
 struct Fixture {
     auth: AuthServer,
@@ -60,6 +64,7 @@ store:
     token_url: {token_url}
     client_id: demo-client
     client_secret: demo-secret
+    redirect_uri: {REDIRECT_URI}
     allow_insecure_http: true
     refresh_before: 1s
     token_timeout: 2s
@@ -106,18 +111,26 @@ upstreams:
 
     /// `tokenrelay seed` with a new grant; returns the generation it reports.
     fn seed(&self) -> u64 {
-        let out = support::seed_cli(&self.config_path, "crm", &self.auth.new_grant());
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "seed failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let after = stdout
-            .split("(generation ")
-            .nth(1)
-            .expect("seed names the generation");
-        after[..after.find(')').unwrap()].parse().unwrap()
+        reported_generation(support::seed_cli(
+            &self.config_path,
+            "crm",
+            &self.auth.new_grant(),
+        ))
+    }
+
+    /// `tokenrelay authorize --code` with a new authorization code; returns the
+    /// generation it reports.
+    fn authorize(&self) -> u64 {
+        let code = self.auth.new_authorization_code(REDIRECT_URI);
+        reported_generation(support::run_cli(&[
+            "authorize",
+            "--config",
+            self.config_path.to_str().unwrap(),
+            "--credential",
+            "crm",
+            "--code",
+            &code,
+        ]))
     }
 
     /// Waits until the state file's generation reaches `at_least`.
@@ -129,6 +142,21 @@ upstreams:
         assert!(reached, "no rotation to generation {at_least}");
         self.file_generation()
     }
+}
+
+/// The generation a successful `seed` or `authorize` reports storing.
+fn reported_generation(out: std::process::Output) -> u64 {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = stdout
+        .split("(generation ")
+        .nth(1)
+        .expect("the generation is named");
+    after[..after.find(')').unwrap()].parse().unwrap()
 }
 
 fn generation_of(bytes: &[u8]) -> u64 {
@@ -178,16 +206,31 @@ fn assert_nothing_presented_since(before: &AuthStats, after: &AuthStats) {
     );
 }
 
-/// After the refusal, `seed` stores a new grant: the running instance adopts it without a
-/// restart, serves again, and the mark follows the new generations.
-async fn seed_and_expect_adoption(f: &Fixture, relay: &support::Running, mark: u64) {
-    let seeded = f.seed();
+/// How a refused credential gets a new grant.
+#[derive(Clone, Copy, Debug)]
+enum Recovery {
+    Seed,
+    Authorize,
+}
+
+/// After the refusal, `seed` or `authorize` stores a new grant: the running instance
+/// adopts it without a restart, serves again, and the mark follows the new generations.
+async fn recover_and_expect_adoption(
+    f: &Fixture,
+    relay: &support::Running,
+    mark: u64,
+    how: Recovery,
+) {
+    let seeded = match how {
+        Recovery::Seed => f.seed(),
+        Recovery::Authorize => f.authorize(),
+    };
     assert_eq!(
         seeded,
         mark + 1,
-        "seed writes the generation after the mark"
+        "{how:?} writes the generation after the mark"
     );
-    assert!(f.mark().unwrap() > mark, "seed resets the mark");
+    assert!(f.mark().unwrap() > mark, "{how:?} resets the mark");
     let admin = format!("http://{}", relay.admin);
     let ready = eventually(Duration::from_secs(15), || async {
         status_json(&admin).await["credentials"]["crm"]["state"] == "ready"
@@ -208,7 +251,7 @@ async fn seed_and_expect_adoption(f: &Fixture, relay: &support::Running, mark: u
 /// Backup at generation N, further rotations to M, tokenrelay stopped, backup restored,
 /// tokenrelay started: `reauthorization_required` naming both generations, and the
 /// backup's (spent) refresh token never reaches the provider.
-async fn restored_backup_at_startup(encrypted: bool) {
+async fn restored_backup_at_startup(encrypted: bool, how: Recovery) {
     let f = Fixture::new(encrypted).await;
     f.seed();
     let relay = support::start(&f.yaml).await;
@@ -245,7 +288,7 @@ async fn restored_backup_at_startup(encrypted: bool) {
     assert_nothing_presented_since(&before, &f.auth.stats());
     assert_eq!(f.mark(), Some(mark), "the mark is not lowered");
 
-    seed_and_expect_adoption(&f, &relay, mark).await;
+    recover_and_expect_adoption(&f, &relay, mark, how).await;
     relay.stop().await;
     let stats = f.auth.stats();
     assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
@@ -253,12 +296,12 @@ async fn restored_backup_at_startup(encrypted: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_backup_requires_reauthorization_and_spends_nothing() {
-    restored_backup_at_startup(false).await;
+    restored_backup_at_startup(false, Recovery::Seed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restored_encrypted_backup_requires_reauthorization_and_spends_nothing() {
-    restored_backup_at_startup(true).await;
+async fn restored_encrypted_backup_requires_reauthorization_and_authorize_recovers() {
+    restored_backup_at_startup(true, Recovery::Authorize).await;
 }
 
 /// The backup is restored under a running instance (holding the refresh lease while
@@ -287,7 +330,7 @@ async fn backup_restored_under_a_running_instance_is_refused_at_its_next_refresh
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_nothing_presented_since(&before, &f.auth.stats());
 
-    seed_and_expect_adoption(&f, &relay, mark).await;
+    recover_and_expect_adoption(&f, &relay, mark, Recovery::Seed).await;
     relay.stop().await;
     let stats = f.auth.stats();
     assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
