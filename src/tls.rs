@@ -34,18 +34,38 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
+/// Servers whose TLS sessions a client config remembers for resumption. Each config talks
+/// to one token endpoint or one upstream host, so rustls' default of 256 (a table
+/// allocated up front, about 14 KiB per config) is memory spent for nothing.
+const SESSION_CACHE_SERVERS: usize = 4;
+
+/// The Mozilla roots, built once and shared by every config without a private CA.
+fn mozilla_roots() -> Arc<RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            Arc::new(roots)
+        })
+        .clone()
+}
+
 /// Builds a verifying client config; `alpn` lists protocols to offer (e.g. h2, http/1.1).
 pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientConfig, String> {
     install_crypto_provider();
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        for cert in read_ca_file(path)? {
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+    let roots = match ca_file {
+        None => mozilla_roots(),
+        Some(path) => {
+            let mut roots = (*mozilla_roots()).clone();
+            for cert in read_ca_file(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+            }
+            Arc::new(roots)
         }
-    }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -53,6 +73,7 @@ pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientCon
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(SESSION_CACHE_SERVERS);
     Ok(config)
 }
 
