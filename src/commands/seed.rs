@@ -135,7 +135,10 @@ pub async fn store_new_grant(
             updated_by: format!("{} (seed)", cfg.runtime.instance_id),
             reauthorization_required: None,
             answer_fields: answer_fields.clone(),
-            issued_to: cfg.credentials.get(credential).map(|c| c.issued_to()),
+            issued_to: cfg
+                .credentials
+                .get(credential)
+                .map(|c| c.token_endpoint_identity()),
         };
         match store.compare_and_swap(credential, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),

@@ -57,10 +57,6 @@ fn bundle_key(cfg: &Config, passphrase_file: Option<&Path>) -> anyhow::Result<Ke
     }
 }
 
-fn identity(c: &CredentialConfig) -> (String, String) {
-    c.token_endpoint_identity()
-}
-
 pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
     let c = refresh_credential(&cfg, &args.credential)?;
     let key = bundle_key(&cfg, args.passphrase_file.as_deref())?;
@@ -81,11 +77,11 @@ pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
         if let Some(why) = &state.reauthorization_required {
             bail!("credential {name:?} needs re-authorization ({why}); there is nothing live to export");
         }
-        let (token_url, client_id) = identity(c);
+        let ours = c.token_endpoint_identity();
         let contents = Contents {
             credential: name.clone(),
-            token_url,
-            client_id,
+            token_url: ours.token_url,
+            client_id: ours.client_id,
             exported_at_ms: now_ms(),
             exported_by: cfg.runtime.instance_id.clone(),
             copy: args.copy,
@@ -123,14 +119,15 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let contents = bundle::open(&bytes, &key)?;
-    if (contents.token_url.clone(), contents.client_id.clone()) != identity(c) {
+    let ours = c.token_endpoint_identity();
+    if (&contents.token_url, &contents.client_id) != (&ours.token_url, &ours.client_id) {
         bail!(
             "the bundle is for token endpoint {} with client_id {:?}, but credentials.{}.token_url/client_id say {} / {:?}: refusing to import tokens for another client",
             contents.token_url,
             contents.client_id,
             args.credential,
-            identity(c).0,
-            identity(c).1
+            ours.token_url,
+            ours.client_id
         );
     }
     if contents.copy {

@@ -42,23 +42,16 @@ impl CredentialConfig {
     }
 
     /// Who a stored refresh token was issued to: the token endpoint and the client.
-    /// Sending it anywhere else would leak it, so changing either starts over.
-    pub fn token_endpoint_identity(&self) -> (String, String) {
-        (
-            self.token_url
+    /// Sending it anywhere else would leak it, so changing either starts over; stored
+    /// states record it.
+    pub fn token_endpoint_identity(&self) -> crate::store::IssuedTo {
+        crate::store::IssuedTo {
+            token_url: self
+                .token_url
                 .as_ref()
                 .map(|u| u.to_string())
                 .unwrap_or_default(),
-            self.client_id.clone().unwrap_or_default(),
-        )
-    }
-
-    /// [`Self::token_endpoint_identity`], as recorded with a stored refresh token.
-    pub fn issued_to(&self) -> crate::store::IssuedTo {
-        let (token_url, client_id) = self.token_endpoint_identity();
-        crate::store::IssuedTo {
-            token_url,
-            client_id,
+            client_id: self.client_id.clone().unwrap_or_default(),
         }
     }
 }

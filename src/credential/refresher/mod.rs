@@ -485,7 +485,7 @@ impl Refresher {
             return true;
         }
         if let Some(to) = &s.issued_to {
-            let ours = self.cred.config.issued_to();
+            let ours = self.cred.config.token_endpoint_identity();
             if s.refresh_token.is_some() && *to != ours {
                 self.enter_reauthorization(format!(
                     "the stored refresh token was issued to client_id {:?} at {}, but the config names client_id {:?} at {}; it is not sent to another token endpoint or client: run `tokenrelay seed --credential {name}` or `tokenrelay authorize --credential {name}` (or restore the previous token_url and client_id)",

@@ -205,7 +205,7 @@ impl Refresher {
                     updated_at_ms: now,
                     updated_by: self.instance_id.clone(),
                     reauthorization_required: None,
-                    issued_to: Some(self.cred.config.issued_to()),
+                    issued_to: Some(self.cred.config.token_endpoint_identity()),
                     // The stored access token is still the one in use.
                     ..stored.clone()
                 };
@@ -234,7 +234,7 @@ impl Refresher {
             // A field this answer omits keeps its stored value (Salesforce sends
             // instance_url on some answers only).
             answer_fields: merge_fields(&stored.answer_fields, &answer.fields),
-            issued_to: Some(self.cred.config.issued_to()),
+            issued_to: Some(self.cred.config.token_endpoint_identity()),
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;

@@ -330,17 +330,17 @@ fn token_uri(
     let Some(param) = &up.config.token_query_param else {
         return Ok(uri.clone());
     };
-    let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let mut parts = uri.clone().into_parts();
     // The token was checked as a header value and is form-encoded here, so this parses;
     // the error never shows the URI, which holds the token.
+    let unusable = || ProxyError::BadTarget("the token cannot be put in the query".into());
+    let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(
         policy::with_query_token(target, param, token.value())
             .parse()
-            .map_err(|_| ProxyError::BadTarget("the token cannot be put in the query".into()))?,
+            .map_err(|_| unusable())?,
     );
-    Uri::from_parts(parts)
-        .map_err(|_| ProxyError::BadTarget("the token cannot be put in the query".into()))
+    Uri::from_parts(parts).map_err(|_| unusable())
 }
 
 /// A WebSocket handshake, prepared for the upstream.
