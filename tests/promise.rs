@@ -8,7 +8,10 @@
 //!   missing, empty or not a header value): the new refresh token is stored before
 //!   anything else, the current access token keeps serving, the attempt counts as a
 //!   failure, and the next refresh presents the new refresh token — the spent one never
-//!   reaches the server again; `expires_in: "3600"` (a numeric string) is a number.
+//!   reaches the server again; `expires_in: "3600"` (a numeric string) is a number;
+//! - a `200` that is not strict JSON (trailing bytes, a duplicate key, over the answer
+//!   limit) is treated the same way; a byte-order mark and two names for the refresh
+//!   token's lifetime are usable.
 
 mod support;
 
@@ -92,6 +95,19 @@ fn refreshes(metrics: &str, result: &str) -> f64 {
 /// One rotation is answered with `patch` applied to the otherwise correct answer; the
 /// refresh token it carries must be kept and used, the spent one never presented again.
 async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) {
+    strange_bytes_keep_the_new_refresh_token(patch, None, usable).await;
+}
+
+/// Rewrites an answer's bytes (see [`AuthServer::rewrite_next_answer`]).
+type Rewrite = fn(Vec<u8>) -> Vec<u8>;
+
+/// As [`strange_answer_keeps_the_new_refresh_token`], with the patched answer's bytes
+/// then rewritten by `rewrite` (a 200 that is not strict JSON).
+async fn strange_bytes_keep_the_new_refresh_token(
+    patch: Value,
+    rewrite: Option<Rewrite>,
+    usable: bool,
+) {
     let f = fixture(Duration::from_secs(3), "").await;
     let relay = support::start(&f.yaml).await;
     let admin = format!("http://{}", relay.admin);
@@ -118,6 +134,9 @@ async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) 
         }
     });
     f.auth.alter_next_answer(patch.as_object().unwrap().clone());
+    if let Some(rewrite) = rewrite {
+        f.auth.rewrite_next_answer(rewrite);
+    }
     let load = Load::start(vec![url.clone()], 4, Duration::from_millis(20));
     // The altered rotation, then (unless it was usable) a failure and a retry with the
     // new refresh token, which must succeed.
@@ -137,7 +156,8 @@ async fn strange_answer_keeps_the_new_refresh_token(patch: Value, usable: bool) 
     let status_errors = status_errors.await.unwrap();
     relay.stop().await;
     eprintln!(
-        "patch {patch}: {stats:?}; load {} ok, {} 5xx; refreshes ok {} failed {}",
+        "patch {patch} rewritten {}: {stats:?}; load {} ok, {} 5xx; refreshes ok {} failed {}",
+        rewrite.is_some(),
         report.ok,
         report.server_errors,
         refreshes(&metrics, "success"),
@@ -549,4 +569,53 @@ credentials:
         "{text}"
     );
     assert_eq!(lines("denied", "had accepted before"), 0, "{text}");
+}
+
+/// Inserts `text` right after the answer's opening brace.
+fn after_brace(body: Vec<u8>, text: &str) -> Vec<u8> {
+    let mut out = b"{".to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&body[1..]);
+    out
+}
+
+fn with_bom(body: Vec<u8>) -> Vec<u8> {
+    [&b"\xEF\xBB\xBF"[..], &body].concat()
+}
+
+fn with_duplicate_expires_in(body: Vec<u8>) -> Vec<u8> {
+    after_brace(body, r#""expires_in":7,"#)
+}
+
+fn with_trailing_bytes(body: Vec<u8>) -> Vec<u8> {
+    [&body[..], b" <!-- served by proxy -->"].concat()
+}
+
+fn with_two_refresh_lifetimes(body: Vec<u8>) -> Vec<u8> {
+    after_brace(
+        body,
+        r#""refresh_expires_in":1800,"refresh_token_expires_in":7776000,"#,
+    )
+}
+
+/// 300 KiB of padding in another field: over the answer limit.
+fn padded_past_the_limit(body: Vec<u8>) -> Vec<u8> {
+    after_brace(body, &format!(r#""padding":"{}","#, "x".repeat(300 * 1024)))
+}
+
+macro_rules! strange_bytes {
+    ($($name:ident: $rewrite:expr, $usable:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            strange_bytes_keep_the_new_refresh_token(json!({}), Some($rewrite), $usable).await;
+        }
+    )*};
+}
+
+strange_bytes! {
+    rotation_with_a_byte_order_mark_is_usable: with_bom, true;
+    rotation_with_a_duplicate_key_keeps_the_new_refresh_token: with_duplicate_expires_in, false;
+    rotation_with_trailing_bytes_keeps_the_new_refresh_token: with_trailing_bytes, false;
+    rotation_with_two_names_for_the_refresh_lifetime_is_usable: with_two_refresh_lifetimes, true;
+    rotation_larger_than_the_answer_limit_keeps_the_new_refresh_token: padded_past_the_limit, false;
 }

@@ -47,7 +47,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use super::assertions::{self, ReplayCache};
-use super::{full, json_response, Body, PeerCertificate, Server, TokenValidator};
+use super::{
+    full, json_bytes_response, json_response, Body, PeerCertificate, Server, TokenValidator,
+};
 use crate::oauth::assertion::{CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
 
 /// Path of the token endpoint.
@@ -447,6 +449,14 @@ impl AuthServer {
         self.shared.lock().next_answer_patch = Some(patch);
     }
 
+    /// Processes the next successful token request normally, then rewrites its
+    /// serialized answer once with `rewrite`: how a provider sends a 200 that is not
+    /// strict JSON (a byte-order mark, a duplicate key, trailing bytes, a huge body).
+    pub fn rewrite_next_answer(&self, rewrite: impl FnOnce(Vec<u8>) -> Vec<u8> + Send + 'static) {
+        tracing::info!("demo auth server: next answer's bytes will be rewritten");
+        self.shared.lock().next_answer_rewrite = Some(Box::new(rewrite));
+    }
+
     /// Adds `fields` to every successful answer from the next request on, as providers
     /// add their own (Salesforce's `instance_url`, Zoho's `api_domain`, Bitrix24's
     /// `client_endpoint`); replaces what an earlier call set. An empty map stops adding
@@ -500,12 +510,17 @@ impl Shared {
     }
 }
 
+/// Rewrites a serialized answer's bytes.
+type AnswerRewrite = Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send>;
+
 /// Everything the server knows; guarded by [`Shared::state`].
 #[derive(Default)]
 struct State {
     mode: FailureMode,
     /// Field overrides for the next successful answer, see [`AuthServer::alter_next_answer`].
     next_answer_patch: Option<serde_json::Map<String, Value>>,
+    /// Byte rewrite of the next successful answer, see [`AuthServer::rewrite_next_answer`].
+    next_answer_rewrite: Option<AnswerRewrite>,
     /// Extra fields of every successful answer, see [`AuthServer::set_answer_fields`].
     answer_fields: serde_json::Map<String, Value>,
     stats: AuthStats,
@@ -930,7 +945,13 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
                     if let Some(patch) = state.next_answer_patch.take() {
                         apply_patch(&mut body, patch);
                     }
-                    let mut resp = json_response(StatusCode::OK, &body);
+                    let mut resp = match state.next_answer_rewrite.take() {
+                        Some(rewrite) => json_bytes_response(
+                            StatusCode::OK,
+                            rewrite(body.to_string().into_bytes()),
+                        ),
+                        None => json_response(StatusCode::OK, &body),
+                    };
                     no_store(resp.headers_mut());
                     (resp, None)
                 }

@@ -77,7 +77,12 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A JSON response with the given status.
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut resp = Response::new(full(value.to_string()));
+    json_bytes_response(status, value.to_string().into_bytes())
+}
+
+/// A response labelled JSON whatever `body` holds.
+fn json_bytes_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,14 +12,11 @@ use base64::Engine;
 use super::assertion::{
     Signer, CLIENT_ASSERTION_LIFETIME, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT,
 };
-use super::response::{parse, Answer, TokenAnswer, TokenError};
+use super::response::{parse, Answer, TokenAnswer, TokenError, SALVAGE_LIMIT};
 use crate::config::{
     AssertionKey, ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod,
 };
 use crate::secret::Secret;
-
-/// Largest token endpoint answer read; real ones are a few KiB.
-const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
 
 /// Which grant a token request uses.
 pub enum GrantRequest<'a> {
@@ -344,12 +341,13 @@ impl BodyParams for reqwest::RequestBuilder {
     }
 }
 
+/// The answer's body, up to [`SALVAGE_LIMIT`] (the parser judges the answer limit).
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, TokenError> {
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(describe_reqwest)? {
-        if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+        if body.len() + chunk.len() > SALVAGE_LIMIT {
             return Err(TokenError::Transient(format!(
-                "token endpoint answer is larger than {MAX_TOKEN_RESPONSE} bytes"
+                "token endpoint answer is larger than {SALVAGE_LIMIT} bytes"
             )));
         }
         body.extend_from_slice(&chunk);

@@ -2,6 +2,7 @@
 
 pub mod assertion;
 mod client;
+mod lenient;
 mod response;
 
 pub use assertion::fingerprint;

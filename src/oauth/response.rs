@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::lenient::Document;
 use crate::config::DeadGrantAnswer;
 use crate::secret::Secret;
 
@@ -101,17 +102,23 @@ pub struct Answer<'a> {
     pub body: &'a [u8],
 }
 
-#[derive(Deserialize)]
+/// The largest answer judged; real ones are a few KiB.
+pub const ANSWER_LIMIT: usize = 256 * 1024;
+/// The largest answer read: one over [`ANSWER_LIMIT`] is read this far only to salvage
+/// the refresh token it may carry.
+pub const SALVAGE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The members of an answer that are read.
+#[derive(Deserialize, Default)]
 struct Raw {
     access_token: Option<serde_json::Value>,
     token_type: Option<serde_json::Value>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<serde_json::Value>,
-    #[serde(
-        alias = "refresh_token_expires_in",
-        alias = "x_refresh_token_expires_in"
-    )]
+    /// The refresh token's lifetime under its three names (Keycloak, Microsoft, Intuit).
     refresh_expires_in: Option<serde_json::Value>,
+    refresh_token_expires_in: Option<serde_json::Value>,
+    x_refresh_token_expires_in: Option<serde_json::Value>,
     scope: Option<serde_json::Value>,
     error: Option<serde_json::Value>,
     error_description: Option<serde_json::Value>,
@@ -119,6 +126,36 @@ struct Raw {
     hint: Option<serde_json::Value>,
     detail: Option<serde_json::Value>,
     title: Option<serde_json::Value>,
+}
+
+/// An answer's body as far as it could be read.
+struct Body {
+    raw: Raw,
+    doc: Document,
+}
+
+impl Body {
+    fn read(body: &[u8]) -> Option<Body> {
+        let doc = Document::read(body, ANSWER_LIMIT)?;
+        let raw = serde_json::from_value(serde_json::Value::Object(doc.to_map())).ok()?;
+        Some(Body { raw, doc })
+    }
+
+    /// The refresh token's lifetime: the shortest one stated (0 is unknown).
+    fn refresh_expires_in(&self) -> Option<Duration> {
+        let r = &self.raw;
+        [
+            &r.refresh_expires_in,
+            &r.refresh_token_expires_in,
+            &r.x_refresh_token_expires_in,
+        ]
+        .into_iter()
+        .filter_map(|v| v.as_ref().and_then(as_text))
+        .filter_map(|t| t.trim().parse::<u64>().ok())
+        .filter(|secs| *secs > 0)
+        .min()
+        .map(Duration::from_secs)
+    }
 }
 
 fn as_text(v: &serde_json::Value) -> Option<String> {
@@ -145,51 +182,43 @@ pub fn parse(
     keep: &[String],
 ) -> Result<TokenAnswer, TokenError> {
     let Answer { status, body, .. } = *answer;
-    let raw: Option<Raw> = serde_json::from_slice(body).ok();
+    let read = Body::read(body);
+    let raw = read.as_ref().map(|b| &b.raw);
     let success = (200..300).contains(&status);
     if !success {
-        if let Some(e) = dead_grant_error(answer, raw.as_ref(), dead_grant) {
+        if let Some(e) = dead_grant_error(answer, raw, dead_grant) {
             return Err(e);
         }
     }
-    // Step one: a new refresh token in a 2xx answer is never thrown away.
-    let refresh_token = match (&raw, success) {
-        (Some(raw), true) => salvage_refresh_token(raw),
+    // Step one: a new refresh token in a 2xx answer is never thrown away, even from an
+    // answer that is not strict JSON, as long as it names one value.
+    let refresh_token = match (&read, success) {
+        (Some(b), true) => salvage_refresh_token(&b.doc),
         _ => None,
     };
-    let access = judge(status, raw.as_ref(), body.len(), default_expires_in);
-    let refresh_expires_in = raw
-        .as_ref()
-        .and_then(|r| r.refresh_expires_in.as_ref())
-        .and_then(as_text)
-        .and_then(|t| t.trim().parse::<u64>().ok())
-        .filter(|secs| *secs > 0)
-        .map(Duration::from_secs);
+    let access = judge(status, read.as_ref(), body.len(), default_expires_in);
     match (access, refresh_token) {
         (Err(e), None) => Err(e),
-        (access, refresh_token) => Ok(TokenAnswer {
-            refresh_token,
-            access,
-            refresh_expires_in,
-            fields: kept_fields(body, keep),
-        }),
+        (access, refresh_token) => {
+            let read = read.as_ref();
+            Ok(TokenAnswer {
+                refresh_token,
+                access,
+                refresh_expires_in: read.and_then(Body::refresh_expires_in),
+                fields: read.map(|b| kept_fields(&b.doc, keep)).unwrap_or_default(),
+            })
+        }
     }
 }
 
 /// The string fields named in `keep` (never a secret-looking one, whatever the config
 /// says), each a printable value of bounded length; anything else is left out.
-fn kept_fields(body: &[u8], keep: &[String]) -> BTreeMap<String, String> {
+fn kept_fields(doc: &Document, keep: &[String]) -> BTreeMap<String, String> {
     use crate::config::url_template::{keepable_value, secret_looking};
-    if keep.is_empty() {
-        return BTreeMap::new();
-    }
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) else {
-        return BTreeMap::new();
-    };
     keep.iter()
         .filter(|name| !secret_looking(name))
-        .filter_map(|name| match map.get(name.as_str()) {
-            Some(serde_json::Value::String(v)) if keepable_value(v) => {
+        .filter_map(|name| match doc.get(name) {
+            Ok(Some(serde_json::Value::String(v))) if keepable_value(v) => {
                 Some((name.clone(), v.clone()))
             }
             _ => None,
@@ -227,10 +256,11 @@ fn dead_grant_error(
     })
 }
 
-/// The refresh token of an answer: a non-empty string, whatever else is wrong with it.
-fn salvage_refresh_token(raw: &Raw) -> Option<Secret> {
-    match &raw.refresh_token {
-        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
+/// The refresh token of an answer: one non-empty string, whatever else is wrong with it.
+/// Two different values name no token: neither can be trusted to be the live one.
+fn salvage_refresh_token(doc: &Document) -> Option<Secret> {
+    match doc.get("refresh_token") {
+        Ok(Some(serde_json::Value::String(s))) if !s.is_empty() => Some(Secret::new(s.clone())),
         _ => None,
     }
 }
@@ -238,11 +268,11 @@ fn salvage_refresh_token(raw: &Raw) -> Option<Secret> {
 /// Step two: the status, the OAuth error and the access-token part.
 fn judge(
     status: u16,
-    raw: Option<&Raw>,
+    read: Option<&Body>,
     body_len: usize,
     default_expires_in: Duration,
 ) -> Result<AccessToken, TokenError> {
-    if let Some(raw) = raw {
+    if let Some(Body { raw, .. }) = read {
         if let Some(err) = raw.error.as_ref().and_then(as_text) {
             return Err(TokenError::OAuth {
                 status,
@@ -265,11 +295,18 @@ fn judge(
             "token endpoint answered {status} without an OAuth error body"
         )));
     }
-    let Some(raw) = raw else {
+    let Some(Body { raw, doc }) = read else {
         return Err(TokenError::Transient(format!(
-            "token endpoint answered {status} with a body that is not JSON ({body_len} bytes)"
+            "token endpoint answered {status} with a body that is not a JSON object ({body_len} bytes)"
         )));
     };
+    if !doc.is_strict() {
+        let flaws: Vec<String> = doc.flaws.iter().map(ToString::to_string).collect();
+        return Err(TokenError::Transient(format!(
+            "token endpoint answered {status} with a body that is not strict JSON: {}",
+            flaws.join("; ")
+        )));
+    }
     let token = access_token(raw)?;
     check_token_type(raw)?;
     let expires_in = expires_in(raw, default_expires_in)?;
@@ -494,6 +531,51 @@ mod tests {
         // Not a 2xx, or an empty refresh token: nothing to keep.
         assert!(p(400, br#"{"refresh_token":"r2","error":"invalid_grant"}"#, D).is_err());
         assert!(p(200, br#"{"refresh_token":"","expires_in":0}"#, D).is_err());
+    }
+
+    /// A 200 that is not strict JSON: its one refresh token is taken, the access-token
+    /// part refused naming the flaw; a byte-order mark is no flaw.
+    #[test]
+    fn refresh_token_is_salvaged_from_answers_that_are_not_strict_json() {
+        let good = r#"{"access_token":"a","expires_in":60,"refresh_token":"r2"}"#;
+        let padded = format!(
+            r#"{{"pad":"{}","access_token":"a","refresh_token":"r2"}}"#,
+            "x".repeat(ANSWER_LIMIT)
+        );
+        for (body, flaw) in [
+            (format!("{good} trailing"), "bytes follow"),
+            (
+                r#"{"expires_in":1,"access_token":"a","expires_in":60,"refresh_token":"r2"}"#
+                    .to_string(),
+                "\"expires_in\" appears twice",
+            ),
+            (padded, "larger than"),
+        ] {
+            let answer = p(200, body.as_bytes(), D).unwrap();
+            assert_eq!(answer.refresh_token.unwrap().expose(), "r2", "{flaw}");
+            let e = answer.access.unwrap_err().to_string();
+            assert!(e.contains("not strict JSON") && e.contains(flaw), "{e}");
+            assert!(!e.contains("r2"), "{e}");
+        }
+        let bom = format!("\u{feff}{good}");
+        let r = p(200, bom.as_bytes(), D).unwrap().into_response().unwrap();
+        assert_eq!(r.refresh_token.unwrap().expose(), "r2");
+        // Two different refresh tokens: neither is trusted.
+        let two = br#"{"refresh_token":"r2","access_token":"a","refresh_token":"r3"}"#;
+        assert!(p(200, two, D).is_err());
+        // The same one twice is one.
+        let same = br#"{"refresh_token":"r2","access_token":"a","refresh_token":"r2"}"#;
+        let r = p(200, same, D).unwrap().into_response().unwrap();
+        assert_eq!(r.refresh_token.unwrap().expose(), "r2");
+    }
+
+    /// Two names for the refresh token's lifetime: the shorter one holds.
+    #[test]
+    fn two_names_for_the_refresh_lifetime_take_the_shorter() {
+        let body = br#"{"access_token":"a","refresh_token":"r","refresh_expires_in":1800,"refresh_token_expires_in":7776000}"#;
+        let a = p(200, body, D).unwrap();
+        assert_eq!(a.refresh_expires_in, Some(Duration::from_secs(1800)));
+        assert!(a.access.is_ok());
     }
 
     #[test]
