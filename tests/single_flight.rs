@@ -176,8 +176,9 @@ async fn requests_get_a_prompt_503_when_no_token_can_be_obtained() {
     let (demo, tr, url) = token_expired_with_the_endpoint_down().await;
     let c = support::client();
     let forwarded = demo.api.stats().requests;
-    // token_timeout 1s: any wait is bounded by 2 × 1 s + margin.
-    let bound = Duration::from_secs(5);
+    // token_timeout 1s: any wait is bounded by the wait budget (up to 1 s to the
+    // attempt, then 2 × 1 s + 2 s), plus a margin.
+    let bound = Duration::from_secs(6);
     for _ in 0..3 {
         let started = Instant::now();
         let answers = join_all((0..20).map(|_| c.get(&url).send())).await;
@@ -277,4 +278,72 @@ async fn steady_requests_never_raise_a_down_endpoint_above_twice_the_usual_attem
         "{attempts} token requests in {window:?} with the endpoint down; at most {bound} allowed"
     );
     tr.stop().await;
+}
+
+/// `n` concurrent GETs of `url`; the status codes, in no order.
+async fn concurrent_statuses(url: &str, n: usize) -> Vec<u16> {
+    let c = support::client();
+    join_all((0..n).map(|_| c.get(url).send()))
+        .await
+        .into_iter()
+        .map(|r| r.map(|r| r.status().as_u16()).unwrap_or(0))
+        .collect()
+}
+
+/// Requests waiting after an upstream 401 keep waiting through one failed refresh
+/// attempt: the retry comes within their wait budget, and they all get its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_after_a_401_keep_waiting_through_one_failed_attempt() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "token_timeout: 3s",
+        "",
+    );
+    let tr = support::start(&yaml).await;
+    let url = format!("{}/echo", tr.url("api"));
+    assert_eq!(concurrent_statuses(&url, 1).await, vec![200], "warm-up");
+    // The token is revoked; the refresh it causes fails slowly (every waiter has joined
+    // by then); the next one works.
+    demo.auth.fail_next(1, Duration::from_millis(800));
+    demo.auth.expire_access_tokens();
+    let statuses = concurrent_statuses(&url, 12).await;
+    let stats = demo.auth.stats();
+    tr.stop().await;
+    assert_eq!(statuses, vec![200; 12], "token requests: {stats:?}");
+    assert_eq!(stats.token_requests, 3, "warm-up, the failure, the retry");
+}
+
+/// Requests waiting on an expired token keep waiting through one failed attempt too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_an_expired_token_keep_waiting_through_one_failed_attempt() {
+    // As in the single-flight test above: a window in which the token is expired and no
+    // refresh runs.
+    let demo = demo_servers(AuthServerOptions {
+        access_ttl: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await;
+    let yaml = one_upstream_yaml(
+        &demo.auth.token_url(),
+        &demo.api.url(),
+        "refresh_at: 0.99, refresh_before: 0s, token_timeout: 3s",
+        "",
+    );
+    let tr = support::start(&yaml).await;
+    let url = format!("{}/echo", tr.url("api"));
+    assert_eq!(concurrent_statuses(&url, 1).await, vec![200], "warm-up");
+    demo.auth.fail_next(1, Duration::from_millis(800));
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            credential_state(&tr, "api").await == "unavailable"
+        })
+        .await,
+        "token never expired"
+    );
+    let statuses = concurrent_statuses(&url, 12).await;
+    let stats = demo.auth.stats();
+    tr.stop().await;
+    assert_eq!(statuses, vec![200; 12], "token requests: {stats:?}");
 }

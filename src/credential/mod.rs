@@ -269,7 +269,7 @@ impl Credential {
         self.update_gauges();
     }
 
-    /// Records a finished attempt and wakes waiting requests.
+    /// Records a finished attempt and, unless it failed, wakes waiting requests.
     pub(crate) fn record(
         &self,
         trigger: Trigger,
@@ -300,7 +300,11 @@ impl Credential {
             });
         }
         self.update_gauges();
-        self.attempts.send_modify(|n| *n += 1);
+        // A failure wakes waiters once the refresher has set its backoff (see
+        // `Refresher::after`): they judge whether to wait for the retry by it.
+        if result != RefreshResult::Failure {
+            self.attempts.send_modify(|n| *n += 1);
+        }
     }
 
     /// Wakes waiters without recording an attempt (e.g. a demand already satisfied).

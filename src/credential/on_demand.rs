@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::policy;
+use super::policy::{self, millis};
 use super::{ActiveToken, Credential, Trigger};
 
 /// A request for a refresh, coalesced: only the newest is kept.
@@ -113,14 +113,19 @@ impl Credential {
         let until_attempt =
             Duration::from_millis(policy::earliest_attempt(now_ms, backoff) - now_ms);
         let seen = self.current().map(|t| t.generation).unwrap_or(0);
-        self.demand(Demand {
+        let demand = Demand {
             trigger,
             generation: rejected_generation.unwrap_or(seen),
-        });
+        };
+        self.demand(demand);
         self.metrics.waiters.inc();
-        // Bounded: the attempt starts within `until_attempt`, and its token request times
-        // out after token_timeout; allow for the lease and the store write on top.
+        // The wait budget: the attempt starts within `until_attempt`, and its token
+        // request times out after token_timeout; allow for the lease and the store write
+        // on top. A failed attempt does not end the wait while a next one can still
+        // finish within it.
         let bound = until_attempt + timeout * 2 + Duration::from_secs(2);
+        let deadline_ms = now_ms + millis(bound);
+        let mut failure_seen = backoff.last_failure_ms;
         let waited = tokio::time::timeout(bound, async {
             loop {
                 if rx.changed().await.is_err() {
@@ -129,10 +134,24 @@ impl Credential {
                 if self.usable(Instant::now()).filter(newer).is_some() {
                     return;
                 }
-                // An attempt ended without a newer token; if no further demand is pending, stop.
-                if self.demand.lock().unwrap().is_none() {
+                if self.demand.lock().unwrap().is_some() {
+                    continue;
+                }
+                // An attempt ended without a newer token (or the refresher decided not to
+                // refresh): keep waiting only for a retry after a new failure.
+                let b = self.backoff();
+                if b.retry_at_ms.is_none() || b.last_failure_ms == failure_seen {
                     return;
                 }
+                failure_seen = b.last_failure_ms;
+                let now_ms = crate::store::now_ms();
+                if !policy::attempt_finishes_by(now_ms, b, timeout, deadline_ms)
+                    || self.reauthorization().is_some()
+                    || self.moved().is_some()
+                {
+                    return;
+                }
+                self.demand(demand);
             }
         })
         .await;

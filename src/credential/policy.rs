@@ -46,6 +46,18 @@ pub fn waits_for_attempt(now_ms: u64, b: Backoff, bound: Duration) -> bool {
     earliest_attempt(now_ms, b) <= now_ms + millis(bound)
 }
 
+/// Whether an attempt that requests ask for at `now_ms` can start and, taking up to
+/// `token_timeout`, finish by `deadline_ms`: a request waiting until then keeps waiting
+/// through a failed attempt only while this holds.
+pub fn attempt_finishes_by(
+    now_ms: u64,
+    b: Backoff,
+    token_timeout: Duration,
+    deadline_ms: u64,
+) -> bool {
+    earliest_attempt(now_ms, b) + millis(token_timeout) <= deadline_ms
+}
+
 /// The backoff step after requests asked at `now_ms`: its retry brought forward (once per
 /// step) when it was more than [`BRING_FORWARD_ABOVE`] away; `None` if unchanged.
 pub fn bring_forward(now_ms: u64, b: Backoff) -> Option<Backoff> {
@@ -218,7 +230,7 @@ pub fn refresh_not_before(
         .max()
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
@@ -235,6 +247,21 @@ mod tests {
             brought_forward,
             step_retry_ms: Some(10_000 + retry_in),
         }
+    }
+
+    /// A waiter keeps waiting through a failure only for a retry that can finish within
+    /// its budget: a brought-forward retry 250 ms after the failure, or the step's own.
+    #[test]
+    fn waiting_through_a_failure() {
+        let now = 10_000;
+        // Not brought forward yet: the retry comes 250 ms after the failure.
+        let b = backing_off(3000, 0, false);
+        assert!(attempt_finishes_by(now, b, T, now + 2250));
+        assert!(!attempt_finishes_by(now, b, T, now + 2249));
+        // Already brought forward: the step's own retry, 3 s away.
+        let b = backing_off(3000, 0, true);
+        assert!(attempt_finishes_by(now, b, T, now + 5000));
+        assert!(!attempt_finishes_by(now, b, T, now + 4999));
     }
 
     #[test]

@@ -466,6 +466,20 @@ impl AuthServer {
         self.shared.lock().answer_fields = fields;
     }
 
+    /// Answers the next `count` token requests `500 server_error` after waiting `delay`
+    /// each (consuming nothing), then behaves as the failure mode says: one failed
+    /// attempt among working ones.
+    pub fn fail_next(&self, count: u32, delay: Duration) {
+        tracing::info!(
+            count,
+            ?delay,
+            "demo auth server: next token requests will fail"
+        );
+        let mut state = self.shared.lock();
+        state.fail_next = count;
+        state.fail_next_delay = delay;
+    }
+
     /// The current failure mode.
     pub fn mode(&self) -> FailureMode {
         self.shared.lock().mode.clone()
@@ -519,6 +533,9 @@ struct State {
     mode: FailureMode,
     /// Field overrides for the next successful answer, see [`AuthServer::alter_next_answer`].
     next_answer_patch: Option<serde_json::Map<String, Value>>,
+    /// Token requests still to fail, see [`AuthServer::fail_next`].
+    fail_next: u32,
+    fail_next_delay: Duration,
     /// Byte rewrite of the next successful answer, see [`AuthServer::rewrite_next_answer`].
     next_answer_rewrite: Option<AnswerRewrite>,
     /// Extra fields of every successful answer, see [`AuthServer::set_answer_fields`].
@@ -763,15 +780,24 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
         }
     };
     let mut delay = shared.opts.response_delay;
-    if let FailureMode::Slow(extra) = shared.lock().mode {
-        delay += extra;
-    }
+    let forced_failure = {
+        let mut state = shared.lock();
+        if let FailureMode::Slow(extra) = state.mode {
+            delay += extra;
+        }
+        let fail = state.fail_next > 0;
+        if fail {
+            state.fail_next -= 1;
+            delay += state.fail_next_delay;
+        }
+        fail
+    };
     if !delay.is_zero() {
         // Processing happens only after the delay: if the client hangs up meanwhile,
         // hyper drops this future and nothing (no refresh token) is consumed.
         tokio::time::sleep(delay).await;
     }
-    process_token_request(&shared, &parts, &body)
+    process_token_request(&shared, &parts, &body, forced_failure)
 }
 
 /// A token request's body, decoded.
@@ -853,7 +879,14 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Response<Body> {
+/// Answers one token request; `forced_failure`: `500` whatever the mode (see
+/// [`AuthServer::fail_next`]).
+fn process_token_request(
+    shared: &Shared,
+    parts: &Parts,
+    body: &Bytes,
+    forced_failure: bool,
+) -> Response<Body> {
     let request = match shared.opts.profile {
         ProviderProfile::Bitrix24 => TokenRequest {
             format: "query".into(),
@@ -899,7 +932,12 @@ fn process_token_request(shared: &Shared, parts: &Parts, body: &Bytes) -> Respon
         _ => {}
     }
 
-    let (response, error) = match state.mode {
+    let mode = if forced_failure {
+        FailureMode::ServerError
+    } else {
+        state.mode.clone()
+    };
+    let (response, error) = match mode {
         FailureMode::ServerError => {
             let mut resp = json_response(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -372,6 +372,8 @@ impl Refresher {
                     self.failures = self.failures.saturating_add(1);
                 }
                 self.cred.set_backoff(backoff);
+                // Now waiting requests can tell whether the retry comes in time for them.
+                self.cred.wake_waiters();
             }
         }
     }

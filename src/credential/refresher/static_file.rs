@@ -27,6 +27,7 @@ impl Refresher {
                 Some(e.to_string()),
                 None,
             );
+            self.cred.wake_waiters();
         } else {
             self.cred
                 .record(Trigger::Startup, RefreshResult::Success, None, None);
