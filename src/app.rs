@@ -18,6 +18,7 @@ use tracing::{error, info};
 use crate::admin::Admin;
 use crate::config::units::{ByteSize, HumanDuration};
 use crate::config::{Config, ConfigError, Limits};
+use crate::config_file::ConfigFile;
 use crate::config_reload::{ReloadRequest, Reloads};
 use crate::instance::record::{ConfigStatus, Trigger};
 use crate::instance::Instance;
@@ -30,15 +31,22 @@ pub struct Bound {
     pub upstreams: BTreeMap<String, SocketAddr>,
 }
 
-/// Reads the config again for a reload.
-pub type Loader = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+/// Turns the config file's text into a config, for a reload.
+pub type Loader = Arc<dyn Fn(&str) -> Result<Config, ConfigError> + Send + Sync>;
+
+/// How long a reload waits for the config file to be complete: two reads this far apart
+/// must agree (the watcher waits one poll interval instead)...
+const RELOAD_SETTLE: Duration = Duration::from_millis(300);
+/// ... and a writer holding it open is waited for this long.
+const RELOAD_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// How an instance reloads its config; the default is never.
 #[derive(Clone, Default)]
 pub struct ReloadOptions {
-    /// Reads the config again; without it every reload request is refused.
+    /// Parses the config file again; without it (or `path`) every reload request is
+    /// refused.
     pub loader: Option<Loader>,
-    /// The file the loader reads (shown in `/status`).
+    /// The config file (shown in `/status`), read only when complete.
     pub path: Option<PathBuf>,
     /// Reload on `SIGHUP`.
     pub on_sighup: bool,
@@ -94,8 +102,9 @@ pub async fn run_with(
         config: config_status.clone(),
         reloads: reload_tx,
     });
-    if let (Some(every), Some(path)) = (reloading.watch, &reloading.path) {
-        reloads.watch(path.clone(), every);
+    let file = reloading.path.as_deref().map(ConfigFile::open);
+    if let (Some(every), Some(file)) = (reloading.watch, &file) {
+        reloads.watch(file.clone(), every);
     }
 
     info!(listen = %bound.admin, "admin listening");
@@ -108,13 +117,13 @@ pub async fn run_with(
             () = &mut shutdown => break,
             r = reload_rx.recv() => match r { Some(r) => r, None => break },
         };
-        let Some(loader) = &reloading.loader else {
+        let (Some(loader), Some(file)) = (&reloading.loader, &file) else {
             request.answer(Err(
                 "this instance was not started from a config file".into()
             ));
             continue;
         };
-        let outcome = reload(&mut instance, loader, request.trigger).await;
+        let outcome = reload(&mut instance, file, loader, request.trigger).await;
         metrics.config_reload(outcome.is_ok());
         config_status
             .lock()
@@ -130,16 +139,21 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Reads the config again and applies it; an invalid file changes nothing.
+/// Reads the config file once it is complete and applies it; an incomplete or invalid
+/// file changes nothing.
 async fn reload(
     instance: &mut Instance,
+    file: &ConfigFile,
     loader: &Loader,
     trigger: Trigger,
 ) -> Result<crate::instance::record::Applied, String> {
     info!(?trigger, "reloading the config");
-    let outcome = match loader() {
-        Ok(config) => instance.apply(config).await,
-        Err(e) => Err(format!("the new config is invalid; nothing changed:\n{e}")),
+    let outcome = match file.read_complete(RELOAD_SETTLE, RELOAD_MAX_WAIT).await {
+        Err(e) => Err(format!("{e}; nothing changed")),
+        Ok(text) => match loader(&text) {
+            Ok(config) => instance.apply(config).await,
+            Err(e) => Err(format!("the new config is invalid; nothing changed:\n{e}")),
+        },
     };
     match &outcome {
         Ok(applied) => info!(

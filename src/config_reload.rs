@@ -2,7 +2,7 @@
 //! the `--watch-config` poller. Requests queue to the one task that applies them, so
 //! reloads never overlap.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -10,7 +10,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config_file::ConfigFile;
 use crate::instance::record::{Applied, Trigger};
+
+/// How long the watcher waits for a changed file to be complete before looking again.
+const WATCH_MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// One reload request; `reply` hears the outcome when someone waits for it.
 pub struct ReloadRequest {
@@ -75,26 +79,32 @@ impl Reloads {
         Ok(())
     }
 
-    /// Reads `path` every `every` and asks for a reload when its contents differ from
-    /// the last read. Reading through the path follows symlinks afresh each time, so a
-    /// Kubernetes ConfigMap update (a `..data` symlink swapped to a new directory) is
-    /// seen like an edit in place or an editor's rename-over. A file that cannot be
-    /// read for a moment (mid-swap) is tried again at the next tick.
-    pub fn watch(&self, path: PathBuf, every: Duration) {
+    /// Asks for a reload when the config file's complete contents differ from the last
+    /// seen: looked at on each file event and every `every`, then read once complete
+    /// (see [`ConfigFile::read_complete`], two reads `every` apart agreeing). Reading
+    /// through the path follows symlinks afresh each time, so a Kubernetes ConfigMap
+    /// update (a `..data` symlink swapped to a new directory) is seen like an edit in
+    /// place or an editor's rename-over. A file that cannot be read for a moment
+    /// (mid-swap) is tried again later.
+    pub fn watch(&self, file: Arc<ConfigFile>, every: Duration) {
         let (tx, stop) = (self.tx.clone(), self.stop.clone());
         tokio::spawn(async move {
-            let mut last = tokio::fs::read(&path).await.ok();
+            let mut last = file.read_now().await.ok();
             let mut unreadable_logged = false;
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
+                    () = file.changed() => {}
                     () = stop.cancelled() => return,
                 }
-                let now = match tokio::fs::read(&path).await {
-                    Ok(bytes) => bytes,
+                if file.read_now().await.ok() == last {
+                    continue;
+                }
+                let now = match file.read_complete(every, WATCH_MAX_WAIT).await {
+                    Ok(text) => text.into_bytes(),
                     Err(e) => {
                         if !unreadable_logged {
-                            warn!(path = %path.display(), error = %e, "watched config file cannot be read; trying again");
+                            warn!(error = %e, "watched config file is not complete or cannot be read; trying again");
                             unreadable_logged = true;
                         }
                         continue;
@@ -105,7 +115,7 @@ impl Reloads {
                     continue;
                 }
                 last = Some(now);
-                info!(path = %path.display(), "config file changed");
+                info!(path = %file.path().display(), "config file changed");
                 let request = ReloadRequest {
                     trigger: Trigger::Watch,
                     reply: None,

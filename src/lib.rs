@@ -16,7 +16,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`; [`status_page`]: `GET /`.
 //! - [`metrics`]: the Prometheus families.
 //! - [`instance`]: the running credentials and listeners, and how a config (the first
-//!   or a reloaded one) is applied to them; [`config_reload`]: what asks for a reload.
+//!   or a reloaded one) is applied to them; [`config_reload`]: what asks for a reload;
+//!   `config_file`: reading the config file for a reload only once it is complete.
 //! - [`app`]: wiring and shutdown. [`commands`]: the CLI.
 //! - [`demo`]: the demo authorization server and API used by `tokenrelay demo` and tests.
 
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod commands;
 pub mod config;
+mod config_file;
 pub mod config_reload;
 pub mod credential;
 pub mod demo;

@@ -547,3 +547,74 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
     assert_eq!(demo.auth.stats().invalid_grant, 0);
     stops_cleanly(&mut proc);
 }
+
+/// Upstream `name` in block style with its URL last, so that a file cut off mid-URL
+/// still parses (and would send the token to another port).
+fn upstream_yaml_url_last(name: &str, port: u16, url: &str) -> String {
+    format!(
+        "  {name}:\n    listen: \"127.0.0.1:{port}\"\n    credential: api\n    allow_insecure_http: true\n    url: {url}\n"
+    )
+}
+
+/// A writer rewrites the config in place and stalls for 3 s mid-URL, holding the file
+/// open: neither `--watch-config` nor a SIGHUP in the meantime applies the half that
+/// parses; the whole file is applied once the writer closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_held_open_mid_write_is_never_applied() {
+    use std::io::Write;
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let next_api = ApiServer::start(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenrelay.yaml");
+    let ports = support::free_ports(3);
+    let (admin, pa, pb) = (ports[0], ports[1], ports[2]);
+    let head = head_yaml(admin, &credential_yaml(&demo.auth.token_url()));
+    let a = upstream_yaml("a", pa, &demo.api.url(), "");
+    write(
+        &config,
+        &format!(
+            "{head}{a}{}",
+            upstream_yaml_url_last("b", pb, &demo.api.url())
+        ),
+    );
+    let log = dir.path().join("log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(support::binary())
+        .args(["run", "--watch-config", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut proc = ChildProc { child, log };
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+
+    // b moves to the next API; the writer stalls with its port cut short.
+    let whole = format!(
+        "{head}{a}{}",
+        upstream_yaml_url_last("b", pb, &next_api.url())
+    );
+    let cut = whole.len() - 2;
+    let mut writer = std::fs::File::create(&config).unwrap();
+    writer.write_all(&whole.as_bytes()[..cut]).unwrap();
+    writer.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sighup(&proc);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let during = status(admin).await["config"].clone();
+    writer.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(writer);
+    assert_eq!(
+        during["generation"], 1,
+        "a half-written file was applied: {during:#}"
+    );
+
+    reloaded(admin, 2).await;
+    let resp = get(&format!("http://127.0.0.1:{pb}/echo")).await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", support::log_tail(&proc.log, 30));
+    assert_eq!(next_api.stats().requests, 1, "b reaches the next API");
+    assert_eq!(reloads_counted(admin, "failure").await, 0.0);
+    stops_cleanly(&mut proc);
+}

@@ -200,9 +200,8 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let path = config.config.clone();
-            let loader: crate::app::Loader = Arc::new(move || {
-                let mut c = Config::load(&path)?;
+            let loader: crate::app::Loader = Arc::new(move |text| {
+                let mut c = Config::from_yaml(text, &|k| std::env::var(k).ok())?;
                 c.runtime.worker_threads = worker_threads.or(c.runtime.worker_threads);
                 Ok(c)
             });
