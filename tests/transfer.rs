@@ -6,9 +6,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::Duration;
 
-use support::{eventually, status_json};
+use support::{eventually, status_json, stored_state};
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 struct Env {
@@ -35,8 +36,80 @@ upstreams:
     Env { config, yaml }
 }
 
-async fn seed(e: &Env, auth: &AuthServer) {
-    support::seed_refresh_token(&e.yaml, "crm", &auth.new_grant()).await;
+/// Seeds credential `crm` of `e` with a new grant; returns its refresh token.
+async fn seed(e: &Env, auth: &AuthServer) -> String {
+    let token = auth.new_grant();
+    support::seed_refresh_token(&e.yaml, "crm", &token).await;
+    token
+}
+
+/// A passphrase file in `dir`.
+fn passphrase(dir: &Path) -> PathBuf {
+    let pass = dir.join("passphrase");
+    std::fs::write(&pass, "a long passphrase\n").unwrap();
+    pass
+}
+
+/// `tokenrelay export` of credential `crm` of `e` to `out`, sealed with `pass`.
+async fn export(e: &Env, out: &Path, pass: &Path, extra: &[&str]) -> Output {
+    let (config, out, pass) = (
+        e.config.display().to_string(),
+        out.display().to_string(),
+        pass.display().to_string(),
+    );
+    let mut args = vec![
+        "export",
+        "--config",
+        &config,
+        "--credential",
+        "crm",
+        "--out",
+        &out,
+        "--passphrase-file",
+        &pass,
+    ];
+    args.extend(extra);
+    support::cli(&args).await
+}
+
+/// `tokenrelay import` of `bundle` (sealed with `pass`) into credential `credential` of `e`.
+async fn import(e: &Env, credential: &str, bundle: &Path, pass: &Path, extra: &[&str]) -> Output {
+    let (config, bundle, pass) = (
+        e.config.display().to_string(),
+        bundle.display().to_string(),
+        pass.display().to_string(),
+    );
+    let mut args = vec![
+        "import",
+        "--config",
+        &config,
+        "--credential",
+        credential,
+        "--in",
+        &bundle,
+        "--passphrase-file",
+        &pass,
+    ];
+    args.extend(extra);
+    support::cli(&args).await
+}
+
+fn succeeded(out: &Output) {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Asserts that the command failed with an error (exit 1, not a signal) whose text has
+/// every one of `needles` and not `secret`.
+fn refused(out: &Output, needles: &[&str], secret: &str) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
+    for n in needles {
+        assert!(stderr.contains(n), "no {n:?} in: {stderr}");
+    }
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "a token was printed"
+    );
 }
 
 fn text(b: &[u8]) -> String {
@@ -170,7 +243,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a = env(dir.path(), "a", &auth, &api, "demo-client");
     let other = env(dir.path(), "other", &auth, &api, "another-client");
-    seed(&a, &auth).await;
+    let token = seed(&a, &auth).await;
     let pass = dir.path().join("passphrase");
     std::fs::write(&pass, "p\n").unwrap();
     let bundle = dir.path().join("backup.bundle");
@@ -229,12 +302,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &pass_s,
     ])
     .await;
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("most likely been spent"),
-        "{}",
-        text(&out.stderr)
-    );
+    refused(&out, &["most likely been spent"], &token);
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not it\n").unwrap();
     let out = support::cli(&[
@@ -256,4 +324,28 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         text(&out.stderr)
     );
     assert_eq!(auth.stats().refresh_reuse_detected, 0);
+}
+
+/// The scrypt parameters a bundle names are bounded before the key is derived: a
+/// tampered bundle asking for a petabyte of memory is refused with an error naming the
+/// bound (not an abort, nor gigabytes in use), with --force too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_key_derivation_parameters_are_refused_before_use() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let bundle = dir.path().join("crm.bundle");
+    succeeded(&export(&a, &bundle, &pass, &["--copy"]).await);
+    let sealed = std::fs::read_to_string(&bundle).unwrap();
+    assert!(sealed.contains("\"log_n\": 15"), "{sealed}");
+    std::fs::write(&bundle, sealed.replace("\"log_n\": 15", "\"log_n\": 40")).unwrap();
+
+    for extra in [&[][..], &["--force"]] {
+        let out = import(&b, "crm", &bundle, &pass, extra).await;
+        refused(&out, &["scrypt", "MiB"], &token);
+    }
+    assert_eq!(stored_state(&b.yaml, "crm").await, None);
 }

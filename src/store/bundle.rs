@@ -2,7 +2,8 @@
 //! environment (`tokenrelay export` / `import`). AES-256-GCM under a key derived from a
 //! passphrase with scrypt (N = 2^15, r = 8, p = 1, a random salt per bundle), or under the
 //! store's own key file. The header (format, version, key source) is bound as associated
-//! data, so an altered bundle fails to open.
+//! data, so an altered bundle fails to open. The scrypt parameters are read from the
+//! header before it can be authenticated, so they are bounded first.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -17,6 +18,13 @@ const VERSION: u32 = 1;
 const SCRYPT_LOG_N: u8 = 15;
 const SCRYPT_R: u32 = 8;
 const SCRYPT_P: u32 = 1;
+/// The most memory a bundle's scrypt parameters may ask for (128·r·2^log_n bytes), four
+/// times what [`seal`] uses. The parameters come from the file and are authenticated only
+/// by the key they derive, so they are bounded before deriving it.
+const MAX_SCRYPT_MEMORY: u64 = 128 << 20;
+/// scrypt also allocates 128·r·p bytes, and its time grows with p.
+const MAX_SCRYPT_R: u32 = 32;
+const MAX_SCRYPT_P: u32 = 4;
 
 /// What a bundle holds once opened.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +60,38 @@ pub enum BundleError {
     CannotOpen,
     #[error("cannot seal the bundle: {0}")]
     Seal(String),
+    #[error("refusing the bundle's key derivation parameters (the bundle was not sealed by tokenrelay, or it was altered)")]
+    KdfParams(#[from] KdfParamsError),
+}
+
+/// Why scrypt parameters read from a bundle were refused (before any use).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KdfParamsError {
+    #[error("scrypt with log_n {log_n} and r {r} needs 128·r·2^log_n bytes, over the {} MiB allowed", MAX_SCRYPT_MEMORY >> 20)]
+    Memory { log_n: u8, r: u32 },
+    #[error("scrypt r {0} is outside 1..={MAX_SCRYPT_R}")]
+    BlockSize(u32),
+    #[error("scrypt p {0} is outside 1..={MAX_SCRYPT_P}")]
+    Parallelism(u32),
+    #[error("scrypt parameters log_n {log_n}, r {r}, p {p} are invalid")]
+    Invalid { log_n: u8, r: u32, p: u32 },
+}
+
+/// scrypt parameters read from a bundle, checked before any memory is spent on them.
+fn bounded_scrypt_params(log_n: u8, r: u32, p: u32) -> Result<scrypt::Params, KdfParamsError> {
+    if !(1..=MAX_SCRYPT_R).contains(&r) {
+        return Err(KdfParamsError::BlockSize(r));
+    }
+    if !(1..=MAX_SCRYPT_P).contains(&p) {
+        return Err(KdfParamsError::Parallelism(p));
+    }
+    let memory = 1u64
+        .checked_shl(log_n.into())
+        .and_then(|n| n.checked_mul(128 * u64::from(r)));
+    if memory.is_none_or(|m| m > MAX_SCRYPT_MEMORY) {
+        return Err(KdfParamsError::Memory { log_n, r });
+    }
+    scrypt::Params::new(log_n, r, p, 32).map_err(|_| KdfParamsError::Invalid { log_n, r, p })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,8 +155,7 @@ fn cipher(key: &Key, source: &KeySource) -> Result<Cipher, BundleError> {
             },
         ) => {
             let salt = B64.decode(salt).map_err(|_| BundleError::NotABundle)?;
-            let params =
-                scrypt::Params::new(*log_n, *r, *par, 32).map_err(|_| BundleError::NotABundle)?;
+            let params = bounded_scrypt_params(*log_n, *r, *par)?;
             let mut derived = [0u8; 32];
             scrypt::scrypt(p.expose().as_bytes(), &salt, &params, &mut derived)
                 .map_err(|_| BundleError::NotABundle)?;
@@ -276,5 +315,53 @@ mod tests {
         assert!(matches!(open(&sealed, &pass), Err(BundleError::NotABundle)));
         let e = open(b"{}", &pass).unwrap_err();
         assert!(!format!("{e} {e:?}").contains("rt-secret"));
+    }
+
+    #[test]
+    fn scrypt_parameters_are_bounded_before_use() {
+        use KdfParamsError::*;
+        let cases = [
+            ((SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P), None),
+            ((17, 8, 1), None),
+            ((16, 2, 4), None),
+            ((18, 8, 1), Some(Memory { log_n: 18, r: 8 })),
+            ((40, 8, 1), Some(Memory { log_n: 40, r: 8 })),
+            ((255, 8, 1), Some(Memory { log_n: 255, r: 8 })),
+            ((15, 0, 1), Some(BlockSize(0))),
+            ((10, 33, 1), Some(BlockSize(33))),
+            ((15, 8, 0), Some(Parallelism(0))),
+            ((15, 8, 5), Some(Parallelism(5))),
+            (
+                (17, 1, 1),
+                Some(Invalid {
+                    log_n: 17,
+                    r: 1,
+                    p: 1,
+                }),
+            ),
+        ];
+        for ((log_n, r, p), refused) in cases {
+            let got = bounded_scrypt_params(log_n, r, p).err();
+            assert_eq!(got, refused, "log_n {log_n}, r {r}, p {p}");
+        }
+    }
+
+    /// A bundle altered to ask for a petabyte is refused without deriving (which would
+    /// abort the process), whatever the passphrase.
+    #[test]
+    fn a_bundle_asking_for_too_much_memory_is_refused_before_deriving() {
+        let pass = Key::Passphrase(Secret::new("p"));
+        let text = String::from_utf8(seal(&contents(), &pass).unwrap()).unwrap();
+        let altered = text.replace("\"log_n\": 15", "\"log_n\": 40");
+        let e = open(altered.as_bytes(), &pass).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BundleError::KdfParams(KdfParamsError::Memory { log_n: 40, r: 8 })
+            ),
+            "{e:?}"
+        );
+        let why = std::error::Error::source(&e).unwrap().to_string();
+        assert!(why.contains("128 MiB"), "{why}");
     }
 }
