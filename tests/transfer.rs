@@ -236,7 +236,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
 
 /// An import is refused when the bundle belongs to another client of the token endpoint,
 /// and when it is older than what the store holds (a stale backup whose refresh token
-/// was spent since), unless --force.
+/// was spent since), unless --force; each refusal names the flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imports_of_other_clients_and_stale_backups_are_refused() {
     let (auth, api) = servers().await;
@@ -279,12 +279,8 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &pass_s,
     ])
     .await;
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("another client"),
-        "{}",
-        text(&out.stderr)
-    );
+    refused(&out, &["another client", "--force"], &token);
+    succeeded(&import(&other, "crm", &bundle, &pass, &["--force"]).await);
 
     // The source keeps running (a backup, not a move) and rotates past the backup.
     let relay = support::start(&a.yaml).await;
@@ -302,7 +298,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &pass_s,
     ])
     .await;
-    refused(&out, &["most likely been spent"], &token);
+    refused(&out, &["most likely been spent", "--force"], &token);
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not it\n").unwrap();
     let out = support::cli(&[
@@ -324,6 +320,29 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         text(&out.stderr)
     );
     assert_eq!(auth.stats().refresh_reuse_detected, 0);
+}
+
+/// A bundle older than the target's newest generation is refused even when the target
+/// has handed the credential over (moved): generations only grow along handovers, so the
+/// older bundle's refresh token was spent since. Moving the credential back with a new
+/// export from the destination is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_bundle_is_refused_by_a_moved_target() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let (to_b, back_to_a) = (dir.path().join("to-b"), dir.path().join("back-to-a"));
+    succeeded(&export(&a, &to_b, &pass, &[]).await);
+    succeeded(&import(&b, "crm", &to_b, &pass, &[]).await);
+    succeeded(&export(&b, &back_to_a, &pass, &[]).await);
+    succeeded(&import(&a, "crm", &back_to_a, &pass, &[]).await);
+
+    let out = import(&b, "crm", &to_b, &pass, &[]).await;
+    refused(&out, &["most likely been spent", "--force"], &token);
+    assert!(stored_state(&b.yaml, "crm").await.unwrap().moved.is_some());
 }
 
 /// The scrypt parameters a bundle names are bounded before the key is derived: a

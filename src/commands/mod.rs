@@ -123,7 +123,8 @@ pub enum Command {
         input: PathBuf,
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
-        /// Import even a bundle older than what the store holds.
+        /// Import despite the guards: a bundle of another token endpoint or client, or
+        /// older than what the store holds.
         #[arg(long)]
         force: bool,
     },

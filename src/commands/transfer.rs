@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 
 use crate::config::{Config, CredentialConfig, Grant};
 use crate::store::bundle::{self, Contents, Key};
-use crate::store::{now_ms, CasOutcome, Moved, Store, StoredState};
+use crate::store::{now_ms, CasOutcome, IssuedTo, Moved, Store, StoredState};
 
 /// How long `export` waits for a refresh in progress elsewhere to finish.
 const LEASE_WAIT: Duration = Duration::from_secs(60);
@@ -30,7 +30,63 @@ pub struct ImportArgs {
     pub credential: String,
     pub input: PathBuf,
     pub passphrase_file: Option<PathBuf>,
+    /// Import despite every [`Refusal`].
     pub force: bool,
+}
+
+/// Why `import` refuses a bundle unless `--force` (DESIGN.md, "Operator commands"):
+/// each would put a refresh token where it is spent twice or sent to the wrong server.
+/// Every message names the reason and the flag; none holds a token.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the bundle is for token endpoint {} with client_id {:?}, but credentials.{target}.token_url/client_id say {} / {:?}: refusing to import tokens for another client (--force imports them anyway, for the same authorization server and client under another address)", .bundle.token_url, .bundle.client_id, .ours.token_url, .ours.client_id)]
+    OtherTokenEndpoint {
+        target: String,
+        bundle: IssuedTo,
+        ours: IssuedTo,
+    },
+    #[error("the store holds generation {current} of credential {target:?}, newer than the bundle's {bundle}: its refresh token has most likely been spent since (--force imports it anyway, only if you know it was not)")]
+    Older {
+        target: String,
+        current: u64,
+        bundle: u64,
+    },
+}
+
+/// What an import is checked against: the credential it goes into, here.
+struct Target<'a> {
+    name: &'a str,
+    /// The config's token endpoint identity for the credential.
+    identity: IssuedTo,
+    /// Its stored state, moved or not.
+    current: Option<&'a StoredState>,
+}
+
+/// The reasons to refuse `bundle` for `target`, the most fundamental first.
+fn refusals(bundle: &Contents, target: &Target) -> Vec<Refusal> {
+    let mut why = Vec::new();
+    let theirs = IssuedTo {
+        token_url: bundle.token_url.clone(),
+        client_id: bundle.client_id.clone(),
+    };
+    if theirs != target.identity {
+        why.push(Refusal::OtherTokenEndpoint {
+            target: target.name.to_string(),
+            bundle: theirs,
+            ours: target.identity.clone(),
+        });
+    }
+    // Generations only grow, across handovers too (an import stores past both), so an
+    // older bundle holds a token spent since, even when the target has moved it on.
+    let current = target.current.map_or(0, |s| s.generation);
+    if bundle.state.generation < current {
+        why.push(Refusal::Older {
+            target: target.name.to_string(),
+            current,
+            bundle: bundle.state.generation,
+        });
+    }
+    why
 }
 
 fn refresh_credential<'a>(cfg: &'a Config, name: &str) -> anyhow::Result<&'a CredentialConfig> {
@@ -119,39 +175,37 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let contents = bundle::open(&bytes, &key)?;
+    let store = crate::store::open(&cfg.store).context("opening the store")?;
+    let name = &args.credential;
+    let current = store.load(name).await?;
     let ours = c.token_endpoint_identity();
-    if (&contents.token_url, &contents.client_id) != (&ours.token_url, &ours.client_id) {
-        bail!(
-            "the bundle is for token endpoint {} with client_id {:?}, but credentials.{}.token_url/client_id say {} / {:?}: refusing to import tokens for another client",
-            contents.token_url,
-            contents.client_id,
-            args.credential,
-            ours.token_url,
-            ours.client_id
-        );
+    let target = Target {
+        name,
+        identity: ours.clone(),
+        current: current.as_ref(),
+    };
+    let refused = refusals(&contents, &target);
+    if !args.force {
+        if let Some(first) = refused.into_iter().next() {
+            return Err(first.into());
+        }
+    } else {
+        for r in &refused {
+            eprintln!("warning: --force: importing despite: {r}");
+        }
     }
     if contents.copy {
         eprintln!("note: this bundle is a backup (export --copy): if its source has refreshed since, its refresh token is spent, and the first refresh will be rejected (re-authorize then)");
     }
-    let store = crate::store::open(&cfg.store).context("opening the store")?;
-    let name = &args.credential;
-    let current = store.load(name).await?;
-    let current_gen = current.as_ref().map(|s| s.generation).unwrap_or(0);
-    let live_here = current
-        .as_ref()
-        .is_some_and(|s| s.moved.is_none() && s.refresh_token.is_some());
-    if contents.state.generation < current_gen && live_here && !args.force {
-        bail!(
-            "the store holds generation {current_gen} of credential {name:?}, newer than the bundle's {}: its refresh token has most likely been spent since. Use --force only if you know it was not",
-            contents.state.generation
-        );
-    }
+    let current_gen = current.as_ref().map_or(0, |s| s.generation);
     let new = StoredState {
         generation: current_gen.max(contents.state.generation) + 1,
         updated_at_ms: now_ms(),
         updated_by: format!("{} (import)", cfg.runtime.instance_id),
         moved: None,
         reauthorization_required: None,
+        // Checked above (or overridden by --force): the token is ours to send.
+        issued_to: Some(ours),
         ..contents.state.clone()
     };
     match store.compare_and_swap(name, current_gen, &new).await? {
@@ -242,4 +296,87 @@ fn write_new_durably(out: &Path, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     f.sync_all()?;
     sync_parent(&tmp)?;
     Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(client_id: &str) -> IssuedTo {
+        IssuedTo {
+            token_url: "https://auth.example/token".into(),
+            client_id: client_id.into(),
+        }
+    }
+
+    fn bundle(generation: u64) -> Contents {
+        let id = identity("app");
+        Contents {
+            credential: "crm".into(),
+            token_url: id.token_url,
+            client_id: id.client_id,
+            exported_at_ms: 1,
+            exported_by: "source".into(),
+            copy: false,
+            state: StoredState {
+                generation,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn state(generation: u64, moved: bool) -> StoredState {
+        StoredState {
+            generation,
+            moved: moved.then(|| Moved {
+                to: "elsewhere".into(),
+                at_ms: 1,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn target<'a>(name: &'a str, current: Option<&'a StoredState>) -> Target<'a> {
+        Target {
+            name,
+            identity: identity("app"),
+            current,
+        }
+    }
+
+    #[test]
+    fn a_bundle_at_least_as_new_as_the_target_is_accepted() {
+        assert_eq!(refusals(&bundle(4), &target("crm", None)), []);
+        let moved = state(4, true);
+        assert_eq!(refusals(&bundle(4), &target("crm", Some(&moved))), []);
+        let live = state(3, false);
+        assert_eq!(refusals(&bundle(4), &target("crm", Some(&live))), []);
+    }
+
+    #[test]
+    fn an_older_bundle_is_refused_whether_the_target_is_live_or_moved() {
+        for moved in [false, true] {
+            let current = state(5, moved);
+            let why = refusals(&bundle(4), &target("crm", Some(&current)));
+            let older = Refusal::Older {
+                target: "crm".into(),
+                current: 5,
+                bundle: 4,
+            };
+            assert_eq!(why, [older], "moved: {moved}");
+        }
+    }
+
+    #[test]
+    fn every_refusal_names_its_flag() {
+        let mut t = target("crm", None);
+        t.identity = identity("other-app");
+        let current = state(9, true);
+        t.current = Some(&current);
+        let why = refusals(&bundle(4), &t);
+        assert_eq!(why.len(), 2, "{why:?}");
+        for r in why {
+            assert!(r.to_string().contains("--force"), "{r}");
+        }
+    }
 }
