@@ -18,17 +18,38 @@ struct Env {
 }
 
 fn env(dir: &Path, name: &str, auth: &AuthServer, api: &ApiServer, client_id: &str) -> Env {
+    env_with(dir, name, auth, api, client_id, &[])
+}
+
+/// Environment `name` with credential `crm` (and its upstream) plus credentials `extra`
+/// of the same token endpoint and client, without upstreams.
+fn env_with(
+    dir: &Path,
+    name: &str,
+    auth: &AuthServer,
+    api: &ApiServer,
+    client_id: &str,
+    extra: &[&str],
+) -> Env {
+    let credential = |c: &str| {
+        format!(
+            "  {c}: {{ grant: refresh_token, token_url: {}, client_id: {client_id}, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s, token_timeout: 2s }}\n",
+            auth.token_url()
+        )
+    };
+    let credentials: String = std::iter::once("crm")
+        .chain(extra.iter().copied())
+        .map(credential)
+        .collect();
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}
 store: {{ type: file, path: {state}, poll_interval: 200ms }}
 runtime: {{ instance_id: {name} }}
 credentials:
-  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: {client_id}, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s, token_timeout: 2s }}
-upstreams:
+{credentials}upstreams:
   crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
 ",
         state = dir.join(name).display(),
-        token_url = auth.token_url(),
         api_url = api.url(),
     );
     let config = dir.join(format!("{name}.yaml"));
@@ -343,6 +364,34 @@ async fn a_stale_bundle_is_refused_by_a_moved_target() {
     let out = import(&b, "crm", &to_b, &pass, &[]).await;
     refused(&out, &["most likely been spent", "--force"], &token);
     assert!(stored_state(&b.yaml, "crm").await.unwrap().moved.is_some());
+}
+
+/// A bundle made for another credential name is refused unless the rename is deliberate
+/// (--from-credential NAME): two credentials of one client holding the same refresh token
+/// would spend it twice, and the authorization server would then revoke the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_for_another_credential_needs_from_credential() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env_with(dir.path(), "b", &auth, &api, "demo-client", &["b24"]);
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let bundle = dir.path().join("crm.bundle");
+    succeeded(&export(&a, &bundle, &pass, &[]).await);
+
+    let out = import(&b, "b24", &bundle, &pass, &[]).await;
+    refused(&out, &["\"crm\"", "--from-credential crm"], &token);
+    let out = import(&b, "b24", &bundle, &pass, &["--from-credential", "erp"]).await;
+    refused(&out, &["\"crm\"", "--from-credential crm"], &token);
+    assert_eq!(stored_state(&b.yaml, "b24").await, None);
+
+    succeeded(&import(&b, "b24", &bundle, &pass, &["--from-credential", "crm"]).await);
+    let st = stored_state(&b.yaml, "b24").await.unwrap();
+    assert_eq!(
+        st.refresh_token.map(|t| t.expose().to_string()),
+        Some(token)
+    );
 }
 
 /// The scrypt parameters a bundle names are bounded before the key is derived: a

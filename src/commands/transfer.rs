@@ -30,6 +30,8 @@ pub struct ImportArgs {
     pub credential: String,
     pub input: PathBuf,
     pub passphrase_file: Option<PathBuf>,
+    /// The credential the bundle was made for, when importing it under another name.
+    pub from_credential: Option<String>,
     /// Import despite every [`Refusal`].
     pub force: bool,
 }
@@ -39,6 +41,12 @@ pub struct ImportArgs {
 /// Every message names the reason and the flag; none holds a token.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum Refusal {
+    #[error("the bundle was made for credential {bundle:?}, not {expected:?}: give --from-credential {bundle} to import it as {target:?} (a refresh token in two credentials is spent twice)")]
+    OtherCredential {
+        target: String,
+        expected: String,
+        bundle: String,
+    },
     #[error("the bundle is for token endpoint {} with client_id {:?}, but credentials.{target}.token_url/client_id say {} / {:?}: refusing to import tokens for another client (--force imports them anyway, for the same authorization server and client under another address)", .bundle.token_url, .bundle.client_id, .ours.token_url, .ours.client_id)]
     OtherTokenEndpoint {
         target: String,
@@ -56,6 +64,8 @@ pub enum Refusal {
 /// What an import is checked against: the credential it goes into, here.
 struct Target<'a> {
     name: &'a str,
+    /// `--from-credential`: the bundle's credential name, for a deliberate rename.
+    from_credential: Option<&'a str>,
     /// The config's token endpoint identity for the credential.
     identity: IssuedTo,
     /// Its stored state, moved or not.
@@ -65,6 +75,14 @@ struct Target<'a> {
 /// The reasons to refuse `bundle` for `target`, the most fundamental first.
 fn refusals(bundle: &Contents, target: &Target) -> Vec<Refusal> {
     let mut why = Vec::new();
+    let expected = target.from_credential.unwrap_or(target.name);
+    if bundle.credential != expected {
+        why.push(Refusal::OtherCredential {
+            target: target.name.to_string(),
+            expected: expected.to_string(),
+            bundle: bundle.credential.clone(),
+        });
+    }
     let theirs = IssuedTo {
         token_url: bundle.token_url.clone(),
         client_id: bundle.client_id.clone(),
@@ -181,6 +199,7 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
     let ours = c.token_endpoint_identity();
     let target = Target {
         name,
+        from_credential: args.from_credential.as_deref(),
         identity: ours.clone(),
         current: current.as_ref(),
     };
@@ -214,8 +233,13 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
             "the stored state changed during the import (now generation {current_generation}); run it again"
         ),
     }
+    let renamed = if contents.credential == *name {
+        String::new()
+    } else {
+        format!(" (exported as {:?})", contents.credential)
+    };
     println!(
-        "imported credential {name:?} from {} (exported by {}): stored as generation {}; running instances pick it up within seconds",
+        "imported credential {name:?}{renamed} from {} (exported by {}): stored as generation {}; running instances pick it up within seconds",
         args.input.display(),
         contents.exported_by,
         new.generation
@@ -339,6 +363,7 @@ mod tests {
     fn target<'a>(name: &'a str, current: Option<&'a StoredState>) -> Target<'a> {
         Target {
             name,
+            from_credential: None,
             identity: identity("app"),
             current,
         }
@@ -365,6 +390,23 @@ mod tests {
             };
             assert_eq!(why, [older], "moved: {moved}");
         }
+    }
+
+    #[test]
+    fn a_bundle_of_another_credential_needs_its_name_in_from_credential() {
+        let other = |expected: &str| Refusal::OtherCredential {
+            target: "b24".into(),
+            expected: expected.into(),
+            bundle: "crm".into(),
+        };
+        let mut t = target("b24", None);
+        assert_eq!(refusals(&bundle(4), &t), [other("b24")]);
+        t.from_credential = Some("erp");
+        assert_eq!(refusals(&bundle(4), &t), [other("erp")]);
+        t.from_credential = Some("crm");
+        assert_eq!(refusals(&bundle(4), &t), []);
+        let named = other("b24").to_string();
+        assert!(named.contains("--from-credential crm"), "{named}");
     }
 
     #[test]
