@@ -343,6 +343,28 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     assert_eq!(auth.stats().refresh_reuse_detected, 0);
 }
 
+/// A handover bundle brought back into its source is refused, naming the reason and
+/// --force: its refresh token belongs to the destination now (which may have spent it),
+/// and sending it from the source would make the authorization server revoke the grant
+/// in both. The source stays moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_bundle_is_not_imported_back_into_its_source() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let bundle = dir.path().join("crm.bundle");
+    succeeded(&export(&a, &bundle, &pass, &["--to", "b"]).await);
+    succeeded(&import(&b, "crm", &bundle, &pass, &[]).await);
+
+    let out = import(&a, "crm", &bundle, &pass, &[]).await;
+    refused(&out, &["from this very store", "--force"], &token);
+    let st = stored_state(&a.yaml, "crm").await.unwrap();
+    assert!(st.moved.is_some() && st.refresh_token.is_none(), "{st:?}");
+}
+
 /// A bundle older than the target's newest generation is refused even when the target
 /// has handed the credential over (moved): generations only grow along handovers, so the
 /// older bundle's refresh token was spent since. Moving the credential back with a new

@@ -128,7 +128,8 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         from_credential: Option<String>,
         /// Import despite the guards: a bundle for another credential name or of another
-        /// token endpoint or client, or older than what the store holds.
+        /// token endpoint or client, brought back to the store it was handed over from,
+        /// or older than what the store holds.
         #[arg(long)]
         force: bool,
     },

@@ -53,6 +53,8 @@ pub enum Refusal {
         bundle: IssuedTo,
         ours: IssuedTo,
     },
+    #[error("this bundle handed credential {credential:?} over from this very store: its refresh token belongs to the destination now (which may have spent it), and sending it from here would make the authorization server revoke the grant in both; to move the credential back, export it from the destination and import that bundle (--force imports this one anyway)")]
+    BroughtBack { credential: String },
     #[error("the store holds generation {current} of credential {target:?}, newer than the bundle's {bundle}: its refresh token has most likely been spent since (--force imports it anyway, only if you know it was not)")]
     Older {
         target: String,
@@ -70,6 +72,9 @@ struct Target<'a> {
     identity: IssuedTo,
     /// Its stored state, moved or not.
     current: Option<&'a StoredState>,
+    /// The stored state here of the credential the bundle was exported from (`current`
+    /// when the names match): a moved marker there names the handovers that left.
+    source: Option<&'a StoredState>,
 }
 
 /// The reasons to refuse `bundle` for `target`, the most fundamental first.
@@ -92,6 +97,15 @@ fn refusals(bundle: &Contents, target: &Target) -> Vec<Refusal> {
             target: target.name.to_string(),
             bundle: theirs,
             ours: target.identity.clone(),
+        });
+    }
+    let left_here = target
+        .source
+        .and_then(|s| s.moved.as_ref())
+        .and_then(|m| m.handover_id.as_ref());
+    if bundle.handover_id.is_some() && left_here == bundle.handover_id.as_ref() {
+        why.push(Refusal::BroughtBack {
+            credential: bundle.credential.clone(),
         });
     }
     // Generations only grow, across handovers too (an import stores past both), so an
@@ -152,6 +166,8 @@ pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
             bail!("credential {name:?} needs re-authorization ({why}); there is nothing live to export");
         }
         let ours = c.token_endpoint_identity();
+        // In the bundle and in the marker left here: import recognises it coming back.
+        let handover_id = (!args.copy).then(|| format!("{:032x}", rand::random::<u128>()));
         let contents = Contents {
             credential: name.clone(),
             token_url: ours.token_url,
@@ -159,13 +175,18 @@ pub async fn export(cfg: Config, args: ExportArgs) -> anyhow::Result<()> {
             exported_at_ms: now_ms(),
             exported_by: cfg.runtime.instance_id.clone(),
             copy: args.copy,
+            handover_id: handover_id.clone(),
             state: state.clone(),
         };
         let sealed = bundle::seal(&contents, &key)?;
         let tmp = write_new_durably(&args.out, &sealed)?;
         if !args.copy {
-            let to = args.to.clone().unwrap_or_else(|| args.out.display().to_string());
-            if let Err(e) = mark_moved(store.as_ref(), name, &state, to, &cfg.runtime.instance_id).await {
+            let moved = Moved {
+                to: args.to.clone().unwrap_or_else(|| args.out.display().to_string()),
+                at_ms: now_ms(),
+                handover_id,
+            };
+            if let Err(e) = mark_moved(store.as_ref(), name, &state, moved, &cfg.runtime.instance_id).await {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
@@ -196,12 +217,22 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
     let store = crate::store::open(&cfg.store).context("opening the store")?;
     let name = &args.credential;
     let current = store.load(name).await?;
+    // Renamed handover bundles are checked against their own credential's marker too.
+    let renamed_source = match &contents.handover_id {
+        Some(_) if contents.credential != *name => store.load(&contents.credential).await?,
+        _ => None,
+    };
     let ours = c.token_endpoint_identity();
     let target = Target {
         name,
         from_credential: args.from_credential.as_deref(),
         identity: ours.clone(),
         current: current.as_ref(),
+        source: if contents.credential == *name {
+            current.as_ref()
+        } else {
+            renamed_source.as_ref()
+        },
     };
     let refused = refusals(&contents, &target);
     if !args.force {
@@ -263,23 +294,22 @@ async fn wait_for_lease(
     }
 }
 
-/// The handover marker over `state`: no tokens, where and when.
+/// The handover marker over `state`: no tokens, where, when and which handover.
 async fn mark_moved(
     store: &dyn Store,
     name: &str,
     state: &StoredState,
-    to: String,
+    moved: Moved,
     by: &str,
 ) -> anyhow::Result<()> {
-    let now = now_ms();
     let marker = StoredState {
         generation: state.generation + 1,
         access_token: None,
         access_expires_at_ms: None,
         refresh_token: None,
-        updated_at_ms: now,
+        updated_at_ms: moved.at_ms,
         updated_by: format!("{by} (export)"),
-        moved: Some(Moved { to, at_ms: now }),
+        moved: Some(moved),
         ..state.clone()
     };
     match store.compare_and_swap(name, state.generation, &marker).await? {
@@ -342,6 +372,7 @@ mod tests {
             exported_at_ms: 1,
             exported_by: "source".into(),
             copy: false,
+            handover_id: None,
             state: StoredState {
                 generation,
                 ..Default::default()
@@ -355,6 +386,7 @@ mod tests {
             moved: moved.then(|| Moved {
                 to: "elsewhere".into(),
                 at_ms: 1,
+                handover_id: None,
             }),
             ..Default::default()
         }
@@ -366,6 +398,7 @@ mod tests {
             from_credential: None,
             identity: identity("app"),
             current,
+            source: current,
         }
     }
 
@@ -407,6 +440,42 @@ mod tests {
         assert_eq!(refusals(&bundle(4), &t), []);
         let named = other("b24").to_string();
         assert!(named.contains("--from-credential crm"), "{named}");
+    }
+
+    /// The source store's marker after the handover of a bundle with id `h1`.
+    fn left_with(id: Option<&str>) -> StoredState {
+        let mut s = state(5, true);
+        s.moved.as_mut().unwrap().handover_id = id.map(str::to_string);
+        s
+    }
+
+    #[test]
+    fn a_handover_bundle_is_refused_by_the_store_it_left() {
+        let mut handover = bundle(4);
+        handover.handover_id = Some("h1".into());
+        let back = Refusal::BroughtBack {
+            credential: "crm".into(),
+        };
+        let source = left_with(Some("h1"));
+        let why = refusals(&handover, &target("crm", Some(&source)));
+        assert_eq!(why[0], back, "{why:?}");
+        // Under another name too: the bundle's own credential here left with it.
+        let mut renamed = target("b24", None);
+        renamed.from_credential = Some("crm");
+        renamed.source = Some(&source);
+        assert_eq!(refusals(&handover, &renamed), [back]);
+        // Another handover's marker, or one written before ids were recorded: not this.
+        for id in [Some("h2"), None] {
+            let source = left_with(id);
+            let mut t = target("b24", None);
+            (t.from_credential, t.source) = (Some("crm"), Some(&source));
+            assert_eq!(refusals(&handover, &t), [], "{id:?}");
+        }
+        // A backup (or a version 1 bundle) carries no id; a marker without one is no match.
+        let (backup, source) = (bundle(4), left_with(None));
+        let mut t = target("b24", None);
+        (t.from_credential, t.source) = (Some("crm"), Some(&source));
+        assert_eq!(refusals(&backup, &t), []);
     }
 
     #[test]
