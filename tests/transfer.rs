@@ -301,7 +301,13 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     ])
     .await;
     refused(&out, &["another client", "--force"], &token);
-    succeeded(&import(&other, "crm", &bundle, &pass, &["--force"]).await);
+    let out = import(&other, "crm", &bundle, &pass, &["--force"]).await;
+    succeeded(&out);
+    assert!(
+        text(&out.stderr).contains("--force: importing despite: the bundle is for token endpoint"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // The source keeps running (a backup, not a move) and rotates past the backup.
     let relay = support::start(&a.yaml).await;

@@ -121,6 +121,17 @@ fn refusals(bundle: &Contents, target: &Target) -> Vec<Refusal> {
     why
 }
 
+/// The first refusal as the error; with `--force`, none, and each printed as a warning.
+fn enforce(refused: Vec<Refusal>, force: bool) -> Result<(), Refusal> {
+    if force {
+        for r in &refused {
+            eprintln!("warning: --force: importing despite: {r}");
+        }
+        return Ok(());
+    }
+    refused.into_iter().next().map_or(Ok(()), Err)
+}
+
 fn refresh_credential<'a>(cfg: &'a Config, name: &str) -> anyhow::Result<&'a CredentialConfig> {
     let Some(c) = cfg.credentials.get(name) else {
         bail!("credential {name:?} is not in the config");
@@ -234,16 +245,7 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
             renamed_source.as_ref()
         },
     };
-    let refused = refusals(&contents, &target);
-    if !args.force {
-        if let Some(first) = refused.into_iter().next() {
-            return Err(first.into());
-        }
-    } else {
-        for r in &refused {
-            eprintln!("warning: --force: importing despite: {r}");
-        }
-    }
+    enforce(refusals(&contents, &target), args.force)?;
     if contents.copy {
         eprintln!("note: this bundle is a backup (export --copy): if its source has refreshed since, its refresh token is spent, and the first refresh will be rejected (re-authorize then)");
     }
