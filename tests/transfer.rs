@@ -6,9 +6,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::Duration;
 
-use support::{eventually, status_json};
+use support::{eventually, status_json, stored_state};
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 struct Env {
@@ -17,17 +18,38 @@ struct Env {
 }
 
 fn env(dir: &Path, name: &str, auth: &AuthServer, api: &ApiServer, client_id: &str) -> Env {
+    env_with(dir, name, auth, api, client_id, &[])
+}
+
+/// Environment `name` with credential `crm` (and its upstream) plus credentials `extra`
+/// of the same token endpoint and client, without upstreams.
+fn env_with(
+    dir: &Path,
+    name: &str,
+    auth: &AuthServer,
+    api: &ApiServer,
+    client_id: &str,
+    extra: &[&str],
+) -> Env {
+    let credential = |c: &str| {
+        format!(
+            "  {c}: {{ grant: refresh_token, token_url: {}, client_id: {client_id}, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s, token_timeout: 2s }}\n",
+            auth.token_url()
+        )
+    };
+    let credentials: String = std::iter::once("crm")
+        .chain(extra.iter().copied())
+        .map(credential)
+        .collect();
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}
 store: {{ type: file, path: {state}, poll_interval: 200ms }}
 runtime: {{ instance_id: {name} }}
 credentials:
-  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: {client_id}, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s, token_timeout: 2s }}
-upstreams:
+{credentials}upstreams:
   crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
 ",
         state = dir.join(name).display(),
-        token_url = auth.token_url(),
         api_url = api.url(),
     );
     let config = dir.join(format!("{name}.yaml"));
@@ -35,8 +57,80 @@ upstreams:
     Env { config, yaml }
 }
 
-async fn seed(e: &Env, auth: &AuthServer) {
-    support::seed_refresh_token(&e.yaml, "crm", &auth.new_grant()).await;
+/// Seeds credential `crm` of `e` with a new grant; returns its refresh token.
+async fn seed(e: &Env, auth: &AuthServer) -> String {
+    let token = auth.new_grant();
+    support::seed_refresh_token(&e.yaml, "crm", &token).await;
+    token
+}
+
+/// A passphrase file in `dir`.
+fn passphrase(dir: &Path) -> PathBuf {
+    let pass = dir.join("passphrase");
+    std::fs::write(&pass, "a long passphrase\n").unwrap();
+    pass
+}
+
+/// `tokenrelay export` of credential `crm` of `e` to `out`, sealed with `pass`.
+async fn export(e: &Env, out: &Path, pass: &Path, extra: &[&str]) -> Output {
+    let (config, out, pass) = (
+        e.config.display().to_string(),
+        out.display().to_string(),
+        pass.display().to_string(),
+    );
+    let mut args = vec![
+        "export",
+        "--config",
+        &config,
+        "--credential",
+        "crm",
+        "--out",
+        &out,
+        "--passphrase-file",
+        &pass,
+    ];
+    args.extend(extra);
+    support::cli(&args).await
+}
+
+/// `tokenrelay import` of `bundle` (sealed with `pass`) into credential `credential` of `e`.
+async fn import(e: &Env, credential: &str, bundle: &Path, pass: &Path, extra: &[&str]) -> Output {
+    let (config, bundle, pass) = (
+        e.config.display().to_string(),
+        bundle.display().to_string(),
+        pass.display().to_string(),
+    );
+    let mut args = vec![
+        "import",
+        "--config",
+        &config,
+        "--credential",
+        credential,
+        "--in",
+        &bundle,
+        "--passphrase-file",
+        &pass,
+    ];
+    args.extend(extra);
+    support::cli(&args).await
+}
+
+fn succeeded(out: &Output) {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Asserts that the command failed with an error (exit 1, not a signal) whose text has
+/// every one of `needles` and not `secret`.
+fn refused(out: &Output, needles: &[&str], secret: &str) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
+    for n in needles {
+        assert!(stderr.contains(n), "no {n:?} in: {stderr}");
+    }
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "a token was printed"
+    );
 }
 
 fn text(b: &[u8]) -> String {
@@ -163,14 +257,14 @@ async fn a_credential_is_handed_over_to_another_environment() {
 
 /// An import is refused when the bundle belongs to another client of the token endpoint,
 /// and when it is older than what the store holds (a stale backup whose refresh token
-/// was spent since), unless --force.
+/// was spent since), unless --force; each refusal names the flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imports_of_other_clients_and_stale_backups_are_refused() {
     let (auth, api) = servers().await;
     let dir = tempfile::tempdir().unwrap();
     let a = env(dir.path(), "a", &auth, &api, "demo-client");
     let other = env(dir.path(), "other", &auth, &api, "another-client");
-    seed(&a, &auth).await;
+    let token = seed(&a, &auth).await;
     let pass = dir.path().join("passphrase");
     std::fs::write(&pass, "p\n").unwrap();
     let bundle = dir.path().join("backup.bundle");
@@ -206,9 +300,11 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &pass_s,
     ])
     .await;
-    assert!(!out.status.success());
+    refused(&out, &["another client", "--force"], &token);
+    let out = import(&other, "crm", &bundle, &pass, &["--force"]).await;
+    succeeded(&out);
     assert!(
-        text(&out.stderr).contains("another client"),
+        text(&out.stderr).contains("--force: importing despite: the bundle is for token endpoint"),
         "{}",
         text(&out.stderr)
     );
@@ -229,12 +325,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         &pass_s,
     ])
     .await;
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("most likely been spent"),
-        "{}",
-        text(&out.stderr)
-    );
+    refused(&out, &["most likely been spent", "--force"], &token);
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not it\n").unwrap();
     let out = support::cli(&[
@@ -256,4 +347,101 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
         text(&out.stderr)
     );
     assert_eq!(auth.stats().refresh_reuse_detected, 0);
+}
+
+/// A handover bundle brought back into its source is refused, naming the reason and
+/// --force: its refresh token belongs to the destination now (which may have spent it),
+/// and sending it from the source would make the authorization server revoke the grant
+/// in both. The source stays moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_bundle_is_not_imported_back_into_its_source() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let bundle = dir.path().join("crm.bundle");
+    succeeded(&export(&a, &bundle, &pass, &["--to", "b"]).await);
+    succeeded(&import(&b, "crm", &bundle, &pass, &[]).await);
+
+    let out = import(&a, "crm", &bundle, &pass, &[]).await;
+    refused(&out, &["from this very store", "--force"], &token);
+    let st = stored_state(&a.yaml, "crm").await.unwrap();
+    assert!(st.moved.is_some() && st.refresh_token.is_none(), "{st:?}");
+}
+
+/// A bundle older than the target's newest generation is refused even when the target
+/// has handed the credential over (moved): generations only grow along handovers, so the
+/// older bundle's refresh token was spent since. Moving the credential back with a new
+/// export from the destination is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_bundle_is_refused_by_a_moved_target() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let (to_b, back_to_a) = (dir.path().join("to-b"), dir.path().join("back-to-a"));
+    succeeded(&export(&a, &to_b, &pass, &[]).await);
+    succeeded(&import(&b, "crm", &to_b, &pass, &[]).await);
+    succeeded(&export(&b, &back_to_a, &pass, &[]).await);
+    succeeded(&import(&a, "crm", &back_to_a, &pass, &[]).await);
+
+    let out = import(&b, "crm", &to_b, &pass, &[]).await;
+    refused(&out, &["most likely been spent", "--force"], &token);
+    assert!(stored_state(&b.yaml, "crm").await.unwrap().moved.is_some());
+}
+
+/// A bundle made for another credential name is refused unless the rename is deliberate
+/// (--from-credential NAME): two credentials of one client holding the same refresh token
+/// would spend it twice, and the authorization server would then revoke the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_for_another_credential_needs_from_credential() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env_with(dir.path(), "b", &auth, &api, "demo-client", &["b24"]);
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let bundle = dir.path().join("crm.bundle");
+    succeeded(&export(&a, &bundle, &pass, &[]).await);
+
+    let out = import(&b, "b24", &bundle, &pass, &[]).await;
+    refused(&out, &["\"crm\"", "--from-credential crm"], &token);
+    let out = import(&b, "b24", &bundle, &pass, &["--from-credential", "erp"]).await;
+    refused(&out, &["\"crm\"", "--from-credential crm"], &token);
+    assert_eq!(stored_state(&b.yaml, "b24").await, None);
+
+    succeeded(&import(&b, "b24", &bundle, &pass, &["--from-credential", "crm"]).await);
+    let st = stored_state(&b.yaml, "b24").await.unwrap();
+    assert_eq!(
+        st.refresh_token.map(|t| t.expose().to_string()),
+        Some(token)
+    );
+}
+
+/// The scrypt parameters a bundle names are bounded before the key is derived: a
+/// tampered bundle asking for a petabyte of memory is refused with an error naming the
+/// bound (not an abort, nor gigabytes in use), with --force too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_key_derivation_parameters_are_refused_before_use() {
+    let (auth, api) = servers().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = env(dir.path(), "a", &auth, &api, "demo-client");
+    let b = env(dir.path(), "b", &auth, &api, "demo-client");
+    let token = seed(&a, &auth).await;
+    let pass = passphrase(dir.path());
+    let bundle = dir.path().join("crm.bundle");
+    succeeded(&export(&a, &bundle, &pass, &["--copy"]).await);
+    let sealed = std::fs::read_to_string(&bundle).unwrap();
+    assert!(sealed.contains("\"log_n\": 15"), "{sealed}");
+    std::fs::write(&bundle, sealed.replace("\"log_n\": 15", "\"log_n\": 40")).unwrap();
+
+    for extra in [&[][..], &["--force"]] {
+        let out = import(&b, "crm", &bundle, &pass, extra).await;
+        refused(&out, &["scrypt", "MiB"], &token);
+    }
+    assert_eq!(stored_state(&b.yaml, "crm").await, None);
 }

@@ -123,7 +123,13 @@ pub enum Command {
         input: PathBuf,
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
-        /// Import even a bundle older than what the store holds.
+        /// The credential the bundle was made for: imports it under --credential, a
+        /// deliberate rename.
+        #[arg(long, value_name = "NAME")]
+        from_credential: Option<String>,
+        /// Import despite the guards: a bundle for another credential name or of another
+        /// token endpoint or client, brought back to the store it was handed over from,
+        /// or older than what the store holds.
         #[arg(long)]
         force: bool,
     },
@@ -263,6 +269,7 @@ pub fn main(cli: Cli) -> ExitCode {
             credential,
             input,
             passphrase_file,
+            from_credential,
             force,
         } => with_config(&config, log_format, |cfg| {
             transfer::import(
@@ -271,6 +278,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     credential,
                     input,
                     passphrase_file,
+                    from_credential,
                     force,
                 },
             )

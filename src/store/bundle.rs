@@ -2,7 +2,9 @@
 //! environment (`tokenrelay export` / `import`). AES-256-GCM under a key derived from a
 //! passphrase with scrypt (N = 2^15, r = 8, p = 1, a random salt per bundle), or under the
 //! store's own key file. The header (format, version, key source) is bound as associated
-//! data, so an altered bundle fails to open.
+//! data, so an altered bundle fails to open. Version 2 adds the handover id; version 1
+//! bundles (without it) still open. The scrypt parameters are read from the
+//! header before it can be authenticated, so they are bounded first.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -13,10 +15,18 @@ use super::StoredState;
 use crate::secret::Secret;
 
 const FORMAT: &str = "tokenrelay-credential-bundle";
-const VERSION: u32 = 1;
+/// The version [`seal`] writes; [`open`] reads 1 to this.
+const VERSION: u32 = 2;
 const SCRYPT_LOG_N: u8 = 15;
 const SCRYPT_R: u32 = 8;
 const SCRYPT_P: u32 = 1;
+/// The most memory a bundle's scrypt parameters may ask for (128·r·2^log_n bytes), four
+/// times what [`seal`] uses. The parameters come from the file and are authenticated only
+/// by the key they derive, so they are bounded before deriving it.
+const MAX_SCRYPT_MEMORY: u64 = 128 << 20;
+/// scrypt also allocates 128·r·p bytes, and its time grows with p.
+const MAX_SCRYPT_R: u32 = 32;
+const MAX_SCRYPT_P: u32 = 4;
 
 /// What a bundle holds once opened.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +41,9 @@ pub struct Contents {
     /// A backup (`--copy`): the source kept running, so its refresh token may have been
     /// spent since.
     pub copy: bool,
+    /// A handover's id, also kept in the source's moved marker, so the bundle brought
+    /// back to its source is recognised. `None` for a backup and in version 1 bundles.
+    pub handover_id: Option<String>,
     pub state: StoredState,
 }
 
@@ -46,12 +59,46 @@ pub enum Key {
 pub enum BundleError {
     #[error("not a tokenrelay credential bundle (or an unsupported version)")]
     NotABundle,
+    #[error("the bundle has format version {0}; this tokenrelay reads versions 1 to {VERSION}: import it with a newer tokenrelay")]
+    UnsupportedVersion(u32),
     #[error("the bundle was sealed with {0}; give that instead")]
     WrongKeyKind(&'static str),
     #[error("cannot open the bundle: wrong passphrase or key, or the file was altered")]
     CannotOpen,
     #[error("cannot seal the bundle: {0}")]
     Seal(String),
+    #[error("refusing the bundle's key derivation parameters (the bundle was not sealed by tokenrelay, or it was altered)")]
+    KdfParams(#[from] KdfParamsError),
+}
+
+/// Why scrypt parameters read from a bundle were refused (before any use).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KdfParamsError {
+    #[error("scrypt with log_n {log_n} and r {r} needs 128·r·2^log_n bytes, over the {} MiB allowed", MAX_SCRYPT_MEMORY >> 20)]
+    Memory { log_n: u8, r: u32 },
+    #[error("scrypt r {0} is outside 1..={MAX_SCRYPT_R}")]
+    BlockSize(u32),
+    #[error("scrypt p {0} is outside 1..={MAX_SCRYPT_P}")]
+    Parallelism(u32),
+    #[error("scrypt parameters log_n {log_n}, r {r}, p {p} are invalid")]
+    Invalid { log_n: u8, r: u32, p: u32 },
+}
+
+/// scrypt parameters read from a bundle, checked before any memory is spent on them.
+fn bounded_scrypt_params(log_n: u8, r: u32, p: u32) -> Result<scrypt::Params, KdfParamsError> {
+    if !(1..=MAX_SCRYPT_R).contains(&r) {
+        return Err(KdfParamsError::BlockSize(r));
+    }
+    if !(1..=MAX_SCRYPT_P).contains(&p) {
+        return Err(KdfParamsError::Parallelism(p));
+    }
+    let memory = 1u64
+        .checked_shl(log_n.into())
+        .and_then(|n| n.checked_mul(128 * u64::from(r)));
+    if memory.is_none_or(|m| m > MAX_SCRYPT_MEMORY) {
+        return Err(KdfParamsError::Memory { log_n, r });
+    }
+    scrypt::Params::new(log_n, r, p, 32).map_err(|_| KdfParamsError::Invalid { log_n, r, p })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -86,6 +133,9 @@ struct Plain {
     exported_at_ms: u64,
     exported_by: String,
     copy: bool,
+    /// Version 2 on, and only for a handover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handover_id: Option<String>,
     generation: u64,
     access_token: Option<String>,
     access_expires_at_ms: Option<u64>,
@@ -98,9 +148,9 @@ struct Plain {
     answer_fields: std::collections::BTreeMap<String, String>,
 }
 
-fn aad(key: &KeySource) -> Vec<u8> {
+fn aad(version: u32, key: &KeySource) -> Vec<u8> {
     let key = serde_json::to_string(key).unwrap_or_default();
-    format!("{FORMAT}/v{VERSION}/{key}").into_bytes()
+    format!("{FORMAT}/v{version}/{key}").into_bytes()
 }
 
 fn cipher(key: &Key, source: &KeySource) -> Result<Cipher, BundleError> {
@@ -115,8 +165,7 @@ fn cipher(key: &Key, source: &KeySource) -> Result<Cipher, BundleError> {
             },
         ) => {
             let salt = B64.decode(salt).map_err(|_| BundleError::NotABundle)?;
-            let params =
-                scrypt::Params::new(*log_n, *r, *par, 32).map_err(|_| BundleError::NotABundle)?;
+            let params = bounded_scrypt_params(*log_n, *r, *par)?;
             let mut derived = [0u8; 32];
             scrypt::scrypt(p.expose().as_bytes(), &salt, &params, &mut derived)
                 .map_err(|_| BundleError::NotABundle)?;
@@ -159,6 +208,7 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
         exported_at_ms: contents.exported_at_ms,
         exported_by: contents.exported_by.clone(),
         copy: contents.copy,
+        handover_id: contents.handover_id.clone(),
         generation: s.generation,
         access_token: s.access_token.as_ref().map(|t| t.expose().to_string()),
         access_expires_at_ms: s.access_expires_at_ms,
@@ -170,7 +220,7 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
     };
     let bytes = serde_json::to_vec(&plain).map_err(|e| BundleError::Seal(e.to_string()))?;
     let sealed = cipher(key, &source)?
-        .seal(&aad(&source), &bytes)
+        .seal(&aad(VERSION, &source), &bytes)
         .map_err(BundleError::Seal)?;
     let envelope = Envelope {
         format: FORMAT.into(),
@@ -188,15 +238,18 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
 /// Opens a bundle sealed by [`seal`].
 pub fn open(bytes: &[u8], key: &Key) -> Result<Contents, BundleError> {
     let env: Envelope = serde_json::from_slice(bytes).map_err(|_| BundleError::NotABundle)?;
-    if env.format != FORMAT || env.version != VERSION {
+    if env.format != FORMAT {
         return Err(BundleError::NotABundle);
+    }
+    if !(1..=VERSION).contains(&env.version) {
+        return Err(BundleError::UnsupportedVersion(env.version));
     }
     let sealed = Sealed {
         nonce: env.nonce,
         ciphertext: env.ciphertext,
     };
     let plain = cipher(key, &env.key)?
-        .open(&aad(&env.key), &sealed)
+        .open(&aad(env.version, &env.key), &sealed)
         .map_err(|_| BundleError::CannotOpen)?;
     let p: Plain = serde_json::from_slice(&plain).map_err(|_| BundleError::NotABundle)?;
     Ok(Contents {
@@ -206,6 +259,7 @@ pub fn open(bytes: &[u8], key: &Key) -> Result<Contents, BundleError> {
         exported_at_ms: p.exported_at_ms,
         exported_by: p.exported_by,
         copy: p.copy,
+        handover_id: p.handover_id,
         state: StoredState {
             generation: p.generation,
             access_token: p.access_token.map(Secret::new),
@@ -232,6 +286,7 @@ mod tests {
             exported_at_ms: 1,
             exported_by: "host/1".into(),
             copy: false,
+            handover_id: Some("5f0c".into()),
             state: StoredState {
                 generation: 7,
                 refresh_token: Some(Secret::new("rt-secret-value")),
@@ -276,5 +331,86 @@ mod tests {
         assert!(matches!(open(&sealed, &pass), Err(BundleError::NotABundle)));
         let e = open(b"{}", &pass).unwrap_err();
         assert!(!format!("{e} {e:?}").contains("rt-secret"));
+    }
+
+    /// Sealed by the version before handover ids, with the store key `"00".repeat(32)`.
+    const VERSION_1_BUNDLE: &str = r#"{
+  "format": "tokenrelay-credential-bundle",
+  "version": 1,
+  "key": {
+    "source": "store_key"
+  },
+  "nonce": "5XSLlsRZfv6IpzOR",
+  "ciphertext": "uVz9N8LUKX8g4XTfPeIYJVgr9/mNpZc9iVE0ALLosleGFA86UbGjpkeSfMdwqIgAgGq3OBnidwF2I1RXyrxYUzR6cEb212FtcZN7RZbG2z7gmFzwfSa2KxbDxqQ6SJYoE0RWgp1Umd1S9yNy/2mVySfPHUPpSjUTM/51AnXeN0UleRiThBD/ZHeWiRUKy040PAQkVsmkPABsM/sfeqjzhmNFvu/PXIYrTssdTAvyzTNq0k4XrWF7L5UmMqm8QPIrCuZ+XpLXUiR0Y9izY4jlFZ1hIYlgbMIdrrlYnQZMp1p4XxJ6DpoVIYSm6OR+tosDvKFUJmO3P9iXBFDNY7hbs0AahuKgqEyHLbBI1H3b1Y3x6uZ1wtxbRnZFNek6WguYlUoaGKDqQmkkJjjlsaBiQE/ulm0cdGXJCGiNK9vSy72zuTX2sOnBUW1b9s3mtBie7l0sLO80qmTtfOzinrM="
+}
+"#;
+
+    #[test]
+    fn version_1_bundles_still_open_without_a_handover_id() {
+        let key = Key::StoreKey(Secret::new("00".repeat(32)));
+        let c = open(VERSION_1_BUNDLE.as_bytes(), &key).unwrap();
+        assert_eq!((c.credential.as_str(), c.handover_id), ("crm", None));
+        assert_eq!(c.state.refresh_token, Some(Secret::new("rt-secret-value")));
+        let sealed = String::from_utf8(seal(&contents(), &key).unwrap()).unwrap();
+        assert!(sealed.contains("\"version\": 2"), "{sealed}");
+        let newer = sealed.replace("\"version\": 2", "\"version\": 3");
+        assert!(matches!(
+            open(newer.as_bytes(), &key),
+            Err(BundleError::UnsupportedVersion(3))
+        ));
+        // The version is authenticated: a version 2 bundle relabelled 1 does not open.
+        let relabelled = sealed.replace("\"version\": 2", "\"version\": 1");
+        assert!(matches!(
+            open(relabelled.as_bytes(), &key),
+            Err(BundleError::CannotOpen)
+        ));
+    }
+
+    #[test]
+    fn scrypt_parameters_are_bounded_before_use() {
+        use KdfParamsError::*;
+        let cases = [
+            ((SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P), None),
+            ((17, 8, 1), None),
+            ((16, 2, 4), None),
+            ((18, 8, 1), Some(Memory { log_n: 18, r: 8 })),
+            ((40, 8, 1), Some(Memory { log_n: 40, r: 8 })),
+            ((255, 8, 1), Some(Memory { log_n: 255, r: 8 })),
+            ((15, 0, 1), Some(BlockSize(0))),
+            ((10, 33, 1), Some(BlockSize(33))),
+            ((15, 8, 0), Some(Parallelism(0))),
+            ((15, 8, 5), Some(Parallelism(5))),
+            (
+                (17, 1, 1),
+                Some(Invalid {
+                    log_n: 17,
+                    r: 1,
+                    p: 1,
+                }),
+            ),
+        ];
+        for ((log_n, r, p), refused) in cases {
+            let got = bounded_scrypt_params(log_n, r, p).err();
+            assert_eq!(got, refused, "log_n {log_n}, r {r}, p {p}");
+        }
+    }
+
+    /// A bundle altered to ask for a petabyte is refused without deriving (which would
+    /// abort the process), whatever the passphrase.
+    #[test]
+    fn a_bundle_asking_for_too_much_memory_is_refused_before_deriving() {
+        let pass = Key::Passphrase(Secret::new("p"));
+        let text = String::from_utf8(seal(&contents(), &pass).unwrap()).unwrap();
+        let altered = text.replace("\"log_n\": 15", "\"log_n\": 40");
+        let e = open(altered.as_bytes(), &pass).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BundleError::KdfParams(KdfParamsError::Memory { log_n: 40, r: 8 })
+            ),
+            "{e:?}"
+        );
+        let why = std::error::Error::source(&e).unwrap().to_string();
+        assert!(why.contains("128 MiB"), "{why}");
     }
 }

@@ -72,6 +72,11 @@ pub struct Moved {
     /// What the operator named the destination (`export --to`), or the bundle file.
     pub to: String,
     pub at_ms: u64,
+    /// The handover's random id, recorded in its bundle too: that bundle brought back
+    /// here is refused, since its refresh token belongs to the destination now. `None`
+    /// in markers written before it was recorded (older versions ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_id: Option<String>,
 }
 
 impl StoredState {

@@ -394,6 +394,13 @@ pub async fn seed_refresh_token(yaml: &str, credential: &str, refresh_token: &st
     assert_eq!(outcome, tokenrelay::store::CasOutcome::Swapped);
 }
 
+/// The stored state of credential `credential` in the store of config `yaml`.
+pub async fn stored_state(yaml: &str, credential: &str) -> Option<tokenrelay::store::StoredState> {
+    let cfg = Config::from_yaml(yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    store.load(credential).await.unwrap()
+}
+
 /// Runs `tokenrelay seed --config <config> --credential <credential> --refresh-token-file -`
 /// with `token` on standard input.
 pub fn seed_cli(config: &Path, credential: &str, token: &str) -> std::process::Output {
