@@ -510,7 +510,10 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
     sighup(&proc);
     reloaded(admin, 3).await;
     let body = crm_state_becomes(admin, "reauthorization_required").await;
-    assert!(body.contains("client_id changed"), "{body}");
+    assert!(
+        body.contains(r#"issued to client_id \"demo-client\""#),
+        "{body}"
+    );
     // Requests are refused rather than sent with a token of the old client.
     assert_ne!(get(&url).await.unwrap().status(), 200);
     assert_eq!(
@@ -519,6 +522,27 @@ async fn a_changed_credential_keeps_its_stored_refresh_token_unless_its_identity
         "no token request without a new grant for the new client"
     );
     assert_eq!(demo.auth.stats().refreshes, before.refreshes);
+
+    // Back to the client it was issued to by a reload (A → B → A): ready again with the
+    // stored token, without a restart.
+    write(&config, &v1);
+    sighup(&proc);
+    reloaded(admin, 4).await;
+    crm_state_becomes(admin, "ready").await;
+    assert_eq!(get(&url).await.unwrap().status(), 200);
+    assert_eq!(demo.auth.stats().refresh_reuse_detected, 0);
+    assert_eq!(demo.auth.stats().invalid_grant, 0);
+
+    // And to the other client once more.
+    write(
+        &config,
+        &rotating_yaml(admin, port, &state, &token_url, &api, "")
+            .replace("client_id: demo-client", "client_id: other-client"),
+    );
+    sighup(&proc);
+    reloaded(admin, 5).await;
+    crm_state_becomes(admin, "reauthorization_required").await;
+    let token_requests = demo.auth.stats().token_requests;
     stops_cleanly(&mut proc);
 
     // Restarted with the other client: the stored state says whom its refresh token was

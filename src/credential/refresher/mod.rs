@@ -80,7 +80,8 @@ pub struct Refresher {
     /// credentials whose refresh tokens do not rotate.
     remembered_refresh_token: Option<crate::secret::Secret>,
     /// Set when a reload changed the credential's token endpoint or client_id: what the
-    /// store holds at startup was issued for the previous ones and is never sent here.
+    /// store holds at startup, if it does not record whom it was issued to, is taken as
+    /// issued for the previous ones and never sent here.
     set_aside_stored: bool,
     /// Stored generations up to this one are set aside (see `set_aside_stored`).
     foreign_up_to: Option<u64>,
@@ -479,7 +480,10 @@ impl Refresher {
     /// Whether a stored state leaves nothing to do until the store changes again: handed
     /// over elsewhere, or marked as needing re-authorization.
     fn stays_idle(&self, s: &StoredState) -> bool {
-        if self.foreign_up_to.is_some_and(|g| s.generation <= g) {
+        // A state that records whom its refresh token was issued to is judged by that
+        // (below), so a reload back to that token endpoint and client uses it again;
+        // one from an older version, which does not, is set aside after any change.
+        if s.issued_to.is_none() && self.foreign_up_to.is_some_and(|g| s.generation <= g) {
             self.enter_reauthorization(format!(
                 "token_url or client_id changed by a config reload; the stored refresh token was issued for the previous ones and is not sent to others: run `tokenrelay seed --credential {0}` or `tokenrelay authorize --credential {0}`",
                 self.name()
@@ -620,5 +624,57 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::IssuedTo;
+
+    /// A refresher of credential `crm` whose token endpoint identity a reload changed,
+    /// having found generation 5 in the store.
+    fn after_identity_change() -> Refresher {
+        let yaml = "credentials:\n  crm: { grant: refresh_token, token_url: \"https://idp.example/token\", client_id: b }\nupstreams:\n  crm: { listen: \"127.0.0.1:0\", url: \"https://api.example\", credential: crm }\n";
+        let config = crate::config::Config::from_yaml(yaml, &|_| None).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cred = Arc::new(Credential::new(
+            Arc::new(config.credentials["crm"].clone()),
+            metrics.clone(),
+        ));
+        let mut r = Refresher::new(cred, None, None, "test".into(), metrics, Default::default())
+            .unwrap()
+            .set_aside_stored_state();
+        r.foreign_up_to = Some(5);
+        r
+    }
+
+    fn stored(generation: u64, client_id: Option<&str>) -> StoredState {
+        StoredState {
+            generation,
+            refresh_token: Some(crate::secret::Secret::new("r")),
+            issued_to: client_id.map(|id| IssuedTo {
+                token_url: "https://idp.example/token".into(),
+                client_id: id.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A state that records whom it was issued to is judged by that, so a reload back
+    /// to the identity it names (A → B → A) uses it; one that does not is set aside.
+    #[test]
+    fn stored_states_after_an_identity_change() {
+        let r = after_identity_change();
+        assert!(
+            !r.stays_idle(&stored(5, Some("b"))),
+            "issued to this client"
+        );
+        assert!(
+            r.stays_idle(&stored(5, Some("a"))),
+            "issued to another client"
+        );
+        assert!(r.stays_idle(&stored(5, None)), "an older version's state");
+        assert!(!r.stays_idle(&stored(6, None)), "written after the change");
     }
 }
