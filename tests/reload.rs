@@ -642,3 +642,62 @@ async fn a_config_file_held_open_mid_write_is_never_applied() {
     assert_eq!(reloads_counted(admin, "failure").await, 0.0);
     stops_cleanly(&mut proc);
 }
+
+/// Reloads that change upstream `a` while apps keep sending on keep-alive connections:
+/// every request already sent is answered (the old connection serves what it has read,
+/// tells the app it closes, and closes), none fails. `general`: an upstream the general
+/// engine serves (a token in the query) rather than the fast path.
+async fn reloads_changing_an_upstream_under_keep_alive_load(general: bool) {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let plain = ApiServer::start(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenrelay.yaml");
+    let ports = support::free_ports(2);
+    let (admin, pa) = (ports[0], ports[1]);
+    let head = head_yaml(admin, &credential_yaml(&demo.auth.token_url()));
+    let engine = if general {
+        ", token_query_param: access_token"
+    } else {
+        ""
+    };
+    let version = |n: u32| {
+        let extra = format!("{engine}, timeout: {}s", 30 + n);
+        format!("{head}{}", upstream_yaml("a", pa, &plain.url(), &extra))
+    };
+    write(&config, &version(0));
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log"), &[]);
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+    let load = Load::start(
+        vec![format!("http://127.0.0.1:{pa}/echo")],
+        8,
+        Duration::ZERO,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 1..=6 {
+        write(&config, &version(n));
+        sighup(&proc);
+        let r = reloaded(admin, u64::from(n) + 1).await;
+        assert_eq!(r["changes"]["upstreams_changed"], serde_json::json!(["a"]));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = load.stop().await;
+    eprintln!("{report:?}");
+    assert!(report.ok > 100, "{report:?}");
+    assert_eq!(
+        (report.transport_errors, report.server_errors, report.other),
+        (0, 0, 0),
+        "requests failed across reloads: {report:?}\n{}",
+        support::log_tail(&proc.log, 20)
+    );
+    stops_cleanly(&mut proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_changing_an_upstream_fail_no_request_on_keep_alive_connections() {
+    reloads_changing_an_upstream_under_keep_alive_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_changing_a_general_engine_upstream_fail_no_request_on_keep_alive_connections() {
+    reloads_changing_an_upstream_under_keep_alive_load(true).await;
+}

@@ -1,5 +1,5 @@
 //! One inbound HTTP/1.1 connection served by hyper: header-read and idle timeouts, the
-//! header buffer limit, and graceful shutdown (finish the request in flight, close).
+//! header buffer limit, and graceful shutdown (drain, close).
 //! Used by the proxy's general path and by the admin and demo listeners.
 
 mod rewind;
@@ -9,8 +9,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use http::HeaderValue;
 
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::http1;
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::Limits;
+use crate::server::RETIRE_GRACE;
 pub use rewind::Rewind;
 pub use timeouts::InFlight;
 use timeouts::{ConnTimeouts, RequestCounter};
@@ -49,7 +53,8 @@ pub fn builder(limits: &Limits) -> http1::Builder {
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
 
-/// Serves one connection with hyper; on `shutdown`, finishes the request in flight and
+/// Serves one connection with hyper; on `shutdown`, drains: finishes the request in
+/// flight, answers what arrives within [`RETIRE_GRACE`] with `Connection: close`, and
 /// closes. Upgraded connections (WebSocket) are carried on by the handler.
 pub async fn serve<H, Fut, B>(
     io: Rewind,
@@ -73,8 +78,11 @@ pub async fn serve<H, Fut, B>(
         limits.idle_timeout.0,
         requests.clone(),
     );
+    let draining = Arc::new(AtomicBool::new(false));
+    let announce = draining.clone();
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let handler = handler.clone();
+        let announce = announce.clone();
         req.extensions_mut().insert(Peer(peer));
         let guard = InFlight::enter(requests.clone());
         if req.headers().contains_key(http::header::UPGRADE) {
@@ -82,7 +90,13 @@ pub async fn serve<H, Fut, B>(
             req.extensions_mut().insert(held);
         }
         async move {
-            let resp = handler(req, local).await;
+            let mut resp = handler(req, local).await;
+            // While draining, the app learns this connection ends here (hyper closes it
+            // after this answer).
+            if announce.load(Ordering::Relaxed) && !resp.status().is_informational() {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             // The request counts as in flight until its response body is sent: a
             // streaming body is timed by its own rule, not the idle timeout.
             Ok::<_, Infallible>(resp.map(|body| Guarded {
@@ -95,8 +109,17 @@ pub async fn serve<H, Fut, B>(
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            // The app may be sending its next request on this keep-alive connection as
+            // the shutdown lands: what arrives within the grace is answered, with
+            // `Connection: close`; then the connection closes once its request is done.
+            draining.store(true, Ordering::Relaxed);
+            match tokio::time::timeout(RETIRE_GRACE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -4,7 +4,7 @@
 
 mod slot;
 
-pub use slot::{Current, Slot};
+pub use slot::{Current, Slot, RETIRE_GRACE};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,8 +23,8 @@ use crate::inbound::Rewind;
 
 /// Serves an upstream's listener until `stop`; connection tasks run on `tracker`, which
 /// the caller waits on to drain. Each connection is served by what `slot` holds when it
-/// is accepted, and ends after its request in flight once that is retired (a reload
-/// replaced it). `worker` is the listener worker serving it.
+/// is accepted, and drains once that is retired (a reload replaced it; see [`Slot`]).
+/// `worker` is the listener worker serving it.
 pub async fn serve_upstream(
     listener: TcpListener,
     slot: Arc<Slot>,

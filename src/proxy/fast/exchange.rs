@@ -200,11 +200,12 @@ impl Conn<'_> {
         loop {
             if !conn.buf.is_empty() {
                 any_byte = true;
+                // While draining, the app learns this connection ends here.
+                let close = self.announce_close() || plan.close;
                 match head::rewrite_response(
                     &conn.buf,
                     plan.is_head,
-                    // While draining, the app learns this connection ends here.
-                    plan.close || self.shutdown.is_cancelled(),
+                    close,
                     &redirects,
                     &mut self.head,
                 ) {
@@ -337,7 +338,7 @@ impl Conn<'_> {
     ) -> bool {
         let up = self.up;
         let rendered = up.recorder.refuse(&e);
-        let close = plan.close || e.closes_connection();
+        let close = self.announce_close() || plan.close || e.closes_connection();
         self.head.clear();
         rendered.write_to(&mut self.head, close, !plan.is_head);
         self.record(plan, rendered.status.as_u16(), started);

@@ -31,7 +31,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use std::cell::Cell;
+
 use super::Upstream;
+use crate::server::RETIRE_GRACE;
 use deadline::Deadline;
 use head::{Parsed, RequestPlan, Rules};
 use pool::Pool;
@@ -125,6 +128,8 @@ pub async fn serve(
         opened: now,
         worker,
         shutdown: &shutdown,
+        drain_until: None,
+        close_announced: Cell::new(false),
         dl: Deadline::new(now + limits.header_read_timeout.0),
     };
     let mut cancelled = pin!(shutdown.cancelled());
@@ -148,7 +153,12 @@ pub async fn serve(
         first = false;
         let keep_open = conn.exchange(&plan).await;
         conn.inbuf.advance(plan.head_len + plan.body_len);
-        if !keep_open || plan.close || shutdown.is_cancelled() {
+        if conn.close_announced.get() {
+            // Retired: the app was told; it reads the answer, not a reset.
+            conn.linger().await;
+            break;
+        }
+        if !keep_open || plan.close {
             break;
         }
     }
@@ -178,7 +188,12 @@ struct Conn<'a> {
     /// When the app connected.
     opened: Instant,
     worker: usize,
+    /// Cancelled when a reload retires the settings this connection is served by.
     shutdown: &'a CancellationToken,
+    /// Once retired: until when an idle connection waits for the app's next request.
+    drain_until: Option<Instant>,
+    /// The answer sent last said `Connection: close` because the connection is retired.
+    close_announced: Cell<bool>,
     dl: Deadline,
 }
 
@@ -222,17 +237,25 @@ impl Conn<'_> {
                 }
             }
             let idle = self.inbuf.is_empty();
-            match head_started {
-                Some(t) => self.dl.set(t + limits.header_read_timeout.0),
-                None => self.dl.after(limits.idle_timeout.0),
+            self.note_retired();
+            match (head_started, self.drain_until) {
+                (Some(t), _) => self.dl.set(t + limits.header_read_timeout.0),
+                (None, None) => self.dl.after(limits.idle_timeout.0),
+                (None, Some(until)) => self
+                    .dl
+                    .set(until.min(Instant::now() + limits.idle_timeout.0)),
             }
+            // Until retired, an idle wait also ends at the retirement.
+            let watch_retire = idle && self.drain_until.is_none();
             if idle {
-                match self.wait_without_buffer(cancelled.as_mut()).await {
+                let cancel = watch_retire.then_some(cancelled.as_mut());
+                match self.wait_without_buffer(cancel).await {
                     Some(true) => {
                         head_started.get_or_insert_with(Instant::now);
                         continue;
                     }
                     Some(false) => {}
+                    None if watch_retire && self.shutdown.is_cancelled() => continue,
                     None => return Next::Closed,
                 }
             }
@@ -241,12 +264,13 @@ impl Conn<'_> {
                 let read = pin!(self.client.read_buf(&mut self.inbuf));
                 let dl = &mut self.dl;
                 let cancelled = cancelled.as_mut();
-                read_unless(read, dl, idle.then_some(cancelled)).await
+                read_unless(read, dl, watch_retire.then_some(cancelled)).await
             };
             match read {
                 Some(Ok(n)) if n > 0 => {
                     head_started.get_or_insert_with(Instant::now);
                 }
+                None if watch_retire && self.shutdown.is_cancelled() => continue,
                 _ => return Next::Closed,
             }
         };
@@ -287,7 +311,7 @@ impl Conn<'_> {
     /// (closed, timed out, or shutdown began).
     async fn wait_without_buffer(
         &mut self,
-        cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+        cancelled: Option<std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>>,
     ) -> Option<bool> {
         if self.inbuf.capacity() > 0 {
             buffers::reserve(&mut self.inbuf);
@@ -301,7 +325,7 @@ impl Conn<'_> {
         }
         let ready = {
             let ready = pin!(self.client.readable());
-            read_unless(ready, &mut self.dl, Some(cancelled)).await
+            read_unless(ready, &mut self.dl, cancelled).await
         };
         match ready {
             Some(Ok(())) => {
@@ -311,6 +335,23 @@ impl Conn<'_> {
             }
             _ => None,
         }
+    }
+
+    /// Starts draining once a reload retired this connection's settings: an idle
+    /// connection waits [`RETIRE_GRACE`] more for the app's next request.
+    fn note_retired(&mut self) {
+        if self.drain_until.is_none() && self.shutdown.is_cancelled() {
+            self.drain_until = Some(Instant::now() + RETIRE_GRACE);
+        }
+    }
+
+    /// Whether the answer being written ends the connection because it is retired
+    /// (remembered, so the connection then closes after it).
+    fn announce_close(&self) -> bool {
+        if self.shutdown.is_cancelled() {
+            self.close_announced.set(true);
+        }
+        self.close_announced.get()
     }
 
     /// Takes the connection's buffers out, leaving none allocated.
