@@ -820,24 +820,46 @@ fn credential_header_names_that_break_the_request_are_refused() {
     }
 }
 
-/// An `Upgrade` other than websocket gets our JSON 400 on both engines, and nothing
-/// reaches the upstream.
+/// An `Upgrade` other than websocket is ignored (RFC 9110 §7.8): Java's default
+/// `HttpClient` asks every http:// request to upgrade to h2c, an `Expect: 100-continue`
+/// upload included. Both engines serve such requests over HTTP/1.1, on a connection
+/// that carries on, and neither `Upgrade` nor `HTTP2-Settings` reaches the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_other_than_websocket_is_refused() {
+async fn an_h2c_upgrade_is_ignored_and_served_over_http11() {
+    const H2C: &str = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n";
+    let script: Arc<upstream::Script> =
+        Arc::new(|seen: &Seen, _| vec![Step::Send(ok(&String::from_utf8_lossy(&seen.body)))]);
     let case = Case {
         config: "",
         base_path: "",
-        app: vec![App::Send(
-            b"GET /x HTTP/1.1\r\nHost: app.local\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
-                .to_vec(),
-        )],
-        methods: vec!["GET"],
-        script: echo_target(),
+        app: vec![
+            App::Send(format!("GET /x HTTP/1.1\r\nHost: app.local\r\n{H2C}\r\n").into_bytes()),
+            App::Send(
+                format!(
+                    "POST /e HTTP/1.1\r\nHost: app.local\r\n{H2C}Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+                )
+                .into_bytes(),
+            ),
+            App::Sleep(Duration::from_millis(100)),
+            App::Send(b"hello".to_vec()),
+            App::Send(get_close("/last")),
+        ],
+        methods: vec!["GET", "POST", "GET"],
+        script,
     };
     both(case, |o| {
-        assert_eq!(statuses(o), [400]);
-        assert!(o.upstream.is_empty());
-        assert!(o.app[0].body.contains("h2c"), "{}", o.app[0].body);
+        assert_eq!(statuses(o), [200, 200, 200]);
+        assert_eq!(o.app[1].body, "hello");
+        assert_eq!(o.upstream.len(), 3);
+        for seen in &o.upstream {
+            let lower = seen.to_ascii_lowercase();
+            for gone in ["upgrade", "http2-settings", "h2c"] {
+                assert!(!lower.contains(gone), "{gone} reached the upstream: {seen}");
+            }
+        }
+        for r in &o.app {
+            assert_eq!(r.header("upgrade"), None);
+        }
     })
     .await;
 }

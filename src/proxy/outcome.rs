@@ -30,8 +30,6 @@ pub enum ProxyError {
     HeadTooLarge(u64),
     #[error("the request body did not arrive within body_timeout")]
     BodyTimeout,
-    #[error("Upgrade to {0:?} is not supported: only websocket is proxied")]
-    UnsupportedUpgrade(String),
     /// No valid token (never forward without one).
     #[error("{0}")]
     NoToken(String),
@@ -57,7 +55,6 @@ impl ProxyError {
             | ProxyError::BadTarget(_)
             | ProxyError::PathEscape
             | ProxyError::InboundAuthorization
-            | ProxyError::UnsupportedUpgrade(_)
             | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -13,8 +13,9 @@ use http::uri::Authority;
 use super::outcome::ProxyError;
 
 /// Hop-by-hop headers that never cross a proxy, whatever `Connection` says (plus the
-/// legacy `Keep-Alive` and `Proxy-Connection`); every `Proxy-*` header too.
-const HOP_BY_HOP: [&str; 7] = [
+/// legacy `Keep-Alive` and `Proxy-Connection`, and `HTTP2-Settings`, which belongs to an
+/// h2c upgrade of the one connection, RFC 7540 §3.2.1); every `Proxy-*` header too.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -22,6 +23,7 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+    "http2-settings",
 ];
 
 /// Whether `name` is hop-by-hop by itself (not counting those `Connection` names).
@@ -41,6 +43,15 @@ pub fn connection_may_drop(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"host"))
 }
 
+/// The items of a comma-separated header value such as `Connection` or `Upgrade`
+/// (RFC 9110 §5.6.1), trimmed; empty items are skipped.
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 /// Removes hop-by-hop headers: the fixed set, every `Proxy-*` header, and the headers
 /// named in `Connection` (framing headers excepted, see [`connection_may_drop`]).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -48,11 +59,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| connection_may_drop(t.as_bytes()))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .flat_map(|v| list_items(v.as_bytes()))
+            .filter(|t| connection_may_drop(t))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in &named {
             headers.remove(name);
@@ -73,15 +82,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The protocol an app asks to switch to: `Upgrade` counts only when `Connection`
-/// lists `upgrade` too (RFC 9110 §7.8); otherwise it is a hop-by-hop header like any.
-pub fn upgrade_requested(headers: &HeaderMap) -> Option<&HeaderValue> {
+/// Whether an app's request asks to switch to WebSocket: `Connection` lists `upgrade`
+/// and `Upgrade` lists `websocket` (RFC 9110 §7.8). Any other upgrade (`h2c`, as Java's
+/// default client asks of every http:// request) is ignored, as §7.8 lets a server do:
+/// `Upgrade` and `HTTP2-Settings` are hop-by-hop, so they are dropped, and the request is
+/// served over HTTP/1.1.
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
     let listed = headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-    listed.then(|| headers.get(header::UPGRADE)).flatten()
+        .flat_map(|v| list_items(v.as_bytes()))
+        .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+    listed
+        && headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| lists_websocket(v.as_bytes()))
+}
+
+/// Whether an `Upgrade` value offers WebSocket among its protocols (`name[/version]`).
+pub fn lists_websocket(upgrade: &[u8]) -> bool {
+    list_items(upgrade).any(is_websocket)
+}
+
+fn is_websocket(protocol: &[u8]) -> bool {
+    let name = protocol.split(|&b| b == b'/').next().unwrap_or_default();
+    name.trim_ascii().eq_ignore_ascii_case(b"websocket")
+}
+
+/// Removes `Expect: 100-continue`: the listener answers it itself before reading the
+/// body (RFC 9110 §10.1.1), so the upstream gets the body without waiting. Other
+/// expectations are the upstream's to answer.
+pub fn drop_answered_expectation(headers: &mut HeaderMap) {
+    if headers
+        .get(header::EXPECT)
+        .is_some_and(|v| is_100_continue(v.as_bytes()))
+    {
+        headers.remove(header::EXPECT);
+    }
+}
+
+/// Whether an `Expect` value is `100-continue`, the one expectation a listener answers.
+pub fn is_100_continue(expect: &[u8]) -> bool {
+    expect.trim_ascii().eq_ignore_ascii_case(b"100-continue")
 }
 
 /// Puts back the two headers of a WebSocket upgrade (after hop-by-hop stripping
@@ -357,6 +400,10 @@ mod tests {
         h.insert("Keep-Alive", HeaderValue::from_static("timeout=5"));
         h.insert("TE", HeaderValue::from_static("trailers"));
         h.insert("Upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "HTTP2-Settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
         h.insert("Proxy-Authorization", HeaderValue::from_static("Basic x"));
         h.insert("Proxy-Foo", HeaderValue::from_static("x"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
@@ -364,6 +411,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
         assert!(h.contains_key("x-kept") && h.contains_key("content-length"));
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_taken_up() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let upgrade = |connection, upgrade| {
+            wants_websocket(&headers(&[
+                ("connection", connection),
+                ("upgrade", upgrade),
+            ]))
+        };
+        assert!(upgrade("Upgrade", "websocket"));
+        assert!(upgrade("keep-alive, UPGRADE", "WebSocket/13"));
+        assert!(upgrade("upgrade", "h2c, websocket"));
+        assert!(!upgrade("Upgrade, HTTP2-Settings", "h2c"));
+        assert!(!upgrade("keep-alive", "websocket"));
+        assert!(!wants_websocket(&headers(&[("upgrade", "websocket")])));
+        let items: Vec<&[u8]> = list_items(b" a ,, b,").collect();
+        assert_eq!(items, [b"a".as_slice(), b"b"]);
     }
 
     #[test]

@@ -158,18 +158,13 @@ async fn forward(
             return Err(ProxyError::ForeignHost(a.to_string()));
         }
     }
-    let websocket = match policy::upgrade_requested(req.headers()) {
-        None => None,
-        Some(p) if p.as_bytes().eq_ignore_ascii_case(b"websocket") => Some((
+    // Any other upgrade is ignored: its headers are hop-by-hop and go below.
+    let websocket = policy::wants_websocket(req.headers()).then(|| {
+        (
             ::hyper::upgrade::on(&mut req),
             req.extensions_mut().remove::<Upgrading>(),
-        )),
-        Some(p) => {
-            return Err(ProxyError::UnsupportedUpgrade(
-                String::from_utf8_lossy(p.as_bytes()).into_owned(),
-            ))
-        }
-    };
+        )
+    });
     let (mut parts, incoming) = req.into_parts();
     let headers = &mut parts.headers;
     if up.config.inbound_authorization == InboundAuthorization::Reject
@@ -183,11 +178,13 @@ async fn forward(
         && headers
             .get_all(header::CONNECTION)
             .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+            .flat_map(|v| policy::list_items(v.as_bytes()))
+            .any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
     // Only needed to rewrite a redirect; kept cheap until then.
     let inbound_host = headers.get(header::HOST).cloned();
     policy::strip_hop_by_hop(headers);
     policy::collapse_content_length(headers);
+    policy::drop_answered_expectation(headers);
     headers.remove(header::AUTHORIZATION);
     headers.remove(&up.header_name);
     // The client derives Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
