@@ -110,6 +110,27 @@ fn is_websocket(protocol: &[u8]) -> bool {
     name.trim_ascii().eq_ignore_ascii_case(b"websocket")
 }
 
+/// Whether an upstream's `101` switched to WebSocket, the one protocol tokenrelay asks
+/// for: its `Upgrade` names websocket and nothing else (RFC 9110 §7.8, RFC 6455 §4.1).
+/// A 101 to anything else must not be tunnelled as if it were WebSocket.
+pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
+    let mut protocols = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| list_items(v.as_bytes()));
+    matches!((protocols.next(), protocols.next()), (Some(p), None) if is_websocket(p))
+}
+
+/// Whether a request carries a body: a `Transfer-Encoding`, or a `Content-Length` other
+/// than 0 (RFC 9112 §6.3). A WebSocket handshake cannot forward one.
+pub fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
 /// Removes `Expect: 100-continue`: the listener answers it itself before reading the
 /// body (RFC 9110 §10.1.1), so the upstream gets the body without waiting. Other
 /// expectations are the upstream's to answer.
@@ -436,6 +457,24 @@ mod tests {
         assert!(!wants_websocket(&headers(&[("upgrade", "websocket")])));
         let items: Vec<&[u8]> = list_items(b" a ,, b,").collect();
         assert_eq!(items, [b"a".as_slice(), b"b"]);
+    }
+
+    #[test]
+    fn a_101_counts_only_for_websocket_and_a_handshake_has_no_body() {
+        let one = |name: &'static str, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(value));
+            h
+        };
+        assert!(switched_to_websocket(&one("upgrade", "WebSocket")));
+        for other in ["h2c", "websocket, h2c", "tls/1.3", ""] {
+            assert!(!switched_to_websocket(&one("upgrade", other)), "{other}");
+        }
+        assert!(!switched_to_websocket(&HeaderMap::new()));
+        assert!(has_body(&one("content-length", "5")));
+        assert!(has_body(&one("transfer-encoding", "chunked")));
+        assert!(!has_body(&one("content-length", "0")));
+        assert!(!has_body(&HeaderMap::new()));
     }
 
     #[test]

@@ -159,7 +159,11 @@ async fn forward(
         }
     }
     // Any other upgrade is ignored: its headers are hop-by-hop and go below.
-    let websocket = policy::wants_websocket(req.headers()).then(|| {
+    let wants_websocket = policy::wants_websocket(req.headers());
+    if wants_websocket && policy::has_body(req.headers()) {
+        return Err(ProxyError::HandshakeWithBody);
+    }
+    let websocket = wants_websocket.then(|| {
         (
             ::hyper::upgrade::on(&mut req),
             req.extensions_mut().remove::<Upgrading>(),
@@ -394,6 +398,15 @@ async fn websocket_handshake(
             resp,
             h.inbound_host.as_ref(),
             h.local,
+        ));
+    }
+    if !policy::switched_to_websocket(resp.headers()) {
+        let to = resp
+            .headers()
+            .get(header::UPGRADE)
+            .map(HeaderValue::as_bytes);
+        return Err(ProxyError::SwitchedToOtherProtocol(
+            String::from_utf8_lossy(to.unwrap_or_default()).into_owned(),
         ));
     }
     let upstream_upgrade = ::hyper::upgrade::on(&mut resp);
