@@ -483,6 +483,76 @@ async fn dot_segments_are_normalised_and_cannot_escape_the_base_path() {
     }
 }
 
+/// Spellings of `..` that some servers read as a parent segment (`..;` with a path
+/// parameter, as Tomcat does; `%2f`, `%2F` and `%5c` decoded to a separator) never take
+/// a request out of the base path: a target that would climb out under any of these
+/// readings is refused with 400 on both engines; one that stays inside under every
+/// reading is forwarded as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separator_and_parameter_spellings_of_dot_dot_cannot_escape_the_base_path() {
+    for (target, expect) in [
+        ("/..;/admin", None),
+        ("/a/..;/..;/admin", None),
+        ("/..;x=1/admin", None),
+        ("/%2f../admin", None),
+        ("/a%2f..%2f..%2fadmin", None),
+        ("/a%2F..%2F..%2Fadmin", None),
+        ("/%5c..%5cadmin", None),
+        ("/a/%5C..%5C..%5Cadmin", None),
+        ("/a//b%2f..%2f..%2f..%2fadmin", None),
+        ("/a/..;/b", Some("/base/a/..;/b")),
+        ("/a/b%2f..%2fc", Some("/base/a/b%2f..%2fc")),
+        ("/a;v=1/b", Some("/base/a;v=1/b")),
+        ("/a%2fb/c", Some("/base/a%2fb/c")),
+    ] {
+        let case = Case {
+            config: "",
+            base_path: "/base",
+            app: vec![App::Send(get_close(target))],
+            methods: vec!["GET"],
+            script: echo_target(),
+        };
+        both(case, |o| match expect {
+            Some(forwarded) => {
+                assert_eq!(statuses(o), [200], "{target}");
+                assert_eq!(o.app[0].body, forwarded, "{target}");
+            }
+            None => {
+                assert_eq!(statuses(o), [400], "{target}");
+                assert!(o.upstream.is_empty(), "{target} reached the upstream");
+                assert!(o.app[0].body.contains("base path"), "{}", o.app[0].body);
+            }
+        })
+        .await;
+    }
+}
+
+/// A `#fragment` is not part of a request target (RFC 9112 §3.2); an app that sends one
+/// anyway gets the same answer from both engines: the fragment is dropped before the
+/// target is normalised, so `..` inside it changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_in_the_target_is_dropped_alike_on_both_engines() {
+    for (target, forwarded) in [
+        ("/a#frag", "/base/a"),
+        ("/a?x=1#frag", "/base/a?x=1"),
+        ("/a#/../../admin", "/base/a"),
+        ("/a/b/..#x?y", "/base/a/"),
+    ] {
+        let case = Case {
+            config: "",
+            base_path: "/base",
+            app: vec![App::Send(get_close(target))],
+            methods: vec!["GET"],
+            script: echo_target(),
+        };
+        both(case, |o| {
+            assert_eq!(statuses(o), [200], "{target}");
+            assert_eq!(o.app[0].body, forwarded, "{target}");
+        })
+        .await;
+    }
+}
+
 /// Drift 7: a request body trickled within the per-read timeout still has to arrive
 /// within `body_timeout` as a whole: 408, and the upstream sees nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

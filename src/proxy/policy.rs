@@ -212,12 +212,15 @@ pub fn with_query_token(target: &str, param: &str, token: &str) -> String {
 
 /// The request target for the upstream: `*` as it is (only `OPTIONS` may use it), else
 /// the path with its dot-segments removed, joined to `base_path`. A path whose `..`
-/// segments would climb out of the base path is refused.
+/// segments would climb out of the base path is refused, also where only a lenient
+/// server would read them as such (see [`climbs_out_when_read_leniently`]). A
+/// `#fragment` is dropped.
 pub fn upstream_target<'a>(
     base_path: &str,
     method: &str,
     target: &'a str,
 ) -> Result<Cow<'a, str>, ProxyError> {
+    let target = without_fragment(target);
     Ok(match split_target(method, target)? {
         None => Cow::Borrowed(target),
         Some((Cow::Borrowed(_), _)) if base_path.is_empty() => Cow::Borrowed(target),
@@ -232,6 +235,7 @@ pub fn write_upstream_target(
     target: &str,
     out: &mut Vec<u8>,
 ) -> Result<(), ProxyError> {
+    let target = without_fragment(target);
     match split_target(method, target)? {
         None => out.extend_from_slice(target.as_bytes()),
         Some((path, query)) => {
@@ -261,7 +265,76 @@ fn split_target<'a>(
         None => (target, ""),
     };
     let path = remove_dot_segments(path).ok_or(ProxyError::PathEscape)?;
+    if climbs_out_when_read_leniently(&path) {
+        return Err(ProxyError::PathEscape);
+    }
     Ok(Some((path, query)))
+}
+
+/// `target` without its `#fragment`, which is no part of a request target (RFC 9112
+/// §3.2). hyper's URI parser drops it silently; the fast path does the same here, so
+/// both engines forward (and check) the same target.
+pub fn without_fragment(target: &str) -> &str {
+    target.split_once('#').map_or(target, |(t, _)| t)
+}
+
+/// Whether `path` (free of dot-segments as RFC 3986 reads them) climbs above its root
+/// as some servers read it: a segment's `;parameters` dropped (`..;` is `..` to Tomcat
+/// and Spring), `%2f`, `%2F`, `%5c`, `%5C` and `\` taken as separators, and empty
+/// segments merged. Such a path could leave the base path on the upstream, so it is
+/// refused; one that stays inside under this reading too is forwarded as it is.
+fn climbs_out_when_read_leniently(path: &str) -> bool {
+    // The common path has none of these and costs one scan.
+    if !path.bytes().any(|b| matches!(b, b'%' | b';' | b'\\')) {
+        return false;
+    }
+    let mut depth = 0usize;
+    let mut climbs_out = false;
+    for_each_lenient_segment(path, |segment| {
+        let name = segment.split(';').next().unwrap_or_default();
+        match dots(name) {
+            2 if depth == 0 => climbs_out = true,
+            2 => depth -= 1,
+            1 => {}
+            _ if name.is_empty() => {}
+            _ => depth += 1,
+        }
+        !climbs_out
+    });
+    climbs_out
+}
+
+/// Calls `f` with each segment of `path` split at `/`, `\`, `%2f` and `%5c` (any case),
+/// until it returns false.
+fn for_each_lenient_segment(path: &str, mut f: impl FnMut(&str) -> bool) {
+    let bytes = path.as_bytes();
+    let separator_len = |i: usize| -> usize {
+        match bytes[i] {
+            b'/' | b'\\' => 1,
+            b'%' if matches!(
+                bytes.get(i + 1..i + 3),
+                Some([b'2', b'f' | b'F'] | [b'5', b'c' | b'C'])
+            ) =>
+            {
+                3
+            }
+            _ => 0,
+        }
+    };
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        match separator_len(i) {
+            0 => i += 1,
+            n => {
+                if !f(&path[start..i]) {
+                    return;
+                }
+                i += n;
+                start = i;
+            }
+        }
+    }
+    f(&path[start..]);
 }
 
 /// A dot-segment, also percent-encoded: 1 for `.`, 2 for `..`, 0 otherwise.
@@ -493,6 +566,29 @@ mod tests {
                 "{escape}"
             );
         }
+        for escape in [
+            "/..;/x",
+            "/a/..;/..;/x",
+            "/%2f../x",
+            "/a%2F..%2F..%2Fx",
+            "/%5c..%5Cx",
+            "/a\\..\\..\\x",
+            "/a//b%2f..%2f..%2f..%2fx",
+        ] {
+            assert!(
+                matches!(t("/v1", escape), Err(ProxyError::PathEscape)),
+                "{escape}"
+            );
+        }
+        for inside in ["/a/..;/b", "/a/b%2f..%2fc", "/a;v=1/b", "/a%2fb", "/50%25"] {
+            assert_eq!(
+                t("/v1", inside).unwrap(),
+                format!("/v1{inside}"),
+                "{inside}"
+            );
+        }
+        assert_eq!(t("/v1", "/a#/../../x").unwrap(), "/v1/a");
+        assert_eq!(t("", "/a?q=1#f").unwrap(), "/a?q=1");
         assert_eq!(upstream_target("/v1", "OPTIONS", "*").unwrap(), "*");
         assert!(upstream_target("/v1", "GET", "*").is_err());
     }

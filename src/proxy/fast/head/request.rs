@@ -154,7 +154,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     if close_upstream {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    let path_end = target.find('?').unwrap_or(target.len());
+    let path_end = target.find(['?', '#']).unwrap_or(target.len());
     let path = range_in(buf, target.as_bytes());
     Parsed::Fast(RequestPlan {
         head_len,
