@@ -23,6 +23,7 @@ use hyper::server::conn::http1;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use super::outcome::ProxyError;
 use super::target::Target;
@@ -328,7 +329,7 @@ fn token_uri(
     uri: &Uri,
     token: &crate::credential::ActiveToken,
 ) -> Result<Uri, ProxyError> {
-    let Some(param) = &up.config.token_query_param else {
+    let Some(param) = up.query_param() else {
         return Ok(uri.clone());
     };
     // The token was checked as a header value and is form-encoded here, so this parses;
@@ -463,6 +464,13 @@ fn filter_response(
     if parts.headers.contains_key(header::LOCATION)
         || parts.headers.contains_key(header::CONTENT_LOCATION)
     {
+        // The token sent in the query never comes back to the app; this runs first, so
+        // only values without it are rewritten.
+        if let Some(param) = up.query_param() {
+            if policy::keep_query_token_out(&mut parts.headers, param, token.value()) {
+                warn!(upstream = %up.config.name, "the upstream's Location or Content-Location carried the access token; dropped");
+            }
+        }
         if let Ok(target) = up.target(token) {
             let host = inbound_host.and_then(|h| h.to_str().ok());
             let local_prefix = policy::local_prefix(host, local);
