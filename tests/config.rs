@@ -656,4 +656,14 @@ fn token_query_param_must_be_a_plain_name() {
         "upstreams.crm.token_query_param",
         &["letters, digits"],
     );
+    let cfg = parse(&with("auth\n    token_query_param_ignore_case: true")).unwrap();
+    assert!(cfg.upstreams["crm"].token_query_param_ignore_case);
+    assert_refused(
+        &variant(
+            "    credential: crm\n",
+            "    credential: crm\n    token_query_param_ignore_case: true\n",
+        ),
+        "upstreams.crm.token_query_param_ignore_case",
+        &["only with token_query_param"],
+    );
 }

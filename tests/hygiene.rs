@@ -530,3 +530,128 @@ async fn tokens_and_secrets_never_reach_logs_errors_status_or_metrics() {
         }
     }
 }
+
+/// tokenrelay in front of an API that takes the token only from the query parameter
+/// `auth` (as Bitrix24's REST API does), with `token_query_param: auth` and `extra`.
+async fn query_token_setup(extra: &str) -> (DemoServers, Running) {
+    let auth = tokenrelay::demo::AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let api = tokenrelay::demo::ApiServer::start_with_query_token(auth.validator(), "auth")
+        .await
+        .unwrap();
+    let upstream = format!("token_query_param: auth{extra}");
+    let yaml = one_upstream_yaml(&auth.token_url(), &api.url(), "", &upstream);
+    let running = support::start(&yaml).await;
+    (DemoServers { auth, api }, running)
+}
+
+/// The query pairs of the upstream's last request, decoded.
+fn upstream_query(demo: &DemoServers) -> Vec<(String, String)> {
+    let uri = demo
+        .api
+        .last_request()
+        .expect("the upstream saw a request")
+        .uri;
+    let query = uri.split_once('?').map_or("", |(_, q)| q);
+    url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// Every way the token could be spelt in text the app reads.
+fn token_spellings(token: &str) -> Vec<String> {
+    let encoded: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
+    vec![token.to_string(), encoded]
+}
+
+/// With `token_query_param`, an upstream redirect that keeps the query (here a 301 to
+/// `/echo?<the same query>`) comes back to the app pointed at the listener and without
+/// the token: neither `Location` nor `Content-Location` nor any other header carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_token_never_comes_back_in_a_redirect() {
+    let (demo, tr) = query_token_setup("").await;
+    let local = tr.url("api");
+    let resp = support::client()
+        .get(format!("{local}/moved?start=50&filter=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 301);
+    let sent = upstream_query(&demo);
+    let token = sent
+        .iter()
+        .find(|(n, _)| n == "auth")
+        .map(|(_, v)| v.clone())
+        .expect("the upstream got the token in the query");
+    assert!(demo.auth.is_valid_access_token(&token));
+    let headers = format!("{:?}", resp.headers());
+    for spelling in token_spellings(&token) {
+        assert_absent("response headers", &headers, "the access token", &spelling);
+    }
+    for name in ["location", "content-location"] {
+        assert_eq!(
+            resp.headers()[name].to_str().unwrap(),
+            format!("{local}/echo?start=50&filter=x"),
+            "{name}"
+        );
+    }
+    let body = resp.text().await.unwrap();
+    for spelling in token_spellings(&token) {
+        assert_absent("response body", &body, "the access token", &spelling);
+    }
+    tr.stop().await;
+}
+
+/// The app's own `auth` parameter is removed before the token is added, however it is
+/// spelt (percent-encoded name, repeated, bare); the upstream sees exactly one `auth`,
+/// the token. With `token_query_param_ignore_case` (a provider that reads names
+/// case-insensitively) case variants go too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_query_parameter_is_replaced_in_any_spelling() {
+    let (demo, tr) = query_token_setup("").await;
+    let c = support::client();
+    // Each query, and a pair that must stay: a case variant is another parameter to a
+    // case-sensitive provider, and so is a name that only starts alike.
+    for (query, kept) in [
+        ("%61uth=app&start=1", None),
+        ("au%74h=app&start=1", None),
+        ("start=1&auth=one&AUTH=kept&auth", Some(("AUTH", "kept"))),
+        ("auth%3D=kept&start=1", Some(("auth=", "kept"))),
+    ] {
+        let resp = c
+            .get(format!("{}/echo?{query}", tr.url("api")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        let sent = upstream_query(&demo);
+        let auth: Vec<&(String, String)> = sent.iter().filter(|(n, _)| n == "auth").collect();
+        assert_eq!(auth.len(), 1, "{query}: {sent:?}");
+        assert!(demo.auth.is_valid_access_token(&auth[0].1), "{query}");
+        assert!(
+            sent.contains(&("start".into(), "1".into())),
+            "{query}: {sent:?}"
+        );
+        if let Some((n, v)) = kept {
+            assert!(sent.contains(&(n.into(), v.into())), "{query}: {sent:?}");
+        }
+    }
+    tr.stop().await;
+
+    let (demo, tr) = query_token_setup(", token_query_param_ignore_case: true").await;
+    let resp = c
+        .get(format!("{}/echo?AUTH=app&Auth=app&start=1", tr.url("api")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = upstream_query(&demo);
+    let auth: Vec<&(String, String)> = sent
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("auth"))
+        .collect();
+    assert_eq!(auth.len(), 1, "{sent:?}");
+    assert_eq!(auth[0].0, "auth");
+    tr.stop().await;
+}

@@ -483,6 +483,76 @@ async fn dot_segments_are_normalised_and_cannot_escape_the_base_path() {
     }
 }
 
+/// Spellings of `..` that some servers read as a parent segment (`..;` with a path
+/// parameter, as Tomcat does; `%2f`, `%2F` and `%5c` decoded to a separator) never take
+/// a request out of the base path: a target that would climb out under any of these
+/// readings is refused with 400 on both engines; one that stays inside under every
+/// reading is forwarded as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separator_and_parameter_spellings_of_dot_dot_cannot_escape_the_base_path() {
+    for (target, expect) in [
+        ("/..;/admin", None),
+        ("/a/..;/..;/admin", None),
+        ("/..;x=1/admin", None),
+        ("/%2f../admin", None),
+        ("/a%2f..%2f..%2fadmin", None),
+        ("/a%2F..%2F..%2Fadmin", None),
+        ("/%5c..%5cadmin", None),
+        ("/a/%5C..%5C..%5Cadmin", None),
+        ("/a//b%2f..%2f..%2f..%2fadmin", None),
+        ("/a/..;/b", Some("/base/a/..;/b")),
+        ("/a/b%2f..%2fc", Some("/base/a/b%2f..%2fc")),
+        ("/a;v=1/b", Some("/base/a;v=1/b")),
+        ("/a%2fb/c", Some("/base/a%2fb/c")),
+    ] {
+        let case = Case {
+            config: "",
+            base_path: "/base",
+            app: vec![App::Send(get_close(target))],
+            methods: vec!["GET"],
+            script: echo_target(),
+        };
+        both(case, |o| match expect {
+            Some(forwarded) => {
+                assert_eq!(statuses(o), [200], "{target}");
+                assert_eq!(o.app[0].body, forwarded, "{target}");
+            }
+            None => {
+                assert_eq!(statuses(o), [400], "{target}");
+                assert!(o.upstream.is_empty(), "{target} reached the upstream");
+                assert!(o.app[0].body.contains("base path"), "{}", o.app[0].body);
+            }
+        })
+        .await;
+    }
+}
+
+/// A `#fragment` is not part of a request target (RFC 9112 §3.2); an app that sends one
+/// anyway gets the same answer from both engines: the fragment is dropped before the
+/// target is normalised, so `..` inside it changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_in_the_target_is_dropped_alike_on_both_engines() {
+    for (target, forwarded) in [
+        ("/a#frag", "/base/a"),
+        ("/a?x=1#frag", "/base/a?x=1"),
+        ("/a#/../../admin", "/base/a"),
+        ("/a/b/..#x?y", "/base/a/"),
+    ] {
+        let case = Case {
+            config: "",
+            base_path: "/base",
+            app: vec![App::Send(get_close(target))],
+            methods: vec!["GET"],
+            script: echo_target(),
+        };
+        both(case, |o| {
+            assert_eq!(statuses(o), [200], "{target}");
+            assert_eq!(o.app[0].body, forwarded, "{target}");
+        })
+        .await;
+    }
+}
+
 /// Drift 7: a request body trickled within the per-read timeout still has to arrive
 /// within `body_timeout` as a whole: 408, and the upstream sees nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -820,24 +890,46 @@ fn credential_header_names_that_break_the_request_are_refused() {
     }
 }
 
-/// An `Upgrade` other than websocket gets our JSON 400 on both engines, and nothing
-/// reaches the upstream.
+/// An `Upgrade` other than websocket is ignored (RFC 9110 §7.8): Java's default
+/// `HttpClient` asks every http:// request to upgrade to h2c, an `Expect: 100-continue`
+/// upload included. Both engines serve such requests over HTTP/1.1, on a connection
+/// that carries on, and neither `Upgrade` nor `HTTP2-Settings` reaches the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_other_than_websocket_is_refused() {
+async fn an_h2c_upgrade_is_ignored_and_served_over_http11() {
+    const H2C: &str = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n";
+    let script: Arc<upstream::Script> =
+        Arc::new(|seen: &Seen, _| vec![Step::Send(ok(&String::from_utf8_lossy(&seen.body)))]);
     let case = Case {
         config: "",
         base_path: "",
-        app: vec![App::Send(
-            b"GET /x HTTP/1.1\r\nHost: app.local\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
-                .to_vec(),
-        )],
-        methods: vec!["GET"],
-        script: echo_target(),
+        app: vec![
+            App::Send(format!("GET /x HTTP/1.1\r\nHost: app.local\r\n{H2C}\r\n").into_bytes()),
+            App::Send(
+                format!(
+                    "POST /e HTTP/1.1\r\nHost: app.local\r\n{H2C}Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+                )
+                .into_bytes(),
+            ),
+            App::Sleep(Duration::from_millis(100)),
+            App::Send(b"hello".to_vec()),
+            App::Send(get_close("/last")),
+        ],
+        methods: vec!["GET", "POST", "GET"],
+        script,
     };
     both(case, |o| {
-        assert_eq!(statuses(o), [400]);
-        assert!(o.upstream.is_empty());
-        assert!(o.app[0].body.contains("h2c"), "{}", o.app[0].body);
+        assert_eq!(statuses(o), [200, 200, 200]);
+        assert_eq!(o.app[1].body, "hello");
+        assert_eq!(o.upstream.len(), 3);
+        for seen in &o.upstream {
+            let lower = seen.to_ascii_lowercase();
+            for gone in ["upgrade", "http2-settings", "h2c"] {
+                assert!(!lower.contains(gone), "{gone} reached the upstream: {seen}");
+            }
+        }
+        for r in &o.app {
+            assert_eq!(r.header("upgrade"), None);
+        }
     })
     .await;
 }

@@ -760,3 +760,89 @@ async fn listener_workers_share_the_connection_cap_and_stop_with_the_process() {
         "worker threads end with the process's shutdown"
     );
 }
+
+/// Java's default `HttpClient` (`HttpClient.newHttpClient()`, HTTP/2 preferred) asks
+/// every http:// request to upgrade to h2c. The real JDK client, run on
+/// `tests/clients/H2cProbe.java`, sends GETs, a POST with `Expect: 100-continue`, a PUT
+/// and a DELETE through both engines' listeners (a plain-http upstream: the fast path;
+/// an https one: hyper) and must get every answer over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jdk_default_client_is_served_over_http11_on_both_engines() {
+    let Some(mut java) = support::tools::command("java") else {
+        return;
+    };
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let (tls, ca_pem) = support::pki::localhost_server(&[b"http/1.1"]);
+    let secure_api = tokenrelay::demo::ApiServer::start_tls(Some(demo.auth.validator()), tls)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         credentials:\n  \
+           api: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}\n\
+         upstreams:\n  \
+           fast: {{ listen: 127.0.0.1:0, url: {}, credential: api, allow_insecure_http: true }}\n  \
+           general: {{ listen: 127.0.0.1:0, url: \"https://localhost:{}\", credential: api, ca_file: \"{}\" }}\n",
+        demo.auth.token_url(),
+        demo.api.url(),
+        secure_api.addr().port(),
+        ca.display()
+    );
+    let tr = support::start(&yaml).await;
+    let probe =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/H2cProbe.java");
+    let child = java
+        .arg(probe)
+        .arg(tr.url("fast"))
+        .arg(tr.url("general"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("java starts");
+    let (status, stdout, stderr) = wait_bounded(child, Duration::from_secs(180)).await;
+    assert_eq!(
+        status,
+        Some(0),
+        "the JDK client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("12 requests, 0 failed"), "{stdout}");
+    assert_eq!(
+        demo.api.stats().unauthorized + secure_api.stats().unauthorized,
+        0
+    );
+    tr.stop().await;
+}
+
+/// Waits for `child` off the runtime, killing it after `within`; its exit code (`None`
+/// when killed) and output.
+async fn wait_bounded(
+    mut child: std::process::Child,
+    within: Duration,
+) -> (Option<i32>, String, String) {
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let read = |r: Option<&mut dyn std::io::Read>| {
+        let mut text = String::new();
+        if let Some(r) = r {
+            let _ = r.read_to_string(&mut text);
+        }
+        text
+    };
+    let stdout = read(child.stdout.as_mut().map(|s| s as &mut dyn std::io::Read));
+    let stderr = read(child.stderr.as_mut().map(|s| s as &mut dyn std::io::Read));
+    (status, stdout, stderr)
+}

@@ -295,3 +295,112 @@ async fn a_tunnel_counts_against_the_connection_cap() {
     );
     relay.stop().await;
 }
+
+/// A WebSocket handshake as an app sends it, with `extra` header lines and `body`.
+fn handshake(extra: &str, body: &str) -> Vec<u8> {
+    format!(
+        "GET /chat HTTP/1.1\r\nHost: app.local\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n{body}"
+    )
+    .into_bytes()
+}
+
+/// tokenrelay in front of a scripted upstream (plain or TLS) that answers every
+/// request with `answer`.
+async fn scripted(
+    tls: bool,
+    answer: &'static str,
+    auth: &AuthServer,
+) -> (support::Running, upstream::Upstream, tempfile::TempDir) {
+    let script: Arc<upstream::Script> = Arc::new(move |_: &upstream::Seen, _| {
+        vec![
+            upstream::Step::Send(answer.as_bytes().to_vec()),
+            upstream::Step::Sleep(Duration::from_secs(5)),
+        ]
+    });
+    let up = upstream::Upstream::start(tls, script).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, trust) = match &up.ca_pem {
+        None => (
+            format!("http://127.0.0.1:{}", up.addr.port()),
+            "allow_insecure_http: true".to_string(),
+        ),
+        Some(pem) => {
+            let ca = dir.path().join("ca.pem");
+            std::fs::write(&ca, pem).unwrap();
+            (
+                format!("https://localhost:{}", up.addr.port()),
+                format!("ca_file: \"{}\"", ca.display()),
+            )
+        }
+    };
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}\n\
+         credentials:\n  \
+           api: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}\n\
+         upstreams:\n  \
+           api: {{ listen: 127.0.0.1:0, url: \"{url}\", credential: api, timeout: 3s, {trust} }}\n",
+        auth.token_url()
+    );
+    (support::start(&yaml).await, up, dir)
+}
+
+/// An upstream that answers a WebSocket handshake with a 101 for another protocol (or
+/// for none) did not switch to WebSocket: the app gets our 502, not a 101 and a tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_for_another_protocol_is_refused_not_tunnelled() {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    for tls in [false, true] {
+        for answer in [
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+        ] {
+            let (relay, up, _dir) = scripted(tls, answer, &auth).await;
+            let got = support::raw_exchange(
+                relay.upstreams["api"],
+                &handshake("", ""),
+                Duration::from_secs(10),
+            )
+            .await;
+            assert_eq!(
+                support::raw_status(&got),
+                Some(502),
+                "tls {tls}, {answer:?}: {got}"
+            );
+            assert!(
+                support::raw_body(&got).contains("websocket"),
+                "tls {tls}: {got}"
+            );
+            assert_eq!(up.seen().len(), 1, "the handshake reached the upstream");
+            relay.stop().await;
+        }
+    }
+}
+
+/// A WebSocket handshake carrying a body (a length or chunked) is refused at once with
+/// a 400 that says why; it never reaches the upstream (which would wait for the body
+/// the handshake cannot forward, and the app would get a 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_body_is_refused_with_400() {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    for tls in [false, true] {
+        let server = EchoServer::start(tls).await;
+        let (relay, _dir) = relay(&server, &auth, ", timeout: 3s").await;
+        for request in [
+            handshake("Content-Length: 5\r\n", "hello"),
+            handshake("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n0\r\n\r\n"),
+        ] {
+            let got =
+                support::raw_exchange(relay.upstreams["api"], &request, Duration::from_secs(10))
+                    .await;
+            assert_eq!(support::raw_status(&got), Some(400), "tls {tls}: {got}");
+            assert!(support::raw_body(&got).contains("body"), "tls {tls}: {got}");
+        }
+        assert!(server.handshakes.lock().unwrap().is_empty());
+        relay.stop().await;
+    }
+}

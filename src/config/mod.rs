@@ -282,6 +282,9 @@ pub struct UpstreamConfig {
     /// Also passes the bare token as this query parameter (Bitrix24's `auth`), replacing
     /// any the app sent. Served by the general engine.
     pub token_query_param: Option<String>,
+    /// The provider reads query parameter names case-insensitively: the app's `AUTH` or
+    /// `Auth` is removed along with its `auth`.
+    pub token_query_param_ignore_case: bool,
     pub inbound_authorization: InboundAuthorization,
     pub retry_on_401: bool,
     pub retry_body_limit: ByteSize,

@@ -144,6 +144,8 @@ pub struct RawUpstream {
     pub header: Option<String>,
     pub format: Option<String>,
     pub token_query_param: Option<String>,
+    #[serde(default)]
+    pub token_query_param_ignore_case: bool,
     pub inbound_authorization: Option<String>,
     pub retry_on_401: Option<bool>,
     pub retry_body_limit: Option<ByteSize>,

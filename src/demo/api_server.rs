@@ -15,6 +15,7 @@
 //! | `/sleep/{ms}` | `200 slept` after `ms` milliseconds |
 //! | `/status/{code}` | that status (200–599) with a small JSON body |
 //! | `/redirect` | `302` to this server's `/echo?from=redirect`, with `Content-Location` |
+//! | `/moved` | `301` to this server's `/echo` with the request's query kept (as a server that adds a trailing slash does), `Content-Location` the same |
 //! | `/hop` | `200` with hop-by-hop response headers a proxy must strip |
 //! | `/api/v4/leads` | a JSON list of three CRM leads (for the demo) |
 //! | anything else | `404` JSON |
@@ -353,6 +354,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             _ => bad_request("code must be a status between 200 and 599"),
         },
         ("redirect", None) => redirect(shared),
+        ("moved", None) => moved(shared, req.uri().query()),
         ("hop", None) => hop(),
         ("api", Some("v4/leads")) => leads(),
         _ => json_response(
@@ -513,6 +515,21 @@ fn redirect(shared: &Shared) -> Response<Body> {
         let value = HeaderValue::from_str(&target).expect("origin is a valid header value");
         headers.insert(name, value);
     }
+    resp
+}
+
+/// `/moved`: a permanent redirect that keeps the query, whatever it carries (a token
+/// in the query too), as servers that canonicalise a path do.
+fn moved(shared: &Shared, query: Option<&str>) -> Response<Body> {
+    let mut resp = Response::new(full(""));
+    *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    let target = match query {
+        Some(q) => format!("{}/echo?{q}", shared.origin),
+        None => format!("{}/echo", shared.origin),
+    };
+    let value = HeaderValue::from_str(&target).expect("origin and query are valid header text");
+    resp.headers_mut().insert(header::LOCATION, value.clone());
+    resp.headers_mut().insert(header::CONTENT_LOCATION, value);
     resp
 }
 

@@ -118,6 +118,17 @@ impl Upstream {
         }
     }
 
+    /// The query parameter that carries the token, when the upstream has one.
+    fn query_param(&self) -> Option<policy::QueryParam<'_>> {
+        self.config
+            .token_query_param
+            .as_deref()
+            .map(|name| policy::QueryParam {
+                name,
+                ignore_case: self.config.token_query_param_ignore_case,
+            })
+    }
+
     /// Requests answered so far by this upstream's listener, by status code.
     pub fn request_counts(&self) -> Vec<(u16, u64)> {
         self.recorder.metrics.counts()

@@ -30,8 +30,10 @@ pub enum ProxyError {
     HeadTooLarge(u64),
     #[error("the request body did not arrive within body_timeout")]
     BodyTimeout,
-    #[error("Upgrade to {0:?} is not supported: only websocket is proxied")]
-    UnsupportedUpgrade(String),
+    #[error("a WebSocket handshake must not carry a body (Content-Length or Transfer-Encoding)")]
+    HandshakeWithBody,
+    #[error("the upstream answered the WebSocket handshake with a 101 switching to {0:?}, not to websocket")]
+    SwitchedToOtherProtocol(String),
     /// No valid token (never forward without one).
     #[error("{0}")]
     NoToken(String),
@@ -57,14 +59,16 @@ impl ProxyError {
             | ProxyError::BadTarget(_)
             | ProxyError::PathEscape
             | ProxyError::InboundAuthorization
-            | ProxyError::UnsupportedUpgrade(_)
+            | ProxyError::HandshakeWithBody
             | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoToken(_) | ProxyError::NoUpstreamUrl(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::BadUpstreamUrl(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::BadUpstreamUrl(_) | ProxyError::SwitchedToOtherProtocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Upstream(UpstreamErrorKind::Timeout, _) | ProxyError::Timeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -76,7 +80,11 @@ impl ProxyError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::HeadTooLarge(_) | ProxyError::BodyTimeout | ProxyError::BadRequestBody(_)
+            ProxyError::HeadTooLarge(_)
+                | ProxyError::BodyTimeout
+                | ProxyError::BadRequestBody(_)
+                // Its body was never read.
+                | ProxyError::HandshakeWithBody
         )
     }
 
@@ -85,6 +93,7 @@ impl ProxyError {
         match self {
             ProxyError::Upstream(kind, _) => Some(*kind),
             ProxyError::Timeout => Some(UpstreamErrorKind::Timeout),
+            ProxyError::SwitchedToOtherProtocol(_) => Some(UpstreamErrorKind::Other),
             _ => None,
         }
     }

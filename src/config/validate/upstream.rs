@@ -88,6 +88,11 @@ pub(super) fn validate_upstream(
         if let Some(why) = crate::proxy::policy::unusable_query_param(name) {
             p.add(&at("token_query_param"), format!("{name:?} {why}"));
         }
+    } else if u.token_query_param_ignore_case {
+        p.add(
+            &at("token_query_param_ignore_case"),
+            "applies only with token_query_param",
+        );
     }
     let inbound_authorization = match u.inbound_authorization.as_deref() {
         None | Some("strip") => InboundAuthorization::Strip,
@@ -180,6 +185,7 @@ pub(super) fn validate_upstream(
         header,
         format,
         token_query_param: u.token_query_param,
+        token_query_param_ignore_case: u.token_query_param_ignore_case,
         inbound_authorization,
         retry_on_401: u.retry_on_401.unwrap_or(true),
         retry_body_limit,

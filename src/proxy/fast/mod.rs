@@ -7,7 +7,7 @@
 //! It takes the common case only: HTTP/1.1, origin-form targets, no body or a
 //! `Content-Length` body up to the retry limit (held whole, so a 401 can be retried;
 //! `Expect: 100-continue` is answered here). At the first request that is anything
-//! else (chunked or large uploads, other expectations, upgrades, HTTP/1.0,
+//! else (chunked or large uploads, other expectations, WebSocket handshakes, HTTP/1.0,
 //! absolute-form, `CONNECT`, a path escaping the base path, malformed or oversized heads)
 //! the connection is handed, with the bytes already read, to the general hyper path for
 //! the rest of its life, which forwards or refuses it. Both apply the rules of

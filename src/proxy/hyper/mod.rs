@@ -23,6 +23,7 @@ use hyper::server::conn::http1;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use super::outcome::ProxyError;
 use super::target::Target;
@@ -158,18 +159,17 @@ async fn forward(
             return Err(ProxyError::ForeignHost(a.to_string()));
         }
     }
-    let websocket = match policy::upgrade_requested(req.headers()) {
-        None => None,
-        Some(p) if p.as_bytes().eq_ignore_ascii_case(b"websocket") => Some((
+    // Any other upgrade is ignored: its headers are hop-by-hop and go below.
+    let wants_websocket = policy::wants_websocket(req.headers());
+    if wants_websocket && policy::has_body(req.headers()) {
+        return Err(ProxyError::HandshakeWithBody);
+    }
+    let websocket = wants_websocket.then(|| {
+        (
             ::hyper::upgrade::on(&mut req),
             req.extensions_mut().remove::<Upgrading>(),
-        )),
-        Some(p) => {
-            return Err(ProxyError::UnsupportedUpgrade(
-                String::from_utf8_lossy(p.as_bytes()).into_owned(),
-            ))
-        }
-    };
+        )
+    });
     let (mut parts, incoming) = req.into_parts();
     let headers = &mut parts.headers;
     if up.config.inbound_authorization == InboundAuthorization::Reject
@@ -183,11 +183,13 @@ async fn forward(
         && headers
             .get_all(header::CONNECTION)
             .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+            .flat_map(|v| policy::list_items(v.as_bytes()))
+            .any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
     // Only needed to rewrite a redirect; kept cheap until then.
     let inbound_host = headers.get(header::HOST).cloned();
     policy::strip_hop_by_hop(headers);
     policy::collapse_content_length(headers);
+    policy::drop_answered_expectation(headers);
     headers.remove(header::AUTHORIZATION);
     headers.remove(&up.header_name);
     // The client derives Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
@@ -327,7 +329,7 @@ fn token_uri(
     uri: &Uri,
     token: &crate::credential::ActiveToken,
 ) -> Result<Uri, ProxyError> {
-    let Some(param) = &up.config.token_query_param else {
+    let Some(param) = up.query_param() else {
         return Ok(uri.clone());
     };
     // The token was checked as a header value and is form-encoded here, so this parses;
@@ -399,6 +401,15 @@ async fn websocket_handshake(
             h.local,
         ));
     }
+    if !policy::switched_to_websocket(resp.headers()) {
+        let to = resp
+            .headers()
+            .get(header::UPGRADE)
+            .map(HeaderValue::as_bytes);
+        return Err(ProxyError::SwitchedToOtherProtocol(
+            String::from_utf8_lossy(to.unwrap_or_default()).into_owned(),
+        ));
+    }
     let upstream_upgrade = ::hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
     policy::strip_hop_by_hop(&mut parts.headers);
@@ -453,6 +464,13 @@ fn filter_response(
     if parts.headers.contains_key(header::LOCATION)
         || parts.headers.contains_key(header::CONTENT_LOCATION)
     {
+        // The token sent in the query never comes back to the app; this runs first, so
+        // only values without it are rewritten.
+        if let Some(param) = up.query_param() {
+            if policy::keep_query_token_out(&mut parts.headers, param, token.value()) {
+                warn!(upstream = %up.config.name, "the upstream's Location or Content-Location carried the access token; dropped");
+            }
+        }
         if let Ok(target) = up.target(token) {
             let host = inbound_host.and_then(|h| h.to_str().ok());
             let local_prefix = policy::local_prefix(host, local);

@@ -93,12 +93,11 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
                 continue;
             }
             10 if name.eq_ignore_ascii_case("connection") => {
-                for token in h.value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
+                for token in policy::list_items(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                        // Headers named in Connection must be dropped too: general path.
+                    } else if !names_a_hop_by_hop_header(token) {
+                        // Other headers named in Connection must be dropped too: general path.
                         return Parsed::Declined;
                     }
                 }
@@ -125,13 +124,18 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         }
         if name.eq_ignore_ascii_case("expect") {
             // 100-continue is answered here, as nginx does; other expectations are not.
-            if !h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+            if !policy::is_100_continue(h.value) {
                 return Parsed::Declined;
             }
             expect_continue = true;
             continue;
         }
-        if name.eq_ignore_ascii_case("transfer-encoding") || name.eq_ignore_ascii_case("upgrade") {
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Declined;
+        }
+        // A WebSocket handshake is the general path's; any other upgrade (h2c) is
+        // ignored, and its hop-by-hop headers are dropped below.
+        if name.eq_ignore_ascii_case("upgrade") && policy::lists_websocket(h.value) {
             return Parsed::Declined;
         }
         if policy::is_hop_by_hop(name) || name.eq_ignore_ascii_case(rules.credential_header) {
@@ -150,7 +154,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     if close_upstream {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    let path_end = target.find('?').unwrap_or(target.len());
+    let path_end = target.find(['?', '#']).unwrap_or(target.len());
     let path = range_in(buf, target.as_bytes());
     Parsed::Fast(RequestPlan {
         head_len,
@@ -164,6 +168,12 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         method: range_in(buf, method.as_bytes()),
         path: path.start..path.start + path_end,
     })
+}
+
+/// A `Connection` token naming a header that is dropped anyway (`keep-alive`,
+/// `upgrade`, `http2-settings`, ...): it asks nothing more of the fast path.
+fn names_a_hop_by_hop_header(token: &[u8]) -> bool {
+    std::str::from_utf8(token).is_ok_and(policy::is_hop_by_hop)
 }
 
 #[cfg(test)]
@@ -205,6 +215,21 @@ mod tests {
         assert!(!p.idempotent && !p.close && !p.is_head);
     }
 
+    /// Java's default client asks every request to upgrade to h2c: the upgrade is
+    /// ignored here too, so such a connection stays on the fast path.
+    #[test]
+    fn an_h2c_upgrade_stays_on_the_fast_path_without_its_headers() {
+        let (p, out) = plan(
+            "GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nX-Kept: yes\r\n\r\n",
+        );
+        assert!(p.is_some(), "handed over");
+        assert_eq!(
+            out,
+            "GET /v1/a HTTP/1.1\r\nhost: api.example.com\r\nX-Kept: yes\r\n"
+        );
+    }
+
     #[test]
     fn unusual_requests_are_declined() {
         for head in [
@@ -217,6 +242,7 @@ mod tests {
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: h2c, websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n",

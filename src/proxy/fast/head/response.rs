@@ -106,13 +106,12 @@ pub fn rewrite_response(
         } else if h.name.eq_ignore_ascii_case("keep-alive") {
             keep_alive = keep_alive_timeout(h.value);
         } else if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
+            for token in policy::list_items(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     upstream_close = true;
                 } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
                     upstream_close = false;
-                } else if !token.is_empty() && policy::connection_may_drop(token) {
+                } else if policy::connection_may_drop(token) {
                     named_by_connection.push(token);
                 }
             }
