@@ -12,14 +12,14 @@ use tokio::sync::mpsc;
 
 use crate::config_reload::ReloadRequest;
 use crate::instance::record::{ConfigStatus, Trigger};
-use crate::instance::View;
+use crate::instance::{StoreInfo, View};
 use crate::metrics::Metrics;
 
 /// What the admin endpoints report on.
 pub struct Admin {
     pub view: Arc<ArcSwap<View>>,
     pub metrics: Arc<Metrics>,
-    pub store_kind: Mutex<&'static str>,
+    pub store: Mutex<StoreInfo>,
     pub config: Arc<Mutex<ConfigStatus>>,
     /// Where `POST /reload` sends its request.
     pub reloads: mpsc::Sender<ReloadRequest>,
@@ -47,9 +47,9 @@ impl Admin {
         }
     }
 
-    /// The backend name `/status` shows (a reload may open the store).
-    pub fn set_store_kind(&self, kind: &'static str) {
-        *self.store_kind.lock().unwrap() = kind;
+    /// The store `/status` describes (a reload may open it).
+    pub fn set_store(&self, store: StoreInfo) {
+        *self.store.lock().unwrap() = store;
     }
 
     /// `POST /reload`: re-reads the config file and answers with what changed, or why
@@ -132,9 +132,11 @@ impl Admin {
                 )
             })
             .collect();
+        let store = *self.store.lock().unwrap();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "store": *self.store_kind.lock().unwrap(),
+            "store": store.kind,
+            "store_rollback_detection": store.rollback_detection,
             "config": *self.config.lock().unwrap(),
             "credentials": credentials,
             "upstreams": upstreams,
@@ -219,7 +221,7 @@ mod tests {
         let admin = Admin {
             view: Arc::new(ArcSwap::from_pointee(View::default())),
             metrics: Arc::new(Metrics::new()),
-            store_kind: Mutex::new("none"),
+            store: Mutex::new(StoreInfo::default()),
             config: Arc::new(Mutex::new(ConfigStatus::new(None))),
             reloads: tx,
         };

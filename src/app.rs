@@ -98,7 +98,7 @@ pub async fn run_with(
     let admin = Arc::new(Admin {
         view: instance.view(),
         metrics: metrics.clone(),
-        store_kind: Mutex::new(instance.store_kind()),
+        store: Mutex::new(instance.store_info()),
         config: config_status.clone(),
         reloads: reload_tx,
     });
@@ -129,7 +129,7 @@ pub async fn run_with(
             .lock()
             .unwrap()
             .record(request.trigger, &outcome);
-        admin.set_store_kind(instance.store_kind());
+        admin.set_store(instance.store_info());
         request.answer(outcome);
     }
     stop_triggers.cancel();

@@ -137,7 +137,7 @@ th {{ background: #f4f4f4; }}
 </style></head>
 <body>
 <h1>tokenrelay {version}</h1>
-<p>Store: {store}. This page refreshes every 5 seconds; machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
+<p>Store: {store}{rollback}. This page refreshes every 5 seconds; machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
 <h2>Credentials</h2>
 <table><thead><tr><th>credential</th><th>state</th><th>grant</th><th>generation</th><th>expires in</th><th>refresh token dies in</th><th>last refresh</th><th>problem</th></tr></thead>
 <tbody>
@@ -151,6 +151,10 @@ th {{ background: #f4f4f4; }}
 "#,
         version = esc(&text(&status["version"])),
         store = esc(&text(&status["store"])),
+        rollback = match status["store_rollback_detection"].as_str() {
+            Some(note) => format!(" (restores: {})", esc(note)),
+            None => String::new(),
+        },
     )
 }
 

@@ -667,3 +667,18 @@ fn token_query_param_must_be_a_plain_name() {
         &["only with token_query_param"],
     );
 }
+
+#[test]
+fn a_second_mark_path_is_for_the_file_store_and_another_directory() {
+    let file = |extra: &str| format!("store: {{ type: file, path: /tmp/s{extra} }}\n{VALID}");
+    assert!(parse(&file(", mark_path: /tmp/marks")).is_ok());
+    assert_refused(
+        &file(", mark_path: /tmp/s"),
+        "store.mark_path",
+        &["another directory"],
+    );
+    let redis = format!(
+        "store: {{ type: redis, url: \"redis://127.0.0.1:6379\", mark_path: /tmp/m }}\n{VALID}"
+    );
+    assert_refused(&redis, "store.mark_path", &["only to store type file"]);
+}

@@ -33,6 +33,12 @@ struct Fixture {
 
 impl Fixture {
     async fn new(encrypted: bool) -> Fixture {
+        Fixture::with_marks(encrypted, false).await
+    }
+
+    /// `second_mark`: the store also keeps its generation marks in `marks/`
+    /// (`store.mark_path`), as on a second volume.
+    async fn with_marks(encrypted: bool, second_mark: bool) -> Fixture {
         let auth = AuthServer::start(AuthServerOptions {
             access_ttl: Duration::from_secs(2),
             rotate_refresh_tokens: true,
@@ -51,6 +57,11 @@ impl Fixture {
         } else {
             String::new()
         };
+        let marks = if second_mark {
+            format!("  mark_path: {}\n", dir.path().join("marks").display())
+        } else {
+            String::new()
+        };
         let yaml = format!(
             "admin:
   listen: 127.0.0.1:0
@@ -58,7 +69,7 @@ store:
   type: file
   path: {state}
   poll_interval: 250ms
-{key}credentials:
+{key}{marks}credentials:
   crm:
     grant: refresh_token
     token_url: {token_url}
@@ -277,6 +288,14 @@ async fn restored_backup_at_startup(encrypted: bool, how: Recovery) {
     let admin = format!("http://{}", relay.admin);
     let status = wait_for_reauthorization(&admin).await;
     assert_refused_as_rolled_back(&status, backup_generation, mark);
+    // The limit is stated where the operator looks.
+    let note = status["store_rollback_detection"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        note.contains("is not detected: set store.mark_path"),
+        "{note}"
+    );
     // Longer than an access token lives: still nothing sent.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let r = support::client()
@@ -289,6 +308,49 @@ async fn restored_backup_at_startup(encrypted: bool, how: Recovery) {
     assert_eq!(f.mark(), Some(mark), "the mark is not lowered");
 
     recover_and_expect_adoption(&f, &relay, mark, how).await;
+    relay.stop().await;
+    let stats = f.auth.stats();
+    assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
+}
+
+/// A whole-volume restore brings back the state file and its mark together, so the mark
+/// beside it cannot tell; a second mark in `store.mark_path` (another volume) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_volume_restore_is_refused_by_the_mark_on_another_volume() {
+    let f = Fixture::with_marks(false, true).await;
+    f.seed();
+    let relay = support::start(&f.yaml).await;
+    f.wait_generation(3).await;
+    let backup = (
+        std::fs::read(f.state_file()).unwrap(),
+        std::fs::read(f.mark_file()).unwrap(),
+    );
+    let backup_generation = generation_of(&backup.0);
+    f.wait_generation(backup_generation + 2).await;
+    relay.stop().await;
+    let mark = f.file_generation();
+    let second = f.dir.path().join("marks").join("crm.generation");
+    assert_eq!(
+        std::fs::read_to_string(&second).unwrap().trim(),
+        mark.to_string(),
+        "the second mark follows every write"
+    );
+
+    // The state volume as it was: state file and mark together.
+    std::fs::write(f.state_file(), &backup.0).unwrap();
+    std::fs::write(f.mark_file(), &backup.1).unwrap();
+    let before = f.auth.stats();
+    let relay = support::start(&f.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let status = wait_for_reauthorization(&admin).await;
+    assert_refused_as_rolled_back(&status, backup_generation, mark);
+    let note = status["store_rollback_detection"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(note.contains("whole restored state directory"), "{note}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_nothing_presented_since(&before, &f.auth.stats());
+    recover_and_expect_adoption(&f, &relay, mark, Recovery::Seed).await;
     relay.stop().await;
     let stats = f.auth.stats();
     assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));

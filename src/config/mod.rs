@@ -124,6 +124,9 @@ pub struct StoreConfig {
 pub enum StoreBackend {
     File {
         path: PathBuf,
+        /// A second directory keeping the generation marks, where a restore of `path`
+        /// (a whole-volume snapshot) does not reach.
+        mark_path: Option<PathBuf>,
     },
     Redis {
         url: Secret,

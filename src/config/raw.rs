@@ -39,6 +39,7 @@ pub struct RawStore {
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub path: Option<PathBuf>,
+    pub mark_path: Option<PathBuf>,
     pub url: Option<String>,
     pub endpoints: Option<Vec<String>>,
     pub key_prefix: Option<String>,

@@ -117,9 +117,15 @@ impl Instance {
         self.view.clone()
     }
 
-    /// The store backend's name, or `none`.
-    pub fn store_kind(&self) -> &'static str {
-        self.ctx.store.as_ref().map_or("none", |s| s.kind())
+    /// The store backend's name (or `none`) and what it can tell of a restore.
+    pub fn store_info(&self) -> StoreInfo {
+        match &self.ctx.store {
+            None => StoreInfo::default(),
+            Some(s) => StoreInfo {
+                kind: s.kind(),
+                rollback_detection: Some(s.rollback_detection()),
+            },
+        }
     }
 
     /// Addresses the upstream listeners actually bound, by upstream name.
@@ -347,5 +353,21 @@ impl Instance {
         self.ctx.stop_all.cancel();
         futures_util::future::join_all(self.credentials.into_values().map(RunningCredential::stop))
             .await;
+    }
+}
+
+/// The store as `/status` describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreInfo {
+    pub kind: &'static str,
+    pub rollback_detection: Option<&'static str>,
+}
+
+impl Default for StoreInfo {
+    fn default() -> Self {
+        StoreInfo {
+            kind: "none",
+            rollback_detection: None,
+        }
     }
 }

@@ -32,13 +32,39 @@ pub struct FileStore {
 
 struct Inner {
     dir: PathBuf,
+    /// A second directory keeping the generation marks (`store.mark_path`), on storage a
+    /// restore of `dir` does not reach.
+    mark_dir: Option<PathBuf>,
     codec: Codec,
     poll: Duration,
 }
 
 impl FileStore {
-    /// Opens (creating with mode 0700 if needed) the state directory.
-    pub fn open(dir: &Path, codec: Codec, poll: Duration) -> Result<FileStore, StoreError> {
+    /// Opens (creating with mode 0700 if needed) the state directory and, if given, the
+    /// second directory for generation marks.
+    pub fn open(
+        dir: &Path,
+        mark_dir: Option<&Path>,
+        codec: Codec,
+        poll: Duration,
+    ) -> Result<FileStore, StoreError> {
+        for d in std::iter::once(dir).chain(mark_dir) {
+            open_dir(d)?;
+        }
+        Ok(FileStore {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                mark_dir: mark_dir.map(Path::to_path_buf),
+                codec,
+                poll,
+            }),
+        })
+    }
+}
+
+/// Creates `dir` (mode 0700) if needed and checks it is a directory.
+fn open_dir(dir: &Path) -> Result<(), StoreError> {
+    {
         if !dir.exists() {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -62,13 +88,7 @@ impl FileStore {
                 format!("{} is not a directory", dir.display()),
             ));
         }
-        Ok(FileStore {
-            inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
-                codec,
-                poll,
-            }),
-        })
+        Ok(())
     }
 }
 
@@ -77,8 +97,13 @@ impl Inner {
         self.dir.join(format!("{name}.json"))
     }
 
-    fn mark_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.generation"))
+    /// Where the generation mark is kept: beside the state file, and in the second
+    /// directory when there is one.
+    fn mark_paths(&self, name: &str) -> Vec<PathBuf> {
+        std::iter::once(&self.dir)
+            .chain(&self.mark_dir)
+            .map(|d| d.join(format!("{name}.generation")))
+            .collect()
     }
 
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -89,11 +114,24 @@ impl Inner {
         }
     }
 
-    /// The generation mark; `None` before the first write that kept one (a store from
-    /// an older version): the state file is then taken as it is.
+    /// The generation mark, the highest of its copies; `None` before the first write
+    /// that kept one (a store from an older version): the state file is then taken as
+    /// it is.
     fn read_mark(&self, op: &'static str, name: &str) -> Result<Option<u64>, StoreError> {
-        let path = self.mark_path(name);
-        let bytes = match fs::read(&path) {
+        let mut highest = None;
+        for path in self.mark_paths(name) {
+            highest = highest.max(self.read_mark_at(op, name, &path)?);
+        }
+        Ok(highest)
+    }
+
+    fn read_mark_at(
+        &self,
+        op: &'static str,
+        name: &str,
+        path: &Path,
+    ) -> Result<Option<u64>, StoreError> {
+        let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => {
@@ -190,22 +228,25 @@ impl Inner {
             .map_err(err)?;
         // Only after the state is durable, so a crash in between leaves state ≥ mark.
         let mark = format!("{}\n", new.generation);
-        if let Err(e) = self.write_durably(&self.mark_path(name), mark.as_bytes()) {
-            // The state is durable, so the swap happened; the mark lags by one write and
-            // is brought up to date by the next.
-            warn!(credential = %name, path = %self.mark_path(name).display(), error = %e,
-                "cannot update the generation mark");
+        for path in self.mark_paths(name) {
+            if let Err(e) = self.write_durably(&path, mark.as_bytes()) {
+                // The state is durable, so the swap happened; the mark lags by one write
+                // and is brought up to date by the next.
+                warn!(credential = %name, path = %path.display(), error = %e,
+                    "cannot update the generation mark");
+            }
         }
         drop(lock);
         Ok(CasOutcome::Swapped)
     }
 
-    /// temp file → fsync → rename over `target` (a file in the directory) → fsync the
-    /// directory, so after a crash the file has either the old or the new content, never
-    /// a torn mix, and the rename itself persists.
+    /// temp file → fsync → rename over `target` (a file in one of the store's
+    /// directories) → fsync that directory, so after a crash the file has either the old
+    /// or the new content, never a torn mix, and the rename itself persists.
     fn write_durably(&self, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let file_name = target.file_name().unwrap_or_default().to_string_lossy();
-        let tmp = self.dir.join(format!(
+        let dir = target.parent().unwrap_or(&self.dir);
+        let tmp = dir.join(format!(
             ".{file_name}.tmp.{}.{}",
             std::process::id(),
             rand::random::<u32>()
@@ -221,7 +262,7 @@ impl Inner {
             // Enforce 0600 even under a permissive umask-less filesystem.
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
             fs::rename(&tmp, target)?;
-            File::open(&self.dir)?.sync_all()
+            File::open(dir)?.sync_all()
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -229,15 +270,18 @@ impl Inner {
         result
     }
 
-    /// A cheap fingerprint of the state file and the mark, to avoid re-reading them on
+    /// A cheap fingerprint of the state file and the marks, to avoid re-reading them on
     /// every poll.
-    fn fingerprint(&self, name: &str) -> [Option<(u64, i64, i64, u64)>; 2] {
+    fn fingerprint(&self, name: &str) -> Vec<Option<(u64, i64, i64, u64)>> {
         let of = |path: PathBuf| {
             fs::metadata(path)
                 .ok()
                 .map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
         };
-        [of(self.state_path(name)), of(self.mark_path(name))]
+        std::iter::once(self.state_path(name))
+            .chain(self.mark_paths(name))
+            .map(of)
+            .collect()
     }
 }
 
@@ -306,6 +350,17 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl Store for FileStore {
+    fn rollback_detection(&self) -> &'static str {
+        if self.inner.mark_dir.is_some() {
+            "a restored older state file, or a whole restored state directory, is refused \
+             (generation marks in store.path and store.mark_path)"
+        } else {
+            "a restored older state file is refused (generation mark); a restore of the \
+             whole state directory (state and mark together) is not detected: set \
+             store.mark_path to keep a second mark on another volume"
+        }
+    }
+
     fn kind(&self) -> &'static str {
         "file"
     }
@@ -394,7 +449,7 @@ mod tests {
 
     fn store(dir: &Path, encrypted: bool) -> FileStore {
         let key = encrypted.then(|| Secret::new("ab".repeat(32)));
-        FileStore::open(dir, Codec::new(key.as_ref()).unwrap(), POLL).unwrap()
+        FileStore::open(dir, None, Codec::new(key.as_ref()).unwrap(), POLL).unwrap()
     }
 
     fn state(generation: u64, refresh: &str) -> StoredState {

@@ -187,6 +187,12 @@ pub trait Lease: Send + Sync {
 pub trait Store: Send + Sync + 'static {
     /// Backend name for logs, metrics and `/status` (`file`, `redis`, `etcd`).
     fn kind(&self) -> &'static str;
+    /// What this store can and cannot tell about a restored older state (shown on
+    /// `/status`, so that the limit is not hidden).
+    fn rollback_detection(&self) -> &'static str {
+        "a restored older state is refused by running instances that saw a newer one; \
+         instances started after a restore of the whole store cannot tell (docs/replicas.md, Limits)"
+    }
     /// Current state, or `None` if nothing was ever stored.
     async fn load(&self, name: &str) -> Result<Option<StoredState>, StoreError>;
     /// Writes `new` if the stored generation equals `expected` (0 = nothing stored).
@@ -213,8 +219,9 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let codec = codec::Codec::new(config.encryption_key.as_ref())
         .map_err(|e| StoreError::backend("open", "*", e))?;
     match &config.backend {
-        StoreBackend::File { path } => Ok(Arc::new(file::FileStore::open(
+        StoreBackend::File { path, mark_path } => Ok(Arc::new(file::FileStore::open(
             path,
+            mark_path.as_deref(),
             codec,
             config.poll_interval.0,
         )?)),

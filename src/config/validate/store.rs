@@ -12,12 +12,28 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
     let kind = raw.kind.as_deref().unwrap_or("file");
     let prefix = raw.key_prefix.unwrap_or_else(|| "tokenrelay/".to_string());
     let password = secret_from(p, "store", "password", raw.password, raw.password_file);
+    if kind != "file" && raw.mark_path.is_some() {
+        p.add(
+            "store.mark_path",
+            "applies only to store type file (its generation marks)",
+        );
+    }
     let backend = match kind {
-        "file" => StoreBackend::File {
-            path: raw
+        "file" => {
+            let path = raw
                 .path
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH)),
-        },
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_PATH));
+            if raw.mark_path.as_ref().is_some_and(|m| *m == path) {
+                p.add(
+                    "store.mark_path",
+                    "must be another directory than store.path (on storage a restore of it does not reach)",
+                );
+            }
+            StoreBackend::File {
+                path,
+                mark_path: raw.mark_path,
+            }
+        }
         "redis" => {
             let url = raw.url.unwrap_or_default();
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -63,6 +79,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             );
             StoreBackend::File {
                 path: PathBuf::from(DEFAULT_STORE_PATH),
+                mark_path: None,
             }
         }
     };
