@@ -318,8 +318,11 @@ async fn wrong_key_is_a_clear_error_and_loses_nothing() {
         .unwrap();
     assert_eq!(r.status(), 200);
     relay.stop().await;
+    // The stored token worked (a scheduled refresh of the 2 s token may follow while
+    // the listener drains at shutdown).
     let stats = f.auth.stats();
-    assert_eq!((stats.refreshes, stats.invalid_grant), (1, 0));
+    assert!(stats.refreshes >= 1, "{stats:?}");
+    assert_eq!((stats.invalid_grant, stats.refresh_reuse_detected), (0, 0));
 }
 
 /// Altered ciphertext, an altered (cleartext) generation, an encrypted file without a key
