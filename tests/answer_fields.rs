@@ -480,3 +480,123 @@ async fn authorize_stores_the_code_answers_fields() {
     assert_eq!(f.auth.stats().token_requests, requests);
     running.stop().await;
 }
+
+/// Secret names in camelCase, PascalCase, concatenated or kebab spelling are refused as
+/// `answer_fields` entries and as template fields, by validation and by `check`.
+#[test]
+fn secret_names_in_any_spelling_are_refused() {
+    for name in [
+        "apiKey",
+        "sessionId",
+        "clientSecret",
+        "refreshToken",
+        "idToken",
+        "apikey",
+        "sessionid",
+        "SessionID",
+    ] {
+        let e = config_error(&one_upstream(
+            &format!("{OAUTH}, answer_fields: [instance_url, {name}]"),
+            "https://api.example.com",
+        ));
+        assert!(
+            e.contains("credentials.c.answer_fields: ")
+                && e.contains(&format!("{name:?} looks like a secret")),
+            "{name}: {e}"
+        );
+        let e = config_error(&one_upstream(OAUTH, &format!("{{token.{name}}}/v1")));
+        assert!(
+            e.contains("upstreams.u.url: ") && e.contains("looks like a secret"),
+            "{name}: {e}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        one_upstream(
+            &format!("{OAUTH}, answer_fields: [instance_url, apiKey]"),
+            "https://api.example.com",
+        ),
+    )
+    .unwrap();
+    let out = support::run_cli(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepted apiKey");
+    assert!(
+        stderr.contains("\"apiKey\" looks like a secret"),
+        "{stderr}"
+    );
+}
+
+/// A state stored by a version whose rule missed camelCase names (`apiKey`,
+/// `sessionId`) never shows them: not on `/status`, not in `tokenrelay status`, and the
+/// next rotation stores the state without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_fields_of_an_older_stored_state_are_never_shown_or_kept() {
+    let f = fixture().await;
+    let secrets = [
+        ("apiKey", "ak-0f3e-never-shown"),
+        ("sessionId", "sess-77a1-never-shown"),
+        ("clientSecret", "cs-19bb-never-shown"),
+        ("refreshToken", "rt-5c2d-never-shown"),
+        ("idToken", "it-8e40-never-shown"),
+    ];
+    let mut stored: std::collections::BTreeMap<String, String> = secrets
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    stored.insert("instance_url".into(), f.one.url());
+    let cfg = Config::from_yaml(&f.yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    let state = tokenrelay::store::StoredState {
+        generation: 1,
+        refresh_token: Some(tokenrelay::secret::Secret::new(f.auth.new_grant())),
+        obtained_at_ms: tokenrelay::store::now_ms(),
+        updated_by: "older-version".into(),
+        answer_fields: stored,
+        ..Default::default()
+    };
+    store.compare_and_swap("sf", 0, &state).await.unwrap();
+    let never_shown = |text: &str| {
+        for (name, value) in secrets {
+            assert!(
+                !text.contains(value) && !text.contains(name),
+                "{name} shown: {text}"
+            );
+        }
+    };
+    let config = f.dir.path().join("tokenrelay.yaml");
+    std::fs::write(&config, &f.yaml).unwrap();
+    let cli = support::cli(&["status", "--config", config.to_str().unwrap()]).await;
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(text.contains("instance_url"), "{text}");
+    never_shown(&text);
+
+    let running = support::start(&f.yaml).await;
+    let (code, body) = get(&running.url("sf"), "/echo").await;
+    assert_eq!(code, 200, "{body}");
+    assert_reached(&f.one, "/v1/echo");
+    let status = status_json(&format!("http://{}", running.admin)).await;
+    assert_eq!(
+        status["credentials"]["sf"]["answer_fields"],
+        json!({ "instance_url": f.one.url() })
+    );
+    never_shown(&status.to_string());
+    let page = client()
+        .get(running.admin_url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    never_shown(&page);
+    let state = support::stored_state(&f.yaml, "sf").await.unwrap();
+    assert!(state.generation > 1, "rotated at startup");
+    assert_eq!(
+        state.answer_fields.keys().collect::<Vec<_>>(),
+        ["instance_url"]
+    );
+    running.stop().await;
+}

@@ -212,29 +212,84 @@ pub fn check_field_name(name: &str) -> Result<(), String> {
     }
     if secret_looking(name) {
         return Err(format!(
-            "{name:?} looks like a secret (a token, secret, password, key or code); only fields such as instance_url are kept"
+            "{name:?} looks like a secret (a token, secret, password, session, key or code, in any spelling such as apiKey); only fields such as instance_url are kept"
         ));
     }
     Ok(())
 }
 
+/// Stems that mark a secret wherever they appear in a word of the name
+/// (`refresh_token`, `refreshToken`, `refreshtoken`, `clientsecret`, `sessionid`).
+const SECRET_STEMS: [&str; 10] = [
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "assertion",
+    "credential",
+    "cookie",
+    "session",
+    "jwt",
+];
+
+/// Words that mark a secret alone or ending a concatenated word, plural too (`api_key`,
+/// `apiKey`, `apikey`, `auth_code`, `devicecode`, `user_sid`); never as a prefix, so
+/// `keycloak_realm` passes.
+const SECRET_TAILS: [&str; 3] = ["key", "code", "sid"];
+
+/// RFC 6749 §5.1 names that contain a stem but never hold a secret (`token_type` is a
+/// word such as `Bearer`), compared with the words joined.
+const NOT_SECRET: [&str; 1] = ["tokentype"];
+
 /// Names of answer fields that are or may be secrets: never kept, whatever is configured.
+/// The name is split into words on `_`, `-`, digits and camelCase humps, so every spelling
+/// of a name is judged alike.
 pub fn secret_looking(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    [
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "assertion",
-        "credential",
-        "cookie",
-    ]
-    .iter()
-    .any(|s| lower.contains(s))
-        || lower
-            .split(['_', '-'])
-            .any(|part| matches!(part, "key" | "code" | "pwd" | "session" | "sid" | "jwt"))
+    let words = name_words(name);
+    if NOT_SECRET.contains(&words.concat().as_str()) {
+        return false;
+    }
+    words.iter().any(|w| {
+        SECRET_STEMS.iter().any(|s| w.contains(s))
+            || SECRET_TAILS
+                .iter()
+                .any(|t| w.ends_with(t) || w.strip_suffix('s').is_some_and(|w| w.ends_with(t)))
+    })
+}
+
+/// The lowercase words of a field name: split at anything but a letter, before an
+/// upper-case letter that follows a lower-case one (`apiKey`), and before the last
+/// capital of an acronym followed by lower case (`APIKey` -> `api`, `key`).
+fn name_words(name: &str) -> Vec<String> {
+    let chars: Vec<char> = name.chars().collect();
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        if !c.is_ascii_alphabetic() {
+            words.extend((!word.is_empty()).then(|| std::mem::take(&mut word)));
+            continue;
+        }
+        let prev = i.checked_sub(1).map(|p| chars[p]);
+        let next = chars.get(i + 1);
+        let hump = c.is_ascii_uppercase()
+            && (prev.is_some_and(|p| p.is_ascii_lowercase())
+                || (prev.is_some_and(|p| p.is_ascii_uppercase())
+                    && next.is_some_and(|n| n.is_ascii_lowercase())));
+        if hump && !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        word.push(c.to_ascii_lowercase());
+    }
+    words.extend((!word.is_empty()).then_some(word));
+    words
+}
+
+/// `fields` without those whose name looks like a secret: a state stored by a version
+/// whose rule missed a spelling (`apiKey`) neither shows nor keeps such a field.
+pub fn without_secret_looking(mut fields: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    fields.retain(|name, _| !secret_looking(name));
+    fields
 }
 
 /// The fields of an answer worth keeping: `value` is a non-empty string of printable
@@ -245,14 +300,14 @@ pub fn keepable_value(value: &str) -> bool {
 
 /// `previous` updated with `answer`: a field the answer carries replaces the one known,
 /// a field it omits keeps its previous value (Salesforce sends `instance_url` on some
-/// answers only).
+/// answers only). A secret-looking field of an older state is dropped.
 pub fn merge_fields(
     previous: &BTreeMap<String, String>,
     answer: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut out = previous.clone();
     out.extend(answer.iter().map(|(k, v)| (k.clone(), v.clone())));
-    out
+    without_secret_looking(out)
 }
 
 #[cfg(test)]
@@ -294,6 +349,8 @@ mod tests {
             ("{token.access_token}", "looks like a secret"),
             ("{token.refresh_token}/x", "looks like a secret"),
             ("{token.api_key}", "looks like a secret"),
+            ("{token.apiKey}", "looks like a secret"),
+            ("{token.sessionId}/x", "looks like a secret"),
             (
                 "{token.instance_url}services",
                 "must be a path starting with '/'",
@@ -348,6 +405,8 @@ mod tests {
             .is_ok());
     }
 
+    /// Every spelling of a secret's name is caught (snake, kebab, camelCase, PascalCase,
+    /// acronyms, concatenated, digits), and the fields providers really send are not.
     #[test]
     fn secret_looking_names() {
         for s in [
@@ -360,8 +419,46 @@ mod tests {
             "session_id",
             "sid",
             "x_password",
+            // camelCase and PascalCase
+            "apiKey",
+            "sessionId",
+            "clientSecret",
+            "refreshToken",
+            "idToken",
+            "ApiKey",
+            "SessionID",
+            "APIKey",
+            "userSid",
+            "authCode",
+            "codeVerifier",
+            "privateKeyPem",
+            "accessKeyId",
+            "jwtAssertion",
+            "userPwd",
+            // concatenated
+            "apikey",
+            "sessionid",
+            "clientsecret",
+            "refreshtoken",
+            "idtoken",
+            "privatekey",
+            "authcode",
+            "devicecode",
+            "apikeys",
+            "usersession",
+            "userpwd",
+            "idjwt",
+            // kebab and digits
+            "api-key",
+            "session-id",
+            "x-api-key",
+            "api_key2",
+            "apiKey2",
+            "key",
+            "KEY",
+            "session_state",
         ] {
-            assert!(secret_looking(s), "{s}");
+            assert!(secret_looking(s), "{s} should look like a secret");
         }
         for s in [
             "instance_url",
@@ -371,8 +468,41 @@ mod tests {
             "domain",
             "member_id",
             "keycloak_realm",
+            "scope",
+            "token_type",
+            "expires_in",
+            "id",
+            "issued_at",
+            "signature",
+            "sfdc_community_url",
+            "sfdc_community_id",
+            "instanceUrl",
+            "apiDomain",
+            "InstanceURL",
+            "userId",
+            "user_id",
+            "status",
+            "region",
+            "keycloakRealm",
+            "identity_url",
+            "consideration",
         ] {
-            assert!(!secret_looking(s), "{s}");
+            assert!(!secret_looking(s), "{s} should not look like a secret");
+        }
+    }
+
+    #[test]
+    fn names_split_into_words_at_humps_acronyms_and_separators() {
+        for (name, words) in [
+            ("instance_url", &["instance", "url"][..]),
+            ("apiKey", &["api", "key"]),
+            ("APIKey", &["api", "key"]),
+            ("SessionID", &["session", "id"]),
+            ("x-api-key2", &["x", "api", "key"]),
+            ("sfdc_community_url", &["sfdc", "community", "url"]),
+            ("apikey", &["apikey"]),
+        ] {
+            assert_eq!(name_words(name), words, "{name}");
         }
     }
 
@@ -383,6 +513,12 @@ mod tests {
         assert_eq!(
             m,
             fields(&[("instance_url", "https://b"), ("api_domain", "https://z")])
+        );
+        // A field an older version kept under a name now judged secret is dropped.
+        let old = fields(&[("instance_url", "https://a"), ("apiKey", "k")]);
+        assert_eq!(
+            merge_fields(&old, &fields(&[])),
+            fields(&[("instance_url", "https://a")])
         );
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
 
-use crate::config::url_template::{TemplatedUpstream, Unresolved};
+use crate::config::url_template::{without_secret_looking, TemplatedUpstream, Unresolved};
 use crate::proxy::target::Target;
 use crate::secret::{InvalidToken, Secret};
 
@@ -108,13 +108,15 @@ impl ActiveToken {
         })
     }
 
-    /// The token with the answer fields it came with, and the upstream base of each of
-    /// `templates` resolved from them.
+    /// The token with the answer fields it came with (never a secret-looking one, even
+    /// from an older stored state), and the upstream base of each of `templates`
+    /// resolved from them.
     pub(crate) fn with_fields(
         mut self,
         fields: BTreeMap<String, String>,
         templates: &[TemplatedUpstream],
     ) -> ActiveToken {
+        let fields = without_secret_looking(fields);
         self.targets = templates
             .iter()
             .map(|t| {
