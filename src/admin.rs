@@ -60,7 +60,7 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
         }
         let peer = req.extensions().get::<crate::inbound::Peer>();
-        if !peer.is_some_and(|p| p.0.ip().is_loopback()) {
+        if !peer.is_some_and(crate::inbound::Peer::is_loopback) {
             return text(
                 StatusCode::FORBIDDEN,
                 "reload is allowed from loopback addresses only\n",
@@ -236,7 +236,11 @@ mod tests {
     #[tokio::test]
     async fn reload_is_refused_to_peers_off_loopback_and_to_get() {
         let (admin, mut rx) = admin();
-        for peer in ["10.1.2.3:5000", "[2001:db8::1]:5000"] {
+        for peer in [
+            "10.1.2.3:5000",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.1.2.3]:5000",
+        ] {
             let r = admin.handle(post_reload(peer)).await;
             assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
         }
@@ -245,6 +249,30 @@ mod tests {
             .await;
         assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert!(rx.try_recv().is_err(), "nothing reached the reload task");
+    }
+
+    /// Loopback in any spelling reaches the reload task, including an IPv4 client of a
+    /// dual-stack listener (`::ffff:127.0.0.1`).
+    #[tokio::test]
+    async fn reload_is_accepted_from_every_loopback_spelling() {
+        for peer in [
+            "127.0.0.1:5000",
+            "127.0.0.2:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+            "[::ffff:127.1.2.3]:5000",
+        ] {
+            let (admin, mut rx) = admin();
+            let answer = tokio::spawn(async move {
+                if let Some(request) = rx.recv().await {
+                    request.answer(Err("reached the reload task".into()));
+                }
+            });
+            let r = admin.handle(post_reload(peer)).await;
+            drop(admin);
+            answer.await.unwrap();
+            assert_eq!(r.status(), StatusCode::CONFLICT, "{peer}");
+        }
     }
 
     #[tokio::test]
