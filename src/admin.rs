@@ -83,19 +83,11 @@ impl Admin {
         }
     }
 
+    /// 200 when every credential holds a usable token and every templated upstream
+    /// resolves with it; else 503 naming what is not ready.
     fn readyz(&self) -> Response<Full<Bytes>> {
         let view = self.view.load();
-        let not_ready: Vec<String> = view
-            .credentials
-            .iter()
-            .filter(|c| {
-                !matches!(
-                    c.state(),
-                    crate::credential::State::Ready | crate::credential::State::Degraded
-                )
-            })
-            .map(|c| format!("{}: {}", c.name, c.state().as_str()))
-            .collect();
+        let not_ready: Vec<String> = view.credentials.iter().flat_map(|c| not_ready(c)).collect();
         if not_ready.is_empty() {
             text(StatusCode::OK, "ready\n")
         } else {
@@ -171,6 +163,20 @@ impl Admin {
         );
         r
     }
+}
+
+/// What keeps `c` from serving: its state without a usable token, or each of its
+/// templated upstreams the token does not resolve (requests to it would be refused).
+fn not_ready(c: &crate::credential::Credential) -> Vec<String> {
+    use crate::credential::State;
+    let state = c.state();
+    if !matches!(state, State::Ready | State::Degraded) {
+        return vec![format!("{}: {}", c.name, state.as_str())];
+    }
+    c.unresolved_upstreams()
+        .into_iter()
+        .map(|(upstream, why)| format!("upstream {upstream}: {why}"))
+        .collect()
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

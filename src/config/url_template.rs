@@ -80,13 +80,81 @@ pub struct TemplatedUpstream {
     pub allow_insecure_http: bool,
 }
 
-/// Why a template gave no usable URL for a token. Field values are not secret (they
-/// are instance addresses), so the message may quote one; it never holds a token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unresolved {
-    /// The field was absent from every answer so far (rather than present but unusable).
-    pub missing: bool,
-    pub message: String,
+/// Why a template gave no usable URL for a token: the field and the rule its value
+/// broke. Never quotes a value, which may hold a secret (a URL's `user:password@` or
+/// query, or something that is not a URL at all); at most the scheme and host of a
+/// value that is a URL, an instance address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    /// No answer so far carried the field.
+    #[error(
+        "no token answer so far carried the field {field}, which the upstream url {template} needs"
+    )]
+    Missing { field: String, template: String },
+    /// The last answer carried the field, but its value was not kept (and no earlier
+    /// value is known).
+    #[error("the token answer's field {field} was not kept: {rule}; the upstream url {template} needs it")]
+    Refused {
+        field: String,
+        template: String,
+        rule: ValueRule,
+    },
+    /// The field's value does not make a usable upstream url.
+    #[error("the token answer's field {field}{} does not make a usable upstream url for {template}: {rule}", origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
+    Unusable {
+        field: String,
+        template: String,
+        /// `scheme://host[:port]` of the value, when it is a URL with a host.
+        origin: Option<String>,
+        rule: UrlRule,
+    },
+    /// Not expected: every template of a credential is resolved when a token is published.
+    #[error("the upstream url has not been resolved for this token")]
+    NotResolved,
+}
+
+impl Unresolved {
+    /// Whether no value is known (503, as for a missing token) rather than an unusable
+    /// one (502).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Unresolved::Missing { .. } | Unresolved::NotResolved)
+    }
+}
+
+/// Why an answer field's value is not kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueRule {
+    #[error("its value is not a string")]
+    NotAString,
+    #[error("it is given more than once with different values")]
+    Ambiguous,
+    #[error("its value is empty")]
+    Empty,
+    #[error("its value is longer than {MAX_FIELD_VALUE} bytes")]
+    TooLong,
+    #[error("its value contains control characters")]
+    ControlCharacters,
+}
+
+/// Why a kept value does not make a usable upstream url.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UrlRule {
+    /// The parser's reason names no part of the value.
+    #[error("it is not an absolute URL ({0})")]
+    NotAbsolute(url::ParseError),
+    #[error("it must use https:// (the upstream does not set allow_insecure_http)")]
+    NotHttps,
+    #[error("scheme {0:?} is not supported")]
+    Scheme(String),
+    #[error("it has no host")]
+    NoHost,
+    #[error("credentials in the URL (user:password@) are not allowed")]
+    Credentials,
+    #[error("it has a query or fragment")]
+    QueryOrFragment,
+    /// The host and port do not make an HTTP authority.
+    #[error("{0}")]
+    Authority(String),
 }
 
 /// Whether a configured url is meant as a template.
@@ -137,63 +205,70 @@ impl UrlTemplate {
 
     /// The URL for a token whose answers carried `fields`: the field's value with the
     /// path appended (one `/` between them), absolute, https unless `allow_insecure_http`.
+    /// `refused` names the fields the last answer carried but were not kept, and why.
     pub fn resolve(
         &self,
         fields: &BTreeMap<String, String>,
+        refused: &BTreeMap<String, ValueRule>,
         allow_insecure_http: bool,
     ) -> Result<Url, Unresolved> {
-        let field = &self.field;
-        let Some(value) = fields.get(field) else {
-            return Err(Unresolved {
-                missing: true,
-                message: format!(
-                    "no token answer so far carried the field {field}, which the upstream url {} needs",
-                    self.source
-                ),
+        let (field, template) = (self.field.clone(), self.source.clone());
+        let Some(value) = fields.get(&self.field) else {
+            return Err(match refused.get(&self.field) {
+                Some(&rule) => Unresolved::Refused {
+                    field,
+                    template,
+                    rule,
+                },
+                None => Unresolved::Missing { field, template },
             });
-        };
-        let bad = |why: &str| {
-            Unresolved {
-            missing: false,
-            message: format!(
-                "the token answer's field {field} ({:?}) does not make a usable upstream url for {}: {why}",
-                shorten(value),
-                self.source
-            ),
-        }
         };
         let joined = if self.path.is_empty() {
             value.clone()
         } else {
             format!("{}{}", value.trim_end_matches('/'), self.path)
         };
-        let url = Url::parse(&joined).map_err(|e| bad(&format!("not an absolute URL ({e})")))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if allow_insecure_http => {}
-            "http" => {
-                return Err(bad(
-                    "must use https:// (the upstream does not set allow_insecure_http)",
-                ))
-            }
-            other => return Err(bad(&format!("scheme {other:?} is not supported"))),
-        }
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(bad("it has no host"));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(bad("credentials in the URL are not allowed"));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(bad("it has a query or fragment"));
-        }
+        let unusable = |origin, rule| Unresolved::Unusable {
+            field,
+            template,
+            origin,
+            rule,
+        };
+        let url = match Url::parse(&joined) {
+            Ok(url) => url,
+            Err(e) => return Err(unusable(None, UrlRule::NotAbsolute(e))),
+        };
+        url_rule(&url, allow_insecure_http).map_err(|rule| unusable(origin(&url), rule))?;
         Ok(url)
     }
 }
 
-/// A field value as quoted in messages.
-fn shorten(v: &str) -> String {
-    v.chars().filter(|c| !c.is_control()).take(120).collect()
+/// The first rule `url` breaks as an upstream base, if any.
+fn url_rule(url: &Url, allow_insecure_http: bool) -> Result<(), UrlRule> {
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_insecure_http => {}
+        "http" => return Err(UrlRule::NotHttps),
+        other => return Err(UrlRule::Scheme(other.to_string())),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(UrlRule::NoHost);
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(UrlRule::Credentials);
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(UrlRule::QueryOrFragment);
+    }
+    Ok(())
+}
+
+/// `scheme://host[:port]` of `url`, the part of a value messages may quote: never its
+/// credentials, path or query.
+fn origin(url: &Url) -> Option<String> {
+    let host = url.host_str().filter(|h| !h.is_empty())?;
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    Some(format!("{}://{host}{port}", url.scheme()))
 }
 
 /// A field name: letters, digits and `_`, not starting with a digit, and nothing that
@@ -292,10 +367,18 @@ pub fn without_secret_looking(mut fields: BTreeMap<String, String>) -> BTreeMap<
     fields
 }
 
-/// The fields of an answer worth keeping: `value` is a non-empty string of printable
-/// characters, at most [`MAX_FIELD_VALUE`] long.
-pub fn keepable_value(value: &str) -> bool {
-    !value.is_empty() && value.len() <= MAX_FIELD_VALUE && !value.chars().any(char::is_control)
+/// Whether an answer field's string value is worth keeping: non-empty, printable, at
+/// most [`MAX_FIELD_VALUE`] bytes long.
+pub fn check_value(value: &str) -> Result<(), ValueRule> {
+    if value.is_empty() {
+        Err(ValueRule::Empty)
+    } else if value.len() > MAX_FIELD_VALUE {
+        Err(ValueRule::TooLong)
+    } else if value.chars().any(char::is_control) {
+        Err(ValueRule::ControlCharacters)
+    } else {
+        Ok(())
+    }
 }
 
 /// `previous` updated with `answer`: a field the answer carries replaces the one known,
@@ -366,43 +449,108 @@ mod tests {
 
     #[test]
     fn resolves_with_one_slash_between_value_and_path() {
+        let none = BTreeMap::new();
         let t = UrlTemplate::parse("{token.client_endpoint}/profile").unwrap();
         let f = fields(&[("client_endpoint", "https://portal.bitrix24.com/rest/")]);
         assert_eq!(
-            t.resolve(&f, false).unwrap().as_str(),
+            t.resolve(&f, &none, false).unwrap().as_str(),
             "https://portal.bitrix24.com/rest/profile"
         );
         let t = UrlTemplate::parse("{token.instance_url}").unwrap();
         let f = fields(&[("instance_url", "https://na1.salesforce.com")]);
         assert_eq!(
-            t.resolve(&f, false).unwrap().as_str(),
+            t.resolve(&f, &none, false).unwrap().as_str(),
             "https://na1.salesforce.com/"
         );
     }
 
+    /// Each rejection names the field and the rule; a value is never quoted, at most
+    /// the scheme and host of a URL.
     #[test]
-    fn unresolved_says_which_field_and_why() {
+    fn unresolved_says_which_field_and_rule_never_the_value() {
+        let none = BTreeMap::new();
         let t = UrlTemplate::parse("{token.instance_url}/x").unwrap();
-        let e = t.resolve(&fields(&[]), false).unwrap_err();
-        assert!(e.missing && e.message.contains("instance_url"), "{e:?}");
-        for (value, why) in [
-            ("http://na1.example.com", "https://"),
-            ("na1.example.com", "not an absolute URL"),
-            ("ftp://na1.example.com", "scheme"),
-            ("https://u:p@na1.example.com", "credentials"),
-            ("https://na1.example.com/?q=1", "query"),
+        let e = t.resolve(&fields(&[]), &none, false).unwrap_err();
+        assert!(
+            e.is_missing() && e.to_string().contains("instance_url"),
+            "{e}"
+        );
+        let refused = BTreeMap::from([("instance_url".to_string(), ValueRule::TooLong)]);
+        let e = t.resolve(&fields(&[]), &refused, false).unwrap_err();
+        assert!(!e.is_missing(), "{e}");
+        assert!(
+            e.to_string().contains("instance_url") && e.to_string().contains("longer than 2048"),
+            "{e}"
+        );
+        for (value, rule, origin, hidden) in [
+            (
+                "http://na1.example.com",
+                "https://",
+                Some("http://na1.example.com"),
+                None,
+            ),
+            (
+                "na1-s3cr3t.example.com",
+                "not an absolute URL",
+                None,
+                Some("s3cr3t"),
+            ),
+            (
+                "ftp://na1.example.com",
+                "scheme",
+                Some("ftp://na1.example.com"),
+                None,
+            ),
+            (
+                "https://u:s3cr3t@na1.example.com:8443",
+                "credentials",
+                Some("https://na1.example.com:8443"),
+                Some("s3cr3t"),
+            ),
+            (
+                "https://na1.example.com/?sig=s3cr3t",
+                "query",
+                Some("https://na1.example.com"),
+                Some("s3cr3t"),
+            ),
+            (
+                "https://na1.example.com/#s3cr3t",
+                "fragment",
+                Some("https://na1.example.com"),
+                Some("s3cr3t"),
+            ),
         ] {
             let e = t
-                .resolve(&fields(&[("instance_url", value)]), false)
+                .resolve(&fields(&[("instance_url", value)]), &none, false)
                 .unwrap_err();
+            let text = e.to_string();
+            assert!(!e.is_missing() && text.contains("instance_url"), "{text}");
+            assert!(text.contains(rule), "{value}: {text}");
             assert!(
-                !e.missing && e.message.contains("instance_url") && e.message.contains(why),
-                "{value}: {e:?}"
+                origin.is_none_or(|o| text.contains(&format!("({o})"))),
+                "{text}"
             );
+            assert!(hidden.is_none_or(|h| !text.contains(h)), "{text}");
         }
         assert!(t
-            .resolve(&fields(&[("instance_url", "http://127.0.0.1:1")]), true)
+            .resolve(
+                &fields(&[("instance_url", "http://127.0.0.1:1")]),
+                &none,
+                true
+            )
             .is_ok());
+    }
+
+    #[test]
+    fn values_kept_are_non_empty_printable_and_bounded() {
+        assert_eq!(check_value("https://na1.example.com"), Ok(()));
+        assert_eq!(check_value(""), Err(ValueRule::Empty));
+        assert_eq!(check_value(&"a".repeat(2049)), Err(ValueRule::TooLong));
+        assert_eq!(check_value(&"a".repeat(2048)), Ok(()));
+        assert_eq!(
+            check_value("https://a\n"),
+            Err(ValueRule::ControlCharacters)
+        );
     }
 
     /// Every spelling of a secret's name is caught (snake, kebab, camelCase, PascalCase,
