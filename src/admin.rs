@@ -60,7 +60,7 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
         }
         let peer = req.extensions().get::<crate::inbound::Peer>();
-        if !peer.is_some_and(|p| p.0.ip().is_loopback()) {
+        if !peer.is_some_and(crate::inbound::Peer::is_loopback) {
             return text(
                 StatusCode::FORBIDDEN,
                 "reload is allowed from loopback addresses only\n",
@@ -83,19 +83,11 @@ impl Admin {
         }
     }
 
+    /// 200 when every credential holds a usable token and every templated upstream
+    /// resolves with it; else 503 naming what is not ready.
     fn readyz(&self) -> Response<Full<Bytes>> {
         let view = self.view.load();
-        let not_ready: Vec<String> = view
-            .credentials
-            .iter()
-            .filter(|c| {
-                !matches!(
-                    c.state(),
-                    crate::credential::State::Ready | crate::credential::State::Degraded
-                )
-            })
-            .map(|c| format!("{}: {}", c.name, c.state().as_str()))
-            .collect();
+        let not_ready: Vec<String> = view.credentials.iter().flat_map(|c| not_ready(c)).collect();
         if not_ready.is_empty() {
             text(StatusCode::OK, "ready\n")
         } else {
@@ -175,6 +167,20 @@ impl Admin {
     }
 }
 
+/// What keeps `c` from serving: its state without a usable token, or each of its
+/// templated upstreams the token does not resolve (requests to it would be refused).
+fn not_ready(c: &crate::credential::Credential) -> Vec<String> {
+    use crate::credential::State;
+    let state = c.state();
+    if !matches!(state, State::Ready | State::Degraded) {
+        return vec![format!("{}: {}", c.name, state.as_str())];
+    }
+    c.unresolved_upstreams()
+        .into_iter()
+        .map(|(upstream, why)| format!("upstream {upstream}: {why}"))
+        .collect()
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
@@ -238,7 +244,11 @@ mod tests {
     #[tokio::test]
     async fn reload_is_refused_to_peers_off_loopback_and_to_get() {
         let (admin, mut rx) = admin();
-        for peer in ["10.1.2.3:5000", "[2001:db8::1]:5000"] {
+        for peer in [
+            "10.1.2.3:5000",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.1.2.3]:5000",
+        ] {
             let r = admin.handle(post_reload(peer)).await;
             assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
         }
@@ -247,6 +257,30 @@ mod tests {
             .await;
         assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert!(rx.try_recv().is_err(), "nothing reached the reload task");
+    }
+
+    /// Loopback in any spelling reaches the reload task, including an IPv4 client of a
+    /// dual-stack listener (`::ffff:127.0.0.1`).
+    #[tokio::test]
+    async fn reload_is_accepted_from_every_loopback_spelling() {
+        for peer in [
+            "127.0.0.1:5000",
+            "127.0.0.2:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+            "[::ffff:127.1.2.3]:5000",
+        ] {
+            let (admin, mut rx) = admin();
+            let answer = tokio::spawn(async move {
+                if let Some(request) = rx.recv().await {
+                    request.answer(Err("reached the reload task".into()));
+                }
+            });
+            let r = admin.handle(post_reload(peer)).await;
+            drop(admin);
+            answer.await.unwrap();
+            assert_eq!(r.status(), StatusCode::CONFLICT, "{peer}");
+        }
     }
 
     #[tokio::test]

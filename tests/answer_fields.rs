@@ -9,8 +9,10 @@
 //! against the resolved base; the field is stored with the token and used after a restart
 //! and by a second instance adopting a rotation, with no token request of their own; a
 //! missing field gives 503 and an unusable one 502, each naming the field, until an answer
-//! brings a good one (client_credentials, kept in memory); `authorize --code` storing the
-//! code answer's fields (shown by `status`); config validation and `check`.
+//! brings a good one (client_credentials, kept in memory); a rejected value names the
+//! field and the rule, never the value, and `/readyz` is 503 meanwhile; `authorize --code`
+//! storing the code answer's fields (shown by `status`); config validation and `check`,
+//! secret names in any spelling refused, and never shown from an older stored state.
 
 mod support;
 
@@ -478,5 +480,264 @@ async fn authorize_stores_the_code_answers_fields() {
     assert_eq!(code, 200, "{body}");
     assert_reached(&f.one, "/v1/echo?authorized=1");
     assert_eq!(f.auth.stats().token_requests, requests);
+    running.stop().await;
+}
+
+/// Secret names in camelCase, PascalCase, concatenated or kebab spelling are refused as
+/// `answer_fields` entries and as template fields, by validation and by `check`.
+#[test]
+fn secret_names_in_any_spelling_are_refused() {
+    for name in [
+        "apiKey",
+        "sessionId",
+        "clientSecret",
+        "refreshToken",
+        "idToken",
+        "apikey",
+        "sessionid",
+        "SessionID",
+    ] {
+        let e = config_error(&one_upstream(
+            &format!("{OAUTH}, answer_fields: [instance_url, {name}]"),
+            "https://api.example.com",
+        ));
+        assert!(
+            e.contains("credentials.c.answer_fields: ")
+                && e.contains(&format!("{name:?} looks like a secret")),
+            "{name}: {e}"
+        );
+        let e = config_error(&one_upstream(OAUTH, &format!("{{token.{name}}}/v1")));
+        assert!(
+            e.contains("upstreams.u.url: ") && e.contains("looks like a secret"),
+            "{name}: {e}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        one_upstream(
+            &format!("{OAUTH}, answer_fields: [instance_url, apiKey]"),
+            "https://api.example.com",
+        ),
+    )
+    .unwrap();
+    let out = support::run_cli(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepted apiKey");
+    assert!(
+        stderr.contains("\"apiKey\" looks like a secret"),
+        "{stderr}"
+    );
+}
+
+/// A state stored by a version whose rule missed camelCase names (`apiKey`,
+/// `sessionId`) never shows them: not on `/status`, not in `tokenrelay status`, and the
+/// next rotation stores the state without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_fields_of_an_older_stored_state_are_never_shown_or_kept() {
+    let f = fixture().await;
+    let secrets = [
+        ("apiKey", "ak-0f3e-never-shown"),
+        ("sessionId", "sess-77a1-never-shown"),
+        ("clientSecret", "cs-19bb-never-shown"),
+        ("refreshToken", "rt-5c2d-never-shown"),
+        ("idToken", "it-8e40-never-shown"),
+    ];
+    let mut stored: std::collections::BTreeMap<String, String> = secrets
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    stored.insert("instance_url".into(), f.one.url());
+    let cfg = Config::from_yaml(&f.yaml, &|_| None).unwrap();
+    let store = tokenrelay::store::open(&cfg.store).unwrap();
+    let state = tokenrelay::store::StoredState {
+        generation: 1,
+        refresh_token: Some(tokenrelay::secret::Secret::new(f.auth.new_grant())),
+        obtained_at_ms: tokenrelay::store::now_ms(),
+        updated_by: "older-version".into(),
+        answer_fields: stored,
+        ..Default::default()
+    };
+    store.compare_and_swap("sf", 0, &state).await.unwrap();
+    let never_shown = |text: &str| {
+        for (name, value) in secrets {
+            assert!(
+                !text.contains(value) && !text.contains(name),
+                "{name} shown: {text}"
+            );
+        }
+    };
+    let config = f.dir.path().join("tokenrelay.yaml");
+    std::fs::write(&config, &f.yaml).unwrap();
+    let cli = support::cli(&["status", "--config", config.to_str().unwrap()]).await;
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(text.contains("instance_url"), "{text}");
+    never_shown(&text);
+
+    let running = support::start(&f.yaml).await;
+    let (code, body) = get(&running.url("sf"), "/echo").await;
+    assert_eq!(code, 200, "{body}");
+    assert_reached(&f.one, "/v1/echo");
+    let status = status_json(&format!("http://{}", running.admin)).await;
+    assert_eq!(
+        status["credentials"]["sf"]["answer_fields"],
+        json!({ "instance_url": f.one.url() })
+    );
+    never_shown(&status.to_string());
+    let page = client()
+        .get(running.admin_url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    never_shown(&page);
+    let state = support::stored_state(&f.yaml, "sf").await.unwrap();
+    assert!(state.generation > 1, "rotated at startup");
+    assert_eq!(
+        state.answer_fields.keys().collect::<Vec<_>>(),
+        ["instance_url"]
+    );
+    running.stop().await;
+}
+
+/// A client_credentials credential `sf` (tokens live 3 s, refreshed 1 s before expiry)
+/// and an upstream `sf` at `{token.instance_url}/v1`, started.
+async fn start_client_credentials(auth: &AuthServer) -> support::Running {
+    let yaml = format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+credentials:
+  sf: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s }}
+upstreams:
+  sf: {{ listen: 127.0.0.1:0, url: \"{{token.instance_url}}/v1\", credential: sf, allow_insecure_http: true }}
+",
+        auth.token_url()
+    );
+    support::start(&yaml).await
+}
+
+/// Polls `/status` until upstream `sf`'s url error contains `says` (a refresh has
+/// brought the answer); the error then.
+async fn url_error_becomes(admin: &str, says: &str) -> String {
+    let error = || async {
+        status_json(admin).await["credentials"]["sf"]["upstream_urls"]["sf"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let found = eventually(Duration::from_secs(15), || async {
+        error().await.contains(says)
+    })
+    .await;
+    let last = error().await;
+    assert!(
+        found,
+        "the url error came to say {says:?}; it says {last:?}"
+    );
+    last
+}
+
+/// `GET {admin}/readyz`: status and body.
+async fn readyz(admin: &str) -> (u16, String) {
+    get(admin, "/readyz").await
+}
+
+/// A field value the upstream url cannot use is refused naming the field and the rule
+/// it broke, whether the value is not kept at all (not a string, too long) or kept but
+/// not a usable URL; the error (502, `/status`, `/readyz`) never quotes what may be
+/// secret: a URL's credentials or query, or a value that is not a URL. The host of a
+/// URL is an instance address and is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_field_value_names_the_field_and_the_rule_never_the_value() {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl: Duration::from_secs(3),
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let running = start_client_credentials(&auth).await;
+    let (sf, admin) = (running.url("sf"), format!("http://{}", running.admin));
+    let long = format!("https://na1.example.com/{}", "p".repeat(3000));
+    for (value, rule, hidden, named) in [
+        (json!(42), "not a string", None, None),
+        (json!(long), "longer than 2048", Some("pppp"), None),
+        (
+            json!("https://admin:pw-3f9a@na1.example.com"),
+            "credentials",
+            Some("pw-3f9a"),
+            Some("https://na1.example.com"),
+        ),
+        (
+            json!("https://na1.example.com/x?sig=sig-77c1"),
+            "query",
+            Some("sig-77c1"),
+            Some("https://na1.example.com"),
+        ),
+        (
+            json!("tok-5d2e-not-a-url"),
+            "not an absolute URL",
+            Some("tok-5d2e"),
+            None,
+        ),
+    ] {
+        auth.set_answer_fields(Map::from_iter([("instance_url".to_string(), value)]));
+        let error = url_error_becomes(&admin, rule).await;
+        let (code, body) = get(&sf, "/echo").await;
+        let (ready, why) = readyz(&admin).await;
+        for text in [&error, &body, &why] {
+            assert!(text.contains("instance_url"), "{rule}: {text}");
+            assert!(hidden.is_none_or(|h| !text.contains(h)), "{rule}: {text}");
+            assert!(named.is_none_or(|n| text.contains(n)), "{rule}: {text}");
+        }
+        assert_eq!(code, 502, "{rule}: {body}");
+        assert!(body.contains(rule), "{rule}: {body}");
+        assert_eq!(ready, 503, "{rule}: {why}");
+        assert!(why.contains("upstream sf") && why.contains(rule), "{why}");
+    }
+    assert_eq!(api.stats().requests, 0);
+
+    auth.set_answer_fields(fields(&[("instance_url", &api.url())]));
+    let (code, body) = get_until(&sf, "/echo", 200).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(readyz(&admin).await.0, 200);
+    running.stop().await;
+}
+
+/// `/readyz` says not ready while a templated upstream's url cannot be resolved (no
+/// answer carried the field yet), though its credential holds a token, and ready once
+/// an answer brings it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_templated_upstream_that_cannot_resolve() {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl: Duration::from_secs(3),
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let running = start_client_credentials(&auth).await;
+    let admin = format!("http://{}", running.admin);
+    url_error_becomes(
+        &admin,
+        "no token answer so far carried the field instance_url",
+    )
+    .await;
+    assert_eq!(
+        status_json(&admin).await["credentials"]["sf"]["state"],
+        "ready"
+    );
+    let (code, body) = readyz(&admin).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("upstream sf") && body.contains("instance_url"),
+        "{body}"
+    );
+
+    auth.set_answer_fields(fields(&[("instance_url", &api.url())]));
+    let (code, body) = get_until(&admin, "/readyz", 200).await;
+    assert_eq!(code, 200, "{body}");
     running.stop().await;
 }

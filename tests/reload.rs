@@ -3,7 +3,8 @@
 //! Upstreams are added, changed and removed without a failed request on the untouched
 //! ones; an invalid file or a busy port changes nothing; unchanged credentials make no
 //! token request; a changed credential keeps its stored refresh token unless its token
-//! endpoint identity changed.
+//! endpoint identity changed; `POST /reload` from IPv4-mapped loopback on a dual-stack
+//! admin listener is a loopback reload.
 
 mod support;
 
@@ -700,4 +701,44 @@ async fn reloads_changing_an_upstream_fail_no_request_on_keep_alive_connections(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_changing_a_general_engine_upstream_fail_no_request_on_keep_alive_connections() {
     reloads_changing_an_upstream_under_keep_alive_load(true).await;
+}
+
+/// On a dual-stack admin listener (`[::]:PORT`) an IPv4 client on loopback arrives as
+/// `::ffff:127.0.0.1`, as does an IPv6 client connecting to that mapped address: both are
+/// loopback peers for `POST /reload`, like `::1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_reload_from_ipv4_mapped_loopback_on_a_dual_stack_admin_listener_is_applied() {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenrelay.yaml");
+    let ports = support::free_ports(5);
+    let (admin, pa) = (ports[0], ports[1]);
+    let head = head_yaml(admin, &credential_yaml(&demo.auth.token_url())).replace(
+        &format!("\"127.0.0.1:{admin}\""),
+        &format!("\"[::]:{admin}\""),
+    );
+    let api = demo.api.url();
+    let mut upstreams = upstream_yaml("a", pa, &api, "");
+    write(&config, &format!("{head}{upstreams}"));
+    let mut proc = ChildProc::spawn(&config, &dir.path().join("log"), &[]);
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+
+    // Each reload adds an upstream, so each is a new config generation.
+    let peers = ["127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"];
+    for (generation, (from, port)) in (2u64..).zip(peers.into_iter().zip(&ports[2..])) {
+        upstreams += &upstream_yaml(&format!("u{generation}"), *port, &api, "");
+        write(&config, &format!("{head}{upstreams}"));
+        let resp = support::client()
+            .post(format!("http://{from}:{admin}/reload"))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        assert_eq!(status, 200, "POST /reload from {from}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["result"], "success", "{body}");
+        assert_eq!(v["generation"], generation, "{body}");
+    }
+    stops_cleanly(&mut proc);
 }

@@ -68,6 +68,9 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
         // YooMoney and long-lived-token integrations: the access token is the grant.
         eprintln!("note: the token endpoint issued no refresh_token; the access token is stored as a long-lived token and will not be refreshed (re-authorize when it expires)");
     }
+    for (field, rule) in &answer.refused_fields {
+        eprintln!("warning: the answer's field {field} was not kept: {rule}");
+    }
     let generation = super::seed::store_new_grant(
         &cfg,
         credential,

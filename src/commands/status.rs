@@ -50,7 +50,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 println!("  refresh token:    {}", if s.refresh_token.is_some() { "stored" } else { "none" });
                 println!("  obtained:         {}", when(s.obtained_at_ms));
                 println!("  updated:          {} by {}", when(s.updated_at_ms), s.updated_by);
-                for (field, value) in &s.answer_fields {
+                // A state stored by an older version may hold a field now judged secret.
+                let fields = crate::config::url_template::without_secret_looking(s.answer_fields.clone());
+                for (field, value) in &fields {
                     println!("  answer field:     {field} = {value}");
                 }
             }

@@ -80,13 +80,81 @@ pub struct TemplatedUpstream {
     pub allow_insecure_http: bool,
 }
 
-/// Why a template gave no usable URL for a token. Field values are not secret (they
-/// are instance addresses), so the message may quote one; it never holds a token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Unresolved {
-    /// The field was absent from every answer so far (rather than present but unusable).
-    pub missing: bool,
-    pub message: String,
+/// Why a template gave no usable URL for a token: the field and the rule its value
+/// broke. Never quotes a value, which may hold a secret (a URL's `user:password@` or
+/// query, or something that is not a URL at all); at most the scheme and host of a
+/// value that is a URL, an instance address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    /// No answer so far carried the field.
+    #[error(
+        "no token answer so far carried the field {field}, which the upstream url {template} needs"
+    )]
+    Missing { field: String, template: String },
+    /// The last answer carried the field, but its value was not kept (and no earlier
+    /// value is known).
+    #[error("the token answer's field {field} was not kept: {rule}; the upstream url {template} needs it")]
+    Refused {
+        field: String,
+        template: String,
+        rule: ValueRule,
+    },
+    /// The field's value does not make a usable upstream url.
+    #[error("the token answer's field {field}{} does not make a usable upstream url for {template}: {rule}", origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
+    Unusable {
+        field: String,
+        template: String,
+        /// `scheme://host[:port]` of the value, when it is a URL with a host.
+        origin: Option<String>,
+        rule: UrlRule,
+    },
+    /// Not expected: every template of a credential is resolved when a token is published.
+    #[error("the upstream url has not been resolved for this token")]
+    NotResolved,
+}
+
+impl Unresolved {
+    /// Whether no value is known (503, as for a missing token) rather than an unusable
+    /// one (502).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Unresolved::Missing { .. } | Unresolved::NotResolved)
+    }
+}
+
+/// Why an answer field's value is not kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueRule {
+    #[error("its value is not a string")]
+    NotAString,
+    #[error("it is given more than once with different values")]
+    Ambiguous,
+    #[error("its value is empty")]
+    Empty,
+    #[error("its value is longer than {MAX_FIELD_VALUE} bytes")]
+    TooLong,
+    #[error("its value contains control characters")]
+    ControlCharacters,
+}
+
+/// Why a kept value does not make a usable upstream url.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UrlRule {
+    /// The parser's reason names no part of the value.
+    #[error("it is not an absolute URL ({0})")]
+    NotAbsolute(url::ParseError),
+    #[error("it must use https:// (the upstream does not set allow_insecure_http)")]
+    NotHttps,
+    #[error("scheme {0:?} is not supported")]
+    Scheme(String),
+    #[error("it has no host")]
+    NoHost,
+    #[error("credentials in the URL (user:password@) are not allowed")]
+    Credentials,
+    #[error("it has a query or fragment")]
+    QueryOrFragment,
+    /// The host and port do not make an HTTP authority.
+    #[error("{0}")]
+    Authority(String),
 }
 
 /// Whether a configured url is meant as a template.
@@ -137,63 +205,70 @@ impl UrlTemplate {
 
     /// The URL for a token whose answers carried `fields`: the field's value with the
     /// path appended (one `/` between them), absolute, https unless `allow_insecure_http`.
+    /// `refused` names the fields the last answer carried but were not kept, and why.
     pub fn resolve(
         &self,
         fields: &BTreeMap<String, String>,
+        refused: &BTreeMap<String, ValueRule>,
         allow_insecure_http: bool,
     ) -> Result<Url, Unresolved> {
-        let field = &self.field;
-        let Some(value) = fields.get(field) else {
-            return Err(Unresolved {
-                missing: true,
-                message: format!(
-                    "no token answer so far carried the field {field}, which the upstream url {} needs",
-                    self.source
-                ),
+        let (field, template) = (self.field.clone(), self.source.clone());
+        let Some(value) = fields.get(&self.field) else {
+            return Err(match refused.get(&self.field) {
+                Some(&rule) => Unresolved::Refused {
+                    field,
+                    template,
+                    rule,
+                },
+                None => Unresolved::Missing { field, template },
             });
-        };
-        let bad = |why: &str| {
-            Unresolved {
-            missing: false,
-            message: format!(
-                "the token answer's field {field} ({:?}) does not make a usable upstream url for {}: {why}",
-                shorten(value),
-                self.source
-            ),
-        }
         };
         let joined = if self.path.is_empty() {
             value.clone()
         } else {
             format!("{}{}", value.trim_end_matches('/'), self.path)
         };
-        let url = Url::parse(&joined).map_err(|e| bad(&format!("not an absolute URL ({e})")))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if allow_insecure_http => {}
-            "http" => {
-                return Err(bad(
-                    "must use https:// (the upstream does not set allow_insecure_http)",
-                ))
-            }
-            other => return Err(bad(&format!("scheme {other:?} is not supported"))),
-        }
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(bad("it has no host"));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(bad("credentials in the URL are not allowed"));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(bad("it has a query or fragment"));
-        }
+        let unusable = |origin, rule| Unresolved::Unusable {
+            field,
+            template,
+            origin,
+            rule,
+        };
+        let url = match Url::parse(&joined) {
+            Ok(url) => url,
+            Err(e) => return Err(unusable(None, UrlRule::NotAbsolute(e))),
+        };
+        url_rule(&url, allow_insecure_http).map_err(|rule| unusable(origin(&url), rule))?;
         Ok(url)
     }
 }
 
-/// A field value as quoted in messages.
-fn shorten(v: &str) -> String {
-    v.chars().filter(|c| !c.is_control()).take(120).collect()
+/// The first rule `url` breaks as an upstream base, if any.
+fn url_rule(url: &Url, allow_insecure_http: bool) -> Result<(), UrlRule> {
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_insecure_http => {}
+        "http" => return Err(UrlRule::NotHttps),
+        other => return Err(UrlRule::Scheme(other.to_string())),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(UrlRule::NoHost);
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(UrlRule::Credentials);
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(UrlRule::QueryOrFragment);
+    }
+    Ok(())
+}
+
+/// `scheme://host[:port]` of `url`, the part of a value messages may quote: never its
+/// credentials, path or query.
+fn origin(url: &Url) -> Option<String> {
+    let host = url.host_str().filter(|h| !h.is_empty())?;
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    Some(format!("{}://{host}{port}", url.scheme()))
 }
 
 /// A field name: letters, digits and `_`, not starting with a digit, and nothing that
@@ -212,47 +287,110 @@ pub fn check_field_name(name: &str) -> Result<(), String> {
     }
     if secret_looking(name) {
         return Err(format!(
-            "{name:?} looks like a secret (a token, secret, password, key or code); only fields such as instance_url are kept"
+            "{name:?} looks like a secret (a token, secret, password, session, key or code, in any spelling such as apiKey); only fields such as instance_url are kept"
         ));
     }
     Ok(())
 }
 
+/// Stems that mark a secret wherever they appear in a word of the name
+/// (`refresh_token`, `refreshToken`, `refreshtoken`, `clientsecret`, `sessionid`).
+const SECRET_STEMS: [&str; 10] = [
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "assertion",
+    "credential",
+    "cookie",
+    "session",
+    "jwt",
+];
+
+/// Words that mark a secret alone or ending a concatenated word, plural too (`api_key`,
+/// `apiKey`, `apikey`, `auth_code`, `devicecode`, `user_sid`); never as a prefix, so
+/// `keycloak_realm` passes.
+const SECRET_TAILS: [&str; 3] = ["key", "code", "sid"];
+
+/// RFC 6749 §5.1 names that contain a stem but never hold a secret (`token_type` is a
+/// word such as `Bearer`), compared with the words joined.
+const NOT_SECRET: [&str; 1] = ["tokentype"];
+
 /// Names of answer fields that are or may be secrets: never kept, whatever is configured.
+/// The name is split into words on `_`, `-`, digits and camelCase humps, so every spelling
+/// of a name is judged alike.
 pub fn secret_looking(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    [
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "assertion",
-        "credential",
-        "cookie",
-    ]
-    .iter()
-    .any(|s| lower.contains(s))
-        || lower
-            .split(['_', '-'])
-            .any(|part| matches!(part, "key" | "code" | "pwd" | "session" | "sid" | "jwt"))
+    let words = name_words(name);
+    if NOT_SECRET.contains(&words.concat().as_str()) {
+        return false;
+    }
+    words.iter().any(|w| {
+        SECRET_STEMS.iter().any(|s| w.contains(s))
+            || SECRET_TAILS
+                .iter()
+                .any(|t| w.ends_with(t) || w.strip_suffix('s').is_some_and(|w| w.ends_with(t)))
+    })
 }
 
-/// The fields of an answer worth keeping: `value` is a non-empty string of printable
-/// characters, at most [`MAX_FIELD_VALUE`] long.
-pub fn keepable_value(value: &str) -> bool {
-    !value.is_empty() && value.len() <= MAX_FIELD_VALUE && !value.chars().any(char::is_control)
+/// The lowercase words of a field name: split at anything but a letter, before an
+/// upper-case letter that follows a lower-case one (`apiKey`), and before the last
+/// capital of an acronym followed by lower case (`APIKey` -> `api`, `key`).
+fn name_words(name: &str) -> Vec<String> {
+    let chars: Vec<char> = name.chars().collect();
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        if !c.is_ascii_alphabetic() {
+            words.extend((!word.is_empty()).then(|| std::mem::take(&mut word)));
+            continue;
+        }
+        let prev = i.checked_sub(1).map(|p| chars[p]);
+        let next = chars.get(i + 1);
+        let hump = c.is_ascii_uppercase()
+            && (prev.is_some_and(|p| p.is_ascii_lowercase())
+                || (prev.is_some_and(|p| p.is_ascii_uppercase())
+                    && next.is_some_and(|n| n.is_ascii_lowercase())));
+        if hump && !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        word.push(c.to_ascii_lowercase());
+    }
+    words.extend((!word.is_empty()).then_some(word));
+    words
+}
+
+/// `fields` without those whose name looks like a secret: a state stored by a version
+/// whose rule missed a spelling (`apiKey`) neither shows nor keeps such a field.
+pub fn without_secret_looking(mut fields: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    fields.retain(|name, _| !secret_looking(name));
+    fields
+}
+
+/// Whether an answer field's string value is worth keeping: non-empty, printable, at
+/// most [`MAX_FIELD_VALUE`] bytes long.
+pub fn check_value(value: &str) -> Result<(), ValueRule> {
+    if value.is_empty() {
+        Err(ValueRule::Empty)
+    } else if value.len() > MAX_FIELD_VALUE {
+        Err(ValueRule::TooLong)
+    } else if value.chars().any(char::is_control) {
+        Err(ValueRule::ControlCharacters)
+    } else {
+        Ok(())
+    }
 }
 
 /// `previous` updated with `answer`: a field the answer carries replaces the one known,
 /// a field it omits keeps its previous value (Salesforce sends `instance_url` on some
-/// answers only).
+/// answers only). A secret-looking field of an older state is dropped.
 pub fn merge_fields(
     previous: &BTreeMap<String, String>,
     answer: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut out = previous.clone();
     out.extend(answer.iter().map(|(k, v)| (k.clone(), v.clone())));
-    out
+    without_secret_looking(out)
 }
 
 #[cfg(test)]
@@ -294,6 +432,8 @@ mod tests {
             ("{token.access_token}", "looks like a secret"),
             ("{token.refresh_token}/x", "looks like a secret"),
             ("{token.api_key}", "looks like a secret"),
+            ("{token.apiKey}", "looks like a secret"),
+            ("{token.sessionId}/x", "looks like a secret"),
             (
                 "{token.instance_url}services",
                 "must be a path starting with '/'",
@@ -309,45 +449,112 @@ mod tests {
 
     #[test]
     fn resolves_with_one_slash_between_value_and_path() {
+        let none = BTreeMap::new();
         let t = UrlTemplate::parse("{token.client_endpoint}/profile").unwrap();
         let f = fields(&[("client_endpoint", "https://portal.bitrix24.com/rest/")]);
         assert_eq!(
-            t.resolve(&f, false).unwrap().as_str(),
+            t.resolve(&f, &none, false).unwrap().as_str(),
             "https://portal.bitrix24.com/rest/profile"
         );
         let t = UrlTemplate::parse("{token.instance_url}").unwrap();
         let f = fields(&[("instance_url", "https://na1.salesforce.com")]);
         assert_eq!(
-            t.resolve(&f, false).unwrap().as_str(),
+            t.resolve(&f, &none, false).unwrap().as_str(),
             "https://na1.salesforce.com/"
         );
     }
 
+    /// Each rejection names the field and the rule; a value is never quoted, at most
+    /// the scheme and host of a URL.
     #[test]
-    fn unresolved_says_which_field_and_why() {
+    fn unresolved_says_which_field_and_rule_never_the_value() {
+        let none = BTreeMap::new();
         let t = UrlTemplate::parse("{token.instance_url}/x").unwrap();
-        let e = t.resolve(&fields(&[]), false).unwrap_err();
-        assert!(e.missing && e.message.contains("instance_url"), "{e:?}");
-        for (value, why) in [
-            ("http://na1.example.com", "https://"),
-            ("na1.example.com", "not an absolute URL"),
-            ("ftp://na1.example.com", "scheme"),
-            ("https://u:p@na1.example.com", "credentials"),
-            ("https://na1.example.com/?q=1", "query"),
+        let e = t.resolve(&fields(&[]), &none, false).unwrap_err();
+        assert!(
+            e.is_missing() && e.to_string().contains("instance_url"),
+            "{e}"
+        );
+        let refused = BTreeMap::from([("instance_url".to_string(), ValueRule::TooLong)]);
+        let e = t.resolve(&fields(&[]), &refused, false).unwrap_err();
+        assert!(!e.is_missing(), "{e}");
+        assert!(
+            e.to_string().contains("instance_url") && e.to_string().contains("longer than 2048"),
+            "{e}"
+        );
+        for (value, rule, origin, hidden) in [
+            (
+                "http://na1.example.com",
+                "https://",
+                Some("http://na1.example.com"),
+                None,
+            ),
+            (
+                "na1-s3cr3t.example.com",
+                "not an absolute URL",
+                None,
+                Some("s3cr3t"),
+            ),
+            (
+                "ftp://na1.example.com",
+                "scheme",
+                Some("ftp://na1.example.com"),
+                None,
+            ),
+            (
+                "https://u:s3cr3t@na1.example.com:8443",
+                "credentials",
+                Some("https://na1.example.com:8443"),
+                Some("s3cr3t"),
+            ),
+            (
+                "https://na1.example.com/?sig=s3cr3t",
+                "query",
+                Some("https://na1.example.com"),
+                Some("s3cr3t"),
+            ),
+            (
+                "https://na1.example.com/#s3cr3t",
+                "fragment",
+                Some("https://na1.example.com"),
+                Some("s3cr3t"),
+            ),
         ] {
             let e = t
-                .resolve(&fields(&[("instance_url", value)]), false)
+                .resolve(&fields(&[("instance_url", value)]), &none, false)
                 .unwrap_err();
+            let text = e.to_string();
+            assert!(!e.is_missing() && text.contains("instance_url"), "{text}");
+            assert!(text.contains(rule), "{value}: {text}");
             assert!(
-                !e.missing && e.message.contains("instance_url") && e.message.contains(why),
-                "{value}: {e:?}"
+                origin.is_none_or(|o| text.contains(&format!("({o})"))),
+                "{text}"
             );
+            assert!(hidden.is_none_or(|h| !text.contains(h)), "{text}");
         }
         assert!(t
-            .resolve(&fields(&[("instance_url", "http://127.0.0.1:1")]), true)
+            .resolve(
+                &fields(&[("instance_url", "http://127.0.0.1:1")]),
+                &none,
+                true
+            )
             .is_ok());
     }
 
+    #[test]
+    fn values_kept_are_non_empty_printable_and_bounded() {
+        assert_eq!(check_value("https://na1.example.com"), Ok(()));
+        assert_eq!(check_value(""), Err(ValueRule::Empty));
+        assert_eq!(check_value(&"a".repeat(2049)), Err(ValueRule::TooLong));
+        assert_eq!(check_value(&"a".repeat(2048)), Ok(()));
+        assert_eq!(
+            check_value("https://a\n"),
+            Err(ValueRule::ControlCharacters)
+        );
+    }
+
+    /// Every spelling of a secret's name is caught (snake, kebab, camelCase, PascalCase,
+    /// acronyms, concatenated, digits), and the fields providers really send are not.
     #[test]
     fn secret_looking_names() {
         for s in [
@@ -360,8 +567,46 @@ mod tests {
             "session_id",
             "sid",
             "x_password",
+            // camelCase and PascalCase
+            "apiKey",
+            "sessionId",
+            "clientSecret",
+            "refreshToken",
+            "idToken",
+            "ApiKey",
+            "SessionID",
+            "APIKey",
+            "userSid",
+            "authCode",
+            "codeVerifier",
+            "privateKeyPem",
+            "accessKeyId",
+            "jwtAssertion",
+            "userPwd",
+            // concatenated
+            "apikey",
+            "sessionid",
+            "clientsecret",
+            "refreshtoken",
+            "idtoken",
+            "privatekey",
+            "authcode",
+            "devicecode",
+            "apikeys",
+            "usersession",
+            "userpwd",
+            "idjwt",
+            // kebab and digits
+            "api-key",
+            "session-id",
+            "x-api-key",
+            "api_key2",
+            "apiKey2",
+            "key",
+            "KEY",
+            "session_state",
         ] {
-            assert!(secret_looking(s), "{s}");
+            assert!(secret_looking(s), "{s} should look like a secret");
         }
         for s in [
             "instance_url",
@@ -371,8 +616,41 @@ mod tests {
             "domain",
             "member_id",
             "keycloak_realm",
+            "scope",
+            "token_type",
+            "expires_in",
+            "id",
+            "issued_at",
+            "signature",
+            "sfdc_community_url",
+            "sfdc_community_id",
+            "instanceUrl",
+            "apiDomain",
+            "InstanceURL",
+            "userId",
+            "user_id",
+            "status",
+            "region",
+            "keycloakRealm",
+            "identity_url",
+            "consideration",
         ] {
-            assert!(!secret_looking(s), "{s}");
+            assert!(!secret_looking(s), "{s} should not look like a secret");
+        }
+    }
+
+    #[test]
+    fn names_split_into_words_at_humps_acronyms_and_separators() {
+        for (name, words) in [
+            ("instance_url", &["instance", "url"][..]),
+            ("apiKey", &["api", "key"]),
+            ("APIKey", &["api", "key"]),
+            ("SessionID", &["session", "id"]),
+            ("x-api-key2", &["x", "api", "key"]),
+            ("sfdc_community_url", &["sfdc", "community", "url"]),
+            ("apikey", &["apikey"]),
+        ] {
+            assert_eq!(name_words(name), words, "{name}");
         }
     }
 
@@ -383,6 +661,12 @@ mod tests {
         assert_eq!(
             m,
             fields(&[("instance_url", "https://b"), ("api_domain", "https://z")])
+        );
+        // A field an older version kept under a name now judged secret is dropped.
+        let old = fields(&[("instance_url", "https://a"), ("apiKey", "k")]);
+        assert_eq!(
+            merge_fields(&old, &fields(&[])),
+            fields(&[("instance_url", "https://a")])
         );
     }
 }

@@ -24,6 +24,7 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
+use crate::config::url_template::{Unresolved, ValueRule};
 use crate::config::CredentialConfig;
 use crate::metrics::{CredentialMetrics, Metrics, STATES};
 use crate::secret::{InvalidToken, Secret};
@@ -193,6 +194,20 @@ impl Credential {
             .position(|t| t.upstream == upstream)
     }
 
+    /// The upstreams whose url template the current token does not resolve, and why
+    /// (none without a token: the credential's state says so).
+    pub fn unresolved_upstreams(&self) -> Vec<(&str, Unresolved)> {
+        let Some(token) = self.current() else {
+            return Vec::new();
+        };
+        self.config
+            .url_templates
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, t)| Some((t.upstream.as_str(), token.target(slot).err()?)))
+            .collect()
+    }
+
     /// The current token if it is still usable: one atomic load, no locks.
     pub fn usable(&self, now: Instant) -> Option<Arc<ActiveToken>> {
         let guard = self.cell.load();
@@ -216,21 +231,37 @@ impl Credential {
         generation: u64,
         expires_at_wall: Option<SystemTime>,
     ) -> Result<(), InvalidToken> {
-        self.publish_with_fields(access_token, generation, expires_at_wall, BTreeMap::new())
+        self.publish_with_fields(
+            access_token,
+            generation,
+            expires_at_wall,
+            BTreeMap::new(),
+            &BTreeMap::new(),
+        )
     }
 
     /// [`Credential::publish`] with the token answers' kept fields (`answer_fields`),
-    /// from which the url of each templated upstream is resolved here, once per token.
+    /// from which the url of each templated upstream is resolved here, once per token;
+    /// `refused` names the fields the answer carried with a value not kept, and why.
     pub(crate) fn publish_with_fields(
         &self,
         access_token: &Secret,
         generation: u64,
         expires_at_wall: Option<SystemTime>,
         fields: BTreeMap<String, String>,
+        refused: &BTreeMap<String, ValueRule>,
     ) -> Result<(), InvalidToken> {
+        for (field, rule) in refused {
+            let kept = if fields.contains_key(field) {
+                "the previous value is kept"
+            } else {
+                "no value is known"
+            };
+            tracing::warn!(credential = %self.name, field = %field, %rule, "a token answer field was not kept ({kept})");
+        }
         let formats = self.formats.lock().unwrap();
         let token = ActiveToken::new(access_token, &formats, generation, expires_at_wall)?
-            .with_fields(fields, &self.config.url_templates);
+            .with_fields(fields, refused, &self.config.url_templates);
         self.log_target_changes(self.current().as_deref(), &token);
         self.cell.store(Some(Arc::new(token)));
         drop(formats);
@@ -257,7 +288,7 @@ impl Credential {
                     tracing::info!(credential = %self.name, upstream = %t.upstream, %url, "upstream url resolved from the token answer")
                 }
                 Err(e) => {
-                    tracing::warn!(credential = %self.name, upstream = %t.upstream, error = %e.message, "upstream url cannot be resolved; its requests are refused until a token answer provides it")
+                    tracing::warn!(credential = %self.name, upstream = %t.upstream, error = %e, "upstream url cannot be resolved; its requests are refused until a token answer provides it")
                 }
             }
         }

@@ -92,7 +92,7 @@ impl Credential {
             .map(|(slot, t)| {
                 let (url, error) = match token.map(|tok| tok.target(slot)) {
                     Some(Ok(target)) => (Some(target.upstream_prefix.clone()), None),
-                    Some(Err(e)) => (None, Some(e.message)),
+                    Some(Err(e)) => (None, Some(e.to_string())),
                     None => (None, Some("no token yet".to_string())),
                 };
                 (

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderValue;
 
-use crate::config::url_template::{TemplatedUpstream, Unresolved};
+use crate::config::url_template::{
+    without_secret_looking, TemplatedUpstream, Unresolved, UrlRule, ValueRule,
+};
 use crate::proxy::target::Target;
 use crate::secret::{InvalidToken, Secret};
 
@@ -108,24 +110,31 @@ impl ActiveToken {
         })
     }
 
-    /// The token with the answer fields it came with, and the upstream base of each of
-    /// `templates` resolved from them.
+    /// The token with the answer fields it came with (never a secret-looking one, even
+    /// from an older stored state), and the upstream base of each of `templates`
+    /// resolved from them; `refused` names the fields the last answer carried with a
+    /// value not kept, and why.
     pub(crate) fn with_fields(
         mut self,
         fields: BTreeMap<String, String>,
+        refused: &BTreeMap<String, ValueRule>,
         templates: &[TemplatedUpstream],
     ) -> ActiveToken {
+        let fields = without_secret_looking(fields);
         self.targets = templates
             .iter()
             .map(|t| {
-                let url = t.template.resolve(&fields, t.allow_insecure_http)?;
-                Target::of(&url).map(Arc::new).map_err(|e| Unresolved {
-                    missing: false,
-                    message: format!(
-                        "the token answer's field {} does not make a usable upstream url for {}: {e}",
-                        t.template.field, t.template.source
-                    ),
-                })
+                let url = t
+                    .template
+                    .resolve(&fields, refused, t.allow_insecure_http)?;
+                Target::of(&url)
+                    .map(Arc::new)
+                    .map_err(|e| Unresolved::Unusable {
+                        field: t.template.field.clone(),
+                        template: t.template.source.clone(),
+                        origin: None,
+                        rule: UrlRule::Authority(e),
+                    })
             })
             .collect();
         self.fields = fields;
@@ -137,11 +146,7 @@ impl ActiveToken {
         match self.targets.get(slot) {
             Some(Ok(t)) => Ok(t),
             Some(Err(e)) => Err(e.clone()),
-            // Not expected: every template of the credential is resolved at publish.
-            None => Err(Unresolved {
-                missing: true,
-                message: "the upstream url has not been resolved for this token".into(),
-            }),
+            None => Err(Unresolved::NotResolved),
         }
     }
 

@@ -7,7 +7,7 @@ mod timeouts;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,6 +52,20 @@ pub fn builder(limits: &Limits) -> http1::Builder {
 /// The app's address, in each request's extensions.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
+
+impl Peer {
+    /// Whether the peer is on this host's loopback (see [`is_loopback`]).
+    pub fn is_loopback(&self) -> bool {
+        is_loopback(self.0.ip())
+    }
+}
+
+/// Whether `ip` is a loopback address in any spelling. A dual-stack listener (`[::]`)
+/// sees an IPv4 client as `::ffff:127.0.0.1`, which `Ipv6Addr::is_loopback` alone does
+/// not count, so the address is canonicalised first.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
 
 /// Serves one connection with hyper; on `shutdown`, drains: finishes the request in
 /// flight, answers what arrives within [`RETIRE_GRACE`] with `Connection: close`, and
@@ -150,5 +164,32 @@ impl<B: Body + Unpin> Body for Guarded<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_in_every_spelling_and_nothing_else() {
+        for (ip, loopback) in [
+            ("127.0.0.1", true),
+            ("127.255.255.254", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:127.9.9.9", true),
+            ("10.0.0.1", false),
+            ("0.0.0.0", false),
+            ("::", false),
+            ("::ffff:10.0.0.1", false),
+            // IPv4-compatible (deprecated, RFC 4291 §2.5.5.1): no socket reports it.
+            ("::127.0.0.1", false),
+            ("2001:db8::1", false),
+            ("fe80::1", false),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(is_loopback(ip), loopback, "{ip}");
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::lenient::Document;
+use crate::config::url_template::ValueRule;
 use crate::config::DeadGrantAnswer;
 use crate::secret::Secret;
 
@@ -37,6 +38,8 @@ pub struct TokenAnswer {
     /// The answer's extra string fields the credential keeps (`answer_fields`, e.g.
     /// Salesforce's `instance_url`); never a secret-looking one.
     pub fields: BTreeMap<String, String>,
+    /// Fields of `answer_fields` the answer carried with a value not kept, and why.
+    pub refused_fields: BTreeMap<String, ValueRule>,
 }
 
 /// A usable answer: both parts.
@@ -48,6 +51,8 @@ pub struct TokenResponse {
     pub scope: Option<String>,
     /// See [`TokenAnswer::fields`].
     pub fields: BTreeMap<String, String>,
+    /// See [`TokenAnswer::refused_fields`].
+    pub refused_fields: BTreeMap<String, ValueRule>,
 }
 
 impl TokenAnswer {
@@ -61,6 +66,7 @@ impl TokenAnswer {
             refresh_token: self.refresh_token,
             scope: access.scope,
             fields: self.fields,
+            refused_fields: self.refused_fields,
         })
     }
 }
@@ -201,29 +207,46 @@ pub fn parse(
         (Err(e), None) => Err(e),
         (access, refresh_token) => {
             let read = read.as_ref();
+            let (fields, refused_fields) =
+                read.map(|b| kept_fields(&b.doc, keep)).unwrap_or_default();
             Ok(TokenAnswer {
                 refresh_token,
                 access,
                 refresh_expires_in: read.and_then(Body::refresh_expires_in),
-                fields: read.map(|b| kept_fields(&b.doc, keep)).unwrap_or_default(),
+                fields,
+                refused_fields,
             })
         }
     }
 }
 
 /// The string fields named in `keep` (never a secret-looking one, whatever the config
-/// says), each a printable value of bounded length; anything else is left out.
-fn kept_fields(doc: &Document, keep: &[String]) -> BTreeMap<String, String> {
-    use crate::config::url_template::{keepable_value, secret_looking};
-    keep.iter()
-        .filter(|name| !secret_looking(name))
-        .filter_map(|name| match doc.get(name) {
-            Ok(Some(serde_json::Value::String(v))) if keepable_value(v) => {
-                Some((name.clone(), v.clone()))
+/// says), each a printable value of bounded length; and those the answer carried with a
+/// value not kept, with the rule it broke (`null` counts as absent).
+fn kept_fields(
+    doc: &Document,
+    keep: &[String],
+) -> (BTreeMap<String, String>, BTreeMap<String, ValueRule>) {
+    use crate::config::url_template::{check_value, secret_looking};
+    let mut kept = BTreeMap::new();
+    let mut refused = BTreeMap::new();
+    for name in keep.iter().filter(|name| !secret_looking(name)) {
+        let judged = match doc.get(name) {
+            Ok(None | Some(serde_json::Value::Null)) => continue,
+            Ok(Some(serde_json::Value::String(v))) => check_value(v).map(|()| v.clone()),
+            Ok(Some(_)) => Err(ValueRule::NotAString),
+            Err(_) => Err(ValueRule::Ambiguous),
+        };
+        match judged {
+            Ok(v) => {
+                kept.insert(name.clone(), v);
             }
-            _ => None,
-        })
-        .collect()
+            Err(rule) => {
+                refused.insert(name.clone(), rule);
+            }
+        }
+    }
+    (kept, refused)
 }
 
 /// The dead-grant error for an answer one of the rules names, with the provider's short
@@ -412,6 +435,15 @@ mod tests {
                 "instance_url".to_string(),
                 "https://na1.example.com".to_string()
             )]
+        );
+        // Named fields with a value not kept are reported with the rule (a secret-looking
+        // name is not even looked at).
+        assert_eq!(
+            a.refused_fields.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("ctl".to_string(), ValueRule::ControlCharacters),
+                ("n".to_string(), ValueRule::NotAString)
+            ]
         );
         let body =
             br#"{"refresh_token":"r","expires_in":0,"api_domain":"https://www.zohoapis.eu"}"#;

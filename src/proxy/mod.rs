@@ -88,10 +88,10 @@ impl Upstream {
         match &self.base {
             Base::Fixed(t) => Ok(t),
             Base::FromToken(slot) => token.target(*slot).map(|t| &**t).map_err(|e| {
-                if e.missing {
-                    ProxyError::NoUpstreamUrl(e.message)
+                if e.is_missing() {
+                    ProxyError::NoUpstreamUrl(e)
                 } else {
-                    ProxyError::BadUpstreamUrl(e.message)
+                    ProxyError::BadUpstreamUrl(e)
                 }
             }),
         }

@@ -9,6 +9,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use tracing::{debug, info, warn};
 
+use crate::config::url_template::Unresolved;
 use crate::metrics::{UpstreamErrorKind, UpstreamMetrics};
 
 /// Why a request was not (successfully) forwarded.
@@ -39,10 +40,10 @@ pub enum ProxyError {
     NoToken(String),
     /// A templated upstream url (`{token.FIELD}`) whose field no token answer carried yet.
     #[error("{0}")]
-    NoUpstreamUrl(String),
+    NoUpstreamUrl(Unresolved),
     /// A templated upstream url whose field does not make a usable url.
     #[error("{0}")]
-    BadUpstreamUrl(String),
+    BadUpstreamUrl(Unresolved),
     #[error("upstream {kind} error: {1}", kind = kind_str(*.0))]
     Upstream(UpstreamErrorKind, String),
     #[error("upstream did not answer in time")]

@@ -30,6 +30,7 @@ impl Refresher {
                 generation,
                 Some(SystemTime::now() + resp.expires_in),
                 fields,
+                &resp.refused_fields,
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)

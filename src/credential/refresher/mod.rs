@@ -464,10 +464,15 @@ impl Refresher {
             None if s.is_long_lived() => None,
             None => return false,
         };
-        if let Err(e) =
-            self.cred
-                .publish_with_fields(tok, s.generation, expires, s.answer_fields.clone())
-        {
+        if let Err(e) = self.cred.publish_with_fields(
+            tok,
+            s.generation,
+            expires,
+            s.answer_fields.clone(),
+            // Adopted from the store: what the answer refused was logged where
+            // it arrived.
+            &Default::default(),
+        ) {
             warn!(credential = %self.name(), generation = s.generation, error = %e, "the stored access token is unusable");
             return false;
         }

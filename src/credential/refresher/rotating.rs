@@ -248,6 +248,7 @@ impl Refresher {
                         + Duration::from_millis(new.access_expires_at_ms.unwrap_or(now)),
                 ),
                 new.answer_fields.clone(),
+                &answer.refused_fields,
             )
             .map_err(|e| Failure::Error(e.into()))?;
         Ok(RefreshResult::Success)
@@ -279,6 +280,7 @@ impl Refresher {
                         generation,
                         Some(SystemTime::now() + resp.expires_in),
                         fields,
+                        &resp.refused_fields,
                     )
                     .map(|()| RefreshResult::Success)
                     .map_err(|e| Failure::Error(e.into()))
