@@ -511,7 +511,8 @@ pub fn is_own_authority(a: &Authority, upstream: Option<&Authority>, local: Sock
         && (host.eq_ignore_ascii_case("localhost")
             || host
                 .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip == local.ip()))
+                // A dual-stack listener sees its IPv4 address as ::ffff:a.b.c.d.
+                .is_ok_and(|ip| ip.to_canonical() == local.ip().to_canonical()))
 }
 
 /// The size of a request head as sent in its usual form (request line, `name: value`
@@ -575,6 +576,19 @@ pub fn rewrite_location_value(
 
 #[cfg(test)]
 mod tests {
+    /// An absolute-form target naming this listener is its own authority, also on a
+    /// dual-stack listener, which sees its IPv4 address in mapped form.
+    #[test]
+    fn own_authority_on_a_dual_stack_listener() {
+        let a: Authority = "127.0.0.1:8081".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:8081".parse().unwrap();
+        assert!(is_own_authority(&a, None, mapped));
+        let plain: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        assert!(is_own_authority(&a, None, plain));
+        let other: SocketAddr = "[::ffff:127.0.0.2]:8081".parse().unwrap();
+        assert!(!is_own_authority(&a, None, other));
+    }
+
     use super::*;
 
     #[test]
