@@ -375,6 +375,27 @@ impl ConfigMapDir {
     }
 }
 
+/// `tokenrelay run --watch-config --config <config>`, its log in `log`, once ready on
+/// the admin port.
+async fn run_watching(config: &Path, log: &Path, admin: u16) -> ChildProc {
+    let file = std::fs::File::create(log).unwrap();
+    let child = std::process::Command::new(support::binary())
+        .args(["run", "--watch-config", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let proc = ChildProc {
+        child,
+        log: log.to_path_buf(),
+    };
+    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+    proc
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_config_follows_a_configmap_symlink_swap() {
     let demo = demo_servers(AuthServerOptions::default()).await;
@@ -387,19 +408,7 @@ async fn watch_config_follows_a_configmap_symlink_swap() {
         dir.path(),
         &format!("{head}{}", upstream_yaml("a", pa, &api, "")),
     );
-    let log = dir.path().join("log");
-    let file = std::fs::File::create(&log).unwrap();
-    let child = std::process::Command::new(support::binary())
-        .args(["run", "--watch-config", "--config"])
-        .arg(map.path())
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut proc = ChildProc { child, log };
-    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+    let mut proc = run_watching(&map.path(), &dir.path().join("log"), admin).await;
 
     map.update(&format!(
         "{head}{}{}",
@@ -602,19 +611,7 @@ async fn a_config_file_held_open_mid_write_is_never_applied() {
             upstream_yaml_url_last("b", pb, &demo.api.url())
         ),
     );
-    let log = dir.path().join("log");
-    let file = std::fs::File::create(&log).unwrap();
-    let child = std::process::Command::new(support::binary())
-        .args(["run", "--watch-config", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut proc = ChildProc { child, log };
-    assert!(support::wait_ready(&format!("http://127.0.0.1:{admin}/readyz"), WITHIN).await);
+    let mut proc = run_watching(&config, &dir.path().join("log"), admin).await;
 
     // b moves to the next API; the writer stalls with its port cut short.
     let whole = format!(

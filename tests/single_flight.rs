@@ -19,11 +19,11 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_requests_on_an_expired_token_cause_one_token_request() {
-    // 5 s tokens; refresh_at 0.99 and refresh_before 0s put the proactive refresh at
-    // ~4.7-4.95 s, after the token stops being used (5 s minus the 1.25 s safety margin
-    // = 3.75 s). So there is a window in which the token is expired and no refresh runs.
+/// Tokenrelay with 5 s tokens whose proactive refresh comes after they expire:
+/// refresh_at 0.99 and refresh_before 0s put it at ~4.7-4.95 s, after the token stops
+/// being used (5 s minus the 1.25 s safety margin = 3.75 s). So there is a window in
+/// which the token is expired and no refresh runs. `extra`: more credential settings.
+async fn expiring_without_a_refresh(extra: &str) -> (support::DemoServers, support::Running) {
     let demo = demo_servers(AuthServerOptions {
         access_ttl: Duration::from_secs(5),
         ..Default::default()
@@ -32,10 +32,16 @@ async fn a_thousand_requests_on_an_expired_token_cause_one_token_request() {
     let yaml = one_upstream_yaml(
         &demo.auth.token_url(),
         &demo.api.url(),
-        "refresh_at: 0.99, refresh_before: 0s",
+        &format!("refresh_at: 0.99, refresh_before: 0s{extra}"),
         "",
     );
     let tr = support::start(&yaml).await;
+    (demo, tr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_on_an_expired_token_cause_one_token_request() {
+    let (demo, tr) = expiring_without_a_refresh("").await;
     let c = support::client();
     let url = format!("{}/echo", tr.url("api"));
     let resp = c.get(&url).send().await.unwrap();
@@ -318,20 +324,7 @@ async fn requests_waiting_after_a_401_keep_waiting_through_one_failed_attempt() 
 /// Requests waiting on an expired token keep waiting through one failed attempt too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_on_an_expired_token_keep_waiting_through_one_failed_attempt() {
-    // As in the single-flight test above: a window in which the token is expired and no
-    // refresh runs.
-    let demo = demo_servers(AuthServerOptions {
-        access_ttl: Duration::from_secs(5),
-        ..Default::default()
-    })
-    .await;
-    let yaml = one_upstream_yaml(
-        &demo.auth.token_url(),
-        &demo.api.url(),
-        "refresh_at: 0.99, refresh_before: 0s, token_timeout: 3s",
-        "",
-    );
-    let tr = support::start(&yaml).await;
+    let (demo, tr) = expiring_without_a_refresh(", token_timeout: 3s").await;
     let url = format!("{}/echo", tr.url("api"));
     assert_eq!(concurrent_statuses(&url, 1).await, vec![200], "warm-up");
     demo.auth.fail_next(1, Duration::from_millis(800));
