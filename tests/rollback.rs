@@ -259,6 +259,25 @@ async fn recover_and_expect_adoption(
     assert!(f.mark().unwrap() <= generation, "never ahead of the state");
 }
 
+/// Starts tokenrelay on a restored store and waits until it refuses the backup (at
+/// generation `backup`, the mark at `mark`); returns it and what `/status` says the
+/// store can tell of restores.
+async fn start_refusing_the_restore(
+    f: &Fixture,
+    backup: u64,
+    mark: u64,
+) -> (support::Running, String) {
+    let relay = support::start(&f.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let status = wait_for_reauthorization(&admin).await;
+    assert_refused_as_rolled_back(&status, backup, mark);
+    let note = status["store_rollback_detection"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (relay, note)
+}
+
 /// Backup at generation N, further rotations to M, tokenrelay stopped, backup restored,
 /// tokenrelay started: `reauthorization_required` naming both generations, and the
 /// backup's (spent) refresh token never reaches the provider.
@@ -284,14 +303,8 @@ async fn restored_backup_at_startup(encrypted: bool, how: Recovery) {
         )),
         "{shown}"
     );
-    let relay = support::start(&f.yaml).await;
-    let admin = format!("http://{}", relay.admin);
-    let status = wait_for_reauthorization(&admin).await;
-    assert_refused_as_rolled_back(&status, backup_generation, mark);
+    let (relay, note) = start_refusing_the_restore(&f, backup_generation, mark).await;
     // The limit is stated where the operator looks.
-    let note = status["store_rollback_detection"]
-        .as_str()
-        .unwrap_or_default();
     assert!(
         note.contains("is not detected: set store.mark_path"),
         "{note}"
@@ -340,13 +353,7 @@ async fn a_whole_volume_restore_is_refused_by_the_mark_on_another_volume() {
     std::fs::write(f.state_file(), &backup.0).unwrap();
     std::fs::write(f.mark_file(), &backup.1).unwrap();
     let before = f.auth.stats();
-    let relay = support::start(&f.yaml).await;
-    let admin = format!("http://{}", relay.admin);
-    let status = wait_for_reauthorization(&admin).await;
-    assert_refused_as_rolled_back(&status, backup_generation, mark);
-    let note = status["store_rollback_detection"]
-        .as_str()
-        .unwrap_or_default();
+    let (relay, note) = start_refusing_the_restore(&f, backup_generation, mark).await;
     assert!(note.contains("whole restored state directory"), "{note}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_nothing_presented_since(&before, &f.auth.stats());
