@@ -257,23 +257,7 @@ async fn the_instance_is_stored_with_the_token_for_restarts_and_replicas() {
 /// client_credentials, whose fields live in memory only.
 #[tokio::test]
 async fn a_missing_or_unusable_field_is_a_clear_error_until_an_answer_brings_it() {
-    let auth = AuthServer::start(AuthServerOptions {
-        access_ttl: Duration::from_secs(3),
-        ..AuthServerOptions::default()
-    })
-    .await
-    .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}
-credentials:
-  sf: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, refresh_before: 1s }}
-upstreams:
-  sf: {{ listen: 127.0.0.1:0, url: \"{{token.instance_url}}/v1\", credential: sf, allow_insecure_http: true }}
-",
-        auth.token_url()
-    );
-    let running = support::start(&yaml).await;
+    let (auth, api, running) = client_credentials_fixture().await;
     let sf = running.url("sf");
     let admin = format!("http://{}", running.admin);
     assert!(
@@ -322,6 +306,14 @@ fn config_error(yaml: &str) -> String {
         Ok(_) => String::new(),
         Err(e) => e.to_string(),
     }
+}
+
+/// `tokenrelay check` of `yaml` (written to a config file of its own): its output.
+fn check(yaml: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    support::run_cli(&["check", "--config", path.to_str().unwrap()])
 }
 
 fn one_upstream(credential: &str, url: &str) -> String {
@@ -407,17 +399,10 @@ fn url_templates_are_validated() {
 
 #[test]
 fn check_prints_the_template_and_where_it_comes_from() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        one_upstream(
-            "provider: zoho, client_id: id, client_secret: s, redirect_uri: https://example.com/cb",
-            "{token.api_domain}/crm/v8",
-        ),
-    )
-    .unwrap();
-    let out = support::run_cli(&["check", "--config", path.to_str().unwrap()]);
+    let out = check(&one_upstream(
+        "provider: zoho, client_id: id, client_secret: s, redirect_uri: https://example.com/cb",
+        "{token.api_domain}/crm/v8",
+    ));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let printed: serde_yaml::Value = serde_yaml::from_str(&stdout).unwrap();
@@ -512,17 +497,10 @@ fn secret_names_in_any_spelling_are_refused() {
             "{name}: {e}"
         );
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        one_upstream(
-            &format!("{OAUTH}, answer_fields: [instance_url, apiKey]"),
-            "https://api.example.com",
-        ),
-    )
-    .unwrap();
-    let out = support::run_cli(&["check", "--config", path.to_str().unwrap()]);
+    let out = check(&one_upstream(
+        &format!("{OAUTH}, answer_fields: [instance_url, apiKey]"),
+        "https://api.example.com",
+    ));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "check accepted apiKey");
     assert!(
@@ -585,14 +563,7 @@ async fn secret_fields_of_an_older_stored_state_are_never_shown_or_kept() {
         json!({ "instance_url": f.one.url() })
     );
     never_shown(&status.to_string());
-    let page = client()
-        .get(running.admin_url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = support::get_text(&running.admin_url("/")).await;
     never_shown(&page);
     let state = support::stored_state(&f.yaml, "sf").await.unwrap();
     assert!(state.generation > 1, "rotated at startup");
@@ -603,9 +574,18 @@ async fn secret_fields_of_an_older_stored_state_are_never_shown_or_kept() {
     running.stop().await;
 }
 
-/// A client_credentials credential `sf` (tokens live 3 s, refreshed 1 s before expiry)
-/// and an upstream `sf` at `{token.instance_url}/v1`, started.
-async fn start_client_credentials(auth: &AuthServer) -> support::Running {
+/// The demo authorization server (access tokens live 3 s), an API accepting its tokens,
+/// and tokenrelay with a client_credentials credential `sf` (refreshed 1 s before
+/// expiry) and an upstream `sf` at `{token.instance_url}/v1`, started. Fields of
+/// client_credentials answers live in memory only.
+async fn client_credentials_fixture() -> (AuthServer, ApiServer, support::Running) {
+    let auth = AuthServer::start(AuthServerOptions {
+        access_ttl: Duration::from_secs(3),
+        ..AuthServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let yaml = format!(
         "admin: {{ listen: 127.0.0.1:0 }}
 credentials:
@@ -615,7 +595,8 @@ upstreams:
 ",
         auth.token_url()
     );
-    support::start(&yaml).await
+    let running = support::start(&yaml).await;
+    (auth, api, running)
 }
 
 /// Polls `/status` until upstream `sf`'s url error contains `says` (a refresh has
@@ -651,14 +632,7 @@ async fn readyz(admin: &str) -> (u16, String) {
 /// URL is an instance address and is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_field_value_names_the_field_and_the_rule_never_the_value() {
-    let auth = AuthServer::start(AuthServerOptions {
-        access_ttl: Duration::from_secs(3),
-        ..AuthServerOptions::default()
-    })
-    .await
-    .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let running = start_client_credentials(&auth).await;
+    let (auth, api, running) = client_credentials_fixture().await;
     let (sf, admin) = (running.url("sf"), format!("http://{}", running.admin));
     let long = format!("https://na1.example.com/{}", "p".repeat(3000));
     for (value, rule, hidden, named) in [
@@ -711,14 +685,7 @@ async fn a_rejected_field_value_names_the_field_and_the_rule_never_the_value() {
 /// an answer brings it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_a_templated_upstream_that_cannot_resolve() {
-    let auth = AuthServer::start(AuthServerOptions {
-        access_ttl: Duration::from_secs(3),
-        ..AuthServerOptions::default()
-    })
-    .await
-    .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let running = start_client_credentials(&auth).await;
+    let (auth, api, running) = client_credentials_fixture().await;
     let admin = format!("http://{}", running.admin);
     url_error_becomes(
         &admin,

@@ -918,14 +918,7 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
         cc["expires_in_seconds"].as_u64().unwrap() < 5 * 86400,
         "{cc}"
     );
-    let status = support::client()
-        .get(relay.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let status = support::get_text(&relay.admin_url("/status")).await;
     let metrics = support::metrics_text(&relay.admin_url("")).await;
     assert_eq!(
         cert_expiry_metric(&metrics, "credential"),

@@ -482,22 +482,8 @@ async fn tokens_and_secrets_never_reach_logs_errors_status_or_metrics() {
         .await
     );
     learn_token(&demo, &mut tokens);
-    let status = c
-        .get(admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metrics = c
-        .get(admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let status = support::get_text(&admin_url("/status")).await;
+    let metrics = support::get_text(&admin_url("/metrics")).await;
     bodies.push(status.clone());
     bodies.push(metrics.clone());
 

@@ -29,6 +29,7 @@ const DESIGN_METRICS: &[&str] = &[
     "tokenrelay_build_info",
 ];
 
+use support::get_text;
 use support::tools::tool;
 
 struct Env {
@@ -95,17 +96,6 @@ async fn seed(config: &tokenrelay::config::Config, refresh: &str) -> u64 {
         CasOutcome::Swapped
     );
     1
-}
-
-async fn get_text(url: &str) -> String {
-    support::client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// Value of the first sample line starting with `series` (name plus exact labels).

@@ -259,6 +259,16 @@ async fn recover_and_expect_adoption(
     assert!(f.mark().unwrap() <= generation, "never ahead of the state");
 }
 
+/// How every restore test ends: the recovery `how` is adopted (as in
+/// [`recover_and_expect_adoption`]), tokenrelay stops, and the authorization server
+/// never saw a refresh token reused nor an invalid grant.
+async fn recover_and_stop(f: &Fixture, relay: support::Running, mark: u64, how: Recovery) {
+    recover_and_expect_adoption(f, &relay, mark, how).await;
+    relay.stop().await;
+    let stats = f.auth.stats();
+    assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
+}
+
 /// Starts tokenrelay on a restored store and waits until it refuses the backup (at
 /// generation `backup`, the mark at `mark`); returns it and what `/status` says the
 /// store can tell of restores.
@@ -320,10 +330,7 @@ async fn restored_backup_at_startup(encrypted: bool, how: Recovery) {
     assert_nothing_presented_since(&before, &f.auth.stats());
     assert_eq!(f.mark(), Some(mark), "the mark is not lowered");
 
-    recover_and_expect_adoption(&f, &relay, mark, how).await;
-    relay.stop().await;
-    let stats = f.auth.stats();
-    assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
+    recover_and_stop(&f, relay, mark, how).await;
 }
 
 /// A whole-volume restore brings back the state file and its mark together, so the mark
@@ -357,10 +364,7 @@ async fn a_whole_volume_restore_is_refused_by_the_mark_on_another_volume() {
     assert!(note.contains("whole restored state directory"), "{note}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_nothing_presented_since(&before, &f.auth.stats());
-    recover_and_expect_adoption(&f, &relay, mark, Recovery::Seed).await;
-    relay.stop().await;
-    let stats = f.auth.stats();
-    assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
+    recover_and_stop(&f, relay, mark, Recovery::Seed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,10 +403,7 @@ async fn backup_restored_under_a_running_instance_is_refused_at_its_next_refresh
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_nothing_presented_since(&before, &f.auth.stats());
 
-    recover_and_expect_adoption(&f, &relay, mark, Recovery::Seed).await;
-    relay.stop().await;
-    let stats = f.auth.stats();
-    assert_eq!((stats.refresh_reuse_detected, stats.invalid_grant), (0, 0));
+    recover_and_stop(&f, relay, mark, Recovery::Seed).await;
 }
 
 fn parse(yaml: &str) -> Config {

@@ -104,14 +104,7 @@ async fn a_thousand_requests_on_an_expired_token_cause_one_token_request() {
     );
 
     // Most of the requests really did wait on that one refresh.
-    let metrics = c
-        .get(tr.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::get_text(&tr.admin_url("/metrics")).await;
     let waiters = metric(
         &metrics,
         "tokenrelay_refresh_waiters_total{credential=\"api\"}",

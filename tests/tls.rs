@@ -183,14 +183,7 @@ async fn an_untrusted_upstream_certificate_is_a_502_of_kind_tls() {
         "{body}"
     );
     assert_eq!(api.stats().requests, 0, "nothing reached the upstream");
-    let metrics = support::client()
-        .get(relay.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::get_text(&relay.admin_url("/metrics")).await;
     assert!(
         metrics.contains(r#"tokenrelay_upstream_errors_total{kind="tls",upstream="api"} 1"#),
         "{metrics}"

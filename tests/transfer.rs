@@ -64,6 +64,21 @@ async fn seed(e: &Env, auth: &AuthServer) -> String {
     token
 }
 
+/// Environments `a` and `b` in `dir` of one token endpoint and client (`b` with
+/// credentials `b_extra` too), `a` seeded, and a passphrase file: where a handover
+/// starts. Returns `a`, `b`, the refresh token `a` holds and the passphrase file.
+async fn seeded_a_and_b(
+    dir: &Path,
+    auth: &AuthServer,
+    api: &ApiServer,
+    b_extra: &[&str],
+) -> (Env, Env, String, PathBuf) {
+    let a = env(dir, "a", auth, api, "demo-client");
+    let b = env_with(dir, "b", auth, api, "demo-client", b_extra);
+    let token = seed(&a, auth).await;
+    (a, b, token, passphrase(dir))
+}
+
 /// A passphrase file in `dir`.
 fn passphrase(dir: &Path) -> PathBuf {
     let pass = dir.join("passphrase");
@@ -73,41 +88,37 @@ fn passphrase(dir: &Path) -> PathBuf {
 
 /// `tokenrelay export` of credential `crm` of `e` to `out`, sealed with `pass`.
 async fn export(e: &Env, out: &Path, pass: &Path, extra: &[&str]) -> Output {
-    let (config, out, pass) = (
-        e.config.display().to_string(),
-        out.display().to_string(),
-        pass.display().to_string(),
-    );
-    let mut args = vec![
-        "export",
-        "--config",
-        &config,
-        "--credential",
-        "crm",
-        "--out",
-        &out,
-        "--passphrase-file",
-        &pass,
-    ];
-    args.extend(extra);
-    support::cli(&args).await
+    bundle_command("export", e, "crm", ("--out", out), pass, extra).await
 }
 
 /// `tokenrelay import` of `bundle` (sealed with `pass`) into credential `credential` of `e`.
 async fn import(e: &Env, credential: &str, bundle: &Path, pass: &Path, extra: &[&str]) -> Output {
-    let (config, bundle, pass) = (
+    bundle_command("import", e, credential, ("--in", bundle), pass, extra).await
+}
+
+/// `tokenrelay <command> --config <e> --credential <credential> <flag> <file>
+/// --passphrase-file <pass> <extra>`: what export and import have in common.
+async fn bundle_command(
+    command: &str,
+    e: &Env,
+    credential: &str,
+    (flag, file): (&str, &Path),
+    pass: &Path,
+    extra: &[&str],
+) -> Output {
+    let (config, file, pass) = (
         e.config.display().to_string(),
-        bundle.display().to_string(),
+        file.display().to_string(),
         pass.display().to_string(),
     );
     let mut args = vec![
-        "import",
+        command,
         "--config",
         &config,
         "--credential",
         credential,
-        "--in",
-        &bundle,
+        flag,
+        &file,
         "--passphrase-file",
         &pass,
     ];
@@ -165,11 +176,7 @@ async fn servers() -> (AuthServer, ApiServer) {
 async fn a_credential_is_handed_over_to_another_environment() {
     let (auth, api) = servers().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = env(dir.path(), "a", &auth, &api, "demo-client");
-    let b = env(dir.path(), "b", &auth, &api, "demo-client");
-    seed(&a, &auth).await;
-    let pass = dir.path().join("passphrase");
-    std::fs::write(&pass, "a long passphrase\n").unwrap();
+    let (a, b, _, pass) = seeded_a_and_b(dir.path(), &auth, &api, &[]).await;
     let relay_a = support::start(&a.yaml).await;
     let relay_b = support::start(&b.yaml).await;
     let (url_a, url_b) = (
@@ -185,20 +192,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
     assert!(rotated);
 
     let bundle = dir.path().join("crm.bundle");
-    let out = support::cli(&[
-        "export",
-        "--config",
-        &a.config.display().to_string(),
-        "--credential",
-        "crm",
-        "--out",
-        &bundle.display().to_string(),
-        "--passphrase-file",
-        &pass.display().to_string(),
-        "--to",
-        "environment-b",
-    ])
-    .await;
+    let out = export(&a, &bundle, &pass, &["--to", "environment-b"]).await;
     assert!(out.status.success(), "export failed: {}", text(&out.stderr));
     let sealed = std::fs::read_to_string(&bundle).unwrap();
     assert!(sealed.contains("tokenrelay-credential-bundle") && !sealed.contains("refresh_token"));
@@ -217,18 +211,7 @@ async fn a_credential_is_handed_over_to_another_environment() {
     );
     assert_eq!(get(&url_a).await, 503, "A no longer uses the credential");
 
-    let out = support::cli(&[
-        "import",
-        "--config",
-        &b.config.display().to_string(),
-        "--credential",
-        "crm",
-        "--in",
-        &bundle.display().to_string(),
-        "--passphrase-file",
-        &pass.display().to_string(),
-    ])
-    .await;
+    let out = import(&b, "crm", &bundle, &pass, &[]).await;
     assert!(out.status.success(), "import failed: {}", text(&out.stderr));
     let adopted = eventually(Duration::from_secs(10), || {
         let url = url_b.clone();
@@ -268,38 +251,9 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     let pass = dir.path().join("passphrase");
     std::fs::write(&pass, "p\n").unwrap();
     let bundle = dir.path().join("backup.bundle");
-    let (cfg_a, bundle_s, pass_s) = (
-        a.config.display().to_string(),
-        bundle.display().to_string(),
-        pass.display().to_string(),
-    );
-    let out = support::cli(&[
-        "export",
-        "--config",
-        &cfg_a,
-        "--credential",
-        "crm",
-        "--out",
-        &bundle_s,
-        "--passphrase-file",
-        &pass_s,
-        "--copy",
-    ])
-    .await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    succeeded(&export(&a, &bundle, &pass, &["--copy"]).await);
 
-    let out = support::cli(&[
-        "import",
-        "--config",
-        &other.config.display().to_string(),
-        "--credential",
-        "crm",
-        "--in",
-        &bundle_s,
-        "--passphrase-file",
-        &pass_s,
-    ])
-    .await;
+    let out = import(&other, "crm", &bundle, &pass, &[]).await;
     refused(&out, &["another client", "--force"], &token);
     let out = import(&other, "crm", &bundle, &pass, &["--force"]).await;
     succeeded(&out);
@@ -313,33 +267,11 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
     let relay = support::start(&a.yaml).await;
     assert_eq!(get(&format!("{}/echo", relay.url("crm"))).await, 200);
     relay.stop().await;
-    let out = support::cli(&[
-        "import",
-        "--config",
-        &cfg_a,
-        "--credential",
-        "crm",
-        "--in",
-        &bundle_s,
-        "--passphrase-file",
-        &pass_s,
-    ])
-    .await;
+    let out = import(&a, "crm", &bundle, &pass, &[]).await;
     refused(&out, &["most likely been spent", "--force"], &token);
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not it\n").unwrap();
-    let out = support::cli(&[
-        "import",
-        "--config",
-        &cfg_a,
-        "--credential",
-        "crm",
-        "--in",
-        &bundle_s,
-        "--passphrase-file",
-        &wrong.display().to_string(),
-    ])
-    .await;
+    let out = import(&a, "crm", &bundle, &wrong, &[]).await;
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("wrong passphrase"),
@@ -357,10 +289,7 @@ async fn imports_of_other_clients_and_stale_backups_are_refused() {
 async fn a_handover_bundle_is_not_imported_back_into_its_source() {
     let (auth, api) = servers().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = env(dir.path(), "a", &auth, &api, "demo-client");
-    let b = env(dir.path(), "b", &auth, &api, "demo-client");
-    let token = seed(&a, &auth).await;
-    let pass = passphrase(dir.path());
+    let (a, b, token, pass) = seeded_a_and_b(dir.path(), &auth, &api, &[]).await;
     let bundle = dir.path().join("crm.bundle");
     succeeded(&export(&a, &bundle, &pass, &["--to", "b"]).await);
     succeeded(&import(&b, "crm", &bundle, &pass, &[]).await);
@@ -379,10 +308,7 @@ async fn a_handover_bundle_is_not_imported_back_into_its_source() {
 async fn a_stale_bundle_is_refused_by_a_moved_target() {
     let (auth, api) = servers().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = env(dir.path(), "a", &auth, &api, "demo-client");
-    let b = env(dir.path(), "b", &auth, &api, "demo-client");
-    let token = seed(&a, &auth).await;
-    let pass = passphrase(dir.path());
+    let (a, b, token, pass) = seeded_a_and_b(dir.path(), &auth, &api, &[]).await;
     let (to_b, back_to_a) = (dir.path().join("to-b"), dir.path().join("back-to-a"));
     succeeded(&export(&a, &to_b, &pass, &[]).await);
     succeeded(&import(&b, "crm", &to_b, &pass, &[]).await);
@@ -401,10 +327,7 @@ async fn a_stale_bundle_is_refused_by_a_moved_target() {
 async fn a_bundle_for_another_credential_needs_from_credential() {
     let (auth, api) = servers().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = env(dir.path(), "a", &auth, &api, "demo-client");
-    let b = env_with(dir.path(), "b", &auth, &api, "demo-client", &["b24"]);
-    let token = seed(&a, &auth).await;
-    let pass = passphrase(dir.path());
+    let (a, b, token, pass) = seeded_a_and_b(dir.path(), &auth, &api, &["b24"]).await;
     let bundle = dir.path().join("crm.bundle");
     succeeded(&export(&a, &bundle, &pass, &[]).await);
 
@@ -429,10 +352,7 @@ async fn a_bundle_for_another_credential_needs_from_credential() {
 async fn tampered_key_derivation_parameters_are_refused_before_use() {
     let (auth, api) = servers().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = env(dir.path(), "a", &auth, &api, "demo-client");
-    let b = env(dir.path(), "b", &auth, &api, "demo-client");
-    let token = seed(&a, &auth).await;
-    let pass = passphrase(dir.path());
+    let (a, b, token, pass) = seeded_a_and_b(dir.path(), &auth, &api, &[]).await;
     let bundle = dir.path().join("crm.bundle");
     succeeded(&export(&a, &bundle, &pass, &["--copy"]).await);
     let sealed = std::fs::read_to_string(&bundle).unwrap();

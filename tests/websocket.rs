@@ -99,17 +99,29 @@ async fn relay(
     auth: &AuthServer,
     extra: &str,
 ) -> (support::Running, tempfile::TempDir) {
+    relay_to(server.addr, server.ca_pem.as_deref(), "/base", auth, extra).await
+}
+
+/// tokenrelay in front of the server at `addr` (`ca_pem`: its private CA when it speaks
+/// TLS) under `base_path`, with `extra` upstream YAML; the directory holds the CA file.
+async fn relay_to(
+    addr: SocketAddr,
+    ca_pem: Option<&str>,
+    base_path: &str,
+    auth: &AuthServer,
+    extra: &str,
+) -> (support::Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let (url, trust) = match &server.ca_pem {
+    let (url, trust) = match ca_pem {
         None => (
-            format!("http://127.0.0.1:{}/base", server.addr.port()),
+            format!("http://127.0.0.1:{}{base_path}", addr.port()),
             "allow_insecure_http: true".to_string(),
         ),
         Some(pem) => {
             let ca = dir.path().join("ca.pem");
             std::fs::write(&ca, pem).unwrap();
             (
-                format!("https://localhost:{}/base", server.addr.port()),
+                format!("https://localhost:{}{base_path}", addr.port()),
                 format!("ca_file: \"{}\"", ca.display()),
             )
         }
@@ -319,30 +331,8 @@ async fn scripted(
         ]
     });
     let up = upstream::Upstream::start(tls, script).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (url, trust) = match &up.ca_pem {
-        None => (
-            format!("http://127.0.0.1:{}", up.addr.port()),
-            "allow_insecure_http: true".to_string(),
-        ),
-        Some(pem) => {
-            let ca = dir.path().join("ca.pem");
-            std::fs::write(&ca, pem).unwrap();
-            (
-                format!("https://localhost:{}", up.addr.port()),
-                format!("ca_file: \"{}\"", ca.display()),
-            )
-        }
-    };
-    let yaml = format!(
-        "admin: {{ listen: 127.0.0.1:0 }}\n\
-         credentials:\n  \
-           api: {{ grant: client_credentials, token_url: {}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}\n\
-         upstreams:\n  \
-           api: {{ listen: 127.0.0.1:0, url: \"{url}\", credential: api, timeout: 3s, {trust} }}\n",
-        auth.token_url()
-    );
-    (support::start(&yaml).await, up, dir)
+    let (relay, dir) = relay_to(up.addr, up.ca_pem.as_deref(), "", auth, ", timeout: 3s").await;
+    (relay, up, dir)
 }
 
 /// An upstream that answers a WebSocket handshake with a 101 for another protocol (or

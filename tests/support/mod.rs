@@ -355,6 +355,18 @@ pub async fn metrics_text(admin: &str) -> String {
     }
 }
 
+/// `GET url`: the body as text (panics when there is no answer).
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// `GET {admin}/status` as JSON.
 pub async fn status_json(admin: &str) -> serde_json::Value {
     client()
