@@ -462,3 +462,35 @@ async fn a_refresh_rate_limit_is_never_exceeded() {
         .unwrap_or_default();
     assert!(error.contains("refresh limits"), "{st}");
 }
+
+/// Zoho answers a revoked refresh token with HTTP 200 `{"error":"invalid_code"}`: the
+/// preset names it a dead grant, so the credential needs re-authorization within three
+/// attempts instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zoho_invalid_code_in_a_200_is_a_dead_grant() {
+    let j = journey(
+        "zoho",
+        "",
+        ProviderProfile::Standard,
+        Duration::from_secs(60),
+    )
+    .await;
+    check(&j, "zoho").await;
+    j.auth
+        .set_mode(tokenrelay::demo::FailureMode::ErrorIn200("invalid_code"));
+    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let reauth = eventually(Duration::from_secs(20), || {
+        let admin = admin.clone();
+        async move { state(&admin).await == "reauthorization_required" }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    let attempts = j.auth.stats().token_requests;
+    relay.stop().await;
+    assert!(reauth, "not reauthorization_required: {st}");
+    assert!(attempts <= 3, "{attempts} token requests");
+    let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
+    assert!(reason.contains("invalid_code"), "{reason}");
+}

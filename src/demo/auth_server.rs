@@ -193,6 +193,9 @@ pub enum FailureMode {
     /// Wait this long (on top of [`AuthServerOptions::response_delay`]), then behave
     /// correctly.
     Slow(Duration),
+    /// `200` with `{"error": CODE}` and no token: how Zoho answers a revoked refresh
+    /// token (`invalid_code`).
+    ErrorIn200(&'static str),
 }
 
 /// Counters of a running [`AuthServer`] (a snapshot, see [`AuthServer::stats`]).
@@ -955,6 +958,10 @@ fn process_token_request(
                 HeaderValue::from_static("text/html; charset=utf-8"),
             );
             (resp, None)
+        }
+        FailureMode::ErrorIn200(code) => {
+            let resp = json_response(StatusCode::OK, &json!({ "error": code }));
+            (resp, Some(code.to_owned()))
         }
         FailureMode::EmptyAccessToken => {
             let mut resp = json_response(

@@ -128,6 +128,8 @@ struct Raw {
     scope: Option<serde_json::Value>,
     error: Option<serde_json::Value>,
     error_description: Option<serde_json::Value>,
+    /// Slack's success flag: `false` is a failure whatever else the answer says.
+    ok: Option<serde_json::Value>,
     /// problem+json (RFC 9457) and amoCRM's explanation fields.
     hint: Option<serde_json::Value>,
     detail: Option<serde_json::Value>,
@@ -191,17 +193,19 @@ pub fn parse(
     let read = Body::read(body);
     let raw = read.as_ref().map(|b| &b.raw);
     let success = (200..300).contains(&status);
-    if !success {
-        if let Some(e) = dead_grant_error(answer, raw, dead_grant) {
-            return Err(e);
-        }
-    }
     // Step one: a new refresh token in a 2xx answer is never thrown away, even from an
     // answer that is not strict JSON, as long as it names one value.
     let refresh_token = match (&read, success) {
         (Some(b), true) => salvage_refresh_token(&b.doc),
         _ => None,
     };
+    // A provider's own dead-grant answer, whatever its status (Zoho's is a 200); one
+    // that hands over a new refresh token does not say the grant is dead.
+    if refresh_token.is_none() {
+        if let Some(e) = dead_grant_error(answer, raw, dead_grant) {
+            return Err(e);
+        }
+    }
     let access = judge(status, read.as_ref(), body.len(), default_expires_in);
     match (access, refresh_token) {
         (Err(e), None) => Err(e),
@@ -316,6 +320,11 @@ fn judge(
     if !(200..300).contains(&status) {
         return Err(TokenError::Transient(format!(
             "token endpoint answered {status} without an OAuth error body"
+        )));
+    }
+    if read.is_some_and(|b| b.raw.ok == Some(serde_json::Value::Bool(false))) {
+        return Err(TokenError::Transient(format!(
+            "token endpoint answered {status} with \"ok\": false"
         )));
     }
     let Some(Body { raw, doc }) = read else {
@@ -608,6 +617,37 @@ mod tests {
         let a = p(200, body, D).unwrap();
         assert_eq!(a.refresh_expires_in, Some(Duration::from_secs(1800)));
         assert!(a.access.is_ok());
+    }
+
+    /// Errors carried in 2xx answers: an `error` field or `"ok": false` is a failure,
+    /// and a dead-grant rule may name a 200.
+    #[test]
+    fn errors_in_2xx_answers() {
+        let e = p(200, br#"{"error":"invalid_code"}"#, D).unwrap_err();
+        assert!(!e.is_invalid_grant(), "no rule names it: {e}");
+        let e = p(200, br#"{"ok":false,"access_token":"a"}"#, D).unwrap_err();
+        assert!(e.to_string().contains("\"ok\": false"), "{e}");
+        let rules = [DeadGrantAnswer {
+            status: Some(200),
+            error: Some("invalid_code".into()),
+            ..Default::default()
+        }];
+        let answer = Answer {
+            status: 200,
+            content_type: "application/json;charset=UTF-8",
+            body: br#"{"error":"invalid_code"}"#,
+        };
+        let e = parse(&answer, D, &rules, &[]).unwrap_err();
+        assert!(e.is_invalid_grant(), "{e}");
+        assert!(e.to_string().contains("invalid_code"), "{e}");
+        // A new refresh token in it is kept, and the grant is not taken as dead.
+        let answer = Answer {
+            body: br#"{"error":"invalid_code","refresh_token":"r2"}"#,
+            ..answer
+        };
+        let a = parse(&answer, D, &rules, &[]).unwrap();
+        assert_eq!(a.refresh_token.unwrap().expose(), "r2");
+        assert!(!a.access.unwrap_err().is_invalid_grant());
     }
 
     #[test]
