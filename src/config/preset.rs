@@ -368,6 +368,27 @@ mod tests {
         }
     }
 
+    /// The credential preset `name` resolves to, with `params` and a client secret.
+    fn resolved(name: &str, params: &str) -> crate::config::CredentialConfig {
+        let yaml = format!(
+            "credentials:\n  c: {{ provider: {name}, provider_params: {{ {params} }}, client_id: id, client_secret: s, redirect_uri: https://example.com/cb }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: c }}\n"
+        );
+        let cfg = crate::config::Config::from_yaml(&yaml, &|_| None)
+            .unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        cfg.credentials["c"].clone()
+    }
+
+    /// Values taken from the providers' own documentation (each cited in its preset).
+    #[test]
+    fn documented_values_of_presets() {
+        use crate::config::ClientAuth;
+        // Okta: an app registered without a method uses client_secret_basic.
+        assert_eq!(
+            resolved("okta", "domain: example.okta.com").client_auth,
+            ClientAuth::Basic
+        );
+    }
+
     /// A plausible value for a parameter, by its name.
     fn sample_value(name: &str) -> &'static str {
         if name.contains("url") {
