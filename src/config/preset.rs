@@ -387,6 +387,14 @@ mod tests {
             resolved("okta", "domain: example.okta.com").client_auth,
             ClientAuth::Basic
         );
+        // Bitrix24: the refresh token lives 180 days.
+        assert_eq!(
+            resolved("bitrix24", "portal: example.bitrix24.com")
+                .refresh_token
+                .idle_lifetime
+                .map(|d| d.0),
+            Some(std::time::Duration::from_secs(180 * 86400))
+        );
     }
 
     /// A plausible value for a parameter, by its name.
