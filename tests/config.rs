@@ -682,3 +682,48 @@ fn a_second_mark_path_is_for_the_file_store_and_another_directory() {
     );
     assert_refused(&redis, "store.mark_path", &["only to store type file"]);
 }
+
+/// A preset credential with `params` (a flow mapping's entries) and `extra` keys.
+fn preset_yaml(provider: &str, params: &str, extra: &str) -> String {
+    format!(
+        "credentials:\n  crm: {{ provider: {provider}, provider_params: {{ {params} }}, client_id: id, client_secret: s{extra} }}\nupstreams:\n  crm: {{ listen: 127.0.0.1:18081, url: https://api.example.com, credential: crm }}\n"
+    )
+}
+
+/// Provider parameters are checked by shape before a URL is built from them, and the
+/// error says what to write instead; a key the provider needs is required.
+#[test]
+fn preset_parameters_and_requirements_are_checked() {
+    let with_redirect = ", redirect_uri: https://example.com/cb";
+    assert!(parse(&preset_yaml("amocrm", "subdomain: acme", with_redirect)).is_ok());
+    for pasted in ["acme.amocrm.ru", "https://acme.amocrm.ru/"] {
+        assert_refused(
+            &preset_yaml("amocrm", &format!("subdomain: \"{pasted}\""), with_redirect),
+            "credentials.crm.provider_params.subdomain",
+            &["write subdomain: acme"],
+        );
+    }
+    assert_refused(
+        &preset_yaml("okta", "domain: \"https://acme.okta.com/oauth2\"", ""),
+        "credentials.crm.provider_params.domain",
+        &["write domain: acme.okta.com"],
+    );
+    assert_refused(
+        &preset_yaml("elma365", "base_url: \"https://acme.elma365.ru/\"", ""),
+        "credentials.crm.provider_params.base_url",
+        &["write base_url: https://acme.elma365.ru"],
+    );
+    assert_refused(
+        &preset_yaml("amocrm", "subdomain: acme", ""),
+        "credentials.crm.redirect_uri",
+        &["required by preset amocrm"],
+    );
+    // `check` says the same and exits 1.
+    let (code, _, stderr) = check(&preset_yaml("kommo", "subdomain: acme.kommo.com", ""));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("write subdomain: acme"), "{stderr}");
+    assert!(
+        stderr.contains("credentials.crm.redirect_uri: required by preset kommo"),
+        "{stderr}"
+    );
+}

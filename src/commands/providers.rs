@@ -94,6 +94,12 @@ fn describe(p: &preset::Preset) -> String {
             v.description
         ));
     }
+    if !p.requires.is_empty() {
+        out.push_str(&format!(
+            "# the credential must also set: {}\n",
+            p.requires.join(", ")
+        ));
+    }
     out.push_str("credential defaults (keys set in the config file win):\n");
     let yaml = serde_yaml::to_string(&p.credential).unwrap_or_default();
     for line in yaml.lines() {

@@ -5,6 +5,7 @@
 mod client_auth;
 mod compare;
 mod expand;
+mod param_shape;
 pub mod preset;
 pub mod provider_rules;
 mod raw;

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
+use super::param_shape::ParamShape;
+
 /// The embedded preset files, by name.
 const FILES: &[(&str, &str)] = &[
     ("amocrm", include_str!("presets/amocrm.yaml")),
@@ -63,6 +65,10 @@ pub struct Preset {
     pub token_query_param: Option<String>,
     /// Facts the sources do not settle, and the safe default chosen.
     pub uncertain: Option<String>,
+    /// Credential keys the provider needs that the preset cannot fill in (amoCRM's
+    /// `redirect_uri`, sent on every refresh too).
+    #[serde(default)]
+    pub requires: Vec<String>,
 }
 
 /// A `provider_params` entry a preset takes.
@@ -73,6 +79,9 @@ pub struct Param {
     #[serde(default = "yes")]
     pub required: bool,
     pub default: Option<String>,
+    /// What the value must look like (checked before it is put into a URL).
+    #[serde(default)]
+    pub shape: ParamShape,
 }
 
 fn yes() -> bool {
@@ -129,9 +138,12 @@ impl Preset {
                 (Some(v), _) if v.trim().is_empty() => {
                     problems.push(format!("{path}.provider_params.{key}: is empty"))
                 }
-                (Some(v), _) => {
-                    values.insert(key.clone(), v.clone());
-                }
+                (Some(v), _) => match p.shape.check(key, v) {
+                    Ok(()) => {
+                        values.insert(key.clone(), v.clone());
+                    }
+                    Err(e) => problems.push(format!("{path}.provider_params.{key}: {e}")),
+                },
                 (None, Some(d)) => {
                     values.insert(key.clone(), d.clone());
                 }
@@ -224,6 +236,13 @@ pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
                 ));
                 continue;
             };
+            for key in &preset.requires {
+                if !entry.contains_key(key.as_str()) {
+                    problems.push(format!(
+                        "{path}.{key}: required by preset {provider} (see `tokenrelay providers {provider}`)"
+                    ));
+                }
+            }
             let params = match params_of(entry, &path) {
                 Ok(p) => p,
                 Err(e) => {
@@ -323,7 +342,7 @@ mod tests {
                 .params
                 .iter()
                 .filter(|(_, d)| d.required)
-                .map(|(k, _)| (k.clone(), sample_value(k).to_string()))
+                .map(|(k, d)| (k.clone(), sample_value(d).to_string()))
                 .collect();
             let param_yaml: String = params.iter().map(|(k, v)| format!("{k}: {v}, ")).collect();
             // An assertion grant signs with a key the user brings.
@@ -398,16 +417,12 @@ mod tests {
     }
 
     /// A plausible value for a parameter, by its name.
-    fn sample_value(name: &str) -> &'static str {
-        if name.contains("url") {
-            "https://example.com"
-        } else if ["domain", "host", "portal"]
-            .iter()
-            .any(|k| name.contains(k))
-        {
-            "example.com"
-        } else {
-            "example"
+    /// A value of the parameter's shape.
+    fn sample_value(p: &Param) -> &'static str {
+        match p.shape {
+            ParamShape::BaseUrl => "https://example.com",
+            ParamShape::Host => "example.com",
+            ParamShape::Label | ParamShape::Name => "example",
         }
     }
 
