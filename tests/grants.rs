@@ -243,3 +243,51 @@ async fn a_static_token_file_is_reread_after_a_401_and_when_it_changes() {
     assert_eq!(demo.auth.stats().token_requests, 0);
     relay.stop().await;
 }
+
+/// The `scope` parameter of the refresh requests of a refresh_token credential with
+/// `scopes` and `extra` settings.
+async fn scope_sent_on_refresh(extra: &str) -> Option<String> {
+    let demo = demo_servers(AuthServerOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+store: {{ type: file, path: "{}" }}
+credentials:
+  api:
+    grant: refresh_token
+    token_url: "{}"
+    client_id: demo-client
+    client_secret: demo-secret
+    scopes: [leads.read, offline_access]
+    allow_insecure_http: true{extra}
+upstreams:
+  api: {{ listen: "127.0.0.1:0", url: "{}", credential: api, allow_insecure_http: true }}
+"#,
+        dir.path().join("state").display(),
+        demo.auth.token_url(),
+        demo.api.url()
+    );
+    support::seed_refresh_token(&yaml, "api", &demo.auth.new_grant()).await;
+    let relay = support::start(&yaml).await;
+    get_ok(&relay).await;
+    relay.stop().await;
+    let log = demo.auth.requests_log();
+    let r = log.last().expect("a refresh");
+    assert_eq!((r.grant_type.as_str(), r.status), ("refresh_token", 200));
+    r.param("scope").map(str::to_owned)
+}
+
+/// RFC 6749 §6: a refresh without `scope` keeps the granted scope, and one with it may
+/// narrow it (Auth0 documents this): `scopes` go on refresh only where the provider
+/// needs them (`scopes_on_refresh`, Microsoft's preset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_are_sent_on_refresh_only_when_asked() {
+    assert_eq!(scope_sent_on_refresh("").await, None);
+    assert_eq!(
+        scope_sent_on_refresh("\n    scopes_on_refresh: true")
+            .await
+            .as_deref(),
+        Some("leads.read offline_access")
+    );
+}

@@ -251,6 +251,10 @@ pub struct CredentialConfig {
     pub token_params_in: ParamsIn,
     /// Whether `redirect_uri` is also sent on refresh (amoCRM requires it).
     pub redirect_uri_on_refresh: bool,
+    /// Whether `scopes` are also sent on refresh. Off by default: without `scope` a
+    /// refresh keeps the granted scope (RFC 6749 §6), and with it some providers narrow
+    /// the grant (Auth0); Microsoft's preset turns it on, as there `scope` picks the API.
+    pub scopes_on_refresh: bool,
     pub refresh_token: RefreshTokenRules,
     /// Answers besides `invalid_grant` that mean the grant is dead.
     pub dead_grant_answers: Vec<DeadGrantAnswer>,

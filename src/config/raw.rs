@@ -105,6 +105,7 @@ pub struct RawCredential {
     pub token_request_method: Option<TokenMethod>,
     pub token_params_in: Option<ParamsIn>,
     pub redirect_uri_on_refresh: Option<bool>,
+    pub scopes_on_refresh: Option<bool>,
     pub rotating_refresh_token: Option<bool>,
     pub refresh_token_idle_lifetime: Option<HumanDuration>,
     pub refresh_token_absolute_lifetime: Option<HumanDuration>,

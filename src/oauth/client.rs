@@ -216,7 +216,14 @@ impl TokenClient {
                 p.push(("redirect_uri", r.clone()));
             }
         }
-        if !c.scopes.is_empty() && !matches!(grant, GrantRequest::AuthorizationCode { .. }) {
+        let scope_wanted = match grant {
+            GrantRequest::AuthorizationCode { .. } => false,
+            GrantRequest::RefreshToken(_) => c.scopes_on_refresh,
+            GrantRequest::ClientCredentials | GrantRequest::Password | GrantRequest::JwtBearer => {
+                true
+            }
+        };
+        if scope_wanted && !c.scopes.is_empty() {
             p.push(("scope", c.scopes.join(" ")));
         }
         let id = c.client_id.iter().map(|id| ("client_id", id.clone()));

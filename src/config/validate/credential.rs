@@ -255,6 +255,7 @@ pub(super) fn validate_credential(
         token_request_method,
         token_params_in,
         redirect_uri_on_refresh: c.redirect_uri_on_refresh.unwrap_or(true),
+        scopes_on_refresh: c.scopes_on_refresh.unwrap_or(false),
         refresh_token: RefreshTokenRules {
             rotating: c.rotating_refresh_token.unwrap_or(true),
             idle_lifetime: c.refresh_token_idle_lifetime,
