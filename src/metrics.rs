@@ -45,6 +45,7 @@ pub struct Metrics {
     tunnel_bytes: IntCounterVec,
     pub store_ops: IntCounterVec,
     lease_lost: IntCounterVec,
+    in_doubt: IntCounterVec,
     config_reloads: IntCounterVec,
     pub client_cert_expiry: IntGaugeVec,
 }
@@ -144,6 +145,11 @@ impl Metrics {
                 "Refreshes whose store lease could not be renewed after the refresh token was sent (the write then relies on compare-and-swap on the generation).",
                 &["credential"],
             ),
+            in_doubt: cv(
+                "tokenrelay_refresh_in_doubt_total",
+                "Refresh attempts whose outcome is unknown: the request may have reached the token endpoint and no usable answer came back.",
+                &["credential"],
+            ),
             config_reloads: cv(
                 "tokenrelay_config_reloads_total",
                 "Config reloads (SIGHUP, tokenrelay reload, --watch-config), by result.",
@@ -232,6 +238,11 @@ impl Metrics {
     /// Counts a refresh that lost its lease after sending the refresh token.
     pub fn lease_lost(&self, credential: &str) {
         self.lease_lost.with_label_values(&[credential]).inc();
+    }
+
+    /// Counts a refresh attempt whose outcome is unknown.
+    pub fn in_doubt(&self, credential: &str) {
+        self.in_doubt.with_label_values(&[credential]).inc();
     }
 
     /// Drops a removed credential's gauges, so no stale state (and no alert on it)

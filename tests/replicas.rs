@@ -1686,3 +1686,73 @@ async fn etcd_lease_is_secured_for_the_request_or_refused() {
     let etcd = EtcdCluster::start(1).await;
     lease_is_secured_for_the_request_or_refused("etcd", &etcd_store_yaml(&etcd.endpoints())).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Stopping never abandons a rotated token.
+// ---------------------------------------------------------------------------------------
+
+/// SIGTERM while a rotation's answer is on its way and the store is down: the process
+/// does not exit (for longer than any grace period) until the store is back and the new
+/// refresh token is stored; then it exits cleanly, and the stored token is the live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_waits_for_the_store_to_keep_a_rotated_token() {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let mut redis = RedisServer::start().await;
+    let auth = AuthServer::start(rotating(Duration::from_secs(6)))
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url, store_yaml) =
+        (auth.token_url(), api.url(), redis_store_yaml(&redis.url()));
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "10s",
+    };
+    let mut replicas = start_fleet(1, dir.path(), "stopping", &spec, &auth).await;
+    // The next rotation is made at once and answered 4 s later.
+    auth.lose_next_answers(
+        1,
+        tokenrelay::demo::LostAnswer::Hang(Duration::from_secs(4)),
+    );
+    let acted = support::eventually(Duration::from_secs(20), || {
+        let n = auth.stats().answers_lost;
+        async move { n >= 1 }
+    })
+    .await;
+    assert!(acted, "no rotation: {:?}", auth.stats());
+    redis.kill9();
+    let mut p = replicas[0].proc.take().unwrap();
+    support::sigterm(&p.child);
+    // Past every bound the old code had (10 s), the process must still be waiting.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let waiting = p.child.try_wait().unwrap().is_none();
+    redis.spawn().await;
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.kill9();
+        None
+    })
+    .await
+    .unwrap();
+    let log = replicas[0].log_tail(30);
+    assert!(waiting, "exited with the rotated token unstored:\n{log}");
+    assert_eq!(exit, Some(0), "{log}");
+    let state = stored(&replicas[0]).await.expect("state");
+    let token = state.refresh_token.expect("a refresh token is stored");
+    assert!(
+        auth.is_valid_refresh_token(token.expose()),
+        "the stored refresh token is not the live one:\n{log}"
+    );
+    assert!(log.contains("waiting for the store"), "{log}");
+}

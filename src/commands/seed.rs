@@ -139,6 +139,7 @@ pub async fn store_new_grant(
                 .credentials
                 .get(credential)
                 .map(|c| c.token_endpoint_identity()),
+            in_doubt: None,
         };
         match store.compare_and_swap(credential, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),

@@ -29,8 +29,6 @@ pub enum RefreshError {
     LeaseNotConfirmed,
     #[error("stored state changed during refresh")]
     StoredStateChanged,
-    #[error("rotated token could not be persisted")]
-    NotPersisted,
     /// The provider's refresh rate limit or minimum token age forbids a refresh now.
     #[error("the provider's refresh limits allow the next refresh in {0:?}")]
     ProviderLimit(std::time::Duration),

@@ -64,15 +64,24 @@ pub enum RefreshResult {
     Success,
     Failure,
     Adopted,
+    /// The request may have reached the token endpoint and no usable answer came back
+    /// (DESIGN.md): a failure whose outcome at the server is unknown. `/status` shows it
+    /// as `in_doubt`; the refresh metric counts it as a failure.
+    InDoubt,
 }
 
 impl RefreshResult {
+    /// The `result` label of `tokenrelay_token_refresh_total`.
     pub fn as_str(self) -> &'static str {
         match self {
             RefreshResult::Success => "success",
-            RefreshResult::Failure => "failure",
+            RefreshResult::Failure | RefreshResult::InDoubt => "failure",
             RefreshResult::Adopted => "adopted",
         }
+    }
+
+    pub fn is_failure(self) -> bool {
+        matches!(self, RefreshResult::Failure | RefreshResult::InDoubt)
     }
 }
 
@@ -318,8 +327,8 @@ impl Credential {
         {
             let mut f = self.facts.lock().unwrap();
             f.attempted = true;
-            f.failing = result == RefreshResult::Failure;
-            if result != RefreshResult::Failure {
+            f.failing = result.is_failure();
+            if !result.is_failure() {
                 f.last_success = Some(SystemTime::now());
                 f.unavailable_reason = None;
             }
@@ -333,8 +342,11 @@ impl Credential {
         self.update_gauges();
         // A failure wakes waiters once the refresher has set its backoff (see
         // `Refresher::after`): they judge whether to wait for the retry by it.
-        if result != RefreshResult::Failure {
+        if !result.is_failure() {
             self.attempts.send_modify(|n| *n += 1);
+        }
+        if result == RefreshResult::InDoubt {
+            self.registry.in_doubt(&self.name);
         }
     }
 

@@ -107,6 +107,11 @@ pub struct AuthServerOptions {
     /// Accept `client_id` alone from a connection whose client certificate the TLS
     /// verifier accepted (RFC 8705 `tls_client_auth`).
     pub tls_client_auth: bool,
+    /// A reuse grace window, as Okta, Auth0 and Django OAuth Toolkit offer: a rotated
+    /// refresh token presented again this soon after its rotation is answered with the
+    /// same successor refresh token (and a new access token) instead of revoking the
+    /// grant. Zero: no grace, any reuse revokes.
+    pub reuse_grace: Duration,
 }
 
 /// A real provider's documented token-endpoint behaviour, emulated.
@@ -148,6 +153,7 @@ impl Default for AuthServerOptions {
             grant_assertion_keys: Vec::new(),
             assertion_audience: None,
             tls_client_auth: false,
+            reuse_grace: Duration::ZERO,
         }
     }
 }
@@ -169,6 +175,7 @@ impl fmt::Debug for AuthServerOptions {
             .field("grant_assertion_keys", &self.grant_assertion_keys.len())
             .field("assertion_audience", &self.assertion_audience)
             .field("tls_client_auth", &self.tls_client_auth)
+            .field("reuse_grace", &self.reuse_grace)
             .finish()
     }
 }
@@ -198,6 +205,17 @@ pub enum FailureMode {
     ErrorIn200(&'static str),
 }
 
+/// How an answer is lost after the server acted, see [`AuthServer::lose_next_answers`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LostAnswer {
+    /// `502 Bad Gateway`, as a proxy in front of the server answers when the server's
+    /// connection broke after it processed the request.
+    #[default]
+    BadGateway,
+    /// No answer for this long (longer than the client's timeout), then the real one.
+    Hang(Duration),
+}
+
 /// Counters of a running [`AuthServer`] (a snapshot, see [`AuthServer::stats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuthStats {
@@ -224,6 +242,12 @@ pub struct AuthStats {
     pub issued: u64,
     /// Requests with the `jwt-bearer` grant type, whatever their outcome.
     pub jwt_bearer: u64,
+    /// Rotated refresh tokens presented again within the reuse grace window (answered,
+    /// see [`AuthServerOptions::reuse_grace`]).
+    pub grace_reuses: u64,
+    /// Answers processed and then lost on their way back (see
+    /// [`AuthServer::lose_next_answers`]).
+    pub answers_lost: u64,
 }
 
 /// What one token request looked like, with secret values redacted.
@@ -483,6 +507,15 @@ impl AuthServer {
         state.fail_next_delay = delay;
     }
 
+    /// Processes the next `count` token requests normally (a refresh rotates), then
+    /// loses each answer as `how` says: the server acted, and the client cannot know.
+    pub fn lose_next_answers(&self, count: u32, how: LostAnswer) {
+        tracing::info!(count, ?how, "demo auth server: next answers will be lost");
+        let mut state = self.shared.lock();
+        state.lose_next = count;
+        state.lose_how = how;
+    }
+
     /// The current failure mode.
     pub fn mode(&self) -> FailureMode {
         self.shared.lock().mode.clone()
@@ -539,6 +572,9 @@ struct State {
     /// Token requests still to fail, see [`AuthServer::fail_next`].
     fail_next: u32,
     fail_next_delay: Duration,
+    /// Answers still to lose after processing, see [`AuthServer::lose_next_answers`].
+    lose_next: u32,
+    lose_how: LostAnswer,
     /// Byte rewrite of the next successful answer, see [`AuthServer::rewrite_next_answer`].
     next_answer_rewrite: Option<AnswerRewrite>,
     /// Extra fields of every successful answer, see [`AuthServer::set_answer_fields`].
@@ -571,6 +607,8 @@ struct Grant {
 struct RefreshEntry {
     grant: u64,
     retired: bool,
+    /// When it was rotated, and the token that replaced it (for the reuse grace window).
+    rotated: Option<(Instant, String)>,
 }
 
 struct AccessEntry {
@@ -609,6 +647,7 @@ impl State {
             RefreshEntry {
                 grant,
                 retired: false,
+                rotated: None,
             },
         );
         token
@@ -800,7 +839,27 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
         // hyper drops this future and nothing (no refresh token) is consumed.
         tokio::time::sleep(delay).await;
     }
-    process_token_request(&shared, &parts, &body, forced_failure)
+    let response = process_token_request(&shared, &parts, &body, forced_failure);
+    let lost = {
+        let mut state = shared.lock();
+        let lose = state.lose_next > 0 && response.status() == StatusCode::OK;
+        if lose {
+            state.lose_next -= 1;
+            state.stats.answers_lost += 1;
+        }
+        lose.then_some(state.lose_how)
+    };
+    match lost {
+        None => response,
+        Some(LostAnswer::BadGateway) => json_response(
+            StatusCode::BAD_GATEWAY,
+            &json!({"message": "upstream connection reset"}),
+        ),
+        Some(LostAnswer::Hang(d)) => {
+            tokio::time::sleep(d).await;
+            response
+        }
+    }
 }
 
 /// A token request's body, decoded.
@@ -1194,6 +1253,10 @@ fn refresh_grant(
         return Err(OAuthError::invalid_grant("unknown refresh token"));
     };
     let (id, retired) = (entry.grant, entry.retired);
+    let in_grace = match &entry.rotated {
+        Some((at, successor)) if at.elapsed() < opts.reuse_grace => Some(successor.clone()),
+        _ => None,
+    };
     let grant = &state.grants[&id];
     if grant.revoked {
         return Err(OAuthError::invalid_grant("grant revoked"));
@@ -1202,6 +1265,22 @@ fn refresh_grant(
         && grant.authorized_at.elapsed() >= ELMA365_REFRESH_LIFETIME
     {
         return Err(OAuthError::invalid_grant("refresh token expired"));
+    }
+    if let (true, Some(successor)) = (retired, in_grace) {
+        // Within the reuse grace window: the answer the client may have missed, again.
+        state.stats.grace_reuses += 1;
+        tracing::info!(
+            grant = id,
+            "demo auth server: rotated refresh token presented again within the grace window"
+        );
+        let scope = grant.scope.clone();
+        return Ok(token_body(
+            opts,
+            state,
+            id,
+            Some(successor),
+            scope.as_deref(),
+        ));
     }
     if retired {
         // A retired token came back: either it leaked or a client double-spent it.
@@ -1234,10 +1313,11 @@ fn refresh_grant(
         .or_else(|| grant.scope.clone());
 
     let refresh = if opts.rotate_refresh_tokens {
+        let new = state.new_refresh_token(id);
         if let Some(entry) = state.refresh_tokens.get_mut(presented) {
             entry.retired = true;
+            entry.rotated = Some((Instant::now(), new.clone()));
         }
-        let new = state.new_refresh_token(id);
         let grant = state
             .grants
             .get_mut(&id)

@@ -33,7 +33,8 @@ pub mod auth_server;
 
 pub use api_server::{pattern_byte, ApiServer, ApiStats, RecordedRequest};
 pub use auth_server::{
-    AuthServer, AuthServerOptions, AuthStats, FailureMode, ProviderProfile, TokenRequestRecord,
+    AuthServer, AuthServerOptions, AuthStats, FailureMode, LostAnswer, ProviderProfile,
+    TokenRequestRecord,
 };
 
 use std::convert::Infallible;

@@ -353,7 +353,7 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, TokenError
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(describe_reqwest)? {
         if body.len() + chunk.len() > SALVAGE_LIMIT {
-            return Err(TokenError::Transient(format!(
+            return Err(TokenError::InDoubt(format!(
                 "token endpoint answer is larger than {SALVAGE_LIMIT} bytes"
             )));
         }
@@ -363,7 +363,11 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, TokenError
 }
 
 /// Describes a transport failure without the URL's query or any body.
+/// A request that failed while connecting (refused, DNS, the TLS handshake) or before
+/// it was built never left; any later failure (a timeout or reset after it was written,
+/// an unreadable answer) leaves its outcome unknown.
 fn describe_reqwest(e: reqwest::Error) -> TokenError {
+    let never_sent = e.is_connect() || e.is_builder();
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -379,9 +383,14 @@ fn describe_reqwest(e: reqwest::Error) -> TokenError {
         detail = s.to_string();
         source = s.source();
     }
-    TokenError::Transient(if detail.is_empty() {
+    let message = if detail.is_empty() {
         format!("token request {kind}")
     } else {
         format!("token request {kind}: {detail}")
-    })
+    };
+    if never_sent {
+        TokenError::Transient(message)
+    } else {
+        TokenError::InDoubt(message)
+    }
 }

@@ -81,9 +81,17 @@ pub enum TokenError {
         error: String,
         description: Option<String>,
     },
-    /// Network failure, timeout, 5xx, or a reply that is not a usable token; retried.
+    /// A failure that certainly spent nothing: the request never left (connect refused,
+    /// DNS, a TLS handshake failure), or the server refused it without acting (429, a
+    /// 4xx without an OAuth error body, `"ok": false`). Retried.
     #[error("{0}")]
     Transient(String),
+    /// The request may have reached the token endpoint and no usable answer came back
+    /// (timeout, reset after the request was written, 5xx, a 2xx that is unusable and
+    /// carries no refresh token): it may have spent the refresh token (DESIGN.md,
+    /// "in doubt").
+    #[error("{0} (outcome unknown: the token endpoint may have acted on it)")]
+    InDoubt(String),
     /// An answer the credential's `dead_grant_answers` name: the provider's own way of
     /// saying the refresh token (the grant) is dead, e.g. amoCRM's 401 problem+json.
     #[error("token endpoint answered {status}, which this provider uses for a dead grant{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
@@ -96,8 +104,13 @@ impl TokenError {
         match self {
             TokenError::OAuth { error, .. } => error == "invalid_grant",
             TokenError::DeadGrant { .. } => true,
-            TokenError::Transient(_) => false,
+            TokenError::Transient(_) | TokenError::InDoubt(_) => false,
         }
+    }
+
+    /// The request may have spent the refresh token without an answer saying so.
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(self, TokenError::InDoubt(_))
     }
 }
 
@@ -208,6 +221,14 @@ pub fn parse(
     }
     let access = judge(status, read.as_ref(), body.len(), default_expires_in);
     match (access, refresh_token) {
+        // A 2xx means the server acted; one that is unusable and hands over no refresh
+        // token leaves unknown whether it spent the presented one. `"ok": false` is a
+        // refusal, not an unknown.
+        (Err(TokenError::Transient(why)), None)
+            if success && !raw.is_some_and(|r| r.ok == Some(serde_json::Value::Bool(false))) =>
+        {
+            Err(TokenError::InDoubt(why))
+        }
         (Err(e), None) => Err(e),
         (access, refresh_token) => {
             let read = read.as_ref();
@@ -312,7 +333,12 @@ fn judge(
             });
         }
     }
-    if status == 429 || status >= 500 {
+    if status >= 500 {
+        return Err(TokenError::InDoubt(format!(
+            "token endpoint answered {status}"
+        )));
+    }
+    if status == 429 {
         return Err(TokenError::Transient(format!(
             "token endpoint answered {status}"
         )));
@@ -534,8 +560,11 @@ mod tests {
         assert!(r.refresh_token.is_none());
     }
 
+    /// A 2xx that is unusable and hands over no refresh token may have spent the
+    /// presented one: in doubt. A 5xx is in doubt too; a 429, a 4xx without an OAuth
+    /// error and `"ok": false` are refusals.
     #[test]
-    fn garbage_is_transient_and_never_echoed() {
+    fn garbage_is_in_doubt_and_never_echoed() {
         for body in [
             &b"<html>oops secret-xyz</html>"[..],
             b"",
@@ -543,8 +572,22 @@ mod tests {
             br#"{"access_token":""}"#,
         ] {
             let e = p(200, body, D).unwrap_err();
-            assert!(matches!(e, TokenError::Transient(_)), "{e}");
+            assert!(e.is_in_doubt(), "{e}");
             assert!(!e.to_string().contains("secret-xyz"));
+        }
+        for status in [500, 502, 503, 504] {
+            assert!(p(status, b"<html>busy</html>", D)
+                .unwrap_err()
+                .is_in_doubt());
+        }
+        for (status, body) in [
+            (429, &b"slow down"[..]),
+            (404, b"<html>not found</html>"),
+            (200, br#"{"ok":false}"#),
+            (400, br#"{"error":"invalid_client"}"#),
+        ] {
+            let e = p(status, body, D).unwrap_err();
+            assert!(!e.is_in_doubt(), "{status}: {e}");
         }
         assert!(p(200, br#"{"access_token":"a","token_type":"mac"}"#, D).is_err());
         assert!(p(200, br#"{"access_token":"a","refresh_token":7}"#, D).is_err());

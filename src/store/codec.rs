@@ -61,6 +61,9 @@ struct Payload {
     /// Absent in states written before it was recorded (and ignored by such versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     issued_to: Option<super::IssuedTo>,
+    /// Absent unless an attempt is in doubt (older versions ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    in_doubt: Option<super::InDoubt>,
 }
 
 fn aad(name: &str, generation: u64) -> Vec<u8> {
@@ -95,6 +98,7 @@ impl Codec {
             moved: s.moved.clone(),
             answer_fields: s.answer_fields.clone(),
             issued_to: s.issued_to.clone(),
+            in_doubt: s.in_doubt.clone(),
         };
         let mut env = Envelope {
             version: FORMAT_VERSION,
@@ -179,6 +183,7 @@ impl Codec {
             moved: payload.moved,
             answer_fields: payload.answer_fields,
             issued_to: payload.issued_to,
+            in_doubt: payload.in_doubt,
         })
     }
 }

@@ -57,6 +57,23 @@ pub struct StoredState {
     /// client never sends it (after a restart as well as a reload). `None` in states
     /// written before it was recorded; the next write records it.
     pub issued_to: Option<IssuedTo>,
+    /// Set when an attempt with the stored refresh token ended in doubt (it may have
+    /// reached the token endpoint and no usable answer came back). Stored, so that no
+    /// process presents the token more than once again. Cleared by the next write of a
+    /// new state.
+    pub in_doubt: Option<InDoubt>,
+}
+
+/// An attempt whose outcome is unknown, recorded with the refresh token it presented.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InDoubt {
+    /// When the attempt ended (Unix ms).
+    pub at_ms: u64,
+    /// What happened (no token value: the error of the attempt).
+    pub cause: String,
+    /// The one retry the token is allowed has been made (or was about to be when the
+    /// writer stopped): it is not presented again.
+    pub retried: bool,
 }
 
 /// The token endpoint and client a refresh token belongs to (neither is secret).

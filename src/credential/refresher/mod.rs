@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod in_doubt;
 mod local;
 mod rotating;
 mod static_file;

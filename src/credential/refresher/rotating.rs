@@ -14,7 +14,9 @@ use crate::credential::{policy, schedule, RefreshError, RefreshResult, Trigger};
 use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
 use crate::secret::Secret;
-use crate::store::{now_ms, CasOutcome, Lease, Store, StoredState};
+use crate::store::{now_ms, CasOutcome, InDoubt, Lease, Store, StoredState};
+
+use super::in_doubt;
 
 /// How long a lease is taken for: well above the token request timeout, so a lease
 /// cannot expire while its holder waits for the token endpoint.
@@ -148,22 +150,75 @@ impl Refresher {
             self.enter_reauthorization("no refresh token is stored".into());
             return Err(Failure::Idle);
         };
-        self.may_send_refresh().map_err(Failure::Error)?;
-        // Confirm the lease right before spending the refresh token, held (extended if
-        // need be) for the whole request.
-        let needed = policy::lease_needed_to_send(self.cred.config.token_timeout.0);
-        if !lease.secure_for(needed).await {
-            return Err(Failure::Error(RefreshError::LeaseNotConfirmed));
-        }
-        lease_lost.store(false, Ordering::Relaxed);
-        let client = self.client.as_ref().expect("refresh grant has a client");
-        let answer = client
-            .request(GrantRequest::RefreshToken(&refresh_token))
-            .await;
-        let result = match answer {
-            Ok(answer) => self.commit(store, &stored, refresh_token, answer).await,
-            Err(e) if e.is_invalid_grant() => self.rejected(store, &stored, e).await,
-            Err(e) => Err(Failure::Error(e.into())),
+        let mut stored = stored;
+        let mut trigger = trigger;
+        let result = loop {
+            if self.cred.config.refresh_token.rotating {
+                match in_doubt::before_send(stored.in_doubt.as_ref()) {
+                    in_doubt::BeforeSend::Send => {}
+                    in_doubt::BeforeSend::MarkRetry(mark) => {
+                        // The one retry is recorded before it leaves, so that no process
+                        // (this one after a crash included) makes a second.
+                        stored = self.write_mark(store, &stored, Some(mark)).await?;
+                    }
+                    in_doubt::BeforeSend::GiveUp(why) => {
+                        break self.dead_grant(store, &stored, why).await;
+                    }
+                }
+            }
+            self.may_send_refresh().map_err(Failure::Error)?;
+            // Confirm the lease right before spending the refresh token, held (extended
+            // if need be) for the whole request.
+            let needed = policy::lease_needed_to_send(self.cred.config.token_timeout.0);
+            if !lease.secure_for(needed).await {
+                return Err(Failure::Error(RefreshError::LeaseNotConfirmed));
+            }
+            let secured_until = Instant::now() + needed;
+            lease_lost.store(false, Ordering::Relaxed);
+            let client = self.client.as_ref().expect("refresh grant has a client");
+            let answer = client
+                .request(GrantRequest::RefreshToken(&refresh_token))
+                .await;
+            break match answer {
+                Ok(answer) => self.commit(store, &stored, refresh_token, answer).await,
+                Err(e) if e.is_invalid_grant() => {
+                    let why = in_doubt::rejection_reason(&e, stored.in_doubt.as_ref());
+                    self.rejected(store, &stored, e, why).await
+                }
+                Err(e) if e.is_in_doubt() && self.cred.config.refresh_token.rotating => {
+                    let Some(mark) =
+                        in_doubt::after_unknown(stored.in_doubt.as_ref(), &e, now_ms())
+                    else {
+                        self.metrics.in_doubt(self.name());
+                        let why = in_doubt::second_unknown_reason(stored.in_doubt.as_ref(), &e);
+                        break self.dead_grant(store, &stored, why).await;
+                    };
+                    warn!(credential = %self.name(), error = %e, "refresh outcome unknown: the same refresh token is presented once more when the lease's secured time has passed");
+                    self.cred.record(
+                        trigger,
+                        RefreshResult::InDoubt,
+                        Some(in_doubt::explanation(&e)),
+                        None,
+                    );
+                    stored = self.write_mark(store, &stored, Some(mark)).await?;
+                    // The lease stays held until the request it secured is over for the
+                    // server too; only then does the retry leave.
+                    tokio::time::sleep_until(secured_until.into()).await;
+                    trigger = Trigger::Expired;
+                    continue;
+                }
+                Err(e) => {
+                    if stored.in_doubt.as_ref().is_some_and(|d| d.retried) {
+                        // The retry never left: it is still owed.
+                        let mark = stored.in_doubt.clone().map(|d| InDoubt {
+                            retried: false,
+                            ..d
+                        });
+                        let _ = self.write_mark(store, &stored, mark).await;
+                    }
+                    Err(Failure::Error(e.into()))
+                }
+            };
         };
         if lease_lost.load(Ordering::Relaxed) {
             // The compare-and-swap on the generation decided what was written.
@@ -174,8 +229,8 @@ impl Refresher {
     }
 
     /// Makes what the answer carries durable, then publishes it. The old refresh token
-    /// is dead at the server now, so the write is retried until it succeeds (bounded only
-    /// by shutdown grace, after which the loss is logged loudly). A new refresh token is
+    /// is dead at the server now, so the write is retried until it succeeds, however
+    /// long that takes. A new refresh token is
     /// stored even when the answer's access-token part is unusable: the attempt then
     /// fails, the current access token keeps serving, and the next attempt presents the
     /// new refresh token.
@@ -206,6 +261,7 @@ impl Refresher {
                     updated_by: self.instance_id.clone(),
                     reauthorization_required: None,
                     issued_to: Some(self.cred.config.token_endpoint_identity()),
+                    in_doubt: None,
                     // The stored access token is still the one in use.
                     ..stored.clone()
                 };
@@ -235,6 +291,7 @@ impl Refresher {
             // instance_url on some answers only).
             answer_fields: merge_fields(&stored.answer_fields, &answer.fields),
             issued_to: Some(self.cred.config.token_endpoint_identity()),
+            in_doubt: None,
         };
         self.write_durably(store, stored.generation, &new).await?;
         self.known_generation = new.generation;
@@ -316,7 +373,6 @@ impl Refresher {
         new: &StoredState,
     ) -> Result<(), Failure> {
         let mut delay = Duration::from_millis(50);
-        let mut grace_deadline: Option<Instant> = None;
         loop {
             match store.compare_and_swap(self.name(), expected, new).await {
                 Ok(CasOutcome::Swapped) => {
@@ -344,20 +400,38 @@ impl Refresher {
                 Err(e) => {
                     self.metrics.store_op("compare_and_swap", false);
                     self.cred.set_store_error(Some(e.to_string()));
-                    error!(credential = %self.name(), error = %e, "cannot persist the rotated token yet; retrying");
+                    // Never given up, not even when stopping (shutdown, or a reload that
+                    // changed this credential waits for it): it may hold the only live
+                    // refresh token. Only SIGKILL ends this loop.
                     if self.shutdown.is_cancelled() {
-                        let d = *grace_deadline
-                            .get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
-                        if Instant::now() >= d {
-                            error!(credential = %self.name(), "giving up persisting the rotated token at shutdown; re-authorization will be needed");
-                            return Err(Failure::Error(RefreshError::NotPersisted));
-                        }
+                        error!(credential = %self.name(), error = %e, retry_in = ?delay, "stopping, but the rotated refresh token is not stored yet: waiting for the store (the process must not be killed now)");
+                    } else {
+                        error!(credential = %self.name(), error = %e, retry_in = ?delay, "cannot persist the rotated token yet; retrying");
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
+    }
+
+    /// Writes `stored` again with the in-doubt mark `mark`, durably; the state written.
+    async fn write_mark(
+        &mut self,
+        store: &Arc<dyn Store>,
+        stored: &StoredState,
+        mark: Option<InDoubt>,
+    ) -> Result<StoredState, Failure> {
+        let new = StoredState {
+            generation: stored.generation + 1,
+            updated_at_ms: now_ms(),
+            updated_by: self.instance_id.clone(),
+            in_doubt: mark,
+            ..stored.clone()
+        };
+        self.write_durably(store, stored.generation, &new).await?;
+        self.known_generation = new.generation;
+        Ok(new)
     }
 
     /// True if the store holds exactly `new` (same generation and refresh token).
@@ -373,6 +447,7 @@ impl Refresher {
         store: &Arc<dyn Store>,
         stored: &StoredState,
         e: TokenError,
+        why: String,
     ) -> Result<RefreshResult, Failure> {
         if let Some(Some(now)) = self.load().await {
             if now.generation != stored.generation {
@@ -383,7 +458,22 @@ impl Refresher {
                 return Err(Failure::Error(RefreshError::RejectedWhileRotated(e)));
             }
         }
-        let why = e.to_string();
+        match self.dead_grant(store, stored, why).await {
+            Err(Failure::Error(RefreshError::StoredStateChanged)) => {
+                Err(Failure::Error(RefreshError::RejectedWhileRotated(e)))
+            }
+            other => other,
+        }
+    }
+
+    /// Records durably that the stored refresh token must not be presented again and a
+    /// human must re-authorize (`why`), so that no process sends it.
+    async fn dead_grant(
+        &mut self,
+        store: &Arc<dyn Store>,
+        stored: &StoredState,
+        why: String,
+    ) -> Result<RefreshResult, Failure> {
         let t = now_ms();
         let marker = StoredState {
             generation: stored.generation + 1,
@@ -406,7 +496,7 @@ impl Refresher {
             }
             Ok(CasOutcome::Conflict { .. }) => {
                 self.metrics.store_op("compare_and_swap", false);
-                return Err(Failure::Error(RefreshError::RejectedWhileRotated(e)));
+                return Err(Failure::Error(RefreshError::StoredStateChanged));
             }
             Err(se) => {
                 self.metrics.store_op("compare_and_swap", false);
