@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clock;
 pub mod commands;
 pub mod config;
 mod config_file;

@@ -18,7 +18,9 @@ mod token;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::Instant;
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
@@ -329,11 +331,11 @@ impl Credential {
             f.attempted = true;
             f.failing = result.is_failure();
             if !result.is_failure() {
-                f.last_success = Some(SystemTime::now());
+                f.last_success = Some(crate::clock::wall_now());
                 f.unavailable_reason = None;
             }
             f.last_refresh = Some(LastRefresh {
-                at: SystemTime::now(),
+                at: crate::clock::wall_now(),
                 trigger,
                 result,
                 error,

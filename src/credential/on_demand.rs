@@ -3,7 +3,9 @@
 //! the outcome of that one attempt, shared by every waiter.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use super::policy::{self, millis};
 use super::{ActiveToken, Credential, Trigger};

@@ -3,7 +3,9 @@
 //! requests may bring a backed-off attempt forward, and how an upstream 401 is treated.
 //! (When to refresh and how long to back off are in [`super::schedule`].)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 /// A backed-off attempt at most this far away is simply waited for.
 pub const BRING_FORWARD_ABOVE: Duration = Duration::from_secs(1);

@@ -1,6 +1,8 @@
 //! What a credential shows: its state (DESIGN.md), the `/status` entry and the gauges.
 
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+use crate::clock::Instant;
 
 use serde::Serialize;
 
@@ -43,7 +45,7 @@ impl Credential {
     pub fn status(&self) -> serde_json::Value {
         let state = self.state();
         let token = self.current();
-        let now_wall = SystemTime::now();
+        let now_wall = crate::clock::wall_now();
         let expiring = token.as_ref().filter(|t| t.expiry_known);
         let f = self.facts.lock().unwrap();
         serde_json::json!({

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::Instant;
 
 use http::HeaderValue;
 
@@ -69,11 +71,12 @@ impl ActiveToken {
         expires_at_wall: Option<SystemTime>,
     ) -> Result<ActiveToken, InvalidToken> {
         let expiry_known = expires_at_wall.is_some();
-        let expires_at_wall = expires_at_wall.unwrap_or_else(|| SystemTime::now() + NO_EXPIRY);
+        let expires_at_wall =
+            expires_at_wall.unwrap_or_else(|| crate::clock::wall_now() + NO_EXPIRY);
         access_token.check_token()?;
         let headers = header_values(access_token, formats)?;
         let remaining = expires_at_wall
-            .duration_since(SystemTime::now())
+            .duration_since(crate::clock::wall_now())
             .unwrap_or_default();
         let expires_at = Instant::now() + remaining;
         let margin = EXPIRY_MARGIN.min(remaining / 4);
@@ -215,7 +218,7 @@ mod tests {
 
     #[test]
     fn builds_one_sensitive_header_per_format_and_refuses_broken_tokens() {
-        let later = Some(SystemTime::now() + Duration::from_secs(60));
+        let later = Some(crate::clock::wall_now() + Duration::from_secs(60));
         let formats = ["Bearer {token}".to_string(), "{token}".to_string()];
         let t = ActiveToken::new(&Secret::new("abc"), &formats, 3, later).unwrap();
         assert_eq!(t.header(0), "Bearer abc");
@@ -233,7 +236,7 @@ mod tests {
 
     #[test]
     fn a_format_added_later_keeps_the_old_slots_and_the_token_facts() {
-        let later = Some(SystemTime::now() + Duration::from_secs(60));
+        let later = Some(crate::clock::wall_now() + Duration::from_secs(60));
         let t =
             ActiveToken::new(&Secret::new("abc"), &["Bearer {token}".into()], 7, later).unwrap();
         t.mark_accepted();

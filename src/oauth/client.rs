@@ -254,6 +254,10 @@ impl TokenClient {
     /// Sends one token request and parses the answer (see [`TokenAnswer`]: a new refresh
     /// token is returned even when the rest of a `2xx` answer is unusable).
     pub async fn request(&self, grant: GrantRequest<'_>) -> Result<TokenAnswer, TokenError> {
+        self.send(grant).await
+    }
+
+    async fn send(&self, grant: GrantRequest<'_>) -> Result<TokenAnswer, TokenError> {
         let c = &self.config;
         let url = c
             .token_url
@@ -316,6 +320,21 @@ impl TokenClient {
             &c.dead_grant_answers,
             &c.answer_fields,
         )
+    }
+}
+
+/// Where the refresher sends token requests: the token endpoint over HTTP
+/// ([`TokenClient`]), or in a simulation a scripted one.
+#[async_trait::async_trait]
+pub trait TokenEndpoint: Send + Sync {
+    /// One token request and its judged answer.
+    async fn request(&self, grant: GrantRequest<'_>) -> Result<TokenAnswer, TokenError>;
+}
+
+#[async_trait::async_trait]
+impl TokenEndpoint for TokenClient {
+    async fn request(&self, grant: GrantRequest<'_>) -> Result<TokenAnswer, TokenError> {
+        self.send(grant).await
     }
 }
 

@@ -6,5 +6,5 @@ mod lenient;
 mod response;
 
 pub use assertion::fingerprint;
-pub use client::{GrantRequest, TokenClient, TokenClientError};
-pub use response::{AccessToken, TokenAnswer, TokenError, TokenResponse};
+pub use client::{GrantRequest, TokenClient, TokenClientError, TokenEndpoint};
+pub use response::{parse, AccessToken, Answer, TokenAnswer, TokenError, TokenResponse};

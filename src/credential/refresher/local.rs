@@ -2,8 +2,6 @@
 //! with a freshly signed assertion each time): a token is
 //! requested at startup and before expiry, and kept in memory only.
 
-use std::time::SystemTime;
-
 use super::{Failure, Refresher};
 use crate::config::url_template::merge_fields;
 use crate::credential::RefreshResult;
@@ -28,7 +26,7 @@ impl Refresher {
             .publish_with_fields(
                 &resp.access_token,
                 generation,
-                Some(SystemTime::now() + resp.expires_in),
+                Some(crate::clock::wall_now() + resp.expires_in),
                 fields,
                 &resp.refused_fields,
             )

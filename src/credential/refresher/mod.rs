@@ -7,8 +7,12 @@
 //! new state with compare-and-swap durably, and only then publish it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
+use crate::clock::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -24,7 +28,7 @@ use super::schedule;
 use super::{Credential, RefreshError, RefreshResult, Trigger};
 use crate::config::Grant;
 use crate::metrics::Metrics;
-use crate::oauth::{GrantRequest, TokenClient, TokenClientError};
+use crate::oauth::{GrantRequest, TokenClient, TokenClientError, TokenEndpoint};
 use crate::store::{now_ms, Store, StoredState};
 
 /// Consecutive upstream 401s (with no accepted answer between) after which a long-lived
@@ -44,7 +48,7 @@ enum Attempt {
 /// Drives one credential.
 pub struct Refresher {
     cred: Arc<Credential>,
-    client: Option<TokenClient>,
+    client: Option<Arc<dyn TokenEndpoint>>,
     store: Option<Arc<dyn Store>>,
     /// TTL of the refresh lease (renewed every third of it while held).
     lease_ttl: Duration,
@@ -86,6 +90,9 @@ pub struct Refresher {
     set_aside_stored: bool,
     /// Stored generations up to this one are set aside (see `set_aside_stored`).
     foreign_up_to: Option<u64>,
+    /// Spreads refreshes and retries of the fleet; seeded in a simulation so that a
+    /// history can be replayed.
+    jitter: StdRng,
 }
 
 impl Refresher {
@@ -99,7 +106,7 @@ impl Refresher {
     ) -> Result<Refresher, TokenClientError> {
         let client = match cred.config.grant {
             Grant::Static => None,
-            _ => Some(TokenClient::new(cred.config.clone())?),
+            _ => Some(Arc::new(TokenClient::new(cred.config.clone())?) as Arc<dyn TokenEndpoint>),
         };
         let store = if cred.config.grant == Grant::RefreshToken {
             store
@@ -130,7 +137,21 @@ impl Refresher {
             remembered_refresh_token: None,
             set_aside_stored: false,
             foreign_up_to: None,
+            jitter: StdRng::from_entropy(),
         })
+    }
+
+    /// Sends token requests to `endpoint` instead of the configured token endpoint (a
+    /// simulation's scripted one).
+    pub fn with_token_endpoint(mut self, endpoint: Arc<dyn TokenEndpoint>) -> Self {
+        self.client = Some(endpoint);
+        self
+    }
+
+    /// Draws the jitter of refresh times and retries from `seed` (a simulation).
+    pub fn with_jitter_seed(mut self, seed: u64) -> Self {
+        self.jitter = StdRng::seed_from_u64(seed);
+        self
     }
 
     /// The credential's token endpoint identity changed (a reload): the stored state
@@ -328,7 +349,7 @@ impl Refresher {
                     lifetime,
                     self.cred.config.refresh_at,
                     self.cred.config.refresh_before.0,
-                    rand::random::<f64>(),
+                    self.jitter.gen::<f64>(),
                 );
                 // `expires_at - lifetime` is when the token was published here.
                 let mut at = token.expires_at - lifetime + after;
@@ -364,7 +385,8 @@ impl Refresher {
                     .cred
                     .usable(Instant::now())
                     .map(|t| t.remaining(Instant::now()));
-                let mut delay = schedule::backoff(self.failures, remaining, rand::random::<f64>());
+                let mut delay =
+                    schedule::backoff(self.failures, remaining, self.jitter.gen::<f64>());
                 if let Some(at) = self.not_before.take() {
                     delay = delay.max(at.saturating_duration_since(Instant::now()));
                 }
@@ -628,7 +650,7 @@ enum Failure {
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

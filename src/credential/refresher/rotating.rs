@@ -4,7 +4,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::Instant;
 
 use tracing::{error, warn};
 
@@ -171,6 +173,7 @@ impl Refresher {
             // if need be) for the whole request.
             let needed = policy::lease_needed_to_send(self.cred.config.token_timeout.0);
             if !lease.secure_for(needed).await {
+                self.retry_still_owed(store, &stored).await;
                 return Err(Failure::Error(RefreshError::LeaseNotConfirmed));
             }
             let secured_until = Instant::now() + needed;
@@ -203,19 +206,12 @@ impl Refresher {
                     stored = self.write_mark(store, &stored, Some(mark)).await?;
                     // The lease stays held until the request it secured is over for the
                     // server too; only then does the retry leave.
-                    tokio::time::sleep_until(secured_until.into()).await;
+                    tokio::time::sleep_until(secured_until).await;
                     trigger = Trigger::Expired;
                     continue;
                 }
                 Err(e) => {
-                    if stored.in_doubt.as_ref().is_some_and(|d| d.retried) {
-                        // The retry never left: it is still owed.
-                        let mark = stored.in_doubt.clone().map(|d| InDoubt {
-                            retried: false,
-                            ..d
-                        });
-                        let _ = self.write_mark(store, &stored, mark).await;
-                    }
+                    self.retry_still_owed(store, &stored).await;
                     Err(Failure::Error(e.into()))
                 }
             };
@@ -265,7 +261,7 @@ impl Refresher {
                     // The stored access token is still the one in use.
                     ..stored.clone()
                 };
-                self.write_durably(store, stored.generation, &new).await?;
+                let new = self.write_durably(store, new).await?;
                 self.known_generation = new.generation;
                 self.cred.set_refresh_expiry(new.refresh_expires_at_ms);
                 self.refresh_obtained_ms = Some(now);
@@ -293,7 +289,7 @@ impl Refresher {
             issued_to: Some(self.cred.config.token_endpoint_identity()),
             in_doubt: None,
         };
-        self.write_durably(store, stored.generation, &new).await?;
+        let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         self.note_state(&new);
         self.cred
@@ -335,7 +331,7 @@ impl Refresher {
                     .publish_with_fields(
                         &resp.access_token,
                         generation,
-                        Some(SystemTime::now() + resp.expires_in),
+                        Some(crate::clock::wall_now() + resp.expires_in),
                         fields,
                         &resp.refused_fields,
                     )
@@ -369,25 +365,25 @@ impl Refresher {
     async fn write_durably(
         &mut self,
         store: &Arc<dyn Store>,
-        expected: u64,
-        new: &StoredState,
-    ) -> Result<(), Failure> {
+        new: StoredState,
+    ) -> Result<StoredState, Failure> {
         let mut delay = Duration::from_millis(50);
         loop {
-            match store.compare_and_swap(self.name(), expected, new).await {
+            let expected = new.generation - 1;
+            match store.compare_and_swap(self.name(), expected, &new).await {
                 Ok(CasOutcome::Swapped) => {
                     self.metrics.store_op("compare_and_swap", true);
                     self.cred.set_store_error(None);
-                    return Ok(());
+                    return Ok(new);
                 }
                 Ok(CasOutcome::Conflict { current_generation })
                     if current_generation == new.generation
-                        && self.is_our_write(store, new).await =>
+                        && self.is_our_write(store, &new).await =>
                 {
                     // An earlier attempt was written but its answer was lost.
                     self.metrics.store_op("compare_and_swap", true);
                     self.cred.set_store_error(None);
-                    return Ok(());
+                    return Ok(new);
                 }
                 Ok(CasOutcome::Conflict { current_generation }) => {
                     self.metrics.store_op("compare_and_swap", false);
@@ -415,6 +411,19 @@ impl Refresher {
         }
     }
 
+    /// The retry `stored` marks as made never left (the lease was not confirmed, or the
+    /// request certainly was not sent): the mark goes back to "owed", so that nobody
+    /// gives the token up for a presentation that never happened.
+    async fn retry_still_owed(&mut self, store: &Arc<dyn Store>, stored: &StoredState) {
+        if let Some(d) = stored.in_doubt.as_ref().filter(|d| d.retried) {
+            let owed = InDoubt {
+                retried: false,
+                ..d.clone()
+            };
+            let _ = self.write_mark(store, stored, Some(owed)).await;
+        }
+    }
+
     /// Writes `stored` again with the in-doubt mark `mark`, durably; the state written.
     async fn write_mark(
         &mut self,
@@ -429,7 +438,7 @@ impl Refresher {
             in_doubt: mark,
             ..stored.clone()
         };
-        self.write_durably(store, stored.generation, &new).await?;
+        let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         Ok(new)
     }
