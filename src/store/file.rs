@@ -320,20 +320,36 @@ fn rolled_back(name: &str, mark: u64, older: Option<StoredState>) -> StoredState
 
 struct FileLease {
     // Holding the open, flocked file is the lease; closing it releases the lock.
-    _file: File,
+    file: File,
+    /// Where the lease file is: the lock only excludes others while this very file
+    /// (device and inode) is still the one there.
+    path: PathBuf,
+}
+
+impl FileLease {
+    /// True while the locked file is still the lease file. A flock cannot expire while
+    /// we hold it, but if the lease file is deleted or replaced (a cleanup of the state
+    /// directory), the next taker creates and locks a new file, and our lock no longer
+    /// excludes anyone.
+    fn still_held(&self) -> bool {
+        match (fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(there), Ok(ours)) => there.dev() == ours.dev() && there.ino() == ours.ino(),
+            _ => false,
+        }
+    }
 }
 
 #[async_trait]
 impl Lease for FileLease {
     async fn renew(&self) -> bool {
         // The flock is held until this process closes the file or dies.
-        true
+        self.still_held()
     }
 
     async fn secure_for(&self, _needed: Duration) -> bool {
         // A flock lasts until this process closes the file or dies: it cannot expire
-        // while we hold it.
-        true
+        // while we hold it; it can only stop meaning anything (`still_held`).
+        self.still_held()
     }
     async fn release(self: Box<Self>) {}
 }
@@ -399,7 +415,17 @@ impl Store for FileStore {
                 .open_lock(&n, "lease")
                 .map_err(|e| StoreError::backend("lease", &n, e))?;
             match file.try_lock() {
-                Ok(()) => Ok(Some(Box::new(FileLease { _file: file }) as Box<dyn Lease>)),
+                Ok(()) => {
+                    let lease = FileLease {
+                        file,
+                        path: inner.dir.join(format!("{n}.lease")),
+                    };
+                    // Removed between our open and our lock: locking that file excludes
+                    // nobody; the next try locks the file now there.
+                    Ok(lease
+                        .still_held()
+                        .then(|| Box::new(lease) as Box<dyn Lease>))
+                }
                 Err(fs::TryLockError::WouldBlock) => Ok(None),
                 Err(fs::TryLockError::Error(e)) => Err(StoreError::backend("lease", &n, e)),
             }
