@@ -14,6 +14,7 @@
 //! - a compare-and-swap sent again after it succeeded (its answer lost) answers
 //!   `Conflict { current_generation: <the new generation> }` with the state it wrote, which
 //!   is how the refresher recognises its own write;
+//! - of several compare-and-swaps racing over one generation, exactly one swaps;
 //! - the refresh lease is exclusive (a second `try_lease`, from this or another handle, is
 //!   `None` while it is held) and free again once released;
 //! - a lease that was lost (it ran out, or another holder took it after that) is no longer
@@ -139,15 +140,17 @@ enum Check {
     SwapOverTheStoredGeneration,
     StaleGeneration,
     SwapSentAgain,
+    ConcurrentSwaps,
     ExclusiveLease,
     LostLease,
 }
 
 impl Check {
-    const ALL: [Check; 5] = [
+    const ALL: [Check; 6] = [
         Check::SwapOverTheStoredGeneration,
         Check::StaleGeneration,
         Check::SwapSentAgain,
+        Check::ConcurrentSwaps,
         Check::ExclusiveLease,
         Check::LostLease,
     ];
@@ -204,6 +207,10 @@ impl Backend {
             Check::StaleGeneration => self.a_stale_generation_conflicts_and_writes_nothing().await,
             Check::SwapSentAgain => {
                 self.a_swap_sent_again_after_success_conflicts_at_its_own_generation()
+                    .await
+            }
+            Check::ConcurrentSwaps => {
+                self.of_concurrent_swaps_over_one_generation_one_wins()
                     .await
             }
             Check::ExclusiveLease => self.the_lease_is_exclusive_until_released().await,
@@ -322,6 +329,51 @@ impl Backend {
             Some(&new),
             "{kind}: the stored state is the one the first attempt wrote"
         );
+    }
+
+    /// Writers racing over the same generation (two per handle): exactly one swaps, the
+    /// others get `Conflict` at the winner's generation, and the winner's state is stored.
+    /// Whatever the interleaving, that must hold; the interleavings that would expose a
+    /// store comparing outside its atomic write (a read, then an unconditional write) come
+    /// from the race itself, so this check can miss such a store but never fails a
+    /// correct one.
+    async fn of_concurrent_swaps_over_one_generation_one_wins(&self) {
+        const ROUNDS: u64 = 20;
+        const WRITERS: usize = 4;
+        let (kind, name) = (self.kind, "raced");
+        for generation in 1..=ROUNDS {
+            let attempts = (0..WRITERS).map(|w| {
+                let store = if w % 2 == 0 { &self.ours } else { &self.theirs };
+                let new = state(generation, &format!("writer{w}"));
+                async move {
+                    let outcome = store.compare_and_swap(name, generation - 1, &new).await;
+                    (new, outcome)
+                }
+            });
+            let results = futures_util::future::join_all(attempts).await;
+            let mut winners = Vec::new();
+            for (new, outcome) in results {
+                match outcome.unwrap_or_else(|e| panic!("{kind}: compare_and_swap failed: {e}")) {
+                    CasOutcome::Swapped => winners.push(new),
+                    CasOutcome::Conflict { current_generation } => assert_eq!(
+                        current_generation, generation,
+                        "{kind}: a writer that lost the race to generation {generation}"
+                    ),
+                }
+            }
+            assert_eq!(
+                winners.len(),
+                1,
+                "{kind}: {} of {WRITERS} writers racing over generation {} swapped",
+                winners.len(),
+                generation - 1
+            );
+            assert_eq!(
+                self.load(name).await.as_ref(),
+                winners.first(),
+                "{kind}: the stored state is the winner's"
+            );
+        }
     }
 
     async fn the_lease_is_exclusive_until_released(&self) {
