@@ -683,6 +683,63 @@ fn a_second_mark_path_is_for_the_file_store_and_another_directory() {
     assert_refused(&redis, "store.mark_path", &["only to store type file"]);
 }
 
+/// `store.allow_network_filesystem` is a boolean of the file store; a misspelling is an
+/// unknown key; a store on the tests' own temporary directory (a local filesystem) opens
+/// with it unset, as always.
+#[test]
+fn allow_network_filesystem_is_a_file_store_boolean() {
+    let file = |extra: &str| format!("store: {{ type: file, path: /tmp/s{extra} }}\n{VALID}");
+    for (value, allowed) in [("", false), (", allow_network_filesystem: false", false)] {
+        let cfg = parse(&file(value)).unwrap();
+        assert!(
+            matches!(
+                cfg.store.backend,
+                tokenrelay::config::StoreBackend::File { allow_network_filesystem, .. }
+                    if allow_network_filesystem == allowed
+            ),
+            "{value:?}"
+        );
+    }
+    let cfg = parse(&file(", allow_network_filesystem: true")).unwrap();
+    assert!(matches!(
+        cfg.store.backend,
+        tokenrelay::config::StoreBackend::File {
+            allow_network_filesystem: true,
+            ..
+        }
+    ));
+    assert_refused(
+        &file(", allow_network_filesystems: true"),
+        "store.allow_network_filesystems",
+        &[],
+    );
+    assert_refused(
+        &file(", allow_network_filesystem: sure"),
+        "store.allow_network_filesystem",
+        &[],
+    );
+    let redis = format!(
+        "store: {{ type: redis, url: \"redis://127.0.0.1:6379\", allow_network_filesystem: true }}\n{VALID}"
+    );
+    assert_refused(
+        &redis,
+        "store.allow_network_filesystem",
+        &["only to store type file"],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let local = format!(
+        "store: {{ type: file, path: {}, mark_path: {} }}\n{VALID}",
+        state.display(),
+        dir.path().join("marks").display()
+    );
+    let store = tokenrelay::store::open(&parse(&local).unwrap().store)
+        .unwrap_or_else(|e| panic!("a local directory is refused: {e}"));
+    assert_eq!(store.kind(), "file");
+    assert!(state.is_dir());
+}
+
 /// A preset credential with `params` (a flow mapping's entries) and `extra` keys.
 fn preset_yaml(provider: &str, params: &str, extra: &str) -> String {
     format!(

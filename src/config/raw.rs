@@ -40,6 +40,7 @@ pub struct RawStore {
     pub kind: Option<String>,
     pub path: Option<PathBuf>,
     pub mark_path: Option<PathBuf>,
+    pub allow_network_filesystem: Option<bool>,
     pub url: Option<String>,
     pub endpoints: Option<Vec<String>>,
     pub key_prefix: Option<String>,

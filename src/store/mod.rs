@@ -10,6 +10,7 @@ pub mod crypto;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+pub mod filesystem;
 pub mod redis;
 mod watcher;
 
@@ -151,6 +152,22 @@ pub enum StoreError {
     },
     #[error("stored state of credential {credential:?} is unreadable: {message}")]
     Corrupt { credential: String, message: String },
+    /// The file store's directory is on a network or FUSE filesystem (see
+    /// [`filesystem`]) and the config does not allow it.
+    #[error(
+        "{key} {path}: the directory is on {filesystem}, a network or FUSE filesystem, \
+         where flock and rename are not reliable, so neither the refresh lease nor the \
+         atomic write of the state file is guaranteed (two hosts could both refresh, and \
+         spend the same refresh token); put the file store on a local filesystem, use the \
+         redis or etcd store to share a credential between hosts, or set \
+         store.allow_network_filesystem: true if this filesystem is known to honour both"
+    )]
+    NetworkFilesystem {
+        /// The config key naming the directory (`store.path` or `store.mark_path`).
+        key: &'static str,
+        path: std::path::PathBuf,
+        filesystem: &'static str,
+    },
 }
 
 impl StoreError {
@@ -219,9 +236,14 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let codec = codec::Codec::new(config.encryption_key.as_ref())
         .map_err(|e| StoreError::backend("open", "*", e))?;
     match &config.backend {
-        StoreBackend::File { path, mark_path } => Ok(Arc::new(file::FileStore::open(
+        StoreBackend::File {
+            path,
+            mark_path,
+            allow_network_filesystem,
+        } => Ok(Arc::new(file::FileStore::open(
             path,
             mark_path.as_deref(),
+            *allow_network_filesystem,
             codec,
             config.poll_interval.0,
         )?)),

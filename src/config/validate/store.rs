@@ -18,6 +18,12 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             "applies only to store type file (its generation marks)",
         );
     }
+    if kind != "file" && raw.allow_network_filesystem.is_some() {
+        p.add(
+            "store.allow_network_filesystem",
+            "applies only to store type file (the filesystem of its directories)",
+        );
+    }
     let backend = match kind {
         "file" => {
             let path = raw
@@ -32,6 +38,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             StoreBackend::File {
                 path,
                 mark_path: raw.mark_path,
+                allow_network_filesystem: raw.allow_network_filesystem.unwrap_or(false),
             }
         }
         "redis" => {
@@ -80,6 +87,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             StoreBackend::File {
                 path: PathBuf::from(DEFAULT_STORE_PATH),
                 mark_path: None,
+                allow_network_filesystem: false,
             }
         }
     };
