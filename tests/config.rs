@@ -740,6 +740,37 @@ fn allow_network_filesystem_is_a_file_store_boolean() {
     assert!(state.is_dir());
 }
 
+/// `store.wait_replicas` is a count of Redis replicas; other stores refuse it.
+#[test]
+fn wait_replicas_is_a_redis_replica_count() {
+    let redis =
+        |extra: &str| format!("store: {{ type: redis, url: \"redis://r:6379\"{extra} }}\n{VALID}");
+    let replicas = |yaml: &str| match parse(yaml).unwrap().store.backend {
+        tokenrelay::config::StoreBackend::Redis { wait_replicas, .. } => wait_replicas,
+        other => panic!("not redis: {other:?}"),
+    };
+    assert_eq!(replicas(&redis("")), 0);
+    assert_eq!(replicas(&redis(", wait_replicas: 2")), 2);
+    for bad in [
+        ", wait_replicas: -1",
+        ", wait_replicas: two",
+        ", wait_replicas: 1.5",
+    ] {
+        assert_refused(&redis(bad), "store.wait_replicas", &[]);
+    }
+    assert_refused(&redis(", wait_replica: 1"), "store.wait_replica", &[]);
+    for other in [
+        "type: file, path: /tmp/s",
+        "type: etcd, endpoints: [\"http://127.0.0.1:2379\"]",
+    ] {
+        assert_refused(
+            &format!("store: {{ {other}, wait_replicas: 1 }}\n{VALID}"),
+            "store.wait_replicas",
+            &["only to store type redis"],
+        );
+    }
+}
+
 /// A preset credential with `params` (a flow mapping's entries) and `extra` keys.
 fn preset_yaml(provider: &str, params: &str, extra: &str) -> String {
     format!(

@@ -1,9 +1,9 @@
 //! The store contract (DESIGN.md, "Store contract") checked the same way against every
 //! backend, through the public `tokenrelay::store::Store` trait only: the file store in a
-//! temporary directory, a real `redis-server` and a real single-member `etcd` (started on
-//! free loopback ports by `support::stores`, killed when the test ends). Each store is
-//! opened from a config, as tokenrelay opens it; two handles on one store play two
-//! processes.
+//! temporary directory, a real `redis-server` (alone, and with `store.wait_replicas: 1`
+//! and a replica) and a real single-member `etcd`, started on free loopback ports by
+//! `support::stores` and killed when the test ends. Each store is opened from a config,
+//! as tokenrelay opens it; two handles on one store play two processes.
 //!
 //! What every backend must do, since the refresher relies on it so that a rotating refresh
 //! token is never lost and never spent twice:
@@ -482,6 +482,29 @@ async fn the_redis_store_keeps_the_contract() {
     }
     let redis = RedisServer::start().await;
     let store_yaml = format!("  type: redis\n  url: {}\n", redis.url());
+    Backend::new("redis", &store_yaml, LoseLease::Redis(redis.url()))
+        .check_contract()
+        .await;
+}
+
+/// The same with `store.wait_replicas: 1` and a replica: every write goes with a `WAIT`
+/// (a conflict too), and the contract is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_waiting_for_a_replica_keeps_the_contract() {
+    if support::tools::tool("redis-server").is_none() {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let replica = RedisServer::start_replica_of(&redis).await;
+    assert!(
+        redis.wait_for_replicas(1, Duration::from_secs(60)).await,
+        "the replica never came online; its log:\n{}",
+        replica.log_tail()
+    );
+    let store_yaml = format!(
+        "  type: redis\n  url: {}\n  wait_replicas: 1\n",
+        redis.url()
+    );
     Backend::new("redis", &store_yaml, LoseLease::Redis(redis.url()))
         .check_contract()
         .await;

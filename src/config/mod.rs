@@ -135,6 +135,9 @@ pub enum StoreBackend {
     Redis {
         url: Secret,
         key_prefix: String,
+        /// Replicas that must acknowledge each write (the lease, a compare-and-swap)
+        /// before it counts (`WAIT`, and `WAITAOF` on Redis 7.2+); 0: none.
+        wait_replicas: u32,
     },
     Etcd {
         endpoints: Vec<String>,

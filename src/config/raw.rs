@@ -44,6 +44,7 @@ pub struct RawStore {
     pub url: Option<String>,
     pub endpoints: Option<Vec<String>>,
     pub key_prefix: Option<String>,
+    pub wait_replicas: Option<u32>,
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,

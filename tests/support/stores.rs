@@ -48,8 +48,48 @@ impl RedisServer {
         r
     }
 
+    /// A replica of `primary` (`--replicaof`), with [`REDIS_DURABLE`] persistence of its
+    /// own. Replication may still be starting when this returns: see
+    /// [`RedisServer::wait_for_replicas`].
+    pub async fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let port = primary.port.to_string();
+        let mut args = REDIS_DURABLE.to_vec();
+        args.extend(["--replicaof", "127.0.0.1", &port]);
+        RedisServer::start_with_args(&args).await
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Polls `INFO replication` until at least `n` replicas are connected and online
+    /// (synchronised), for at most `within`.
+    pub async fn wait_for_replicas(&self, n: usize, within: Duration) -> bool {
+        let url = self.url();
+        eventually(within, || {
+            let url = url.clone();
+            async move {
+                let online = async {
+                    let mut c = redis::Client::open(url)
+                        .ok()?
+                        .get_multiplexed_async_connection()
+                        .await
+                        .ok()?;
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    Some(online_replicas(&info))
+                };
+                tokio::time::timeout(Duration::from_secs(2), online)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|online| online >= n)
+            }
+        })
+        .await
     }
 
     /// Starts (or restarts, on the same port, data directory and arguments) and waits for
@@ -84,6 +124,23 @@ impl RedisServer {
         kill_child(&mut self.child);
     }
 
+    /// SIGSTOP: the server stops answering (and, as a replica, acknowledging) but its
+    /// connections stay open, so its primary still counts it as an online replica.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("redis-server running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+        nix::sys::signal::kill(pid, signal).expect("signal redis-server");
+    }
+
     pub fn log_tail(&self) -> String {
         log_tail(&self.dir.path().join("redis.log"), 20)
     }
@@ -93,6 +150,17 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         kill_child(&mut self.child);
     }
+}
+
+/// The replicas `INFO replication` lists as online (`slaveN:...,state=online,...`).
+pub fn online_replicas(info: &str) -> usize {
+    info.lines()
+        .filter(|l| {
+            l.strip_prefix("slave")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+                && l.contains("state=online")
+        })
+        .count()
 }
 
 /// True if the server at `addr` answers `PING` with `+PONG`.

@@ -18,6 +18,12 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             "applies only to store type file (its generation marks)",
         );
     }
+    if kind != "redis" && raw.wait_replicas.is_some() {
+        p.add(
+            "store.wait_replicas",
+            "applies only to store type redis (etcd writes are acknowledged by a majority already)",
+        );
+    }
     if kind != "file" && raw.allow_network_filesystem.is_some() {
         p.add(
             "store.allow_network_filesystem",
@@ -52,6 +58,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             StoreBackend::Redis {
                 url: Secret::new(url),
                 key_prefix: prefix,
+                wait_replicas: raw.wait_replicas.unwrap_or(0),
             }
         }
         "etcd" => {
