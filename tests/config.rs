@@ -683,6 +683,94 @@ fn a_second_mark_path_is_for_the_file_store_and_another_directory() {
     assert_refused(&redis, "store.mark_path", &["only to store type file"]);
 }
 
+/// `store.allow_network_filesystem` is a boolean of the file store; a misspelling is an
+/// unknown key; a store on the tests' own temporary directory (a local filesystem) opens
+/// with it unset, as always.
+#[test]
+fn allow_network_filesystem_is_a_file_store_boolean() {
+    let file = |extra: &str| format!("store: {{ type: file, path: /tmp/s{extra} }}\n{VALID}");
+    for (value, allowed) in [("", false), (", allow_network_filesystem: false", false)] {
+        let cfg = parse(&file(value)).unwrap();
+        assert!(
+            matches!(
+                cfg.store.backend,
+                tokenrelay::config::StoreBackend::File { allow_network_filesystem, .. }
+                    if allow_network_filesystem == allowed
+            ),
+            "{value:?}"
+        );
+    }
+    let cfg = parse(&file(", allow_network_filesystem: true")).unwrap();
+    assert!(matches!(
+        cfg.store.backend,
+        tokenrelay::config::StoreBackend::File {
+            allow_network_filesystem: true,
+            ..
+        }
+    ));
+    assert_refused(
+        &file(", allow_network_filesystems: true"),
+        "store.allow_network_filesystems",
+        &[],
+    );
+    assert_refused(
+        &file(", allow_network_filesystem: sure"),
+        "store.allow_network_filesystem",
+        &[],
+    );
+    let redis = format!(
+        "store: {{ type: redis, url: \"redis://127.0.0.1:6379\", allow_network_filesystem: true }}\n{VALID}"
+    );
+    assert_refused(
+        &redis,
+        "store.allow_network_filesystem",
+        &["only to store type file"],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let local = format!(
+        "store: {{ type: file, path: {}, mark_path: {} }}\n{VALID}",
+        state.display(),
+        dir.path().join("marks").display()
+    );
+    let store = tokenrelay::store::open(&parse(&local).unwrap().store)
+        .unwrap_or_else(|e| panic!("a local directory is refused: {e}"));
+    assert_eq!(store.kind(), "file");
+    assert!(state.is_dir());
+}
+
+/// `store.wait_replicas` is a count of Redis replicas; other stores refuse it.
+#[test]
+fn wait_replicas_is_a_redis_replica_count() {
+    let redis =
+        |extra: &str| format!("store: {{ type: redis, url: \"redis://r:6379\"{extra} }}\n{VALID}");
+    let replicas = |yaml: &str| match parse(yaml).unwrap().store.backend {
+        tokenrelay::config::StoreBackend::Redis { wait_replicas, .. } => wait_replicas,
+        other => panic!("not redis: {other:?}"),
+    };
+    assert_eq!(replicas(&redis("")), 0);
+    assert_eq!(replicas(&redis(", wait_replicas: 2")), 2);
+    for bad in [
+        ", wait_replicas: -1",
+        ", wait_replicas: two",
+        ", wait_replicas: 1.5",
+    ] {
+        assert_refused(&redis(bad), "store.wait_replicas", &[]);
+    }
+    assert_refused(&redis(", wait_replica: 1"), "store.wait_replica", &[]);
+    for other in [
+        "type: file, path: /tmp/s",
+        "type: etcd, endpoints: [\"http://127.0.0.1:2379\"]",
+    ] {
+        assert_refused(
+            &format!("store: {{ {other}, wait_replicas: 1 }}\n{VALID}"),
+            "store.wait_replicas",
+            &["only to store type redis"],
+        );
+    }
+}
+
 /// A preset credential with `params` (a flow mapping's entries) and `extra` keys.
 fn preset_yaml(provider: &str, params: &str, extra: &str) -> String {
     format!(

@@ -1,7 +1,9 @@
 //! tokenrelay as real child processes against the demo authorization server (2 s access
 //! tokens, rotating single-use refresh tokens with reuse detection) running in this test
 //! process: SIGKILL at random moments under load (including mid-refresh), several
-//! processes sharing one file store directory, and SIGTERM in the middle of a refresh.
+//! processes sharing one file store directory, SIGTERM in the middle of a refresh, and a
+//! store that refuses the rotated pair's write (nothing of it is served until it is
+//! durable).
 //!
 //! Every test asserts the sacred promise from the provider's side: the authorization
 //! server never saw a refresh token twice (`refresh_reuse_detected == 0`) and never
@@ -612,4 +614,120 @@ async fn sigterm_during_a_refresh_persists_the_new_token_and_exits_0() {
     assert_eq!(stats.refresh_reuse_detected, 0);
     assert_eq!(stats.invalid_grant, 0);
     assert!(stats.rotations >= rotations + 2, "kept rotating: {stats:?}");
+}
+
+/// The stored access token, read from the state file directly.
+fn stored_access_token(dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(state_dir(dir).join("crm.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v["state"]["access_token"].as_str().map(str::to_string)
+}
+
+/// The bearer token a request through the proxy carried, if it was answered `200`.
+async fn served_token(c: &reqwest::Client, ports: &Ports) -> Option<String> {
+    let resp = c.get(ports.url("/echo")).send().await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let echo: serde_json::Value = resp.json().await.ok()?;
+    echo["headers"]["authorization"][0]
+        .as_str()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
+/// The store refuses the write of a rotated pair (the credential's lock file is replaced
+/// by a directory, so every compare-and-swap fails while reads and the lease still work):
+/// the token endpoint has rotated, but until the new pair is durable nothing of it is
+/// served. Every request answered meanwhile carried the stored access token (or got a
+/// 503 once that expired); the pair is written once the store takes writes again, then
+/// served, and no refresh token is ever presented twice. No timing in the verdict: a
+/// token that is not the stored one is a failure whenever it is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_is_not_served_before_it_is_durable() {
+    let _serial = SERIAL.lock().await;
+    let auth = AuthServer::start(two_second_tokens()).await.unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::new();
+    let config = write_config(dir.path(), "refused", &auth.token_url(), &api.url(), &ports);
+    seed(&config, &auth);
+    let log = dir.path().join("refused.log");
+    let p = ChildProc::spawn(&config, &log, &[]);
+    ready(&p, &ports).await;
+    let c = support::client();
+
+    // Refuse writes: the compare-and-swap opens `crm.lock` for writing first.
+    let lock = state_dir(dir.path()).join("crm.lock");
+    std::fs::remove_file(&lock).expect("the lock file exists after the startup refresh");
+    std::fs::create_dir(&lock).unwrap();
+    let (generation, _) = stored(dir.path()).unwrap();
+    let stored_token = stored_access_token(dir.path()).expect("an access token is stored");
+    let rotations = auth.stats().rotations;
+
+    // Until the token endpoint has rotated (at most one token lifetime away), and for as
+    // long again after it, every answered request carries the stored token.
+    let mut served = 0;
+    let mut rotated_at = None;
+    let t0 = Instant::now();
+    loop {
+        if rotated_at.is_none() && auth.stats().rotations > rotations {
+            rotated_at = Some(Instant::now());
+        }
+        if rotated_at.is_some_and(|at| at.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the token endpoint never rotated; log:\n{}",
+            support::log_tail(&p.log, 30)
+        );
+        if let Some(token) = served_token(&c, &ports).await {
+            assert!(
+                token == stored_token,
+                "a token was served that is not durable: the store still holds generation \
+                 {generation} (it refuses writes), but the proxy sent another access token \
+                 after {served} requests with the stored one; log:\n{}",
+                support::log_tail(&p.log, 30)
+            );
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stored(dir.path()).unwrap().0,
+        generation,
+        "written while the store refused writes?"
+    );
+
+    // The store takes writes again: the pair is written, then served.
+    std::fs::remove_dir(&lock).unwrap();
+    let durable = support::eventually(Duration::from_secs(15), || async {
+        stored(dir.path()).is_some_and(|(g, _)| g > generation)
+    })
+    .await;
+    assert!(
+        durable,
+        "never written; log:\n{}",
+        support::log_tail(&p.log, 30)
+    );
+    let new_token = stored_access_token(dir.path()).unwrap();
+    assert_ne!(new_token, stored_token);
+    let serves_it = support::eventually(Duration::from_secs(15), || async {
+        served_token(&c, &ports)
+            .await
+            .is_some_and(|t| t != stored_token)
+    })
+    .await;
+    assert!(serves_it, "the written pair is not served");
+    let (p, code) = terminate(p).await;
+    let stats = auth.stats();
+    eprintln!(
+        "store refusing writes: {served} requests served with the stored token while the \
+         rotated pair waited; generation {generation} -> {}; exit {code:?}",
+        stored(dir.path()).unwrap().0
+    );
+    assert_eq!(code, Some(0), "{}", support::log_tail(&p.log, 30));
+    assert_eq!(stats.refresh_reuse_detected, 0, "refresh token reused");
+    assert_eq!(stats.invalid_grant, 0, "a refresh token was rejected");
 }

@@ -30,240 +30,25 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "etcd")]
+use support::stores::EtcdCluster;
+use support::stores::RedisServer;
 use support::{free_ports, metric, metrics_text, wait_ready, ChildProc, Load, LoadReport};
 use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 
 // ---------------------------------------------------------------------------------------
-// Store processes.
+// Store processes (`RedisServer`, `EtcdCluster`: tests/support/stores.rs).
 // ---------------------------------------------------------------------------------------
 
 /// True if `name` is installed; otherwise the test skips (or fails under
 /// TOKENRELAY_REQUIRE_TOOLS=1), see `support::tools`.
 fn have_tool(name: &str) -> bool {
     support::tools::tool(name).is_some()
-}
-
-fn kill_child(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-/// A `redis-server` on a loopback port with an append-only log fsynced on every write,
-/// in its own temporary directory; SIGKILLed on drop.
-struct RedisServer {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    async fn start() -> RedisServer {
-        let mut r = RedisServer {
-            port: free_ports(1)[0],
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        r.spawn().await;
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Starts (or restarts, on the same port and data directory) and waits for PONG.
-    async fn spawn(&mut self) {
-        assert!(self.child.is_none(), "redis-server already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("redis.log"))
-            .unwrap();
-        let child = support::tools::command("redis-server")
-            .expect("redis-server is installed")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .args(["--save", "", "--daemonize", "no", "--protected-mode", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let up = support::eventually(Duration::from_secs(10), || redis_ping(addr)).await;
-        assert!(up, "redis-server did not start:\n{}", self.log_tail());
-    }
-
-    /// SIGKILL: no shutdown, no final save; only what the append-only log has survives.
-    fn kill9(&mut self) {
-        kill_child(&mut self.child);
-    }
-
-    fn log_tail(&self) -> String {
-        support::log_tail(&self.dir.path().join("redis.log"), 20)
-    }
-}
-
-/// True if the server at `addr` answers `PING` with `+PONG`.
-async fn redis_ping(addr: SocketAddr) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
-        conn.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).await.ok()?;
-        Some(buf[..n].starts_with(b"+PONG"))
-    };
-    tokio::time::timeout(Duration::from_secs(1), exchange)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
-    }
-}
-
-/// One member of an [`EtcdCluster`].
-#[cfg(feature = "etcd")]
-struct EtcdMember {
-    name: String,
-    client_port: u16,
-    child: Option<Child>,
-}
-
-/// An etcd cluster of `n` members on loopback (distinct client and peer ports), data in a
-/// temporary directory; every member SIGKILLed on drop.
-#[cfg(feature = "etcd")]
-struct EtcdCluster {
-    members: Vec<EtcdMember>,
-    dir: tempfile::TempDir,
-}
-
-#[cfg(feature = "etcd")]
-impl EtcdCluster {
-    async fn start(n: usize) -> EtcdCluster {
-        let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(2 * n);
-        let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
-        let initial_cluster = names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| format!("{name}=http://127.0.0.1:{}", ports[2 * i + 1]))
-            .collect::<Vec<_>>()
-            .join(",");
-        let token = format!("tokenrelay-test-{:x}", rand::random::<u64>());
-        let mut members = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let (client, peer) = (ports[2 * i], ports[2 * i + 1]);
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            let child = support::tools::command("etcd")
-                .expect("etcd is installed")
-                .args(["--name", name])
-                .arg("--data-dir")
-                .arg(dir.path().join(name))
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-                ))
-                .arg(format!("--initial-cluster={initial_cluster}"))
-                .arg(format!("--initial-cluster-token={token}"))
-                .args(["--initial-cluster-state", "new", "--log-level", "warn"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("spawn etcd");
-            members.push(EtcdMember {
-                name: name.clone(),
-                client_port: client,
-                child: Some(child),
-            });
-        }
-        let cluster = EtcdCluster { members, dir };
-        for m in &cluster.members {
-            let url = format!("http://127.0.0.1:{}/health", m.client_port);
-            let healthy = support::eventually(Duration::from_secs(20), || {
-                let url = url.clone();
-                async move {
-                    match support::client().get(&url).send().await {
-                        Ok(r) if r.status() == 200 => r
-                            .json::<serde_json::Value>()
-                            .await
-                            .is_ok_and(|v| v["health"] == "true"),
-                        _ => false,
-                    }
-                }
-            })
-            .await;
-            assert!(
-                healthy,
-                "etcd member {} did not become healthy:\n{}",
-                m.name,
-                support::log_tail(&cluster.dir.path().join(format!("{}.log", m.name)), 20)
-            );
-        }
-        cluster
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect()
-    }
-
-    /// Index of the current leader: each member is asked for its status (the etcd client
-    /// crate's Maintenance API) and the one whose member id is the leader's is it.
-    async fn leader(&self) -> Option<usize> {
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(2));
-        for (i, endpoint) in self.endpoints().iter().enumerate() {
-            let Ok(mut client) =
-                etcd_client::Client::connect([endpoint.as_str()], Some(options.clone())).await
-            else {
-                continue;
-            };
-            let Ok(status) = client.status().await else {
-                continue;
-            };
-            if status.header().map(|h| h.member_id()) == Some(status.leader()) {
-                return Some(i);
-            }
-        }
-        None
-    }
-
-    fn kill9(&mut self, i: usize) {
-        kill_child(&mut self.members[i].child);
-    }
-}
-
-#[cfg(feature = "etcd")]
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            kill_child(&mut m.child);
-        }
-    }
 }
 
 /// The `store:` section for a Redis server or etcd endpoints (poll interval 250 ms).

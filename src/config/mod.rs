@@ -128,10 +128,16 @@ pub enum StoreBackend {
         /// A second directory keeping the generation marks, where a restore of `path`
         /// (a whole-volume snapshot) does not reach.
         mark_path: Option<PathBuf>,
+        /// Open the store even on a network or FUSE filesystem (NFS, CIFS/SMB, FUSE),
+        /// where flock and rename are not reliable; refused by default.
+        allow_network_filesystem: bool,
     },
     Redis {
         url: Secret,
         key_prefix: String,
+        /// Replicas that must acknowledge each write (the lease, a compare-and-swap)
+        /// before it counts (`WAIT`, and `WAITAOF` on Redis 7.2+); 0: none.
+        wait_replicas: u32,
     },
     Etcd {
         endpoints: Vec<String>,

@@ -10,6 +10,9 @@
 //!   instead of having its already spent refresh token sent. The store's generation is
 //!   the greater of the two: that is what `load`, compare-and-swap and `watch` see.
 //! - Changes by other processes are noticed by polling the files' metadata (bounded interval).
+//! - Both rest on `flock` and `rename` doing what they do on a local filesystem, so a
+//!   directory on NFS, CIFS/SMB or FUSE is refused at open (see [`super::filesystem`])
+//!   unless `store.allow_network_filesystem` is set.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -41,15 +44,22 @@ struct Inner {
 
 impl FileStore {
     /// Opens (creating with mode 0700 if needed) the state directory and, if given, the
-    /// second directory for generation marks.
+    /// second directory for generation marks. Either on a network or FUSE filesystem is
+    /// refused (see [`super::filesystem`]) unless `allow_network_filesystem`.
     pub fn open(
         dir: &Path,
         mark_dir: Option<&Path>,
+        allow_network_filesystem: bool,
         codec: Codec,
         poll: Duration,
     ) -> Result<FileStore, StoreError> {
-        for d in std::iter::once(dir).chain(mark_dir) {
+        let dirs =
+            std::iter::once(("store.path", dir)).chain(mark_dir.map(|m| ("store.mark_path", m)));
+        for (key, d) in dirs {
             open_dir(d)?;
+            if !allow_network_filesystem {
+                refuse_network_filesystem(key, d, super::filesystem::network_filesystem_of(d))?;
+            }
         }
         Ok(FileStore {
             inner: Arc::new(Inner {
@@ -89,6 +99,33 @@ fn open_dir(dir: &Path) -> Result<(), StoreError> {
             ));
         }
         Ok(())
+    }
+}
+
+/// The error for directory `dir` (config key `key`) if `found` (what
+/// [`super::filesystem::network_filesystem_of`] said of it) is a network or FUSE
+/// filesystem, or could not be told.
+fn refuse_network_filesystem(
+    key: &'static str,
+    dir: &Path,
+    found: std::io::Result<Option<&'static str>>,
+) -> Result<(), StoreError> {
+    match found {
+        Ok(None) => Ok(()),
+        Ok(Some(filesystem)) => Err(StoreError::NetworkFilesystem {
+            key,
+            path: dir.to_path_buf(),
+            filesystem,
+        }),
+        Err(e) => Err(StoreError::backend(
+            "open",
+            "*",
+            format!(
+                "{key} {}: cannot tell which filesystem holds it (statfs: {e}); set \
+                 store.allow_network_filesystem: true to skip this check",
+                dir.display()
+            ),
+        )),
     }
 }
 
@@ -320,20 +357,36 @@ fn rolled_back(name: &str, mark: u64, older: Option<StoredState>) -> StoredState
 
 struct FileLease {
     // Holding the open, flocked file is the lease; closing it releases the lock.
-    _file: File,
+    file: File,
+    /// Where the lease file is: the lock only excludes others while this very file
+    /// (device and inode) is still the one there.
+    path: PathBuf,
+}
+
+impl FileLease {
+    /// True while the locked file is still the lease file. A flock cannot expire while
+    /// we hold it, but if the lease file is deleted or replaced (a cleanup of the state
+    /// directory), the next taker creates and locks a new file, and our lock no longer
+    /// excludes anyone.
+    fn still_held(&self) -> bool {
+        match (fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(there), Ok(ours)) => there.dev() == ours.dev() && there.ino() == ours.ino(),
+            _ => false,
+        }
+    }
 }
 
 #[async_trait]
 impl Lease for FileLease {
     async fn renew(&self) -> bool {
         // The flock is held until this process closes the file or dies.
-        true
+        self.still_held()
     }
 
     async fn secure_for(&self, _needed: Duration) -> bool {
         // A flock lasts until this process closes the file or dies: it cannot expire
-        // while we hold it.
-        true
+        // while we hold it; it can only stop meaning anything (`still_held`).
+        self.still_held()
     }
     async fn release(self: Box<Self>) {}
 }
@@ -399,7 +452,17 @@ impl Store for FileStore {
                 .open_lock(&n, "lease")
                 .map_err(|e| StoreError::backend("lease", &n, e))?;
             match file.try_lock() {
-                Ok(()) => Ok(Some(Box::new(FileLease { _file: file }) as Box<dyn Lease>)),
+                Ok(()) => {
+                    let lease = FileLease {
+                        file,
+                        path: inner.dir.join(format!("{n}.lease")),
+                    };
+                    // Removed between our open and our lock: locking that file excludes
+                    // nobody; the next try locks the file now there.
+                    Ok(lease
+                        .still_held()
+                        .then(|| Box::new(lease) as Box<dyn Lease>))
+                }
                 Err(fs::TryLockError::WouldBlock) => Ok(None),
                 Err(fs::TryLockError::Error(e)) => Err(StoreError::backend("lease", &n, e)),
             }
@@ -449,7 +512,7 @@ mod tests {
 
     fn store(dir: &Path, encrypted: bool) -> FileStore {
         let key = encrypted.then(|| Secret::new("ab".repeat(32)));
-        FileStore::open(dir, None, Codec::new(key.as_ref()).unwrap(), POLL).unwrap()
+        FileStore::open(dir, None, false, Codec::new(key.as_ref()).unwrap(), POLL).unwrap()
     }
 
     fn state(generation: u64, refresh: &str) -> StoredState {
@@ -488,6 +551,36 @@ mod tests {
         let backup = fs::read(dir.join("crm.json")).unwrap();
         rotate(s, 2, 5).await;
         fs::write(dir.join("crm.json"), backup).unwrap();
+    }
+
+    #[test]
+    fn a_network_filesystem_is_refused_naming_it_the_path_and_the_option() {
+        let dir = Path::new("/mnt/shared/tokenrelay");
+        for (key, filesystem) in [("store.path", "NFS"), ("store.mark_path", "FUSE")] {
+            let err = refuse_network_filesystem(key, dir, Ok(Some(filesystem)))
+                .unwrap_err()
+                .to_string();
+            for part in [
+                &format!("{key} /mnt/shared/tokenrelay:"),
+                &format!("on {filesystem}, a network or FUSE filesystem"),
+                "flock and rename are not reliable",
+                "refresh lease",
+                "atomic write",
+                "store.allow_network_filesystem: true",
+            ] {
+                assert!(err.contains(part), "{part:?} not in {err:?}");
+            }
+        }
+        assert!(refuse_network_filesystem("store.path", dir, Ok(None)).is_ok());
+        let err = refuse_network_filesystem(
+            "store.path",
+            dir,
+            Err(std::io::Error::from(ErrorKind::PermissionDenied)),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot tell which filesystem"), "{err}");
+        assert!(err.contains("store.allow_network_filesystem"), "{err}");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ pub mod crypto;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+pub mod filesystem;
 pub mod redis;
 mod watcher;
 
@@ -162,6 +163,40 @@ pub enum StoreError {
     },
     #[error("stored state of credential {credential:?} is unreadable: {message}")]
     Corrupt { credential: String, message: String },
+    /// A Redis write reached the primary but fewer replicas than `store.wait_replicas`
+    /// confirmed it: it does not count as written (a failover may lose it); the refresher
+    /// retries it like any failed write.
+    #[error(
+        "store {op} for credential {credential:?} not confirmed by the replicas: \
+         {acknowledged} of {required} replicas {what} within {wait_ms} ms \
+         (store.wait_replicas: {required}); it may be on the primary only, so it does not \
+         count as written (a refresher retries it)",
+        wait_ms = redis::REPLICA_WAIT.as_millis()
+    )]
+    NotReplicated {
+        op: &'static str,
+        credential: String,
+        acknowledged: u64,
+        required: u32,
+        /// What the replicas that count did (`acknowledged the write`, ...).
+        what: &'static str,
+    },
+    /// The file store's directory is on a network or FUSE filesystem (see
+    /// [`filesystem`]) and the config does not allow it.
+    #[error(
+        "{key} {path}: the directory is on {filesystem}, a network or FUSE filesystem, \
+         where flock and rename are not reliable, so neither the refresh lease nor the \
+         atomic write of the state file is guaranteed (two hosts could both refresh, and \
+         spend the same refresh token); put the file store on a local filesystem, use the \
+         redis or etcd store to share a credential between hosts, or set \
+         store.allow_network_filesystem: true if this filesystem is known to honour both"
+    )]
+    NetworkFilesystem {
+        /// The config key naming the directory (`store.path` or `store.mark_path`).
+        key: &'static str,
+        path: std::path::PathBuf,
+        filesystem: &'static str,
+    },
 }
 
 impl StoreError {
@@ -207,7 +242,10 @@ pub trait Store: Send + Sync + 'static {
     /// Current state, or `None` if nothing was ever stored.
     async fn load(&self, name: &str) -> Result<Option<StoredState>, StoreError>;
     /// Writes `new` if the stored generation equals `expected` (0 = nothing stored).
-    /// Atomic and durable when it returns `Swapped`.
+    /// Atomic and durable when it returns `Swapped`. An error leaves it open whether `new`
+    /// was written (an answer lost, or, with `store.wait_replicas`, a write the replicas
+    /// did not confirm): the caller sends the same swap again, and a `Conflict` at `new`'s
+    /// generation with `new` stored is its own earlier write.
     async fn compare_and_swap(
         &self,
         name: &str,
@@ -230,15 +268,25 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     let codec = codec::Codec::new(config.encryption_key.as_ref())
         .map_err(|e| StoreError::backend("open", "*", e))?;
     match &config.backend {
-        StoreBackend::File { path, mark_path } => Ok(Arc::new(file::FileStore::open(
+        StoreBackend::File {
+            path,
+            mark_path,
+            allow_network_filesystem,
+        } => Ok(Arc::new(file::FileStore::open(
             path,
             mark_path.as_deref(),
+            *allow_network_filesystem,
             codec,
             config.poll_interval.0,
         )?)),
-        StoreBackend::Redis { url, key_prefix } => Ok(Arc::new(redis::RedisStore::open(
+        StoreBackend::Redis {
+            url,
+            key_prefix,
+            wait_replicas,
+        } => Ok(Arc::new(redis::RedisStore::open(
             url.expose(),
             key_prefix,
+            *wait_replicas,
             codec,
             config.poll_interval.0,
         )?)),

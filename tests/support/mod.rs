@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod pki;
+pub mod stores;
 pub mod tools;
 
 use std::collections::BTreeMap;

@@ -18,6 +18,18 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             "applies only to store type file (its generation marks)",
         );
     }
+    if kind != "redis" && raw.wait_replicas.is_some() {
+        p.add(
+            "store.wait_replicas",
+            "applies only to store type redis (etcd writes are acknowledged by a majority already)",
+        );
+    }
+    if kind != "file" && raw.allow_network_filesystem.is_some() {
+        p.add(
+            "store.allow_network_filesystem",
+            "applies only to store type file (the filesystem of its directories)",
+        );
+    }
     let backend = match kind {
         "file" => {
             let path = raw
@@ -32,6 +44,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             StoreBackend::File {
                 path,
                 mark_path: raw.mark_path,
+                allow_network_filesystem: raw.allow_network_filesystem.unwrap_or(false),
             }
         }
         "redis" => {
@@ -45,6 +58,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             StoreBackend::Redis {
                 url: Secret::new(url),
                 key_prefix: prefix,
+                wait_replicas: raw.wait_replicas.unwrap_or(0),
             }
         }
         "etcd" => {
@@ -80,6 +94,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
             StoreBackend::File {
                 path: PathBuf::from(DEFAULT_STORE_PATH),
                 mark_path: None,
+                allow_network_filesystem: false,
             }
         }
     };
