@@ -1,5 +1,6 @@
 //! Command-line interface: `run`, `check`, `seed`, `authorize`, `status`, `demo`.
 
+mod admin_client;
 mod authorize;
 mod demo;
 mod providers;
@@ -149,10 +150,16 @@ pub enum Command {
         #[arg(long, allow_hyphen_values = true)]
         code: Option<String>,
     },
-    /// Per credential: state, generation, expiries (never token values).
+    /// Per credential: state, expiries, the last refresh (never token values), from the
+    /// running instance, or from the store when none answers. Exit 0: every credential
+    /// ready; 1: some credential needs action; 2: no instance answered and the store
+    /// could not be read.
     Status {
         #[command(flatten)]
         config: ConfigArg,
+        /// Print the `/status` document (JSON) instead of lines for a person.
+        #[arg(long)]
+        json: bool,
     },
     /// Try it with nothing else installed: demo authorization server, demo API, tokenrelay.
     Demo {
@@ -290,7 +297,9 @@ pub fn main(cli: Cli) -> ExitCode {
         } => with_config(&config, log_format, |cfg| {
             authorize::run(cfg, &credential, code)
         }),
-        Command::Status { config } => with_config(&config, log_format, status::run),
+        Command::Status { config, json } => {
+            with_config_exit(&config, log_format, |cfg| status::run(cfg, json))
+        }
         Command::Reload { config } => with_config(&config, log_format, reload::run),
         Command::Demo { state_dir } => {
             crate::logging::init(log_format.unwrap_or(LogFormat::Text), None);
@@ -348,6 +357,17 @@ where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    with_config_exit(config, log_format, |cfg| async move {
+        f(cfg).await.map(|()| ExitCode::SUCCESS)
+    })
+}
+
+/// As [`with_config`], for a command that chooses its exit code.
+fn with_config_exit<F, Fut>(config: &ConfigArg, log_format: Option<LogFormat>, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
     let cfg = match Config::load(&config.config) {
         Ok(c) => c,
         Err(e) => return config_error(&config.config, &e),
@@ -364,7 +384,7 @@ where
         }
     };
     match rt.block_on(f(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -2,7 +2,6 @@
 //! admin listener named in the config (from loopback), and prints the outcome. The file
 //! was validated here first, so a broken file never reaches the instance.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -14,12 +13,8 @@ use crate::config::Config;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let admin = loopback(cfg.admin.listen);
-    crate::tls::install_crypto_provider();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REPLY_TIMEOUT)
-        .build()?;
+    let admin = super::admin_client::loopback(cfg.admin.listen);
+    let client = super::admin_client::client(REPLY_TIMEOUT)?;
     let resp = client
         .post(format!("http://{admin}/reload"))
         .send()
@@ -62,19 +57,5 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         bail!("reload failed; the running config is kept:\n{error}")
     } else {
         bail!("reload refused ({status}): {}", body.trim())
-    }
-}
-
-/// The address to reach a listener bound to `listen` from this host: an unspecified
-/// address (0.0.0.0, ::) is reached on loopback.
-fn loopback(listen: SocketAddr) -> SocketAddr {
-    match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port())
-        }
-        _ => listen,
     }
 }
