@@ -92,6 +92,73 @@ fn unknown_keys_are_named_with_their_full_path() {
         &[],
     );
     assert_refused(&format!("{VALID}stor:\n  type: file\n"), "stor", &[]);
+    // A short list of known keys is shown when nothing is close.
+    assert_refused(
+        &variant(
+            "  listen: 127.0.0.1:19090\n",
+            "  listen: 127.0.0.1:19090\n  frobnicate: 1\n",
+        ),
+        "admin.frobnicate",
+        &["unknown key (known here: listen)"],
+    );
+}
+
+/// Every unknown key is reported at once, each with the closest known key when it is a
+/// misspelling, and nothing else follows from them.
+#[test]
+fn every_unknown_key_is_reported_at_once_with_did_you_mean() {
+    let yaml = VALID
+        .replacen(
+            "    token_url: https://auth.example.com/oauth2/token\n",
+            "    tokn_url: https://auth.example.com/oauth2/token\n    bogus_key: 1\n",
+            1,
+        )
+        .replacen("    timeout: 30s\n", "    timeot: 30s\n", 1)
+        + "stor:\n  type: file\n";
+    let err = parse(&yaml).expect_err("unknown keys");
+    assert_eq!(
+        err.problems,
+        [
+            "credentials.crm.tokn_url: unknown key; did you mean `token_url`?",
+            "credentials.crm.bogus_key: unknown key",
+            "upstreams.crm.timeot: unknown key; did you mean `timeout`?",
+            "stor: unknown key; did you mean `store`?",
+        ]
+        .map(String::from)
+        .to_vec(),
+        "{err}"
+    );
+}
+
+/// One mistake, one error: an upstream naming a credential whose own entry is wrong is
+/// not reported as naming an undefined one.
+#[test]
+fn a_broken_credential_is_reported_once() {
+    let err = parse(&variant(
+        "grant: client_credentials",
+        "grant: client_credentialz",
+    ))
+    .expect_err("a bad grant");
+    assert_eq!(
+        err.problems,
+        ["credentials.crm.grant: must be refresh_token, client_credentials, password, jwt_bearer or static, got \"client_credentialz\""],
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tab_is_named_with_its_line() {
+    let err = parse(&VALID.replacen(
+        "    grant: client_credentials",
+        "\tgrant: client_credentials",
+        1,
+    ))
+    .expect_err("a tab");
+    assert_eq!(
+        err.problems,
+        ["config is not valid YAML: line 5 is indented with a tab; YAML indents with spaces only"],
+        "{err}"
+    );
 }
 
 #[test]

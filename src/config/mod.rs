@@ -11,6 +11,7 @@ pub mod provider_rules;
 mod raw;
 mod secrets;
 pub mod units;
+mod unknown_keys;
 pub mod url_template;
 mod validate;
 
@@ -329,8 +330,8 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::one(format!("config is not valid YAML: {e}")))?;
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::one(yaml_error(text, &e)))?;
         if value.is_null() {
             value = serde_yaml::Value::Mapping(Default::default());
         }
@@ -340,11 +341,8 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            ConfigError::one(describe_serde_error(&path, &inner))
-        })?;
+        let raw: RawConfig =
+            unknown_keys::deserialize(value).map_err(|problems| ConfigError { problems })?;
         let mut config = validate(raw, env)?;
         config.origins = origins;
         Ok(config)
@@ -369,6 +367,24 @@ impl Config {
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
     pub fn to_redacted_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Why the text is not YAML; a tab (YAML indents with spaces only) is named with its
+/// line, since the parser's own words do not say it.
+fn yaml_error(text: &str, e: &serde_yaml::Error) -> String {
+    let tab_line = e.location().and_then(|at| {
+        let line = text.lines().nth(at.line().saturating_sub(1))?;
+        line[..line.len().min(at.column())]
+            .contains('\t')
+            .then_some(at.line())
+            .or_else(|| line.starts_with('\t').then_some(at.line()))
+    });
+    match tab_line {
+        Some(line) => format!(
+            "config is not valid YAML: line {line} is indented with a tab; YAML indents with spaces only"
+        ),
+        None => format!("config is not valid YAML: {e}"),
     }
 }
 

@@ -5,7 +5,7 @@ mod credential;
 mod store;
 mod upstream;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use url::Url;
@@ -58,10 +58,18 @@ pub(super) fn validate(
         p.add("credentials", "at least one credential is required");
     }
     let mut credentials = BTreeMap::new();
+    // Defined, but with problems of their own (already reported): an upstream naming
+    // one gets no second error for it.
+    let mut refused = BTreeSet::new();
     for (name, c) in raw.credentials {
         check_name(&mut p, &format!("credentials.{name}"), &name);
-        if let Some(c) = validate_credential(&mut p, &name, c) {
-            credentials.insert(name, c);
+        match validate_credential(&mut p, &name, c) {
+            Some(c) => {
+                credentials.insert(name, c);
+            }
+            None => {
+                refused.insert(name);
+            }
         }
     }
 
@@ -74,7 +82,7 @@ pub(super) fn validate(
     for (name, u) in raw.upstreams {
         let path = format!("upstreams.{name}");
         check_name(&mut p, &path, &name);
-        if let Some(u) = validate_upstream(&mut p, &name, u, &credentials) {
+        if let Some(u) = validate_upstream(&mut p, &name, u, &credentials, &refused) {
             // Port 0 (any free port, used by tests) never collides.
             let taken = (u.listen.port() != 0)
                 .then(|| listens.insert(u.listen, format!("{path}.listen")))

@@ -12,6 +12,7 @@ pub(super) fn validate_upstream(
     name: &str,
     u: RawUpstream,
     credentials: &BTreeMap<String, CredentialConfig>,
+    refused_credentials: &std::collections::BTreeSet<String>,
 ) -> Option<UpstreamConfig> {
     let path = format!("upstreams.{name}");
     let at = |key: &str| format!("{path}.{key}");
@@ -56,7 +57,7 @@ pub(super) fn validate_upstream(
         }
     }
     let credential = match u.credential {
-        Some(c) if credentials.contains_key(&c) => c,
+        Some(c) if credentials.contains_key(&c) || refused_credentials.contains(&c) => c,
         Some(c) => {
             p.add(
                 &at("credential"),
