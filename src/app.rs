@@ -74,6 +74,9 @@ pub async fn run_with(
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::new());
     // Bind the admin listener first, so a busy port fails startup before any work.
     let admin_listen = config.admin.listen;

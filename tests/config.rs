@@ -882,3 +882,42 @@ fn preset_parameters_and_requirements_are_checked() {
         "{stderr}"
     );
 }
+
+/// Warnings (not errors), with their exact text: a listener other hosts can reach, a
+/// rotating preset told its tokens do not rotate, a file store allowed on a network
+/// filesystem. The base config has none.
+#[test]
+fn settings_that_weaken_the_promise_are_warned_about() {
+    assert_eq!(parse(VALID).unwrap().warnings(), Vec::<String>::new());
+    let open = parse(&variant("listen: 127.0.0.1:18081", "listen: 0.0.0.0:18081")).unwrap();
+    assert_eq!(
+        open.warnings(),
+        ["upstreams.crm.listen: 0.0.0.0:18081 is reachable from other hosts, and whoever connects gets their requests sent with the credential's token; listen on 127.0.0.1 unless a firewall or network policy limits who can connect"]
+    );
+    let reusable = parse(&preset_yaml(
+        "okta",
+        "domain: acme.okta.com",
+        ", rotating_refresh_token: false",
+    ))
+    .unwrap();
+    assert_eq!(
+        reusable.warnings(),
+        ["credentials.crm.rotating_refresh_token: false, but the okta preset treats its refresh tokens as single-use: if they are, an answer lost in transit leads to a spent token presented again and the grant lost; keep false only if the provider says its refresh tokens are reusable"]
+    );
+    assert_eq!(
+        parse(&preset_yaml(
+            "google",
+            "",
+            ", rotating_refresh_token: false"
+        ))
+        .unwrap()
+        .warnings(),
+        Vec::<String>::new(),
+        "google's refresh tokens are reusable"
+    );
+    let nfs = parse(&format!("{VALID}store: {{ type: file, path: /var/lib/tokenrelay, allow_network_filesystem: true }}\n")).unwrap();
+    assert_eq!(
+        nfs.warnings(),
+        ["store.allow_network_filesystem: true: on a network filesystem the lease (flock) and the atomic replace are not guaranteed, so two processes may spend one refresh token; use one process per state directory"]
+    );
+}

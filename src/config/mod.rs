@@ -14,6 +14,7 @@ pub mod units;
 mod unknown_keys;
 pub mod url_template;
 mod validate;
+mod warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -348,20 +349,11 @@ impl Config {
         Ok(config)
     }
 
-    /// Problems that do not stop tokenrelay yet: client certificates that expire within
-    /// [`CERT_EXPIRY_WARNING`].
+    /// Problems that do not stop tokenrelay (see [`warnings`]): client certificates that
+    /// expire within [`CERT_EXPIRY_WARNING`], a listener other hosts can reach, and
+    /// settings that weaken the promise.
     pub fn warnings(&self) -> Vec<String> {
-        let creds = self.credentials.iter().filter_map(|(n, c)| {
-            c.client_cert
-                .as_ref()
-                .and_then(|cc| cc.expiry_warning(&format!("credentials.{n}.client_cert_file")))
-        });
-        let ups = self.upstreams.iter().filter_map(|(n, u)| {
-            u.client_cert
-                .as_ref()
-                .and_then(|cc| cc.expiry_warning(&format!("upstreams.{n}.client_cert_file")))
-        });
-        creds.chain(ups).collect()
+        warnings::of(self)
     }
 
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
