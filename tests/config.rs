@@ -921,3 +921,36 @@ fn settings_that_weaken_the_promise_are_warned_about() {
         ["store.allow_network_filesystem: true: on a network filesystem the lease (flock) and the atomic replace are not guaranteed, so two processes may spend one refresh token; use one process per state directory"]
     );
 }
+
+/// `tokenrelay completions SHELL` prints a script the shell accepts, naming every
+/// command and option.
+#[test]
+fn shell_completions_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(support::binary())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in [
+            "run",
+            "check",
+            "seed",
+            "authorize",
+            "status",
+            "export",
+            "json",
+            "config",
+        ] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+        if shell == "bash" {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("tokenrelay.bash");
+            std::fs::write(&file, &script).unwrap();
+            let syntax = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+            assert!(syntax.status.success(), "bash -n: {syntax:?}");
+        }
+    }
+}

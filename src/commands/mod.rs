@@ -1,4 +1,5 @@
-//! Command-line interface: `run`, `check`, `seed`, `authorize`, `status`, `demo`.
+//! Command-line interface: `run`, `check`, `seed`, `authorize`, `status`, `demo`, and the
+//! operator's helpers (`providers`, `completions`).
 
 mod admin_client;
 mod authorize;
@@ -139,6 +140,13 @@ pub enum Command {
         /// A preset name (e.g. amocrm).
         name: Option<String>,
     },
+    /// Prints a shell completion script: `tokenrelay completions bash >
+    /// /etc/bash_completion.d/tokenrelay` (zsh: into a directory on $fpath as
+    /// `_tokenrelay`; fish: ~/.config/fish/completions/tokenrelay.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// One-time bootstrap: exchange an authorization code and store the refresh token.
     Authorize {
         #[command(flatten)]
@@ -252,6 +260,14 @@ pub fn main(cli: Cli) -> ExitCode {
             seed::run(cfg, &credential, what).await
         }),
         Command::Providers { name } => providers::run(name.as_deref()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tokenrelay", &mut out);
+            // A reader that went away (`| head`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &out);
+            ExitCode::SUCCESS
+        }
         Command::Export {
             config,
             credential,
