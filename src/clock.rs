@@ -48,6 +48,19 @@ mod tests {
         );
     }
 
+    /// A paused clock stands still while real time passes: so does the wall clock.
+    #[tokio::test(start_paused = true)]
+    async fn the_wall_clock_stands_still_with_a_paused_clock() {
+        let before = now_ms();
+        std::thread::sleep(Duration::from_millis(300));
+        let after = now_ms();
+        assert!(
+            after.abs_diff(before) < 100,
+            "moved {} ms",
+            after.abs_diff(before)
+        );
+    }
+
     #[test]
     fn outside_a_paused_clock_it_is_the_system_clock() {
         let system = SystemTime::now()
