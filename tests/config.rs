@@ -954,3 +954,122 @@ fn shell_completions_name_every_command() {
         }
     }
 }
+
+/// The presets added from issue 24 §3 expand to the settings their providers document
+/// (each cited in its preset file), and `tokenrelay providers` lists them.
+#[test]
+fn the_2027_presets_expand_to_their_documented_settings() {
+    use std::time::Duration;
+    use tokenrelay::config::{ClientAuth, RequestFormat};
+    let days = |d: u64| Some(Duration::from_secs(d * 86400));
+    let resolved = |provider: &str, params: &str| {
+        let cfg = parse(&preset_yaml(provider, params, ""))
+            .unwrap_or_else(|e| panic!("preset {provider}: {e}"));
+        let format = cfg.upstreams["crm"].format.clone();
+        (cfg.credentials["crm"].clone(), format)
+    };
+
+    // Zendesk: JSON body to {subdomain}.zendesk.com/oauth/tokens, rotating, 30-day
+    // default refresh-token TTL.
+    let (c, format) = resolved("zendesk", "subdomain: acme");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://acme.zendesk.com/oauth/tokens"
+    );
+    assert_eq!(c.request_format, RequestFormat::Json);
+    assert_eq!(c.client_auth, ClientAuth::RequestBody);
+    assert!(c.refresh_token.rotating);
+    assert_eq!(c.refresh_token.idle_lifetime.map(|d| d.0), days(30));
+    assert_eq!(format, "Bearer {token}");
+    assert_refused(
+        &preset_yaml("zendesk", "subdomain: acme.zendesk.com", ""),
+        "credentials.crm.provider_params.subdomain",
+        &["write subdomain: acme"],
+    );
+
+    // Pipedrive: Basic auth, form body, 60 days unused, api_domain kept, the documented
+    // "refresh_token is invalid" answer is a dead grant.
+    let (c, format) = resolved("pipedrive", "");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://oauth.pipedrive.com/oauth/token"
+    );
+    assert_eq!(c.client_auth, ClientAuth::Basic);
+    assert_eq!(c.request_format, RequestFormat::Form);
+    assert!(c.refresh_token.rotating);
+    assert_eq!(c.refresh_token.idle_lifetime.map(|d| d.0), days(60));
+    assert!(c.answer_fields.contains(&"api_domain".to_string()));
+    assert!(c
+        .dead_grant_answers
+        .iter()
+        .any(|r| r.status == Some(400)
+            && r.body_contains.as_deref() == Some("refresh_token is invalid")));
+    assert_eq!(format, "Bearer {token}");
+
+    // T-Bank: Basic auth, form body, a refresh rate limit below the 20 per second that
+    // invalidates the token, a year's refresh token.
+    let (c, format) = resolved("tbank", "");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://id.tbank.ru/auth/token"
+    );
+    assert_eq!(c.client_auth, ClientAuth::Basic);
+    assert_eq!(c.request_format, RequestFormat::Form);
+    assert!(c.refresh_token.rotating);
+    let limit = c.refresh_token.rate_limit.expect("a rate limit");
+    assert!(
+        f64::from(limit.count) / limit.per.0.as_secs_f64() < 20.0,
+        "{limit:?}"
+    );
+    assert_eq!(c.refresh_token.absolute_lifetime.map(|d| d.0), days(365));
+    assert_eq!(format, "Bearer {token}");
+
+    // Yandex: form body to oauth.yandex.ru/token, `Authorization: OAuth {token}`, a
+    // refresh about three months into a one-year token.
+    let (c, format) = resolved("yandex", "");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://oauth.yandex.ru/token"
+    );
+    assert_eq!(c.request_format, RequestFormat::Form);
+    assert!(c.refresh_token.rotating);
+    assert!((c.refresh_at - 0.25).abs() < 1e-9, "{}", c.refresh_at);
+    assert_eq!(format, "OAuth {token}");
+
+    // GitHub App: single-use refresh tokens of 6 months, `bad_refresh_token` a dead grant
+    // at any status (GitHub answers errors with 200).
+    let (c, format) = resolved("github_app", "");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://github.com/login/oauth/access_token"
+    );
+    assert!(c.refresh_token.rotating);
+    assert_eq!(c.refresh_token.absolute_lifetime.map(|d| d.0), days(180));
+    assert!(c
+        .dead_grant_answers
+        .iter()
+        .any(|r| r.status.is_none() && r.error.as_deref() == Some("bad_refresh_token")));
+    assert_eq!(format, "Bearer {token}");
+
+    // `tokenrelay providers` lists them, and shows each in full.
+    let out = Command::new(support::binary())
+        .arg("providers")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    for name in ["zendesk", "pipedrive", "tbank", "yandex", "github_app"] {
+        assert!(
+            list.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} not listed:\n{list}"
+        );
+        let out = Command::new(support::binary())
+            .args(["providers", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "providers {name}");
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(shown.contains("# source: https://"), "{shown}");
+        assert!(shown.contains("uncertain:"), "{shown}");
+    }
+}

@@ -494,3 +494,141 @@ async fn zoho_invalid_code_in_a_200_is_a_dead_grant() {
     let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
     assert!(reason.contains("invalid_code"), "{reason}");
 }
+
+/// Zendesk: JSON bodies to `/oauth/tokens`, each refresh rotating the pair, a dead grant
+/// answered `400 invalid_grant`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zendesk_journey() {
+    refreshing_provider_journey("zendesk", "subdomain: acme", ProviderProfile::Zendesk).await;
+}
+
+/// Pipedrive: HTTP Basic and form bodies only; a refused refresh token is answered `400`
+/// "Invalid grant: refresh_token is invalid", which the preset names a dead grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipedrive_journey() {
+    refreshing_provider_journey("pipedrive", "", ProviderProfile::Pipedrive).await;
+}
+
+/// Pipedrive names the company's API host in every token answer (`api_domain`): it is
+/// kept with the token and shown by `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipedrive_api_domain_is_kept() {
+    let j = journey(
+        "pipedrive",
+        "",
+        ProviderProfile::Pipedrive,
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "api_domain".into(),
+        serde_json::json!("https://acme.pipedrive.com"),
+    );
+    j.auth.set_answer_fields(fields);
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    assert_eq!(get(&format!("{}/echo", relay.url("crm"))).await, 200);
+    let st = status_json(&admin).await;
+    relay.stop().await;
+    assert!(
+        st.to_string().contains("https://acme.pipedrive.com"),
+        "api_domain not kept: {st}"
+    );
+    let log = j.auth.requests_log();
+    assert!(!log.is_empty());
+    for r in &log {
+        assert_eq!(r.client_auth, "basic", "{r:?}");
+        assert_eq!(r.content_type, "form", "{r:?}");
+    }
+}
+
+/// T-Bank: HTTP Basic and form bodies only, rotating refresh tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tbank_journey() {
+    refreshing_provider_journey("tbank", "", ProviderProfile::TBank).await;
+}
+
+/// Yandex: the form refresh with HTTP Basic rotates the refresh token, and the API gets
+/// `Authorization: OAuth <token>`, the header format Yandex's APIs document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yandex_rotates_and_sends_the_oauth_header() {
+    let j = journey(
+        "yandex",
+        "",
+        ProviderProfile::Standard,
+        Duration::from_secs(3),
+    )
+    .await;
+    check(&j, "yandex").await;
+    // An API that records what it gets (the demo API's validator wants Bearer).
+    let api = ApiServer::start(None).await.unwrap();
+    let yaml = j.yaml.replace(&j._api.url(), &api.url());
+    authorize(&j).await;
+    let relay = support::start(&yaml).await;
+    let url = format!("{}/echo", relay.url("crm"));
+    assert_eq!(get(&url).await, 200);
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    assert_eq!(get(&url).await, 200);
+    let headers = api.last_request_headers();
+    let authorization = headers
+        .iter()
+        .find(|(n, _)| n == "authorization")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let valid = authorization
+        .strip_prefix("OAuth ")
+        .is_some_and(|token| j.auth.is_valid_access_token(token));
+    relay.stop().await;
+    assert!(rotated, "no rotation: {:?}", j.auth.stats());
+    assert!(
+        authorization.starts_with("OAuth "),
+        "not the OAuth scheme: {authorization:?}"
+    );
+    assert!(valid, "the API did not get a current token");
+    for r in j.auth.requests_log() {
+        assert_eq!(r.client_auth, "basic", "{r:?}");
+        assert_eq!(r.content_type, "form", "{r:?}");
+    }
+}
+
+/// GitHub App: a standard journey (form body, single-use refresh tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_app_journey() {
+    refreshing_provider_journey("github_app", "", ProviderProfile::Standard).await;
+}
+
+/// GitHub answers a spent or revoked refresh token with HTTP 200
+/// `{"error": "bad_refresh_token"}`: the preset names it a dead grant, so the credential
+/// needs re-authorization within three attempts instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_bad_refresh_token_in_a_200_is_a_dead_grant() {
+    let j = journey(
+        "github_app",
+        "",
+        ProviderProfile::Standard,
+        Duration::from_secs(60),
+    )
+    .await;
+    check(&j, "github_app").await;
+    j.auth.set_mode(tokenrelay::demo::FailureMode::ErrorIn200(
+        "bad_refresh_token",
+    ));
+    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let reauth = eventually(Duration::from_secs(20), || {
+        let admin = admin.clone();
+        async move { state(&admin).await == "reauthorization_required" }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    let attempts = j.auth.stats().token_requests;
+    relay.stop().await;
+    assert!(reauth, "not reauthorization_required: {st}");
+    assert!(attempts <= 3, "{attempts} token requests");
+}

@@ -34,6 +34,11 @@ const FILES: &[(&str, &str)] = &[
     ("okta", include_str!("presets/okta.yaml")),
     ("keycloak", include_str!("presets/keycloak.yaml")),
     ("auth0", include_str!("presets/auth0.yaml")),
+    ("zendesk", include_str!("presets/zendesk.yaml")),
+    ("pipedrive", include_str!("presets/pipedrive.yaml")),
+    ("tbank", include_str!("presets/tbank.yaml")),
+    ("yandex", include_str!("presets/yandex.yaml")),
+    ("github_app", include_str!("presets/github_app.yaml")),
     (
         "google_service_account",
         include_str!("presets/google_service_account.yaml"),

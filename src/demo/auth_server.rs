@@ -132,6 +132,17 @@ pub enum ProviderProfile {
     YooMoney,
     /// ELMA365: form bodies only; refresh tokens die 14 days after the authorization.
     Elma365,
+    /// Zendesk: JSON bodies only (`/oauth/tokens` with its own JSON format); rotating,
+    /// and a dead refresh token is `400 invalid_grant`.
+    Zendesk,
+    /// Pipedrive: form bodies only, the client authenticated by HTTP Basic only; a
+    /// refused refresh token is answered `400` with the documented message "Invalid
+    /// grant: refresh_token is invalid" (the body's other fields are not documented: the
+    /// emulation carries the message in `error`, so only the preset's rule can tell it is
+    /// a dead grant).
+    Pipedrive,
+    /// T-Bank (T-ID): form bodies only, the client authenticated by HTTP Basic only.
+    TBank,
 }
 
 /// ELMA365's absolute refresh-token lifetime.
@@ -773,6 +784,17 @@ fn amocrm_revoked() -> Response<Body> {
     resp
 }
 
+/// Pipedrive's answer to a refresh token that is unknown, revoked or already exchanged:
+/// `400` with the message of its OAuth status-code table.
+fn pipedrive_invalid_grant() -> Response<Body> {
+    let mut resp = json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"success": false, "error": "Invalid grant: refresh_token is invalid"}),
+    );
+    no_store(resp.headers_mut());
+    resp
+}
+
 /// Token responses carry credentials: RFC 6749 §5.1 forbids caching them.
 fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -1077,6 +1099,11 @@ fn process_token_request(
                         && grant_type == "refresh_token"
                     {
                         amocrm_revoked()
+                    } else if shared.opts.profile == ProviderProfile::Pipedrive
+                        && err.error == "invalid_grant"
+                        && grant_type == "refresh_token"
+                    {
+                        pipedrive_invalid_grant()
                     } else {
                         err.into_response()
                     };
@@ -1234,8 +1261,19 @@ fn profile_rules(
         {
             Err(OAuthError::invalid_request("redirect_uri is required"))
         }
-        ProviderProfile::Elma365 if !media.starts_with("application/x-www-form-urlencoded") => {
+        ProviderProfile::Elma365 | ProviderProfile::Pipedrive | ProviderProfile::TBank
+            if !media.starts_with("application/x-www-form-urlencoded") =>
+        {
             Err(OAuthError::invalid_request("a form body is required"))
+        }
+        ProviderProfile::Zendesk if !media.starts_with("application/json") => {
+            Err(OAuthError::invalid_request("a JSON body is required"))
+        }
+        ProviderProfile::Pipedrive | ProviderProfile::TBank
+            if param(params, "client_secret").is_some()
+                || parts.headers.get(header::AUTHORIZATION).is_none() =>
+        {
+            Err(OAuthError::invalid_client(true))
         }
         _ => Ok(()),
     }
