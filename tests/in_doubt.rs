@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use support::{eventually, metric, metrics_text, status_json};
@@ -21,26 +20,6 @@ struct Fixture {
     _api: ApiServer,
     _dir: tempfile::TempDir,
     yaml: String,
-}
-
-fn config_yaml(token_url: &str, api_url: &str, state: &Path) -> String {
-    format!(
-        "admin: {{ listen: 127.0.0.1:0 }}
-store: {{ type: file, path: {state} }}
-credentials:
-  crm:
-    grant: refresh_token
-    token_url: {token_url}
-    client_id: demo-client
-    client_secret: demo-secret
-    allow_insecure_http: true
-    refresh_before: 1s
-    token_timeout: 2s
-upstreams:
-  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
-",
-        state = state.display(),
-    )
 }
 
 async fn fixture(reuse_grace: Duration) -> Fixture {
@@ -54,7 +33,8 @@ async fn fixture(reuse_grace: Duration) -> Fixture {
     .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let yaml = config_yaml(&auth.token_url(), &api.url(), &dir.path().join("state"));
+    let yaml =
+        support::quick_refresh_yaml(&auth.token_url(), &api.url(), &dir.path().join("state"), "");
     support::seed_refresh_token(&yaml, "crm", &auth.new_grant()).await;
     Fixture {
         auth,

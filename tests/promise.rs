@@ -33,26 +33,6 @@ struct Fixture {
     yaml: String,
 }
 
-fn config_yaml(token_url: &str, api_url: &str, state: &Path, cred_extra: &str) -> String {
-    format!(
-        "admin: {{ listen: 127.0.0.1:0 }}
-store: {{ type: file, path: {state} }}
-credentials:
-  crm:
-    grant: refresh_token
-    token_url: {token_url}
-    client_id: demo-client
-    client_secret: demo-secret
-    allow_insecure_http: true
-    refresh_before: 1s
-    token_timeout: 2s
-{cred_extra}upstreams:
-  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
-",
-        state = state.display(),
-    )
-}
-
 async fn fixture(access_ttl: Duration, cred_extra: &str) -> Fixture {
     let auth = AuthServer::start(AuthServerOptions {
         access_ttl,
@@ -63,7 +43,7 @@ async fn fixture(access_ttl: Duration, cred_extra: &str) -> Fixture {
     .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let yaml = config_yaml(
+    let yaml = support::quick_refresh_yaml(
         &auth.token_url(),
         &api.url(),
         &dir.path().join("state"),
@@ -397,7 +377,8 @@ async fn tokens_rejected_before_ever_working_are_spaced_out() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let yaml = config_yaml(&auth.token_url(), &api.url(), &dir.path().join("state"), "");
+    let yaml =
+        support::quick_refresh_yaml(&auth.token_url(), &api.url(), &dir.path().join("state"), "");
     let f = Fixture {
         auth,
         _api: api,

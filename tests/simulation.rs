@@ -25,6 +25,25 @@ use world::World;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// The endpoint saw no violation of the model's invariants (else its trace).
+fn no_violation(r: &endpoint::EndpointReport) {
+    assert!(
+        r.violations.is_empty(),
+        "{:?}\n{}",
+        r.violations,
+        r.log.join("\n")
+    );
+}
+
+/// Nothing was lost: no violation, no reuse, the store holds the server's current
+/// token and every running replica serves.
+fn healthy(w: &World, r: &endpoint::EndpointReport) {
+    no_violation(r);
+    assert_eq!(r.reuses, 0, "{}", r.log.join("\n"));
+    assert_eq!(w.stored_token(), Some(r.current), "{}", r.log.join("\n"));
+    assert!(w.all_serving(), "{}", r.log.join("\n"));
+}
+
 /// The plain case: one replica rotates every ~45 s for ten minutes.
 #[tokio::test(start_paused = true)]
 async fn a_replica_rotates_on_schedule() {
@@ -44,21 +63,13 @@ async fn three_replicas_rotate_once_per_rotation() {
     let w = World::new(3, Duration::ZERO, 2);
     w.pass(10 * MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
-    assert_eq!(r.reuses, 0);
-    assert_eq!(w.stored_token(), Some(r.current));
+    healthy(&w, &r);
     assert_eq!(
         r.requests,
         r.current,
         "one request per rotation:\n{}",
         r.log.join("\n")
     );
-    assert!(w.all_serving());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -76,16 +87,8 @@ async fn a_lease_lost_before_sending_sends_nothing() {
     w.pass(5 * MINUTE).await;
     let r = w.report();
     assert_eq!(w.store.stats().leases_expired_on_demand, 1);
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
-    assert_eq!(r.reuses, 0);
+    healthy(&w, &r);
     assert_eq!(r.requests, r.current, "{}", r.log.join("\n"));
-    assert_eq!(w.stored_token(), Some(r.current));
-    assert!(w.all_serving());
 }
 
 /// Model: "a 200 with an unusable access token is discarded": the new refresh token is
@@ -97,16 +100,8 @@ async fn an_unusable_answer_keeps_its_refresh_token() {
     w.endpoint.script(&[Behaviour::UnusableAccessToken]);
     w.pass(5 * MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
-    assert_eq!(r.reuses, 0, "{}", r.log.join("\n"));
+    healthy(&w, &r);
     assert_eq!(r.requests, r.current);
-    assert_eq!(w.stored_token(), Some(r.current));
-    assert!(w.all_serving());
 }
 
 /// Model: "no renewal while writing": the lease lapses after the answer and the next
@@ -119,15 +114,7 @@ async fn a_slow_write_keeps_its_lease() {
     w.store.faults(|f| f.write_delay = Duration::ZERO);
     w.pass(5 * MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
-    assert_eq!(r.reuses, 0, "{}", r.log.join("\n"));
-    assert_eq!(w.stored_token(), Some(r.current));
-    assert!(w.all_serving());
+    healthy(&w, &r);
 }
 
 /// Model: "blind write instead of compare-and-swap": a write whose acknowledgement was
@@ -140,16 +127,8 @@ async fn a_lost_acknowledgement_is_recognised_as_our_write() {
     w.pass(5 * MINUTE).await;
     let r = w.report();
     assert_eq!(w.store.stats().acks_lost, 1);
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
-    assert_eq!(r.reuses, 0);
+    healthy(&w, &r);
     assert_eq!(r.requests, r.current);
-    assert_eq!(w.stored_token(), Some(r.current));
-    assert!(w.all_serving());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -165,12 +144,7 @@ async fn lost_in_transit_with_a_grace_window_recovers() {
         .script(&[Behaviour::Answer, Behaviour::TimeoutAfterActing]);
     w.pass(5 * MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
+    no_violation(&r);
     assert_eq!((r.reuses, r.grace_answers), (0, 1), "{}", r.log.join("\n"));
     assert_eq!(w.stored_token(), Some(r.current));
     assert!(w.all_serving());
@@ -186,12 +160,7 @@ async fn lost_in_transit_without_a_grace_window_needs_reauthorization() {
         .script(&[Behaviour::Answer, Behaviour::TimeoutAfterActing]);
     w.pass(5 * MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
+    no_violation(&r);
     assert_eq!(r.reuses, 1, "{}", r.log.join("\n"));
     assert_eq!(
         r.requests,
@@ -222,12 +191,7 @@ async fn lost_by_crash_then_reused() {
     w.start(0);
     w.pass(MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
+    no_violation(&r);
     assert_eq!(r.reuses, 1, "{}", r.log.join("\n"));
     assert!(r.lost.contains(&1));
     assert!(w.store.state().unwrap().reauthorization_required.is_some());
@@ -250,12 +214,7 @@ async fn a_holder_cut_off_from_the_store_loses_its_lease() {
     });
     w.pass(MINUTE).await;
     let r = w.report();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
+    no_violation(&r);
     assert_eq!(r.reuses, 1, "{}", r.log.join("\n"));
     let lost: f64 = (0..2)
         .map(|i| w.metric(i, "tokenrelay_refresh_lease_lost_total"))
@@ -511,12 +470,7 @@ async fn a_retry_that_never_left_stays_owed() {
     w.pass(3 * MINUTE).await;
     let r = w.report();
     let stored = w.store.state().unwrap();
-    assert!(
-        r.violations.is_empty(),
-        "{:?}\n{}",
-        r.violations,
-        r.log.join("\n")
-    );
+    no_violation(&r);
     assert_eq!((r.reuses, r.grace_answers), (0, 1), "{}", r.log.join("\n"));
     assert_eq!(
         stored.reauthorization_required,

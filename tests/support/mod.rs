@@ -714,3 +714,31 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Credential `crm` (rotating `refresh_token` grant against the demo authorization
+/// server at `token_url`, refreshed 1 s before expiry, 2 s token timeout) with upstream
+/// `crm` to `api_url`, on the file store at `state`; `cred_extra` adds credential keys.
+pub fn quick_refresh_yaml(
+    token_url: &str,
+    api_url: &str,
+    state: &Path,
+    cred_extra: &str,
+) -> String {
+    format!(
+        "admin: {{ listen: 127.0.0.1:0 }}
+store: {{ type: file, path: {state} }}
+credentials:
+  crm:
+    grant: refresh_token
+    token_url: {token_url}
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+    refresh_before: 1s
+    token_timeout: 2s
+{cred_extra}upstreams:
+  crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
+",
+        state = state.display(),
+    )
+}
