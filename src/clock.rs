@@ -62,6 +62,11 @@ mod tests {
     }
 
     #[test]
+    fn milliseconds_count_from_the_epoch() {
+        assert_eq!(from_ms(1_500), UNIX_EPOCH + Duration::from_millis(1_500));
+    }
+
+    #[test]
     fn outside_a_paused_clock_it_is_the_system_clock() {
         let system = SystemTime::now()
             .duration_since(UNIX_EPOCH)
