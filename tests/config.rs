@@ -1073,3 +1073,84 @@ fn the_2027_presets_expand_to_their_documented_settings() {
         assert!(shown.contains("uncertain:"), "{shown}");
     }
 }
+
+/// `tokenrelay schema` is a draft 2020-12 JSON Schema that accepts the shipped example
+/// and every config example in the docs, and refuses a misspelt key.
+#[test]
+fn the_schema_accepts_every_documented_example() {
+    let out = Command::new(support::binary())
+        .arg("schema")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    let validator = jsonschema::draft202012::new(&schema).expect("a valid schema");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut examples = vec![(
+        "config.example.yaml".to_string(),
+        std::fs::read_to_string(root.join("config.example.yaml")).unwrap(),
+    )];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .chain(std::fs::read_dir(root.join("docs/providers")).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.push(root.join("README.md"));
+    for doc in docs {
+        let text = std::fs::read_to_string(&doc).unwrap();
+        for (i, block) in text.split("```yaml\n").skip(1).enumerate() {
+            let block = block.split("```").next().unwrap();
+            examples.push((
+                format!("{} yaml block {}", doc.display(), i + 1),
+                block.into(),
+            ));
+        }
+    }
+    let top = [
+        "admin",
+        "store",
+        "log",
+        "runtime",
+        "credentials",
+        "upstreams",
+    ];
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for (name, yaml) in &examples {
+        // Fragments (a credential's keys alone, `...` placeholders) are not whole files.
+        let Ok(value) = serde_yaml::from_str::<serde_json::Value>(yaml) else {
+            continue;
+        };
+        let whole = value
+            .as_object()
+            .is_some_and(|m| !m.is_empty() && m.keys().all(|k| top.contains(&k.as_str())));
+        // The Helm chart's values (lists of credentials, `...Ref` and `extraConfig`
+        // keys) are not config files.
+        let chart_values = ["credentials", "upstreams"]
+            .iter()
+            .any(|k| value[k].is_array())
+            || yaml.contains("Ref:")
+            || yaml.contains("extraConfig");
+        if !whole || chart_values {
+            continue;
+        }
+        checked += 1;
+        for e in validator.iter_errors(&value) {
+            failures.push(format!("{name}: {} at {}", e, e.instance_path()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(checked >= 10, "only {checked} examples checked");
+    let typo: serde_json::Value =
+        serde_yaml::from_str("credentials:\n  crm: { grant: client_credentials, tokn_url: x }\n")
+            .unwrap();
+    assert!(
+        !validator.is_valid(&typo),
+        "a misspelt key passes the schema"
+    );
+}

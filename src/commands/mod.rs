@@ -140,6 +140,9 @@ pub enum Command {
         /// A preset name (e.g. amocrm).
         name: Option<String>,
     },
+    /// Prints the config file's JSON Schema (draft 2020-12), for editors and CI: e.g. a
+    /// `# yaml-language-server: $schema=tokenrelay.schema.json` line atop the config.
+    Schema,
     /// Prints a shell completion script: `tokenrelay completions bash >
     /// /etc/bash_completion.d/tokenrelay` (zsh: into a directory on $fpath as
     /// `_tokenrelay`; fish: ~/.config/fish/completions/tokenrelay.fish).
@@ -260,6 +263,12 @@ pub fn main(cli: Cli) -> ExitCode {
             seed::run(cfg, &credential, what).await
         }),
         Command::Providers { name } => providers::run(name.as_deref()),
+        Command::Schema => {
+            let text = format!("{:#}\n", Config::json_schema());
+            // A reader that went away (`| head`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+            ExitCode::SUCCESS
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut out = Vec::new();

@@ -356,6 +356,15 @@ impl Config {
         warnings::of(self)
     }
 
+    /// The config file's JSON Schema (draft 2020-12), derived from the types it is read
+    /// into, with their documentation as descriptions (`tokenrelay schema`). Keys a
+    /// provider preset fills in are not required by the schema; `check` judges the rest.
+    pub fn json_schema() -> serde_json::Value {
+        let mut schema = schemars::schema_for!(raw::RawConfig);
+        schema.insert("title".into(), "tokenrelay configuration".into());
+        schema.to_value()
+    }
+
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
     pub fn to_redacted_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

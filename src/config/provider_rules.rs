@@ -8,7 +8,9 @@ use super::units::HumanDuration;
 use super::Problems;
 
 /// HTTP method of token requests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenMethod {
     #[default]
@@ -18,7 +20,9 @@ pub enum TokenMethod {
 }
 
 /// Where token request parameters go.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ParamsIn {
     #[default]
@@ -29,7 +33,7 @@ pub enum ParamsIn {
 }
 
 /// A refresh rate limit: at most `count` refreshes per `per`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     pub count: u32,
@@ -38,7 +42,7 @@ pub struct RateLimit {
 
 /// A token-endpoint answer that means the refresh token (the grant) is dead, beyond
 /// RFC 6749's `invalid_grant`. Every field given must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeadGrantAnswer {
     pub status: Option<u16>,

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, TokenMethod};
 
 use super::units::{ByteSize, HumanDuration};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
@@ -27,13 +28,13 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     #[serde(rename = "type")]
@@ -54,7 +55,7 @@ pub struct RawStore {
     pub lease_ttl: Option<HumanDuration>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub format: Option<String>,
@@ -62,7 +63,7 @@ pub struct RawLog {
     pub access_log: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRuntime {
     pub worker_threads: Option<usize>,
@@ -70,12 +71,13 @@ pub struct RawRuntime {
     pub instance_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
     pub provider: Option<String>,
     /// Consumed by the preset step before typing (see `preset::apply`).
     #[serde(default, rename = "provider_params")]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub _provider_params: BTreeMap<String, serde_yaml::Value>,
     pub grant: Option<String>,
     pub token_url: Option<String>,
@@ -139,7 +141,7 @@ pub struct RawCredential {
     pub service_account_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub listen: Option<String>,
@@ -166,7 +168,7 @@ pub struct RawUpstream {
     pub limits: RawLimits,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<usize>,

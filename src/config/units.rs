@@ -112,6 +112,41 @@ impl serde::Serialize for ByteSize {
     }
 }
 
+/// Written as a string with units (`30s`, `5m`, `1h30m`, `7d`, `250ms`; humantime's forms)
+/// or a number of seconds.
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a duration such as 30s, 5m, 1h, 7d or 250ms, or a number of seconds",
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "integer", "minimum": 0}
+            ]
+        })
+    }
+}
+
+/// Written as a string with a unit (`64KiB`, `1MiB`) or a number of bytes.
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a size such as 64KiB or 1MiB, or a number of bytes",
+            "anyOf": [
+                {"type": "string", "pattern": "^\\s*[0-9]+\\s*(B|KiB|MiB|GiB|KB|kB|MB|GB)?\\s*$"},
+                {"type": "integer", "minimum": 0}
+            ]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
