@@ -1154,3 +1154,130 @@ fn the_schema_accepts_every_documented_example() {
         "a misspelt key passes the schema"
     );
 }
+
+/// The next presets of issue 24 §3, each against the facts its file cites.
+#[test]
+fn the_2027b_presets_expand_to_their_documented_settings() {
+    use std::time::Duration;
+    use tokenrelay::config::{ClientAuth, RequestFormat};
+    let days = |d: u64| Some(Duration::from_secs(d * 86400));
+    let resolved = |provider: &str, params: &str| {
+        let cfg = parse(&preset_yaml(provider, params, ""))
+            .unwrap_or_else(|e| panic!("preset {provider}: {e}"));
+        let u = &cfg.upstreams["crm"];
+        (
+            cfg.credentials["crm"].clone(),
+            u.header.to_ascii_lowercase(),
+            u.format.clone(),
+        )
+    };
+
+    // Shopify: JSON refresh to {shop}.myshopify.com/admin/oauth/access_token, a new
+    // refresh token on every use living 90 days, the bare token in X-Shopify-Access-Token.
+    let (c, header, format) = resolved("shopify", "shop: acme");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://acme.myshopify.com/admin/oauth/access_token"
+    );
+    assert_eq!(
+        c.authorize_url.as_ref().map(|u| u.to_string()).as_deref(),
+        Some("https://acme.myshopify.com/admin/oauth/authorize")
+    );
+    assert_eq!(c.request_format, RequestFormat::Json);
+    assert_eq!(c.client_auth, ClientAuth::RequestBody);
+    assert!(c.refresh_token.rotating);
+    assert_eq!(c.refresh_token.idle_lifetime.map(|d| d.0), days(90));
+    assert_eq!(header, "x-shopify-access-token");
+    assert_eq!(format, "{token}");
+    assert_refused(
+        &preset_yaml("shopify", "shop: acme.myshopify.com", ""),
+        "credentials.crm.provider_params.shop",
+        &["write shop: acme"],
+    );
+    // An upstream's own header wins over the preset's.
+    let own = preset_yaml("shopify", "shop: acme", "").replace(
+        "credential: crm }",
+        "credential: crm, header: Authorization, format: \"Bearer {token}\" }",
+    );
+    let cfg = parse(&own).unwrap();
+    assert!(cfg.upstreams["crm"]
+        .header
+        .eq_ignore_ascii_case("authorization"));
+    assert_eq!(cfg.upstreams["crm"].format, "Bearer {token}");
+
+    // Slack: form refresh with HTTP Basic to oauth.v2.access, rotating, 12-hour tokens,
+    // `bot`/`user` token types accepted, `invalid_refresh_token` a dead grant at any
+    // status (Slack answers errors with 200 and "ok": false).
+    let (c, header, format) = resolved("slack", "");
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://slack.com/api/oauth.v2.access"
+    );
+    assert_eq!(c.client_auth, ClientAuth::Basic);
+    assert_eq!(c.request_format, RequestFormat::Form);
+    assert!(c.refresh_token.rotating);
+    assert_eq!(c.default_expires_in.0, Duration::from_secs(12 * 3600));
+    assert_eq!(c.token_types, ["bot", "user"]);
+    assert!(c
+        .dead_grant_answers
+        .iter()
+        .any(|r| r.status.is_none() && r.error.as_deref() == Some("invalid_refresh_token")));
+    assert_eq!(header, "authorization");
+    assert_eq!(format, "Bearer {token}");
+
+    // `tokenrelay providers` lists them, and shows each in full.
+    let out = Command::new(support::binary())
+        .arg("providers")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    for name in ["shopify", "slack"] {
+        assert!(
+            list.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} not listed:\n{list}"
+        );
+        let out = Command::new(support::binary())
+            .args(["providers", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "providers {name}");
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(shown.contains("# source: https://"), "{shown}");
+        assert!(shown.contains("uncertain:"), "{shown}");
+    }
+}
+
+/// `token_types` names the `token_type` values accepted besides Bearer: type names only,
+/// kept lowercase; Bearer (always accepted) is dropped; `grant: static` has no token answer.
+#[test]
+fn token_types_are_checked() {
+    let cfg = parse(&preset_yaml(
+        "github_app",
+        "",
+        ", token_types: [Bot, user, bearer, bot]",
+    ))
+    .unwrap();
+    assert_eq!(cfg.credentials["crm"].token_types, ["bot", "user"]);
+    assert!(parse(&preset_yaml("github_app", "", ""))
+        .unwrap()
+        .credentials["crm"]
+        .token_types
+        .is_empty());
+    assert_refused(
+        &preset_yaml("github_app", "", ", token_types: [\"bot user\"]"),
+        "credentials.crm.token_types",
+        &["\"bot user\" is not a token type name"],
+    );
+    assert_refused(
+        &preset_yaml("github_app", "", ", token_types: [\"\"]"),
+        "credentials.crm.token_types",
+        &["is not a token type name"],
+    );
+    let static_yaml = "credentials:\n  crm: { grant: static, token: t, token_types: [bot] }\nupstreams:\n  crm: { listen: 127.0.0.1:18081, url: https://api.example.com, credential: crm }\n";
+    assert_refused(
+        static_yaml,
+        "credentials.crm.token_types",
+        &["not used by grant static"],
+    );
+}

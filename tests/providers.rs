@@ -632,3 +632,160 @@ async fn github_bad_refresh_token_in_a_200_is_a_dead_grant() {
     assert!(reauth, "not reauthorization_required: {st}");
     assert!(attempts <= 3, "{attempts} token requests");
 }
+
+/// Shopify: JSON refreshes rotate the refresh token, and the Admin API gets the bare token
+/// in `X-Shopify-Access-Token` (no `Authorization` header), the header Shopify documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shopify_rotates_and_sends_the_shopify_header() {
+    let j = journey(
+        "shopify",
+        "shop: acme",
+        ProviderProfile::Standard,
+        Duration::from_secs(3),
+    )
+    .await;
+    check(&j, "shopify").await;
+    // An API that records what it gets (the demo API's validator wants Bearer).
+    let api = ApiServer::start(None).await.unwrap();
+    let yaml = j.yaml.replace(&j._api.url(), &api.url());
+    authorize(&j).await;
+    let relay = support::start(&yaml).await;
+    let url = format!("{}/echo", relay.url("crm"));
+    let sent = support::client()
+        .get(&url)
+        .header("Authorization", "Bearer app-token")
+        .header("X-Shopify-Access-Token", "app-token")
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(sent, 200);
+    // The app's own credentials are dropped; ours goes in Shopify's header, bare.
+    let current_token_only = |headers: Vec<(String, String)>| {
+        let values = |name: &str| -> Vec<String> {
+            headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .collect()
+        };
+        let shopify = values("x-shopify-access-token");
+        assert_eq!(shopify.len(), 1, "{headers:?}");
+        assert!(values("authorization").is_empty(), "{headers:?}");
+        j.auth.is_valid_access_token(&shopify[0])
+    };
+    assert!(current_token_only(api.last_request_headers()));
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    assert_eq!(get(&url).await, 200);
+    let after = current_token_only(api.last_request_headers());
+    relay.stop().await;
+    assert!(rotated, "no rotation: {:?}", j.auth.stats());
+    assert!(
+        after,
+        "the API did not get a current token after the rotation"
+    );
+    let log = j.auth.requests_log();
+    assert!(log.iter().any(|r| r.grant_type == "refresh_token"));
+    for r in log {
+        assert_eq!(r.content_type, "json", "{r:?}");
+        assert_eq!(r.client_auth, "body", "{r:?}");
+    }
+}
+
+/// Slack: answers say `token_type: "bot"` and `"ok": true`; the preset accepts the type, so
+/// the code exchange, traffic (as `Authorization: Bearer`) and rotations work; without
+/// the preset's `token_types` the access tokens of the same answers are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_bot_tokens_rotate() {
+    let j = journey(
+        "slack",
+        "",
+        ProviderProfile::Standard,
+        Duration::from_secs(3),
+    )
+    .await;
+    check(&j, "slack").await;
+    let mut fields = serde_json::Map::new();
+    fields.insert("ok".into(), serde_json::json!(true));
+    fields.insert("token_type".into(), serde_json::json!("bot"));
+    j.auth.set_answer_fields(fields);
+
+    // A credential that does not accept the type keeps the refresh token of such an
+    // answer but not its access token, and says why.
+    let strict = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        "    refresh_before: 1s\n    token_types: []\n",
+    );
+    let strict_config = j.config.with_file_name("strict.yaml");
+    std::fs::write(&strict_config, &strict).unwrap();
+    let code = j.auth.new_authorization_code(REDIRECT_URI);
+    let out = support::cli(&[
+        "authorize",
+        "--config",
+        &path(&strict_config),
+        "--credential",
+        "crm",
+        "--code",
+        &code,
+    ])
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("access token is unusable") && stderr.contains("token_type bot"),
+        "{stderr}"
+    );
+
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let url = format!("{}/api/v4/leads", relay.url("crm"));
+    assert_eq!(get(&url).await, 200, "traffic with the bot token");
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 2
+    })
+    .await;
+    assert_eq!(get(&url).await, 200, "traffic after the rotations");
+    let st = status_json(&admin).await;
+    relay.stop().await;
+    assert!(rotated, "no rotations: {:?} {st}", j.auth.stats());
+    assert_eq!(st["credentials"]["crm"]["state"], "ready", "{st}");
+    for r in j.auth.requests_log() {
+        assert_eq!(r.client_auth, "basic", "{r:?}");
+        assert_eq!(r.content_type, "form", "{r:?}");
+    }
+}
+
+/// Slack answers a refresh token it no longer accepts with HTTP 200 and
+/// `"error": "invalid_refresh_token"`: the preset names it a dead grant, so the credential
+/// needs re-authorization within three attempts instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_invalid_refresh_token_in_a_200_is_a_dead_grant() {
+    let j = journey(
+        "slack",
+        "",
+        ProviderProfile::Standard,
+        Duration::from_secs(60),
+    )
+    .await;
+    j.auth.set_mode(tokenrelay::demo::FailureMode::ErrorIn200(
+        "invalid_refresh_token",
+    ));
+    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let reauth = eventually(Duration::from_secs(20), || {
+        let admin = admin.clone();
+        async move { state(&admin).await == "reauthorization_required" }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    let attempts = j.auth.stats().token_requests;
+    relay.stop().await;
+    assert!(reauth, "not reauthorization_required: {st}");
+    assert!(attempts <= 3, "{attempts} token requests");
+    let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
+    assert!(reason.contains("invalid_refresh_token"), "{reason}");
+}

@@ -270,6 +270,11 @@ pub struct CredentialConfig {
     /// by `/status`): the configured `answer_fields` (or the preset's) plus every field
     /// an upstream's url template names. Secret-looking names are never kept.
     pub answer_fields: Vec<String>,
+    /// `token_type` values of token answers accepted besides Bearer, lowercase (Slack's
+    /// `bot` and `user`). RFC 6749 §7.1 has a client refuse types it does not understand;
+    /// these are types a provider documents for tokens used as configured by the
+    /// upstream's `header` and `format`.
+    pub token_types: Vec<String>,
     /// Upstreams using this credential whose url comes from a token-answer field; each
     /// is resolved when a token is published (filled in by validation).
     #[serde(skip)]

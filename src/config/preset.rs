@@ -4,9 +4,10 @@
 //!
 //! A preset is applied to the config document before it is typed: its `credential`
 //! mapping, with `{param}` placeholders filled from `provider_params`, supplies every key
-//! the user's entry does not set (whatever the user sets wins), and its `header_format`
-//! becomes the `format` of upstreams using that credential unless they set one. Each
-//! value taken from a preset is recorded with its origin, for `check`.
+//! the user's entry does not set (whatever the user sets wins), and its `header` and
+//! `header_format` become the `header` and `format` of upstreams using that credential
+//! unless they set their own. Each value taken from a preset is recorded with its origin,
+//! for `check`.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +40,8 @@ const FILES: &[(&str, &str)] = &[
     ("tbank", include_str!("presets/tbank.yaml")),
     ("yandex", include_str!("presets/yandex.yaml")),
     ("github_app", include_str!("presets/github_app.yaml")),
+    ("shopify", include_str!("presets/shopify.yaml")),
+    ("slack", include_str!("presets/slack.yaml")),
     (
         "google_service_account",
         include_str!("presets/google_service_account.yaml"),
@@ -64,6 +67,10 @@ pub struct Preset {
     /// Defaults for `credentials.<name>`: the same keys as the config.
     #[serde(default)]
     pub credential: Mapping,
+    /// Default `header` (the header name) of upstreams using the credential, for
+    /// providers whose APIs do not take `Authorization` (Shopify's
+    /// `X-Shopify-Access-Token`).
+    pub header: Option<String>,
     /// Default `format` of upstreams using the credential.
     pub header_format: Option<String>,
     /// Default `token_query_param` of upstreams using the credential.
@@ -272,6 +279,7 @@ pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
                 entry.insert(key, value);
             }
             let defaults: Vec<(&'static str, String)> = [
+                ("header", preset.header),
                 ("format", preset.header_format),
                 ("token_query_param", preset.token_query_param),
             ]
@@ -374,6 +382,13 @@ mod tests {
             if let Some(f) = &p.header_format {
                 assert_eq!(&cfg.upstreams["u"].format, f, "{}", p.name);
             }
+            if let Some(h) = &p.header {
+                assert!(
+                    cfg.upstreams["u"].header.as_str().eq_ignore_ascii_case(h),
+                    "{}",
+                    p.name
+                );
+            }
             assert_eq!(
                 cfg.upstreams["u"].token_query_param, p.token_query_param,
                 "{}",
@@ -465,6 +480,39 @@ mod tests {
             e.contains("credentials.crm.provider: unknown preset \"amocrn\""),
             "{e}"
         );
+    }
+
+    /// A preset's `header` becomes the header name of the upstreams using its credential,
+    /// with its `header_format`; an upstream's own `header` or `format` wins, and upstreams
+    /// of other credentials are left alone.
+    #[test]
+    fn preset_header_applies_to_upstreams_that_set_none() {
+        let yaml = "credentials:\n  shop: { provider: shopify, provider_params: { shop: acme }, client_id: id, client_secret: s }\n  other: { grant: client_credentials, token_url: https://idp.example.com/token, client_id: id, client_secret: s }\nupstreams:\n  a: { listen: 127.0.0.1:0, url: https://acme.myshopify.com, credential: shop }\n  b: { listen: 127.0.0.1:0, url: https://acme.myshopify.com, credential: shop, header: X-Other, format: \"Token {token}\" }\n  c: { listen: 127.0.0.1:0, url: https://api.example.com, credential: other }\n";
+        let cfg = crate::config::Config::from_yaml(yaml, &|_| None).unwrap();
+        let (a, b, c) = (
+            &cfg.upstreams["a"],
+            &cfg.upstreams["b"],
+            &cfg.upstreams["c"],
+        );
+        assert!(
+            a.header.eq_ignore_ascii_case("x-shopify-access-token"),
+            "{}",
+            a.header
+        );
+        assert_eq!(a.format, "{token}");
+        assert!(b.header.eq_ignore_ascii_case("x-other"), "{}", b.header);
+        assert_eq!(b.format, "Token {token}");
+        assert!(
+            c.header.eq_ignore_ascii_case("authorization"),
+            "{}",
+            c.header
+        );
+        assert_eq!(c.format, "Bearer {token}");
+        assert_eq!(
+            cfg.origins.get("upstreams.a.header").map(String::as_str),
+            Some("preset shopify")
+        );
+        assert!(!cfg.origins.contains_key("upstreams.b.header"));
     }
 
     #[test]

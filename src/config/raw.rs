@@ -119,6 +119,8 @@ pub struct RawCredential {
     pub dead_grant_answers: Vec<DeadGrantAnswer>,
     /// Token-answer fields to keep (`instance_url`, ...); presets set it.
     pub answer_fields: Option<Vec<String>>,
+    /// `token_type` values accepted besides Bearer (Slack's `bot`, `user`).
+    pub token_types: Option<Vec<String>>,
     // Client authentication without a shared secret, and the jwt_bearer grant
     // (validated in client_auth.rs).
     pub client_assertion_key_file: Option<PathBuf>,

@@ -319,6 +319,7 @@ impl TokenClient {
             c.default_expires_in.0,
             &c.dead_grant_answers,
             &c.answer_fields,
+            &c.token_types,
         )
     }
 }

@@ -196,11 +196,14 @@ fn clean(s: &str) -> String {
 /// object yields a [`TokenAnswer`] whose refresh token is taken whatever the rest says.
 /// An answer matching one of `dead_grant` is [`TokenError::DeadGrant`]. Of a `2xx`
 /// answer's other top-level fields, the string ones named in `keep` are kept.
+/// `token_types` are the `token_type` values accepted besides Bearer (the credential's
+/// `token_types`, e.g. Slack's `bot` and `user`).
 pub fn parse(
     answer: &Answer<'_>,
     default_expires_in: Duration,
     dead_grant: &[DeadGrantAnswer],
     keep: &[String],
+    token_types: &[String],
 ) -> Result<TokenAnswer, TokenError> {
     let Answer { status, body, .. } = *answer;
     let read = Body::read(body);
@@ -219,7 +222,13 @@ pub fn parse(
             return Err(e);
         }
     }
-    let access = judge(status, read.as_ref(), body.len(), default_expires_in);
+    let access = judge(
+        status,
+        read.as_ref(),
+        body.len(),
+        default_expires_in,
+        token_types,
+    );
     match (access, refresh_token) {
         // A 2xx means the server acted; one that is unusable and hands over no refresh
         // token leaves unknown whether it spent the presented one. `"ok": false` is a
@@ -319,6 +328,7 @@ fn judge(
     read: Option<&Body>,
     body_len: usize,
     default_expires_in: Duration,
+    token_types: &[String],
 ) -> Result<AccessToken, TokenError> {
     if let Some(Body { raw, .. }) = read {
         if let Some(err) = raw.error.as_ref().and_then(as_text) {
@@ -366,7 +376,7 @@ fn judge(
         )));
     }
     let token = access_token(raw)?;
-    check_token_type(raw)?;
+    check_token_type(raw, token_types)?;
     let expires_in = expires_in(raw, default_expires_in)?;
     if matches!(&raw.refresh_token, Some(v) if !v.is_string() && !v.is_null()) {
         return Err(TokenError::Transient(
@@ -402,24 +412,33 @@ fn access_token(raw: &Raw) -> Result<String, TokenError> {
 }
 
 /// RFC 6749 §7.1: the client must understand the type. Absent is tolerated as several
-/// providers omit it; anything but bearer (any case, RFC 6750) is refused.
-fn check_token_type(raw: &Raw) -> Result<(), TokenError> {
+/// providers omit it; anything but bearer (any case, RFC 6750) or one of `accepted` (the
+/// credential's `token_types`: types a provider documents for tokens used like bearer
+/// tokens, e.g. Slack's `bot`) is refused.
+fn check_token_type(raw: &Raw, accepted: &[String]) -> Result<(), TokenError> {
     match &raw.token_type {
         None => Ok(()),
         Some(tt) => match tt.as_str() {
-            Some(t) if t.eq_ignore_ascii_case("bearer") => Ok(()),
+            Some(t)
+                if t.eq_ignore_ascii_case("bearer")
+                    || accepted.iter().any(|a| a.eq_ignore_ascii_case(t)) =>
+            {
+                Ok(())
+            }
             _ => Err(TokenError::Transient(format!(
-                "token_type {} is not supported (only Bearer)",
+                "token_type {} is not supported (only Bearer{})",
                 tt.as_str()
                     .map(clean)
-                    .unwrap_or_else(|| "non-string".into())
+                    .unwrap_or_else(|| "non-string".into()),
+                accepted
+                    .iter()
+                    .map(|a| format!(", {a}"))
+                    .collect::<String>()
             ))),
         },
     }
 }
 
-/// `expires_in` as a number or a numeric string (`"3600"`, as Microsoft's v1 endpoint
-/// sends); the configured default when absent.
 fn expires_in(raw: &Raw, default: Duration) -> Result<Duration, TokenError> {
     match &raw.expires_in {
         None | Some(serde_json::Value::Null) => Ok(default),
@@ -446,7 +465,7 @@ mod tests {
             content_type: "application/json",
             body,
         };
-        parse(&answer, default, &[], &[])
+        parse(&answer, default, &[], &[], &[])
     }
 
     /// Only named, non-secret string fields are kept, whatever else the answer holds
@@ -463,7 +482,7 @@ mod tests {
             content_type: "application/json",
             body,
         };
-        let a = parse(&answer, D, &[], &keep).unwrap();
+        let a = parse(&answer, D, &[], &keep, &[]).unwrap();
         assert_eq!(
             a.fields.into_iter().collect::<Vec<_>>(),
             vec![(
@@ -483,10 +502,10 @@ mod tests {
         let body =
             br#"{"refresh_token":"r","expires_in":0,"api_domain":"https://www.zohoapis.eu"}"#;
         let answer = Answer { body, ..answer };
-        let a = parse(&answer, D, &[], &keep).unwrap();
+        let a = parse(&answer, D, &[], &keep, &[]).unwrap();
         assert!(a.access.is_err());
         assert_eq!(a.fields["api_domain"], "https://www.zohoapis.eu");
-        assert!(parse(&answer, D, &[], &[]).unwrap().fields.is_empty());
+        assert!(parse(&answer, D, &[], &[], &[]).unwrap().fields.is_empty());
     }
 
     #[test]
@@ -530,13 +549,13 @@ mod tests {
             content_type: Some("application/problem+json".into()),
             ..Default::default()
         }];
-        let e = parse(&answer, D, &rules, &[]).unwrap_err();
+        let e = parse(&answer, D, &rules, &[], &[]).unwrap_err();
         assert!(e.is_invalid_grant(), "{e}");
         assert_eq!(
             e.to_string(),
             "token endpoint answered 401, which this provider uses for a dead grant: Token has been revoked"
         );
-        let e = parse(&answer, D, &[], &[]).unwrap_err();
+        let e = parse(&answer, D, &[], &[], &[]).unwrap_err();
         assert!(!e.is_invalid_grant(), "{e}");
     }
 
@@ -680,7 +699,7 @@ mod tests {
             content_type: "application/json;charset=UTF-8",
             body: br#"{"error":"invalid_code"}"#,
         };
-        let e = parse(&answer, D, &rules, &[]).unwrap_err();
+        let e = parse(&answer, D, &rules, &[], &[]).unwrap_err();
         assert!(e.is_invalid_grant(), "{e}");
         assert!(e.to_string().contains("invalid_code"), "{e}");
         // A new refresh token in it is kept, and the grant is not taken as dead.
@@ -688,9 +707,78 @@ mod tests {
             body: br#"{"error":"invalid_code","refresh_token":"r2"}"#,
             ..answer
         };
-        let a = parse(&answer, D, &rules, &[]).unwrap();
+        let a = parse(&answer, D, &rules, &[], &[]).unwrap();
         assert_eq!(a.refresh_token.unwrap().expose(), "r2");
         assert!(!a.access.unwrap_err().is_invalid_grant());
+    }
+
+    /// `token_type` values other than Bearer are accepted only where the credential names
+    /// them (Slack's `bot` and `user`), in any case; others stay refused, and the refresh
+    /// token of a refused answer is still taken.
+    #[test]
+    fn token_types_named_by_the_credential_are_accepted() {
+        let slack = br#"{"ok":true,"access_token":"xoxe.xoxb-1","token_type":"bot","expires_in":43200,"refresh_token":"xoxe-1-r2"}"#;
+        let answer = |body: &'static [u8]| Answer {
+            status: 200,
+            content_type: "application/json; charset=utf-8",
+            body,
+        };
+        let slack_types = ["bot".to_string(), "user".to_string()];
+
+        let a = parse(&answer(slack), D, &[], &[], &[]).unwrap();
+        assert_eq!(a.refresh_token.as_ref().unwrap().expose(), "xoxe-1-r2");
+        let e = a.access.unwrap_err();
+        assert!(matches!(e, TokenError::Transient(_)), "{e}");
+        assert!(e.to_string().contains("token_type bot"), "{e}");
+
+        let r = parse(&answer(slack), D, &[], &[], &slack_types)
+            .unwrap()
+            .into_response()
+            .unwrap();
+        assert_eq!(r.access_token.expose(), "xoxe.xoxb-1");
+        assert_eq!(r.expires_in, Duration::from_secs(43200));
+        assert_eq!(r.refresh_token.unwrap().expose(), "xoxe-1-r2");
+        for body in [
+            &br#"{"access_token":"a","token_type":"User"}"#[..],
+            br#"{"access_token":"a","token_type":"BEARER"}"#,
+        ] {
+            let answer = Answer {
+                body,
+                ..answer(b"")
+            };
+            assert!(parse(&answer, D, &[], &[], &slack_types)
+                .unwrap()
+                .access
+                .is_ok());
+        }
+        let mac = Answer {
+            body: br#"{"access_token":"a","token_type":"mac"}"#,
+            ..answer(b"")
+        };
+        let e = parse(&mac, D, &[], &[], &slack_types).unwrap_err();
+        assert!(e.to_string().contains("only Bearer, bot, user"), "{e}");
+    }
+
+    /// Slack answers errors with HTTP 200 and `"ok": false`; a revoked refresh token
+    /// (`invalid_refresh_token`) is a dead grant only where a rule names it.
+    #[test]
+    fn slack_errors_in_200_answers() {
+        let answer = Answer {
+            status: 200,
+            content_type: "application/json; charset=utf-8",
+            body: br#"{"ok":false,"error":"invalid_refresh_token"}"#,
+        };
+        let types = ["bot".to_string()];
+        let e = parse(&answer, D, &[], &[], &types).unwrap_err();
+        assert!(!e.is_invalid_grant(), "{e}");
+        assert!(!e.is_in_doubt(), "{e}");
+        let rules = [DeadGrantAnswer {
+            error: Some("invalid_refresh_token".into()),
+            ..Default::default()
+        }];
+        let e = parse(&answer, D, &rules, &[], &types).unwrap_err();
+        assert!(e.is_invalid_grant(), "{e}");
+        assert!(e.to_string().contains("invalid_refresh_token"), "{e}");
     }
 
     #[test]

@@ -322,6 +322,7 @@ fn answer(new: u64, expires_in: u64) -> Result<TokenAnswer, TokenError> {
         ACCESS_TTL,
         &[],
         &[],
+        &[],
     )
 }
 

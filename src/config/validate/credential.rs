@@ -217,6 +217,7 @@ pub(super) fn validate_credential(
     }
     answer_fields.sort();
     answer_fields.dedup();
+    let token_types = token_types(p, &at("token_types"), grant, c.token_types);
     provider_rules::check_dead_grant(p, &path, &c.dead_grant_answers);
     provider_rules::check_rate_limit(p, &at("refresh_rate_limit"), &c.refresh_rate_limit);
     Some(CredentialConfig {
@@ -265,8 +266,42 @@ pub(super) fn validate_credential(
         },
         dead_grant_answers: c.dead_grant_answers,
         answer_fields,
+        token_types,
         url_templates: Vec::new(),
     })
+}
+
+/// `token_types`, lowercase, sorted, without repeats: each a type name of RFC 6749 §11.1
+/// (letters, digits, `-`, `.`, `_`), and only for grants that get token answers; Bearer,
+/// always accepted, is left out.
+fn token_types(
+    p: &mut Problems,
+    at: &str,
+    grant: Grant,
+    types: Option<Vec<String>>,
+) -> Vec<String> {
+    let Some(types) = types else {
+        return Vec::new();
+    };
+    if grant == Grant::Static {
+        p.add(at, "not used by grant static (there is no token answer)");
+    }
+    let mut kept = Vec::new();
+    for t in types {
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+        if t.is_empty() || !t.chars().all(name_char) {
+            p.add(
+                at,
+                format!("{t:?} is not a token type name (letters, digits, '-', '.', '_')"),
+            );
+        } else if !t.eq_ignore_ascii_case("bearer") {
+            // Bearer is always accepted; listing it changes nothing.
+            kept.push(t.to_ascii_lowercase());
+        }
+    }
+    kept.sort();
+    kept.dedup();
+    kept
 }
 
 /// Token request parameters tokenrelay owns; `extra_params` may not replace them.
