@@ -1245,6 +1245,12 @@ fn the_2027b_presets_expand_to_their_documented_settings() {
         let shown = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(shown.contains("# source: https://"), "{shown}");
         assert!(shown.contains("uncertain:"), "{shown}");
+        if name == "shopify" {
+            assert!(
+                shown.contains("upstream header: \"X-Shopify-Access-Token\""),
+                "{shown}"
+            );
+        }
     }
 }
 

@@ -105,6 +105,9 @@ fn describe(p: &preset::Preset) -> String {
     for line in yaml.lines() {
         out.push_str(&format!("  {line}\n"));
     }
+    if let Some(h) = &p.header {
+        out.push_str(&format!("upstream header: {h:?}\n"));
+    }
     if let Some(f) = &p.header_format {
         out.push_str(&format!("upstream header format: {f:?}\n"));
     }
