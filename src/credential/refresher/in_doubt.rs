@@ -118,6 +118,16 @@ mod tests {
     }
 
     #[test]
+    fn status_explains_what_happens_next() {
+        let why = explanation(&unknown());
+        assert!(why.starts_with("token endpoint answered 502"), "{why}");
+        assert!(
+            why.contains("presented once more, and never again"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn a_rejected_retry_names_the_attempt_in_doubt() {
         let e = TokenError::OAuth {
             status: 400,
