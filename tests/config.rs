@@ -1254,6 +1254,54 @@ fn the_2027b_presets_expand_to_their_documented_settings() {
     }
 }
 
+/// The Zoom preset: HTTP Basic and a form body to zoom.us/oauth/token, rotating refresh
+/// tokens, one-hour access tokens, a 90-day refresh-token lifetime, "Invalid Token!" a
+/// dead grant at any status, and `tokenrelay providers` lists and shows it.
+#[test]
+fn the_zoom_preset_expands_to_its_documented_settings() {
+    use std::time::Duration;
+    use tokenrelay::config::{ClientAuth, RequestFormat};
+    let cfg = parse(&preset_yaml("zoom", "", "")).unwrap_or_else(|e| panic!("preset zoom: {e}"));
+    let c = &cfg.credentials["crm"];
+    assert_eq!(
+        c.token_url.as_ref().unwrap().as_str(),
+        "https://zoom.us/oauth/token"
+    );
+    assert_eq!(c.client_auth, ClientAuth::Basic);
+    assert_eq!(c.request_format, RequestFormat::Form);
+    assert!(c.refresh_token.rotating);
+    assert_eq!(c.default_expires_in.0, Duration::from_secs(3600));
+    assert_eq!(
+        c.refresh_token.idle_lifetime.map(|d| d.0),
+        Some(Duration::from_secs(90 * 86400))
+    );
+    assert!(c.dead_grant_answers.iter().any(|r| r.status.is_none()
+        && r.error.is_none()
+        && r.body_contains.as_deref() == Some("Invalid Token!")));
+    let u = &cfg.upstreams["crm"];
+    assert!(u.header.eq_ignore_ascii_case("authorization"));
+    assert_eq!(u.format, "Bearer {token}");
+
+    let out = Command::new(support::binary())
+        .arg("providers")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        list.lines().any(|l| l.starts_with("zoom ")),
+        "zoom not listed:\n{list}"
+    );
+    let out = Command::new(support::binary())
+        .args(["providers", "zoom"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "providers zoom");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains("# source: https://"), "{shown}");
+    assert!(shown.contains("uncertain:"), "{shown}");
+}
+
 /// `token_types` names the `token_type` values accepted besides Bearer: type names only,
 /// kept lowercase; Bearer (always accepted) is dropped; `grant: static` has no token answer.
 #[test]

@@ -544,6 +544,14 @@ async fn pipedrive_api_domain_is_kept() {
     }
 }
 
+/// Zoom: HTTP Basic and form bodies only, each refresh replacing the refresh token; a
+/// superseded or revoked one is answered "Invalid Token!" (not `invalid_grant`), which
+/// the preset names a dead grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zoom_journey() {
+    refreshing_provider_journey("zoom", "", ProviderProfile::Zoom).await;
+}
+
 /// T-Bank: HTTP Basic and form bodies only, rotating refresh tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tbank_journey() {

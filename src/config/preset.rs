@@ -42,6 +42,7 @@ const FILES: &[(&str, &str)] = &[
     ("github_app", include_str!("presets/github_app.yaml")),
     ("shopify", include_str!("presets/shopify.yaml")),
     ("slack", include_str!("presets/slack.yaml")),
+    ("zoom", include_str!("presets/zoom.yaml")),
     (
         "google_service_account",
         include_str!("presets/google_service_account.yaml"),

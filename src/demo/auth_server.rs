@@ -143,6 +143,12 @@ pub enum ProviderProfile {
     Pipedrive,
     /// T-Bank (T-ID): form bodies only, the client authenticated by HTTP Basic only.
     TBank,
+    /// Zoom: form bodies only, the client authenticated by HTTP Basic only; a superseded
+    /// or revoked refresh token is answered with the documented message "Invalid Token!"
+    /// (the status and the other fields are not documented: the emulation answers `400`
+    /// with `error` `invalid_request`, so only the preset's rule can tell it is a dead
+    /// grant).
+    Zoom,
 }
 
 /// ELMA365's absolute refresh-token lifetime.
@@ -795,6 +801,17 @@ fn pipedrive_invalid_grant() -> Response<Body> {
     resp
 }
 
+/// Zoom's answer to a refresh token that is superseded or revoked: its documented
+/// message "Invalid Token!".
+fn zoom_invalid_token() -> Response<Body> {
+    let mut resp = json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"reason": "Invalid Token!", "error": "invalid_request"}),
+    );
+    no_store(resp.headers_mut());
+    resp
+}
+
 /// Token responses carry credentials: RFC 6749 §5.1 forbids caching them.
 fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -1104,6 +1121,11 @@ fn process_token_request(
                         && grant_type == "refresh_token"
                     {
                         pipedrive_invalid_grant()
+                    } else if shared.opts.profile == ProviderProfile::Zoom
+                        && err.error == "invalid_grant"
+                        && grant_type == "refresh_token"
+                    {
+                        zoom_invalid_token()
                     } else {
                         err.into_response()
                     };
@@ -1261,7 +1283,10 @@ fn profile_rules(
         {
             Err(OAuthError::invalid_request("redirect_uri is required"))
         }
-        ProviderProfile::Elma365 | ProviderProfile::Pipedrive | ProviderProfile::TBank
+        ProviderProfile::Elma365
+        | ProviderProfile::Pipedrive
+        | ProviderProfile::TBank
+        | ProviderProfile::Zoom
             if !media.starts_with("application/x-www-form-urlencoded") =>
         {
             Err(OAuthError::invalid_request("a form body is required"))
@@ -1269,7 +1294,7 @@ fn profile_rules(
         ProviderProfile::Zendesk if !media.starts_with("application/json") => {
             Err(OAuthError::invalid_request("a JSON body is required"))
         }
-        ProviderProfile::Pipedrive | ProviderProfile::TBank
+        ProviderProfile::Pipedrive | ProviderProfile::TBank | ProviderProfile::Zoom
             if param(params, "client_secret").is_some()
                 || parts.headers.get(header::AUTHORIZATION).is_none() =>
         {
