@@ -1272,8 +1272,8 @@ fn the_zoom_preset_expands_to_its_documented_settings() {
     assert!(c.refresh_token.rotating);
     assert_eq!(c.default_expires_in.0, Duration::from_secs(3600));
     assert_eq!(
-        c.refresh_token.idle_lifetime.map(|d| d.0),
-        Some(Duration::from_secs(90 * 86400))
+        c.refresh_token.absolute_lifetime.map(|d| d.0),
+        Some(Duration::from_secs(15 * 365 * 86400))
     );
     assert!(c.dead_grant_answers.iter().any(|r| r.status.is_none()
         && r.error.is_none()
