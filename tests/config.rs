@@ -1052,26 +1052,7 @@ fn the_2027_presets_expand_to_their_documented_settings() {
     assert_eq!(format, "Bearer {token}");
 
     // `tokenrelay providers` lists them, and shows each in full.
-    let out = Command::new(support::binary())
-        .arg("providers")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let list = String::from_utf8_lossy(&out.stdout).into_owned();
-    for name in ["zendesk", "pipedrive", "tbank", "yandex", "github_app"] {
-        assert!(
-            list.lines().any(|l| l.starts_with(&format!("{name} "))),
-            "{name} not listed:\n{list}"
-        );
-        let out = Command::new(support::binary())
-            .args(["providers", name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "providers {name}");
-        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(shown.contains("# source: https://"), "{shown}");
-        assert!(shown.contains("uncertain:"), "{shown}");
-    }
+    listed_and_shown(&["zendesk", "pipedrive", "tbank", "yandex", "github_app"]);
 }
 
 /// `tokenrelay schema` is a draft 2020-12 JSON Schema that accepts the shipped example
@@ -1226,25 +1207,7 @@ fn the_2027b_presets_expand_to_their_documented_settings() {
     assert_eq!(format, "Bearer {token}");
 
     // `tokenrelay providers` lists them, and shows each in full.
-    let out = Command::new(support::binary())
-        .arg("providers")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let list = String::from_utf8_lossy(&out.stdout).into_owned();
-    for name in ["shopify", "slack"] {
-        assert!(
-            list.lines().any(|l| l.starts_with(&format!("{name} "))),
-            "{name} not listed:\n{list}"
-        );
-        let out = Command::new(support::binary())
-            .args(["providers", name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "providers {name}");
-        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(shown.contains("# source: https://"), "{shown}");
-        assert!(shown.contains("uncertain:"), "{shown}");
+    for (name, shown) in listed_and_shown(&["shopify", "slack"]) {
         if name == "shopify" {
             assert!(
                 shown.contains("upstream header: \"X-Shopify-Access-Token\""),
@@ -1255,7 +1218,7 @@ fn the_2027b_presets_expand_to_their_documented_settings() {
 }
 
 /// The Zoom preset: HTTP Basic and a form body to zoom.us/oauth/token, rotating refresh
-/// tokens, one-hour access tokens, a 90-day refresh-token lifetime, "Invalid Token!" a
+/// tokens, one-hour access tokens, a 15-year refresh-token lifetime, "Invalid Token!" a
 /// dead grant at any status, and `tokenrelay providers` lists and shows it.
 #[test]
 fn the_zoom_preset_expands_to_its_documented_settings() {
@@ -1282,24 +1245,7 @@ fn the_zoom_preset_expands_to_its_documented_settings() {
     assert!(u.header.eq_ignore_ascii_case("authorization"));
     assert_eq!(u.format, "Bearer {token}");
 
-    let out = Command::new(support::binary())
-        .arg("providers")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let list = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        list.lines().any(|l| l.starts_with("zoom ")),
-        "zoom not listed:\n{list}"
-    );
-    let out = Command::new(support::binary())
-        .args(["providers", "zoom"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "providers zoom");
-    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(shown.contains("# source: https://"), "{shown}");
-    assert!(shown.contains("uncertain:"), "{shown}");
+    listed_and_shown(&["zoom"]);
 }
 
 /// `token_types` names the `token_type` values accepted besides Bearer: type names only,
@@ -1334,4 +1280,33 @@ fn token_types_are_checked() {
         "credentials.crm.token_types",
         &["not used by grant static"],
     );
+}
+
+/// Asserts that `tokenrelay providers` lists each of `names`, and that `tokenrelay
+/// providers NAME` shows its sources and user-facing notes; returns what each showed.
+fn listed_and_shown(names: &[&str]) -> Vec<(String, String)> {
+    let out = Command::new(support::binary())
+        .arg("providers")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    names
+        .iter()
+        .map(|name| {
+            assert!(
+                list.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{name} not listed:\n{list}"
+            );
+            let out = Command::new(support::binary())
+                .args(["providers", name])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "providers {name}");
+            let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(shown.contains("# source: https://"), "{shown}");
+            assert!(shown.contains("uncertain:"), "{shown}");
+            (name.to_string(), shown)
+        })
+        .collect()
 }

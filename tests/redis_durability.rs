@@ -36,25 +36,7 @@ fn have_redis() -> bool {
 /// A config on the Redis at `url` with credential and upstream `crm`; `store_extra` adds
 /// indented `store:` entries.
 fn config_yaml(url: &str, store_extra: &str) -> String {
-    format!(
-        "store:
-  type: redis
-  url: {url}
-{store_extra}credentials:
-  crm:
-    grant: refresh_token
-    token_url: http://127.0.0.1:9/token
-    client_id: demo-client
-    client_secret: demo-secret
-    allow_insecure_http: true
-upstreams:
-  crm:
-    listen: 127.0.0.1:0
-    url: http://127.0.0.1:9
-    credential: crm
-    allow_insecure_http: true
-"
-    )
+    support::stores::config_with_store(&format!("  type: redis\n  url: {url}\n{store_extra}"))
 }
 
 fn open(url: &str, store_extra: &str) -> std::sync::Arc<dyn Store> {

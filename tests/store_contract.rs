@@ -42,30 +42,9 @@ use tokenrelay::store::{CasOutcome, Store, StoredState};
 /// A lease TTL long enough that nothing in these tests runs it out by waiting.
 const TTL: Duration = Duration::from_secs(30);
 
-/// A config whose `store:` section is `store_yaml` (indented entries).
-fn config_yaml(store_yaml: &str) -> String {
-    format!(
-        "store:
-{store_yaml}credentials:
-  crm:
-    grant: refresh_token
-    token_url: http://127.0.0.1:9/token
-    client_id: demo-client
-    client_secret: demo-secret
-    allow_insecure_http: true
-upstreams:
-  crm:
-    listen: 127.0.0.1:0
-    url: http://127.0.0.1:9
-    credential: crm
-    allow_insecure_http: true
-"
-    )
-}
-
 /// Opens the store a config with `store_yaml` names, as tokenrelay does.
 fn open(store_yaml: &str) -> Arc<dyn Store> {
-    let config = Config::from_yaml(&config_yaml(store_yaml), &|_| None)
+    let config = Config::from_yaml(&support::stores::config_with_store(store_yaml), &|_| None)
         .unwrap_or_else(|e| panic!("config invalid:\n{e}"));
     tokenrelay::store::open(&config.store).unwrap_or_else(|e| panic!("store not opened: {e}"))
 }

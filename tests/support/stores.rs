@@ -306,3 +306,25 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// A config whose `store:` section is `store_yaml` (indented entries), with one
+/// credential `crm` and its upstream (never contacted).
+pub fn config_with_store(store_yaml: &str) -> String {
+    format!(
+        "store:
+{store_yaml}credentials:
+  crm:
+    grant: refresh_token
+    token_url: http://127.0.0.1:9/token
+    client_id: demo-client
+    client_secret: demo-secret
+    allow_insecure_http: true
+upstreams:
+  crm:
+    listen: 127.0.0.1:0
+    url: http://127.0.0.1:9
+    credential: crm
+    allow_insecure_http: true
+"
+    )
+}
