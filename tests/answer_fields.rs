@@ -455,7 +455,7 @@ async fn authorize_stores_the_code_answers_fields() {
     let status = support::cli(&["status", "--config", cfg]).await;
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
-        text.contains(&format!("answer field:     instance_url = {}", f.one.url())),
+        text.contains(&format!("answer field instance_url: {}", f.one.url())),
         "{text}"
     );
 

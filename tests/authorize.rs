@@ -101,7 +101,8 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     let status_text = text(&status.stdout);
     assert!(status.status.success());
     assert!(
-        status_text.contains("access token valid") && status_text.contains("generation:       1"),
+        status_text.contains("crm: ready (grant refresh_token)")
+            && status_text.contains(&format!("{:<21} 1", "generation:")),
         "{status_text}"
     );
     assert!(!status_text.contains(&code));
@@ -111,7 +112,8 @@ async fn a_pasted_code_is_exchanged_and_stored() {
     assert_eq!(again.status.code(), Some(1));
     let err = text(&again.stderr);
     assert!(err.contains("rejected") && err.contains("expire"), "{err}");
-    assert!(text(&cli(&["status", "--config", cfg]).await.stdout).contains("generation:       1"));
+    assert!(text(&cli(&["status", "--config", cfg]).await.stdout)
+        .contains(&format!("{:<21} 1", "generation:")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +202,6 @@ async fn the_browser_flow_is_completed_through_the_local_callback() {
     );
     let cfg = config.to_str().unwrap();
     let stored = text(&cli(&["status", "--config", cfg]).await.stdout);
-    assert!(stored.contains("access token valid"), "{stored}");
+    assert!(stored.contains("crm: ready"), "{stored}");
     assert_eq!(auth.stats().authorization_codes, 1);
 }

@@ -949,7 +949,12 @@ fn shell_completions_name_every_command() {
             let dir = tempfile::tempdir().unwrap();
             let file = dir.path().join("tokenrelay.bash");
             std::fs::write(&file, &script).unwrap();
-            let syntax = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+            let syntax = support::tools::command("bash")
+                .expect("bash is listed in scripts/test-tools.txt")
+                .arg("-n")
+                .arg(&file)
+                .output()
+                .unwrap();
             assert!(syntax.status.success(), "bash -n: {syntax:?}");
         }
     }

@@ -216,8 +216,11 @@ async fn encrypted_round_trip_keeps_no_token_in_plaintext() {
     let out = support::run_cli(&["status", "--config", config.to_str().unwrap()]);
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
-    assert!(shown.contains(&format!("generation:       {}", state.generation)));
-    assert!(shown.contains("refresh token:    stored"), "{shown}");
+    assert!(shown.contains(&format!("{:<21} {}", "generation:", state.generation)));
+    assert!(
+        shown.contains(&format!("{:<21} stored", "refresh token:")),
+        "{shown}"
+    );
     assert_absent(shown.as_bytes(), &[&refresh, &access], "status output");
     let logged = std::fs::read(&log).unwrap();
     let secrets: Vec<&str> = access_tokens.iter().map(String::as_str).collect();

@@ -308,9 +308,10 @@ async fn restored_backup_at_startup(encrypted: bool, how: Recovery) {
     let out = support::run_cli(&["status", "--config", f.config_path.to_str().unwrap()]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
-        shown.contains(&format!(
-            "reauthorization_required (the stored state (generation {backup_generation}) is older"
-        )),
+        shown.contains("crm: reauthorization_required")
+            && shown.contains(&format!(
+                "the stored state (generation {backup_generation}) is older"
+            )),
         "{shown}"
     );
     let (relay, note) = start_refusing_the_restore(&f, backup_generation, mark).await;

@@ -219,7 +219,7 @@ fn render(doc: &Value, from: &str, json_output: bool) -> String {
         );
         let mut line = |label: &str, v: &Value| {
             if !v.is_null() {
-                out += &format!("  {label:<22}{}\n", text(v));
+                out += &format!("  {label:<21} {}\n", text(v));
             }
         };
         line("why:", &c["reauthorization_required"]["reason"]);
