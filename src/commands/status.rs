@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::clock::from_ms;
 use crate::config::{Config, Grant};
-use crate::store::{now_ms, StoredState};
+use crate::store::{now_ms, StoreError, StoredState};
 
 /// How long the running instance may take to answer.
 const INSTANCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,9 +24,15 @@ enum Found {
     /// The running instance's `/status`.
     Instance(Value),
     /// No instance answered (why); what the store holds per credential.
-    Store { unreachable: String, doc: Value },
+    Store {
+        unreachable: InstanceError,
+        doc: Value,
+    },
     /// Neither the instance nor the store could be read.
-    Nothing { unreachable: String, store: String },
+    Nothing {
+        unreachable: InstanceError,
+        store: StoreError,
+    },
 }
 
 pub async fn run(cfg: Config, json_output: bool) -> anyhow::Result<ExitCode> {
@@ -48,8 +54,7 @@ pub async fn run(cfg: Config, json_output: bool) -> anyhow::Result<ExitCode> {
         }
         Found::Nothing { unreachable, store } => {
             let text = if json_output {
-                let doc =
-                    json!({"source": null, "instance_error": unreachable, "store_error": store});
+                let doc = json!({"source": null, "instance_error": unreachable.to_string(), "store_error": store.to_string()});
                 format!("{doc:#}\n")
             } else {
                 format!("no running instance answered ({unreachable}), and the store could not be read ({store})\n")
@@ -67,21 +72,35 @@ fn print_quietly(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-async fn ask_instance(cfg: &Config) -> Result<Value, String> {
-    let base = super::admin_client::base_url(cfg);
-    let client = super::admin_client::client(INSTANCE_TIMEOUT).map_err(|e| e.to_string())?;
+/// Why the running instance gave no `/status`.
+#[derive(Debug, thiserror::Error)]
+enum InstanceError {
+    #[error("{url}: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error("{url}/status answered {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+}
+
+async fn ask_instance(cfg: &Config) -> Result<Value, InstanceError> {
+    let url = super::admin_client::base_url(cfg);
+    let unreachable = |e: reqwest::Error| InstanceError::Unreachable {
+        url: url.clone(),
+        cause: without_url(&e),
+    };
+    let client = super::admin_client::client(INSTANCE_TIMEOUT).map_err(unreachable)?;
     let resp = client
-        .get(format!("{base}/status"))
+        .get(format!("{url}/status"))
         .send()
         .await
-        .map_err(|e| format!("{base}: {}", without_url(&e)))?;
+        .map_err(unreachable)?;
     if !resp.status().is_success() {
-        return Err(format!("{base}/status answered {}", resp.status()));
+        let status = resp.status();
+        return Err(InstanceError::Status { url, status });
     }
-    let mut doc: Value = resp
-        .json()
-        .await
-        .map_err(|e| format!("{base}/status: {}", without_url(&e)))?;
+    let mut doc: Value = resp.json().await.map_err(unreachable)?;
     doc["source"] = json!("instance");
     Ok(doc)
 }
@@ -98,13 +117,13 @@ fn without_url(e: &reqwest::Error) -> String {
 }
 
 /// The `/status` fields the store can tell, per credential.
-async fn from_store(cfg: &Config) -> Result<Value, String> {
+async fn from_store(cfg: &Config) -> Result<Value, StoreError> {
     let needs_store = cfg
         .credentials
         .values()
         .any(|c| c.grant == Grant::RefreshToken);
     let store = if needs_store {
-        Some(crate::store::open(&cfg.store).map_err(|e| e.to_string())?)
+        Some(crate::store::open(&cfg.store)?)
     } else {
         None
     };
@@ -124,15 +143,17 @@ async fn from_store(cfg: &Config) -> Result<Value, String> {
                     stored_entry(name, c.grant, s.as_ref())
                 }
                 Err(e) => {
-                    last_error = Some(e.to_string());
-                    json!({"state": "unavailable", "grant": c.grant, "store_error": e.to_string()})
+                    let entry = json!({"state": "unavailable", "grant": c.grant, "store_error": e.to_string()});
+                    last_error = Some(e);
+                    entry
                 }
             },
         };
         credentials.insert(name.clone(), entry);
     }
-    if !read_any {
-        return Err(last_error.unwrap_or_else(|| "no credential could be read".into()));
+    // With a store needed, every credential that uses it was read or failed.
+    if let (false, Some(e)) = (read_any, last_error) {
+        return Err(e);
     }
     Ok(json!({
         "source": "store",
