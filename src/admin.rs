@@ -77,7 +77,7 @@ impl Admin {
             ),
             Ok(Err(error)) => json(
                 StatusCode::CONFLICT,
-                &serde_json::json!({"result": "failure", "error": error}),
+                &serde_json::json!({"result": "failure", "error": error.to_string()}),
             ),
             Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         }
@@ -221,6 +221,8 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config_reload::ReloadError;
+    use crate::instance::ApplyError;
 
     fn admin() -> (Admin, mpsc::Receiver<ReloadRequest>) {
         let (tx, rx) = mpsc::channel(1);
@@ -273,7 +275,7 @@ mod tests {
             let (admin, mut rx) = admin();
             let answer = tokio::spawn(async move {
                 if let Some(request) = rx.recv().await {
-                    request.answer(Err("reached the reload task".into()));
+                    request.answer(Err(ReloadError::NoConfigFile));
                 }
             });
             let r = admin.handle(post_reload(peer)).await;
@@ -289,7 +291,7 @@ mod tests {
         let answer = tokio::spawn(async move {
             let request = rx.recv().await.unwrap();
             assert_eq!(request.trigger, Trigger::Admin);
-            request.answer(Err("upstreams.a.url: not a URL".into()));
+            request.answer(Err(ApplyError::NoCredential { name: "a".into() }.into()));
         });
         let r = admin.handle(post_reload("127.0.0.1:5000")).await;
         answer.await.unwrap();
@@ -300,6 +302,6 @@ mod tests {
             .to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["result"], "failure");
-        assert_eq!(v["error"], "upstreams.a.url: not a URL");
+        assert_eq!(v["error"], "upstreams.a.credential: no such credential");
     }
 }

@@ -19,7 +19,7 @@ use crate::admin::Admin;
 use crate::config::units::{ByteSize, HumanDuration};
 use crate::config::{Config, ConfigError, Limits};
 use crate::config_file::ConfigFile;
-use crate::config_reload::{ReloadRequest, Reloads};
+use crate::config_reload::{ReloadError, ReloadRequest, Reloads};
 use crate::instance::record::{ConfigStatus, Trigger};
 use crate::instance::Instance;
 use crate::metrics::Metrics;
@@ -121,9 +121,7 @@ pub async fn run_with(
             r = reload_rx.recv() => match r { Some(r) => r, None => break },
         };
         let (Some(loader), Some(file)) = (&reloading.loader, &file) else {
-            request.answer(Err(
-                "this instance was not started from a config file".into()
-            ));
+            request.answer(Err(ReloadError::NoConfigFile));
             continue;
         };
         let outcome = reload(&mut instance, file, loader, request.trigger).await;
@@ -149,13 +147,13 @@ async fn reload(
     file: &ConfigFile,
     loader: &Loader,
     trigger: Trigger,
-) -> Result<crate::instance::record::Applied, String> {
+) -> Result<crate::instance::record::Applied, ReloadError> {
     info!(?trigger, "reloading the config");
     let outcome = match file.read_complete(RELOAD_SETTLE, RELOAD_MAX_WAIT).await {
-        Err(e) => Err(format!("{e}; nothing changed")),
+        Err(e) => Err(ReloadError::Unreadable(e)),
         Ok(text) => match loader(&text) {
-            Ok(config) => instance.apply(config).await,
-            Err(e) => Err(format!("the new config is invalid; nothing changed:\n{e}")),
+            Ok(config) => instance.apply(config).await.map_err(ReloadError::from),
+            Err(e) => Err(ReloadError::Invalid(e)),
         },
     };
     match &outcome {

@@ -16,17 +16,33 @@ use crate::instance::record::{Applied, Trigger};
 /// How long the watcher waits for a changed file to be complete before looking again.
 const WATCH_MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this instance was not started from a config file")]
+    NoConfigFile,
+    #[error("{0}; nothing changed")]
+    Unreadable(#[source] crate::config_file::ReadError),
+    #[error("the new config is invalid; nothing changed:\n{0}")]
+    Invalid(#[source] crate::config::ConfigError),
+    #[error(transparent)]
+    Apply(#[from] crate::instance::ApplyError),
+}
+
 /// One reload request; `reply` hears the outcome when someone waits for it.
 pub struct ReloadRequest {
     pub trigger: Trigger,
-    reply: Option<oneshot::Sender<Result<Applied, String>>>,
+    reply: Option<oneshot::Sender<Result<Applied, ReloadError>>>,
 }
 
 impl ReloadRequest {
     /// A request whose outcome the caller awaits on the returned receiver.
     pub fn awaited(
         trigger: Trigger,
-    ) -> (ReloadRequest, oneshot::Receiver<Result<Applied, String>>) {
+    ) -> (
+        ReloadRequest,
+        oneshot::Receiver<Result<Applied, ReloadError>>,
+    ) {
         let (tx, rx) = oneshot::channel();
         (
             ReloadRequest {
@@ -37,7 +53,7 @@ impl ReloadRequest {
         )
     }
 
-    pub fn answer(self, outcome: Result<Applied, String>) {
+    pub fn answer(self, outcome: Result<Applied, ReloadError>) {
         if let Some(reply) = self.reply {
             let _ = reply.send(outcome);
         }

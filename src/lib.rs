@@ -7,6 +7,10 @@
 //! # Layout
 //! - [`config`]: YAML → validated [`config::Config`]; every error names its key path.
 //! - [`secret`]: the redacting string type that carries every token and secret.
+//! - Leaves shared by config and the layers above it: [`keys`] (signing and encryption
+//!   keys read from files), [`http_names`] (hop-by-hop and credential header rules),
+//!   [`target`] (an upstream's resolved base), [`watched_files`] (files re-read when
+//!   they change), [`clock`], [`shutdown`].
 //! - [`oauth`]: token endpoint requests and strict answer parsing.
 //! - [`credential`]: the lock-free token cell, state, and the single-flight refresher.
 //! - [`store`]: durable shared state (`load`, CAS, lease, watch); file backend; encryption.
@@ -32,17 +36,20 @@ mod config_file;
 pub mod config_reload;
 pub mod credential;
 pub mod demo;
+pub mod http_names;
 pub mod inbound;
 pub mod instance;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;
-pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod status_page;
 pub mod store;
+pub mod target;
 pub mod tls;
+pub mod watched_files;
 pub mod workers;

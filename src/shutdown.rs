@@ -1,6 +1,7 @@
-//! Resolves on SIGTERM or SIGINT.
+//! Stopping: the signals that start it, and how long a retired connection lingers.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 
@@ -17,3 +18,8 @@ pub fn signal() -> impl Future<Output = ()> {
         }
     }
 }
+
+/// How long a retired connection that is idle waits for the app's next request. An app
+/// reusing a keep-alive connection may be sending one as a reload lands; it is answered
+/// (with `Connection: close`) rather than cut off.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(1);

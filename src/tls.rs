@@ -12,24 +12,51 @@ use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 
-use crate::reload::Reloading;
+use crate::watched_files::Reloading;
 
 /// Installs ring as the process-wide rustls provider. Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Why a TLS client config cannot be built; names the file, never shows a key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid PEM file: {source}")]
+    NotPem {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate { path: String },
+    #[error("{path}: unusable CA certificate: {source}")]
+    UnusableCa { path: String, source: rustls::Error },
+    #[error("TLS setup failed: {0}")]
+    Setup(#[source] rustls::Error),
+    #[error(transparent)]
+    ClientCert(#[from] ClientCertError),
+}
+
 /// Reads a PEM file of CA certificates; an error says what was wrong with it.
-pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let shown = || path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| TlsError::Unreadable {
+        path: shown(),
+        source,
+    })?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not a valid PEM file: {e}", path.display()))?;
+        .map_err(|source| TlsError::NotPem {
+            path: shown(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate { path: shown() });
     }
     Ok(certs)
 }
@@ -52,16 +79,17 @@ fn mozilla_roots() -> Arc<RootCertStore> {
 }
 
 /// Builds a verifying client config; `alpn` lists protocols to offer (e.g. h2, http/1.1).
-pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientConfig, String> {
+pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientConfig, TlsError> {
     install_crypto_provider();
     let roots = match ca_file {
         None => mozilla_roots(),
         Some(path) => {
             let mut roots = (*mozilla_roots()).clone();
             for cert in read_ca_file(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+                roots.add(cert).map_err(|source| TlsError::UnusableCa {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             }
             Arc::new(roots)
         }
@@ -69,7 +97,7 @@ pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<ClientCon
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -184,7 +212,7 @@ impl ClientCertFiles {
                 key: key_path,
             });
         }
-        let fingerprint = crate::oauth::fingerprint(spki.as_deref().unwrap_or_default());
+        let fingerprint = crate::keys::fingerprint(spki.as_deref().unwrap_or_default());
         Ok(ClientCert {
             key: Arc::new(certified),
             not_after,
@@ -218,7 +246,7 @@ pub fn client_config_with_cert(
     ca_file: Option<&Path>,
     alpn: &[&[u8]],
     cert: Option<&ClientCertFiles>,
-) -> Result<ClientConfig, String> {
+) -> Result<ClientConfig, TlsError> {
     let mut config = client_config(ca_file, alpn)?;
     if let Some(files) = cert {
         let f = files.clone();
@@ -226,7 +254,7 @@ pub fn client_config_with_cert(
         let loaded = Reloading::new(
             what,
             vec![files.cert_file.clone(), files.key_file.clone()],
-            move || f.load().map_err(|e| e.to_string()),
+            move || f.load(),
         )?;
         config.client_auth_cert_resolver = Arc::new(RotatingClientCert(loaded));
     }

@@ -882,7 +882,7 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
     );
     assert!(out.status.success(), "{stderr}");
     let fp =
-        tokenrelay::oauth::fingerprint(&KeyPair::from_pem(&k.private).unwrap().public_key_der());
+        tokenrelay::keys::fingerprint(&KeyPair::from_pem(&k.private).unwrap().public_key_der());
     assert!(
         stdout.contains(&key_file.display().to_string())
             && stdout.contains("ES256")
@@ -1299,7 +1299,7 @@ upstreams:
     let st = support::status_json(&relay.admin_url("")).await;
     let cc = &st["upstreams"]["api"]["client_certificate"];
     assert_eq!(cc["cert_file"], cert.display().to_string(), "{st}");
-    let fp = tokenrelay::oauth::fingerprint(
+    let fp = tokenrelay::keys::fingerprint(
         &KeyPair::from_pem(&trusted.key_pem)
             .unwrap()
             .public_key_der(),

@@ -134,7 +134,7 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
         .await
         .with_context(|| format!("cannot listen on {addr} for the redirect_uri callback"))?;
     println!("Waiting for the callback on {redirect} ...");
-    let (tx, mut rx) = mpsc::channel::<Result<String, String>>(1);
+    let (tx, mut rx) = mpsc::channel::<Result<String, CallbackError>>(1);
     let path = redirect_url.path().to_string();
     let server = tokio::spawn(async move {
         loop {
@@ -182,13 +182,24 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
     }
 }
 
+/// Why the authorization callback brought no usable code.
+#[derive(Debug, thiserror::Error)]
+enum CallbackError {
+    #[error("the provider answered {error}{description}")]
+    Provider { error: String, description: String },
+    #[error("the callback's state does not match (stale or forged request)")]
+    State,
+    #[error("the callback carries no code")]
+    NoCode,
+}
+
 /// `Some(Ok(code))` for a valid callback, `Some(Err)` for a provider error or bad state,
 /// `None` for unrelated requests (favicon and the like).
 fn callback_result<B>(
     req: &http::Request<B>,
     path: &str,
     state: &str,
-) -> Option<Result<String, String>> {
+) -> Option<Result<String, CallbackError>> {
     if req.uri().path() != path {
         return None;
     }
@@ -201,15 +212,16 @@ fn callback_result<B>(
             .get("error_description")
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
-        return Some(Err(format!("the provider answered {err}{desc}")));
+        return Some(Err(CallbackError::Provider {
+            error: err.clone(),
+            description: desc,
+        }));
     }
     if q.get("state").map(String::as_str) != Some(state) {
-        return Some(Err(
-            "the callback's state does not match (stale or forged request)".into(),
-        ));
+        return Some(Err(CallbackError::State));
     }
     match q.get("code") {
         Some(code) if !code.is_empty() => Some(Ok(code.clone())),
-        _ => Some(Err("the callback carries no code".into())),
+        _ => Some(Err(CallbackError::NoCode)),
     }
 }

@@ -15,7 +15,7 @@ use url::Url;
 use super::raw::RawCredential;
 use super::units::HumanDuration;
 use super::{ClientAuth, Grant, Problems};
-use crate::oauth::assertion::{parse_alg, KeySource};
+use crate::keys::jose::{parse_alg, KeySource};
 use crate::secret::Secret;
 use crate::tls::ClientCertFiles;
 
@@ -407,7 +407,7 @@ pub(super) fn jwt_bearer(
             return None;
         }
         (Some(sa), None) => {
-            let account = match crate::oauth::assertion::ServiceAccount::from_file(&sa, a) {
+            let account = match crate::keys::jose::ServiceAccount::from_file(&sa, a) {
                 Ok(acc) => acc,
                 Err(e) => {
                     p.add(&at("service_account_file"), e);

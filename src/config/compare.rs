@@ -6,6 +6,14 @@ use serde::Serialize;
 use super::{Config, CredentialConfig, UpstreamConfig};
 use crate::secret::Secret;
 
+/// The token endpoint and client a refresh token belongs to (neither is secret). Stored
+/// with each state, so a token is never sent where it was not issued.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuedTo {
+    pub token_url: String,
+    pub client_id: String,
+}
+
 /// Settings read once at startup; a reload that changes them keeps the running value.
 pub const RESTART_ONLY: [&str; 6] = [
     "admin",
@@ -44,8 +52,8 @@ impl CredentialConfig {
     /// Who a stored refresh token was issued to: the token endpoint and the client.
     /// Sending it anywhere else would leak it, so changing either starts over; stored
     /// states record it.
-    pub fn token_endpoint_identity(&self) -> crate::store::IssuedTo {
-        crate::store::IssuedTo {
+    pub fn token_endpoint_identity(&self) -> IssuedTo {
+        IssuedTo {
             token_url: self
                 .token_url
                 .as_ref()

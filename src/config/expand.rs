@@ -14,7 +14,7 @@ pub fn expand_env(
     match value {
         Value::String(s) if s.contains('$') => match expand_str(s, lookup) {
             Ok(out) => *s = out,
-            Err(var) => errors.push(format!(
+            Err(Unset(var)) => errors.push(format!(
                 "{path}: environment variable {var} is not set (referenced as ${{{var}}})"
             )),
         },
@@ -45,8 +45,12 @@ pub fn expand_env(
     }
 }
 
-/// Expands one string; `Err(name)` for the first unset variable.
-fn expand_str(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+/// The first variable a string names that is not set.
+#[derive(Debug, PartialEq, Eq)]
+struct Unset(String);
+
+/// Expands one string; `Err` names the first unset variable.
+fn expand_str(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, Unset> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -62,7 +66,7 @@ fn expand_str(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String
                 continue;
             };
             let name = &body[..end];
-            let value = lookup(name).ok_or_else(|| name.to_string())?;
+            let value = lookup(name).ok_or_else(|| Unset(name.to_string()))?;
             out.push_str(&value);
             rest = &body[end + 1..];
         } else {
@@ -86,7 +90,7 @@ mod tests {
     fn expands_and_escapes() {
         assert_eq!(expand_str("x-${ID}-y", &env).unwrap(), "x-abc-y");
         assert_eq!(expand_str("$${ID} $5 ${ID}", &env).unwrap(), "${ID} $5 abc");
-        assert_eq!(expand_str("${NOPE}", &env).unwrap_err(), "NOPE");
+        assert_eq!(expand_str("${NOPE}", &env), Err(Unset("NOPE".into())));
     }
 
     #[test]

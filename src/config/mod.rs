@@ -30,7 +30,7 @@ pub use client_auth::{
     AssertionKey, ClientAssertion, ClientCertConfig, JwtBearer, CERT_EXPIRY_WARNING,
     DEFAULT_ASSERTION_LIFETIME,
 };
-pub use compare::RESTART_ONLY;
+pub use compare::{IssuedTo, RESTART_ONLY};
 pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules, TokenMethod};
 use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};

@@ -259,7 +259,7 @@ pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
             let params = match params_of(entry, &path) {
                 Ok(p) => p,
                 Err(e) => {
-                    problems.push(e);
+                    problems.push(e.to_string());
                     continue;
                 }
             };
@@ -313,15 +313,27 @@ pub fn apply(doc: &mut Value, problems: &mut Vec<String>) -> Origins {
     origins
 }
 
+/// A `provider_params` entry that is not a string; `key` is its whole path.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {why}")]
+struct BadParams {
+    key: String,
+    why: &'static str,
+}
+
+/// A credential's `provider_params`, by name.
+type Params = BTreeMap<String, String>;
+
 /// `provider_params` of a credential entry as strings.
-fn params_of(entry: &Mapping, path: &str) -> Result<BTreeMap<String, String>, String> {
+fn params_of(entry: &Mapping, path: &str) -> Result<Params, BadParams> {
     let Some(v) = entry.get("provider_params") else {
         return Ok(BTreeMap::new());
     };
     let Some(m) = v.as_mapping() else {
-        return Err(format!(
-            "{path}.provider_params: must be a mapping of names to values"
-        ));
+        return Err(BadParams {
+            key: format!("{path}.provider_params"),
+            why: "must be a mapping of names to values",
+        });
     };
     m.iter()
         .map(|(k, v)| {
@@ -329,7 +341,12 @@ fn params_of(entry: &Mapping, path: &str) -> Result<BTreeMap<String, String>, St
             let v = match v {
                 Value::String(s) => s.clone(),
                 Value::Number(n) => n.to_string(),
-                _ => return Err(format!("{path}.provider_params.{k}: must be a string")),
+                _ => {
+                    return Err(BadParams {
+                        key: format!("{path}.provider_params.{k}"),
+                        why: "must be a string",
+                    })
+                }
             };
             Ok((k, v))
         })

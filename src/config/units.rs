@@ -15,25 +15,37 @@ pub struct HumanDuration(pub Duration);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
+/// A duration or size the config cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("invalid duration {input:?} ({reason}); use forms like 30s, 5m, 1h30m, 250ms")]
+    Duration { input: String, reason: String },
+    #[error("invalid size {0:?}; use forms like 64KiB, 1MiB, 65536")]
+    Size(String),
+}
+
 /// Parses `30s`, `5m`, `1h 30m`, `250ms`; bare digits are seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let t = s.trim();
+    let bad = |reason: String| UnitError::Duration {
+        input: s.to_string(),
+        reason,
+    };
     if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
         return t
             .parse::<u64>()
             .map(Duration::from_secs)
-            .map_err(|e| e.to_string());
+            .map_err(|e| bad(e.to_string()));
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("invalid duration {s:?} ({e}); use forms like 30s, 5m, 1h30m, 250ms"))
+    humantime::parse_duration(t).map_err(|e| bad(e.to_string()))
 }
 
 /// Parses `64KiB`, `1MiB`, `2GiB`, `10KB`, `512B` or a bare byte count.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || format!("invalid size {s:?}; use forms like 64KiB, 1MiB, 65536");
+    let bad = || UnitError::Size(s.to_string());
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
@@ -55,7 +67,7 @@ pub fn format_duration(d: Duration) -> String {
 
 struct UnitVisitor<F>(F, &'static str);
 
-impl<T, F: Fn(&str) -> Result<T, String>> Visitor<'_> for UnitVisitor<F> {
+impl<T, F: Fn(&str) -> Result<T, UnitError>> Visitor<'_> for UnitVisitor<F> {
     type Value = T;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str(self.1)
@@ -158,7 +170,10 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("12").unwrap(), Duration::from_secs(12));
-        assert!(parse_duration("soon").unwrap_err().contains("\"soon\""));
+        assert!(parse_duration("soon")
+            .unwrap_err()
+            .to_string()
+            .contains("\"soon\""));
         assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
     }
 

@@ -157,6 +157,44 @@ pub enum UrlRule {
     Authority(String),
 }
 
+/// Why a configured url template cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{template:?}: {problem}")]
+pub struct TemplateError {
+    pub template: String,
+    pub problem: TemplateProblem,
+}
+
+/// What is wrong with a url template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateProblem {
+    #[error("the only placeholder is {{token.FIELD}}, a field of the token answer, e.g. {{token.instance_url}}")]
+    OtherPlaceholder,
+    #[error("a url template must start with {{token.FIELD}} (e.g. \"{{token.instance_url}}/services/data\"); the field's value is the base URL, optionally followed by a path")]
+    NoLeadingField,
+    #[error("{{token. is not closed with }}")]
+    NotClosed,
+    #[error(transparent)]
+    Field(FieldNameError),
+    #[error("only one {{token.FIELD}}, at the start, is supported")]
+    SecondField,
+    #[error("must not have a query or fragment")]
+    QueryOrFragment,
+    #[error("what follows {{token.{field}}} must be a path starting with '/'")]
+    PathWithoutSlash { field: String },
+    #[error("the path after the field is not a URL path")]
+    NotAPath,
+}
+
+/// Why a name cannot be an answer field kept for templates.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldNameError {
+    #[error("{0:?} is not a field name (letters, digits and '_', not starting with a digit)")]
+    NotAName(String),
+    #[error("{0:?} looks like a secret (a token, secret, password, session, key or code, in any spelling such as apiKey); only fields such as instance_url are kept")]
+    SecretLooking(String),
+}
+
 /// Whether a configured url is meant as a template.
 pub fn is_template(s: &str) -> bool {
     s.contains(['{', '}'])
@@ -164,37 +202,39 @@ pub fn is_template(s: &str) -> bool {
 
 impl UrlTemplate {
     /// Parses `{token.FIELD}` plus an optional path; errors say what is wrong.
-    pub fn parse(s: &str) -> Result<UrlTemplate, String> {
+    pub fn parse(s: &str) -> Result<UrlTemplate, TemplateError> {
+        let bad = |problem| TemplateError {
+            template: s.to_string(),
+            problem,
+        };
         let Some(rest) = s.strip_prefix("{token.") else {
-            return Err(if s.starts_with('{') {
-                format!("{s:?}: the only placeholder is {{token.FIELD}}, a field of the token answer, e.g. {{token.instance_url}}")
+            return Err(bad(if s.starts_with('{') {
+                TemplateProblem::OtherPlaceholder
             } else {
-                format!("{s:?}: a url template must start with {{token.FIELD}} (e.g. \"{{token.instance_url}}/services/data\"); the field's value is the base URL, optionally followed by a path")
-            });
+                TemplateProblem::NoLeadingField
+            }));
         };
         let Some(end) = rest.find('}') else {
-            return Err(format!("{s:?}: {{token. is not closed with }}"));
+            return Err(bad(TemplateProblem::NotClosed));
         };
         let field = &rest[..end];
-        check_field_name(field).map_err(|e| format!("{s:?}: {e}"))?;
+        check_field_name(field).map_err(|e| bad(TemplateProblem::Field(e)))?;
         let path = &rest[end + 1..];
         if path.contains(['{', '}']) {
-            return Err(format!(
-                "{s:?}: only one {{token.FIELD}}, at the start, is supported"
-            ));
+            return Err(bad(TemplateProblem::SecondField));
         }
         if path.contains(['?', '#']) {
-            return Err(format!("{s:?}: must not have a query or fragment"));
+            return Err(bad(TemplateProblem::QueryOrFragment));
         }
         if !(path.is_empty() || path.starts_with('/')) {
-            return Err(format!(
-                "{s:?}: what follows {{token.{field}}} must be a path starting with '/'"
-            ));
+            return Err(bad(TemplateProblem::PathWithoutSlash {
+                field: field.to_string(),
+            }));
         }
         if path.chars().any(|c| c.is_whitespace() || c.is_control())
             || Url::parse(&format!("https://example.invalid{path}")).is_err()
         {
-            return Err(format!("{s:?}: the path after the field is not a URL path"));
+            return Err(bad(TemplateProblem::NotAPath));
         }
         Ok(UrlTemplate {
             source: s.to_string(),
@@ -273,7 +313,7 @@ fn origin(url: &Url) -> Option<String> {
 
 /// A field name: letters, digits and `_`, not starting with a digit, and nothing that
 /// looks like a secret (answers' tokens are never kept as fields).
-pub fn check_field_name(name: &str) -> Result<(), String> {
+pub fn check_field_name(name: &str) -> Result<(), FieldNameError> {
     let mut chars = name.chars();
     let ok = name.len() <= 64
         && chars
@@ -281,14 +321,10 @@ pub fn check_field_name(name: &str) -> Result<(), String> {
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !ok {
-        return Err(format!(
-            "{name:?} is not a field name (letters, digits and '_', not starting with a digit)"
-        ));
+        return Err(FieldNameError::NotAName(name.to_string()));
     }
     if secret_looking(name) {
-        return Err(format!(
-            "{name:?} looks like a secret (a token, secret, password, session, key or code, in any spelling such as apiKey); only fields such as instance_url are kept"
-        ));
+        return Err(FieldNameError::SecretLooking(name.to_string()));
     }
     Ok(())
 }
@@ -442,7 +478,7 @@ mod tests {
             ("{token.a}/{token.b}", "only one {token.FIELD}"),
             ("{token.instance_url}/a b", "not a URL path"),
         ] {
-            let e = UrlTemplate::parse(bad).unwrap_err();
+            let e = UrlTemplate::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

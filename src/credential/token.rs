@@ -13,8 +13,8 @@ use http::HeaderValue;
 use crate::config::url_template::{
     without_secret_looking, TemplatedUpstream, Unresolved, UrlRule, ValueRule,
 };
-use crate::proxy::target::Target;
 use crate::secret::{InvalidToken, Secret};
+use crate::target::Target;
 
 /// A token is treated as expired this long before its stated expiry (clock skew and the
 /// time the request spends in flight), capped at a quarter of its lifetime.
@@ -136,7 +136,7 @@ impl ActiveToken {
                         field: t.template.field.clone(),
                         template: t.template.source.clone(),
                         origin: None,
-                        rule: UrlRule::Authority(e),
+                        rule: UrlRule::Authority(e.to_string()),
                     })
             })
             .collect();

@@ -50,7 +50,7 @@ use super::assertions::{self, ReplayCache};
 use super::{
     full, json_bytes_response, json_response, Body, PeerCertificate, Server, TokenValidator,
 };
-use crate::oauth::assertion::{CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
+use crate::keys::jose::{CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
 
 /// Path of the token endpoint.
 const TOKEN_PATH: &str = "/oauth2/token";

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::Limits;
-use crate::server::RETIRE_GRACE;
+use crate::shutdown::RETIRE_GRACE;
 pub use rewind::Rewind;
 pub use timeouts::InFlight;
 use timeouts::{ConnTimeouts, RequestCounter};

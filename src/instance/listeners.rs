@@ -40,6 +40,15 @@ pub struct RunningListener {
     stop: CancellationToken,
 }
 
+/// A listener's address cannot be bound (busy, or not this host's).
+#[derive(Debug, thiserror::Error)]
+#[error("upstreams.{name}.listen: cannot listen on {listen}: {source}")]
+pub struct BindError {
+    name: String,
+    listen: SocketAddr,
+    source: std::io::Error,
+}
+
 /// A socket bound for a listener that is not served yet: one handle per worker.
 pub struct Bound {
     sockets: Vec<std::net::TcpListener>,
@@ -48,12 +57,11 @@ pub struct Bound {
 
 /// Binds `config.listen` with a handle for each of `workers` (the fallible steps come
 /// before anything changes: a busy port fails a reload whole).
-pub async fn bind(config: &UpstreamConfig, workers: usize) -> Result<Bound, String> {
-    let at = |e: std::io::Error| {
-        format!(
-            "upstreams.{}.listen: cannot listen on {}: {e}",
-            config.name, config.listen
-        )
+pub async fn bind(config: &UpstreamConfig, workers: usize) -> Result<Bound, BindError> {
+    let at = |source| BindError {
+        name: config.name.clone(),
+        listen: config.listen,
+        source,
     };
     let listener = TcpListener::bind(config.listen).await.map_err(at)?;
     let local = listener.local_addr().map_err(at)?;

@@ -71,6 +71,28 @@ enum UpstreamStep {
     Add(ListenerKey, listeners::Bound, Arc<Upstream>),
 }
 
+/// Why a config could not be applied. Everything fallible happens before anything
+/// changes, so nothing did.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("opening the store: {0}")]
+    Store(#[source] crate::store::StoreError),
+    #[error("credentials.{name}: {source}")]
+    Credential {
+        name: String,
+        source: crate::oauth::TokenClientError,
+    },
+    #[error("upstreams.{name}.credential: no such credential")]
+    NoCredential { name: String },
+    #[error("upstreams.{name}: {source}")]
+    Upstream {
+        name: String,
+        source: crate::proxy::UpstreamSetupError,
+    },
+    #[error(transparent)]
+    Listen(#[from] listeners::BindError),
+}
+
 impl Instance {
     /// Starts the listener workers and applies `config`.
     pub async fn start(mut config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Instance> {
@@ -142,7 +164,7 @@ impl Instance {
     /// Applies a reloaded config: everything in it is validated already; what can still
     /// fail (binding, building clients, opening the store) fails before anything
     /// changes. Restart-only settings keep their running values.
-    pub async fn apply(&mut self, new: Config) -> Result<Applied, String> {
+    pub async fn apply(&mut self, new: Config) -> Result<Applied, ApplyError> {
         let restart_needed = self.base.restart_only_changes(&new);
         let changes = self
             .apply_parts(
@@ -167,7 +189,7 @@ impl Instance {
         new_upstreams: BTreeMap<String, UpstreamConfig>,
         access_log: bool,
         shutdown_grace: Duration,
-    ) -> Result<Changes, String> {
+    ) -> Result<Changes, ApplyError> {
         let mut changes = Changes::default();
 
         // 1. Prepare.
@@ -177,10 +199,7 @@ impl Instance {
                 .values()
                 .any(|c| c.grant == Grant::RefreshToken) =>
             {
-                Some(
-                    crate::store::open(&self.base.store)
-                        .map_err(|e| format!("opening the store: {e:#}"))?,
-                )
+                Some(crate::store::open(&self.base.store).map_err(ApplyError::Store)?)
             }
             None => None,
         };
@@ -208,8 +227,11 @@ impl Instance {
                             != cfg.token_endpoint_identity()
                     });
                     let cred = Arc::new(Credential::new(Arc::new(cfg), ctx.metrics.clone()));
-                    let mut p = Prepared::new(cred, &ctx)
-                        .map_err(|e| format!("credentials.{name}: {e}"))?;
+                    let mut p =
+                        Prepared::new(cred, &ctx).map_err(|source| ApplyError::Credential {
+                            name: name.clone(),
+                            source,
+                        })?;
                     if other_identity {
                         p = p.set_aside_stored_state();
                     }
@@ -231,7 +253,7 @@ impl Instance {
             let cred = kept
                 .get(&cfg.credential)
                 .or_else(|| fresh.get(&cfg.credential).map(|p| &p.credential))
-                .ok_or_else(|| format!("upstreams.{name}.credential: no such credential"))?
+                .ok_or_else(|| ApplyError::NoCredential { name: name.clone() })?
                 .clone();
             let build = |cfg, listen| {
                 Upstream::new(
@@ -243,7 +265,10 @@ impl Instance {
                     self.workers.count(),
                 )
                 .map(Arc::new)
-                .map_err(|e| format!("upstreams.{name}: {e}"))
+                .map_err(|source| ApplyError::Upstream {
+                    name: name.clone(),
+                    source,
+                })
             };
             claimed.insert(key.clone());
             match self.listeners.get(&key) {

@@ -98,7 +98,11 @@ impl ConfigStatus {
     }
 
     /// Records a reload's outcome.
-    pub fn record(&mut self, trigger: Trigger, outcome: &Result<Applied, String>) {
+    pub fn record(
+        &mut self,
+        trigger: Trigger,
+        outcome: &Result<Applied, crate::config_reload::ReloadError>,
+    ) {
         let at = SystemTime::now();
         self.last_reload = Some(match outcome {
             Ok(applied) => {
@@ -116,7 +120,7 @@ impl ConfigStatus {
                 at,
                 trigger,
                 result: "failure",
-                error: Some(e.clone()),
+                error: Some(e.to_string()),
                 applied: None,
             },
         });
@@ -134,12 +138,16 @@ mod tests {
     #[test]
     fn a_failed_reload_keeps_the_generation_and_says_why() {
         let mut s = ConfigStatus::new(None);
-        s.record(Trigger::Signal, &Err("upstreams.a.url: bad".into()));
+        let no_credential = crate::instance::ApplyError::NoCredential { name: "a".into() };
+        s.record(Trigger::Signal, &Err(no_credential.into()));
         assert_eq!(s.generation, 1);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["last_reload"]["result"], "failure");
         assert_eq!(v["last_reload"]["trigger"], "signal");
-        assert_eq!(v["last_reload"]["error"], "upstreams.a.url: bad");
+        assert_eq!(
+            v["last_reload"]["error"],
+            "upstreams.a.credential: no such credential"
+        );
         let applied = Applied {
             changes: Changes {
                 upstreams_added: vec!["b".into()],

@@ -9,12 +9,12 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-use super::assertion::{
-    Signer, CLIENT_ASSERTION_LIFETIME, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT,
-};
 use super::response::{parse, Answer, TokenAnswer, TokenError, SALVAGE_LIMIT};
 use crate::config::{
     AssertionKey, ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod,
+};
+use crate::keys::jose::{
+    Signer, CLIENT_ASSERTION_LIFETIME, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT,
 };
 use crate::secret::Secret;
 
@@ -65,11 +65,11 @@ impl std::fmt::Debug for TokenClient {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenClientError {
     /// The CA file or client certificate (the TLS layer's message, naming the file).
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A client-assertion or grant-assertion signing key (naming the file).
-    #[error("{0}")]
-    SigningKey(String),
+    #[error(transparent)]
+    SigningKey(#[from] crate::keys::jose::KeyError),
     #[error("client_secret_jwt needs a client secret")]
     NoClientSecret,
     #[error("cannot build token client: {0}")]
@@ -132,7 +132,7 @@ impl TokenClient {
             .ok_or_else(|| TokenError::Transient("no signing key configured".into()))?
             .sign(claims, lifetime)
             .map(|s| s.expose().to_owned())
-            .map_err(TokenError::Transient)
+            .map_err(|e| TokenError::Transient(e.to_string()))
     }
 
     fn token_url_string(&self) -> String {

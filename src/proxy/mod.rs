@@ -8,7 +8,6 @@ pub mod fast;
 pub mod hyper;
 pub mod outcome;
 pub mod policy;
-pub mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +21,8 @@ use tracing::warn;
 use crate::config::UpstreamConfig;
 use crate::credential::{ActiveToken, Credential};
 use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::target::Target;
 use outcome::{ProxyError, Recorder};
-use target::Target;
 
 /// Everything the forwarding path of one upstream needs, resolved once at startup.
 pub struct Upstream {
@@ -42,6 +41,21 @@ pub struct Upstream {
     fast: Option<fast::FastPath>,
 }
 
+/// Why an upstream cannot be set up from its (validated) config.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error("the current token cannot be sent in this header format: {0}")]
+    Format(#[source] crate::secret::InvalidToken),
+    #[error("upstream url: {0}")]
+    Target(#[from] crate::target::TargetError),
+    #[error("credential lacks this upstream's url template")]
+    NoTemplate,
+    #[error("header: {0}")]
+    Header(#[from] http::header::InvalidHeaderName),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
 impl Upstream {
     /// Resolves an upstream's forwarding parameters and builds its clients.
     pub fn new(
@@ -51,22 +65,21 @@ impl Upstream {
         metrics: &Metrics,
         access_log: bool,
         workers: usize,
-    ) -> Result<Upstream, String> {
+    ) -> Result<Upstream, UpstreamSetupError> {
         let slot = credential
             .add_format(&config.format)
-            .map_err(|e| format!("the current token cannot be sent in this header format: {e}"))?;
+            .map_err(UpstreamSetupError::Format)?;
         let base = match &config.url {
             crate::config::UpstreamUrl::Fixed(url) => Base::Fixed(Target::of(url)?),
             crate::config::UpstreamUrl::Template(_) => Base::FromToken(
                 credential
                     .template_slot(&config.name)
-                    .ok_or("credential lacks this upstream's url template")?,
+                    .ok_or(UpstreamSetupError::NoTemplate)?,
             ),
         };
         Ok(Upstream {
             slot,
-            header_name: HeaderName::from_bytes(config.header.as_bytes())
-                .map_err(|e| e.to_string())?,
+            header_name: HeaderName::from_bytes(config.header.as_bytes())?,
             general: hyper::General::new(&config)?,
             fast: fast::FastPath::for_upstream(&config, workers),
             base,

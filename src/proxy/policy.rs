@@ -11,46 +11,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 
 use super::outcome::ProxyError;
-
-/// Hop-by-hop headers that never cross a proxy, whatever `Connection` says (plus the
-/// legacy `Keep-Alive` and `Proxy-Connection`, and `HTTP2-Settings`, which belongs to an
-/// h2c upgrade of the one connection, RFC 7540 §3.2.1); every `Proxy-*` header too.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
-];
-
-/// Whether `name` is hop-by-hop by itself (not counting those `Connection` names).
-pub fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-        || name
-            .get(..6)
-            .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
-}
-
-/// Whether a header named in `Connection` is dropped. The framing headers and `Host`
-/// are never dropped that way: the message's framing and routing do not depend on
-/// what a peer lists there.
-pub fn connection_may_drop(name: &[u8]) -> bool {
-    !(name.eq_ignore_ascii_case(b"content-length")
-        || name.eq_ignore_ascii_case(b"transfer-encoding")
-        || name.eq_ignore_ascii_case(b"host"))
-}
-
-/// The items of a comma-separated header value such as `Connection` or `Upgrade`
-/// (RFC 9110 §5.6.1), trimmed; empty items are skipped.
-pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
+use crate::http_names::HOP_BY_HOP;
+pub use crate::http_names::{connection_may_drop, is_hop_by_hop, list_items};
 
 /// Removes hop-by-hop headers: the fixed set, every `Proxy-*` header, and the headers
 /// named in `Connection` (framing headers excepted, see [`connection_may_drop`]).
@@ -162,30 +124,6 @@ pub fn collapse_content_length(headers: &mut HeaderMap) {
     if let (Some(first), Some(_)) = (values.next(), values.next()) {
         let first = first.clone();
         headers.insert(header::CONTENT_LENGTH, first);
-    }
-}
-
-/// Why a configured credential header name cannot be used, if it cannot: names that
-/// carry framing, routing or connection semantics would break the request.
-pub fn unusable_credential_header(name: &str) -> Option<&'static str> {
-    const RESERVED: [&str; 3] = ["host", "content-length", "expect"];
-    if is_hop_by_hop(name) {
-        Some("is a hop-by-hop header, which never reaches the upstream")
-    } else if RESERVED.iter().any(|r| r.eq_ignore_ascii_case(name)) {
-        Some("is a header the request itself needs (framing or routing)")
-    } else {
-        None
-    }
-}
-
-/// Why `name` cannot be the query parameter that carries the token, if it cannot: it
-/// must be a plain name that needs no percent-encoding.
-pub fn unusable_query_param(name: &str) -> Option<&'static str> {
-    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '~');
-    if name.is_empty() || !name.chars().all(plain) {
-        Some("must be a name of letters, digits, '_', '-', '.' or '~'")
-    } else {
-        None
     }
 }
 
@@ -636,8 +574,6 @@ mod tests {
         assert!(!upgrade("Upgrade, HTTP2-Settings", "h2c"));
         assert!(!upgrade("keep-alive", "websocket"));
         assert!(!wants_websocket(&headers(&[("upgrade", "websocket")])));
-        let items: Vec<&[u8]> = list_items(b" a ,, b,").collect();
-        assert_eq!(items, [b"a".as_slice(), b"b"]);
     }
 
     #[test]
@@ -734,11 +670,6 @@ mod tests {
             with_query_token("/r?AUTH=3&%41uth=4&x=1", any_case, "t"),
             "/r?x=1&auth=t"
         );
-        assert_eq!(unusable_query_param("auth"), None);
-        assert_eq!(unusable_query_param("access_token"), None);
-        assert!(unusable_query_param("").is_some());
-        assert!(unusable_query_param("a&b").is_some());
-        assert!(unusable_query_param("a=b").is_some());
     }
 
     #[test]
@@ -773,23 +704,6 @@ mod tests {
         h.insert("location", HeaderValue::from_static("/next#t=a%2Bb"));
         assert!(keep_query_token_out(&mut h, auth, "a+b"));
         assert!(h.is_empty());
-    }
-
-    #[test]
-    fn credential_header_names_are_checked() {
-        for bad in [
-            "Host",
-            "content-length",
-            "Transfer-Encoding",
-            "Upgrade",
-            "Proxy-X",
-            "TE",
-        ] {
-            assert!(unusable_credential_header(bad).is_some(), "{bad}");
-        }
-        for good in ["Authorization", "X-Api-Key"] {
-            assert!(unusable_credential_header(good).is_none(), "{good}");
-        }
     }
 
     #[test]

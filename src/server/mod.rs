@@ -4,7 +4,7 @@
 
 mod slot;
 
-pub use slot::{Current, Slot, RETIRE_GRACE};
+pub use slot::{Current, Slot};
 
 use std::future::Future;
 use std::net::SocketAddr;

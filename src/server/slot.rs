@@ -1,21 +1,15 @@
 //! What an upstream listener serves right now. A reload swaps it: connections accepted
 //! afterwards get the new upstream settings, and connections of the old ones drain: they
-//! finish the request in flight, answer what the app sends within [`RETIRE_GRACE`]
+//! finish the request in flight, answer what the app sends within [`crate::shutdown::RETIRE_GRACE`]
 //! (telling it the connection closes), and close.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Upstream;
-
-/// How long a retired connection that is idle waits for the app's next request. An app
-/// reusing a keep-alive connection may be sending one as the reload lands; it is
-/// answered (with `Connection: close`) rather than cut off.
-pub const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
 /// One generation of a listener's settings.
 pub struct Current {

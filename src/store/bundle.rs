@@ -66,7 +66,9 @@ pub enum BundleError {
     #[error("cannot open the bundle: wrong passphrase or key, or the file was altered")]
     CannotOpen,
     #[error("cannot seal the bundle: {0}")]
-    Seal(String),
+    Seal(#[from] crate::store::crypto::CryptoError),
+    #[error("cannot serialize the bundle: {0}")]
+    Serialize(#[source] serde_json::Error),
     #[error("refusing the bundle's key derivation parameters (the bundle was not sealed by tokenrelay, or it was altered)")]
     KdfParams(#[from] KdfParamsError),
 }
@@ -218,7 +220,7 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
         refresh_expires_at_ms: s.refresh_expires_at_ms,
         answer_fields: s.answer_fields.clone(),
     };
-    let bytes = serde_json::to_vec(&plain).map_err(|e| BundleError::Seal(e.to_string()))?;
+    let bytes = serde_json::to_vec(&plain).map_err(BundleError::Serialize)?;
     let sealed = cipher(key, &source)?
         .seal(&aad(VERSION, &source), &bytes)
         .map_err(BundleError::Seal)?;
@@ -229,8 +231,7 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
         nonce: sealed.nonce,
         ciphertext: sealed.ciphertext,
     };
-    let mut out =
-        serde_json::to_vec_pretty(&envelope).map_err(|e| BundleError::Seal(e.to_string()))?;
+    let mut out = serde_json::to_vec_pretty(&envelope).map_err(BundleError::Serialize)?;
     out.push(b'\n');
     Ok(out)
 }

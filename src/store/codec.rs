@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::crypto::{Cipher, Sealed};
+use super::crypto::{Cipher, CryptoError, Sealed};
 use super::StoredState;
 use crate::secret::Secret;
 
@@ -66,13 +66,36 @@ struct Payload {
     in_doubt: Option<super::InDoubt>,
 }
 
+/// Why a state cannot be encoded or decoded. Messages never contain token material.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("not a tokenrelay state file (line {line}, column {column})")]
+    NotState { line: usize, column: usize },
+    #[error("not a tokenrelay state file: {0}")]
+    NoGeneration(#[source] serde_json::Error),
+    #[error("unsupported state format version {0}")]
+    Version(u32),
+    #[error("state is encrypted but no store.encryption_key_file is configured")]
+    NoKey,
+    #[error("unsupported encryption algorithm {0:?}")]
+    Algorithm(String),
+    #[error("state must hold exactly one of state or encrypted")]
+    Shape,
+    #[error("decrypted state is not valid")]
+    DecryptedInvalid,
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("cannot serialize the state: {0}")]
+    Serialize(#[source] serde_json::Error),
+}
+
 fn aad(name: &str, generation: u64) -> Vec<u8> {
     format!("tokenrelay/v{FORMAT_VERSION}/{name}/{generation}").into_bytes()
 }
 
 impl Codec {
     /// A codec that encrypts when `key` is given.
-    pub fn new(key: Option<&Secret>) -> Result<Codec, String> {
+    pub fn new(key: Option<&Secret>) -> Result<Codec, CodecError> {
         Ok(Codec {
             cipher: key.map(Cipher::new).transpose()?,
         })
@@ -84,7 +107,7 @@ impl Codec {
     }
 
     /// Serializes (and seals) a state.
-    pub fn encode(&self, name: &str, s: &StoredState) -> Result<Vec<u8>, String> {
+    pub fn encode(&self, name: &str, s: &StoredState) -> Result<Vec<u8>, CodecError> {
         let payload = Payload {
             access_token: s.access_token.as_ref().map(|t| t.expose().to_string()),
             access_expires_at_ms: s.access_expires_at_ms,
@@ -109,7 +132,7 @@ impl Codec {
         match &self.cipher {
             None => env.state = Some(payload),
             Some(c) => {
-                let plain = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
+                let plain = serde_json::to_vec(&payload).map_err(CodecError::Serialize)?;
                 let sealed = c.seal(&aad(name, s.generation), &plain)?;
                 env.encrypted = Some(EncryptedPayload {
                     alg: "AES-256-GCM".into(),
@@ -118,44 +141,37 @@ impl Codec {
                 });
             }
         }
-        let mut out = serde_json::to_vec_pretty(&env).map_err(|e| e.to_string())?;
+        let mut out = serde_json::to_vec_pretty(&env).map_err(CodecError::Serialize)?;
         out.push(b'\n');
         Ok(out)
     }
 
     /// Reads only the generation (no key needed).
-    pub fn generation(bytes: &[u8]) -> Result<u64, String> {
+    pub fn generation(bytes: &[u8]) -> Result<u64, CodecError> {
         #[derive(Deserialize)]
         struct Gen {
             generation: u64,
         }
         serde_json::from_slice::<Gen>(bytes)
             .map(|g| g.generation)
-            .map_err(|e| format!("not a tokenrelay state file: {e}"))
+            .map_err(CodecError::NoGeneration)
     }
 
     /// Parses (and opens) a state; errors never contain token material.
-    pub fn decode(&self, name: &str, bytes: &[u8]) -> Result<StoredState, String> {
-        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| {
-            format!(
-                "not a tokenrelay state file (line {}, column {})",
-                e.line(),
-                e.column()
-            )
+    pub fn decode(&self, name: &str, bytes: &[u8]) -> Result<StoredState, CodecError> {
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| CodecError::NotState {
+            line: e.line(),
+            column: e.column(),
         })?;
         if env.version != FORMAT_VERSION {
-            return Err(format!("unsupported state format version {}", env.version));
+            return Err(CodecError::Version(env.version));
         }
         let payload = match (env.state, env.encrypted, &self.cipher) {
             (Some(p), None, _) => p,
-            (None, Some(_), None) => {
-                return Err(
-                    "state is encrypted but no store.encryption_key_file is configured".into(),
-                )
-            }
+            (None, Some(_), None) => return Err(CodecError::NoKey),
             (None, Some(e), Some(c)) => {
                 if e.alg != "AES-256-GCM" {
-                    return Err(format!("unsupported encryption algorithm {:?}", e.alg));
+                    return Err(CodecError::Algorithm(e.alg));
                 }
                 let plain = c.open(
                     &aad(name, env.generation),
@@ -164,10 +180,9 @@ impl Codec {
                         ciphertext: e.ciphertext,
                     },
                 )?;
-                serde_json::from_slice(&plain)
-                    .map_err(|_| "decrypted state is not valid".to_string())?
+                serde_json::from_slice(&plain).map_err(|_| CodecError::DecryptedInvalid)?
             }
-            _ => return Err("state must hold exactly one of state or encrypted".into()),
+            _ => return Err(CodecError::Shape),
         };
         Ok(StoredState {
             generation: env.generation,

@@ -367,10 +367,7 @@ impl Store for EtcdStore {
             .codec
             .decode(name, &bytes)
             .map(Some)
-            .map_err(|message| StoreError::Corrupt {
-                credential: name.to_string(),
-                message: format!("key {}: {message}", self.inner.key(name)),
-            })
+            .map_err(|e| StoreError::unreadable(name, format!("key {}", self.inner.key(name)), e))
     }
 
     async fn compare_and_swap(
@@ -394,11 +391,10 @@ impl Store for EtcdStore {
                 })
             }
             Some((current, revision)) => {
-                let generation =
-                    Codec::generation(&current).map_err(|message| StoreError::Corrupt {
-                        credential: name.to_string(),
-                        message,
-                    })?;
+                let generation = Codec::generation(&current).map_err(|e| StoreError::Corrupt {
+                    credential: name.to_string(),
+                    message: e.to_string(),
+                })?;
                 if generation != expected {
                     return Ok(CasOutcome::Conflict {
                         current_generation: generation,

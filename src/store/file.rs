@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::codec::Codec;
+use super::codec::{Codec, CodecError};
 use super::{CasOutcome, Lease, Store, StoreError, StoreSignal, StoredState};
 
 /// File-backed store rooted at a directory.
@@ -189,11 +189,8 @@ impl Inner {
             })
     }
 
-    fn corrupt(&self, name: &str, message: String) -> StoreError {
-        StoreError::Corrupt {
-            credential: name.to_string(),
-            message: format!("{}: {message}", self.state_path(name).display()),
-        }
+    fn corrupt(&self, name: &str, e: CodecError) -> StoreError {
+        StoreError::unreadable(name, self.state_path(name).display(), e)
     }
 
     /// The store's generation: the greater of the state file's and the mark. The mark is
@@ -653,8 +650,8 @@ mod tests {
             assert!(signal.error.is_some_and(|e| e.contains("crm.generation")));
         }
         assert_eq!(
-            Codec::generation(&fs::read(dir.path().join("crm.json")).unwrap()),
-            Ok(2),
+            Codec::generation(&fs::read(dir.path().join("crm.json")).unwrap()).ok(),
+            Some(2),
             "nothing written over an unreadable mark"
         );
     }

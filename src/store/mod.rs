@@ -20,8 +20,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+pub use crate::config::IssuedTo;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::secret::Secret;
+use codec::CodecError;
 
 /// What is stored per credential. Generation 0 means "nothing stored yet".
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -75,13 +77,6 @@ pub struct InDoubt {
     /// The one retry the token is allowed has been made (or was about to be when the
     /// writer stopped): it is not presented again.
     pub retried: bool,
-}
-
-/// The token endpoint and client a refresh token belongs to (neither is secret).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct IssuedTo {
-    pub token_url: String,
-    pub client_id: String,
 }
 
 /// Where and when a credential was handed over.
@@ -200,6 +195,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A stored state that does not decode; `at` names where it was read.
+    pub fn unreadable(credential: &str, at: impl std::fmt::Display, e: CodecError) -> Self {
+        StoreError::Corrupt {
+            credential: credential.to_string(),
+            message: format!("{at}: {e}"),
+        }
+    }
+
     pub fn backend(op: &'static str, credential: &str, e: impl std::fmt::Display) -> Self {
         StoreError::Backend {
             op,

@@ -443,14 +443,11 @@ impl Store for RedisStore {
             .map_err(err("load", name))?;
         match data {
             None => Ok(None),
-            Some(bytes) => inner
-                .codec
-                .decode(name, &bytes)
-                .map(Some)
-                .map_err(|message| StoreError::Corrupt {
-                    credential: name.to_string(),
-                    message: format!("key {}: {message}", inner.key(name)),
-                }),
+            Some(bytes) => {
+                inner.codec.decode(name, &bytes).map(Some).map_err(|e| {
+                    StoreError::unreadable(name, format!("key {}", inner.key(name)), e)
+                })
+            }
         }
     }
 

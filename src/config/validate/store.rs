@@ -99,7 +99,7 @@ pub(super) fn validate_store(p: &mut Problems, raw: RawStore) -> StoreConfig {
         }
     };
     let encryption_key = raw.encryption_key_file.as_ref().and_then(|f| {
-        crate::store::crypto::read_key_file(f)
+        crate::keys::encryption::read_key_file(f)
             .map_err(|e| p.add("store.encryption_key_file", e))
             .ok()
     });

@@ -76,7 +76,7 @@ pub(super) fn validate_upstream(
             &at("header"),
             format!("{header:?} is not a valid header name"),
         );
-    } else if let Some(why) = crate::proxy::policy::unusable_credential_header(&header) {
+    } else if let Some(why) = crate::http_names::unusable_credential_header(&header) {
         p.add(&at("header"), format!("{header:?} {why}"));
     }
     let format = u.format.unwrap_or_else(|| "Bearer {token}".into());
@@ -86,7 +86,7 @@ pub(super) fn validate_upstream(
         p.add(&at("format"), "is not a valid header value");
     }
     if let Some(name) = &u.token_query_param {
-        if let Some(why) = crate::proxy::policy::unusable_query_param(name) {
+        if let Some(why) = crate::http_names::unusable_query_param(name) {
             p.add(&at("token_query_param"), format!("{name:?} {why}"));
         }
     } else if u.token_query_param_ignore_case {

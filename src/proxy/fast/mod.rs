@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use std::cell::Cell;
 
 use super::Upstream;
-use crate::server::RETIRE_GRACE;
+use crate::shutdown::RETIRE_GRACE;
 use deadline::Deadline;
 use head::{Parsed, RequestPlan, Rules};
 use pool::Pool;
@@ -53,7 +53,7 @@ const COALESCE_LIMIT: usize = 16 * 1024;
 pub struct FastPath {
     pool: Pool,
     /// The upstream's fixed target (templated upstreams never take the fast path).
-    target: super::target::Target,
+    target: crate::target::Target,
     /// Largest request body taken on the fast path.
     body_limit: u64,
 }
@@ -70,7 +70,7 @@ impl FastPath {
         }
         let port = url.port_or_known_default()?;
         Some(FastPath {
-            target: super::target::Target::of(url).ok()?,
+            target: crate::target::Target::of(url).ok()?,
             // Each app connection holds at most one upstream connection at a time.
             pool: Pool::new(
                 url.host_str()?,

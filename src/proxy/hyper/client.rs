@@ -17,7 +17,7 @@ pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamBody>;
 
 /// Builds the client of one upstream; `h2` false for the client that carries upgrades
 /// (WebSocket needs an HTTP/1.1 connection).
-pub fn build(config: &UpstreamConfig, h2: bool) -> Result<UpstreamClient, String> {
+pub fn build(config: &UpstreamConfig, h2: bool) -> Result<UpstreamClient, crate::tls::TlsError> {
     // hyper-rustls sets ALPN (h2, http/1.1) itself from the enabled protocols.
     let tls = crate::tls::client_config_with_cert(
         config.ca_file.as_deref(),

@@ -26,10 +26,10 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::outcome::ProxyError;
-use super::target::Target;
 use super::{note_acceptance, policy, Upstream};
 use crate::config::{InboundAuthorization, UpstreamConfig};
 use crate::inbound::{Rewind, Upgrading};
+use crate::target::Target;
 use body::{ResponseBody, UpstreamBody};
 use client::UpstreamClient;
 
@@ -45,7 +45,7 @@ pub struct General {
 }
 
 impl General {
-    pub fn new(config: &UpstreamConfig) -> Result<General, String> {
+    pub fn new(config: &UpstreamConfig) -> Result<General, crate::tls::TlsError> {
         Ok(General {
             client: client::build(config, true)?,
             upgrades: client::build(config, false)?,

@@ -5,6 +5,15 @@
 use http::uri::{Authority, Scheme};
 use url::Url;
 
+/// Why a url cannot be an upstream's base.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("bad scheme")]
+    Scheme,
+    #[error("bad upstream authority: {0}")]
+    Authority(String),
+}
+
 /// The resolved base of an upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -19,15 +28,15 @@ pub struct Target {
 
 impl Target {
     /// The target of an absolute http(s) URL (validated before: scheme, host).
-    pub fn of(url: &Url) -> Result<Target, String> {
-        let scheme: Scheme = url.scheme().parse().map_err(|_| "bad scheme")?;
+    pub fn of(url: &Url) -> Result<Target, TargetError> {
+        let scheme: Scheme = url.scheme().parse().map_err(|_| TargetError::Scheme)?;
         let host = url.host_str().unwrap_or_default();
         let authority: Authority = match url.port() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_string(),
         }
         .parse()
-        .map_err(|e| format!("bad upstream authority: {e}"))?;
+        .map_err(|e: http::uri::InvalidUri| TargetError::Authority(e.to_string()))?;
         let base_path = url.path().trim_end_matches('/').to_string();
         Ok(Target {
             upstream_prefix: format!("{scheme}://{authority}{base_path}"),

@@ -10,7 +10,8 @@ use std::time::SystemTime;
 /// What identifies one version of a file: a replaced file has a new inode or mtime.
 type Stamp = Option<(u64, u64, SystemTime, u64)>;
 
-type Loader<T> = dyn Fn() -> Result<T, String> + Send + Sync;
+/// Errors of later loads are only logged, so their type is erased.
+type Loader<T> = dyn Fn() -> Result<T, Box<dyn std::error::Error + Send + Sync>> + Send + Sync;
 
 /// A value parsed from files, parsed again when they change.
 pub struct Reloading<T> {
@@ -22,17 +23,17 @@ pub struct Reloading<T> {
 
 impl<T> Reloading<T> {
     /// Loads once (an error here is a configuration error); `what` names the value in logs.
-    pub fn new(
+    pub fn new<E: std::error::Error + Send + Sync + 'static>(
         what: impl Into<String>,
         paths: Vec<PathBuf>,
-        load: impl Fn() -> Result<T, String> + Send + Sync + 'static,
-    ) -> Result<Reloading<T>, String> {
+        load: impl Fn() -> Result<T, E> + Send + Sync + 'static,
+    ) -> Result<Reloading<T>, E> {
         let stamps = stamps(&paths);
         let value = load()?;
         Ok(Reloading {
             what: what.into(),
             paths,
-            load: Box::new(load),
+            load: Box::new(move || load().map_err(Into::into)),
             current: Mutex::new((stamps, Arc::new(value))),
         })
     }

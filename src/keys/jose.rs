@@ -16,8 +16,9 @@ use ring::signature::{self, KeyPair};
 use rustls::pki_types::PrivateKeyDer;
 use serde_json::{Map, Value};
 
-use crate::reload::Reloading;
+use super::fingerprint;
 use crate::secret::Secret;
+use crate::watched_files::Reloading;
 
 /// The client assertion type of RFC 7523 §2.2.
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -88,8 +89,20 @@ pub enum KeyError {
     ServiceAccount { path: String, reason: String },
 }
 
+/// A configured signing algorithm tokenrelay does not sign with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not supported; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"
+)]
+pub struct UnsupportedAlgorithm(pub String);
+
+/// Signing failed; jsonwebtoken's message describes the key kind, never key material.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot sign the assertion: {0}")]
+pub struct SignError(#[source] jsonwebtoken::errors::Error);
+
 /// Parses an algorithm name as configured.
-pub fn parse_alg(name: &str) -> Result<Algorithm, String> {
+pub fn parse_alg(name: &str) -> Result<Algorithm, UnsupportedAlgorithm> {
     use Algorithm::*;
     Ok(match name {
         "RS256" => RS256,
@@ -101,11 +114,7 @@ pub fn parse_alg(name: &str) -> Result<Algorithm, String> {
         "ES256" => ES256,
         "ES384" => ES384,
         "EdDSA" => EdDSA,
-        other => {
-            return Err(format!(
-            "{other:?} is not supported; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"
-        ))
-        }
+        other => return Err(UnsupportedAlgorithm(other.to_string())),
     })
 }
 
@@ -357,12 +366,10 @@ impl Signer {
         source: KeySource,
         alg: Option<Algorithm>,
         kid: Option<String>,
-    ) -> Result<Signer, String> {
+    ) -> Result<Signer, KeyError> {
         let path = source.path().to_path_buf();
         let what = format!("signing key {}", path.display());
-        let key = Reloading::new(what, vec![path], move || {
-            source.load(alg).map_err(|e| e.to_string())
-        })?;
+        let key = Reloading::new(what, vec![path], move || source.load(alg))?;
         Ok(Signer::Key { key, kid })
     }
 
@@ -371,7 +378,7 @@ impl Signer {
         &self,
         mut claims: Map<String, Value>,
         lifetime: Duration,
-    ) -> Result<Secret, String> {
+    ) -> Result<Secret, SignError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -394,8 +401,7 @@ impl Signer {
         };
         jsonwebtoken::encode(&header, &claims, &key)
             .map(Secret::new)
-            // jsonwebtoken's errors describe the key kind, never key material.
-            .map_err(|e| format!("cannot sign the assertion: {e}"))
+            .map_err(SignError)
     }
 }
 
@@ -414,13 +420,6 @@ fn to_pem(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
-}
-
-/// SHA-256 of a DER public key, as `sha256:<hex>`.
-pub fn fingerprint(spki: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, spki);
-    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
 }
 
 // SubjectPublicKeyInfo headers for keys whose public part has a fixed size.
