@@ -15,29 +15,24 @@
 //! - [`credential`]: the lock-free token cell, state, and the single-flight refresher.
 //! - [`store`]: durable shared state (`load`, CAS, lease, watch); file backend; encryption.
 //! - [`proxy`]: the forwarding path (headers, bodies, 401 retry, errors).
-//! - [`server`]: inbound listeners with limits and graceful drain; [`workers`]: the
-//!   extra listener threads.
-//! - [`admin`]: `/healthz`, `/readyz`, `/status`, `/metrics`; [`status_page`]: `GET /`.
+//! - [`server`]: inbound listeners with limits and graceful drain, the listener worker
+//!   threads, and the hyper plumbing of inbound connections.
 //! - [`metrics`]: the Prometheus families.
-//! - [`instance`]: the running credentials and listeners, and how a config (the first
-//!   or a reloaded one) is applied to them; [`config_reload`]: what asks for a reload;
-//!   `config_file`: reading the config file for a reload only once it is complete.
-//! - [`app`]: wiring and shutdown. [`commands`]: the CLI.
+//! - [`instance`]: the running process: its credentials and listeners and how a config
+//!   (the first or a reloaded one) is applied to them, what asks for a reload, the
+//!   admin listener (`/healthz`, `/readyz`, `/status`, `/metrics`, the status page),
+//!   and the wiring and shutdown of it all ([`instance::run`]).
+//! - [`commands`]: the CLI.
 //! - [`demo`]: the demo authorization server and API used by `tokenrelay demo` and tests.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod app;
 pub mod clock;
 pub mod commands;
 pub mod config;
-mod config_file;
-pub mod config_reload;
 pub mod credential;
 pub mod demo;
 pub mod http_names;
-pub mod inbound;
 pub mod instance;
 pub mod keys;
 pub mod logging;
@@ -47,9 +42,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
-pub mod status_page;
 pub mod store;
 pub mod target;
 pub mod tls;
 pub mod watched_files;
-pub mod workers;

@@ -315,7 +315,7 @@ impl UpstreamMetrics {
     /// Counts one answered request.
     pub fn count(&self, code: u16) {
         match self.by_code.get(code as usize) {
-            Some(slot) => slot
+            Some(cell) => cell
                 .get_or_init(|| {
                     self.requests
                         .with_label_values(&[&self.name, &code.to_string()])
@@ -333,7 +333,7 @@ impl UpstreamMetrics {
         self.by_code
             .iter()
             .enumerate()
-            .filter_map(|(code, slot)| slot.get().map(|c| (code as u16, c.get())))
+            .filter_map(|(code, cell)| cell.get().map(|c| (code as u16, c.get())))
             .filter(|(_, n)| *n > 0)
             .collect()
     }

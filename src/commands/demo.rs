@@ -71,7 +71,7 @@ upstreams:
     )
     .await?;
     let stop = crate::shutdown::signal();
-    crate::app::run(config, stop, |bound| {
+    crate::instance::run::run(config, stop, |bound| {
         let proxy = bound.upstreams["demo"];
         println!(
             "\ntokenrelay demo is running (Ctrl-C to stop).\n\

@@ -216,7 +216,7 @@ pub fn main(cli: Cli) -> ExitCode {
             let mut cfg = cfg;
             cfg.runtime.worker_threads = worker_threads.or(cfg.runtime.worker_threads);
             // One current-thread runtime here; app::run adds a thread with a runtime of
-            // its own per further worker (see crate::workers).
+            // its own per further worker (see crate::server::workers).
             let rt = match runtime(Some(1)) {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -224,12 +224,12 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let loader: crate::app::Loader = Arc::new(move |text| {
+            let loader: crate::instance::run::Loader = Arc::new(move |text| {
                 let mut c = Config::from_yaml(text, &|k| std::env::var(k).ok())?;
                 c.runtime.worker_threads = worker_threads.or(c.runtime.worker_threads);
                 Ok(c)
             });
-            let reloading = crate::app::ReloadOptions {
+            let reloading = crate::instance::run::ReloadOptions {
                 loader: Some(loader),
                 path: Some(config.config.clone()),
                 on_sighup: true,
@@ -237,7 +237,7 @@ pub fn main(cli: Cli) -> ExitCode {
             };
             let served = rt.block_on(async {
                 let stop = crate::shutdown::signal();
-                crate::app::run_with(cfg, reloading, stop, |_| {}).await
+                crate::instance::run::run_with(cfg, reloading, stop, |_| {}).await
             });
             match served {
                 Ok(()) => ExitCode::SUCCESS,

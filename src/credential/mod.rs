@@ -131,9 +131,9 @@ struct Facts {
 pub struct Credential {
     pub name: String,
     pub config: Arc<CredentialConfig>,
-    /// Header formats of the upstreams using this credential, indexed by format slot;
+    /// Header formats of the upstreams using this credential, indexed by format index;
     /// only ever appended to. Held while the cell is written, so every published token
-    /// has a header value for every slot handed out.
+    /// has a header value for every format handed out.
     formats: Mutex<Vec<String>>,
     /// Written only by the refresher; read lock-free by every request.
     cell: ArcSwapOption<ActiveToken>,
@@ -184,8 +184,8 @@ impl Credential {
     /// current token, if any, gets its value at once, with no token request.
     pub fn add_format(&self, format: &str) -> Result<usize, InvalidToken> {
         let mut formats = self.formats.lock().unwrap();
-        if let Some(slot) = formats.iter().position(|f| f == format) {
-            return Ok(slot);
+        if let Some(index) = formats.iter().position(|f| f == format) {
+            return Ok(index);
         }
         let mut more = formats.clone();
         more.push(format.to_string());
@@ -198,7 +198,7 @@ impl Credential {
 
     /// Index of `upstream`'s url template among this credential's (see
     /// [`ActiveToken::target`]); `None` for an upstream with a fixed url.
-    pub fn template_slot(&self, upstream: &str) -> Option<usize> {
+    pub fn template_index(&self, upstream: &str) -> Option<usize> {
         self.config
             .url_templates
             .iter()
@@ -215,7 +215,7 @@ impl Credential {
             .url_templates
             .iter()
             .enumerate()
-            .filter_map(|(slot, t)| Some((t.upstream.as_str(), token.target(slot).err()?)))
+            .filter_map(|(index, t)| Some((t.upstream.as_str(), token.target(index).err()?)))
             .collect()
     }
 
@@ -288,9 +288,9 @@ impl Credential {
 
     /// Logs where each templated upstream goes with `next`, when that changes.
     fn log_target_changes(&self, previous: Option<&ActiveToken>, next: &ActiveToken) {
-        for (slot, t) in self.config.url_templates.iter().enumerate() {
-            let before = previous.map(|p| p.target(slot).map(|t| t.upstream_prefix.clone()));
-            let after = next.target(slot).map(|t| t.upstream_prefix.clone());
+        for (index, t) in self.config.url_templates.iter().enumerate() {
+            let before = previous.map(|p| p.target(index).map(|t| t.upstream_prefix.clone()));
+            let after = next.target(index).map(|t| t.upstream_prefix.clone());
             if before.as_ref() == Some(&after) {
                 continue;
             }

@@ -171,12 +171,12 @@ impl Credential {
     }
 
     pub(super) fn demand(&self, d: Demand) {
-        let mut slot = self.demand.lock().unwrap();
-        *slot = Some(match *slot {
+        let mut demand = self.demand.lock().unwrap();
+        *demand = Some(match *demand {
             Some(pending) => pending.merged(d),
             None => d,
         });
-        drop(slot);
+        drop(demand);
         self.demand_notify.notify_one();
     }
 

@@ -91,8 +91,8 @@ impl Credential {
         let urls: serde_json::Map<String, serde_json::Value> = templates
             .iter()
             .enumerate()
-            .map(|(slot, t)| {
-                let (url, error) = match token.map(|tok| tok.target(slot)) {
+            .map(|(index, t)| {
+                let (url, error) = match token.map(|tok| tok.target(index)) {
                     Some(Ok(target)) => (Some(target.upstream_prefix.clone()), None),
                     Some(Err(e)) => (None, Some(e.to_string())),
                     None => (None, Some("no token yet".to_string())),

@@ -45,7 +45,7 @@ pub struct ActiveToken {
     /// Extra fields of the token answers kept with this token (`answer_fields`), e.g.
     /// Salesforce's `instance_url`. Not secret.
     pub fields: BTreeMap<String, String>,
-    /// The base of each upstream whose url is a template over `fields`, by the slot of
+    /// The base of each upstream whose url is a template over `fields`, by the index of
     /// the credential's `url_templates`, resolved when the token is published.
     targets: Box<[Result<Arc<Target>, Unresolved>]>,
 }
@@ -96,7 +96,7 @@ impl ActiveToken {
     }
 
     /// The same token with header values for `formats` (a superset of the formats it
-    /// was built for: slots already handed out keep their index).
+    /// was built for: formats already handed out keep their index).
     pub(crate) fn with_formats(&self, formats: &[String]) -> Result<ActiveToken, InvalidToken> {
         Ok(ActiveToken {
             generation: self.generation,
@@ -144,9 +144,9 @@ impl ActiveToken {
         self
     }
 
-    /// The base of the templated upstream in `slot`, or why there is none for this token.
-    pub fn target(&self, slot: usize) -> Result<&Arc<Target>, Unresolved> {
-        match self.targets.get(slot) {
+    /// The base of the templated upstream at template `index`, or why there is none for this token.
+    pub fn target(&self, index: usize) -> Result<&Arc<Target>, Unresolved> {
+        match self.targets.get(index) {
             Some(Ok(t)) => Ok(t),
             Some(Err(e)) => Err(e.clone()),
             None => Err(Unresolved::NotResolved),
@@ -166,14 +166,14 @@ impl ActiveToken {
         self.access_token.expose()
     }
 
-    /// The header value for format `slot`.
-    pub fn header(&self, slot: usize) -> HeaderValue {
-        self.headers[slot].clone()
+    /// The header value for format `index`.
+    pub fn header(&self, index: usize) -> HeaderValue {
+        self.headers[index].clone()
     }
 
-    /// The header value for format `slot`, as bytes.
-    pub fn header_bytes(&self, slot: usize) -> &[u8] {
-        self.headers[slot].as_bytes()
+    /// The header value for format `index`, as bytes.
+    pub fn header_bytes(&self, index: usize) -> &[u8] {
+        self.headers[index].as_bytes()
     }
 
     /// Records that the upstream accepted this token (any answer but 401). Read first so
@@ -235,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn a_format_added_later_keeps_the_old_slots_and_the_token_facts() {
+    fn a_format_added_later_keeps_the_old_indexes_and_the_token_facts() {
         let later = Some(crate::clock::wall_now() + Duration::from_secs(60));
         let t =
             ActiveToken::new(&Secret::new("abc"), &["Bearer {token}".into()], 7, later).unwrap();

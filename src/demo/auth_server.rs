@@ -1711,11 +1711,11 @@ fn authorize_endpoint(shared: &Shared, query: &str) -> Response<Body> {
              <p>Client <b>{client}</b> asks for access (scope: {scope}).</p>\n\
              <p>You will be sent back to <code>{redirect}</code>.</p>\n\
              <p><a href=\"{approve}\">Approve</a> &middot; <a href=\"{deny}\">Deny</a></p>",
-            client = crate::status_page::esc(&shared.opts.client_id),
-            scope = crate::status_page::esc(scope),
-            redirect = crate::status_page::esc(redirect.as_str()),
-            approve = crate::status_page::esc(&approve),
-            deny = crate::status_page::esc(&deny),
+            client = crate::instance::status_page::esc(&shared.opts.client_id),
+            scope = crate::instance::status_page::esc(scope),
+            redirect = crate::instance::status_page::esc(redirect.as_str()),
+            approve = crate::instance::status_page::esc(&approve),
+            deny = crate::instance::status_page::esc(&deny),
         ),
     )
 }

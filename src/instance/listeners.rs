@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UpstreamConfig;
 use crate::proxy::Upstream;
+use crate::server::workers::Workers;
 use crate::server::{Current, Slot};
-use crate::workers::Workers;
 
 /// How a listener is recognised across reloads.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,7 +35,7 @@ impl ListenerKey {
 
 /// A listening socket being served.
 pub struct RunningListener {
-    pub slot: Arc<Slot>,
+    pub slot: Arc<Slot<Upstream>>,
     /// Ends the accept loops; the slot's retire tokens are its children.
     stop: CancellationToken,
 }
@@ -80,7 +80,7 @@ impl RunningListener {
     pub fn start(
         bound: Bound,
         upstream: Arc<Upstream>,
-        workers: &Workers,
+        workers: &Workers<Upstream>,
         parent: &CancellationToken,
     ) -> RunningListener {
         let stop = parent.child_token();
@@ -113,9 +113,9 @@ impl RunningListener {
 /// counts) carries over from `previous` when its size is unchanged.
 fn serving(
     upstream: Arc<Upstream>,
-    previous: Option<&Current>,
+    previous: Option<&Current<Upstream>>,
     stop: &CancellationToken,
-) -> Current {
+) -> Current<Upstream> {
     let max = upstream.config.limits.max_connections;
     let permits = match previous {
         Some(p) if p.upstream.config.limits.max_connections == max => p.permits.clone(),

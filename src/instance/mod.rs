@@ -17,9 +17,14 @@
 //! - [`listeners`]: a listening socket and what it serves;
 //! - [`record`]: what a reload did, for the log, `/status` and `tokenrelay reload`.
 
+pub mod admin;
+pub mod config_file;
 mod credentials;
 mod listeners;
 pub mod record;
+pub mod reloads;
+pub mod run;
+pub mod status_page;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +40,7 @@ use crate::config::{Config, CredentialConfig, Grant, UpstreamConfig};
 use crate::credential::Credential;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
-use crate::workers::Workers;
+use crate::server::workers::Workers;
 use credentials::{Context, Prepared, RunningCredential};
 use listeners::{ListenerKey, RunningListener};
 use record::{Applied, Changes};
@@ -55,7 +60,7 @@ pub struct Instance {
     ctx: Context,
     credentials: BTreeMap<String, RunningCredential>,
     listeners: BTreeMap<ListenerKey, RunningListener>,
-    workers: Workers,
+    workers: Workers<Upstream>,
     /// Every connection (and accept loop) of every worker, for the drain at shutdown.
     connections: TaskTracker,
     stop_accepting: CancellationToken,

@@ -9,7 +9,7 @@ use serde::Serialize;
 /// What asked for a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Trigger {
+pub enum ReloadTrigger {
     /// `SIGHUP`.
     Signal,
     /// `tokenrelay reload` (`POST /reload` on the admin listener).
@@ -66,7 +66,7 @@ pub struct Applied {
 pub struct LastReload {
     #[serde(serialize_with = "rfc3339")]
     pub at: SystemTime,
-    pub trigger: Trigger,
+    pub trigger: ReloadTrigger,
     pub result: &'static str,
     /// Why the file was refused (names the setting; never a secret value).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -100,8 +100,8 @@ impl ConfigStatus {
     /// Records a reload's outcome.
     pub fn record(
         &mut self,
-        trigger: Trigger,
-        outcome: &Result<Applied, crate::config_reload::ReloadError>,
+        trigger: ReloadTrigger,
+        outcome: &Result<Applied, crate::instance::reloads::ReloadError>,
     ) {
         let at = SystemTime::now();
         self.last_reload = Some(match outcome {
@@ -139,7 +139,7 @@ mod tests {
     fn a_failed_reload_keeps_the_generation_and_says_why() {
         let mut s = ConfigStatus::new(None);
         let no_credential = crate::instance::ApplyError::NoCredential { name: "a".into() };
-        s.record(Trigger::Signal, &Err(no_credential.into()));
+        s.record(ReloadTrigger::Signal, &Err(no_credential.into()));
         assert_eq!(s.generation, 1);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["last_reload"]["result"], "failure");
@@ -155,7 +155,7 @@ mod tests {
             },
             restart_needed: vec!["admin"],
         };
-        s.record(Trigger::Watch, &Ok(applied));
+        s.record(ReloadTrigger::Watch, &Ok(applied));
         assert_eq!(s.generation, 2);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["last_reload"]["result"], "success");

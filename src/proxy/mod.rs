@@ -31,7 +31,7 @@ pub struct Upstream {
     pub listen: SocketAddr,
     pub credential: Arc<Credential>,
     /// Index of this upstream's header format in the credential's prebuilt values.
-    slot: usize,
+    format: usize,
     header_name: HeaderName,
     /// Where requests go.
     base: Base,
@@ -56,6 +56,26 @@ pub enum UpstreamSetupError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+impl crate::server::ServeConnection for Upstream {
+    /// Serves one app connection until it closes: the fast path where it applies, the
+    /// general path for the rest of the connection from the first request it declines.
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        local: SocketAddr,
+        peer: SocketAddr,
+        worker: usize,
+        shutdown: CancellationToken,
+    ) {
+        match fast::serve(self.clone(), stream, local, worker, shutdown.clone()).await {
+            fast::End::Closed => {}
+            fast::End::Handoff { stream, read } => {
+                hyper::serve(self, stream, read, local, peer, &shutdown).await
+            }
+        }
+    }
+}
+
 impl Upstream {
     /// Resolves an upstream's forwarding parameters and builds its clients.
     pub fn new(
@@ -66,19 +86,19 @@ impl Upstream {
         access_log: bool,
         workers: usize,
     ) -> Result<Upstream, UpstreamSetupError> {
-        let slot = credential
+        let format = credential
             .add_format(&config.format)
             .map_err(UpstreamSetupError::Format)?;
         let base = match &config.url {
             crate::config::UpstreamUrl::Fixed(url) => Base::Fixed(Target::of(url)?),
             crate::config::UpstreamUrl::Template(_) => Base::FromToken(
                 credential
-                    .template_slot(&config.name)
+                    .template_index(&config.name)
                     .ok_or(UpstreamSetupError::NoTemplate)?,
             ),
         };
         Ok(Upstream {
-            slot,
+            format,
             header_name: HeaderName::from_bytes(config.header.as_bytes())?,
             general: hyper::General::new(&config)?,
             fast: fast::FastPath::for_upstream(&config, workers),
@@ -100,7 +120,7 @@ impl Upstream {
     fn target<'a>(&'a self, token: &'a ActiveToken) -> Result<&'a Target, ProxyError> {
         match &self.base {
             Base::Fixed(t) => Ok(t),
-            Base::FromToken(slot) => token.target(*slot).map(|t| &**t).map_err(|e| {
+            Base::FromToken(index) => token.target(*index).map(|t| &**t).map_err(|e| {
                 if e.is_missing() {
                     ProxyError::NoUpstreamUrl(e)
                 } else {
@@ -151,25 +171,6 @@ impl Upstream {
         &self.recorder.metrics
     }
 
-    /// Serves one app connection until it closes: the fast path where it applies, the
-    /// general path for the rest of the connection from the first request it declines.
-    /// `worker` is the listener worker whose runtime serves it.
-    pub async fn serve_connection(
-        self: Arc<Self>,
-        stream: TcpStream,
-        local: SocketAddr,
-        peer: SocketAddr,
-        worker: usize,
-        shutdown: CancellationToken,
-    ) {
-        match fast::serve(self.clone(), stream, local, worker, shutdown.clone()).await {
-            fast::End::Closed => {}
-            fast::End::Handoff { stream, read } => {
-                hyper::serve(self, stream, read, local, peer, &shutdown).await
-            }
-        }
-    }
-
     /// The 401-retry decision, shared by both engines: after a 401 to `token`, a newer
     /// token to retry with, or `None` (the 401 goes to the app as it is).
     async fn token_after_401(&self, token: &ActiveToken) -> Option<Arc<ActiveToken>> {
@@ -208,7 +209,7 @@ enum Base {
     /// A fixed url, resolved at startup.
     Fixed(Target),
     /// A url template (`{token.instance_url}/...`): resolved by the credential for each
-    /// token it publishes, in this slot of its templates. Such upstreams always use the
+    /// token it publishes, at this index of its templates. Such upstreams always use the
     /// general engine, as the authority may change with any token.
     FromToken(usize),
 }

@@ -1,8 +1,11 @@
-//! Inbound listeners: the accept loop with its connection cap. Each accepted
-//! connection goes to the upstream's handler ([`crate::proxy::Upstream::serve_connection`])
-//! or, for the admin and demo listeners, to hyper ([`crate::inbound`]).
+//! Inbound listeners: the accept loop with its connection cap, the listener worker
+//! threads ([`workers`]), and the hyper plumbing of inbound connections ([`inbound`]).
+//! Each accepted connection goes to what the listener's [`Slot`] holds (an upstream,
+//! through [`ServeConnection`]) or, for the admin and demo listeners, to hyper.
 
+pub mod inbound;
 mod slot;
+pub mod workers;
 
 pub use slot::{Current, Slot};
 
@@ -19,15 +22,29 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::config::Limits;
-use crate::inbound::Rewind;
+use crate::server::inbound::Rewind;
+
+/// What serves the connections of an upstream listener, start to finish.
+pub trait ServeConnection: Send + Sync + 'static {
+    /// Serves one connection until it closes; `retire` asks it to finish the request
+    /// in flight and close; `worker` is the listener worker whose runtime serves it.
+    fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        local: SocketAddr,
+        peer: SocketAddr,
+        worker: usize,
+        retire: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
 
 /// Serves an upstream's listener until `stop`; connection tasks run on `tracker`, which
 /// the caller waits on to drain. Each connection is served by what `slot` holds when it
 /// is accepted, and drains once that is retired (a reload replaced it; see [`Slot`]).
 /// `worker` is the listener worker serving it.
-pub async fn serve_upstream(
+pub async fn serve_upstream<U: ServeConnection>(
     listener: TcpListener,
-    slot: Arc<Slot>,
+    slot: Arc<Slot<U>>,
     stop: CancellationToken,
     tracker: TaskTracker,
     worker: usize,
@@ -65,7 +82,7 @@ pub async fn serve<H, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = crate::inbound::builder(&limits);
+    let builder = crate::server::inbound::builder(&limits);
     let local = local_addr(&listener);
     let max = limits.max_connections;
     let conn_shutdown = shutdown.clone();
@@ -78,7 +95,8 @@ pub async fn serve<H, Fut, B>(
         );
         let io = Rewind::new(stream, Bytes::new());
         async move {
-            crate::inbound::serve(io, &builder, &limits, handler, local, peer, &shutdown).await
+            crate::server::inbound::serve(io, &builder, &limits, handler, local, peer, &shutdown)
+                .await
         }
     };
     let permits = Arc::new(Semaphore::new(max));

@@ -9,11 +9,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Upstream;
-
-/// One generation of a listener's settings.
-pub struct Current {
-    pub upstream: Arc<Upstream>,
+/// One generation of a listener's settings; `U` serves its connections (the proxy's
+/// upstream).
+pub struct Current<U> {
+    pub upstream: Arc<U>,
     /// The connection cap, shared by every worker accepting on the socket.
     pub permits: Arc<Semaphore>,
     /// Cancelled when this generation is replaced or the listener stops: its
@@ -22,24 +21,24 @@ pub struct Current {
 }
 
 /// The swappable settings of one listening socket.
-pub struct Slot {
-    current: ArcSwap<Current>,
+pub struct Slot<U> {
+    current: ArcSwap<Current<U>>,
 }
 
-impl Slot {
-    pub fn new(serving: Current) -> Slot {
+impl<U> Slot<U> {
+    pub fn new(serving: Current<U>) -> Slot<U> {
         Slot {
             current: ArcSwap::from_pointee(serving),
         }
     }
 
     /// The generation new connections get.
-    pub fn current(&self) -> Arc<Current> {
+    pub fn current(&self) -> Arc<Current<U>> {
         self.current.load_full()
     }
 
     /// Installs `next` for new connections and retires the generation it replaces.
-    pub fn replace(&self, next: Current) {
+    pub fn replace(&self, next: Current<U>) {
         let old = self.current.swap(Arc::new(next));
         old.retire.cancel();
     }

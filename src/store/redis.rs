@@ -181,8 +181,8 @@ impl Inner {
     }
 
     async fn conn(&self, op: &'static str, name: &str) -> Result<ConnectionManager, StoreError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
+        let mut cached = self.conn.lock().await;
+        if let Some(c) = cached.as_ref() {
             return Ok(c.clone());
         }
         let config = ConnectionManagerConfig::new()
@@ -197,8 +197,8 @@ impl Inner {
         .await
         .map_err(|_| StoreError::backend(op, name, "connecting to Redis timed out"))?
         .map_err(|e| StoreError::backend(op, name, describe(&e)))?;
-        *slot = Some(c.clone());
-        drop(slot);
+        *cached = Some(c.clone());
+        drop(cached);
         if !self.durability_checked.swap(true, Ordering::Relaxed) {
             let mut probe = c.clone();
             if let Some(warning) = Durability::read(&mut probe).await.warning() {

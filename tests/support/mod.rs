@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokenrelay::app::{self, Bound};
 use tokenrelay::config::Config;
+use tokenrelay::instance::run::{self as app, Bound};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

@@ -71,7 +71,7 @@ impl Conn<'_> {
         self.out
             .extend_from_slice(up.header_name.as_str().as_bytes());
         self.out.extend_from_slice(b": ");
-        self.out.extend_from_slice(token.header_bytes(up.slot));
+        self.out.extend_from_slice(token.header_bytes(up.format));
         self.out.extend_from_slice(b"\r\n\r\n");
         self.out
             .extend_from_slice(&self.inbuf[plan.head_len..plan.head_len + plan.body_len]);

@@ -28,7 +28,7 @@ use tracing::warn;
 use super::outcome::ProxyError;
 use super::{note_acceptance, policy, Upstream};
 use crate::config::{InboundAuthorization, UpstreamConfig};
-use crate::inbound::{Rewind, Upgrading};
+use crate::server::inbound::{Rewind, Upgrading};
 use crate::target::Target;
 use body::{ResponseBody, UpstreamBody};
 use client::UpstreamClient;
@@ -49,7 +49,7 @@ impl General {
         Ok(General {
             client: client::build(config, true)?,
             upgrades: client::build(config, false)?,
-            builder: crate::inbound::builder(&config.limits),
+            builder: crate::server::inbound::builder(&config.limits),
         })
     }
 }
@@ -84,7 +84,7 @@ pub async fn serve(
         }
     };
     let io = Rewind::new(stream, read);
-    crate::inbound::serve(
+    crate::server::inbound::serve(
         io,
         &up.general.builder,
         &up.config.limits,
@@ -268,7 +268,7 @@ async fn forward(
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = parts.headers;
     out.headers_mut()
-        .insert(up.header_name.clone(), token.header(up.slot));
+        .insert(up.header_name.clone(), token.header(up.format));
 
     let mut resp = send(up, out, &expired).await?;
     note_acceptance(&token, resp.status().as_u16());
@@ -296,7 +296,7 @@ async fn forward(
                     *again.headers_mut() = headers;
                     again
                         .headers_mut()
-                        .insert(up.header_name.clone(), fresh.header(up.slot));
+                        .insert(up.header_name.clone(), fresh.header(up.format));
                     resp = send(up, again, &expired).await?;
                     note_acceptance(&fresh, resp.status().as_u16());
                     up.retried(resp.status().as_u16());
@@ -377,7 +377,7 @@ async fn websocket_handshake(
         *req.uri_mut() = token_uri(up, &base, token)?;
         *req.headers_mut() = h.headers.clone();
         req.headers_mut()
-            .insert(up.header_name.clone(), token.header(up.slot));
+            .insert(up.header_name.clone(), token.header(up.format));
         Ok(req)
     };
     let never = AtomicBool::new(false);

@@ -16,8 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::inbound::Upgrading;
 use crate::proxy::Upstream;
+use crate::server::inbound::Upgrading;
 
 /// Waits for both upgrades, then carries bytes until the tunnel ends.
 pub async fn run(

@@ -15,32 +15,32 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::server::Slot;
+use crate::server::{ServeConnection, Slot};
 
 /// A listening socket to accept on until `stop`, serving what `slot` holds.
-struct Assignment {
+struct Assignment<U> {
     socket: std::net::TcpListener,
-    slot: Arc<Slot>,
+    slot: Arc<Slot<U>>,
     stop: CancellationToken,
 }
 
 /// All listener workers; [`Workers::stop`] ends the extra threads.
-pub struct Workers {
+pub struct Workers<U> {
     threads: Vec<JoinHandle<()>>,
-    assign: Vec<mpsc::UnboundedSender<Assignment>>,
+    assign: Vec<mpsc::UnboundedSender<Assignment<U>>>,
     stop: CancellationToken,
     tracker: TaskTracker,
 }
 
-impl Workers {
+impl<U: ServeConnection> Workers<U> {
     /// Starts workers 1..=`count` (worker 0 is the calling runtime); connections of
     /// every worker run on `tracker`.
-    pub fn start(count: usize, tracker: &TaskTracker) -> io::Result<Workers> {
+    pub fn start(count: usize, tracker: &TaskTracker) -> io::Result<Workers<U>> {
         let stop = CancellationToken::new();
         let mut threads = Vec::new();
         let mut assign = Vec::new();
         for index in 1..=count {
-            let (tx, mut rx) = mpsc::unbounded_channel::<Assignment>();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Assignment<U>>();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -78,7 +78,7 @@ impl Workers {
     pub fn serve(
         &self,
         sockets: Vec<std::net::TcpListener>,
-        slot: &Arc<Slot>,
+        slot: &Arc<Slot<U>>,
         stop: &CancellationToken,
     ) {
         let mut sockets = sockets.into_iter();
@@ -120,7 +120,7 @@ impl Workers {
 }
 
 /// Starts worker `index`'s accept loop for `a` on the current runtime.
-fn accept(a: Assignment, tracker: &TaskTracker, index: usize) {
+fn accept<U: ServeConnection>(a: Assignment<U>, tracker: &TaskTracker, index: usize) {
     match TcpListener::from_std(a.socket) {
         Ok(socket) => {
             // Tracked with the connections, so the drain also waits for the loop to end.

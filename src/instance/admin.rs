@@ -10,8 +10,8 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::sync::mpsc;
 
-use crate::config_reload::ReloadRequest;
-use crate::instance::record::{ConfigStatus, Trigger};
+use crate::instance::record::{ConfigStatus, ReloadTrigger};
+use crate::instance::reloads::ReloadRequest;
 use crate::instance::{StoreInfo, View};
 use crate::metrics::Metrics;
 
@@ -39,7 +39,7 @@ impl Admin {
             "/readyz" => self.readyz(),
             "/status" => json(StatusCode::OK, &self.status()),
             "/metrics" => self.metrics(),
-            "/" => html(&crate::status_page::render(&self.status())),
+            "/" => html(&crate::instance::status_page::render(&self.status())),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /status, /metrics, /healthz, /readyz\n",
@@ -59,14 +59,14 @@ impl Admin {
         if req.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
         }
-        let peer = req.extensions().get::<crate::inbound::Peer>();
-        if !peer.is_some_and(crate::inbound::Peer::is_loopback) {
+        let peer = req.extensions().get::<crate::server::inbound::Peer>();
+        if !peer.is_some_and(crate::server::inbound::Peer::is_loopback) {
             return text(
                 StatusCode::FORBIDDEN,
                 "reload is allowed from loopback addresses only\n",
             );
         }
-        let (request, outcome) = ReloadRequest::awaited(Trigger::Admin);
+        let (request, outcome) = ReloadRequest::awaited(ReloadTrigger::Admin);
         if self.reloads.send(request).await.is_err() {
             return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
         }
@@ -221,7 +221,7 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config_reload::ReloadError;
+    use crate::instance::reloads::ReloadError;
     use crate::instance::ApplyError;
 
     fn admin() -> (Admin, mpsc::Receiver<ReloadRequest>) {
@@ -239,7 +239,7 @@ mod tests {
     fn post_reload(peer: &str) -> Request<()> {
         let mut req = Request::post("/reload").body(()).unwrap();
         req.extensions_mut()
-            .insert(crate::inbound::Peer(peer.parse().unwrap()));
+            .insert(crate::server::inbound::Peer(peer.parse().unwrap()));
         req
     }
 
@@ -290,7 +290,7 @@ mod tests {
         let (admin, mut rx) = admin();
         let answer = tokio::spawn(async move {
             let request = rx.recv().await.unwrap();
-            assert_eq!(request.trigger, Trigger::Admin);
+            assert_eq!(request.trigger, ReloadTrigger::Admin);
             request.answer(Err(ApplyError::NoCredential { name: "a".into() }.into()));
         });
         let r = admin.handle(post_reload("127.0.0.1:5000")).await;

@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
-use crate::admin::Admin;
 use crate::config::units::{ByteSize, HumanDuration};
 use crate::config::{Config, ConfigError, Limits};
-use crate::config_file::ConfigFile;
-use crate::config_reload::{ReloadError, ReloadRequest, Reloads};
-use crate::instance::record::{ConfigStatus, Trigger};
+use crate::instance::admin::Admin;
+use crate::instance::config_file::ConfigFile;
+use crate::instance::record::{ConfigStatus, ReloadTrigger};
+use crate::instance::reloads::{ReloadError, ReloadRequest, Reloads};
 use crate::instance::Instance;
 use crate::metrics::Metrics;
 
@@ -146,7 +146,7 @@ async fn reload(
     instance: &mut Instance,
     file: &ConfigFile,
     loader: &Loader,
-    trigger: Trigger,
+    trigger: ReloadTrigger,
 ) -> Result<crate::instance::record::Applied, ReloadError> {
     info!(?trigger, "reloading the config");
     let outcome = match file.read_complete(RELOAD_SETTLE, RELOAD_MAX_WAIT).await {

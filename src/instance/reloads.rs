@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config_file::ConfigFile;
-use crate::instance::record::{Applied, Trigger};
+use crate::instance::config_file::ConfigFile;
+use crate::instance::record::{Applied, ReloadTrigger};
 
 /// How long the watcher waits for a changed file to be complete before looking again.
 const WATCH_MAX_WAIT: Duration = Duration::from_secs(30);
@@ -22,7 +22,7 @@ pub enum ReloadError {
     #[error("this instance was not started from a config file")]
     NoConfigFile,
     #[error("{0}; nothing changed")]
-    Unreadable(#[source] crate::config_file::ReadError),
+    Unreadable(#[source] crate::instance::config_file::ReadError),
     #[error("the new config is invalid; nothing changed:\n{0}")]
     Invalid(#[source] crate::config::ConfigError),
     #[error(transparent)]
@@ -31,14 +31,14 @@ pub enum ReloadError {
 
 /// One reload request; `reply` hears the outcome when someone waits for it.
 pub struct ReloadRequest {
-    pub trigger: Trigger,
+    pub trigger: ReloadTrigger,
     reply: Option<oneshot::Sender<Result<Applied, ReloadError>>>,
 }
 
 impl ReloadRequest {
     /// A request whose outcome the caller awaits on the returned receiver.
     pub fn awaited(
-        trigger: Trigger,
+        trigger: ReloadTrigger,
     ) -> (
         ReloadRequest,
         oneshot::Receiver<Result<Applied, ReloadError>>,
@@ -84,7 +84,7 @@ impl Reloads {
                 }
                 info!("SIGHUP received");
                 let request = ReloadRequest {
-                    trigger: Trigger::Signal,
+                    trigger: ReloadTrigger::Signal,
                     reply: None,
                 };
                 if tx.send(request).await.is_err() {
@@ -133,7 +133,7 @@ impl Reloads {
                 last = Some(now);
                 info!(path = %file.path().display(), "config file changed");
                 let request = ReloadRequest {
-                    trigger: Trigger::Watch,
+                    trigger: ReloadTrigger::Watch,
                     reply: None,
                 };
                 if tx.send(request).await.is_err() {
