@@ -14,8 +14,8 @@ use super::pool::UpstreamConn;
 use super::{Conn, COALESCE_LIMIT, HELD_401_LIMIT, MAX_RESPONSE_HEAD};
 use crate::credential::ActiveToken;
 use crate::metrics::UpstreamErrorKind;
-use crate::proxy::note_acceptance;
 use crate::proxy::outcome::ProxyError;
+use crate::proxy::policy::retry;
 
 /// An exchange that could not be completed; what the app gets depends on whether the
 /// response head had been sent.
@@ -24,6 +24,47 @@ enum Failed {
     Before(ProxyError),
     /// The app's connection is unusable (response cut short, app gone).
     After,
+}
+
+/// The fast path's side of the 401 sequence: the request is in `conn.out` up to
+/// `auth_at`, and the credential header and body are appended for each token.
+struct Resend<'r, 'c> {
+    conn: &'r mut Conn<'c>,
+    plan: &'r RequestPlan,
+    auth_at: usize,
+    /// Where the held 401's body ends in its connection's buffer.
+    held_end: usize,
+}
+
+impl retry::Resend for Resend<'_, '_> {
+    type Answer = (UpstreamConn, ResponseHead);
+
+    fn status((_, resp): &Self::Answer) -> u16 {
+        resp.status
+    }
+
+    async fn send(&mut self, token: &ActiveToken) -> Result<Self::Answer, ProxyError> {
+        self.conn.add_credential(token, self.plan, self.auth_at);
+        self.conn.send(self.plan).await
+    }
+
+    async fn hold(&mut self, (conn, resp): &mut Self::Answer) -> bool {
+        // The 401's body is held whole, unless it is too large to wait with.
+        match self.conn.hold_body(conn, resp).await {
+            Ok(Some(end)) => {
+                self.held_end = end;
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+
+    fn discard(&mut self, (conn, resp): Self::Answer) {
+        if resp.reusable && self.held_end == conn.buf.len() && !self.plan.close_upstream {
+            let worker = self.conn.worker;
+            self.conn.fast.pool.checkin(worker, conn, resp.keep_alive);
+        }
+    }
 }
 
 impl Conn<'_> {
@@ -41,22 +82,16 @@ impl Conn<'_> {
             }
         };
         let auth_at = self.out.len();
-        self.add_credential(&token, plan, auth_at);
-        let (mut conn, mut resp) = match self.send(plan).await {
+        let mut request = Resend {
+            conn: &mut *self,
+            plan,
+            auth_at,
+            held_end: 0,
+        };
+        let ((conn, resp), _) = match retry::send_with_retry(up, &mut request, token).await {
             Ok(r) => r,
             Err(e) => return self.refuse(e, plan, started).await,
         };
-        note_acceptance(&token, resp.status);
-
-        if resp.status == 401 && up.config.retry_on_401 {
-            match self
-                .retry_after_401(&token, plan, auth_at, conn, resp)
-                .await
-            {
-                Ok(r) => (conn, resp) = r,
-                Err(e) => return self.refuse(e, plan, started).await,
-            }
-        }
         match self.relay(conn, resp, plan, started).await {
             Ok(keep_open) => keep_open,
             Err(Failed::Before(e)) => self.refuse(e, plan, started).await,
@@ -75,38 +110,6 @@ impl Conn<'_> {
         self.out.extend_from_slice(b"\r\n\r\n");
         self.out
             .extend_from_slice(&self.inbuf[plan.head_len..plan.head_len + plan.body_len]);
-    }
-
-    /// After a 401: a newer token and the request sent again, or the 401 itself when no
-    /// newer token comes (or its body is too large to hold while waiting).
-    async fn retry_after_401(
-        &mut self,
-        token: &ActiveToken,
-        plan: &RequestPlan,
-        auth_at: usize,
-        mut conn: UpstreamConn,
-        resp: ResponseHead,
-    ) -> Result<(UpstreamConn, ResponseHead), ProxyError> {
-        let up = self.up;
-        let held_end = match self.hold_body(&mut conn, &resp).await {
-            Ok(Some(end)) => end,
-            // The 401's own body is too large to hold while waiting for a new token.
-            Ok(None) | Err(_) => {
-                up.pass_401_through(token.generation);
-                return Ok((conn, resp));
-            }
-        };
-        let Some(fresh) = up.token_after_401(token).await else {
-            return Ok((conn, resp));
-        };
-        if resp.reusable && held_end == conn.buf.len() && !plan.close_upstream {
-            self.fast.pool.checkin(self.worker, conn, resp.keep_alive);
-        }
-        self.add_credential(&fresh, plan, auth_at);
-        let (conn, resp) = self.send(plan).await?;
-        note_acceptance(&fresh, resp.status);
-        up.retried(resp.status);
-        Ok((conn, resp))
     }
 
     /// Reads a response's whole body into `conn.buf` if it fits in [`HELD_401_LIMIT`]:

@@ -26,7 +26,8 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::outcome::ProxyError;
-use super::{note_acceptance, policy, Upstream};
+use super::policy::retry;
+use super::{policy, Upstream};
 use crate::config::{InboundAuthorization, UpstreamConfig};
 use crate::server::inbound::{Rewind, Upgrading};
 use crate::target::Target;
@@ -190,8 +191,7 @@ async fn forward(
     policy::strip_hop_by_hop(headers);
     policy::collapse_content_length(headers);
     policy::drop_answered_expectation(headers);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(&up.header_name);
+    policy::strip_app_credentials(headers, &up.header_name);
     // The client derives Host (HTTP/1.1) or :authority (HTTP/2) from the URI.
     headers.remove(header::HOST);
     if policy::closes_after(parts.method.as_str()) {
@@ -261,65 +261,95 @@ async fn forward(
         UpstreamBody::Full(b) if retry => Some((parts.headers.clone(), b.clone())),
         _ => None,
     };
-
-    let mut out = Request::new(body);
-    *out.method_mut() = parts.method.clone();
-    *out.uri_mut() = token_uri(up, &base_uri, &token)?;
-    *out.version_mut() = Version::HTTP_11;
-    *out.headers_mut() = parts.headers;
-    out.headers_mut()
-        .insert(up.header_name.clone(), token.header(up.format));
-
-    let mut resp = send(up, out, &expired).await?;
-    note_acceptance(&token, resp.status().as_u16());
-    // The newer token of a retry, whose target answered then (for redirect rewriting).
-    let mut retried_with = None;
-
-    if resp.status() == StatusCode::UNAUTHORIZED && retry {
-        match replay {
-            Some((headers, body)) => {
-                if let Some(fresh) = up.token_after_401(&token).await {
-                    drop(resp);
-                    // A templated upstream may have moved with the new token.
-                    let base_uri = match up.fixed_target() {
-                        Some(_) => base_uri,
-                        None => upstream_uri(
-                            up.target(&fresh)?,
-                            &parts.method,
-                            parts.uri.path_and_query(),
-                        )?,
-                    };
-                    let mut again = Request::new(UpstreamBody::Full(body));
-                    *again.method_mut() = parts.method;
-                    *again.uri_mut() = token_uri(up, &base_uri, &fresh)?;
-                    *again.version_mut() = Version::HTTP_11;
-                    *again.headers_mut() = headers;
-                    again
-                        .headers_mut()
-                        .insert(up.header_name.clone(), fresh.header(up.format));
-                    resp = send(up, again, &expired).await?;
-                    note_acceptance(&fresh, resp.status().as_u16());
-                    up.retried(resp.status().as_u16());
-                    retried_with = Some(fresh);
-                }
-            }
-            // Body too large to replay.
-            None => up.pass_401_through(token.generation),
-        }
-    }
+    let path = parts.uri.path_and_query().cloned();
+    let mut request = Resend {
+        up,
+        client: &up.general.client,
+        method: parts.method,
+        base_uri,
+        path,
+        first: Some((parts.headers, body)),
+        replay,
+        expired: &expired,
+    };
+    let (resp, token) = retry::send_with_retry(up, &mut request, token).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return Err(ProxyError::Upstream(
             crate::metrics::UpstreamErrorKind::Other,
             "unexpected 101 Switching Protocols".into(),
         ));
     }
-    let answered = retried_with.as_deref().unwrap_or(&token);
-    let mut resp = filter_response(up, answered, resp, inbound_host.as_ref(), local);
+    let mut resp = filter_response(up, &token, resp, inbound_host.as_ref(), local);
     if keep_alive_10 {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     }
     Ok(resp)
+}
+
+/// The general engine's side of the 401 sequence: the request's parts, sent first as
+/// the app gave them and again from `replay` (headers and held body) with a newer token.
+struct Resend<'a> {
+    up: &'a Upstream,
+    client: &'a UpstreamClient,
+    method: Method,
+    /// The URI (without a query token) for the first token.
+    base_uri: Uri,
+    /// The app's target, for a templated upstream's URI under another token.
+    path: Option<PathAndQuery>,
+    /// The first request's headers and body (streamed when it is not held).
+    first: Option<(http::HeaderMap, UpstreamBody)>,
+    /// What a retry sends: `None` when the body could not be held.
+    replay: Option<(http::HeaderMap, Option<Bytes>)>,
+    expired: &'a AtomicBool,
+}
+
+impl retry::Resend for Resend<'_> {
+    type Answer = Response<Incoming>;
+
+    fn status(answer: &Self::Answer) -> u16 {
+        answer.status().as_u16()
+    }
+
+    async fn send(
+        &mut self,
+        token: &crate::credential::ActiveToken,
+    ) -> Result<Self::Answer, ProxyError> {
+        let up = self.up;
+        let (headers, body, base) = match (self.first.take(), &self.replay) {
+            (Some((headers, body)), _) => (headers, body, self.base_uri.clone()),
+            (None, Some((headers, body))) => {
+                // A templated upstream may have moved with the new token.
+                let base = match up.fixed_target() {
+                    Some(_) => self.base_uri.clone(),
+                    None => upstream_uri(up.target(token)?, &self.method, self.path.as_ref())?,
+                };
+                (headers.clone(), UpstreamBody::Full(body.clone()), base)
+            }
+            // `hold` said no, so no retry is sent.
+            (None, None) => {
+                return Err(ProxyError::BadTarget(
+                    "the request cannot be sent again".into(),
+                ))
+            }
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = token_uri(up, &base, token)?;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        req.headers_mut()
+            .insert(up.header_name.clone(), token.header(up.format));
+        send_on(up, self.client, req, self.expired).await
+    }
+
+    async fn hold(&mut self, _: &mut Self::Answer) -> bool {
+        self.replay.is_some()
+    }
+
+    fn discard(&mut self, answer: Self::Answer) {
+        drop(answer);
+    }
 }
 
 /// `uri` as sent with `token`: with the token as the upstream's `token_query_param`
@@ -367,35 +397,22 @@ async fn websocket_handshake(
     held: Option<Upgrading>,
     ctx: &ConnCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let request = |token: &crate::credential::ActiveToken| -> Result<_, ProxyError> {
-        let mut req = Request::new(UpstreamBody::Full(None));
-        *req.method_mut() = h.method.clone();
-        let base = match up.fixed_target() {
-            Some(_) => h.uri.clone(),
-            None => upstream_uri(up.target(token)?, &h.method, h.path.as_ref())?,
-        };
-        *req.uri_mut() = token_uri(up, &base, token)?;
-        *req.headers_mut() = h.headers.clone();
-        req.headers_mut()
-            .insert(up.header_name.clone(), token.header(up.format));
-        Ok(req)
-    };
     let never = AtomicBool::new(false);
-    let mut resp = send_on(up, &up.general.upgrades, request(&token)?, &never).await?;
-    note_acceptance(&token, resp.status().as_u16());
-    let mut retried_with = None;
-    if resp.status() == StatusCode::UNAUTHORIZED && up.config.retry_on_401 {
-        if let Some(fresh) = up.token_after_401(&token).await {
-            resp = send_on(up, &up.general.upgrades, request(&fresh)?, &never).await?;
-            note_acceptance(&fresh, resp.status().as_u16());
-            up.retried(resp.status().as_u16());
-            retried_with = Some(fresh);
-        }
-    }
+    let mut request = Resend {
+        up,
+        client: &up.general.upgrades,
+        method: h.method,
+        base_uri: h.uri,
+        path: h.path,
+        first: None,
+        replay: Some((h.headers, None)),
+        expired: &never,
+    };
+    let (mut resp, token) = retry::send_with_retry(up, &mut request, token).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(filter_response(
             up,
-            retried_with.as_deref().unwrap_or(&token),
+            &token,
             resp,
             h.inbound_host.as_ref(),
             h.local,
@@ -422,14 +439,6 @@ async fn websocket_handshake(
         ctx.shutdown.clone(),
     ));
     Ok(Response::from_parts(parts, Either::Right(Full::default())))
-}
-
-async fn send(
-    up: &Upstream,
-    req: Request<UpstreamBody>,
-    body_expired: &AtomicBool,
-) -> Result<Response<Incoming>, ProxyError> {
-    send_on(up, &up.general.client, req, body_expired).await
 }
 
 async fn send_on(

@@ -114,11 +114,9 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
                     None => body_len = Some(n),
                 }
             }
-            13 if name.eq_ignore_ascii_case("authorization") => {
-                if rules.reject_authorization {
-                    return Parsed::Declined;
-                }
-                continue;
+            // The general engine refuses it.
+            13 if rules.reject_authorization && name.eq_ignore_ascii_case("authorization") => {
+                return Parsed::Declined;
             }
             _ => {}
         }
@@ -138,7 +136,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         if name.eq_ignore_ascii_case("upgrade") && policy::lists_websocket(h.value) {
             return Parsed::Declined;
         }
-        if policy::is_hop_by_hop(name) || name.eq_ignore_ascii_case(rules.credential_header) {
+        if policy::is_hop_by_hop(name) || policy::is_app_credential(name, rules.credential_header) {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
