@@ -32,3 +32,22 @@ pub fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
         .timeout(timeout)
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unspecified_listen_address_is_reached_on_loopback() {
+        for (listen, reached) in [
+            ("0.0.0.0:9901", "127.0.0.1:9901"),
+            ("[::]:9901", "[::1]:9901"),
+            ("127.0.0.2:9901", "127.0.0.2:9901"),
+            ("[::1]:9901", "[::1]:9901"),
+            ("10.0.0.5:9901", "10.0.0.5:9901"),
+        ] {
+            let listen: SocketAddr = listen.parse().unwrap();
+            assert_eq!(loopback(listen).to_string(), reached, "{listen}");
+        }
+    }
+}

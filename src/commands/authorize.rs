@@ -225,3 +225,48 @@ fn callback_result<B>(
         _ => Some(Err(CallbackError::NoCode)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn callback(uri: &str) -> Option<Result<String, String>> {
+        let req = http::Request::get(uri).body(()).unwrap();
+        callback_result(&req, "/callback", "st4te").map(|r| r.map_err(|e| e.to_string()))
+    }
+
+    /// Each kind of callback, and what `authorize` makes of it.
+    #[test]
+    fn callbacks_are_told_apart() {
+        let ok = |code: &str| Some(Ok(code.to_string()));
+        let err = |why: &str| Some(Err(why.to_string()));
+        for (uri, expected) in [
+            ("/callback?code=abc&state=st4te", ok("abc")),
+            ("/favicon.ico", None),
+            ("/callback/other?code=abc&state=st4te", None),
+            (
+                "/callback?error=access_denied&error_description=User%20said%20no&state=st4te",
+                err("the provider answered access_denied: User said no"),
+            ),
+            (
+                "/callback?error=server_error",
+                err("the provider answered server_error"),
+            ),
+            (
+                "/callback?code=abc&state=forged",
+                err("the callback's state does not match (stale or forged request)"),
+            ),
+            (
+                "/callback?code=abc",
+                err("the callback's state does not match (stale or forged request)"),
+            ),
+            (
+                "/callback?code=&state=st4te",
+                err("the callback carries no code"),
+            ),
+            ("/callback?state=st4te", err("the callback carries no code")),
+        ] {
+            assert_eq!(callback(uri), expected, "{uri}");
+        }
+    }
+}

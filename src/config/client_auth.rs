@@ -474,3 +474,68 @@ pub(super) fn jwt_bearer(
         lifetime,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{ClientAuth, Config};
+
+    fn credential(extra: &str) -> Result<Config, String> {
+        let yaml = format!(
+            "credentials:\n  crm:\n    grant: client_credentials\n    token_url: https://auth.example.com/token\n    client_id: app\n{extra}upstreams:\n  crm:\n    listen: 127.0.0.1:18081\n    url: https://api.example.com\n    credential: crm\n"
+        );
+        Config::from_yaml(&yaml, &|_| None).map_err(|e| e.to_string())
+    }
+
+    /// Each `client_auth` spelling, with the secret it needs (or must not have): the
+    /// method chosen, or the error naming the key.
+    #[test]
+    fn methods_and_the_secrets_they_need() {
+        let secret = "    client_secret: s3cret\n";
+        for (name, with_secret, expected) in [
+            (None, true, Ok(ClientAuth::RequestBody)),
+            (Some("request_body"), true, Ok(ClientAuth::RequestBody)),
+            (Some("client_secret_post"), true, Ok(ClientAuth::RequestBody)),
+            (Some("basic"), true, Ok(ClientAuth::Basic)),
+            (Some("client_secret_basic"), true, Ok(ClientAuth::Basic)),
+            (Some("client_secret_jwt"), true, Ok(ClientAuth::ClientSecretJwt)),
+            (
+                Some("basic"),
+                false,
+                Err("credentials.crm.client_auth: basic needs client_secret or client_secret_file"),
+            ),
+            (
+                Some("client_secret_jwt"),
+                false,
+                Err("credentials.crm.client_auth: client_secret_jwt needs client_secret or client_secret_file"),
+            ),
+            (
+                Some("tls_client_auth"),
+                true,
+                Err("credentials.crm.client_secret: is not used with client_auth tls_client_auth; remove it"),
+            ),
+            (
+                Some("private_key_jwt"),
+                true,
+                Err("credentials.crm.client_secret: is not used with client_auth private_key_jwt; remove it"),
+            ),
+            (
+                Some("digest"),
+                true,
+                Err("credentials.crm.client_auth: must be request_body (or client_secret_post)"),
+            ),
+        ] {
+            let extra = format!(
+                "{}{}",
+                name.map(|n| format!("    client_auth: {n}\n"))
+                    .unwrap_or_default(),
+                if with_secret { secret } else { "" }
+            );
+            let got = credential(&extra).map(|c| c.credentials["crm"].client_auth);
+            match (got, expected) {
+                (Ok(method), Ok(want)) => assert_eq!(method, want, "{name:?}"),
+                (Err(e), Err(want)) => assert!(e.contains(want), "{name:?}: {e}"),
+                (got, want) => panic!("{name:?}: got {got:?}, expected {want:?}"),
+            }
+        }
+    }
+}

@@ -158,3 +158,58 @@ async fn accept_loop<P, F, Fut>(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::units::{ByteSize, HumanDuration};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    async fn answer(conn: &mut TcpStream) -> String {
+        let mut buf = vec![0u8; 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// At most `max_connections` are served at once: a further one waits in the
+    /// backlog until one closes, and is served then. Stopping ends the loop.
+    #[tokio::test]
+    async fn the_connection_cap_holds_back_the_next_until_one_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 1,
+            header_read_timeout: HumanDuration(Duration::from_secs(30)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            max_header_size: ByteSize(16 * 1024),
+        };
+        let handler = |_req: http::Request<hyper::body::Incoming>, _local| async {
+            http::Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")))
+        };
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let server = tokio::spawn(serve(listener, limits, handler, stop.clone(), tracker));
+
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(REQUEST).await.unwrap();
+        assert!(answer(&mut first).await.starts_with("HTTP/1.1 200"));
+
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second.write_all(REQUEST).await.unwrap();
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut byte));
+        assert!(early.await.is_err(), "served beyond the cap");
+
+        drop(first);
+        let late = tokio::time::timeout(Duration::from_secs(10), answer(&mut second));
+        assert!(late.await.unwrap().starts_with("HTTP/1.1 200"));
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the accept loop ends on stop")
+            .unwrap();
+    }
+}

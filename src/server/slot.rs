@@ -43,3 +43,31 @@ impl<U> Slot<U> {
         old.retire.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(name: &'static str, max: usize) -> Current<&'static str> {
+        Current {
+            upstream: Arc::new(name),
+            permits: Arc::new(Semaphore::new(max)),
+            retire: CancellationToken::new(),
+        }
+    }
+
+    /// New connections get the replacement; the replaced generation is told to retire
+    /// (its connections drain), and the replacement is not.
+    #[test]
+    fn a_replacement_serves_new_connections_and_retires_the_old() {
+        let slot = Slot::new(generation("first", 4));
+        let first = slot.current();
+        assert_eq!(*first.upstream, "first");
+        slot.replace(generation("second", 2));
+        assert!(first.retire.is_cancelled());
+        let second = slot.current();
+        assert_eq!(*second.upstream, "second");
+        assert_eq!(second.permits.available_permits(), 2);
+        assert!(!second.retire.is_cancelled());
+    }
+}

@@ -65,3 +65,31 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The bytes read ahead come first, in pieces as small as the reader asks for, then
+    /// the socket's; writes go straight to the socket.
+    #[tokio::test]
+    async fn replays_what_was_read_ahead_then_reads_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut client = client.unwrap();
+        let mut rewind = Rewind::new(accepted.unwrap().0, Bytes::from_static(b"GET / HT"));
+        client.write_all(b"TP/1.1\r\n").await.unwrap();
+        let mut small = [0u8; 3];
+        rewind.read_exact(&mut small).await.unwrap();
+        assert_eq!(&small, b"GET");
+        let mut rest = [0u8; 13];
+        rewind.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b" / HTTP/1.1\r\n");
+        rewind.write_all(b"pong").await.unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"pong");
+    }
+}
