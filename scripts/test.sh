@@ -41,11 +41,15 @@ step() {
 }
 
 step "cargo fmt --check" cargo fmt --all -- --check
-step "cargo clippy --all-targets --features etcd -- -D warnings" \
-  cargo clippy --all-targets --locked --features etcd -- -D warnings
+# --workspace: crates/testkit (the demo servers) too.
+step "cargo clippy --workspace --all-targets --features etcd -- -D warnings" \
+  cargo clippy --workspace --all-targets --locked --features etcd -- -D warnings
+# The binary without the default `demo` feature (no `tokenrelay demo`, no crates/testkit).
+step "cargo clippy --no-default-features -- -D warnings" \
+  cargo clippy --locked --no-default-features -- -D warnings
 # --no-fail-fast: one failing test target never hides the others.
 step "cargo test" env TOKENRELAY_REQUIRE_TOOLS=1 \
-  cargo test --locked --all-targets --features etcd --no-fail-fast -- --test-threads=2
+  cargo test --locked --workspace --all-targets --features etcd --no-fail-fast -- --test-threads=2
 if [ -z "${SKIP_PACKAGING:-}" ] && [ -x scripts/test-packaging.sh ]; then
   step "packaging tests" sh -c 'cargo build --locked --features etcd &&
     TOKENRELAY_REQUIRE_TOOLS=1 TOKENRELAY_BIN="$PWD/target/debug/tokenrelay" scripts/test-packaging.sh'

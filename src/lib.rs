@@ -23,7 +23,6 @@
 //!   admin listener (`/healthz`, `/readyz`, `/status`, `/metrics`, the status page),
 //!   and the wiring and shutdown of it all ([`instance::run`]).
 //! - [`commands`]: the CLI.
-//! - [`demo`]: the demo authorization server and API used by `tokenrelay demo` and tests.
 
 #![forbid(unsafe_code)]
 
@@ -31,7 +30,6 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod credential;
-pub mod demo;
 pub mod http_names;
 pub mod instance;
 pub mod keys;

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use support::{client, eventually, status_json};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 fn fields(pairs: &[(&str, &str)]) -> Map<String, Value> {
     pairs

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokenrelay::demo::{AuthServer, AuthServerOptions};
+use testkit::{AuthServer, AuthServerOptions};
 
 fn write_config(dir: &Path, auth: &AuthServer, redirect_uri: &str) -> std::path::PathBuf {
     let config = dir.join("config.yaml");

@@ -18,8 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 use support::pki::{key, rsa_key, Key};
 use support::DemoServers;
+use testkit::{ApiServer, AuthServer, AuthServerOptions, TokenRequestRecord};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, TokenRequestRecord};
 
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use support::{metric, metrics_text, wait_ready, ChildProc, Load, Relay};
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, FailureMode};
+use testkit::{ApiServer, AuthServer, AuthServerOptions, FailureMode};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

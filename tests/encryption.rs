@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::{status_json, wait_ready, ChildProc};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::store::StoredState;
 
 struct Fixture {

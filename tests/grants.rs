@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::demo_servers;
-use tokenrelay::demo::AuthServerOptions;
+use testkit::AuthServerOptions;
 
 async fn get_ok(relay: &support::Running) {
     let resp = support::client()

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use testkit::{AuthServerOptions, FailureMode};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{AuthServerOptions, FailureMode};
 
 use support::{
     demo_servers, one_upstream_yaml, raw_body, raw_exchange, raw_status, DemoServers, Running,
@@ -53,7 +53,7 @@ async fn the_apps_own_authorization_is_replaced_not_forwarded() {
 async fn a_custom_header_and_format_carry_the_token() {
     let demo = demo_servers(AuthServerOptions::default()).await;
     // An upstream that does not check Authorization, to see exactly what arrives.
-    let open_api = tokenrelay::demo::ApiServer::start(None).await.unwrap();
+    let open_api = testkit::ApiServer::start(None).await.unwrap();
     let yaml = one_upstream_yaml(
         &demo.auth.token_url(),
         &open_api.url(),
@@ -520,10 +520,10 @@ async fn tokens_and_secrets_never_reach_logs_errors_status_or_metrics() {
 /// tokenrelay in front of an API that takes the token only from the query parameter
 /// `auth` (as Bitrix24's REST API does), with `token_query_param: auth` and `extra`.
 async fn query_token_setup(extra: &str) -> (DemoServers, Running) {
-    let auth = tokenrelay::demo::AuthServer::start(AuthServerOptions::default())
+    let auth = testkit::AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    let api = tokenrelay::demo::ApiServer::start_with_query_token(auth.validator(), "auth")
+    let api = testkit::ApiServer::start_with_query_token(auth.validator(), "auth")
         .await
         .unwrap();
     let upstream = format!("token_query_param: auth{extra}");

@@ -13,7 +13,7 @@ mod support;
 use std::time::Duration;
 
 use support::{eventually, metric, metrics_text, status_json};
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats, LostAnswer};
+use testkit::{ApiServer, AuthServer, AuthServerOptions, AuthStats, LostAnswer};
 
 struct Fixture {
     auth: AuthServer,

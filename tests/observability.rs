@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 
 /// Every metric DESIGN.md names.
 const DESIGN_METRICS: &[&str] = &[

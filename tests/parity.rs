@@ -12,7 +12,7 @@ mod upstream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenrelay::demo::{AuthServer, AuthServerOptions};
+use testkit::{AuthServer, AuthServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use upstream::{Seen, Step, Upstream};

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{eventually, metric, metrics_text, status_json, Load};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 /// The demo servers, a state directory and a config with credential and upstream `crm`.
 struct Fixture {
@@ -417,7 +417,7 @@ async fn tokens_rejected_before_ever_working_are_spaced_out() {
 /// token request, no 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_after_expiry_waits_for_one_attempt_instead_of_503() {
-    use tokenrelay::demo::FailureMode;
+    use testkit::FailureMode;
     let f = fixture(Duration::from_secs(4), "").await;
     let relay = support::start(&f.yaml).await;
     let admin = format!("http://{}", relay.admin);

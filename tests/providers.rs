@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::{eventually, metric, metrics_text, status_json};
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, ProviderProfile};
+use testkit::{ApiServer, AuthServer, AuthServerOptions, ProviderProfile};
 
 const REDIRECT_URI: &str = "https://example.com/oauth/callback";
 
@@ -477,7 +477,7 @@ async fn zoho_invalid_code_in_a_200_is_a_dead_grant() {
     .await;
     check(&j, "zoho").await;
     j.auth
-        .set_mode(tokenrelay::demo::FailureMode::ErrorIn200("invalid_code"));
+        .set_mode(testkit::FailureMode::ErrorIn200("invalid_code"));
     support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
     let relay = support::start(&j.yaml).await;
     let admin = format!("http://{}", relay.admin);
@@ -623,9 +623,8 @@ async fn github_bad_refresh_token_in_a_200_is_a_dead_grant() {
     )
     .await;
     check(&j, "github_app").await;
-    j.auth.set_mode(tokenrelay::demo::FailureMode::ErrorIn200(
-        "bad_refresh_token",
-    ));
+    j.auth
+        .set_mode(testkit::FailureMode::ErrorIn200("bad_refresh_token"));
     support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
     let relay = support::start(&j.yaml).await;
     let admin = format!("http://{}", relay.admin);
@@ -778,9 +777,8 @@ async fn slack_invalid_refresh_token_in_a_200_is_a_dead_grant() {
         Duration::from_secs(60),
     )
     .await;
-    j.auth.set_mode(tokenrelay::demo::FailureMode::ErrorIn200(
-        "invalid_refresh_token",
-    ));
+    j.auth
+        .set_mode(testkit::FailureMode::ErrorIn200("invalid_refresh_token"));
     support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
     let relay = support::start(&j.yaml).await;
     let admin = format!("http://{}", relay.admin);

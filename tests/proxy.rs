@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokenrelay::demo::{pattern_byte, AuthServerOptions};
+use testkit::{pattern_byte, AuthServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::{demo_servers, one_upstream_yaml, raw_exchange, raw_status, DemoServers, Running};
@@ -773,7 +773,7 @@ async fn the_jdk_default_client_is_served_over_http11_on_both_engines() {
     };
     let demo = demo_servers(AuthServerOptions::default()).await;
     let (tls, ca_pem) = support::pki::localhost_server(&[b"http/1.1"]);
-    let secure_api = tokenrelay::demo::ApiServer::start_tls(Some(demo.auth.validator()), tls)
+    let secure_api = testkit::ApiServer::start_tls(Some(demo.auth.validator()), tls)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::{demo_servers, ChildProc, Load};
-use tokenrelay::demo::{ApiServer, AuthServerOptions};
+use testkit::{ApiServer, AuthServerOptions};
 
 const WITHIN: Duration = Duration::from_secs(30);
 

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use support::stores::EtcdCluster;
 use support::stores::RedisServer;
 use support::{free_ports, metric, metrics_text, wait_ready, ChildProc, Load, LoadReport};
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
+use testkit::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 
 // ---------------------------------------------------------------------------------------
 // Store processes (`RedisServer`, `EtcdCluster`: tests/support/stores.rs).
@@ -752,7 +752,7 @@ async fn lease_holder_killed_mid_refresh(backend: &str, store_yaml: &str) {
     seed(&a, &auth);
     let seeded_generation = stored(&a).await.expect("seeded").generation;
 
-    auth.set_mode(tokenrelay::demo::FailureMode::Slow(DELAY));
+    auth.set_mode(testkit::FailureMode::Slow(DELAY));
     let a_spawned = Instant::now();
     a.spawn();
     let t0 = Instant::now();
@@ -773,7 +773,7 @@ async fn lease_holder_killed_mid_refresh(backend: &str, store_yaml: &str) {
     a.kill9();
     let killed = Instant::now();
     // B starts at once and contends for the lease A's corpse still holds.
-    auth.set_mode(tokenrelay::demo::FailureMode::Normal);
+    auth.set_mode(testkit::FailureMode::Normal);
     let b_spawned = Instant::now();
     b.spawn();
     b.ready(ttl + Duration::from_secs(15)).await;
@@ -1500,10 +1500,7 @@ async fn stopping_waits_for_the_store_to_keep_a_rotated_token() {
     };
     let mut replicas = start_fleet(1, dir.path(), "stopping", &spec, &auth).await;
     // The next rotation is made at once and answered 4 s later.
-    auth.lose_next_answers(
-        1,
-        tokenrelay::demo::LostAnswer::Hang(Duration::from_secs(4)),
-    );
+    auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
     let acted = support::eventually(Duration::from_secs(20), || {
         let n = auth.stats().answers_lost;
         async move { n >= 1 }

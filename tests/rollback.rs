@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use support::{eventually, status_json};
+use testkit::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions, AuthStats};
 
 /// Where `authorize --code` says the code was sent (no callback is served).
 const REDIRECT_URI: &str = "http://127.0.0.1:9/callback";

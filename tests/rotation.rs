@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{eventually, metric, metrics_text, status_json, Load};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::config::Config;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::secret::Secret;
 use tokenrelay::store::{now_ms, CasOutcome, StoredState};
 

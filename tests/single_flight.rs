@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::Value;
-use tokenrelay::demo::{AuthServerOptions, FailureMode};
+use testkit::{AuthServerOptions, FailureMode};
 
 use support::{credential_state, demo_servers, one_upstream_yaml};
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 use tokenrelay::secret::Secret;
 use tokenrelay::store::{now_ms, CasOutcome, StoredState};
 

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 use tokio::net::TcpListener;
 
 /// A private CA (PEM) and a server certificate it signed for localhost and 127.0.0.1.

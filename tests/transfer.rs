@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::{eventually, status_json, stored_state};
-use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 
 struct Env {
     config: PathBuf,

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use testkit::{ApiServer, AuthServer, AuthServerOptions};
 
 use crate::config::Config;
-use crate::demo::{ApiServer, AuthServer, AuthServerOptions};
 
 /// Access token lifetime in the demo: short, so rotations show up in the log.
 const DEMO_TOKEN_TTL: Duration = Duration::from_secs(20);

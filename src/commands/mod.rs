@@ -3,6 +3,7 @@
 
 mod admin_client;
 mod authorize;
+#[cfg(feature = "demo")]
 mod demo;
 mod providers;
 mod reload;
@@ -173,6 +174,7 @@ pub enum Command {
         json: bool,
     },
     /// Try it with nothing else installed: demo authorization server, demo API, tokenrelay.
+    #[cfg(feature = "demo")]
     Demo {
         /// Directory for the demo's file store.
         #[arg(long, default_value = "./tokenrelay-demo-state")]
@@ -326,6 +328,7 @@ pub fn main(cli: Cli) -> ExitCode {
             with_config_exit(&config, log_format, |cfg| status::run(cfg, json))
         }
         Command::Reload { config } => with_config(&config, log_format, reload::run),
+        #[cfg(feature = "demo")]
         Command::Demo { state_dir } => {
             crate::logging::init(log_format.unwrap_or(LogFormat::Text), None);
             let rt = match runtime(None) {

@@ -227,14 +227,14 @@ pub async fn wait_ready(url: &str, within: Duration) -> bool {
 
 /// Demo authorization server plus an upstream API that accepts only its tokens.
 pub struct DemoServers {
-    pub auth: tokenrelay::demo::AuthServer,
-    pub api: tokenrelay::demo::ApiServer,
+    pub auth: testkit::AuthServer,
+    pub api: testkit::ApiServer,
 }
 
 /// Starts the demo servers on loopback (`opts` for the authorization server).
-pub async fn demo_servers(opts: tokenrelay::demo::AuthServerOptions) -> DemoServers {
-    let auth = tokenrelay::demo::AuthServer::start(opts).await.unwrap();
-    let api = tokenrelay::demo::ApiServer::start(Some(auth.validator()))
+pub async fn demo_servers(opts: testkit::AuthServerOptions) -> DemoServers {
+    let auth = testkit::AuthServer::start(opts).await.unwrap();
+    let api = testkit::ApiServer::start(Some(auth.validator()))
         .await
         .unwrap();
     DemoServers { auth, api }

@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use tokenrelay::demo::{ApiServer, AuthServer, AuthServerOptions};
+//! use testkit::{ApiServer, AuthServer, AuthServerOptions};
 //!
 //! let auth = AuthServer::start(AuthServerOptions::default()).await?;
 //! let api = ApiServer::start(Some(auth.validator())).await?;

@@ -50,7 +50,12 @@ use super::assertions::{self, ReplayCache};
 use super::{
     full, json_bytes_response, json_response, Body, PeerCertificate, Server, TokenValidator,
 };
-use crate::keys::jose::{CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT};
+
+/// The client assertion type of RFC 7523 §2.2 (`client_assertion_type`). Defined here,
+/// not taken from tokenrelay: the test kit does not depend on the product it tests.
+const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The grant type of RFC 7523 §2.1 (`grant_type`).
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Path of the token endpoint.
 const TOKEN_PATH: &str = "/oauth2/token";
@@ -1711,13 +1716,29 @@ fn authorize_endpoint(shared: &Shared, query: &str) -> Response<Body> {
              <p>Client <b>{client}</b> asks for access (scope: {scope}).</p>\n\
              <p>You will be sent back to <code>{redirect}</code>.</p>\n\
              <p><a href=\"{approve}\">Approve</a> &middot; <a href=\"{deny}\">Deny</a></p>",
-            client = crate::instance::status_page::esc(&shared.opts.client_id),
-            scope = crate::instance::status_page::esc(scope),
-            redirect = crate::instance::status_page::esc(redirect.as_str()),
-            approve = crate::instance::status_page::esc(&approve),
-            deny = crate::instance::status_page::esc(&deny),
+            client = esc(&shared.opts.client_id),
+            scope = esc(scope),
+            redirect = esc(redirect.as_str()),
+            approve = esc(&approve),
+            deny = esc(&deny),
         ),
     )
+}
+
+/// `s` escaped for HTML text and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn html(status: StatusCode, content: &str) -> Response<Body> {
@@ -2305,5 +2326,14 @@ mod tests {
         let debug = format!("{:?}", AuthServerOptions::default());
         assert!(!debug.contains("demo-secret") && !debug.contains("demo-password"));
         assert!(debug.contains("demo-client"));
+    }
+
+    #[test]
+    fn esc_escapes_html_specials() {
+        assert_eq!(
+            esc(r#"<a href="x?a=1&b='2'">"#),
+            "&lt;a href=&quot;x?a=1&amp;b=&#39;2&#39;&quot;&gt;"
+        );
+        assert_eq!(esc("plain é"), "plain é");
     }
 }
