@@ -26,21 +26,33 @@
 
 #![forbid(unsafe_code)]
 
-pub mod clock;
-pub mod commands;
+// The public API: what the binary and the tests use. Everything else is private.
 pub mod config;
-pub mod credential;
-pub mod http_names;
-pub mod instance;
-pub mod keys;
-pub mod logging;
-pub mod metrics;
 pub mod oauth;
-pub mod proxy;
 pub mod secret;
-pub mod server;
-pub mod shutdown;
 pub mod store;
-pub mod target;
-pub mod tls;
-pub mod watched_files;
+
+mod clock;
+mod commands;
+mod credential;
+mod http_names;
+mod instance;
+mod keys;
+mod logging;
+mod metrics;
+mod proxy;
+mod server;
+mod shutdown;
+mod target;
+mod tls;
+mod watched_files;
+
+pub use clock::Instant;
+pub use commands::{main, Cli};
+pub use credential::refresher::{lease_ttl, Refresher};
+pub use credential::Credential;
+pub use instance::run::{run, run_with, Bound, Loader, ReloadOptions};
+pub use keys::fingerprint;
+pub use logging::init as init_logging;
+pub use metrics::Metrics;
+pub use tls::install_crypto_provider;

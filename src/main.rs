@@ -1,5 +1,5 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    tokenrelay::commands::main(tokenrelay::commands::Cli::parse())
+    tokenrelay::main(tokenrelay::Cli::parse())
 }

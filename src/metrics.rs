@@ -355,6 +355,3 @@ pub struct CredentialMetrics {
     pub refresh_duration: Histogram,
     pub waiters: IntCounter,
 }
-
-/// Re-export for gauges set by the credential module.
-pub type Gauge = IntGauge;

@@ -64,7 +64,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     if std::env::var_os("TEST_LOG").is_some() {
-        tokenrelay::logging::init(tokenrelay::config::LogFormat::Text, Some("debug"));
+        tokenrelay::init_logging(tokenrelay::config::LogFormat::Text, Some("debug"));
     }
     let auth = AuthServer::start(AuthServerOptions {
         access_ttl: Duration::from_secs(300),

@@ -185,7 +185,7 @@ async fn the_browser_flow_is_completed_through_the_local_callback() {
     );
 
     // The "browser": approve, follow the redirect to the local callback.
-    tokenrelay::tls::install_crypto_provider();
+    tokenrelay::install_crypto_provider();
     let browser = reqwest::Client::builder().no_proxy().build().unwrap();
     let page = browser.get(format!("{url}&auto=1")).send().await.unwrap();
     assert_eq!(page.status(), 200);

@@ -881,8 +881,7 @@ async fn keys_and_assertions_never_show_and_check_prints_fingerprints() {
         String::from_utf8_lossy(&out.stderr).to_string(),
     );
     assert!(out.status.success(), "{stderr}");
-    let fp =
-        tokenrelay::keys::fingerprint(&KeyPair::from_pem(&k.private).unwrap().public_key_der());
+    let fp = tokenrelay::fingerprint(&KeyPair::from_pem(&k.private).unwrap().public_key_der());
     assert!(
         stdout.contains(&key_file.display().to_string())
             && stdout.contains("ES256")
@@ -1004,7 +1003,7 @@ impl Issued {
 
 impl Ca {
     fn new() -> Ca {
-        tokenrelay::tls::install_crypto_provider();
+        tokenrelay::install_crypto_provider();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -1299,7 +1298,7 @@ upstreams:
     let st = support::status_json(&relay.admin_url("")).await;
     let cc = &st["upstreams"]["api"]["client_certificate"];
     assert_eq!(cc["cert_file"], cert.display().to_string(), "{st}");
-    let fp = tokenrelay::keys::fingerprint(
+    let fp = tokenrelay::fingerprint(
         &KeyPair::from_pem(&trusted.key_pem)
             .unwrap()
             .public_key_der(),

@@ -26,8 +26,8 @@ use std::time::Duration;
 use support::stores::{RedisServer, REDIS_DURABLE};
 use tokenrelay::config::Config;
 use tokenrelay::secret::Secret;
-use tokenrelay::store::redis::{Durability, RedisStore};
 use tokenrelay::store::{CasOutcome, Store, StoreError, StoredState};
+use tokenrelay::store::{Durability, RedisStore};
 
 fn have_redis() -> bool {
     support::tools::tool("redis-server").is_some()
@@ -46,7 +46,7 @@ fn open(url: &str, store_extra: &str) -> std::sync::Arc<dyn Store> {
 }
 
 fn redis_store(url: &str) -> RedisStore {
-    let codec = tokenrelay::store::codec::Codec::new(None).unwrap();
+    let codec = tokenrelay::store::Codec::new(None).unwrap();
     RedisStore::open(url, "tokenrelay/", 0, codec, Duration::from_millis(250)).unwrap()
 }
 

@@ -732,7 +732,7 @@ async fn etcd_lease_is_renewed_while_a_slow_refresh_holds_it() {
 async fn lease_holder_killed_mid_refresh(backend: &str, store_yaml: &str) {
     const DELAY: Duration = Duration::from_secs(3);
     const TOKEN_TIMEOUT: Duration = Duration::from_secs(4);
-    let ttl = tokenrelay::credential::refresher::lease_ttl(TOKEN_TIMEOUT);
+    let ttl = tokenrelay::lease_ttl(TOKEN_TIMEOUT);
     let auth = AuthServer::start(rotating(Duration::from_secs(10)))
         .await
         .unwrap();

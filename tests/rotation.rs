@@ -86,7 +86,7 @@ credentials:
 
 async fn fixture(opts: AuthServerOptions, cred_extra: &[&str], up_extra: &[&str]) -> Fixture {
     if std::env::var_os("TEST_LOG").is_some() {
-        tokenrelay::logging::init(tokenrelay::config::LogFormat::Text, Some("debug"));
+        tokenrelay::init_logging(tokenrelay::config::LogFormat::Text, Some("debug"));
     }
     let auth = AuthServer::start(opts).await.unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();

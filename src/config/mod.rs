@@ -6,13 +6,13 @@ mod client_auth;
 mod compare;
 mod expand;
 mod param_shape;
-pub mod preset;
-pub mod provider_rules;
+pub(crate) mod preset;
+pub(crate) mod provider_rules;
 mod raw;
 mod secrets;
-pub mod units;
+pub(crate) mod units;
 mod unknown_keys;
-pub mod url_template;
+pub(crate) mod url_template;
 mod validate;
 mod warnings;
 

@@ -33,7 +33,6 @@ use crate::secret::{InvalidToken, Secret};
 
 pub use error::RefreshError;
 use on_demand::Demand;
-pub use on_demand::NoToken;
 pub use status::LastRefresh;
 pub use token::ActiveToken;
 pub(crate) use token::EXPIRY_MARGIN;

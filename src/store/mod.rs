@@ -4,14 +4,14 @@
 //! a cluster-wide refresh `lease`, and `watch` for changes made by other processes.
 //! Values are encoded (and optionally encrypted) by [`codec`] before they leave the process.
 
-pub mod bundle;
-pub mod codec;
-pub mod crypto;
+pub(crate) mod bundle;
+pub(crate) mod codec;
+pub(crate) mod crypto;
 #[cfg(feature = "etcd")]
-pub mod etcd;
-pub mod file;
-pub mod filesystem;
-pub mod redis;
+pub(crate) mod etcd;
+pub(crate) mod file;
+pub(crate) mod filesystem;
+pub(crate) mod redis;
 mod watcher;
 
 use std::sync::Arc;
@@ -104,6 +104,8 @@ impl StoredState {
 }
 
 pub use crate::clock::now_ms;
+pub use codec::Codec;
+pub use redis::{Durability, RedisStore};
 
 /// What a store watch reports: the last generation seen, and whether the store was
 /// reachable at the last look.

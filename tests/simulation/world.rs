@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokenrelay::config::{Config, CredentialConfig};
-use tokenrelay::credential::refresher::Refresher;
-use tokenrelay::credential::Credential;
-use tokenrelay::metrics::Metrics;
 use tokenrelay::secret::Secret;
 use tokenrelay::store::{now_ms, Store, StoredState};
+use tokenrelay::Credential;
+use tokenrelay::Metrics;
+use tokenrelay::Refresher;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -132,7 +132,7 @@ upstreams:
 
     /// Whether every running replica serves a usable token.
     pub fn all_serving(&self) -> bool {
-        let now = tokenrelay::clock::Instant::now();
+        let now = tokenrelay::Instant::now();
         self.replicas
             .iter()
             .flatten()

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokenrelay::config::Config;
-use tokenrelay::instance::run::{self as app, Bound};
+use tokenrelay::Bound;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -66,7 +66,7 @@ pub async fn start(yaml: &str) -> Running {
 }
 
 pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Running {
-    tokenrelay::tls::install_crypto_provider();
+    tokenrelay::install_crypto_provider();
     let env: Vec<(String, String)> = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -77,7 +77,7 @@ pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Running {
     .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
     let (tx, rx) = oneshot::channel::<()>();
     let (btx, brx) = oneshot::channel::<Bound>();
-    let task = tokio::spawn(app::run(
+    let task = tokio::spawn(tokenrelay::run(
         config,
         async move {
             let _ = rx.await;
@@ -100,7 +100,7 @@ pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Running {
 
 /// An HTTP client that never pools across tests and talks only to loopback.
 pub fn client() -> reqwest::Client {
-    tokenrelay::tls::install_crypto_provider();
+    tokenrelay::install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(60))
@@ -481,7 +481,7 @@ impl Load {
     pub fn start(urls: Vec<String>, tasks: usize, pause: Duration) -> Load {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
-        tokenrelay::tls::install_crypto_provider();
+        tokenrelay::install_crypto_provider();
         let stop = Arc::new(AtomicBool::new(false));
         let state = Arc::new(LoadState::default());
         state.report.lock().unwrap().ok_per_target = vec![0; urls.len()];

@@ -8,7 +8,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A server config offering `alpn`, and the CA's PEM for the client to trust.
 pub fn localhost_server(alpn: &[&[u8]]) -> (rustls::ServerConfig, String) {
-    tokenrelay::tls::install_crypto_provider();
+    tokenrelay::install_crypto_provider();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

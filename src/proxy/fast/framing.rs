@@ -53,6 +53,7 @@ impl Framing {
     }
 
     /// Whether the body is already complete before any byte of it was seen.
+    #[cfg(test)]
     pub fn is_done(&self) -> bool {
         matches!(self, Framing::Empty | Framing::Length(0))
     }

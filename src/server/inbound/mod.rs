@@ -32,7 +32,10 @@ use timeouts::{ConnTimeouts, RequestCounter};
 /// upgraded connection on holds it, so the connection's header-read and idle timeouts
 /// leave the tunnel alone (the tunnel keeps its own idle timeout).
 #[derive(Clone)]
-pub struct Upgrading(pub Arc<InFlight>);
+pub struct Upgrading {
+    /// Held for its `Drop`: the request counts as in flight while the tunnel lives.
+    _in_flight: Arc<InFlight>,
+}
 
 /// The hyper connection settings of one listener. The buffer leaves room above
 /// `max_header_size` so that heads a little over the limit reach the handler, which
@@ -100,7 +103,9 @@ pub async fn serve<H, Fut, B>(
         req.extensions_mut().insert(Peer(peer));
         let guard = InFlight::enter(requests.clone());
         if req.headers().contains_key(http::header::UPGRADE) {
-            let held = Upgrading(Arc::new(InFlight::enter(requests.clone())));
+            let held = Upgrading {
+                _in_flight: Arc::new(InFlight::enter(requests.clone())),
+            };
             req.extensions_mut().insert(held);
         }
         async move {
