@@ -463,38 +463,6 @@ async fn a_refresh_rate_limit_is_never_exceeded() {
     assert!(error.contains("refresh limits"), "{st}");
 }
 
-/// Zoho answers a revoked refresh token with HTTP 200 `{"error":"invalid_code"}`: the
-/// preset names it a dead grant, so the credential needs re-authorization within three
-/// attempts instead of retrying forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zoho_invalid_code_in_a_200_is_a_dead_grant() {
-    let j = journey(
-        "zoho",
-        "",
-        ProviderProfile::Standard,
-        Duration::from_secs(60),
-    )
-    .await;
-    check(&j, "zoho").await;
-    j.auth
-        .set_mode(testkit::FailureMode::ErrorIn200("invalid_code"));
-    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
-    let relay = support::start(&j.yaml).await;
-    let admin = format!("http://{}", relay.admin);
-    let reauth = eventually(Duration::from_secs(20), || {
-        let admin = admin.clone();
-        async move { state(&admin).await == "reauthorization_required" }
-    })
-    .await;
-    let st = status_json(&admin).await;
-    let attempts = j.auth.stats().token_requests;
-    relay.stop().await;
-    assert!(reauth, "not reauthorization_required: {st}");
-    assert!(attempts <= 3, "{attempts} token requests");
-    let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
-    assert!(reason.contains("invalid_code"), "{reason}");
-}
-
 /// Zendesk: JSON bodies to `/oauth/tokens`, each refresh rotating the pair, a dead grant
 /// answered `400 invalid_grant`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,36 +576,6 @@ async fn yandex_rotates_and_sends_the_oauth_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn github_app_journey() {
     refreshing_provider_journey("github_app", "", ProviderProfile::Standard).await;
-}
-
-/// GitHub answers a spent or revoked refresh token with HTTP 200
-/// `{"error": "bad_refresh_token"}`: the preset names it a dead grant, so the credential
-/// needs re-authorization within three attempts instead of retrying forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn github_bad_refresh_token_in_a_200_is_a_dead_grant() {
-    let j = journey(
-        "github_app",
-        "",
-        ProviderProfile::Standard,
-        Duration::from_secs(60),
-    )
-    .await;
-    check(&j, "github_app").await;
-    j.auth
-        .set_mode(testkit::FailureMode::ErrorIn200("bad_refresh_token"));
-    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
-    let relay = support::start(&j.yaml).await;
-    let admin = format!("http://{}", relay.admin);
-    let reauth = eventually(Duration::from_secs(20), || {
-        let admin = admin.clone();
-        async move { state(&admin).await == "reauthorization_required" }
-    })
-    .await;
-    let st = status_json(&admin).await;
-    let attempts = j.auth.stats().token_requests;
-    relay.stop().await;
-    assert!(reauth, "not reauthorization_required: {st}");
-    assert!(attempts <= 3, "{attempts} token requests");
 }
 
 /// Shopify: JSON refreshes rotate the refresh token, and the Admin API gets the bare token
@@ -794,4 +732,100 @@ async fn slack_invalid_refresh_token_in_a_200_is_a_dead_grant() {
     assert!(attempts <= 3, "{attempts} token requests");
     let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
     assert!(reason.contains("invalid_refresh_token"), "{reason}");
+}
+
+/// `provider`'s answer `answer` to a refresh is a dead grant: the credential needs
+/// re-authorization within three attempts instead of retrying forever, and the reason
+/// says what the provider answered.
+async fn dead_grant(
+    provider: &str,
+    params: &str,
+    profile: ProviderProfile,
+    answer: testkit::FailureMode,
+    reason_names: &str,
+) {
+    let j = journey(provider, params, profile, Duration::from_secs(60)).await;
+    check(&j, provider).await;
+    j.auth.set_mode(answer);
+    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let reauth = eventually(Duration::from_secs(20), || {
+        let admin = admin.clone();
+        async move { state(&admin).await == "reauthorization_required" }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    let attempts = j.auth.stats().token_requests;
+    relay.stop().await;
+    assert!(reauth, "{provider}: not reauthorization_required: {st}");
+    assert!(attempts <= 3, "{provider}: {attempts} token requests");
+    let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
+    assert!(reason.contains(reason_names), "{provider}: {reason}");
+}
+
+/// Zoho answers a revoked refresh token with HTTP 200 `{"error":"invalid_code"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zoho_invalid_code_in_a_200_is_a_dead_grant() {
+    let answer = testkit::FailureMode::ErrorIn200("invalid_code");
+    dead_grant(
+        "zoho",
+        "",
+        ProviderProfile::Standard,
+        answer,
+        "invalid_code",
+    )
+    .await;
+}
+
+/// GitHub answers a spent or revoked refresh token with HTTP 200
+/// `{"error": "bad_refresh_token"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_bad_refresh_token_in_a_200_is_a_dead_grant() {
+    let answer = testkit::FailureMode::ErrorIn200("bad_refresh_token");
+    let profile = ProviderProfile::Standard;
+    dead_grant("github_app", "", profile, answer, "bad_refresh_token").await;
+}
+
+/// HubSpot's older answer to a dead refresh token carries only its own `status` field,
+/// no OAuth `error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubspot_bad_refresh_token_without_an_error_field_is_a_dead_grant() {
+    let answer = testkit::FailureMode::Answer(
+        400,
+        r#"{"status":"BAD_REFRESH_TOKEN","message":"missing or unknown refresh token"}"#,
+    );
+    dead_grant("hubspot", "", ProviderProfile::Standard, answer, "400").await;
+}
+
+/// amoCRM answers an expired or unreadable refresh token 401 with the OAuth server's
+/// hints, as it answers a revoked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amocrm_expired_or_unreadable_refresh_tokens_are_dead_grants() {
+    for hint in ["Token has expired", "Cannot decrypt the refresh token"] {
+        let body = format!(
+            r#"{{"title":"Unauthorized","type":"https://httpstatus.es/401","status":401,"detail":"The refresh token is invalid.","hint":"{hint}"}}"#
+        );
+        let answer = testkit::FailureMode::Answer(401, Box::leak(body.into_boxed_str()));
+        dead_grant(
+            "amocrm",
+            "subdomain: acme",
+            ProviderProfile::AmoCrm,
+            answer,
+            "401",
+        )
+        .await;
+    }
+}
+
+/// HubSpot: form refreshes at the dated token endpoint that replaces /oauth/v1/token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubspot_journey() {
+    refreshing_provider_journey("hubspot", "", ProviderProfile::Standard).await;
+    let shown = support::cli(&["providers", "hubspot"]).await;
+    let shown = text(&shown.stdout);
+    assert!(
+        shown.contains("https://api.hubapi.com/oauth/2026-03/token"),
+        "{shown}"
+    );
 }

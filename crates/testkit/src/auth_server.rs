@@ -225,6 +225,9 @@ pub enum FailureMode {
     /// `200` with `{"error": CODE}` and no token: how Zoho answers a revoked refresh
     /// token (`invalid_code`).
     ErrorIn200(&'static str),
+    /// This status and JSON body for every token request: a provider's own error shape
+    /// (HubSpot's `{"status": "BAD_REFRESH_TOKEN", ...}` with no `error` field).
+    Answer(u16, &'static str),
 }
 
 /// How an answer is lost after the server acted, see [`AuthServer::lose_next_answers`].
@@ -1065,6 +1068,15 @@ fn process_token_request(
         FailureMode::ErrorIn200(code) => {
             let resp = json_response(StatusCode::OK, &json!({ "error": code }));
             (resp, Some(code.to_owned()))
+        }
+        FailureMode::Answer(status, body) => {
+            let value: serde_json::Value =
+                serde_json::from_str(body).expect("FailureMode::Answer takes a JSON body");
+            let status = StatusCode::from_u16(status).expect("FailureMode::Answer status");
+            (
+                json_response(status, &value),
+                Some(format!("answer {status}")),
+            )
         }
         FailureMode::EmptyAccessToken => {
             let mut resp = json_response(
