@@ -16,7 +16,7 @@ use crate::credential::{policy, schedule, RefreshError, RefreshResult, Trigger};
 use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
 use crate::secret::Secret;
-use crate::store::{now_ms, CasOutcome, InDoubt, Lease, Store, StoredState};
+use crate::store::{now_ms, CasOutcome, InDoubt, Lease, Rotation, Store, StoredState};
 
 use super::in_doubt;
 
@@ -161,7 +161,7 @@ impl Refresher {
                     in_doubt::BeforeSend::MarkRetry(mark) => {
                         // The one retry is recorded before it leaves, so that no process
                         // (this one after a crash included) makes a second.
-                        stored = self.write_mark(store, &stored, Some(mark)).await?;
+                        stored = self.write_mark(store, &stored, mark).await?;
                     }
                     in_doubt::BeforeSend::GiveUp(why) => {
                         break self.dead_grant(store, &stored, why).await;
@@ -203,7 +203,7 @@ impl Refresher {
                         Some(in_doubt::explanation(&e)),
                         None,
                     );
-                    stored = self.write_mark(store, &stored, Some(mark)).await?;
+                    stored = self.write_mark(store, &stored, mark).await?;
                     // The lease stays held until the request it secured is over for the
                     // server too; only then does the retry leave.
                     tokio::time::sleep_until(secured_until).await;
@@ -226,10 +226,9 @@ impl Refresher {
 
     /// Makes what the answer carries durable, then publishes it. The old refresh token
     /// is dead at the server now, so the write is retried until it succeeds, however
-    /// long that takes. A new refresh token is
-    /// stored even when the answer's access-token part is unusable: the attempt then
-    /// fails, the current access token keeps serving, and the next attempt presents the
-    /// new refresh token.
+    /// long that takes. A new refresh token is stored even when the answer's
+    /// access-token part is unusable: the attempt then fails, the current access token
+    /// keeps serving, and the next attempt presents the new refresh token.
     async fn commit(
         &mut self,
         store: &Arc<dyn Store>,
@@ -238,6 +237,8 @@ impl Refresher {
         answer: TokenAnswer,
     ) -> Result<RefreshResult, Failure> {
         let now = now_ms();
+        let refresh_expires_at_ms = self.refresh_expiry(now, answer.refresh_expires_in, stored);
+        let issued_to = self.cred.config.token_endpoint_identity();
         let access = match answer.access {
             Ok(access) => access,
             Err(e) => {
@@ -245,22 +246,13 @@ impl Refresher {
                     // Nothing new to keep: the presented refresh token is still the live one.
                     return Err(Failure::Error(e.into()));
                 };
-                let new = StoredState {
-                    generation: stored.generation + 1,
-                    refresh_token: Some(refresh_token),
-                    refresh_expires_at_ms: self.refresh_expiry(
-                        now,
-                        answer.refresh_expires_in,
-                        stored,
-                    ),
-                    updated_at_ms: now,
-                    updated_by: self.instance_id.clone(),
-                    reauthorization_required: None,
-                    issued_to: Some(self.cred.config.token_endpoint_identity()),
-                    in_doubt: None,
-                    // The stored access token is still the one in use.
-                    ..stored.clone()
-                };
+                let new = stored.rotated_refresh_token_only(
+                    refresh_token,
+                    refresh_expires_at_ms,
+                    issued_to,
+                    now,
+                    &self.instance_id,
+                );
                 let new = self.write_durably(store, new).await?;
                 self.known_generation = new.generation;
                 self.cred.set_refresh_expiry(new.refresh_expires_at_ms);
@@ -270,31 +262,24 @@ impl Refresher {
                 return Err(Failure::Error(RefreshError::UnusableAccessToken(e)));
             }
         };
-        let new = StoredState {
-            generation: stored.generation + 1,
-            access_expires_at_ms: Some(now + access.expires_in.as_millis() as u64),
-            access_token: Some(access.token),
+        let rotation = Rotation {
+            access_token: access.token,
+            access_expires_at_ms: now + access.expires_in.as_millis() as u64,
             // RFC 6749 §6: no refresh_token in the answer means the old one stays valid.
             refresh_token: Some(answer.refresh_token.unwrap_or(old_refresh)),
-            obtained_at_ms: now,
-            updated_at_ms: now,
-            updated_by: self.instance_id.clone(),
-            reauthorization_required: None,
-            authorized_at_ms: stored.authorized_at_ms,
-            refresh_expires_at_ms: self.refresh_expiry(now, answer.refresh_expires_in, stored),
-            moved: None,
+            refresh_expires_at_ms,
             // A field this answer omits keeps its stored value (Salesforce sends
             // instance_url on some answers only).
             answer_fields: merge_fields(&stored.answer_fields, &answer.fields),
-            issued_to: Some(self.cred.config.token_endpoint_identity()),
-            in_doubt: None,
+            issued_to,
         };
+        let new = stored.rotated(rotation, now, &self.instance_id);
         let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         self.note_state(&new);
         self.cred
             .publish_with_fields(
-                new.access_token.as_ref().expect("set above"),
+                new.access_token.as_ref().expect("set by rotated"),
                 new.generation,
                 Some(
                     SystemTime::UNIX_EPOCH
@@ -420,7 +405,7 @@ impl Refresher {
                 retried: false,
                 ..d.clone()
             };
-            let _ = self.write_mark(store, stored, Some(owed)).await;
+            let _ = self.write_mark(store, stored, owed).await;
         }
     }
 
@@ -429,15 +414,9 @@ impl Refresher {
         &mut self,
         store: &Arc<dyn Store>,
         stored: &StoredState,
-        mark: Option<InDoubt>,
+        mark: InDoubt,
     ) -> Result<StoredState, Failure> {
-        let new = StoredState {
-            generation: stored.generation + 1,
-            updated_at_ms: now_ms(),
-            updated_by: self.instance_id.clone(),
-            in_doubt: mark,
-            ..stored.clone()
-        };
+        let new = stored.marked_in_doubt(mark, now_ms(), &self.instance_id);
         let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         Ok(new)
@@ -483,18 +462,7 @@ impl Refresher {
         stored: &StoredState,
         why: String,
     ) -> Result<RefreshResult, Failure> {
-        let t = now_ms();
-        let marker = StoredState {
-            generation: stored.generation + 1,
-            access_token: None,
-            access_expires_at_ms: None,
-            refresh_token: None,
-            obtained_at_ms: stored.obtained_at_ms,
-            updated_at_ms: t,
-            updated_by: self.instance_id.clone(),
-            reauthorization_required: Some(why.clone()),
-            ..Default::default()
-        };
+        let marker = stored.requiring_reauthorization(why.clone(), now_ms(), &self.instance_id);
         match store
             .compare_and_swap(self.name(), stored.generation, &marker)
             .await
