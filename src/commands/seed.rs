@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 
 use crate::config::{Config, Grant};
 use crate::secret::Secret;
-use crate::store::{now_ms, CasOutcome, StoredState};
+use crate::store::{now_ms, CasOutcome, NewGrant, StoredState};
 
 /// What `seed` stores.
 pub enum Seed<'a> {
@@ -114,13 +114,10 @@ pub async fn store_new_grant(
         let current = store.load(credential).await?;
         let expected = current.as_ref().map(|s| s.generation).unwrap_or(0);
         let now = now_ms();
-        let state = StoredState {
-            generation: expected + 1,
+        let grant = NewGrant {
             access_expires_at_ms: access.as_ref().and_then(|a| a.1),
             access_token: access.as_ref().map(|a| a.0.clone()),
             refresh_token: refresh_token.clone(),
-            authorized_at_ms: Some(now),
-            moved: None,
             refresh_expires_at_ms: refresh_token.as_ref().and(rules.as_ref()).and_then(|r| {
                 crate::credential::policy::refresh_token_expiry(
                     now,
@@ -130,17 +127,14 @@ pub async fn store_new_grant(
                     Some(now),
                 )
             }),
-            obtained_at_ms: now,
-            updated_at_ms: now,
-            updated_by: format!("{} (seed)", cfg.runtime.instance_id),
-            reauthorization_required: None,
             answer_fields: answer_fields.clone(),
             issued_to: cfg
                 .credentials
                 .get(credential)
                 .map(|c| c.token_endpoint_identity()),
-            in_doubt: None,
         };
+        let by = format!("{} (seed)", cfg.runtime.instance_id);
+        let state = StoredState::new_grant(expected, grant, now, &by);
         match store.compare_and_swap(credential, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),
             CasOutcome::Conflict { .. } => continue,

@@ -250,16 +250,9 @@ pub async fn import(cfg: Config, args: ImportArgs) -> anyhow::Result<()> {
         eprintln!("note: this bundle is a backup (export --copy): if its source has refreshed since, its refresh token is spent, and the first refresh will be rejected (re-authorize then)");
     }
     let current_gen = current.as_ref().map_or(0, |s| s.generation);
-    let new = StoredState {
-        generation: current_gen.max(contents.state.generation) + 1,
-        updated_at_ms: now_ms(),
-        updated_by: format!("{} (import)", cfg.runtime.instance_id),
-        moved: None,
-        reauthorization_required: None,
-        // Checked above (or overridden by --force): the token is ours to send.
-        issued_to: Some(ours),
-        ..contents.state.clone()
-    };
+    let by = format!("{} (import)", cfg.runtime.instance_id);
+    // Checked above (or overridden by --force): the token is ours to send.
+    let new = contents.state.imported(current_gen, ours, now_ms(), &by);
     match store.compare_and_swap(name, current_gen, &new).await? {
         CasOutcome::Swapped => {}
         CasOutcome::Conflict { current_generation } => bail!(
@@ -304,16 +297,7 @@ async fn mark_moved(
     moved: Moved,
     by: &str,
 ) -> anyhow::Result<()> {
-    let marker = StoredState {
-        generation: state.generation + 1,
-        access_token: None,
-        access_expires_at_ms: None,
-        refresh_token: None,
-        updated_at_ms: moved.at_ms,
-        updated_by: format!("{by} (export)"),
-        moved: Some(moved),
-        ..state.clone()
-    };
+    let marker = state.moved_to(moved, &format!("{by} (export)"));
     match store.compare_and_swap(name, state.generation, &marker).await? {
         CasOutcome::Swapped => Ok(()),
         CasOutcome::Conflict { current_generation } => bail!(

@@ -6,7 +6,8 @@
 //! - [`on_demand`]: requests waiting for a refresh;
 //! - [`status`]: `/status` and the gauges;
 //! - [`schedule`] and [`policy`]: the decisions, as pure functions of time and state;
-//! - [`refresher`]: one task per credential, per grant family.
+//! - [`refresher`]: one task per credential, per grant family; its own decisions are pure
+//!   functions too (`refresher/decide/`).
 
 mod error;
 mod on_demand;

@@ -241,13 +241,46 @@ mod tests {
     use super::*;
 
     const T: Duration = Duration::from_secs(2);
+    const NOW: u64 = 10_000;
 
     fn backing_off(retry_in: u64, failed_ago: u64, brought_forward: bool) -> Backoff {
         Backoff {
-            retry_at_ms: Some(10_000 + retry_in),
-            last_failure_ms: 10_000 - failed_ago,
+            retry_at_ms: Some(NOW + retry_in),
+            last_failure_ms: NOW - failed_ago,
             brought_forward,
-            step_retry_ms: Some(10_000 + retry_in),
+            step_retry_ms: Some(NOW + retry_in),
+        }
+    }
+
+    /// What a request arriving at `NOW` finds: when the next attempt can start, whether
+    /// it waits for it (bound 2 s), and whether it brings the retry forward.
+    #[test]
+    fn what_a_request_finds_while_backing_off() {
+        let moved = |to: u64, from: u64, failed_ago: u64| Backoff {
+            retry_at_ms: Some(to),
+            last_failure_ms: NOW - failed_ago,
+            brought_forward: true,
+            step_retry_ms: Some(from),
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("no backoff: now", Backoff::default(), NOW, true, None),
+            ("retry overdue: now", backing_off(0, 5_000, false), NOW, true, None),
+            ("retry within 1 s: waited for", backing_off(800, 100, false), 10_800, true, None),
+            ("retry at exactly 1 s: waited for", backing_off(1_000, 100, false), 11_000, true, None),
+            ("far retry, fresh failure: 250 ms after it", backing_off(4_000, 100, false), 10_150, true, Some(moved(10_150, 14_000, 100))),
+            ("far retry, old failure: now", backing_off(4_000, 3_000, false), NOW, true, Some(moved(NOW, 14_000, 3_000))),
+            ("far retry brought forward already: the step's own", backing_off(4_000, 100, true), 14_000, false, None),
+            ("retry brought forward, near: kept", backing_off(150, 100, true), 10_150, true, None),
+        ];
+        for (case, b, earliest, waits, brought) in cases {
+            assert_eq!(
+                earliest_attempt(NOW, b),
+                earliest,
+                "{case}: earliest attempt"
+            );
+            assert_eq!(waits_for_attempt(NOW, b, T), waits, "{case}: waits");
+            assert_eq!(bring_forward(NOW, b), brought, "{case}: brought forward");
         }
     }
 
@@ -255,43 +288,148 @@ mod tests {
     /// its budget: a brought-forward retry 250 ms after the failure, or the step's own.
     #[test]
     fn waiting_through_a_failure() {
-        let now = 10_000;
-        // Not brought forward yet: the retry comes 250 ms after the failure.
-        let b = backing_off(3000, 0, false);
-        assert!(attempt_finishes_by(now, b, T, now + 2250));
-        assert!(!attempt_finishes_by(now, b, T, now + 2249));
-        // Already brought forward: the step's own retry, 3 s away.
-        let b = backing_off(3000, 0, true);
-        assert!(attempt_finishes_by(now, b, T, now + 5000));
-        assert!(!attempt_finishes_by(now, b, T, now + 4999));
+        #[rustfmt::skip]
+        let cases = [
+            ("not brought forward: retry 250 ms after the failure, finishes in time", backing_off(3_000, 0, false), NOW + 2_250, true),
+            ("not brought forward: 1 ms too late", backing_off(3_000, 0, false), NOW + 2_249, false),
+            ("brought forward already: the step's own retry 3 s away, in time", backing_off(3_000, 0, true), NOW + 5_000, true),
+            ("brought forward already: 1 ms too late", backing_off(3_000, 0, true), NOW + 4_999, false),
+            ("no backoff: an attempt now", Backoff::default(), NOW + 2_000, true),
+        ];
+        for (case, b, deadline, finishes) in cases {
+            assert_eq!(attempt_finishes_by(NOW, b, T, deadline), finishes, "{case}");
+        }
+    }
+
+    #[test]
+    fn the_backoff_after_a_failure() {
+        let d = Duration::from_secs(4);
+        let step = |at: u64| Backoff {
+            retry_at_ms: Some(at),
+            last_failure_ms: NOW,
+            brought_forward: false,
+            step_retry_ms: Some(at),
+        };
+        let brought = Backoff {
+            retry_at_ms: Some(NOW - 100),
+            last_failure_ms: NOW - 400,
+            brought_forward: true,
+            step_retry_ms: Some(NOW + 3_000),
+        };
+        let kept = Backoff {
+            retry_at_ms: Some(NOW + 3_000),
+            last_failure_ms: NOW,
+            brought_forward: true,
+            step_retry_ms: Some(NOW + 3_000),
+        };
+        let brought_late = Backoff {
+            step_retry_ms: Some(NOW),
+            ..brought
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("first failure: a new step", Backoff::default(), step(NOW + 4_000), true),
+            ("the step's own retry failed: a new step", backing_off(0, 4_000, false), step(NOW + 4_000), true),
+            ("a brought-forward attempt failed: the step stands", brought, kept, false),
+            ("brought forward, the step's own time passed: a new step", brought_late, step(NOW + 4_000), true),
+        ];
+        for (case, b, expected, new_step) in cases {
+            assert_eq!(after_failure(NOW, b, d), (expected, new_step), "{case}");
+        }
+    }
+
+    #[test]
+    fn how_an_upstream_401_is_treated() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Two minutes after the start of the test's history.
+        let t0 = Instant::now() + s(120);
+        let spacing = |ago: Duration, gap: Duration| Some(Spacing { at: t0 - ago, gap });
+        let next = |gap: Duration| Some(Spacing { at: t0, gap });
+        #[rustfmt::skip]
+        let cases = [
+            ("worked before: refresh now", true, None, On401::RefreshRevoked, None),
+            ("worked before, spaced refreshes pending: refresh now", true, spacing(ms(10), s(8)), On401::RefreshRevoked, None),
+            ("never worked, first: refresh, then 1 s apart", false, None, On401::RefreshUnproven, next(MIN_401_GAP)),
+            ("never worked, within the gap: spaced", false, spacing(ms(500), s(1)), On401::Spaced, spacing(ms(500), s(1))),
+            ("never worked, after the gap: refresh, gap doubled", false, spacing(ms(1_500), s(1)), On401::RefreshUnproven, next(s(2))),
+            ("never worked, gap at its cap", false, spacing(s(59), s(40)), On401::RefreshUnproven, next(MAX_401_GAP)),
+            ("never worked, quiet for over a minute: 1 s again", false, spacing(s(120), s(8)), On401::RefreshUnproven, next(MIN_401_GAP)),
+        ];
+        for (case, had_worked, last, decision, spacing) in cases {
+            assert_eq!(on_401(t0, had_worked, last), (decision, spacing), "{case}");
+        }
+    }
+
+    #[test]
+    fn lease_rules() {
+        let s = Duration::from_secs;
+        #[rustfmt::skip]
+        let cases = [
+            ("30 s TTL: renewed every 10 s, sends secured for 11 s", s(30), s(10), s(10), s(11)),
+            ("a TTL shorter than the request: secured for the request", s(9), s(3), s(6), s(7)),
+        ];
+        for (case, ttl, renew, token_timeout, needed) in cases {
+            assert_eq!(lease_renew_interval(ttl), renew, "{case}");
+            // The whole request, whatever the TTL (a shorter lease is extended for it).
+            assert_eq!(lease_needed_to_send(token_timeout), needed, "{case}");
+        }
+    }
+
+    #[test]
+    fn rollback_is_an_older_generation_of_no_newer_authorization() {
+        #[rustfmt::skip]
+        let cases = [
+            ("older generation, same authorization", 5, Some(100), 8, Some(100), true),
+            ("older generation, none recorded", 5, None, 8, None, true),
+            ("older generation, an older authorization", 5, Some(50), 8, Some(100), true),
+            ("the generation seen", 8, Some(100), 8, Some(100), false),
+            ("a newer generation", 9, Some(100), 8, Some(100), false),
+            ("seeded again into an emptied store", 1, Some(200), 8, Some(100), false),
+        ];
+        for (case, stored, stored_auth, known, known_auth, rolled) in cases {
+            assert_eq!(
+                rolled_back(stored, stored_auth, known, known_auth),
+                rolled,
+                "{case}"
+            );
+        }
     }
 
     #[test]
     fn refresh_token_lifetimes() {
         let d = |days: u64| Duration::from_secs(days * 86400);
         let day = 86_400_000;
-        // ELMA365: 14 days after the authorization, whatever happens.
-        assert_eq!(
-            refresh_token_expiry(5 * day, None, None, Some(d(14)), Some(day)),
-            Some(15 * day)
-        );
-        // Xero: 60 days idle, counted from the last refresh.
-        assert_eq!(
-            refresh_token_expiry(5 * day, None, Some(d(60)), None, None),
-            Some(65 * day)
-        );
-        // The earliest of all, stated lifetimes included.
-        assert_eq!(
-            refresh_token_expiry(5 * day, Some(d(1)), Some(d(60)), Some(d(14)), Some(0)),
-            Some(6 * day)
-        );
-        assert_eq!(
-            refresh_token_expiry(5 * day, None, None, Some(d(14)), None),
-            None
-        );
-        // Kept alive a day before a 60-day idle expiry; a tenth before a short one.
-        assert_eq!(keep_alive_at(0, d(60)), 59 * day);
-        assert_eq!(keep_alive_at(0, Duration::from_secs(100)), 90_000);
+        #[rustfmt::skip]
+        let cases = [
+            ("ELMA365: 14 days after the authorization", None, None, Some(d(14)), Some(day), Some(15 * day)),
+            ("Xero: 60 days idle, from the last refresh", None, Some(d(60)), None, None, Some(65 * day)),
+            ("the earliest of all, stated included", Some(d(1)), Some(d(60)), Some(d(14)), Some(0), Some(6 * day)),
+            ("stated only", Some(d(30)), None, None, None, Some(35 * day)),
+            ("absolute lifetime, authorization unknown", None, None, Some(d(14)), None, None),
+            ("nothing known", None, None, None, Some(day), None),
+        ];
+        for (case, stated, idle, absolute, authorized, expected) in cases {
+            assert_eq!(
+                refresh_token_expiry(5 * day, stated, idle, absolute, authorized),
+                expected,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn keep_alive_refreshes() {
+        let day = 86_400_000;
+        #[rustfmt::skip]
+        let cases = [
+            ("60-day idle lifetime: a day before", Duration::from_secs(60 * 86_400), 59 * day),
+            ("100 s idle lifetime: a tenth before", Duration::from_secs(100), 90_000),
+            ("10-day idle lifetime: a day before", Duration::from_secs(10 * 86_400), 9 * day),
+        ];
+        for (case, idle, expected) in cases {
+            assert_eq!(keep_alive_at(0, idle), expected, "{case}");
+        }
     }
 
     #[test]
@@ -300,58 +438,24 @@ mod tests {
         let s = Duration::from_secs;
         let sent: Vec<Instant> = (0..10).map(|i| t0 + s(i * 10)).collect();
         let now = t0 + s(100);
-        // Ten in the last 10 minutes: the next when the oldest leaves the window.
-        assert_eq!(
-            refresh_not_before(now, &sent, Some((10, s(600))), None, None),
-            Some(t0 + s(600))
-        );
-        assert_eq!(
-            refresh_not_before(now, &sent[..9], Some((10, s(600))), None, None),
-            None
-        );
-        // Too young a token waits for its minimum age.
-        assert_eq!(
-            refresh_not_before(now, &[], None, Some(t0 + s(90)), Some(s(60))),
-            Some(t0 + s(150))
-        );
-        assert_eq!(
-            refresh_not_before(now, &[], None, Some(t0), Some(s(60))),
-            None
-        );
-    }
-
-    #[test]
-    fn lease_rules() {
-        let s = Duration::from_secs;
-        assert_eq!(lease_renew_interval(s(30)), s(10));
-        // The whole request, whatever the TTL (a shorter lease is extended for it).
-        assert_eq!(lease_needed_to_send(s(10)), s(11));
-        assert_eq!(lease_needed_to_send(s(6)), s(7));
-    }
-
-    #[test]
-    fn rollback_is_an_older_generation_of_no_newer_authorization() {
-        assert!(rolled_back(5, Some(100), 8, Some(100)));
-        assert!(rolled_back(5, None, 8, None));
-        assert!(!rolled_back(8, Some(100), 8, Some(100)));
-        assert!(!rolled_back(9, Some(100), 8, Some(100)));
-        // Seeded again into an emptied store: generation 1 of a newer grant.
-        assert!(!rolled_back(1, Some(200), 8, Some(100)));
-    }
-
-    #[test]
-    fn no_backoff_means_now() {
-        assert_eq!(earliest_attempt(10_000, Backoff::default()), 10_000);
-        assert!(waits_for_attempt(10_000, Backoff::default(), T));
-        assert_eq!(bring_forward(10_000, Backoff::default()), None);
-    }
-
-    #[test]
-    fn a_near_retry_is_waited_for() {
-        let b = backing_off(800, 100, false);
-        assert_eq!(earliest_attempt(10_000, b), 10_800);
-        assert!(waits_for_attempt(10_000, b, T));
-        assert_eq!(bring_forward(10_000, b), None);
+        let zoho = Some((10, s(600)));
+        let none: &[Instant] = &[];
+        #[rustfmt::skip]
+        let cases = [
+            ("ten in the window: when the oldest leaves it", &sent[..], zoho, None, None, Some(t0 + s(600))),
+            ("nine in the window: now", &sent[..9], zoho, None, None, None),
+            ("no limit: now", &sent[..], None, None, None, None),
+            ("too young a token: at its minimum age", none, None, Some(t0 + s(90)), Some(s(60)), Some(t0 + s(150))),
+            ("old enough: now", none, None, Some(t0), Some(s(60)), None),
+            ("both: the later", &sent[..], zoho, Some(t0 + s(90)), Some(s(60)), Some(t0 + s(600))),
+        ];
+        for (case, sent, limit, obtained, min_age, expected) in cases {
+            assert_eq!(
+                refresh_not_before(now, sent, limit, obtained, min_age),
+                expected,
+                "{case}"
+            );
+        }
     }
 
     #[test]
@@ -411,17 +515,6 @@ mod tests {
             }
         }
         assert!((30..=61).contains(&attempts), "{attempts} attempts");
-    }
-
-    #[test]
-    fn a_401_to_a_token_that_worked_refreshes_now_every_time() {
-        let t0 = Instant::now();
-        let spaced = Some(Spacing {
-            at: t0,
-            gap: Duration::from_secs(8),
-        });
-        assert_eq!(on_401(t0, true, spaced), (On401::RefreshRevoked, None));
-        assert_eq!(on_401(t0, true, None).0, On401::RefreshRevoked);
     }
 
     #[test]

@@ -61,48 +61,88 @@ pub fn rotated_token_due(
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_token_rotated_elsewhere_is_adopted_unless_itself_due() {
-        let min = Duration::from_secs(60);
-        // 10 min token (lead 2 min): adopted with 5 min left, refreshed with 30 s left.
-        assert!(!rotated_token_due(300_000, 0, Some(600_000), 0.8, min));
-        assert!(rotated_token_due(570_000, 0, Some(600_000), 0.8, min));
-        // Already expired, or no expiry known: refreshed.
-        assert!(rotated_token_due(700_000, 0, Some(600_000), 0.8, min));
-        assert!(rotated_token_due(0, 0, None, 0.8, min));
-    }
-
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn how_long_before_expiry_a_refresh_starts() {
+        #[rustfmt::skip]
+        let cases = [
+            ("24 h token: the fraction (20%)", S(86_400), 0.8, MIN, S(17_280)),
+            ("10 min token: the fraction (2 min)", S(600), 0.8, MIN, S(120)),
+            ("4 min token: refresh_before over the fraction", S(240), 0.8, MIN, S(60)),
+            ("4 s token: refresh_before capped at half the lifetime", S(4), 0.8, MIN, S(2)),
+            ("refresh_at 0.5: half the lifetime", S(600), 0.5, MIN, S(300)),
+            ("refresh_at 1.0: refresh_before alone", S(600), 1.0, MIN, S(60)),
+        ];
+        for (case, lifetime, refresh_at, refresh_before, expected) in cases {
+            assert_eq!(
+                lead(lifetime, refresh_at, refresh_before),
+                expected,
+                "{case}"
+            );
+        }
+    }
 
     #[test]
     fn design_examples() {
-        let h = |s: u64| Duration::from_secs(s);
-        // 24 h token refreshes ~19 h in; 10 min ~8 min in; 4 s ~2 s in (no jitter).
-        assert_eq!(refresh_after(h(86400), 0.8, MIN, 0.0), h(69120));
-        assert_eq!(refresh_after(h(600), 0.8, MIN, 0.0), h(480));
-        assert_eq!(refresh_after(h(4), 0.8, MIN, 0.0), h(2));
-        // Jitter moves it earlier by at most 5% of the lifetime.
-        assert_eq!(refresh_after(h(600), 0.8, MIN, 1.0), h(450));
+        #[rustfmt::skip]
+        let cases = [
+            ("24 h token refreshes ~19 h in", S(86_400), 0.0, S(69_120)),
+            ("10 min token ~8 min in", S(600), 0.0, S(480)),
+            ("4 s token ~2 s in", S(4), 0.0, S(2)),
+            ("full jitter moves it 5% of the lifetime earlier", S(600), 1.0, S(450)),
+            ("half jitter: 2.5% earlier", S(600), 0.5, S(465)),
+        ];
+        for (case, lifetime, jitter01, expected) in cases {
+            assert_eq!(
+                refresh_after(lifetime, 0.8, MIN, jitter01),
+                expected,
+                "{case}"
+            );
+        }
     }
 
     #[test]
     fn backoff_grows_and_is_bounded() {
-        assert_eq!(backoff(0, None, 0.5), Duration::from_millis(500));
-        assert_eq!(backoff(3, None, 0.5), Duration::from_secs(4));
-        assert_eq!(
-            backoff(30, Some(Duration::from_secs(1000)), 0.5),
-            Duration::from_secs(60)
-        );
-        assert_eq!(backoff(30, None, 0.5), Duration::from_secs(5));
-        assert_eq!(
-            backoff(5, Some(Duration::from_secs(4)), 0.5),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            backoff(5, Some(Duration::ZERO), 0.5),
-            Duration::from_millis(200)
-        );
+        let ms = Duration::from_millis;
+        #[rustfmt::skip]
+        let cases = [
+            ("first failure: 0.5 s", 0, None, 0.5, ms(500)),
+            ("doubling: 4 s after three", 3, None, 0.5, S(4)),
+            ("no token left: capped at 5 s", 30, None, 0.5, S(5)),
+            ("a token left: capped at 60 s", 30, Some(S(1_000)), 0.5, S(60)),
+            ("half the remaining validity", 5, Some(S(4)), 0.5, S(2)),
+            ("never under 200 ms", 5, Some(Duration::ZERO), 0.5, ms(200)),
+            ("jitter low: x0.75", 1, None, 0.0, ms(750)),
+            ("jitter high: up to x1.25", 1, None, 1.0, ms(1_250)),
+            ("the shift stops growing after 7", 60, Some(S(100_000)), 0.5, S(60)),
+        ];
+        for (case, failures, remaining, jitter01, expected) in cases {
+            assert_eq!(backoff(failures, remaining, jitter01), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_token_rotated_elsewhere_is_adopted_unless_itself_due() {
+        // A 10 min token obtained at 0 (lead 2 min, half of it 1 min).
+        #[rustfmt::skip]
+        let cases = [
+            ("5 min left: adopted", 300_000, 0, Some(600_000), false),
+            ("61 s left: adopted", 539_000, 0, Some(600_000), false),
+            ("60 s left: refreshed", 540_000, 0, Some(600_000), true),
+            ("30 s left: refreshed", 570_000, 0, Some(600_000), true),
+            ("already expired: refreshed", 700_000, 0, Some(600_000), true),
+            ("no expiry known: refreshed", 0, 0, None, true),
+        ];
+        for (case, now_ms, obtained_ms, expires_ms, due) in cases {
+            assert_eq!(
+                rotated_token_due(now_ms, obtained_ms, expires_ms, 0.8, MIN),
+                due,
+                "{case}"
+            );
+        }
     }
 }

@@ -333,23 +333,14 @@ fn rolled_back(name: &str, mark: u64, older: Option<StoredState>) -> StoredState
         ),
     };
     // Who wrote the refused state and when stay visible (`tokenrelay status`); its tokens do not.
-    let (obtained_at_ms, updated_at_ms, updated_by) = older
-        .map(|s| (s.obtained_at_ms, s.updated_at_ms, s.updated_by))
-        .unwrap_or_default();
-    StoredState {
-        generation: mark,
-        access_token: None,
-        access_expires_at_ms: None,
-        refresh_token: None,
-        reauthorization_required: Some(format!(
+    StoredState::rollback_refused(
+        mark,
+        older,
+        format!(
             "{what} Obtain a new refresh token and run `tokenrelay seed --credential {name}` \
              or `tokenrelay authorize --credential {name}`."
-        )),
-        obtained_at_ms,
-        updated_at_ms,
-        updated_by,
-        ..Default::default()
-    }
+        ),
+    )
 }
 
 struct FileLease {

@@ -12,7 +12,10 @@ pub(crate) mod etcd;
 pub(crate) mod file;
 pub(crate) mod filesystem;
 pub(crate) mod redis;
+mod state;
 mod watcher;
+
+pub use state::{InDoubt, Moved, NewGrant, Rotation, StoredState};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,86 +25,7 @@ use tokio::sync::watch;
 
 pub use crate::config::IssuedTo;
 use crate::config::{StoreBackend, StoreConfig};
-use crate::secret::Secret;
 use codec::CodecError;
-
-/// What is stored per credential. Generation 0 means "nothing stored yet".
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StoredState {
-    /// +1 per rotation (and per seed/authorize/rejection); the CAS key.
-    pub generation: u64,
-    pub access_token: Option<Secret>,
-    /// Unix time (milliseconds) at which the access token expires.
-    pub access_expires_at_ms: Option<u64>,
-    pub refresh_token: Option<Secret>,
-    /// Unix time (ms) the token pair was obtained from the token endpoint.
-    pub obtained_at_ms: u64,
-    pub updated_at_ms: u64,
-    /// Instance id of the writer (host/pid or the configured id).
-    pub updated_by: String,
-    /// Set when the refresh token was rejected (`invalid_grant`): why, and that a human
-    /// must seed or authorize again. Never cleared except by a new seed/authorize.
-    pub reauthorization_required: Option<String>,
-    /// When the grant was authorized (`authorize`/`seed`); refresh tokens with an
-    /// absolute lifetime die that long after it.
-    pub authorized_at_ms: Option<u64>,
-    /// When the current refresh token dies unless used again before (idle lifetime), or
-    /// at the latest (absolute lifetime, or what the token endpoint said): the earlier.
-    pub refresh_expires_at_ms: Option<u64>,
-    /// Set by `tokenrelay export` (a handover): the tokens went elsewhere, and no process
-    /// using this store refreshes the credential until an import brings it back.
-    pub moved: Option<Moved>,
-    /// Extra fields of the token answers that are not secret but needed later, e.g.
-    /// Salesforce's `instance_url` (see `answer_fields`): stored with the token so a
-    /// replica adopting it, or a restart, routes the upstream the same way. A refresh
-    /// answer that omits a field keeps its previous value.
-    pub answer_fields: std::collections::BTreeMap<String, String>,
-    /// Who the refresh token was issued to. A config naming another token endpoint or
-    /// client never sends it (after a restart as well as a reload). `None` in states
-    /// written before it was recorded; the next write records it.
-    pub issued_to: Option<IssuedTo>,
-    /// Set when an attempt with the stored refresh token ended in doubt (it may have
-    /// reached the token endpoint and no usable answer came back). Stored, so that no
-    /// process presents the token more than once again. Cleared by the next write of a
-    /// new state.
-    pub in_doubt: Option<InDoubt>,
-}
-
-/// An attempt whose outcome is unknown, recorded with the refresh token it presented.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct InDoubt {
-    /// When the attempt ended (Unix ms).
-    pub at_ms: u64,
-    /// What happened (no token value: the error of the attempt).
-    pub cause: String,
-    /// The one retry the token is allowed has been made (or was about to be when the
-    /// writer stopped): it is not presented again.
-    pub retried: bool,
-}
-
-/// Where and when a credential was handed over.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Moved {
-    /// What the operator named the destination (`export --to`), or the bundle file.
-    pub to: String,
-    pub at_ms: u64,
-    /// The handover's random id, recorded in its bundle too: that bundle brought back
-    /// here is refused, since its refresh token belongs to the destination now. `None`
-    /// in markers written before it was recorded (older versions ignore it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handover_id: Option<String>,
-}
-
-impl StoredState {
-    /// A long-lived access token stored without a refresh token (YooMoney; amoCRM's
-    /// long-lived tokens): used as it is, never refreshed.
-    pub fn is_long_lived(&self) -> bool {
-        self.refresh_token.is_none()
-            && self.access_token.is_some()
-            && self.reauthorization_required.is_none()
-            && self.moved.is_none()
-    }
-}
 
 pub use crate::clock::now_ms;
 pub use codec::Codec;

@@ -47,6 +47,16 @@ pub fn after_unknown(mark: Option<&InDoubt>, e: &TokenError, now_ms: u64) -> Opt
     }
 }
 
+/// The mark to store back when the retry `mark` claims as made never left (the lease was
+/// not confirmed, or the request certainly was not sent): owed again, so that nobody
+/// gives the token up for a presentation that never happened. `None`: no retry claimed.
+pub fn still_owed(mark: Option<&InDoubt>) -> Option<InDoubt> {
+    mark.filter(|m| m.retried).map(|m| InDoubt {
+        retried: false,
+        ..m.clone()
+    })
+}
+
 /// Why re-authorization is needed when the retry's outcome is unknown too.
 pub fn second_unknown_reason(mark: Option<&InDoubt>, e: &TokenError) -> String {
     let first = mark.map_or_else(String::new, |m| {
@@ -115,6 +125,18 @@ mod tests {
         assert_eq!(first.at_ms, 5);
         assert!(first.cause.contains("502"));
         assert_eq!(after_unknown(Some(&mark(true)), &unknown(), 6), None);
+    }
+
+    #[test]
+    fn a_retry_that_never_left_is_owed_again() {
+        let cases = [
+            ("no mark", None, None),
+            ("retry owed already", Some(mark(false)), None),
+            ("retry claimed", Some(mark(true)), Some(mark(false))),
+        ];
+        for (case, claimed, owed) in cases {
+            assert_eq!(still_owed(claimed.as_ref()), owed, "{case}");
+        }
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! rotating `refresh_token` grant it follows the store protocol of DESIGN.md: take the
 //! lease, re-read, adopt if the generation moved, else call the token endpoint, write the
 //! new state with compare-and-swap durably, and only then publish it.
+//!
+//! What to do at each step is decided in [`decide`], by pure functions of the facts
+//! gathered here; this module and its grant modules gather them and do the I/O.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::clock::Instant;
 
@@ -16,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod decide;
 mod in_doubt;
 mod local;
 mod rotating;
@@ -24,16 +28,12 @@ mod static_file;
 pub use rotating::lease_ttl;
 
 use super::policy::{self, On401};
-use super::schedule;
 use super::{Credential, RefreshError, RefreshResult, Trigger};
 use crate::config::Grant;
 use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenClient, TokenClientError, TokenEndpoint};
 use crate::store::{now_ms, Store, StoredState};
-
-/// Consecutive upstream 401s (with no accepted answer between) after which a long-lived
-/// access token is taken as revoked.
-const LONG_LIVED_REJECTIONS: u32 = 3;
+use decide::{Ended, Hold, OnDemand, Unadopted, Wakeup};
 
 /// Outcome of one attempt, as the loop needs it.
 enum Attempt {
@@ -254,36 +254,43 @@ impl Refresher {
     /// them waiting for its outcome).
     fn on_demand(&mut self, trigger: Trigger, generation: u64) -> Option<Trigger> {
         let current = self.cred.usable(Instant::now());
-        if current.as_ref().is_some_and(|t| t.generation > generation) || self.idle {
-            self.cred.wake_waiters();
-            return None;
-        }
-        let backoff = self.cred.backoff();
-        if backoff.retry_at_ms.is_some_and(|at| at > now_ms()) {
-            // Failing refreshes keep their backoff; waiting requests may bring its retry
-            // forward once per step.
-            if let Some(moved) = policy::bring_forward(now_ms(), backoff) {
-                info!(credential = %self.name(), trigger = trigger.as_str(), "requests are waiting for a token: the next refresh attempt is brought forward");
-                self.cred.set_backoff(moved);
-            }
-            return None;
-        }
-        if self.long_lived {
-            if trigger == Trigger::Upstream401 {
-                self.long_lived_rejected(current.as_deref());
-            } else {
+        let decision = decide::on_demand(&decide::Demand {
+            trigger,
+            generation,
+            current: current.as_ref().map(|t| (t.generation, t.was_accepted())),
+            idle: self.idle,
+            long_lived: self.long_lived,
+            backoff: self.cred.backoff(),
+            last_401_refresh: self.last_401_refresh,
+            now: Instant::now(),
+            now_ms: now_ms(),
+        });
+        match decision {
+            OnDemand::WakeWaiters => {
                 self.cred.wake_waiters();
+                None
             }
-            return None;
+            OnDemand::KeepBackoff(moved) => {
+                if let Some(moved) = moved {
+                    info!(credential = %self.name(), trigger = trigger.as_str(), "requests are waiting for a token: the next refresh attempt is brought forward");
+                    self.cred.set_backoff(moved);
+                }
+                None
+            }
+            OnDemand::LongLivedRejected => {
+                self.long_lived_rejected(current.as_deref());
+                None
+            }
+            OnDemand::Refresh => Some(trigger),
+            OnDemand::Upstream401(decision, spacing) => {
+                self.last_401_refresh = spacing;
+                self.on_401(decision, trigger, generation)
+            }
         }
-        if trigger != Trigger::Upstream401 {
-            return Some(trigger);
-        }
-        let had_worked = current
-            .as_ref()
-            .is_some_and(|t| t.generation == generation && t.was_accepted());
-        let (decision, spacing) = policy::on_401(Instant::now(), had_worked, self.last_401_refresh);
-        self.last_401_refresh = spacing;
+    }
+
+    /// Logs what an upstream 401 set off; the trigger of the attempt to make now, if any.
+    fn on_401(&self, decision: On401, trigger: Trigger, generation: u64) -> Option<Trigger> {
         match decision {
             On401::RefreshRevoked => {
                 info!(credential = %self.name(), generation, "upstream rejected a token it had accepted before (revoked or expired early): refreshing now");
@@ -302,21 +309,19 @@ impl Refresher {
     }
 
     /// The upstream answered 401 to the long-lived token: after
-    /// [`LONG_LIVED_REJECTIONS`] in a row with no acceptance between, it is taken as
-    /// revoked and the credential needs re-authorization.
+    /// [`decide::demand::LONG_LIVED_REJECTIONS`] in a row with no acceptance between, it
+    /// is taken as revoked and the credential needs re-authorization.
     fn long_lived_rejected(&mut self, token: Option<&super::ActiveToken>) {
         let accepted_since = token.is_some_and(|t| t.was_accepted());
-        self.long_lived_rejections = if accepted_since {
-            1
-        } else {
-            self.long_lived_rejections + 1
-        };
+        let rejections = decide::rejected_long_lived(self.long_lived_rejections, accepted_since);
+        self.long_lived_rejections = rejections.in_a_row;
         if let Some(t) = token {
             t.reset_accepted();
         }
-        if self.long_lived_rejections >= LONG_LIVED_REJECTIONS {
+        if rejections.revoked {
             self.enter_reauthorization(format!(
-                "the upstream rejected the long-lived access token {LONG_LIVED_REJECTIONS} times in a row (revoked or expired); obtain a new one"
+                "the upstream rejected the long-lived access token {} times in a row (revoked or expired); obtain a new one",
+                decide::demand::LONG_LIVED_REJECTIONS
             ));
             self.idle = true;
         } else {
@@ -328,40 +333,34 @@ impl Refresher {
     /// When the loop should wake by itself: the earlier of the proactive refresh and
     /// the backoff retry; never while idle.
     fn next_wakeup(&mut self) -> Option<Instant> {
-        if self.idle {
-            return None;
-        }
-        if let Some(at_ms) = self.cred.backoff().retry_at_ms {
-            return Some(Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms())));
-        }
-        let token = self.cred.current()?;
-        if self.long_lived {
-            // Nothing to refresh: wake only when it expires, if that is known.
-            return token
-                .expiry_known
-                .then(|| token.expires_at - super::EXPIRY_MARGIN.min(token.lifetime / 4));
-        }
-        match self.scheduled {
-            Some((g, at)) if g == token.generation => Some(at),
-            _ => {
-                let lifetime = token.lifetime;
-                let after = schedule::refresh_after(
-                    lifetime,
-                    self.cred.config.refresh_at,
-                    self.cred.config.refresh_before.0,
-                    self.jitter.gen::<f64>(),
-                );
-                // `expires_at - lifetime` is when the token was published here.
-                let mut at = token.expires_at - lifetime + after;
-                if let (Some(idle), Some(obtained)) = (
-                    self.cred.config.refresh_token.idle_lifetime,
-                    self.refresh_obtained_ms,
-                ) {
-                    // A refresh token that would die unused is refreshed before it does.
-                    let keep_alive = policy::keep_alive_at(obtained, idle.0);
-                    let from_now = Duration::from_millis(keep_alive.saturating_sub(now_ms()));
-                    at = at.min(Instant::now() + from_now);
-                }
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let wake = decide::Wake {
+            idle: self.idle,
+            retry_at_ms: self.cred.backoff().retry_at_ms,
+            token: self.cred.current().map(|t| decide::TokenTimes {
+                generation: t.generation,
+                expires_at: t.expires_at,
+                lifetime: t.lifetime,
+                expiry_known: t.expiry_known,
+            }),
+            long_lived: self.long_lived,
+            scheduled: self.scheduled,
+            now,
+            now_ms,
+        };
+        match decide::wakeup(&wake) {
+            Wakeup::Never => None,
+            Wakeup::At(at) => Some(at),
+            Wakeup::Schedule(token) => {
+                let config = &self.cred.config;
+                let rules = decide::Proactive {
+                    refresh_at: config.refresh_at,
+                    refresh_before: config.refresh_before.0,
+                    idle_lifetime: config.refresh_token.idle_lifetime.map(|d| d.0),
+                    refresh_obtained_ms: self.refresh_obtained_ms,
+                };
+                let jitter01 = self.jitter.gen::<f64>();
+                let at = decide::proactive_refresh_at(token, rules, jitter01, now, now_ms);
                 self.scheduled = Some((token.generation, at));
                 Some(at)
             }
@@ -369,36 +368,34 @@ impl Refresher {
     }
 
     fn after(&mut self, outcome: Attempt) {
-        match outcome {
-            Attempt::Done => {
-                self.failures = 0;
-                self.cred.set_backoff(policy::Backoff::default());
-                self.idle = false;
-            }
-            Attempt::Idle => {
-                self.cred.set_backoff(policy::Backoff::default());
-                self.idle = true;
-                self.cred.wake_waiters();
-            }
+        let ended = match outcome {
+            Attempt::Done => Ended::Done,
+            Attempt::Idle => Ended::Idle,
             Attempt::Failed => {
-                let remaining = self
-                    .cred
-                    .usable(Instant::now())
-                    .map(|t| t.remaining(Instant::now()));
-                let mut delay =
-                    schedule::backoff(self.failures, remaining, self.jitter.gen::<f64>());
-                if let Some(at) = self.not_before.take() {
-                    delay = delay.max(at.saturating_duration_since(Instant::now()));
-                }
-                let (backoff, new_step) =
-                    policy::after_failure(now_ms(), self.cred.backoff(), delay);
-                if new_step {
-                    self.failures = self.failures.saturating_add(1);
-                }
-                self.cred.set_backoff(backoff);
-                // Now waiting requests can tell whether the retry comes in time for them.
-                self.cred.wake_waiters();
+                let now = Instant::now();
+                Ended::Failed(decide::Failed {
+                    remaining: self.cred.usable(now).map(|t| t.remaining(now)),
+                    jitter01: self.jitter.gen::<f64>(),
+                    limits_allow_in: self
+                        .not_before
+                        .take()
+                        .map(|at| at.saturating_duration_since(now)),
+                    now_ms: now_ms(),
+                })
             }
+        };
+        let pace = decide::Pace {
+            failures: self.failures,
+            idle: self.idle,
+            backoff: self.cred.backoff(),
+        };
+        let next = decide::after_attempt(pace, ended);
+        self.failures = next.pace.failures;
+        self.idle = next.pace.idle;
+        self.cred.set_backoff(next.pace.backoff);
+        if next.wake_waiters {
+            // Now waiting requests can tell whether the retry comes in time for them.
+            self.cred.wake_waiters();
         }
     }
 
@@ -456,7 +453,6 @@ impl Refresher {
         }
     }
 
-    /// Publishes a stored access token if it is still usable; true if it did.
     /// Takes note of a stored state's refresh-token facts (its expiry for `/status` and
     /// the metrics, when it was obtained for the keep-alive refresh).
     fn note_state(&mut self, s: &StoredState) {
@@ -468,29 +464,17 @@ impl Refresher {
         }
     }
 
+    /// Publishes a stored access token if it is worth adopting; true if it did.
     fn publish_stored(&mut self, s: &StoredState) -> bool {
         self.note_state(s);
-        let Some(tok) = &s.access_token else {
+        let (Some(adoptable), Some(tok)) = (decide::worth_adopting(s, now_ms()), &s.access_token)
+        else {
             return false;
-        };
-        let expires = match s.access_expires_at_ms {
-            Some(exp) => {
-                // Worth adopting only if it outlives the margin the cell applies anyway.
-                let lifetime = Duration::from_millis(exp.saturating_sub(s.obtained_at_ms));
-                let margin = super::EXPIRY_MARGIN.min(lifetime / 4);
-                if exp <= now_ms() + margin.as_millis() as u64 {
-                    return false;
-                }
-                Some(SystemTime::UNIX_EPOCH + Duration::from_millis(exp))
-            }
-            // A long-lived token stored without an expiry is used until rejected.
-            None if s.is_long_lived() => None,
-            None => return false,
         };
         if let Err(e) = self.cred.publish_with_fields(
             tok,
             s.generation,
-            expires,
+            adoptable.expires,
             s.answer_fields.clone(),
             // Adopted from the store: what the answer refused was logged where
             // it arrived.
@@ -505,50 +489,38 @@ impl Refresher {
         true
     }
 
-    /// Whether a stored state leaves nothing to do until the store changes again: handed
-    /// over elsewhere, or marked as needing re-authorization.
+    /// Whether a stored state leaves nothing to do until the store changes again (see
+    /// [`decide::hold`]); acts on it.
     fn stays_idle(&self, s: &StoredState) -> bool {
-        // A state that records whom its refresh token was issued to is judged by that
-        // (below), so a reload back to that token endpoint and client uses it again;
-        // one from an older version, which does not, is set aside after any change.
-        if s.issued_to.is_none() && self.foreign_up_to.is_some_and(|g| s.generation <= g) {
-            self.enter_reauthorization(format!(
-                "token_url or client_id changed by a config reload; the stored refresh token was issued for the previous ones and is not sent to others: run `tokenrelay seed --credential {0}` or `tokenrelay authorize --credential {0}`",
-                self.name()
-            ));
-            return true;
-        }
-        if let Some(to) = &s.issued_to {
-            let ours = self.cred.config.token_endpoint_identity();
-            if s.refresh_token.is_some() && *to != ours {
-                self.enter_reauthorization(format!(
-                    "the stored refresh token was issued to client_id {:?} at {}, but the config names client_id {:?} at {}; it is not sent to another token endpoint or client: run `tokenrelay seed --credential {name}` or `tokenrelay authorize --credential {name}` (or restore the previous token_url and client_id)",
-                    to.client_id, to.token_url, ours.client_id, ours.token_url, name = self.name()
-                ));
-                return true;
-            }
-        }
-        if self.stop_if_moved(s) {
-            return true;
-        }
-        if let Some(why) = &s.reauthorization_required {
-            self.enter_reauthorization(why.clone());
-            return true;
-        }
-        false
+        let ours = self.cred.config.token_endpoint_identity();
+        self.hold(decide::hold(s, self.foreign_up_to, &ours))
     }
 
-    /// A handed-over credential (`tokenrelay export`) is not refreshed here: true and
-    /// the credential shows `moved`. A state without the marker (an import) lifts it.
-    fn stop_if_moved(&self, s: &StoredState) -> bool {
-        let Some(m) = &s.moved else {
-            self.cred.set_moved(None);
-            return false;
-        };
-        warn!(credential = %self.name(), to = %m.to, "credential moved to another environment; this one stops using and refreshing it");
-        self.cred.clear();
-        self.cred.set_moved(Some(m.clone()));
-        true
+    /// Acts on what [`decide::hold`] said; true if there is nothing to do. A handed-over
+    /// credential (`tokenrelay export`) shows `moved`; a state without the marker (an
+    /// import) lifts it.
+    fn hold(&self, hold: Option<Hold>) -> bool {
+        match hold {
+            None => {
+                self.cred.set_moved(None);
+                false
+            }
+            Some(Hold::Moved(m)) => {
+                warn!(credential = %self.name(), to = %m.to, "credential moved to another environment; this one stops using and refreshing it");
+                self.cred.clear();
+                self.cred.set_moved(Some(m));
+                true
+            }
+            Some(h) => {
+                if matches!(h, Hold::Reauthorization(_)) {
+                    self.cred.set_moved(None);
+                }
+                if let Some(why) = h.reauthorization_reason(self.name()) {
+                    self.enter_reauthorization(why);
+                }
+                true
+            }
+        }
     }
 
     fn enter_reauthorization(&self, why: String) {
@@ -559,19 +531,16 @@ impl Refresher {
 
     /// Another process (replica, `seed`, `authorize`) changed the stored state.
     async fn on_store_change(&mut self) -> Attempt {
+        let unchanged = if self.idle {
+            Attempt::Idle
+        } else {
+            Attempt::Done
+        };
         let Some(Some(state)) = self.load().await else {
-            return if self.idle {
-                Attempt::Idle
-            } else {
-                Attempt::Done
-            };
+            return unchanged;
         };
         if state.generation <= self.known_generation {
-            return if self.idle {
-                Attempt::Idle
-            } else {
-                Attempt::Done
-            };
+            return unchanged;
         }
         self.known_generation = state.generation;
         if self.stays_idle(&state) {
@@ -583,14 +552,15 @@ impl Refresher {
                 .record(Trigger::Scheduled, RefreshResult::Adopted, None, None);
             return Attempt::Done;
         }
-        if state.refresh_token.is_some() {
-            // A seeded refresh token without an access token: redeem it now.
-            self.cred.set_reauthorization(None);
-            self.cred.set_unavailable_reason(None);
-            self.idle = false;
-            return self.attempt(Trigger::Startup).await;
+        match decide::unadopted(&state) {
+            Unadopted::Redeem => {
+                self.cred.set_reauthorization(None);
+                self.cred.set_unavailable_reason(None);
+                self.idle = false;
+                self.attempt(Trigger::Startup).await
+            }
+            Unadopted::Wait => Attempt::Idle,
         }
-        Attempt::Idle
     }
 
     /// One refresh attempt for `trigger`, recorded in metrics and `/status`.

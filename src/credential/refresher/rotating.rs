@@ -12,12 +12,13 @@ use tracing::{error, warn};
 
 use super::{Failure, Refresher};
 use crate::config::url_template::merge_fields;
-use crate::credential::{policy, schedule, RefreshError, RefreshResult, Trigger};
+use crate::credential::{policy, RefreshError, RefreshResult, Trigger};
 use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
-use crate::secret::Secret;
-use crate::store::{now_ms, CasOutcome, InDoubt, Lease, Store, StoredState};
+use crate::store::{now_ms, CasOutcome, InDoubt, Lease, Rotation, Store, StoredState};
 
+use super::decide::rotation::{LEASE_POLL, LONG_LIVED_EXPIRED, NO_REFRESH_TOKEN};
+use super::decide::{self, AfterAnswer, AfterRejection, LeaseBusy, Loaded, Spend, UnderLease};
 use super::in_doubt;
 
 /// How long a lease is taken for: well above the token request timeout, so a lease
@@ -50,10 +51,11 @@ impl Refresher {
                             return Ok(RefreshResult::Adopted);
                         }
                     }
-                    if Instant::now() >= deadline || self.shutdown.is_cancelled() {
-                        return Err(Failure::Error(RefreshError::LeaseBusy));
+                    let stopping = self.shutdown.is_cancelled();
+                    match decide::lease_busy(Instant::now(), deadline, stopping) {
+                        LeaseBusy::GiveUp => return Err(Failure::Error(RefreshError::LeaseBusy)),
+                        LeaseBusy::PollAgain => tokio::time::sleep(LEASE_POLL).await,
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
                     self.metrics.store_op("lease", false);
@@ -100,68 +102,73 @@ impl Refresher {
             }
             Some(Some(s)) => s,
         };
-        if policy::rolled_back(
-            stored.generation,
-            stored.authorized_at_ms,
-            self.known_generation,
-            self.newest_authorization_ms,
-        ) {
-            let why = format!(
-                "the stored state (generation {}) is older than the last one this process saw (generation {}): a backup restored, or a store that lost writes? Its refresh token has most likely been spent and is not sent",
-                stored.generation, self.known_generation
-            );
-            // A `seed` or `authorize` writes the generation after this one.
-            self.known_generation = stored.generation;
-            self.enter_reauthorization(why);
-            return Err(Failure::Idle);
-        }
-        self.note_state(&stored);
-        if self.stays_idle(&stored) {
-            self.known_generation = stored.generation;
-            return Err(Failure::Idle);
-        }
-        if stored.generation != self.known_generation {
-            // Rotated by another process since we last looked: adopt unless its token is
-            // itself due (then we refresh it, holding the lease).
-            let due = trigger != Trigger::Startup
-                && schedule::rotated_token_due(
-                    now_ms(),
-                    stored.obtained_at_ms,
-                    stored.access_expires_at_ms,
-                    self.cred.config.refresh_at,
-                    self.cred.config.refresh_before.0,
-                );
-            if !due && self.publish_stored(&stored) {
-                self.known_generation = stored.generation;
-                return Ok(RefreshResult::Adopted);
-            }
-        }
+        let ours = self.cred.config.token_endpoint_identity();
+        let under_lease = decide::under_lease(&Loaded {
+            stored: &stored,
+            known_generation: self.known_generation,
+            newest_authorization_ms: self.newest_authorization_ms,
+            set_aside_up_to: self.foreign_up_to,
+            ours: &ours,
+            trigger,
+            now_ms: now_ms(),
+            refresh_at: self.cred.config.refresh_at,
+            refresh_before: self.cred.config.refresh_before.0,
+        });
+        // Whatever follows, this is now the newest generation seen (a `seed` or
+        // `authorize` after a rollback writes the one after it).
         self.known_generation = stored.generation;
-        if stored.is_long_lived() {
-            // Never refreshed: used while valid, then a human must provide a new one.
-            if self.publish_stored(&stored) {
-                return Ok(RefreshResult::Adopted);
+        match under_lease {
+            UnderLease::RolledBack(why) => {
+                self.enter_reauthorization(why);
+                return Err(Failure::Idle);
             }
-            self.enter_reauthorization(
-                "the long-lived access token (stored without a refresh token) has expired; obtain a new one".into(),
-            );
-            return Err(Failure::Idle);
+            UnderLease::Hold(h) => {
+                self.note_state(&stored);
+                self.hold(Some(h));
+                return Err(Failure::Idle);
+            }
+            UnderLease::Adopt => {
+                self.note_state(&stored);
+                self.hold(None);
+                if self.publish_stored(&stored) {
+                    return Ok(RefreshResult::Adopted);
+                }
+            }
+            UnderLease::Refresh => {
+                self.note_state(&stored);
+                self.hold(None);
+            }
         }
-        self.long_lived = false;
-        let Some(refresh_token) = stored.refresh_token.clone() else {
-            self.enter_reauthorization("no refresh token is stored".into());
-            return Err(Failure::Idle);
+        let refresh_token = match decide::spend(&stored) {
+            Spend::LongLived => {
+                // Never refreshed: used while valid, then a human must provide a new one.
+                if self.publish_stored(&stored) {
+                    return Ok(RefreshResult::Adopted);
+                }
+                self.enter_reauthorization(LONG_LIVED_EXPIRED.into());
+                return Err(Failure::Idle);
+            }
+            Spend::NothingToSend => {
+                self.long_lived = false;
+                self.enter_reauthorization(NO_REFRESH_TOKEN.into());
+                return Err(Failure::Idle);
+            }
+            Spend::Send(refresh_token) => {
+                self.long_lived = false;
+                refresh_token.clone()
+            }
         };
+        let rotating = self.cred.config.refresh_token.rotating;
         let mut stored = stored;
         let mut trigger = trigger;
         let result = loop {
-            if self.cred.config.refresh_token.rotating {
+            if rotating {
                 match in_doubt::before_send(stored.in_doubt.as_ref()) {
                     in_doubt::BeforeSend::Send => {}
                     in_doubt::BeforeSend::MarkRetry(mark) => {
                         // The one retry is recorded before it leaves, so that no process
                         // (this one after a crash included) makes a second.
-                        stored = self.write_mark(store, &stored, Some(mark)).await?;
+                        stored = self.write_mark(store, &stored, mark).await?;
                     }
                     in_doubt::BeforeSend::GiveUp(why) => {
                         break self.dead_grant(store, &stored, why).await;
@@ -182,35 +189,32 @@ impl Refresher {
             let answer = client
                 .request(GrantRequest::RefreshToken(&refresh_token))
                 .await;
-            break match answer {
-                Ok(answer) => self.commit(store, &stored, refresh_token, answer).await,
-                Err(e) if e.is_invalid_grant() => {
-                    let why = in_doubt::rejection_reason(&e, stored.in_doubt.as_ref());
-                    self.rejected(store, &stored, e, why).await
+            let mark = stored.in_doubt.as_ref();
+            break match decide::after_answer(answer, rotating, mark, now_ms()) {
+                AfterAnswer::Commit(answer) => self.commit(store, &stored, *answer).await,
+                AfterAnswer::Rejected { error, why } => {
+                    self.rejected(store, &stored, error, why).await
                 }
-                Err(e) if e.is_in_doubt() && self.cred.config.refresh_token.rotating => {
-                    let Some(mark) =
-                        in_doubt::after_unknown(stored.in_doubt.as_ref(), &e, now_ms())
-                    else {
-                        self.metrics.in_doubt(self.name());
-                        let why = in_doubt::second_unknown_reason(stored.in_doubt.as_ref(), &e);
-                        break self.dead_grant(store, &stored, why).await;
-                    };
-                    warn!(credential = %self.name(), error = %e, "refresh outcome unknown: the same refresh token is presented once more when the lease's secured time has passed");
+                AfterAnswer::RetryOnce { error, mark } => {
+                    warn!(credential = %self.name(), error = %error, "refresh outcome unknown: the same refresh token is presented once more when the lease's secured time has passed");
                     self.cred.record(
                         trigger,
                         RefreshResult::InDoubt,
-                        Some(in_doubt::explanation(&e)),
+                        Some(in_doubt::explanation(&error)),
                         None,
                     );
-                    stored = self.write_mark(store, &stored, Some(mark)).await?;
+                    stored = self.write_mark(store, &stored, mark).await?;
                     // The lease stays held until the request it secured is over for the
                     // server too; only then does the retry leave.
                     tokio::time::sleep_until(secured_until).await;
                     trigger = Trigger::Expired;
                     continue;
                 }
-                Err(e) => {
+                AfterAnswer::GiveUp(why) => {
+                    self.metrics.in_doubt(self.name());
+                    self.dead_grant(store, &stored, why).await
+                }
+                AfterAnswer::Transient(e) => {
                     self.retry_still_owed(store, &stored).await;
                     Err(Failure::Error(e.into()))
                 }
@@ -226,18 +230,18 @@ impl Refresher {
 
     /// Makes what the answer carries durable, then publishes it. The old refresh token
     /// is dead at the server now, so the write is retried until it succeeds, however
-    /// long that takes. A new refresh token is
-    /// stored even when the answer's access-token part is unusable: the attempt then
-    /// fails, the current access token keeps serving, and the next attempt presents the
-    /// new refresh token.
+    /// long that takes. A new refresh token is stored even when the answer's
+    /// access-token part is unusable: the attempt then fails, the current access token
+    /// keeps serving, and the next attempt presents the new refresh token.
     async fn commit(
         &mut self,
         store: &Arc<dyn Store>,
         stored: &StoredState,
-        old_refresh: Secret,
         answer: TokenAnswer,
     ) -> Result<RefreshResult, Failure> {
         let now = now_ms();
+        let refresh_expires_at_ms = self.refresh_expiry(now, answer.refresh_expires_in, stored);
+        let issued_to = self.cred.config.token_endpoint_identity();
         let access = match answer.access {
             Ok(access) => access,
             Err(e) => {
@@ -245,22 +249,13 @@ impl Refresher {
                     // Nothing new to keep: the presented refresh token is still the live one.
                     return Err(Failure::Error(e.into()));
                 };
-                let new = StoredState {
-                    generation: stored.generation + 1,
-                    refresh_token: Some(refresh_token),
-                    refresh_expires_at_ms: self.refresh_expiry(
-                        now,
-                        answer.refresh_expires_in,
-                        stored,
-                    ),
-                    updated_at_ms: now,
-                    updated_by: self.instance_id.clone(),
-                    reauthorization_required: None,
-                    issued_to: Some(self.cred.config.token_endpoint_identity()),
-                    in_doubt: None,
-                    // The stored access token is still the one in use.
-                    ..stored.clone()
-                };
+                let new = stored.rotated_refresh_token_only(
+                    refresh_token,
+                    refresh_expires_at_ms,
+                    issued_to,
+                    now,
+                    &self.instance_id,
+                );
                 let new = self.write_durably(store, new).await?;
                 self.known_generation = new.generation;
                 self.cred.set_refresh_expiry(new.refresh_expires_at_ms);
@@ -270,31 +265,23 @@ impl Refresher {
                 return Err(Failure::Error(RefreshError::UnusableAccessToken(e)));
             }
         };
-        let new = StoredState {
-            generation: stored.generation + 1,
-            access_expires_at_ms: Some(now + access.expires_in.as_millis() as u64),
-            access_token: Some(access.token),
-            // RFC 6749 §6: no refresh_token in the answer means the old one stays valid.
-            refresh_token: Some(answer.refresh_token.unwrap_or(old_refresh)),
-            obtained_at_ms: now,
-            updated_at_ms: now,
-            updated_by: self.instance_id.clone(),
-            reauthorization_required: None,
-            authorized_at_ms: stored.authorized_at_ms,
-            refresh_expires_at_ms: self.refresh_expiry(now, answer.refresh_expires_in, stored),
-            moved: None,
+        let rotation = Rotation {
+            access_token: access.token,
+            access_expires_at_ms: now + access.expires_in.as_millis() as u64,
+            refresh_token: answer.refresh_token,
+            refresh_expires_at_ms,
             // A field this answer omits keeps its stored value (Salesforce sends
             // instance_url on some answers only).
             answer_fields: merge_fields(&stored.answer_fields, &answer.fields),
-            issued_to: Some(self.cred.config.token_endpoint_identity()),
-            in_doubt: None,
+            issued_to,
         };
+        let new = stored.rotated(rotation, now, &self.instance_id);
         let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         self.note_state(&new);
         self.cred
             .publish_with_fields(
-                new.access_token.as_ref().expect("set above"),
+                new.access_token.as_ref().expect("set by rotated"),
                 new.generation,
                 Some(
                     SystemTime::UNIX_EPOCH
@@ -312,7 +299,9 @@ impl Refresher {
     /// in memory: nothing is spent, so nothing can be lost. A rotating credential never
     /// does (`None`): it waits for the store.
     async fn refresh_without_store(&mut self) -> Option<Result<RefreshResult, Failure>> {
-        if self.cred.config.refresh_token.rotating || self.cred.usable(Instant::now()).is_some() {
+        let rotating = self.cred.config.refresh_token.rotating;
+        let holds_usable_token = self.cred.usable(Instant::now()).is_some();
+        if !decide::refresh_without_store(rotating, holds_usable_token) {
             return None;
         }
         let refresh_token = self.remembered_refresh_token.clone()?;
@@ -415,12 +404,8 @@ impl Refresher {
     /// request certainly was not sent): the mark goes back to "owed", so that nobody
     /// gives the token up for a presentation that never happened.
     async fn retry_still_owed(&mut self, store: &Arc<dyn Store>, stored: &StoredState) {
-        if let Some(d) = stored.in_doubt.as_ref().filter(|d| d.retried) {
-            let owed = InDoubt {
-                retried: false,
-                ..d.clone()
-            };
-            let _ = self.write_mark(store, stored, Some(owed)).await;
+        if let Some(owed) = in_doubt::still_owed(stored.in_doubt.as_ref()) {
+            let _ = self.write_mark(store, stored, owed).await;
         }
     }
 
@@ -429,15 +414,9 @@ impl Refresher {
         &mut self,
         store: &Arc<dyn Store>,
         stored: &StoredState,
-        mark: Option<InDoubt>,
+        mark: InDoubt,
     ) -> Result<StoredState, Failure> {
-        let new = StoredState {
-            generation: stored.generation + 1,
-            updated_at_ms: now_ms(),
-            updated_by: self.instance_id.clone(),
-            in_doubt: mark,
-            ..stored.clone()
-        };
+        let new = stored.marked_in_doubt(mark, now_ms(), &self.instance_id);
         let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         Ok(new)
@@ -458,14 +437,16 @@ impl Refresher {
         e: TokenError,
         why: String,
     ) -> Result<RefreshResult, Failure> {
-        if let Some(Some(now)) = self.load().await {
-            if now.generation != stored.generation {
-                self.known_generation = now.generation;
-                if self.publish_stored(&now) {
-                    return Ok(RefreshResult::Adopted);
-                }
-                return Err(Failure::Error(RefreshError::RejectedWhileRotated(e)));
+        let now = self.load().await.flatten();
+        let now_stored = now.as_ref().map(|s| s.generation);
+        if let (AfterRejection::Rotated, Some(now)) =
+            (decide::after_rejection(stored.generation, now_stored), now)
+        {
+            self.known_generation = now.generation;
+            if self.publish_stored(&now) {
+                return Ok(RefreshResult::Adopted);
             }
+            return Err(Failure::Error(RefreshError::RejectedWhileRotated(e)));
         }
         match self.dead_grant(store, stored, why).await {
             Err(Failure::Error(RefreshError::StoredStateChanged)) => {
@@ -483,18 +464,7 @@ impl Refresher {
         stored: &StoredState,
         why: String,
     ) -> Result<RefreshResult, Failure> {
-        let t = now_ms();
-        let marker = StoredState {
-            generation: stored.generation + 1,
-            access_token: None,
-            access_expires_at_ms: None,
-            refresh_token: None,
-            obtained_at_ms: stored.obtained_at_ms,
-            updated_at_ms: t,
-            updated_by: self.instance_id.clone(),
-            reauthorization_required: Some(why.clone()),
-            ..Default::default()
-        };
+        let marker = stored.requiring_reauthorization(why.clone(), now_ms(), &self.instance_id);
         match store
             .compare_and_swap(self.name(), stored.generation, &marker)
             .await
