@@ -46,6 +46,7 @@ pub struct Metrics {
     pub store_ops: IntCounterVec,
     lease_lost: IntCounterVec,
     in_doubt: IntCounterVec,
+    notifications: IntCounterVec,
     config_reloads: IntCounterVec,
     pub client_cert_expiry: IntGaugeVec,
 }
@@ -150,6 +151,11 @@ impl Metrics {
                 "Refresh attempts whose outcome is unknown: the request may have reached the token endpoint and no usable answer came back.",
                 &["credential"],
             ),
+            notifications: cv(
+                "tokenrelay_notifications_total",
+                "Webhook deliveries by event and result: success, failure (retried), expired (given up after an hour).",
+                &["event", "result"],
+            ),
             config_reloads: cv(
                 "tokenrelay_config_reloads_total",
                 "Config reloads (SIGHUP, tokenrelay reload, --watch-config), by result.",
@@ -243,6 +249,11 @@ impl Metrics {
     /// Counts a refresh attempt whose outcome is unknown.
     pub fn in_doubt(&self, credential: &str) {
         self.in_doubt.with_label_values(&[credential]).inc();
+    }
+
+    /// One webhook delivery attempt of `event` ended with `result`.
+    pub fn notification(&self, event: &str, result: &str) {
+        self.notifications.with_label_values(&[event, result]).inc();
     }
 
     /// Drops a removed credential's gauges, so no stale state (and no alert on it)

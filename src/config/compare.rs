@@ -15,8 +15,9 @@ pub struct IssuedTo {
 }
 
 /// Settings read once at startup; a reload that changes them keeps the running value.
-pub const RESTART_ONLY: [&str; 6] = [
+pub const RESTART_ONLY: [&str; 7] = [
     "admin",
+    "notify",
     "store",
     "runtime.worker_threads",
     "runtime.instance_id",
@@ -77,6 +78,7 @@ impl Config {
         let values = |c: &Config| {
             [
                 json(&c.admin),
+                json(&c.notify),
                 json(&c.store),
                 json(&c.runtime.worker_threads),
                 json(&c.runtime.instance_id),

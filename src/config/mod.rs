@@ -16,7 +16,7 @@ pub(crate) mod url_template;
 mod validate;
 mod warnings;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,6 +96,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub credentials: BTreeMap<String, CredentialConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub notify: NotifyConfig,
     /// Values filled in by provider presets: key path → `preset NAME` (for `check`).
     #[serde(skip)]
     pub origins: preset::Origins,
@@ -163,6 +164,58 @@ pub struct LogConfig {
     pub level: Option<String>,
     pub access_log: bool,
 }
+
+/// Who hears about credentials that need a person (`notify`).
+#[derive(Clone, Debug, Serialize)]
+pub struct NotifyConfig {
+    pub webhook: Option<WebhookConfig>,
+    pub expiring_before: HumanDuration,
+}
+
+/// A URL that gets a JSON POST for each event.
+#[derive(Clone, Debug, Serialize)]
+pub struct WebhookConfig {
+    pub url: Url,
+    /// The HMAC-SHA256 key read from `secret_file`.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+    pub events: BTreeSet<NotifyEvent>,
+}
+
+/// What a notification tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    ReauthorizationRequired,
+    Unavailable,
+    Recovered,
+    Moved,
+    RefreshTokenExpiring,
+}
+
+impl NotifyEvent {
+    pub const ALL: [NotifyEvent; 5] = [
+        NotifyEvent::ReauthorizationRequired,
+        NotifyEvent::Unavailable,
+        NotifyEvent::Recovered,
+        NotifyEvent::Moved,
+        NotifyEvent::RefreshTokenExpiring,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::ReauthorizationRequired => "reauthorization_required",
+            NotifyEvent::Unavailable => "unavailable",
+            NotifyEvent::Recovered => "recovered",
+            NotifyEvent::Moved => "moved",
+            NotifyEvent::RefreshTokenExpiring => "refresh_token_expiring",
+        }
+    }
+}
+
+/// Default of `notify.expiring_before`.
+pub const DEFAULT_EXPIRING_BEFORE: Duration = Duration::from_secs(72 * 3600);
 
 #[derive(Debug, Serialize)]
 pub struct RuntimeConfig {

@@ -26,6 +26,26 @@ pub struct RawConfig {
     pub credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub notify: RawNotify,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotify {
+    pub webhook: Option<RawWebhook>,
+    /// `refresh_token_expiring` fires once when a refresh token's known expiry is nearer.
+    pub expiring_before: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    /// HMAC-SHA256 key: the body's signature goes in `X-Tokenrelay-Signature`.
+    pub secret_file: Option<PathBuf>,
+    pub events: Option<Vec<String>>,
+    pub allow_insecure_http: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod config_file;
 mod credentials;
 mod listeners;
+mod notify;
 pub mod record;
 pub mod reloads;
 pub mod run;

@@ -92,6 +92,7 @@ pub async fn run_with(
             .on_sighup()
             .context("installing the SIGHUP handler")?;
     }
+    let notify_config = config.notify.clone();
     let mut instance = Instance::start(config, metrics.clone()).await?;
     let bound = Bound {
         admin: admin_listener.local_addr()?,
@@ -105,6 +106,14 @@ pub async fn run_with(
         config: config_status.clone(),
         reloads: reload_tx,
     });
+    let stop_notifier = CancellationToken::new();
+    let notifier = super::notify::spawn(
+        &notify_config,
+        instance.view(),
+        metrics.clone(),
+        reloading.path.clone(),
+        stop_notifier.clone(),
+    )?;
     let file = reloading.path.as_deref().map(ConfigFile::open);
     if let (Some(every), Some(file)) = (reloading.watch, &file) {
         reloads.watch(file.clone(), every);
@@ -134,6 +143,10 @@ pub async fn run_with(
         request.answer(outcome);
     }
     stop_triggers.cancel();
+    stop_notifier.cancel();
+    if let Some(n) = notifier {
+        let _ = n.await;
+    }
     instance.shutdown().await;
     admin_task.stop().await;
     info!("stopped");

@@ -2,6 +2,7 @@
 //! and the helpers the sections share here, one module per section.
 
 mod credential;
+mod notify;
 mod store;
 mod upstream;
 
@@ -27,6 +28,7 @@ pub(super) fn validate(
         listen: parse_listen(&mut p, "admin.listen", admin_listen),
     };
     let store = validate_store(&mut p, raw.store);
+    let notify = notify::validate_notify(&mut p, raw.notify);
     let log = LogConfig {
         format: match raw.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -123,6 +125,7 @@ pub(super) fn validate(
         runtime,
         credentials,
         upstreams,
+        notify,
         origins: preset::Origins::new(),
     })
 }
