@@ -3,7 +3,12 @@
 //! With `--code`, exchanges a code pasted from the provider's UI. Without it, prints the
 //! authorize URL (with `state` and PKCE S256) and, when `redirect_uri` points at this
 //! machine (`http://127.0.0.1:PORT/...` or `localhost`), serves that callback itself and
-//! exchanges the code it receives. Either way the result is stored as the next generation.
+//! exchanges the code it receives. With `--device`, the device flow (RFC 8628, in
+//! [`device`]); with `--password`, one password grant whose password is never kept (in
+//! [`password`]). Every way ends the same: the answer is stored as the next generation.
+
+mod device;
+mod password;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,20 +25,54 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CredentialConfig, Grant};
-use crate::oauth::{GrantRequest, TokenClient};
+use crate::oauth::{GrantRequest, TokenAnswer, TokenClient};
+
+pub use password::PasswordInput;
 
 /// How long the callback server waits for the browser (codes expire in minutes anyway).
 const CALLBACK_WAIT: Duration = Duration::from_secs(15 * 60);
 
-pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow::Result<()> {
+/// How the grant is obtained.
+pub enum Mode {
+    /// An authorization code: pasted, or received on the local callback when `None`.
+    Code(Option<String>),
+    /// The device flow (RFC 8628).
+    Device,
+    /// One password grant (RFC 6749 §4.3); the password is not kept.
+    Password(PasswordInput),
+}
+
+pub async fn run(cfg: Config, credential: &str, mode: Mode) -> anyhow::Result<()> {
     let Some(c) = cfg.credentials.get(credential) else {
         bail!("credential {credential:?} is not in the config");
     };
     if c.grant != Grant::RefreshToken {
+        if c.grant == Grant::Password && matches!(mode, Mode::Password(_)) {
+            bail!("credential {credential:?} uses grant password, which sends the configured password on every token request and stores nothing; authorize --password is for grant refresh_token credentials, where the password is used once and only the answer is kept");
+        }
         bail!("credential {credential:?} uses grant {:?}; authorize applies only to grant refresh_token", c.grant);
     }
     crate::tls::install_crypto_provider();
     let client = TokenClient::new(Arc::new(c.clone()))?;
+    let (answer, what) = match mode {
+        Mode::Code(code) => (
+            exchange_code(&client, c, code).await?,
+            "the authorization code",
+        ),
+        Mode::Device => (device::obtain(&client, c).await?, "the device code"),
+        Mode::Password(input) => (password::exchange(&client, c, input).await?, "the password"),
+    };
+    let generation = store_answer(&cfg, credential, answer, what).await?;
+    println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
+    Ok(())
+}
+
+/// `--code`, or the browser flow through the local callback.
+async fn exchange_code(
+    client: &TokenClient,
+    c: &CredentialConfig,
+    code: Option<String>,
+) -> anyhow::Result<TokenAnswer> {
     let (code, verifier) = match code {
         Some(code) => (code.trim().to_string(), None),
         None => obtain_code(c).await?,
@@ -48,7 +87,18 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
                 anyhow::anyhow!("exchanging the authorization code failed: {e}")
             }
         })?;
-    // A refresh token is kept even when the access-token part is unusable: the code is
+    Ok(answer)
+}
+
+/// Stores a grant's answer as the next generation, the same way for every bootstrap;
+/// `what` names what was exchanged ("the authorization code"). Returns the generation.
+async fn store_answer(
+    cfg: &Config,
+    credential: &str,
+    answer: TokenAnswer,
+    what: &str,
+) -> anyhow::Result<u64> {
+    // A refresh token is kept even when the access-token part is unusable: the grant is
     // spent, and running instances redeem the refresh token for an access token.
     let access = match answer.access {
         Ok(a) => {
@@ -62,7 +112,7 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
             eprintln!("warning: the answer's access token is unusable ({e}); storing the refresh token only");
             None
         }
-        Err(e) => bail!("exchanging the authorization code failed: {e}"),
+        Err(e) => bail!("exchanging {what} failed: {e}"),
     };
     if answer.refresh_token.is_none() {
         // YooMoney and long-lived-token integrations: the access token is the grant.
@@ -71,17 +121,15 @@ pub async fn run(cfg: Config, credential: &str, code: Option<String>) -> anyhow:
     for (field, rule) in &answer.refused_fields {
         eprintln!("warning: the answer's field {field} was not kept: {rule}");
     }
-    let generation = super::seed::store_new_grant(
-        &cfg,
+    super::seed::store_new_grant(
+        cfg,
         credential,
         answer.refresh_token,
         access,
         answer.refresh_expires_in,
         answer.fields,
     )
-    .await?;
-    println!("authorized credential {credential:?}: tokens stored (generation {generation}); running instances pick them up within seconds");
-    Ok(())
+    .await
 }
 
 fn random_b64(n: usize) -> String {

@@ -151,16 +151,33 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// One-time bootstrap: exchange an authorization code and store the refresh token.
+    /// One-time bootstrap: obtain a grant (an authorization code, the device flow, or one
+    /// password exchange) and store the answer's refresh token.
     Authorize {
         #[command(flatten)]
         config: ConfigArg,
         #[arg(long)]
         credential: String,
-        /// A code copied from the provider's UI; without it, the authorize URL is printed
-        /// and the redirect_uri callback is served locally. (Codes may begin with '-'.)
-        #[arg(long, allow_hyphen_values = true)]
+        /// A code copied from the provider's UI; without it (and without --device or
+        /// --password), the authorize URL is printed and the redirect_uri callback is
+        /// served locally. (Codes may begin with '-'.)
+        #[arg(long, allow_hyphen_values = true, conflicts_with_all = ["device", "password"])]
         code: Option<String>,
+        /// The device flow (RFC 8628): prints an address and a code to enter there from
+        /// any browser, and waits for the approval (device_authorization_url).
+        #[arg(long, conflicts_with = "password")]
+        device: bool,
+        /// One password grant: the username and password are used once and never kept;
+        /// only the answer (its refresh token) is stored.
+        #[arg(long)]
+        password: bool,
+        /// The username for --password (default: a prompt).
+        #[arg(long, requires = "password")]
+        username: Option<String>,
+        /// A file holding the password for --password, or - for standard input
+        /// (default: a prompt that does not echo).
+        #[arg(long, requires = "password", value_name = "FILE|-")]
+        password_file: Option<PathBuf>,
     },
     /// Per credential: state, expiries, the last refresh (never token values), from the
     /// running instance, or from the store when none answers. Exit 0: every credential
@@ -321,9 +338,25 @@ pub fn main(cli: Cli) -> ExitCode {
             config,
             credential,
             code,
-        } => with_config(&config, log_format, |cfg| {
-            authorize::run(cfg, &credential, code)
-        }),
+            device,
+            password,
+            username,
+            password_file,
+        } => {
+            let mode = if device {
+                authorize::Mode::Device
+            } else if password {
+                authorize::Mode::Password(authorize::PasswordInput {
+                    username,
+                    password_file,
+                })
+            } else {
+                authorize::Mode::Code(code)
+            };
+            with_config(&config, log_format, |cfg| {
+                authorize::run(cfg, &credential, mode)
+            })
+        }
         Command::Status { config, json } => {
             with_config_exit(&config, log_format, |cfg| status::run(cfg, json))
         }

@@ -282,6 +282,8 @@ pub struct CredentialConfig {
     pub grant: Grant,
     pub token_url: Option<Url>,
     pub authorize_url: Option<Url>,
+    /// RFC 8628 §3.1's device authorization endpoint, for `authorize --device`.
+    pub device_authorization_url: Option<Url>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,

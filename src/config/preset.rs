@@ -454,6 +454,43 @@ mod tests {
         );
     }
 
+    /// The device authorization endpoints (RFC 8628) of the providers that offer the
+    /// flow, each as its preset cites it; presets of others have none.
+    #[test]
+    fn device_authorization_urls_of_presets() {
+        let device = |name: &str, params: &str| {
+            resolved(name, params)
+                .device_authorization_url
+                .map(|u| u.to_string())
+        };
+        for (name, params, url) in [
+            ("google", "", "https://oauth2.googleapis.com/device/code"),
+            (
+                "microsoft",
+                "tenant: contoso.onmicrosoft.com",
+                "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/devicecode",
+            ),
+            (
+                "okta",
+                "domain: example.okta.com",
+                "https://example.okta.com/oauth2/default/v1/device/authorize",
+            ),
+            (
+                "keycloak",
+                "base_url: https://sso.example.com, realm: acme",
+                "https://sso.example.com/realms/acme/protocol/openid-connect/auth/device",
+            ),
+            (
+                "auth0",
+                "domain: acme.eu.auth0.com",
+                "https://acme.eu.auth0.com/oauth/device/code",
+            ),
+        ] {
+            assert_eq!(device(name, params).as_deref(), Some(url), "{name}");
+        }
+        assert_eq!(device("amocrm", "subdomain: acme"), None);
+    }
+
     /// A plausible value for a parameter, by its name.
     /// A value of the parameter's shape.
     fn sample_value(p: &Param) -> &'static str {

@@ -108,6 +108,9 @@ pub struct RawCredential {
     pub request_format: Option<String>,
     pub redirect_uri: Option<String>,
     pub authorize_url: Option<String>,
+    /// The device authorization endpoint (RFC 8628 §3.1) for `tokenrelay authorize
+    /// --device`; presets of providers that offer the flow set it.
+    pub device_authorization_url: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]

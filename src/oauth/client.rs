@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
+use super::device::DEVICE_CODE_GRANT;
 use super::response::{parse, Answer, TokenAnswer, TokenError, SALVAGE_LIMIT};
 use crate::config::{
     AssertionKey, ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod,
@@ -29,16 +30,25 @@ pub enum GrantRequest<'a> {
     },
     /// RFC 7523 §2.1: a freshly signed assertion is the grant.
     JwtBearer,
+    /// RFC 8628 §3.4: polling for the answer to a device authorization.
+    DeviceCode(&'a Secret),
+    /// RFC 6749 §4.3 with the resource owner's credentials given for this one request
+    /// (`tokenrelay authorize --password`), not taken from the config.
+    ResourceOwner {
+        username: &'a str,
+        password: &'a str,
+    },
 }
 
 impl GrantRequest<'_> {
     fn grant_type(&self) -> &'static str {
         match self {
             GrantRequest::ClientCredentials => "client_credentials",
-            GrantRequest::Password => "password",
+            GrantRequest::Password | GrantRequest::ResourceOwner { .. } => "password",
             GrantRequest::RefreshToken(_) => "refresh_token",
             GrantRequest::AuthorizationCode { .. } => "authorization_code",
             GrantRequest::JwtBearer => JWT_BEARER_GRANT,
+            GrantRequest::DeviceCode(_) => DEVICE_CODE_GRANT,
         }
     }
 }
@@ -191,6 +201,11 @@ impl TokenClient {
                     p.push(("password", pw.expose().into()));
                 }
             }
+            GrantRequest::ResourceOwner { username, password } => {
+                p.push(("username", (*username).into()));
+                p.push(("password", (*password).into()));
+            }
+            GrantRequest::DeviceCode(code) => p.push(("device_code", code.expose().into())),
             GrantRequest::RefreshToken(rt) => p.push(("refresh_token", rt.expose().into())),
             GrantRequest::AuthorizationCode {
                 code,
@@ -210,22 +225,38 @@ impl TokenClient {
                 GrantRequest::RefreshToken(_) => c.redirect_uri_on_refresh,
                 GrantRequest::ClientCredentials
                 | GrantRequest::Password
+                | GrantRequest::ResourceOwner { .. }
+                | GrantRequest::DeviceCode(_)
                 | GrantRequest::JwtBearer => false,
             };
             if wanted {
                 p.push(("redirect_uri", r.clone()));
             }
         }
+        // RFC 8628 §3.4: the device code carries the scope of its authorization request.
         let scope_wanted = match grant {
-            GrantRequest::AuthorizationCode { .. } => false,
+            GrantRequest::AuthorizationCode { .. } | GrantRequest::DeviceCode(_) => false,
             GrantRequest::RefreshToken(_) => c.scopes_on_refresh,
-            GrantRequest::ClientCredentials | GrantRequest::Password | GrantRequest::JwtBearer => {
-                true
-            }
+            GrantRequest::ClientCredentials
+            | GrantRequest::Password
+            | GrantRequest::ResourceOwner { .. }
+            | GrantRequest::JwtBearer => true,
         };
         if scope_wanted && !c.scopes.is_empty() {
             p.push(("scope", c.scopes.join(" ")));
         }
+        self.client_auth_params(&mut p)?;
+        for (k, v) in &c.extra_params {
+            p.push((k.as_str(), v.clone()));
+        }
+        Ok(p)
+    }
+
+    /// The client's authentication as request parameters (RFC 6749 §2.3.1, RFC 7523 §3,
+    /// RFC 8705 §2); with `basic` and a secret, none (see [`Self::basic_authorization`]).
+    /// Token requests and RFC 8628's device authorization request (§3.1) share it.
+    fn client_auth_params<'s>(&'s self, p: &mut Vec<(&'s str, String)>) -> Result<(), TokenError> {
+        let c = &self.config;
         let id = c.client_id.iter().map(|id| ("client_id", id.clone()));
         match c.client_auth {
             ClientAuth::RequestBody => {
@@ -245,10 +276,60 @@ impl TokenClient {
             // RFC 8705 §2: the certificate authenticates, client_id names the client.
             ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => p.extend(id),
         }
+        Ok(())
+    }
+
+    /// `Authorization: Basic ...` for `client_auth: basic` with a secret (RFC 6749 §2.3.1:
+    /// both parts form-urlencoded first), marked sensitive.
+    fn basic_authorization(&self) -> Result<Option<http::HeaderValue>, TokenError> {
+        let c = &self.config;
+        let (ClientAuth::Basic, Some(secret)) = (c.client_auth, &c.client_secret) else {
+            return Ok(None);
+        };
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let raw = format!(
+            "{}:{}",
+            enc(c.client_id.as_deref().unwrap_or_default()),
+            enc(secret.expose())
+        );
+        let mut value = http::HeaderValue::from_str(&format!("Basic {}", B64.encode(raw)))
+            .map_err(|_| TokenError::Transient("client credentials not encodable".into()))?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    /// The credential this client sends requests for.
+    pub(super) fn config(&self) -> &CredentialConfig {
+        &self.config
+    }
+
+    /// POSTs `params` and the client's authentication as a form to `url` (with the
+    /// credential's `extra_params` and `token_headers`); the raw answer, its body read up
+    /// to [`SALVAGE_LIMIT`]. For endpoints beside the token endpoint that authenticate
+    /// the client the same way (RFC 8628 §3.1).
+    pub(super) async fn post_form(
+        &self,
+        url: url::Url,
+        mut params: Vec<(&str, String)>,
+    ) -> Result<RawAnswer, TokenError> {
+        let c = &self.config;
+        self.client_auth_params(&mut params)?;
         for (k, v) in &c.extra_params {
-            p.push((k.as_str(), v.clone()));
+            params.push((k.as_str(), v.clone()));
         }
-        Ok(p)
+        let mut req = self
+            .http
+            .post(url)
+            .body_params(RequestFormat::Form, &params)
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(value) = self.basic_authorization()? {
+            req = req.header(http::header::AUTHORIZATION, value);
+        }
+        for (k, v) in &c.token_headers {
+            req = req.header(k.as_str(), v.expose());
+        }
+        let resp = req.send().await.map_err(describe_reqwest)?;
+        RawAnswer::read(resp).await
     }
 
     /// Sends one token request and parses the answer (see [`TokenAnswer`]: a new refresh
@@ -280,42 +361,16 @@ impl TokenClient {
             ParamsIn::Body => self.http.post(url).body_params(c.request_format, &params),
         };
         req = req.header(http::header::ACCEPT, "application/json");
-        if c.client_auth == ClientAuth::Basic {
-            if let Some(secret) = &c.client_secret {
-                let enc =
-                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-                let raw = format!(
-                    "{}:{}",
-                    enc(c.client_id.as_deref().unwrap_or_default()),
-                    enc(secret.expose())
-                );
-                let mut value = http::HeaderValue::from_str(&format!("Basic {}", B64.encode(raw)))
-                    .map_err(|_| {
-                        TokenError::Transient("client credentials not encodable".into())
-                    })?;
-                value.set_sensitive(true);
-                req = req.header(http::header::AUTHORIZATION, value);
-            }
+        if let Some(value) = self.basic_authorization()? {
+            req = req.header(http::header::AUTHORIZATION, value);
         }
         for (k, v) in &c.token_headers {
             req = req.header(k.as_str(), v.expose());
         }
         let resp = req.send().await.map_err(describe_reqwest)?;
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let body = read_limited(resp).await?;
-        let answer = Answer {
-            status,
-            content_type: &content_type,
-            body: &body,
-        };
+        let raw = RawAnswer::read(resp).await?;
         parse(
-            &answer,
+            &raw.answer(),
             c.default_expires_in.0,
             &c.dead_grant_answers,
             &c.answer_fields,
@@ -364,6 +419,39 @@ impl BodyParams for reqwest::RequestBuilder {
                     .collect();
                 self.json(&map)
             }
+        }
+    }
+}
+
+/// An endpoint's answer as it came: status, media type and body.
+pub(super) struct RawAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    async fn read(resp: reqwest::Response) -> Result<RawAnswer, TokenError> {
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = read_limited(resp).await?;
+        Ok(RawAnswer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    pub(super) fn answer(&self) -> Answer<'_> {
+        Answer {
+            status: self.status,
+            content_type: &self.content_type,
+            body: &self.body,
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The token endpoint: building token requests (RFC 6749 §4–6) and parsing their answers.
+//! The token endpoint: building token requests (RFC 6749 §4–6) and parsing their answers;
+//! the device authorization grant (RFC 8628).
 
 mod client;
+pub mod device;
 mod lenient;
 mod response;
 

@@ -1,9 +1,11 @@
 //! A demo OAuth2 authorization server (RFC 6749) for tests and `tokenrelay demo`.
 //!
 //! It implements the token endpoint (`POST /oauth2/token`) for the
-//! `client_credentials`, `password`, `refresh_token` and `authorization_code` grants,
-//! and a minimal authorization endpoint (`GET /oauth2/authorize`) that hands out
-//! authorization codes by redirecting to the client's `redirect_uri`.
+//! `client_credentials`, `password`, `refresh_token`, `authorization_code` and
+//! `device_code` grants, a minimal authorization endpoint (`GET /oauth2/authorize`) that
+//! hands out authorization codes by redirecting to the client's `redirect_uri`, and the
+//! device authorization grant of RFC 8628 ([`device`]: a device authorization endpoint,
+//! a verification page, `slow_down` for clients that poll too often).
 //!
 //! It is deliberately as strict as the providers tokenrelay has to survive:
 //!
@@ -28,6 +30,8 @@
 //! Everything it is sent is recorded (secret values redacted, see
 //! [`TokenRequestRecord`]) and counted ([`AuthStats`]), and failures can be injected
 //! at runtime ([`FailureMode`]). Token values are never logged.
+
+mod device;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -117,6 +121,11 @@ pub struct AuthServerOptions {
     /// same successor refresh token (and a new access token) instead of revoking the
     /// grant. Zero: no grace, any reuse revokes.
     pub reuse_grace: Duration,
+    /// The device authorization grant's polling `interval` (RFC 8628 §3.2, whole
+    /// seconds); polls sooner than it are answered `slow_down`.
+    pub device_interval: Duration,
+    /// How long a device code and its user code live (`expires_in`).
+    pub device_code_ttl: Duration,
 }
 
 /// A real provider's documented token-endpoint behaviour, emulated.
@@ -176,6 +185,8 @@ impl Default for AuthServerOptions {
             assertion_audience: None,
             tls_client_auth: false,
             reuse_grace: Duration::ZERO,
+            device_interval: Duration::from_secs(5),
+            device_code_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -198,6 +209,8 @@ impl fmt::Debug for AuthServerOptions {
             .field("assertion_audience", &self.assertion_audience)
             .field("tls_client_auth", &self.tls_client_auth)
             .field("reuse_grace", &self.reuse_grace)
+            .field("device_interval", &self.device_interval)
+            .field("device_code_ttl", &self.device_code_ttl)
             .finish()
     }
 }
@@ -273,6 +286,11 @@ pub struct AuthStats {
     /// Answers processed and then lost on their way back (see
     /// [`AuthServer::lose_next_answers`]).
     pub answers_lost: u64,
+    /// Device authorization requests (RFC 8628 §3.1), whatever their outcome.
+    pub device_authorizations: u64,
+    /// Token requests with the `device_code` grant from authenticated clients,
+    /// whatever their outcome.
+    pub device_polls: u64,
 }
 
 /// What one token request looked like, with secret values redacted.
@@ -290,10 +308,10 @@ pub struct TokenRequestRecord {
     pub assertions: Vec<Value>,
     /// Body format: `"form"`, `"json"`, `"none"` (no `Content-Type`) or the media type sent.
     pub content_type: String,
-    /// Body parameters in the order sent (JSON bodies: alphabetical). Values of secret parameters
-    /// (`client_secret`, `refresh_token`, `code`, `password`, anything named like a
-    /// secret, token, assertion or verifier) are replaced by `"<redacted>"`; other
-    /// values (`scope`, `redirect_uri`, `audience`, ...) are kept.
+    /// Body parameters in the order sent (JSON bodies: alphabetical). Values of secret
+    /// parameters (`client_secret`, `refresh_token`, `code`, `device_code`, `password`,
+    /// anything named like a secret, token, assertion or verifier) are replaced by
+    /// `"<redacted>"`; other values (`scope`, `redirect_uri`, `audience`, ...) are kept.
     pub params: Vec<(String, String)>,
     /// Names of query-string parameters (credentials belong in the body, never the URL).
     pub query_params: Vec<String>,
@@ -613,6 +631,8 @@ struct State {
     refresh_tokens: HashMap<String, RefreshEntry>,
     access_tokens: HashMap<String, AccessEntry>,
     codes: HashMap<String, CodeEntry>,
+    /// Device authorizations by device code (RFC 8628).
+    devices: HashMap<String, device::DeviceEntry>,
     issued_since_prune: u32,
     /// `jti` values of assertions already accepted.
     replay: ReplayCache,
@@ -716,6 +736,7 @@ impl State {
         self.issued_since_prune = 0;
         self.access_tokens.retain(|_, entry| entry.expires_at > now);
         self.codes.retain(|_, entry| entry.expires_at > now);
+        self.devices.retain(|_, entry| entry.kept_at(now));
     }
 
     fn revoke(&mut self, grant: u64) {
@@ -841,6 +862,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     } else if path == AUTHORIZE_PATH {
         if req.method() == Method::GET {
             authorize_endpoint(&shared, req.uri().query().unwrap_or(""))
+        } else {
+            method_not_allowed("GET")
+        }
+    } else if path == device::DEVICE_AUTHORIZATION_PATH {
+        if req.method() == Method::POST {
+            device::device_authorization_endpoint(shared, req).await
+        } else {
+            method_not_allowed("POST")
+        }
+    } else if path == device::VERIFICATION_PATH {
+        if req.method() == Method::GET {
+            device::verification_page(&shared, req.uri().query().unwrap_or(""))
         } else {
             method_not_allowed("GET")
         }
@@ -974,6 +1007,7 @@ fn is_secret_param(name: &str) -> bool {
         return false;
     }
     name == "code"
+        || name == "device_code"
         || ["secret", "token", "password", "assertion", "verifier"]
             .iter()
             .any(|s| name.contains(s))
@@ -1270,6 +1304,7 @@ fn grant(
             Ok(token_body(opts, state, id, Some(refresh), requested_scope))
         }
         Some("refresh_token") => refresh_grant(opts, state, params, requested_scope),
+        Some(device::DEVICE_CODE_GRANT) => device::device_code_grant(opts, state, params),
         Some("authorization_code") => code_grant(opts, state, params, requested_scope),
         Some(_) => Err(OAuthError::new(
             StatusCode::BAD_REQUEST,

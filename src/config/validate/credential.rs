@@ -57,6 +57,10 @@ pub(super) fn validate_credential(
         .authorize_url
         .as_deref()
         .and_then(|u| parse_url(p, &at("authorize_url"), u, c.allow_insecure_http));
+    let device_authorization_url = c
+        .device_authorization_url
+        .as_deref()
+        .and_then(|u| parse_url(p, &at("device_authorization_url"), u, c.allow_insecure_http));
     // An assertion grant identifies the client by the assertion's issuer.
     if !matches!(grant, Grant::Static | Grant::JwtBearer)
         && c.client_id.as_deref().unwrap_or("").is_empty()
@@ -226,6 +230,7 @@ pub(super) fn validate_credential(
         grant,
         token_url,
         authorize_url,
+        device_authorization_url,
         client_id: c.client_id,
         client_secret,
         client_auth: auth.method,
