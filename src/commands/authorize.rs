@@ -278,16 +278,20 @@ fn callback_result<B>(
 mod tests {
     use super::*;
 
-    fn callback(uri: &str) -> Option<Result<String, String>> {
+    /// The code, or the error's words.
+    fn callback(uri: &str) -> Option<(bool, String)> {
         let req = http::Request::get(uri).body(()).unwrap();
-        callback_result(&req, "/callback", "st4te").map(|r| r.map_err(|e| e.to_string()))
+        callback_result(&req, "/callback", "st4te").map(|r| match r {
+            Ok(code) => (true, code),
+            Err(e) => (false, e.to_string()),
+        })
     }
 
     /// Each kind of callback, and what `authorize` makes of it.
     #[test]
     fn callbacks_are_told_apart() {
-        let ok = |code: &str| Some(Ok(code.to_string()));
-        let err = |why: &str| Some(Err(why.to_string()));
+        let ok = |code: &str| Some((true, code.to_string()));
+        let err = |why: &str| Some((false, why.to_string()));
         for (uri, expected) in [
             ("/callback?code=abc&state=st4te", ok("abc")),
             ("/favicon.ico", None),

@@ -479,11 +479,11 @@ pub(super) fn jwt_bearer(
 mod tests {
     use crate::config::{ClientAuth, Config};
 
-    fn credential(extra: &str) -> Result<Config, String> {
+    fn credential(extra: &str) -> Result<Config, crate::config::ConfigError> {
         let yaml = format!(
             "credentials:\n  crm:\n    grant: client_credentials\n    token_url: https://auth.example.com/token\n    client_id: app\n{extra}upstreams:\n  crm:\n    listen: 127.0.0.1:18081\n    url: https://api.example.com\n    credential: crm\n"
         );
-        Config::from_yaml(&yaml, &|_| None).map_err(|e| e.to_string())
+        Config::from_yaml(&yaml, &|_| None)
     }
 
     /// Each `client_auth` spelling, with the secret it needs (or must not have): the
@@ -533,7 +533,7 @@ mod tests {
             let got = credential(&extra).map(|c| c.credentials["crm"].client_auth);
             match (got, expected) {
                 (Ok(method), Ok(want)) => assert_eq!(method, want, "{name:?}"),
-                (Err(e), Err(want)) => assert!(e.contains(want), "{name:?}: {e}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{name:?}: {e}"),
                 (got, want) => panic!("{name:?}: got {got:?}, expected {want:?}"),
             }
         }
