@@ -303,28 +303,44 @@ async fn slow_down_makes_the_device_flow_poll_less_often() {
     assert_eq!(polls.last().unwrap().status, 200);
 }
 
+/// A device flow the server ends with `refuse` (given the user code): exit 1, and the
+/// error says each of `says`. Returns the server and the config file.
+async fn refused_device_flow(
+    dir: &tempfile::TempDir,
+    refuse: impl Fn(&AuthServer, &str) -> bool,
+    says: &[&str],
+) -> (AuthServer, PathBuf) {
+    let auth = AuthServer::start(device_options(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let config = write_config(dir.path(), &auth, "http://127.0.0.1:9");
+    let run = Authorize::spawn(&config, &["--device"], None);
+    let user_code = run.user_code().await;
+    assert!(refuse(&auth, &user_code));
+    let (status_code, _, stderr) = run.finish().await;
+    assert_eq!(status_code.code(), Some(1), "{stderr}");
+    for words in says {
+        assert!(stderr.contains(words), "{words:?} not in: {stderr}");
+    }
+    (auth, config)
+}
+
 /// An expired device code ends the flow with exit 1 and a message saying what happened
 /// and what to do; nothing is stored. The same when the code's lifetime runs out
 /// without the server saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_device_code_exits_1_saying_what_to_do() {
-    let auth = AuthServer::start(device_options(Duration::from_secs(1)))
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &auth, "http://127.0.0.1:9");
-
-    let run = Authorize::spawn(&config, &["--device"], None);
-    let user_code = run.user_code().await;
-    assert!(auth.expire_device_code(&user_code));
-    let (status_code, _, stderr) = run.finish().await;
-    assert_eq!(status_code.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("the device code expired before the sign-in was approved")
-            && stderr.contains("nothing was stored")
-            && stderr.contains("tokenrelay authorize --credential crm --device"),
-        "{stderr}"
-    );
+    let (auth, _) = refused_device_flow(
+        &dir,
+        |auth, code| auth.expire_device_code(code),
+        &[
+            "the device code expired before the sign-in was approved",
+            "nothing was stored",
+            "tokenrelay authorize --credential crm --device",
+        ],
+    )
+    .await;
     assert!(device_polls(&auth)
         .iter()
         .any(|p| p.error.as_deref() == Some("expired_token")));
@@ -350,23 +366,17 @@ async fn an_expired_device_code_exits_1_saying_what_to_do() {
 /// A denied request ends the flow with exit 1 and a message; nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_device_request_exits_1_saying_what_to_do() {
-    let auth = AuthServer::start(device_options(Duration::from_secs(1)))
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &auth, "http://127.0.0.1:9");
-
-    let run = Authorize::spawn(&config, &["--device"], None);
-    let user_code = run.user_code().await;
-    assert!(auth.deny_device(&user_code));
-    let (status_code, _, stderr) = run.finish().await;
-    assert_eq!(status_code.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("the sign-in was denied at the provider")
-            && stderr.contains("nothing was stored")
-            && stderr.contains("approve the request"),
-        "{stderr}"
-    );
+    let (_, config) = refused_device_flow(
+        &dir,
+        |auth, code| auth.deny_device(code),
+        &[
+            "the sign-in was denied at the provider",
+            "nothing was stored",
+            "approve the request",
+        ],
+    )
+    .await;
     assert!(status(&config).await.contains("nothing stored"));
 }
 

@@ -1548,7 +1548,7 @@ upstreams:
     );
     let j = s.jwt_bearer.as_ref().unwrap();
     assert_eq!(j.audience, "https://test.salesforce.com");
-    assert_eq!(j.lifetime.0, Duration::from_secs(180));
+    assert_eq!(j.lifetime.0, Duration::from_secs(120));
 }
 
 /// An EC key in SEC1 form (`BEGIN EC PRIVATE KEY`) from openssl, and its public key.

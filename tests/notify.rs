@@ -17,7 +17,7 @@ use ring::hmac;
 use serde_json::Value;
 use testkit::{AuthServerOptions, FailureMode};
 
-use support::{eventually, metric, metrics_text};
+use support::{eventually, metric, metrics_text, DemoServers};
 
 const HOOK_SECRET: &str = "hook-s3cret-key";
 
@@ -66,6 +66,16 @@ async fn receiver(failures: usize) -> (String, Received) {
     (url, received)
 }
 
+/// The demo servers and a refreshing credential `crm` on the file store in `dir`, with
+/// `notify.webhook` set to the flow mapping `webhook`.
+async fn with_webhook(dir: &tempfile::TempDir, webhook: &str) -> (DemoServers, String) {
+    let demo = support::demo_servers(AuthServerOptions::default()).await;
+    let state = dir.path().join("s");
+    let mut yaml = support::quick_refresh_yaml(&demo.auth.token_url(), &demo.api.url(), &state, "");
+    yaml.push_str(&format!("notify:\n  webhook: {webhook}\n"));
+    (demo, yaml)
+}
+
 fn expected_signature(body: &[u8]) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA256, HOOK_SECRET.as_bytes());
     let hex: String = hmac::sign(&key, body)
@@ -89,22 +99,12 @@ fn events(received: &Received) -> Vec<Value> {
 /// failed twice; the deliveries are counted; no secret is in any body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_grant_is_told_signed_and_retried_until_accepted() {
-    let auth = testkit::AuthServer::start(AuthServerOptions::default())
-        .await
-        .unwrap();
-    let api = testkit::ApiServer::start(Some(auth.validator()))
-        .await
-        .unwrap();
     let (hook, received) = receiver(2).await;
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("hook-secret");
     std::fs::write(&secret_file, HOOK_SECRET).unwrap();
-    let mut yaml =
-        support::quick_refresh_yaml(&auth.token_url(), &api.url(), &dir.path().join("s"), "");
-    yaml.push_str(&format!(
-        "notify:\n  webhook: {{ url: {hook}, secret_file: {} }}\n",
-        secret_file.display()
-    ));
+    let hook = format!("{{ url: {hook}, secret_file: {} }}", secret_file.display());
+    let (DemoServers { auth, api: _api }, yaml) = with_webhook(&dir, &hook).await;
     let refresh_token = auth.new_grant();
     support::seed_refresh_token(&yaml, "crm", &refresh_token).await;
     auth.set_mode(FailureMode::InvalidGrantAlways);
@@ -161,19 +161,10 @@ async fn a_dead_grant_is_told_signed_and_retried_until_accepted() {
 /// Seeding a new grant brings the credential back, and that is told too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_after_a_dead_grant_is_told() {
-    let auth = testkit::AuthServer::start(AuthServerOptions::default())
-        .await
-        .unwrap();
-    let api = testkit::ApiServer::start(Some(auth.validator()))
-        .await
-        .unwrap();
     let (hook, received) = receiver(0).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut yaml =
-        support::quick_refresh_yaml(&auth.token_url(), &api.url(), &dir.path().join("s"), "");
-    yaml.push_str(&format!(
-        "notify:\n  webhook: {{ url: {hook}, events: [reauthorization_required, recovered] }}\n"
-    ));
+    let hook = format!("{{ url: {hook}, events: [reauthorization_required, recovered] }}");
+    let (DemoServers { auth, api: _api }, yaml) = with_webhook(&dir, &hook).await;
     auth.set_mode(FailureMode::InvalidGrantAlways);
     support::seed_refresh_token(&yaml, "crm", &auth.new_grant()).await;
     let relay = support::start(&yaml).await;

@@ -708,30 +708,9 @@ async fn slack_bot_tokens_rotate() {
 /// needs re-authorization within three attempts instead of retrying forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_invalid_refresh_token_in_a_200_is_a_dead_grant() {
-    let j = journey(
-        "slack",
-        "",
-        ProviderProfile::Standard,
-        Duration::from_secs(60),
-    )
-    .await;
-    j.auth
-        .set_mode(testkit::FailureMode::ErrorIn200("invalid_refresh_token"));
-    support::seed_refresh_token(&j.yaml, "crm", &j.auth.new_grant()).await;
-    let relay = support::start(&j.yaml).await;
-    let admin = format!("http://{}", relay.admin);
-    let reauth = eventually(Duration::from_secs(20), || {
-        let admin = admin.clone();
-        async move { state(&admin).await == "reauthorization_required" }
-    })
-    .await;
-    let st = status_json(&admin).await;
-    let attempts = j.auth.stats().token_requests;
-    relay.stop().await;
-    assert!(reauth, "not reauthorization_required: {st}");
-    assert!(attempts <= 3, "{attempts} token requests");
-    let reason = st["credentials"]["crm"]["reauthorization_required"]["reason"].to_string();
-    assert!(reason.contains("invalid_refresh_token"), "{reason}");
+    let answer = testkit::FailureMode::ErrorIn200("invalid_refresh_token");
+    let profile = ProviderProfile::Standard;
+    dead_grant("slack", "", profile, answer, "invalid_refresh_token").await;
 }
 
 /// `provider`'s answer `answer` to a refresh is a dead grant: the credential needs
