@@ -221,7 +221,7 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::reloads::ReloadError;
+    use crate::instance::record::ReloadError;
     use crate::instance::ApplyError;
 
     fn admin() -> (Admin, mpsc::Receiver<ReloadRequest>) {

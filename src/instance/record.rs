@@ -18,6 +18,19 @@ pub enum ReloadTrigger {
     Watch,
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this instance was not started from a config file")]
+    NoConfigFile,
+    #[error("{0}; nothing changed")]
+    Unreadable(#[source] crate::instance::config_file::ReadError),
+    #[error("the new config is invalid; nothing changed:\n{0}")]
+    Invalid(#[source] crate::config::ConfigError),
+    #[error(transparent)]
+    Apply(#[from] crate::instance::ApplyError),
+}
+
 /// Names of what a reload added, changed and removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Changes {
@@ -98,11 +111,7 @@ impl ConfigStatus {
     }
 
     /// Records a reload's outcome.
-    pub fn record(
-        &mut self,
-        trigger: ReloadTrigger,
-        outcome: &Result<Applied, crate::instance::reloads::ReloadError>,
-    ) {
+    pub fn record(&mut self, trigger: ReloadTrigger, outcome: &Result<Applied, ReloadError>) {
         let at = SystemTime::now();
         self.last_reload = Some(match outcome {
             Ok(applied) => {

@@ -11,23 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::instance::config_file::ConfigFile;
-use crate::instance::record::{Applied, ReloadTrigger};
+use crate::instance::record::{Applied, ReloadError, ReloadTrigger};
 
 /// How long the watcher waits for a changed file to be complete before looking again.
 const WATCH_MAX_WAIT: Duration = Duration::from_secs(30);
-
-/// Why a reload changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("this instance was not started from a config file")]
-    NoConfigFile,
-    #[error("{0}; nothing changed")]
-    Unreadable(#[source] crate::instance::config_file::ReadError),
-    #[error("the new config is invalid; nothing changed:\n{0}")]
-    Invalid(#[source] crate::config::ConfigError),
-    #[error(transparent)]
-    Apply(#[from] crate::instance::ApplyError),
-}
 
 /// One reload request; `reply` hears the outcome when someone waits for it.
 pub struct ReloadRequest {

@@ -19,8 +19,9 @@ use crate::config::units::{ByteSize, HumanDuration};
 use crate::config::{Config, ConfigError, Limits};
 use crate::instance::admin::Admin;
 use crate::instance::config_file::ConfigFile;
+use crate::instance::record::ReloadError;
 use crate::instance::record::{ConfigStatus, ReloadTrigger};
-use crate::instance::reloads::{ReloadError, ReloadRequest, Reloads};
+use crate::instance::reloads::{ReloadRequest, Reloads};
 use crate::instance::Instance;
 use crate::metrics::Metrics;
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-use super::device::DEVICE_CODE_GRANT;
 use super::response::{parse, Answer, TokenAnswer, TokenError, SALVAGE_LIMIT};
 use crate::config::{
     AssertionKey, ClientAuth, CredentialConfig, ParamsIn, RequestFormat, TokenMethod,
@@ -18,6 +17,9 @@ use crate::keys::jose::{
     Signer, CLIENT_ASSERTION_LIFETIME, CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT,
 };
 use crate::secret::Secret;
+
+/// RFC 8628 §3.4's `grant_type`.
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// Which grant a token request uses.
 pub enum GrantRequest<'a> {

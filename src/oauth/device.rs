@@ -8,8 +8,6 @@ use super::client::TokenClient;
 use super::response::{TokenAnswer, TokenError, ANSWER_LIMIT};
 use crate::secret::Secret;
 
-/// RFC 8628 §3.4's `grant_type`.
-pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// The polling interval when the answer names none (§3.2: "If no value is provided,
 /// clients MUST use 5 as the default").
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
