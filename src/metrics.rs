@@ -48,6 +48,7 @@ pub struct Metrics {
     in_doubt: IntCounterVec,
     notifications: IntCounterVec,
     config_reloads: IntCounterVec,
+    sink_writes: IntCounterVec,
     pub client_cert_expiry: IntGaugeVec,
 }
 
@@ -161,6 +162,11 @@ impl Metrics {
                 "Config reloads (SIGHUP, tokenrelay reload, --watch-config), by result.",
                 &["result"],
             ),
+            sink_writes: cv(
+                "tokenrelay_sink_writes_total",
+                "Writes of token sink files (credentials.NAME.sinks), by result.",
+                &["credential", "result"],
+            ),
             client_cert_expiry: gv(
                 "tokenrelay_client_certificate_expiry_timestamp_seconds",
                 "Unix time at which a client certificate (mutual TLS) expires, as its file is now.",
@@ -273,6 +279,15 @@ impl Metrics {
         }
     }
 
+    /// The write counters of a credential's token sinks, success and failure; both
+    /// series exist from the start, so an alert on failures has one.
+    pub fn sink_writes(&self, credential: &str) -> SinkWrites {
+        SinkWrites {
+            success: self.sink_writes.with_label_values(&[credential, "success"]),
+            failure: self.sink_writes.with_label_values(&[credential, "failure"]),
+        }
+    }
+
     /// Counts a config reload.
     pub fn config_reload(&self, ok: bool) {
         self.config_reloads
@@ -359,6 +374,13 @@ impl UpstreamMetrics {
         }
         .inc()
     }
+}
+
+/// `tokenrelay_sink_writes_total` of one credential.
+#[derive(Clone)]
+pub struct SinkWrites {
+    pub success: IntCounter,
+    pub failure: IntCounter,
 }
 
 /// Pre-resolved metric handles of one credential.

@@ -263,6 +263,11 @@ fn render(doc: &Value, from: &str, json_output: bool) -> String {
                 line(&format!("answer field {field}:"), value);
             }
         }
+        for sink in c["sinks"].as_array().into_iter().flatten() {
+            line("sink:", &sink["file"]);
+            line("  written:", &sink["last_write_at"]);
+            line("  error:", &sink["last_error"]);
+        }
     }
     out
 }
@@ -278,6 +283,19 @@ mod tests {
             json!({"credentials": {"a": {"state": "ready"}, "b": {"state": "degraded"}}});
         assert_eq!(exit_code(&ready), ExitCode::SUCCESS);
         assert_eq!(exit_code(&degraded), ExitCode::from(1));
+    }
+
+    #[test]
+    fn each_token_sink_is_shown_with_its_last_write_or_error() {
+        let doc = json!({"credentials": {"crm": {"state": "ready", "grant": "client_credentials", "sinks": [
+            {"file": "/run/tokens/a.json", "last_write_at": "2026-01-01T00:00:00Z", "last_error": null},
+            {"file": "/run/tokens/b.json", "last_write_at": null, "last_error": "the directory /run/tokens does not exist"}]}}});
+        let text = render(&doc, "instance", false);
+        assert!(text.contains("sink:                 /run/tokens/a.json\n    written:            2026-01-01T00:00:00Z\n"), "{text}");
+        assert!(
+            text.contains("/run/tokens/b.json\n    error:              the directory"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub(crate) mod preset;
 pub(crate) mod provider_rules;
 mod raw;
 mod secrets;
+pub(crate) mod sink;
 pub(crate) mod units;
 mod unknown_keys;
 pub(crate) mod url_template;
@@ -35,6 +36,7 @@ pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules
 use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};
 pub use secrets::{read_secret, read_static_token, SecretFileError};
+pub use sink::{FileMode, SinkConfig, SinkFormat};
 use units::{ByteSize, HumanDuration};
 pub use url_template::{TemplatedUpstream, UpstreamUrl, UrlTemplate};
 use validate::validate;
@@ -330,6 +332,8 @@ pub struct CredentialConfig {
     /// these are types a provider documents for tokens used as configured by the
     /// upstream's `header` and `format`.
     pub token_types: Vec<String>,
+    /// Files written with each new access token (`sinks`).
+    pub sinks: Vec<SinkConfig>,
     /// Upstreams using this credential whose url comes from a token-answer field; each
     /// is resolved when a token is published (filled in by validation).
     #[serde(skip)]

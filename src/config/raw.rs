@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, TokenMethod};
+use super::sink::RawSink;
 
 use super::units::{ByteSize, HumanDuration};
 
@@ -164,6 +165,9 @@ pub struct RawCredential {
     pub assertion_claims: BTreeMap<String, serde_json::Value>,
     pub assertion_lifetime: Option<HumanDuration>,
     pub service_account_file: Option<PathBuf>,
+    /// Files that get the access token each time a new one is published (token sinks).
+    #[serde(default)]
+    pub sinks: Vec<RawSink>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -7,6 +7,7 @@ use super::{Config, StoreBackend};
 pub(super) fn of(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     for (n, c) in &config.credentials {
+        out.extend(super::sink::warnings(n, &c.sinks));
         if let Some(w) = c
             .client_cert
             .as_ref()

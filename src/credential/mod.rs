@@ -5,6 +5,7 @@
 //! - [`token`]: the token in the cell and its prebuilt header values;
 //! - [`on_demand`]: requests waiting for a refresh;
 //! - [`status`]: `/status` and the gauges;
+//! - [`sink`]: the files each new token is written to, off the refresh path;
 //! - [`schedule`] and [`policy`]: the decisions, as pure functions of time and state;
 //! - [`refresher`]: one task per credential, per grant family; its own decisions are pure
 //!   functions too (`refresher/decide/`).
@@ -14,6 +15,7 @@ mod on_demand;
 pub mod policy;
 pub mod refresher;
 pub mod schedule;
+mod sink;
 mod status;
 mod token;
 
@@ -146,6 +148,8 @@ pub struct Credential {
     backoff: Mutex<policy::Backoff>,
     pub metrics: CredentialMetrics,
     registry: Arc<Metrics>,
+    /// The files each new token is written to (`sinks`), by a writer of their own.
+    sinks: sink::Sinks,
 }
 
 impl std::fmt::Debug for Credential {
@@ -165,6 +169,7 @@ impl Credential {
         let c = Credential {
             name: config.name.clone(),
             metrics: metrics.credential(&config.name),
+            sinks: sink::Sinks::new(&config.name, &config.sinks, &metrics),
             config,
             formats: Mutex::new(Vec::new()),
             cell: ArcSwapOption::empty(),
@@ -276,6 +281,7 @@ impl Credential {
         self.log_target_changes(self.current().as_deref(), &token);
         self.cell.store(Some(Arc::new(token)));
         drop(formats);
+        self.sinks.offer(access_token, generation, expires_at_wall);
         self.update_gauges();
         Ok(())
     }

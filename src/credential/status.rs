@@ -78,6 +78,8 @@ impl Credential {
             // upstream with a url template goes with the current token.
             "answer_fields": token.as_ref().filter(|_| !self.config.answer_fields.is_empty()).map(|t| &t.fields),
             "upstream_urls": self.upstream_urls(token.as_deref()),
+            // Token sink files: when each was last written, or why not.
+            "sinks": self.sinks.status(),
         })
     }
 

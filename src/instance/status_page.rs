@@ -65,10 +65,15 @@ pub fn render(status: &Value) -> String {
                     text(&last["result"])
                 )
             };
+            let sink_errors = c["sinks"].as_array().into_iter().flatten().filter_map(|s| {
+                let error = s["last_error"].as_str()?;
+                Some(format!("sink {}: {error}", text(&s["file"])))
+            });
             let mut problem = [&last["error"], &c["store_error"], &c["detail"]]
                 .iter()
                 .filter(|v| !v.is_null())
                 .map(|v| text(v))
+                .chain(sink_errors)
                 .collect::<Vec<_>>()
                 .join("; ");
             if let Some(action) = c["reauthorization_required"]["action"].as_str() {
@@ -186,5 +191,17 @@ mod tests {
             "upstreams": {"sf": {"listen": "127.0.0.1:1", "url": "{token.instance_url}/x", "credential": "sf"}}
         });
         assert!(render(&status).contains("{token.instance_url}/x → https://na1.example.com/x"));
+    }
+
+    #[test]
+    fn shows_a_token_sink_that_cannot_be_written() {
+        let status = serde_json::json!({
+            "credentials": {"crm": {"state": "ready", "sinks": [
+                {"file": "/run/tokens/a.json", "last_error": null},
+                {"file": "/run/tokens/b.json", "last_error": "the directory /run/tokens does not exist"}]}}
+        });
+        let html = render(&status);
+        assert!(html.contains("sink /run/tokens/b.json: the directory /run/tokens does not exist"));
+        assert!(!html.contains("a.json"));
     }
 }

@@ -43,6 +43,7 @@ METRICS = {
     "tokenrelay_store_operations_total",
     "tokenrelay_build_info",
     "tokenrelay_client_certificate_expiry_timestamp_seconds",
+    "tokenrelay_sink_writes_total",
 }
 HISTOGRAMS = {"tokenrelay_request_duration_seconds", "tokenrelay_token_refresh_duration_seconds"}
 

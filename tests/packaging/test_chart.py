@@ -584,6 +584,11 @@ BAD_VALUES = [
     ({"upstreams": [{"name": "a/b", "port": 8081, "url": "https://example.com"}]}, "name"),
     ({"unknownTopLevelKey": True}, "unknownTopLevelKey"),
     ({"image": {"digest": "latest"}}, "digest"),
+    ({"credentials": [{"name": "crm", "grant": "refresh_token", "sinks": [{"file": "/run/tokens/t", "format": "yaml"}]}]}, "format"),
+    ({"credentials": [{"name": "crm", "grant": "refresh_token", "sinks": [{"file": "/run/tokens/t", "mode": "0666"}]}]}, "mode"),
+    ({"credentials": [{"name": "crm", "grant": "refresh_token", "sinks": [{"file": "/run/tokens/t", "mode": 416}]}]}, "mode"),
+    ({"credentials": [{"name": "crm", "grant": "refresh_token", "sinks": [{"file": "tokens/t"}]}]}, "file"),
+    ({"tokenSinks": {"medium": "Disk"}}, "medium"),
 ]
 
 
@@ -616,6 +621,19 @@ GUARDS = [
         {"upstreams": [{"name": "a", "port": 8081, "url": "https://a.example"}, {"name": "a", "port": 8082, "url": "https://b.example"}]},
         "used twice",
     ),
+    ({"tokenSinks": {"enabled": True}}, "which only sidecar mode has"),
+    (
+        {"credentials": [{"name": "crm", "grant": "client_credentials", "token_url": "https://e.com/t", "sinks": [{"file": "/run/tokens/crm.json"}]}]},
+        "credentials.crm.sinks[0].file: the tokenrelay container's root filesystem is read-only",
+    ),
+    (
+        {
+            "mode": "sidecar",
+            "tokenSinks": {"enabled": True},
+            "credentials": [{"name": "crm", "grant": "client_credentials", "token_url": "https://e.com/t", "sinks": [{"file": "/tmp/crm.json"}]}],
+        },
+        "credentials.crm.sinks[0].file: /tmp/crm.json is not in tokenSinks.mountPath (/run/tokens)",
+    ),
 ]
 
 
@@ -624,6 +642,53 @@ def test_template_guards(values: dict[str, Any], needle: str) -> None:
     h = support.helm()
     with pytest.raises(h.HelmError, match=re.escape(needle)):
         support.render_chart(CHART, values)
+
+
+# --- token sinks ---------------------------------------------------------------------------------
+
+
+def test_token_sinks_share_an_empty_dir_with_the_app(example_chart: Path) -> None:
+    """tokenSinks: a tmpfs emptyDir the tokenrelay container writes and the app's container
+    mounts read-only (the tokenrelay.sidecar.tokenSinksVolumeMounts template); the sinks
+    reach the config as written, their mode a string."""
+    docs = support.manifests(support.render_chart(example_chart, {"tokenrelay": support.load_values("token-sinks")}))
+    spec = support.pod_spec(support.one(docs, "Deployment"))
+    volume = next(v for v in spec["volumes"] if v["name"] == "tokenrelay-tokens")
+    assert volume == {"name": "tokenrelay-tokens", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    c, _ = support.tokenrelay_container(spec)
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "tokenrelay-tokens")
+    assert mount == {"name": "tokenrelay-tokens", "mountPath": "/run/tokens"}
+    app = next(a for a in spec["containers"] if a["name"] == "app")
+    assert app["volumeMounts"] == [{"name": "tokenrelay-tokens", "mountPath": "/run/tokens", "readOnly": True}]
+    assert spec["securityContext"]["fsGroup"] == 65532
+    sinks = support.config(docs)["credentials"]["crm"]["sinks"]
+    assert sinks[0] == {"file": "/run/tokens/crm.json", "format": "json", "mode": "0640"}
+    assert "mode: \"0640\"" in support.config_text(docs) or "mode: '0640'" in support.config_text(docs)
+
+
+def test_token_sinks_are_off_by_default(example_chart: Path) -> None:
+    spec = support.pod_spec(support.one(support.manifests(support.render_chart(example_chart, {})), "Deployment"))
+    assert "tokenrelay-tokens" not in {v["name"] for v in spec["volumes"]}
+    app = next(a for a in spec["containers"] if a["name"] == "app")
+    assert "volumeMounts" not in app
+
+
+def test_a_sink_may_go_to_a_writable_extra_volume() -> None:
+    """Standalone mode has no app container to share with; a sink there goes to a volume
+    of extraVolumes (e.g. a ReadWriteMany claim), any directory under its mount."""
+    values = {
+        "credentials": [
+            {"name": "crm", "grant": "client_credentials", "token_url": "https://e.com/t", "sinks": [{"file": "/var/run/tokens/crm/token"}]}
+        ],
+        "extraVolumes": [{"name": "tokens", "persistentVolumeClaim": {"claimName": "tokens"}}],
+        "extraVolumeMounts": [{"name": "tokens", "mountPath": "/var/run/tokens"}],
+    }
+    docs = support.manifests(support.render_chart(CHART, values))
+    assert support.config(docs)["credentials"]["crm"]["sinks"] == [{"file": "/var/run/tokens/crm/token"}]
+    h = support.helm()
+    read_only = {**values, "extraVolumeMounts": [{"name": "tokens", "mountPath": "/var/run/tokens", "readOnly": True}]}
+    with pytest.raises(h.HelmError, match="root filesystem is read-only"):
+        support.render_chart(CHART, read_only)
 
 
 # --- the dashboard -------------------------------------------------------------------------------

@@ -168,8 +168,39 @@ Fail early with a clear message on values the schema cannot check.
 {{- if and (not (include "tokenrelay.isSidecar" .)) (le (int .Values.terminationGracePeriodSeconds) $grace) }}
 {{- fail (printf "terminationGracePeriodSeconds: %d must exceed runtime.shutdown_grace (%s), or in-flight requests are cut off at shutdown" (int .Values.terminationGracePeriodSeconds) (toString .Values.runtime.shutdown_grace)) }}
 {{- end }}
+{{- include "tokenrelay.validateSinks" . }}
 {{- if and (include "tokenrelay.isSidecar" .) .Values.sidecar.native (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) }}
 {{- fail (printf "sidecar.native: native sidecars need Kubernetes 1.29 or later (cluster: %s); set sidecar.native=false" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Token sinks: the shared volume is for the app's containers, so sidecar mode only; every
+sink file is in a directory the container can write (the root filesystem is read-only):
+tokenSinks.mountPath, or under one of extraVolumeMounts.
+*/}}
+{{- define "tokenrelay.validateSinks" -}}
+{{- $sinks := .Values.tokenSinks }}
+{{- if and $sinks.enabled (not (include "tokenrelay.isSidecar" .)) }}
+{{- fail "tokenSinks.enabled: the token sink volume is shared with the app's containers, which only sidecar mode has (mode: sidecar); in standalone mode mount a volume with extraVolumes/extraVolumeMounts" }}
+{{- end }}
+{{- range $cred := .Values.credentials }}
+{{- range $i, $sink := $cred.sinks }}
+{{- $dir := dir (toString $sink.file) }}
+{{- $writable := and $sinks.enabled (eq $dir (clean $sinks.mountPath)) }}
+{{- range $.Values.extraVolumeMounts }}
+{{- if and (not .readOnly) (or (eq $dir (clean .mountPath)) (hasPrefix (printf "%s/" (clean .mountPath)) $dir)) }}
+{{- $writable = true }}
+{{- end }}
+{{- end }}
+{{- if not $writable }}
+{{- if $sinks.enabled }}
+{{- fail (printf "credentials.%s.sinks[%d].file: %s is not in tokenSinks.mountPath (%s), the only directory the tokenrelay container can write besides extraVolumeMounts" $cred.name $i (toString $sink.file) $sinks.mountPath) }}
+{{- else }}
+{{- fail (printf "credentials.%s.sinks[%d].file: the tokenrelay container's root filesystem is read-only; set tokenSinks.enabled=true (mountPath %s) or mount a writable volume at %s with extraVolumes/extraVolumeMounts" $cred.name $i $sinks.mountPath $dir) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -365,6 +396,10 @@ volumeMounts:
   - name: tokenrelay-state
     mountPath: {{ .Values.store.file.path }}
   {{- end }}
+  {{- if .Values.tokenSinks.enabled }}
+  - name: tokenrelay-tokens
+    mountPath: {{ .Values.tokenSinks.mountPath }}
+  {{- end }}
   {{- with .Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -406,6 +441,16 @@ Pod volumes of the tokenrelay container (a YAML list).
     sizeLimit: {{ . }}
     {{- end }}
   {{- end }}
+{{- end }}
+{{- if .Values.tokenSinks.enabled }}
+- name: tokenrelay-tokens
+  emptyDir:
+    {{- with .Values.tokenSinks.medium }}
+    medium: {{ . }}
+    {{- end }}
+    {{- with .Values.tokenSinks.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
 {{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}

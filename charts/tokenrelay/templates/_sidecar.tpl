@@ -19,6 +19,10 @@ values, and call these templates with the subchart's context, `.Subcharts.tokenr
       containers:
         - name: app
           ...
+          {{- with include "tokenrelay.sidecar.tokenSinksVolumeMounts" .Subcharts.tokenrelay }}
+          volumeMounts:
+            {{- . | nindent 12 }}
+          {{- end }}
         {{- with include "tokenrelay.sidecar.containers" .Subcharts.tokenrelay }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -65,6 +69,20 @@ Volumes the tokenrelay container mounts: its config, its secret files and its st
 {{- define "tokenrelay.sidecar.volumes" -}}
 {{- include "tokenrelay.sidecar.assert" . }}
 {{- include "tokenrelay.volumes" . }}
+{{- end }}
+
+{{/*
+Volume mounts for the app's container: the token sink volume, read-only, at
+tokenSinks.mountPath (when tokenSinks.enabled), else nothing. The app reads the files
+that credentials' `sinks` name there.
+*/}}
+{{- define "tokenrelay.sidecar.tokenSinksVolumeMounts" -}}
+{{- include "tokenrelay.sidecar.assert" . }}
+{{- if .Values.tokenSinks.enabled -}}
+- name: tokenrelay-tokens
+  mountPath: {{ .Values.tokenSinks.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*

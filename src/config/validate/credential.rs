@@ -222,6 +222,7 @@ pub(super) fn validate_credential(
     answer_fields.sort();
     answer_fields.dedup();
     let token_types = token_types(p, &at("token_types"), grant, c.token_types);
+    let sinks = super::super::sink::validate(p, &path, c.sinks);
     provider_rules::check_dead_grant(p, &path, &c.dead_grant_answers);
     provider_rules::check_rate_limit(p, &at("refresh_rate_limit"), &c.refresh_rate_limit);
     Some(CredentialConfig {
@@ -272,6 +273,7 @@ pub(super) fn validate_credential(
         dead_grant_answers: c.dead_grant_answers,
         answer_fields,
         token_types,
+        sinks,
         url_templates: Vec::new(),
     })
 }

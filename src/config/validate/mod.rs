@@ -75,6 +75,8 @@ pub(super) fn validate(
         }
     }
 
+    check_sink_files(&mut p, &credentials);
+
     if raw.upstreams.is_empty() {
         p.add("upstreams", "at least one upstream is required");
     }
@@ -128,6 +130,24 @@ pub(super) fn validate(
         notify,
         origins: preset::Origins::new(),
     })
+}
+
+/// Each sink file belongs to one credential: two would overwrite each other's token.
+fn check_sink_files(p: &mut Problems, credentials: &BTreeMap<String, CredentialConfig>) {
+    let mut owners: HashMap<&std::path::Path, &str> = HashMap::new();
+    for (name, c) in credentials {
+        for (i, s) in c.sinks.iter().enumerate() {
+            if let Some(other) = owners.insert(&s.file, name) {
+                p.add(
+                    &format!("credentials.{name}.sinks[{i}].file"),
+                    format!(
+                        "{} is already a sink of credential {other}",
+                        s.file.display()
+                    ),
+                );
+            }
+        }
+    }
 }
 
 pub(super) fn default_instance_id(env: &dyn Fn(&str) -> Option<String>) -> String {
