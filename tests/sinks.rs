@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use support::{eventually, metric, metrics_text, status_json, ChildProc};
-use testkit::{AuthServer, AuthServerOptions};
+use testkit::AuthServerOptions;
 use tokenrelay::config::Config;
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -56,6 +56,16 @@ async fn api_accepts(api_url: &str, token: &str) -> bool {
     let r = support::client()
         .get(format!("{api_url}/echo"))
         .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    r.status() == 200
+}
+
+/// Whether a request through the proxy listening on `port` is answered 200.
+async fn proxy_serves(port: u16) -> bool {
+    let r = support::client()
+        .get(format!("http://127.0.0.1:{port}/echo"))
         .send()
         .await
         .unwrap();
@@ -137,16 +147,12 @@ fn sinks_yaml(indent: &str, sinks: &[String]) -> String {
 /// refresh token; `/status` and the metrics show the writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_files_hold_the_current_token_and_follow_each_rotation() {
-    let auth = AuthServer::start(AuthServerOptions {
+    let support::DemoServers { auth, api } = support::demo_servers(AuthServerOptions {
         access_ttl: Duration::from_secs(2),
         rotate_refresh_tokens: true,
         ..AuthServerOptions::default()
     })
-    .await
-    .unwrap();
-    let api = testkit::ApiServer::start(Some(auth.validator()))
-        .await
-        .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::create_dir(&tokens).unwrap();
@@ -480,12 +486,7 @@ async fn a_sink_that_cannot_be_written_is_counted_shown_and_retried() {
         support::log_tail(&log, 30)
     );
 
-    let r = support::client()
-        .get(format!("http://127.0.0.1:{port}/echo"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert!(proxy_serves(port).await);
     let shown_errors = || async {
         let s = status_json(&admin_url).await;
         s["credentials"]["api"]["sinks"]
@@ -539,12 +540,7 @@ async fn a_sink_that_cannot_be_written_is_counted_shown_and_retried() {
         })
         .await
     );
-    let r = support::client()
-        .get(format!("http://127.0.0.1:{port}/echo"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert!(proxy_serves(port).await);
     std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
