@@ -251,3 +251,37 @@ fn the_command_documents_its_exit_codes() {
     let help = String::from_utf8_lossy(&o.stdout);
     assert!(help.contains("--json") && help.contains("Exit 0"), "{help}");
 }
+
+/// The commands `/status` suggests name the file the process runs from (absolute), not a
+/// placeholder, so an operator can paste them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suggested_command_names_this_processs_config_file() {
+    let s = setup().await;
+    support::seed_refresh_token(&s.yaml, "crm", &s.auth.new_grant()).await;
+    s.auth.set_mode(testkit::FailureMode::InvalidGrantAlways);
+    let mut relay = support::ChildProc::spawn(&s.config, &s.dir.path().join("log"), &[]);
+    let admin = s.yaml.lines().next().unwrap();
+    let port = admin.rsplit(':').next().unwrap().trim_end_matches(" }");
+    let admin = format!("http://127.0.0.1:{port}");
+    let healthz = format!("{admin}/healthz");
+    let up = support::wait_ready(&healthz, std::time::Duration::from_secs(20)).await;
+    assert!(up, "the instance did not start");
+    let dead = support::eventually(std::time::Duration::from_secs(20), || async {
+        let st = support::status_json(&admin).await;
+        st["credentials"]["crm"]["state"] == "reauthorization_required"
+    })
+    .await;
+    let st = support::status_json(&admin).await;
+    relay.terminate();
+    assert!(dead, "{st}");
+    let action = st["credentials"]["crm"]["reauthorization_required"]["action"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let expected = format!(
+        "tokenrelay authorize --config {} --credential crm",
+        s.config.display()
+    );
+    assert!(action.contains(&expected), "{action}");
+    assert!(!action.contains("--config FILE"), "{action}");
+}

@@ -250,7 +250,8 @@ pub fn main(cli: Cli) -> ExitCode {
             });
             let reloading = crate::instance::run::ReloadOptions {
                 loader: Some(loader),
-                path: Some(config.config.clone()),
+                // Absolute, as /status and notifications name it in the commands they suggest.
+                path: Some(std::path::absolute(&config.config).unwrap_or(config.config.clone())),
                 on_sighup: true,
                 watch: watch_config.then_some(WATCH_EVERY),
             };

@@ -41,8 +41,10 @@ impl Credential {
         }
     }
 
-    /// The `/status` entry; never a token value.
-    pub fn status(&self) -> serde_json::Value {
+    /// The `/status` entry; never a token value. `config_file` is the file this process
+    /// runs from, named in the commands the entry suggests (`FILE` when unknown).
+    pub fn status(&self, config_file: Option<&std::path::Path>) -> serde_json::Value {
+        let config = config_file.map_or_else(|| "FILE".into(), |p| p.display().to_string());
         let state = self.state();
         let token = self.current();
         let now_wall = crate::clock::wall_now();
@@ -66,12 +68,12 @@ impl Credential {
             "moved": f.moved.as_ref().map(|m| serde_json::json!({
                 "to": m.to,
                 "at": humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(m.at_ms)).to_string(),
-                "action": format!("this environment no longer refreshes the credential; to take it back run tokenrelay import --credential {} with a bundle exported from where it went", self.name),
+                "action": format!("this environment no longer refreshes the credential; to take it back run tokenrelay import --config {config} --credential {} --in BUNDLE with a bundle exported from where it went", self.name),
             })),
             "client_certificate": self.config.client_cert.as_ref().map(|c| c.status()),
             "reauthorization_required": f.reauthorization.as_ref().map(|why| serde_json::json!({
                 "reason": why,
-                "action": format!("obtain a new token and run: tokenrelay authorize --config FILE --credential {0} (or tokenrelay seed --config FILE --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),
+                "action": format!("obtain a new token and run: tokenrelay authorize --config {config} --credential {0} (or tokenrelay seed --config {config} --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),
             })),
             "detail": if state == State::Unavailable || state == State::Initializing { f.unavailable_reason.clone() } else { None },
             // Kept token-answer fields (instance addresses, never secrets) and where each

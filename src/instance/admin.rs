@@ -101,10 +101,11 @@ impl Admin {
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
         let view = self.view.load();
+        let config_file = self.config.lock().unwrap().path.clone();
         let credentials: serde_json::Map<String, serde_json::Value> = view
             .credentials
             .iter()
-            .map(|c| (c.name.clone(), c.status()))
+            .map(|c| (c.name.clone(), c.status(config_file.as_deref())))
             .collect();
         let upstreams: serde_json::Map<String, serde_json::Value> = view
             .upstreams

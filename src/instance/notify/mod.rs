@@ -140,7 +140,7 @@ pub fn spawn(
             for cred in view.load().credentials.iter() {
                 let entry = seen.entry(cred.name.clone()).or_default();
                 let state = cred.state();
-                let status = cred.status();
+                let status = cred.status(None);
                 let mut events = Vec::new();
                 if let Some(event) = on_change(entry, state) {
                     events.push(event);
