@@ -272,7 +272,7 @@ async fn forward(
         replay,
         expired: &expired,
     };
-    let (resp, token) = retry::send_with_retry(up, &mut request, token).await?;
+    let (resp, token) = retry::send_with_retry(&**up, &mut request, token).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         return Err(ProxyError::Upstream(
             crate::metrics::UpstreamErrorKind::Other,
@@ -408,7 +408,7 @@ async fn websocket_handshake(
         replay: Some((h.headers, None)),
         expired: &never,
     };
-    let (mut resp, token) = retry::send_with_retry(up, &mut request, token).await?;
+    let (mut resp, token) = retry::send_with_retry(&**up, &mut request, token).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(filter_response(
             up,
