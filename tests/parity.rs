@@ -1,5 +1,7 @@
 //! One table of cases run against both forwarding engines: the fast path (a plain-http
-//! upstream) and the hyper path (an https upstream behind a private CA). Each case
+//! upstream, and an https one behind a private CA) and the hyper path (the same https
+//! upstream with `http2: true`, which the fast path leaves to hyper; the upstream offers
+//! only http/1.1, so hyper speaks HTTP/1.1 to it). Each case
 //! records what the upstream received and what the app received, normalised (header
 //! names lower-cased and sorted, the token, upstream authority and dates masked, bodies
 //! decoded), checks the case's expectation on each engine, and requires both engines to
@@ -20,7 +22,16 @@ use upstream::{Seen, Step, Upstream};
 #[derive(Clone, Copy, Debug)]
 enum Engine {
     Fast,
+    FastTls,
     Hyper,
+}
+
+const ENGINES: [Engine; 3] = [Engine::Fast, Engine::FastTls, Engine::Hyper];
+
+impl Engine {
+    fn tls(self) -> bool {
+        !matches!(self, Engine::Fast)
+    }
 }
 
 /// What the app does on its connection to the listener.
@@ -103,9 +114,9 @@ async fn run(engine: Engine, case: &Case) -> Observed {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    let up = Upstream::start(matches!(engine, Engine::Hyper), case.script.clone()).await;
+    let up = Upstream::start(engine.tls(), case.script.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = relay_yaml(&auth, &up, &dir, case.base_path, case.config);
+    let yaml = relay_yaml(&auth, &up, engine, &dir, case.base_path, case.config);
     let relay = support::start(&yaml).await;
     let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
         .await
@@ -146,6 +157,7 @@ async fn run(engine: Engine, case: &Case) -> Observed {
 fn relay_yaml(
     auth: &AuthServer,
     up: &Upstream,
+    engine: Engine,
     dir: &tempfile::TempDir,
     base_path: &str,
     config: &str,
@@ -158,9 +170,14 @@ fn relay_yaml(
         Some(pem) => {
             let ca = dir.path().join("ca.pem");
             std::fs::write(&ca, pem).unwrap();
+            let http2 = if matches!(engine, Engine::Hyper) {
+                ", http2: true"
+            } else {
+                ""
+            };
             (
                 format!("https://localhost:{}{base_path}", up.addr.port()),
-                format!("ca_file: \"{}\"", ca.display()),
+                format!("ca_file: \"{}\"{http2}", ca.display()),
             )
         }
     };
@@ -175,11 +192,16 @@ fn relay_yaml(
     )
 }
 
-/// Runs `case` on both engines; each result must satisfy `check`, and they must agree.
+/// Runs `case` on both engines (the fast one over plain http and TLS); each result must satisfy `check`, and they must agree.
 async fn both(case: Case, check: impl Fn(&Observed)) {
     let fast = run(Engine::Fast, &case).await;
+    let fast_tls = run(Engine::FastTls, &case).await;
     let hyper = run(Engine::Hyper, &case).await;
-    for (engine, seen) in [(Engine::Fast, &fast), (Engine::Hyper, &hyper)] {
+    for (engine, seen) in [
+        (Engine::Fast, &fast),
+        (Engine::FastTls, &fast_tls),
+        (Engine::Hyper, &hyper),
+    ] {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(seen)));
         if let Err(e) = result {
             let why = e
@@ -190,8 +212,14 @@ async fn both(case: Case, check: impl Fn(&Observed)) {
             panic!("{engine:?} engine: {why}\nobserved: {seen:#?}");
         }
     }
+    let fast = comparable(fast);
     assert_eq!(
-        comparable(fast),
+        fast,
+        comparable(fast_tls),
+        "the fast path disagrees with itself over TLS (left: plain, right: TLS)"
+    );
+    assert_eq!(
+        fast,
         comparable(hyper),
         "the engines disagree (left: fast, right: hyper)"
     );
@@ -537,10 +565,10 @@ async fn a_fragment_in_the_target_is_dropped_alike_on_both_engines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_request_body_is_cut_at_body_timeout() {
     let mut app = vec![App::Send(
-        b"POST /upload HTTP/1.1\r\nHost: app.local\r\nContent-Length: 20\r\nConnection: close\r\n\r\n"
+        b"POST /upload HTTP/1.1\r\nHost: app.local\r\nContent-Length: 40\r\nConnection: close\r\n\r\n"
             .to_vec(),
     )];
-    for _ in 0..20 {
+    for _ in 0..40 {
         app.push(App::Sleep(Duration::from_millis(200)));
         app.push(App::Send(b"x".to_vec()));
     }
@@ -558,8 +586,8 @@ async fn a_trickled_request_body_is_cut_at_body_timeout() {
         assert!(o.app[0].body.contains("body_timeout"), "{}", o.app[0].body);
     })
     .await;
-    // Two engines, each cut after about 1s (the trickle alone takes 4s).
-    assert!(started.elapsed() < Duration::from_secs(7));
+    // Three runs, each cut after about 1s; uncut, the trickles alone take 3 x 8s.
+    assert!(started.elapsed() < Duration::from_secs(18));
 }
 
 /// Drift 2: a response body that goes quiet is cut after `body_idle_timeout` on both
@@ -948,7 +976,7 @@ async fn a_401_is_retried_once_with_the_body() {
 /// engines, and the upstream connection is let go (its write fails) rather than held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_stops_reading_is_cut_after_the_idle_timeout() {
-    for engine in [Engine::Fast, Engine::Hyper] {
+    for engine in ENGINES {
         let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
             let body = vec![b'x'; 64 << 20];
             let mut bytes = format!(
@@ -962,9 +990,9 @@ async fn an_app_that_stops_reading_is_cut_after_the_idle_timeout() {
         let auth = AuthServer::start(AuthServerOptions::default())
             .await
             .unwrap();
-        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let up = Upstream::start(engine.tls(), script).await;
         let dir = tempfile::tempdir().unwrap();
-        let yaml = relay_yaml(&auth, &up, &dir, "", "limits: { idle_timeout: 1s }");
+        let yaml = relay_yaml(&auth, &up, engine, &dir, "", "limits: { idle_timeout: 1s }");
         let relay = support::start(&yaml).await;
         let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
             .await
@@ -1095,7 +1123,7 @@ async fn chunked_and_expect_continue_uploads_arrive_whole() {
 /// engines (tokenrelay as a child process, its log read back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_response_body_logs_a_line() {
-    for engine in [Engine::Fast, Engine::Hyper] {
+    for engine in ENGINES {
         let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
             vec![
                 Step::Send(
@@ -1110,10 +1138,10 @@ async fn a_cut_response_body_logs_a_line() {
         let auth = AuthServer::start(AuthServerOptions::default())
             .await
             .unwrap();
-        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let up = Upstream::start(engine.tls(), script).await;
         let dir = tempfile::tempdir().unwrap();
         let (port, admin) = (support::free_port(), support::free_port());
-        let yaml = relay_yaml(&auth, &up, &dir, "", "body_idle_timeout: 1s")
+        let yaml = relay_yaml(&auth, &up, engine, &dir, "", "body_idle_timeout: 1s")
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
         let config = dir.path().join("config.yaml");

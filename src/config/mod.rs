@@ -378,6 +378,9 @@ pub struct UpstreamConfig {
     /// Client certificate presented to the upstream (mutual TLS on every call).
     pub client_cert: Option<ClientCertConfig>,
     pub allow_insecure_http: bool,
+    /// Offer HTTP/2 to an https upstream (ALPN). Off: HTTP/1.1 on pooled keep-alive
+    /// connections, served by the fast engine.
+    pub http2: bool,
     pub limits: Limits,
 }
 

@@ -194,6 +194,8 @@ pub struct RawUpstream {
     #[serde(default)]
     pub allow_insecure_http: bool,
     #[serde(default)]
+    pub http2: bool,
+    #[serde(default)]
     pub limits: RawLimits,
 }
 

@@ -153,18 +153,16 @@ impl Conn<'_> {
             attempt += 1;
             let mut conn = match self.fast.pool.checkout(self.worker) {
                 Some(c) => c,
-                None => self.fast.pool.connect().await.map_err(|e| {
-                    let kind = if e.kind() == std::io::ErrorKind::TimedOut {
-                        UpstreamErrorKind::Timeout
-                    } else {
-                        UpstreamErrorKind::Connect
-                    };
-                    ProxyError::Upstream(kind, e.to_string())
-                })?,
+                None => self
+                    .fast
+                    .pool
+                    .connect()
+                    .await
+                    .map_err(|e| ProxyError::Upstream(e.kind(), e.to_string()))?,
             };
             let may_retry = conn.reused && attempt == 1;
             self.dl.after(up.config.timeout.0);
-            match self.dl.within(conn.stream.write_all(&self.out)).await {
+            match self.dl.within(conn.stream.send(&self.out)).await {
                 None => return Err(ProxyError::Timeout),
                 Some(Err(_)) if may_retry => continue,
                 Some(Err(e)) => return Err(protocol(format!("sending the request failed: {e}"))),

@@ -8,6 +8,8 @@ mod client;
 mod egress;
 mod tunnel;
 
+pub use egress::EgressConnector;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
