@@ -242,9 +242,25 @@ fn comparable(mut o: Observed) -> Observed {
     o
 }
 
+/// The request line with the value of a query token (`auth=`, longer than an app's
+/// short test values) masked.
+fn mask_query_token(line: &str) -> String {
+    let Some(at) = line.find("auth=") else {
+        return line.to_string();
+    };
+    let start = at + "auth=".len();
+    let end = line[start..]
+        .find(['&', ' '])
+        .map_or(line.len(), |n| start + n);
+    if end - start <= 10 {
+        return line.to_string();
+    }
+    format!("{}TOKEN{}", &line[..start], &line[end..])
+}
+
 fn normalise_request(seen: &Seen) -> String {
     let mut lines = seen.head.trim_end().split("\r\n");
-    let first = lines.next().unwrap_or("").to_string();
+    let first = mask_query_token(lines.next().unwrap_or(""));
     let mut headers: Vec<String> = lines
         .map(|l| {
             let (name, value) = l.split_once(':').unwrap_or((l, ""));
@@ -857,6 +873,44 @@ async fn hop_by_hop_credentials_and_redirects_are_handled_alike() {
     .await;
 }
 
+/// `token_query_param`: the app's own `auth` pairs are replaced by the token (also
+/// sent as the header), and response headers that would hand the token back are
+/// cleaned (a redirect keeping the query) or dropped (the token elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_the_query_is_put_in_and_kept_out_alike() {
+    let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
+        let target = seen.head.split(' ').nth(1).unwrap_or("").to_string();
+        let token = target.split("auth=").nth(1).unwrap_or("").to_string();
+        vec![Step::Send(response(
+            "302 Found",
+            &format!("Location: {target}&x=1\r\nContent-Location: /tokens/{token}\r\n"),
+            "",
+        ))]
+    });
+    let case = Case {
+        config: "token_query_param: auth",
+        base_path: "/base",
+        app: vec![App::Send(get_close(
+            "/rest/x.json?start=1&auth=app&%61uth=2",
+        ))],
+        methods: vec!["GET"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [302]);
+        let up = &o.upstream[0];
+        assert!(
+            up.starts_with("GET /base/rest/x.json?start=1&auth=TOKEN HTTP/1.1"),
+            "{up}"
+        );
+        assert!(up.contains("authorization: Bearer TOKEN"), "{up}");
+        let r = &o.app[0];
+        assert_eq!(r.header("location"), Some("/base/rest/x.json?start=1&x=1"));
+        assert_eq!(r.header("content-location"), None);
+    })
+    .await;
+}
+
 /// Drift 4: `check` refuses a credential header name that would break framing or
 /// routing (and the run path never starts with one).
 #[test]
@@ -968,6 +1022,51 @@ async fn a_401_is_retried_once_with_the_body() {
         assert_eq!(o.app[0].body, "no");
         assert_eq!(o.upstream.len(), 3, "{:#?}", o.upstream);
         assert!(o.upstream[0].ends_with("body: body") && o.upstream[1].ends_with("body: body"));
+    })
+    .await;
+}
+
+/// With `token_query_param`, the retry after a 401 carries the newer token in the query
+/// in place of the first one: the query's token is the header's, each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_retry_puts_the_newer_token_in_the_query() {
+    let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
+        let target = seen.head.split(' ').nth(1).unwrap_or("");
+        let in_query = target.split("auth=").nth(1).unwrap_or("-");
+        let in_header = seen
+            .head
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: Bearer "))
+            .unwrap_or("")
+            .trim();
+        if in_query != in_header {
+            vec![Step::Send(response("400 Bad Request", "", "mismatch"))]
+        } else if target.starts_with("/first") {
+            vec![Step::Send(response("401 Unauthorized", "", "no"))]
+        } else {
+            vec![Step::Send(ok("yes"))]
+        }
+    });
+    let case = Case {
+        config: "token_query_param: auth",
+        base_path: "",
+        app: vec![App::Send(
+            b"POST /first?a=1 HTTP/1.1\r\nHost: app.local\r\nContent-Length: 4\r\n\r\nbodyPOST /second HTTP/1.1\r\nHost: app.local\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                .to_vec(),
+        )],
+        methods: vec!["POST", "POST"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [401, 200], "{:#?}", o.app);
+        assert_eq!(o.upstream.len(), 3, "{:#?}", o.upstream);
+        for (i, target) in ["/first?a=1&", "/first?a=1&", "/second?"]
+            .iter()
+            .enumerate()
+        {
+            let line = format!("POST {target}auth=TOKEN HTTP/1.1\n");
+            assert!(o.upstream[i].starts_with(&line), "{}", o.upstream[i]);
+        }
     })
     .await;
 }

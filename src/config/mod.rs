@@ -360,7 +360,7 @@ pub struct UpstreamConfig {
     pub header: String,
     pub format: String,
     /// Also passes the bare token as this query parameter (Bitrix24's `auth`), replacing
-    /// any the app sent. Served by the general engine.
+    /// any the app sent.
     pub token_query_param: Option<String>,
     /// The provider reads query parameter names case-insensitively: the app's `AUTH` or
     /// `Auth` is removed along with its `auth`.

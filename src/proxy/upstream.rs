@@ -134,7 +134,7 @@ impl Upstream {
 
     /// Which engine serves this upstream's requests: `fast` (HTTP/1.1 to the upstream;
     /// upgrades and unusual requests still go to the general engine) or `general`
-    /// (HTTP/2, an egress proxy, a url template or a token in the query).
+    /// (HTTP/2, an egress proxy or a url template).
     pub fn engine(&self) -> &'static str {
         if self.fast.is_some() {
             "fast"

@@ -71,11 +71,6 @@ impl FastPath {
         let Some(url) = up.url.fixed() else {
             return Ok(None);
         };
-        // The fast path writes the target once, before the token is known; a token in the
-        // query is the general engine's.
-        if up.token_query_param.is_some() {
-            return Ok(None);
-        }
         let tls = match url.scheme() {
             "http" => None,
             "https" if !up.http2 && !super::hyper::EgressConnector::tunnels(url) => {
@@ -240,6 +235,7 @@ impl Conn<'_> {
             reject_authorization: self.up.config.inbound_authorization
                 == crate::config::InboundAuthorization::Reject,
             body_limit: self.fast.body_limit,
+            query: self.up.query_param(),
         };
         // The first request head must arrive within the header timeout of connecting;
         // later ones within it of their first byte.
