@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use super::param_shape::ParamShape;
+use super::sunset::{Day, Sunset};
 
 /// The embedded preset files, by name.
 const FILES: &[(&str, &str)] = &[
@@ -82,6 +83,10 @@ pub struct Preset {
     /// `redirect_uri`, sent on every refresh too).
     #[serde(default)]
     pub requires: Vec<String>,
+    /// When the preset's facts were last checked against its sources.
+    pub verified: Day,
+    /// An endpoint or behaviour the provider announced it will end.
+    pub sunset: Option<Sunset>,
 }
 
 /// A `provider_params` entry a preset takes.
