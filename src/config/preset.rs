@@ -373,6 +373,25 @@ mod tests {
                 names()[names().iter().position(|n| *n == p.name).unwrap()]
             );
             assert!(!p.sources.is_empty(), "{}: no sources", p.name);
+            assert!(
+                p.verified.start <= std::time::SystemTime::now(),
+                "{}: verified in the future",
+                p.name
+            );
+            if let Some(s) = &p.sunset {
+                assert!(
+                    s.source.starts_with("https://"),
+                    "{}: sunset source",
+                    p.name
+                );
+                assert!(
+                    s.endpoint
+                        .as_deref()
+                        .is_none_or(|e| url::Url::parse(e).is_ok()),
+                    "{}: sunset endpoint",
+                    p.name
+                );
+            }
             assert!(p.docs.starts_with("https://"), "{}: docs", p.name);
             let params: BTreeMap<String, String> = p
                 .params
