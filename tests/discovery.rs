@@ -99,6 +99,7 @@ async fn a_generic_idp_needs_only_the_issuer_and_check_prints_what_was_discovere
             "{key}'s origin: {stdout}"
         );
     }
+    assert!(!stdout.contains("demo-secret") && !stderr.contains("demo-secret"));
     assert_eq!(
         demo.auth.discovery_requests(),
         ["/realms/acme/.well-known/oauth-authorization-server"]
@@ -327,6 +328,7 @@ async fn a_reload_keeps_the_previous_endpoints_when_discovery_fails() {
         log.contains("discovery failed on reload; the credential keeps its previous endpoints"),
         "{log}"
     );
+    assert!(!log.contains("demo-secret"), "{log}");
     assert!(support::wait_ready(&echo, WITHIN).await);
     let before = demo.auth.stats().token_requests;
     demo.auth.expire_access_tokens();
