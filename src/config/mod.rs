@@ -11,6 +11,7 @@ pub(crate) mod provider_rules;
 mod raw;
 mod secrets;
 pub(crate) mod sink;
+mod sunset;
 pub(crate) mod units;
 mod unknown_keys;
 pub(crate) mod url_template;
@@ -37,6 +38,7 @@ use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};
 pub use secrets::{read_secret, read_static_token, SecretFileError};
 pub use sink::{FileMode, SinkConfig, SinkFormat};
+pub use sunset::{Day, Sunset, SUNSET_WARNING};
 use units::{ByteSize, HumanDuration};
 pub use url_template::{TemplatedUpstream, UpstreamUrl, UrlTemplate};
 use validate::validate;
@@ -286,6 +288,15 @@ pub struct CredentialConfig {
     pub authorize_url: Option<Url>,
     /// RFC 8628 §3.1's device authorization endpoint, for `authorize --device`.
     pub device_authorization_url: Option<Url>,
+    /// The authorization server's issuer identifier, exactly as written: its metadata
+    /// fills the endpoints named in `discover`.
+    pub issuer: Option<String>,
+    /// The endpoints the file leaves to discovery (unset, or set only by a preset).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discover: Vec<Endpoint>,
+    /// The sunset its preset records (see [`CredentialConfig::sunset`]).
+    #[serde(skip)]
+    pub preset_sunset: Option<Sunset>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
@@ -338,6 +349,61 @@ pub struct CredentialConfig {
     /// is resolved when a token is published (filled in by validation).
     #[serde(skip)]
     pub url_templates: Vec<TemplatedUpstream>,
+}
+
+/// An endpoint of an authorization server that its metadata may give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    TokenUrl,
+    AuthorizeUrl,
+    DeviceAuthorizationUrl,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [
+        Endpoint::TokenUrl,
+        Endpoint::AuthorizeUrl,
+        Endpoint::DeviceAuthorizationUrl,
+    ];
+
+    /// The config key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Endpoint::TokenUrl => "token_url",
+            Endpoint::AuthorizeUrl => "authorize_url",
+            Endpoint::DeviceAuthorizationUrl => "device_authorization_url",
+        }
+    }
+
+    /// The metadata field (RFC 8414 §2, RFC 8628 §4).
+    pub fn metadata_field(self) -> &'static str {
+        match self {
+            Endpoint::TokenUrl => "token_endpoint",
+            Endpoint::AuthorizeUrl => "authorization_endpoint",
+            Endpoint::DeviceAuthorizationUrl => "device_authorization_endpoint",
+        }
+    }
+}
+
+impl CredentialConfig {
+    /// The configured value of `endpoint`.
+    pub fn endpoint(&self, endpoint: Endpoint) -> Option<&Url> {
+        match endpoint {
+            Endpoint::TokenUrl => self.token_url.as_ref(),
+            Endpoint::AuthorizeUrl => self.authorize_url.as_ref(),
+            Endpoint::DeviceAuthorizationUrl => self.device_authorization_url.as_ref(),
+        }
+    }
+
+    /// The configured value of `endpoint`, to fill in.
+    pub fn endpoint_mut(&mut self, endpoint: Endpoint) -> &mut Option<Url> {
+        match endpoint {
+            Endpoint::TokenUrl => &mut self.token_url,
+            Endpoint::AuthorizeUrl => &mut self.authorize_url,
+            Endpoint::DeviceAuthorizationUrl => &mut self.device_authorization_url,
+        }
+    }
 }
 
 /// Inbound connection limits of one listener.
@@ -413,6 +479,14 @@ impl Config {
             unknown_keys::deserialize(value).map_err(|problems| ConfigError { problems })?;
         let mut config = validate(raw, env)?;
         config.origins = origins;
+        plan_discovery(&mut config);
+        for c in config.credentials.values_mut() {
+            c.preset_sunset = c
+                .provider
+                .as_deref()
+                .and_then(preset::get)
+                .and_then(|p| p.sunset);
+        }
         Ok(config)
     }
 
@@ -435,6 +509,34 @@ impl Config {
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
     pub fn to_redacted_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Decides, per credential with an `issuer`, which endpoints its metadata fills: those
+/// the file does not set (explicit keys win over discovery, discovery over a preset). An
+/// issuer that only a preset gives is dropped when the file sets `token_url` itself: the
+/// credential was pointed elsewhere (a gateway, a test server), and the preset's
+/// authorization server is then not the one to ask.
+fn plan_discovery(config: &mut Config) {
+    for (name, c) in config.credentials.iter_mut() {
+        let from_preset = |key: &str| {
+            config
+                .origins
+                .get(&format!("credentials.{name}.{key}"))
+                .is_some_and(|o| o.starts_with("preset "))
+        };
+        if c.issuer.is_none() {
+            continue;
+        }
+        if from_preset("issuer") && c.token_url.is_some() && !from_preset("token_url") {
+            c.issuer = None;
+            config.origins.remove(&format!("credentials.{name}.issuer"));
+            continue;
+        }
+        c.discover = Endpoint::ALL
+            .into_iter()
+            .filter(|e| c.endpoint_mut(*e).is_none() || from_preset(e.key()))
+            .collect();
     }
 }
 

@@ -112,6 +112,10 @@ pub struct RawCredential {
     /// The device authorization endpoint (RFC 8628 §3.1) for `tokenrelay authorize
     /// --device`; presets of providers that offer the flow set it.
     pub device_authorization_url: Option<String>,
+    /// The authorization server's issuer identifier: `token_url`, `authorize_url` and
+    /// `device_authorization_url` that are not set are read from its metadata (RFC 8414,
+    /// then OpenID Connect Discovery) at start and reload.
+    pub issuer: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]

@@ -33,8 +33,8 @@ pub mod auth_server;
 
 pub use api_server::{pattern_byte, ApiServer, ApiStats, RecordedRequest};
 pub use auth_server::{
-    AuthServer, AuthServerOptions, AuthStats, FailureMode, LostAnswer, ProviderProfile,
-    TokenRequestRecord,
+    AuthServer, AuthServerOptions, AuthStats, DiscoveryDocs, FailureMode, LostAnswer,
+    ProviderProfile, TokenRequestRecord,
 };
 
 use std::convert::Infallible;
