@@ -179,12 +179,45 @@ pub struct NotifyConfig {
 /// A URL that gets a JSON POST for each event.
 #[derive(Clone, Debug, Serialize)]
 pub struct WebhookConfig {
-    pub url: Url,
+    pub url: WebhookUrl,
     /// The HMAC-SHA256 key read from `secret_file`.
     #[serde(skip)]
     pub secret: Option<Secret>,
     pub secret_file: Option<PathBuf>,
     pub events: BTreeSet<NotifyEvent>,
+}
+
+/// A webhook's URL. Many carry their secret in the path (Slack's) or the query, so it
+/// is shown (`Debug`, `check`) as its scheme and host only.
+#[derive(Clone)]
+pub struct WebhookUrl(Url);
+
+impl WebhookUrl {
+    pub fn new(url: Url) -> WebhookUrl {
+        WebhookUrl(url)
+    }
+
+    /// The whole URL, for delivery only.
+    pub fn as_url(&self) -> &Url {
+        &self.0
+    }
+
+    /// `scheme://host[:port]/…`.
+    pub fn shown(&self) -> String {
+        format!("{}/…", self.0.origin().ascii_serialization())
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+impl Serialize for WebhookUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shown())
+    }
 }
 
 /// What a notification tells.
