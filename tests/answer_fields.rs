@@ -151,6 +151,8 @@ async fn requests_follow_the_instance_url_of_the_current_token() {
         cred["upstream_urls"]["sf"]["template"],
         json!("{token.instance_url}/v1")
     );
+    // A templated upstream is served by the fast engine, which follows the token.
+    assert_eq!(status["upstreams"]["sf"]["engine"], "fast");
 
     // The org moves: the next answer names instance two. The access token is rejected
     // by instance one, the refresh brings the new instance_url, and the retry (and every

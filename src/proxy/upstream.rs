@@ -90,13 +90,19 @@ impl Upstream {
     pub(super) fn target<'a>(&'a self, token: &'a ActiveToken) -> Result<&'a Target, ProxyError> {
         match &self.base {
             Base::Fixed(t) => Ok(t),
-            Base::FromToken(index) => token.target(*index).map(|t| &**t).map_err(|e| {
-                if e.is_missing() {
-                    ProxyError::NoUpstreamUrl(e)
-                } else {
-                    ProxyError::BadUpstreamUrl(e)
-                }
-            }),
+            Base::FromToken(index) => resolved(token, *index).map(|t| &**t),
+        }
+    }
+
+    /// A templated upstream's target for `token`, shared so it can be kept; `None` for
+    /// a fixed url.
+    pub(super) fn token_target<'a>(
+        &self,
+        token: &'a ActiveToken,
+    ) -> Option<Result<&'a Arc<Target>, ProxyError>> {
+        match &self.base {
+            Base::Fixed(_) => None,
+            Base::FromToken(index) => Some(resolved(token, *index)),
         }
     }
 
@@ -134,7 +140,7 @@ impl Upstream {
 
     /// Which engine serves this upstream's requests: `fast` (HTTP/1.1 to the upstream;
     /// upgrades and unusual requests still go to the general engine) or `general`
-    /// (HTTP/2, an egress proxy or a url template).
+    /// (HTTP/2, or an egress proxy for a fixed url).
     pub fn engine(&self) -> &'static str {
         if self.fast.is_some() {
             "fast"
@@ -153,12 +159,23 @@ impl Upstream {
     }
 }
 
+/// The target `token` resolved for the url template at `index`.
+fn resolved(token: &ActiveToken, index: usize) -> Result<&Arc<Target>, ProxyError> {
+    token.target(index).map_err(|e| {
+        if e.is_missing() {
+            ProxyError::NoUpstreamUrl(e)
+        } else {
+            ProxyError::BadUpstreamUrl(e)
+        }
+    })
+}
+
 /// Where an upstream's requests go.
 enum Base {
     /// A fixed url, resolved at startup.
     Fixed(Target),
     /// A url template (`{token.instance_url}/...`): resolved by the credential for each
-    /// token it publishes, at this index of its templates. Such upstreams always use the
-    /// general engine, as the authority may change with any token.
+    /// token it publishes, at this index of its templates. The authority may change with
+    /// any token: the fast path keeps a pool per origin and follows the token.
     FromToken(usize),
 }

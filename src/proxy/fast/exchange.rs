@@ -30,7 +30,7 @@ enum Failed {
 /// `auth_at`, and the credential header and body are appended for each token.
 struct Resend<'r, 'c> {
     conn: &'r mut Conn<'c>,
-    plan: &'r RequestPlan,
+    plan: &'r mut RequestPlan,
     auth_at: usize,
     /// Bytes of the token put in the query (`plan.token_at`) by the last send.
     in_query: usize,
@@ -46,6 +46,10 @@ impl retry::Resend for Resend<'_, '_> {
     }
 
     async fn send(&mut self, token: &ActiveToken) -> Result<Self::Answer, ProxyError> {
+        if self.conn.reroute(token, self.plan)? {
+            self.auth_at = self.conn.out.len();
+            self.in_query = 0;
+        }
         self.in_query = self
             .conn
             .add_credential(token, self.plan, self.auth_at, self.in_query);
@@ -65,8 +69,7 @@ impl retry::Resend for Resend<'_, '_> {
 
     fn discard(&mut self, (conn, resp): Self::Answer) {
         if resp.reusable && self.held_end == conn.buf.len() && !self.plan.close_upstream {
-            let worker = self.conn.worker;
-            self.conn.fast.pool.checkin(worker, conn, resp.keep_alive);
+            self.conn.check_in(conn, &resp);
         }
     }
 }
@@ -74,7 +77,7 @@ impl retry::Resend for Resend<'_, '_> {
 impl Conn<'_> {
     /// Forwards one request and relays its response. Returns whether the app's
     /// connection can carry another request.
-    pub(super) async fn exchange(&mut self, plan: &RequestPlan) -> bool {
+    pub(super) async fn exchange(&mut self, plan: &mut RequestPlan) -> bool {
         let started = Instant::now();
         let up = self.up;
         let token = match up.credential.acquire().await {
@@ -97,10 +100,52 @@ impl Conn<'_> {
             Ok(r) => r,
             Err(e) => return self.refuse(e, plan, started).await,
         };
+        let plan = &*plan;
         match self.relay(conn, resp, plan, started).await {
             Ok(keep_open) => keep_open,
             Err(Failed::Before(e)) => self.refuse(e, plan, started).await,
             Err(Failed::After) => false,
+        }
+    }
+
+    /// For a templated upstream: when `token` names another target than the request was
+    /// planned for (a refresh in between, or the 401 retry's newer token), takes that
+    /// route and plans the request again for it. Returns whether it did.
+    fn reroute(&mut self, token: &ActiveToken, plan: &mut RequestPlan) -> Result<bool, ProxyError> {
+        let Some(target) = self.up.token_target(token) else {
+            return Ok(false);
+        };
+        let target = target?;
+        if self
+            .route
+            .as_ref()
+            .is_some_and(|r| std::sync::Arc::ptr_eq(&r.target, target))
+        {
+            return Ok(false);
+        }
+        self.route = self.fast.routes.to_target(target);
+        let Some(route) = &self.route else {
+            return Err(ProxyError::Upstream(
+                UpstreamErrorKind::Connect,
+                "the new token's upstream is reached through an egress proxy; the request was not sent".into(),
+            ));
+        };
+        let rules = super::rules(self.up, self.fast, &route.target);
+        match head::plan_request(&self.inbuf, &rules, &mut self.out) {
+            head::Parsed::Fast(again) => {
+                *plan = again;
+                Ok(true)
+            }
+            _ => Err(ProxyError::BadTarget(
+                "the request cannot be sent to the new token's upstream url".into(),
+            )),
+        }
+    }
+
+    /// Returns a connection whose exchange ended cleanly to its route's pool.
+    fn check_in(&self, conn: UpstreamConn, resp: &ResponseHead) {
+        if let Some(route) = &self.route {
+            route.pool.checkin(self.worker, conn, resp.keep_alive);
         }
     }
 
@@ -174,10 +219,12 @@ impl Conn<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut conn = match self.fast.pool.checkout(self.worker) {
+            let Some(route) = &self.route else {
+                return Err(ProxyError::BadTarget("no upstream route".into()));
+            };
+            let mut conn = match route.pool.checkout(self.worker) {
                 Some(c) => c,
-                None => self
-                    .fast
+                None => route
                     .pool
                     .connect()
                     .await
@@ -210,15 +257,18 @@ impl Conn<'_> {
         plan: &RequestPlan,
         token: &ActiveToken,
     ) -> Result<ResponseHead, HeadError> {
-        let fast = self.fast;
         let host = plan
             .host
             .clone()
             .and_then(|r| std::str::from_utf8(&self.inbuf[r]).ok());
         let local = self.local;
         let local_prefix = || crate::proxy::policy::local_prefix(host, local);
+        let upstream_prefix = self
+            .route
+            .as_ref()
+            .map_or("", |r| r.target.upstream_prefix.as_str());
         let redirects = Redirects {
-            upstream_prefix: &fast.target.upstream_prefix,
+            upstream_prefix,
             local_prefix: &local_prefix,
             query_token: self.up.query_param().map(|p| (p, token.value())),
         };
@@ -354,7 +404,7 @@ impl Conn<'_> {
             }
         }
         if resp.reusable && clean && !plan.close_upstream {
-            self.fast.pool.checkin(self.worker, conn, resp.keep_alive);
+            self.check_in(conn, &resp);
         }
         Ok(!plan.close && !matches!(resp.framing, Framing::UntilClose))
     }

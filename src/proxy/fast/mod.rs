@@ -1,4 +1,5 @@
-//! The fast path for plain-http upstreams: each app connection is served by one task
+//! The fast path for upstreams spoken to in HTTP/1.1 (plain or TLS, a fixed url or a
+//! url template, see [`routes`]): each app connection is served by one task
 //! that parses request heads itself (httparse), writes them to a pooled upstream
 //! connection with the credential header added, and relays the response as it comes,
 //! tracking where its body ends. No per-request allocation beyond buffers kept for the
@@ -19,6 +20,7 @@ mod exchange;
 pub mod framing;
 pub mod head;
 pub mod pool;
+mod routes;
 mod stream;
 
 use std::future::Future;
@@ -38,7 +40,7 @@ use super::Upstream;
 use crate::shutdown::RETIRE_GRACE;
 use deadline::Deadline;
 use head::{Parsed, RequestPlan, Rules};
-use pool::Pool;
+use routes::{Route, Routes};
 
 /// A 401's body is held up to this size so it can still be passed on when no newer
 /// token can be had; a larger one is passed through without a retry.
@@ -52,55 +54,21 @@ const COALESCE_LIMIT: usize = 16 * 1024;
 
 /// The fast path's per-upstream state.
 pub struct FastPath {
-    pool: Pool,
-    /// The upstream's fixed target (templated upstreams never take the fast path).
-    target: crate::target::Target,
+    routes: Routes,
     /// Largest request body taken on the fast path.
     body_limit: u64,
 }
 
 impl FastPath {
-    /// For upstreams with a fixed url spoken to in HTTP/1.1, directly (plain http, or
-    /// https without `http2` and without an egress proxy); `None` otherwise: HTTP/2,
-    /// proxies and url templates (whose authority may change with a token) stay with
-    /// hyper.
+    /// For upstreams spoken to in HTTP/1.1, directly: plain http, or https without
+    /// `http2`; with a fixed url or a url template (each token's origin gets a pool).
+    /// `None` for HTTP/2 and for a fixed url an egress proxy tunnels: hyper's.
     pub fn for_upstream(
         up: &crate::config::UpstreamConfig,
         workers: usize,
     ) -> Result<Option<FastPath>, crate::tls::TlsError> {
-        let Some(url) = up.url.fixed() else {
-            return Ok(None);
-        };
-        let tls = match url.scheme() {
-            "http" => None,
-            "https" if !up.http2 && !super::hyper::EgressConnector::tunnels(url) => {
-                Some(std::sync::Arc::new(crate::tls::client_config_with_cert(
-                    up.ca_file.as_deref(),
-                    &[b"http/1.1"],
-                    up.client_cert.as_ref().map(|c| &c.files),
-                )?))
-            }
-            _ => return Ok(None),
-        };
-        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
-            return Ok(None);
-        };
-        let endpoint = pool::Endpoint {
-            host,
-            port,
-            tls,
-            connect_timeout: up.connect_timeout.0,
-        };
-        // Each app connection holds at most one upstream connection at a time.
-        let Some(pool) = Pool::new(endpoint, up.limits.max_connections, workers) else {
-            return Ok(None);
-        };
-        let Ok(target) = crate::target::Target::of(url) else {
-            return Ok(None);
-        };
-        Ok(Some(FastPath {
-            target,
-            pool,
+        Ok(Routes::for_upstream(up, workers)?.map(|routes| FastPath {
+            routes,
             body_limit: if up.retry_on_401 {
                 up.retry_body_limit.0
             } else {
@@ -141,6 +109,7 @@ pub async fn serve(
     let mut conn = Conn {
         up: &up,
         fast,
+        route: fast.routes.fixed().cloned(),
         client,
         local,
         // Taken from the worker's pool when the first bytes arrive.
@@ -173,7 +142,8 @@ pub async fn serve(
             }
         };
         first = false;
-        let keep_open = conn.exchange(&plan).await;
+        let mut plan = plan;
+        let keep_open = conn.exchange(&mut plan).await;
         conn.inbuf.advance(plan.head_len + plan.body_len);
         if conn.close_announced.get() {
             // Retired: the app was told; it reads the answer, not a reset.
@@ -199,6 +169,8 @@ enum Next {
 struct Conn<'a> {
     up: &'a Upstream,
     fast: &'a FastPath,
+    /// Where the current request goes (a templated upstream's follows the token).
+    route: Option<Route>,
     client: TcpStream,
     local: SocketAddr,
     /// Bytes read from the app; the current request starts at 0.
@@ -227,16 +199,6 @@ impl Conn<'_> {
         mut cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> Next {
         let limits = &self.up.config.limits;
-        let fast = self.fast;
-        let rules = Rules {
-            base_path: &fast.target.base_path,
-            authority: fast.target.authority.as_str(),
-            credential_header: self.up.header_name.as_str(),
-            reject_authorization: self.up.config.inbound_authorization
-                == crate::config::InboundAuthorization::Reject,
-            body_limit: self.fast.body_limit,
-            query: self.up.query_param(),
-        };
         // The first request head must arrive within the header timeout of connecting;
         // later ones within it of their first byte.
         let mut head_started = if first {
@@ -246,6 +208,13 @@ impl Conn<'_> {
         };
         let plan = loop {
             if !self.inbuf.is_empty() {
+                if !self.follow_token() {
+                    return Next::Handoff;
+                }
+                let Some(route) = &self.route else {
+                    return Next::Handoff;
+                };
+                let rules = rules(self.up, self.fast, &route.target);
                 match head::plan_request(&self.inbuf, &rules, &mut self.out) {
                     // A whole head over the limit gets hyper's 431.
                     Parsed::Fast(plan) if plan.head_len > limits.max_header_size.0 as usize => {
@@ -326,7 +295,49 @@ impl Conn<'_> {
     }
 }
 
+/// How heads are rewritten for `target`.
+fn rules<'r>(up: &'r Upstream, fast: &FastPath, target: &'r crate::target::Target) -> Rules<'r> {
+    Rules {
+        base_path: &target.base_path,
+        authority: target.authority.as_str(),
+        credential_header: up.header_name.as_str(),
+        reject_authorization: up.config.inbound_authorization
+            == crate::config::InboundAuthorization::Reject,
+        body_limit: fast.body_limit,
+        query: up.query_param(),
+    }
+}
+
 impl Conn<'_> {
+    /// For a templated upstream: takes the route of the current token's target (kept
+    /// while the token's target stays the same). `false` when there is none on the fast
+    /// path (no token yet, one without the template's field, an egress proxy's origin):
+    /// the general engine answers those.
+    fn follow_token(&mut self) -> bool {
+        if !self.fast.routes.is_templated() {
+            return true;
+        }
+        let Some(token) = self.up.credential.current() else {
+            return false;
+        };
+        match self.up.token_target(&token) {
+            Some(Ok(target)) => self.route_to(target).is_some(),
+            _ => false,
+        }
+    }
+
+    /// Makes `target` the current route's (a pool lookup only when it changed).
+    fn route_to(&mut self, target: &Arc<crate::target::Target>) -> Option<&Route> {
+        let same = self
+            .route
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(&r.target, target));
+        if !same {
+            self.route = self.fast.routes.to_target(target);
+        }
+        self.route.as_ref()
+    }
+
     /// Waits for the app's next bytes without holding a read buffer: an idle
     /// connection's buffer goes back to the pool. Tries one read first, since the next
     /// request is often there already. `Some(true)`: bytes were read; `Some(false)`: the
