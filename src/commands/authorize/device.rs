@@ -3,6 +3,7 @@
 //! rules of [`crate::oauth::device::Polling`] until the user approves, refuses, or the
 //! code expires.
 
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use crate::config::CredentialConfig;
@@ -112,6 +113,18 @@ pub async fn obtain(
     }
 }
 
+/// `text` as a QR code in Unicode half blocks (two rows per line), dark on light with
+/// the quiet zone; `None` if it does not fit in one.
+fn qr_code(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build(),
+    )
+}
+
 /// What the person at the terminal does next.
 fn print_instructions(credential: &str, auth: &DeviceAuthorization) {
     println!("To authorize credential {credential:?}, open this page in a browser on any device and enter the code:\n");
@@ -120,9 +133,42 @@ fn print_instructions(credential: &str, auth: &DeviceAuthorization) {
     if let Some(complete) = &auth.verification_uri_complete {
         println!("Or open this address, which carries the code:\n\n  {complete}\n");
     }
+    // A phone can scan it; only on a terminal, where half-block characters render.
+    if std::io::stdout().is_terminal() {
+        let scanned = auth
+            .verification_uri_complete
+            .as_deref()
+            .unwrap_or(&auth.verification_uri);
+        if let Some(qr) = qr_code(scanned) {
+            println!("Or scan it:\n\n{qr}");
+        }
+    }
     println!(
         "Waiting for the approval (the code expires in {}; polling every {} s) ...",
         minutes(auth.expires_in),
         auth.interval.as_secs()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verification_url_becomes_a_square_qr_code() {
+        let qr = qr_code("https://login.example.com/device?user_code=WDJB-MJHT").unwrap();
+        let lines: Vec<&str> = qr.lines().collect();
+        let width = lines[0].chars().count();
+        // Two modules per line: about half as many lines as columns, all as wide.
+        assert!(width >= 21 && lines.iter().all(|l| l.chars().count() == width));
+        assert!(
+            lines.len() * 2 >= width && lines.len() * 2 <= width + 2,
+            "{qr}"
+        );
+        assert!(
+            qr.chars()
+                .all(|c| " \u{2580}\u{2584}\u{2588}\n".contains(c)),
+            "{qr}"
+        );
+    }
 }
