@@ -12,7 +12,7 @@ mod password;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CredentialConfig, Grant};
-use crate::oauth::{GrantRequest, TokenAnswer, TokenClient};
+use crate::oauth::{TokenAnswer, TokenClient};
 
 pub use password::PasswordInput;
 
@@ -77,15 +77,11 @@ async fn exchange_code(
         Some(code) => (code.trim().to_string(), None),
         None => obtain_code(c).await?,
     };
-    let answer = client
-        .request(GrantRequest::AuthorizationCode { code: &code, code_verifier: verifier.as_deref() })
+    let answer = crate::instance::grant::exchange_code(client, &code, verifier.as_deref())
         .await
-        .map_err(|e| {
-            if e.is_invalid_grant() {
-                anyhow::anyhow!("the authorization code was rejected ({e}). Codes work once and expire within minutes: obtain a new one and run authorize again promptly")
-            } else {
-                anyhow::anyhow!("exchanging the authorization code failed: {e}")
-            }
+        .map_err(|e| match e {
+            crate::instance::grant::GrantError::CodeRejected(e) => anyhow::anyhow!("the authorization code was rejected ({e}). Codes work once and expire within minutes: obtain a new one and run authorize again promptly"),
+            e => e.into(),
         })?;
     Ok(answer)
 }
@@ -98,36 +94,17 @@ async fn store_answer(
     answer: TokenAnswer,
     what: &str,
 ) -> anyhow::Result<u64> {
-    // A refresh token is kept even when the access-token part is unusable: the grant is
-    // spent, and running instances redeem the refresh token for an access token.
-    let access = match answer.access {
-        Ok(a) => {
-            let expires = SystemTime::now() + a.expires_in;
-            let expires_ms = expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
-            // A long-lived token without `expires_in` has no known expiry (YooMoney).
-            let known = a.expires_in_stated || answer.refresh_token.is_some();
-            Some((a.token, known.then_some(expires_ms)))
-        }
-        Err(e) if answer.refresh_token.is_some() => {
-            eprintln!("warning: the answer's access token is unusable ({e}); storing the refresh token only");
-            None
-        }
-        Err(e) => bail!("exchanging {what} failed: {e}"),
-    };
-    if answer.refresh_token.is_none() {
-        // YooMoney and long-lived-token integrations: the access token is the grant.
-        eprintln!("note: the token endpoint issued no refresh_token; the access token is stored as a long-lived token and will not be refreshed (re-authorize when it expires)");
-    }
-    for (field, rule) in &answer.refused_fields {
-        eprintln!("warning: the answer's field {field} was not kept: {rule}");
+    let (grant, notes) = crate::instance::grant::Obtained::from_answer(answer, what)?;
+    for note in notes {
+        eprintln!("{note}");
     }
     super::seed::store_new_grant(
         cfg,
         credential,
-        answer.refresh_token,
-        access,
-        answer.refresh_expires_in,
-        answer.fields,
+        grant.refresh_token,
+        grant.access,
+        grant.refresh_expires_in,
+        grant.answer_fields,
     )
     .await
 }

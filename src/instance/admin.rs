@@ -1,5 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz`, `/status` (JSON), `/metrics` (Prometheus),
-//! and `POST /reload` (loopback peers only). Nothing here ever includes a token or
+//! `/` (the status page), `POST /reload` (loopback peers only) and the status page's
+//! actions (`POST /actions/...`: loopback only, or with the `admin.token_file` bearer
+//! token; a CSRF token in the form either way). Nothing here ever includes a token or
 //! secret value.
 
 use std::sync::{Arc, Mutex};
@@ -23,13 +25,40 @@ pub struct Admin {
     pub config: Arc<Mutex<ConfigStatus>>,
     /// Where `POST /reload` sends its request.
     pub reloads: mpsc::Sender<ReloadRequest>,
+    /// The status page's forms carry it; an action without it is refused. Random per
+    /// process: another site's page cannot read it, so it cannot forge an action.
+    pub csrf: String,
+    /// `admin.token_file`'s token: when set, actions require it (from any address).
+    pub token: Option<crate::secret::Secret>,
+}
+
+/// The largest action form read.
+const MAX_FORM: usize = 16 * 1024;
+
+/// A fresh random CSRF token.
+pub fn new_csrf() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Admin {
     /// Routes one admin request.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         if req.uri().path() == "/reload" {
             return self.reload(&req).await;
+        }
+        if req.uri().path().starts_with("/actions/") {
+            return self.action(req).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
@@ -39,7 +68,14 @@ impl Admin {
             "/readyz" => self.readyz(),
             "/status" => json(StatusCode::OK, &self.status()),
             "/metrics" => self.metrics(),
-            "/" => html(&crate::instance::status_page::render(&self.status())),
+            "/" => html(&crate::instance::status_page::render(
+                &self.status(),
+                &crate::instance::status_page::Page {
+                    now_ms: crate::clock::now_ms(),
+                    csrf: &self.csrf,
+                    token_required: self.token.is_some(),
+                },
+            )),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /status, /metrics, /healthz, /readyz\n",
@@ -83,6 +119,157 @@ impl Admin {
         }
     }
 
+    /// A status page action (`POST /actions/NAME`, a form). Who may act: a loopback
+    /// peer, or, with `admin.token_file` set, whoever presents that token (as a bearer
+    /// header or the form's `admin_token`). Either way the form carries the page's
+    /// CSRF token.
+    async fn action<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use crate::instance::status_page::action_result;
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "actions are POSTs\n");
+        }
+        let peer_is_loopback = req
+            .extensions()
+            .get::<crate::server::inbound::Peer>()
+            .is_some_and(crate::server::inbound::Peer::is_loopback);
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|v| v.trim().to_string());
+        if self.token.is_none() && !peer_is_loopback {
+            return html_status(
+                StatusCode::FORBIDDEN,
+                &action_result(false, "actions are allowed from loopback addresses only (set admin.token_file to allow them from elsewhere with a token)"),
+            );
+        }
+        let path = req.uri().path().to_string();
+        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            req.into_body(),
+            MAX_FORM,
+        ))
+        .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return html_status(
+                    StatusCode::BAD_REQUEST,
+                    &action_result(false, "the form could not be read (too large?)"),
+                )
+            }
+        };
+        let form: std::collections::HashMap<String, String> =
+            url::form_urlencoded::parse(&body).into_owned().collect();
+        if let Some(token) = &self.token {
+            let given = bearer
+                .or_else(|| form.get("admin_token").cloned())
+                .unwrap_or_default();
+            if !same(given.as_bytes(), token.expose().as_bytes()) {
+                return html_status(
+                    StatusCode::UNAUTHORIZED,
+                    &action_result(
+                        false,
+                        "this action requires the admin token (admin.token_file)",
+                    ),
+                );
+            }
+        }
+        let csrf = form.get("csrf").map(String::as_str).unwrap_or_default();
+        if !same(csrf.as_bytes(), self.csrf.as_bytes()) {
+            return html_status(
+                StatusCode::FORBIDDEN,
+                &action_result(false, "the form's CSRF token is missing or stale: reload the status page and try again"),
+            );
+        }
+        match path.as_str() {
+            "/actions/authorize-code" => {
+                let (ok, status, message) = self.authorize_code(&form).await;
+                html_status(status, &action_result(ok, &message))
+            }
+            _ => text(StatusCode::NOT_FOUND, "no such action\n"),
+        }
+    }
+
+    /// Exchanges the form's authorization code for the form's credential, as
+    /// `tokenrelay authorize --code` does, and stores the answer as the next generation;
+    /// the credential's refresher adopts it through the store's watch.
+    async fn authorize_code(
+        &self,
+        form: &std::collections::HashMap<String, String>,
+    ) -> (bool, StatusCode, String) {
+        let name = form
+            .get("credential")
+            .map(String::as_str)
+            .unwrap_or_default();
+        let code = form.get("code").map(|c| c.trim()).unwrap_or_default();
+        let view = self.view.load();
+        let Some(cred) = view.credentials.iter().find(|c| c.name == name) else {
+            return (
+                false,
+                StatusCode::NOT_FOUND,
+                format!("no credential {name:?}"),
+            );
+        };
+        if cred.config.grant != crate::config::Grant::RefreshToken {
+            return (false, StatusCode::CONFLICT, format!("credential {name} does not use grant refresh_token; an authorization code does not apply"));
+        }
+        if code.is_empty() {
+            return (
+                false,
+                StatusCode::BAD_REQUEST,
+                "paste the authorization code into the form".into(),
+            );
+        }
+        let Some(store) = view.store.clone() else {
+            return (
+                false,
+                StatusCode::CONFLICT,
+                "this instance has no store to keep the grant in".into(),
+            );
+        };
+        let client = match crate::oauth::TokenClient::new(cred.config.clone()) {
+            Ok(c) => c,
+            Err(e) => return (false, StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        use crate::instance::grant;
+        let stored = async {
+            let answer = grant::exchange_code(&client, code, None).await?;
+            let (obtained, notes) = grant::Obtained::from_answer(answer, "the authorization code")?;
+            for note in &notes {
+                tracing::warn!(credential = %name, "{note}");
+            }
+            let by = format!("{} (status page)", view.instance_id);
+            let generation =
+                grant::store_grant(&*store, name, Some(&cred.config), &by, obtained).await?;
+            Ok::<_, grant::GrantError>((generation, notes))
+        }
+        .await;
+        match stored {
+            Ok((generation, notes)) => {
+                tracing::info!(credential = %name, generation, "authorized from the status page: tokens stored");
+                let mut message = format!("authorized credential {name}: tokens stored (generation {generation}); the refresher picks them up within seconds");
+                for note in notes {
+                    message.push_str("; ");
+                    message.push_str(&note);
+                }
+                (true, StatusCode::OK, message)
+            }
+            Err(e) => {
+                tracing::warn!(credential = %name, error = %e, "authorizing from the status page failed");
+                let status = match e {
+                    grant::GrantError::CodeRejected(_) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                (false, status, e.to_string())
+            }
+        }
+    }
+
     /// 200 when every credential holds a usable token and every templated upstream
     /// resolves with it; else 503 naming what is not ready.
     fn readyz(&self) -> Response<Full<Bytes>> {
@@ -121,6 +308,8 @@ impl Admin {
                         "client_certificate": u.config.client_cert.as_ref().map(|c| c.status()),
                         "requests_total": counts.iter().map(|(_, n)| n).sum::<u64>(),
                         "requests": counts.iter().map(|(c, n)| (c.to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
+                        // Per minute over the last hour, by status class (the page's sparkline).
+                        "requests_per_minute": u.request_rates(),
                     }),
                 )
             })
@@ -205,6 +394,12 @@ fn html(body: &str) -> Response<Full<Bytes>> {
     r
 }
 
+fn html_status(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = html(body);
+    *r.status_mut() = status;
+    r
+}
+
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(format!("{v:#}\n"))));
     *r.status_mut() = status;
@@ -233,12 +428,14 @@ mod tests {
             store: Mutex::new(StoreInfo::default()),
             config: Arc::new(Mutex::new(ConfigStatus::new(None))),
             reloads: tx,
+            csrf: "c5rf".into(),
+            token: None,
         };
         (admin, rx)
     }
 
-    fn post_reload(peer: &str) -> Request<()> {
-        let mut req = Request::post("/reload").body(()).unwrap();
+    fn post_reload(peer: &str) -> Request<String> {
+        let mut req = Request::post("/reload").body(String::new()).unwrap();
         req.extensions_mut()
             .insert(crate::server::inbound::Peer(peer.parse().unwrap()));
         req
@@ -256,7 +453,7 @@ mod tests {
             assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
         }
         let get = admin
-            .handle(Request::get("/reload").body(()).unwrap())
+            .handle(Request::get("/reload").body(String::new()).unwrap())
             .await;
         assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert!(rx.try_recv().is_err(), "nothing reached the reload task");
@@ -284,6 +481,73 @@ mod tests {
             answer.await.unwrap();
             assert_eq!(r.status(), StatusCode::CONFLICT, "{peer}");
         }
+    }
+
+    fn post_action(peer: &str, form: &str) -> Request<String> {
+        let mut req = Request::post("/actions/authorize-code")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form.to_string())
+            .unwrap();
+        req.extensions_mut()
+            .insert(crate::server::inbound::Peer(peer.parse().unwrap()));
+        req
+    }
+
+    async fn body_text(r: Response<Full<Bytes>>) -> String {
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Off loopback an action is refused before its form is read, CSRF token or not;
+    /// on loopback the form's CSRF token is checked, and past both the action runs.
+    #[tokio::test]
+    async fn actions_are_refused_off_loopback_and_without_the_csrf_token() {
+        let (admin, _rx) = admin();
+        let form = "credential=crm&code=abc&csrf=c5rf";
+        for peer in [
+            "10.1.2.3:5000",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.1.2.3]:5000",
+        ] {
+            let r = admin.handle(post_action(peer, form)).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
+            assert!(body_text(r).await.contains("loopback addresses only"));
+        }
+        for form in [
+            "credential=crm&code=abc",
+            "credential=crm&code=abc&csrf=forged",
+        ] {
+            let r = admin.handle(post_action("127.0.0.1:5000", form)).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{form}");
+            assert!(body_text(r).await.contains("CSRF token"));
+        }
+        // Past the guards: the action itself answers (no such credential here).
+        let r = admin.handle(post_action("127.0.0.1:5000", form)).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(body_text(r).await.contains("no credential"));
+    }
+
+    /// With an admin token, the token is required from loopback as well, and is enough
+    /// from elsewhere.
+    #[tokio::test]
+    async fn with_an_admin_token_actions_need_it() {
+        let (mut admin, _rx) = admin();
+        admin.token = Some(crate::secret::Secret::new("t0ken"));
+        let form = "credential=crm&code=abc&csrf=c5rf";
+        let r = admin.handle(post_action("127.0.0.1:5000", form)).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let mut req = post_action("10.1.2.3:5000", form);
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, "Bearer t0ken".parse().unwrap());
+        assert_eq!(admin.handle(req).await.status(), StatusCode::NOT_FOUND);
+        let with_field = format!("{form}&admin_token=t0ken");
+        let r = admin
+            .handle(post_action("10.1.2.3:5000", &with_field))
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]
