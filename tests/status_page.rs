@@ -177,6 +177,10 @@ async fn a_healthy_instance_in_chromium() {
             .await
             .unwrap();
     }
+    // An access token the upstream stops accepting: the request is replayed with a
+    // new token after the 401, and the timeline shows it.
+    env.auth.expire_access_tokens();
+    secrets.push(token_seen_upstream(&env.relay, "crm").await);
     let stored = support::stored_state(&env.yaml, "crm").await.unwrap();
     secrets.push(stored.refresh_token.unwrap().expose().to_string());
 
@@ -191,6 +195,10 @@ async fn a_healthy_instance_in_chromium() {
         r#"<svg class="sparkline""#,
         "2xx 1",
         "4xx 3",
+        "2xx 2",
+        r#"class="ev replay""#,
+        "request replayed after a 401: answered 200",
+        r#"class="ev refresh success""#,
         "expires in ",
         "scheduled refresh in ",
         r#"<div class="bar ok"><div style="width:100%"></div></div> dies in 89d 23h"#,
@@ -371,4 +379,63 @@ async fn with_an_admin_token_actions_need_it() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("authorized credential crm"), "{body}");
     env.relay.stop().await;
+}
+
+/// A static token the upstream keeps rejecting is not "ready": the page says so and
+/// what to do; a new token in the token_file makes it ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_static_token_is_not_ready() {
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "a-token-the-upstream-never-issued\n").unwrap();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+credentials:
+  legacy: {{ grant: static, token_file: "{file}" }}
+upstreams:
+  legacy: {{ listen: "127.0.0.1:0", url: "{u}", credential: legacy, allow_insecure_http: true }}
+"#,
+        file = token_file.display(),
+        u = api.url()
+    );
+    let relay = support::start(&yaml).await;
+    assert_eq!(support::credential_state(&relay, "legacy").await, "ready");
+    let c = support::client();
+    let r = c
+        .get(format!("{}/echo", relay.url("legacy")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            support::credential_state(&relay, "legacy").await == "degraded"
+        })
+        .await,
+        "a rejected static token is degraded"
+    );
+    let page = support::get_text(&relay.admin_url("/")).await;
+    for needle in [
+        r#"<p id="summary" class="summary warn">0 of 1 credential healthy · 1 is degraded</p>"#,
+        "the upstream rejects this static token (401 since",
+        "What to do now",
+        "put a valid token in the credential",
+    ] {
+        assert!(page.contains(needle), "the page lacks {needle:?}:\n{page}");
+    }
+    assert!(!page.contains("a-token-the-upstream-never-issued"));
+    std::fs::write(&token_file, format!("{}\n", auth.new_access_token())).unwrap();
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            support::credential_state(&relay, "legacy").await == "ready"
+        })
+        .await,
+        "a new token makes it ready"
+    );
+    relay.stop().await;
 }
