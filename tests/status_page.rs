@@ -24,9 +24,20 @@ struct Env {
     dir: tempfile::TempDir,
 }
 
-/// `crm` (refresh_token, seeded with `refresh`, or a fresh grant) and `billing`
-/// (client_credentials), each with an upstream; `admin_extra` goes into `admin:`.
+/// `crm` (refresh_token: a live grant, or a dead one) and `billing`
+/// (client_credentials), each with an upstream.
 async fn start_env(dead: bool, admin_extra: &str) -> Env {
+    start_env_with(dead, "127.0.0.1:0", admin_extra, |_| String::new()).await
+}
+
+/// [`start_env`] with the admin listener at `admin_listen`, `admin_extra` in `admin:`
+/// and `crm_extra(auth)` in `crm`'s settings.
+async fn start_env_with(
+    dead: bool,
+    admin_listen: &str,
+    admin_extra: &str,
+    crm_extra: impl Fn(&AuthServer) -> String,
+) -> Env {
     let auth = AuthServer::start(AuthServerOptions {
         access_ttl: Duration::from_secs(600),
         ..Default::default()
@@ -37,10 +48,10 @@ async fn start_env(dead: bool, admin_extra: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
         r#"
-admin: {{ listen: "127.0.0.1:0"{admin_extra} }}
+admin: {{ listen: "{admin_listen}"{admin_extra} }}
 store: {{ type: file, path: "{state}" }}
 credentials:
-  crm: {{ grant: refresh_token, token_url: "{t}", client_id: demo-client, client_secret: demo-secret, redirect_uri: "{REDIRECT}", refresh_token_idle_lifetime: 90d, allow_insecure_http: true }}
+  crm: {{ grant: refresh_token, token_url: "{t}", client_id: demo-client, client_secret: demo-secret, refresh_token_idle_lifetime: 90d, allow_insecure_http: true, {crm} }}
   billing: {{ grant: client_credentials, token_url: "{t}", client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}
 upstreams:
   crm: {{ listen: "127.0.0.1:0", url: "{u}", credential: crm, allow_insecure_http: true }}
@@ -48,7 +59,15 @@ upstreams:
 "#,
         state = dir.path().join("state").display(),
         t = auth.token_url(),
-        u = api.url()
+        u = api.url(),
+        crm = {
+            let extra = crm_extra(&auth);
+            if extra.is_empty() {
+                format!(r#"redirect_uri: "{REDIRECT}""#)
+            } else {
+                extra
+            }
+        },
     );
     let refresh = if dead {
         "a-refresh-token-the-server-never-issued".to_string()
@@ -438,4 +457,107 @@ upstreams:
         "a new token makes it ready"
     );
     relay.stop().await;
+}
+
+/// Where `redirect_uri` points at the admin listener, "Authorize again" starts the
+/// provider's flow and the admin listener serves its callback: the browser ends on a
+/// page saying the grant is stored, and the credential is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_again_through_the_admin_listener_in_chromium() {
+    let Some(browser) = Browser::new() else {
+        return;
+    };
+    let port = support::free_port();
+    let redirect = format!("http://127.0.0.1:{port}/callback");
+    let env = start_env_with(true, &format!("127.0.0.1:{port}"), "", |auth| {
+        // `auto=1`: the demo server approves at once, as a user clicking "allow".
+        format!(
+            r#"redirect_uri: "{redirect}", authorize_url: "{}?auto=1""#,
+            auth.authorize_url()
+        )
+    })
+    .await;
+    let url = env.relay.admin_url("/");
+    let html = support::get_text(&url).await;
+    assert!(
+        html.contains(r#"<form class="again" method="post" action="/actions/authorize-start">"#),
+        "{html}"
+    );
+    let submit = html
+        .replacen(
+            "<head>",
+            &format!(r#"<head><base href="http://{}/">"#, env.relay.admin),
+            1,
+        )
+        .replace(r#"<meta http-equiv="refresh" content="30">"#, "")
+        .replacen(
+            "</body>",
+            "<script>document.querySelector('form.again').submit()</script></body>",
+            1,
+        );
+    let page = env.dir.path().join("again.html");
+    std::fs::write(&page, submit).unwrap();
+    let answer = browser.dom(&format!("file://{}", page.display()));
+    assert!(
+        answer.contains("authorized credential crm: tokens stored"),
+        "where the browser ended:\n{answer}"
+    );
+    assert_eq!(env.auth.stats().authorization_codes, 1);
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            support::credential_state(&env.relay, "crm").await == "ready"
+        })
+        .await,
+        "the new grant was adopted"
+    );
+    // A callback with a state nobody started is refused.
+    let r = support::client()
+        .get(format!("{redirect}?code=abc&state=forged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "no authorization pending: not a callback at all"
+    );
+    // While one is pending, a callback with another state is refused, and the pending
+    // one is not spent by it.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let start = no_redirects
+        .post(env.relay.admin_url("/actions/authorize-start"))
+        .form(&[("credential", "crm"), ("csrf", csrf_of(&html).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(start.status(), 303);
+    let location = start.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&env.auth.authorize_url()),
+        "{location}"
+    );
+    assert!(
+        location.contains("code_challenge_method=S256"),
+        "{location}"
+    );
+    let r = support::client()
+        .get(format!("{redirect}?code=abc&state=forged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("does not match a pending authorization"));
+    assert_eq!(
+        env.auth.stats().authorization_codes,
+        1,
+        "nothing more was exchanged"
+    );
+    env.relay.stop().await;
 }

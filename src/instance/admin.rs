@@ -30,22 +30,14 @@ pub struct Admin {
     pub csrf: String,
     /// `admin.token_file`'s token: when set, actions require it (from any address).
     pub token: Option<crate::secret::Secret>,
+    /// The address the admin listener is bound to: a `redirect_uri` pointing at it is
+    /// served here ("Authorize again").
+    pub address: Option<std::net::SocketAddr>,
+    /// Browser authorizations started from the page, awaiting their callback.
+    pub pending: Mutex<Vec<super::admin_actions::Pending>>,
 }
 
-/// The largest action form read.
-const MAX_FORM: usize = 16 * 1024;
-
-/// A fresh random CSRF token.
-pub fn new_csrf() -> String {
-    use base64::Engine;
-    let bytes: [u8; 32] = rand::random();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// Compares without stopping at the first difference.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use super::admin_actions::new_csrf;
 
 impl Admin {
     /// Routes one admin request.
@@ -59,6 +51,9 @@ impl Admin {
         }
         if req.uri().path().starts_with("/actions/") {
             return self.action(req).await;
+        }
+        if let Some(response) = self.callback(&req).await {
+            return response;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
@@ -74,6 +69,7 @@ impl Admin {
                     now_ms: crate::clock::now_ms(),
                     csrf: &self.csrf,
                     token_required: self.token.is_some(),
+                    authorize_again: &self.authorize_again(),
                 },
             )),
             _ => text(
@@ -116,157 +112,6 @@ impl Admin {
                 &serde_json::json!({"result": "failure", "error": error.to_string()}),
             ),
             Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
-        }
-    }
-
-    /// A status page action (`POST /actions/NAME`, a form). Who may act: a loopback
-    /// peer, or, with `admin.token_file` set, whoever presents that token (as a bearer
-    /// header or the form's `admin_token`). Either way the form carries the page's
-    /// CSRF token.
-    async fn action<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
-    where
-        B: http_body::Body,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        use crate::instance::status_page::action_result;
-        if req.method() != Method::POST {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "actions are POSTs\n");
-        }
-        let peer_is_loopback = req
-            .extensions()
-            .get::<crate::server::inbound::Peer>()
-            .is_some_and(crate::server::inbound::Peer::is_loopback);
-        let bearer = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|v| v.trim().to_string());
-        if self.token.is_none() && !peer_is_loopback {
-            return html_status(
-                StatusCode::FORBIDDEN,
-                &action_result(false, "actions are allowed from loopback addresses only (set admin.token_file to allow them from elsewhere with a token)"),
-            );
-        }
-        let path = req.uri().path().to_string();
-        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            req.into_body(),
-            MAX_FORM,
-        ))
-        .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return html_status(
-                    StatusCode::BAD_REQUEST,
-                    &action_result(false, "the form could not be read (too large?)"),
-                )
-            }
-        };
-        let form: std::collections::HashMap<String, String> =
-            url::form_urlencoded::parse(&body).into_owned().collect();
-        if let Some(token) = &self.token {
-            let given = bearer
-                .or_else(|| form.get("admin_token").cloned())
-                .unwrap_or_default();
-            if !same(given.as_bytes(), token.expose().as_bytes()) {
-                return html_status(
-                    StatusCode::UNAUTHORIZED,
-                    &action_result(
-                        false,
-                        "this action requires the admin token (admin.token_file)",
-                    ),
-                );
-            }
-        }
-        let csrf = form.get("csrf").map(String::as_str).unwrap_or_default();
-        if !same(csrf.as_bytes(), self.csrf.as_bytes()) {
-            return html_status(
-                StatusCode::FORBIDDEN,
-                &action_result(false, "the form's CSRF token is missing or stale: reload the status page and try again"),
-            );
-        }
-        match path.as_str() {
-            "/actions/authorize-code" => {
-                let (ok, status, message) = self.authorize_code(&form).await;
-                html_status(status, &action_result(ok, &message))
-            }
-            _ => text(StatusCode::NOT_FOUND, "no such action\n"),
-        }
-    }
-
-    /// Exchanges the form's authorization code for the form's credential, as
-    /// `tokenrelay authorize --code` does, and stores the answer as the next generation;
-    /// the credential's refresher adopts it through the store's watch.
-    async fn authorize_code(
-        &self,
-        form: &std::collections::HashMap<String, String>,
-    ) -> (bool, StatusCode, String) {
-        let name = form
-            .get("credential")
-            .map(String::as_str)
-            .unwrap_or_default();
-        let code = form.get("code").map(|c| c.trim()).unwrap_or_default();
-        let view = self.view.load();
-        let Some(cred) = view.credentials.iter().find(|c| c.name == name) else {
-            return (
-                false,
-                StatusCode::NOT_FOUND,
-                format!("no credential {name:?}"),
-            );
-        };
-        if cred.config.grant != crate::config::Grant::RefreshToken {
-            return (false, StatusCode::CONFLICT, format!("credential {name} does not use grant refresh_token; an authorization code does not apply"));
-        }
-        if code.is_empty() {
-            return (
-                false,
-                StatusCode::BAD_REQUEST,
-                "paste the authorization code into the form".into(),
-            );
-        }
-        let Some(store) = view.store.clone() else {
-            return (
-                false,
-                StatusCode::CONFLICT,
-                "this instance has no store to keep the grant in".into(),
-            );
-        };
-        let client = match crate::oauth::TokenClient::new(cred.config.clone()) {
-            Ok(c) => c,
-            Err(e) => return (false, StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        };
-        use crate::instance::grant;
-        let stored = async {
-            let answer = grant::exchange_code(&client, code, None).await?;
-            let (obtained, notes) = grant::Obtained::from_answer(answer, "the authorization code")?;
-            for note in &notes {
-                tracing::warn!(credential = %name, "{note}");
-            }
-            let by = format!("{} (status page)", view.instance_id);
-            let generation =
-                grant::store_grant(&*store, name, Some(&cred.config), &by, obtained).await?;
-            Ok::<_, grant::GrantError>((generation, notes))
-        }
-        .await;
-        match stored {
-            Ok((generation, notes)) => {
-                tracing::info!(credential = %name, generation, "authorized from the status page: tokens stored");
-                let mut message = format!("authorized credential {name}: tokens stored (generation {generation}); the refresher picks them up within seconds");
-                for note in notes {
-                    message.push_str("; ");
-                    message.push_str(&note);
-                }
-                (true, StatusCode::OK, message)
-            }
-            Err(e) => {
-                tracing::warn!(credential = %name, error = %e, "authorizing from the status page failed");
-                let status = match e {
-                    grant::GrantError::CodeRejected(_) => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::BAD_GATEWAY,
-                };
-                (false, status, e.to_string())
-            }
         }
     }
 
@@ -371,7 +216,7 @@ fn not_ready(c: &crate::credential::Credential) -> Vec<String> {
         .collect()
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+pub(super) fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -394,7 +239,7 @@ fn html(body: &str) -> Response<Full<Bytes>> {
     r
 }
 
-fn html_status(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+pub(super) fn html_status(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut r = html(body);
     *r.status_mut() = status;
     r
@@ -430,6 +275,8 @@ mod tests {
             reloads: tx,
             csrf: "c5rf".into(),
             token: None,
+            address: None,
+            pending: Mutex::new(Vec::new()),
         };
         (admin, rx)
     }

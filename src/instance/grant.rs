@@ -24,6 +24,102 @@ pub enum GrantError {
     Store(#[from] StoreError),
     #[error("the stored state kept changing; try again")]
     Busy,
+    #[error("credentials.{0}.authorize_url is not set: set it to the provider's authorization endpoint, or use a code obtained in the provider's UI")]
+    NoAuthorizeUrl(String),
+    #[error("credentials.{0}.redirect_uri is required to authorize")]
+    NoRedirectUri(String),
+}
+
+/// The `state` and PKCE verifier of one browser authorization (RFC 7636, S256).
+pub struct Pkce {
+    pub state: String,
+    pub verifier: String,
+}
+
+impl Pkce {
+    pub fn new() -> Pkce {
+        Pkce {
+            state: random_b64(16),
+            verifier: random_b64(32),
+        }
+    }
+}
+
+impl Default for Pkce {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn random_b64(n: usize) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The provider's authorization URL for `c`, with `state` and the PKCE challenge.
+pub fn authorize_url(c: &CredentialConfig, pkce: &Pkce) -> Result<url::Url, GrantError> {
+    use base64::Engine;
+    let Some(authorize_url) = &c.authorize_url else {
+        return Err(GrantError::NoAuthorizeUrl(c.name.clone()));
+    };
+    let Some(redirect) = &c.redirect_uri else {
+        return Err(GrantError::NoRedirectUri(c.name.clone()));
+    };
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        pkce.verifier.as_bytes(),
+    ));
+    let mut url = authorize_url.clone();
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("response_type", "code")
+            .append_pair("client_id", c.client_id.as_deref().unwrap_or_default())
+            .append_pair("redirect_uri", redirect)
+            .append_pair("state", &pkce.state)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        if !c.scopes.is_empty() {
+            q.append_pair("scope", &c.scopes.join(" "));
+        }
+    }
+    Ok(url)
+}
+
+/// Why the authorization callback brought no usable code.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error("the provider answered {error}{description}")]
+    Provider { error: String, description: String },
+    #[error("the callback's state does not match (stale or forged request)")]
+    State,
+    #[error("the callback carries no code")]
+    NoCode,
+}
+
+/// The code of a callback whose query is `query`, if its state is `state`.
+pub fn callback_code(query: &str, state: &str) -> Result<String, CallbackError> {
+    let q: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+    if let Some(err) = q.get("error") {
+        let description = q
+            .get("error_description")
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        return Err(CallbackError::Provider {
+            error: err.clone(),
+            description,
+        });
+    }
+    if q.get("state").map(String::as_str) != Some(state) {
+        return Err(CallbackError::State);
+    }
+    match q.get("code") {
+        Some(code) if !code.is_empty() => Ok(code.clone()),
+        _ => Err(CallbackError::NoCode),
+    }
 }
 
 /// Exchanges an authorization code (with its PKCE verifier, when the flow made one).

@@ -18,6 +18,7 @@
 //! - [`record`]: what a reload did, for the log, `/status` and `tokenrelay reload`.
 
 pub mod admin;
+mod admin_actions;
 pub mod config_file;
 mod credentials;
 pub mod grant;

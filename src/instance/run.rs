@@ -109,6 +109,8 @@ pub async fn run_with(
         reloads: reload_tx,
         csrf: super::admin::new_csrf(),
         token: admin_token,
+        address: Some(bound.admin),
+        pending: Mutex::new(Vec::new()),
     });
     let stop_notifier = CancellationToken::new();
     let notifier = super::notify::spawn(

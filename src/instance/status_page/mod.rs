@@ -42,6 +42,9 @@ pub struct Page<'a> {
     pub csrf: &'a str,
     /// Whether actions need the `admin.token_file` token (the form asks for it).
     pub token_required: bool,
+    /// The credentials whose `redirect_uri` the admin listener serves: they get an
+    /// "Authorize again" button that starts the provider's flow.
+    pub authorize_again: &'a [String],
 }
 
 /// "5m 2s ago (2026-12-07T18:00:00Z)" for an RFC 3339 time.
@@ -192,17 +195,33 @@ fn what_to_do(name: &str, c: &Value, page: &Page) -> String {
 </form>"#,
             csrf = esc(page.csrf),
             name = esc(name),
-            token = if page.token_required {
-                r#"<label>Admin token: <input type="password" name="admin_token" autocomplete="off" required></label><br>"#
-            } else {
-                ""
-            },
+            token = token_field(page),
         );
+        if page.authorize_again.iter().any(|n| n == name) {
+            form.push_str(&format!(
+                r#"<form class="again" method="post" action="/actions/authorize-start">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="credential" value="{name}">
+{token}<button type="submit">Authorize again</button> <span class="muted">at the provider; it sends the browser back here, and the code is exchanged and stored.</span>
+</form>"#,
+                csrf = esc(page.csrf),
+                name = esc(name),
+                token = token_field(page),
+            ));
+        }
     }
     format!(
         r#"<div class="todo"><strong>What to do now</strong><p><code>{}</code></p>{form}</div>"#,
         esc(&action)
     )
+}
+
+/// The admin token field of a form, when actions need it.
+fn token_field(page: &Page) -> &'static str {
+    if page.token_required {
+        r#"<label>Admin token: <input type="password" name="admin_token" autocomplete="off" required></label><br>"#
+    } else {
+        ""
+    }
 }
 
 fn credential(name: &str, c: &Value, page: &Page) -> String {
@@ -389,6 +408,7 @@ mod tests {
         now_ms: 0,
         csrf: "c5rf",
         token_required: false,
+        authorize_again: &[],
     };
 
     fn render(status: &Value) -> String {
