@@ -280,7 +280,6 @@ async fn a_dead_grant_in_chromium_and_its_code_form() {
             &format!(r#"<input name="code" value="{code}""#),
             1,
         )
-        .replace(r#"<meta http-equiv="refresh" content="30">"#, "")
         .replacen(
             "</body>",
             "<script>document.querySelector('form.code').submit()</script></body>",
@@ -489,7 +488,6 @@ async fn authorize_again_through_the_admin_listener_in_chromium() {
             &format!(r#"<head><base href="http://{}/">"#, env.relay.admin),
             1,
         )
-        .replace(r#"<meta http-equiv="refresh" content="30">"#, "")
         .replacen(
             "</body>",
             "<script>document.querySelector('form.again').submit()</script></body>",

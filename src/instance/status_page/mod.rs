@@ -295,6 +295,7 @@ pub fn render(status: &Value, page: &Page) -> String {
         .iter()
         .map(|(name, c)| credential(name, c, page))
         .collect();
+    let has_form = creds.contains("<form");
     let mut ups = String::new();
     if let Some(map) = status["upstreams"].as_object() {
         for (name, u) in map {
@@ -329,7 +330,7 @@ pub fn render(status: &Value, page: &Page) -> String {
     }
     format!(
         r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
+<html lang="en"><head><meta charset="utf-8">{refresh_meta}
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>tokenrelay status</title>
 <style>
@@ -367,7 +368,7 @@ footer {{ margin-top: 2em; color: #777; }}
 <body>
 <h1>tokenrelay {version}</h1>
 <p id="summary" class="summary {summary_class}">{summary}</p>
-<p>Store: {store}{rollback}. This page refreshes every 30 seconds; machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
+<p>Store: {store}{rollback}. {refresh_words} Machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
 <h2>Credentials</h2>
 {creds}
 <h2>Upstreams</h2>
@@ -378,6 +379,18 @@ footer {{ margin-top: 2em; color: #777; }}
 </body></html>
 "#,
         version = esc(&text(&status["version"])),
+        // A page holding a form does not reload itself: that would wipe a code being
+        // pasted.
+        refresh_meta = if has_form {
+            ""
+        } else {
+            r#"<meta http-equiv="refresh" content="30">"#
+        },
+        refresh_words = if has_form {
+            "This page does not refresh itself while it offers an action; reload it to see changes."
+        } else {
+            "This page refreshes every 30 seconds."
+        },
         summary = esc(&summary),
         store = esc(&text(&status["store"])),
         rollback = match status["store_rollback_detection"].as_str() {
