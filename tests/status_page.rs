@@ -262,8 +262,6 @@ async fn a_dead_grant_in_chromium_and_its_code_form() {
     }
     // The dead credential comes before the healthy one.
     assert!(dom.find("cred-crm").unwrap() < dom.find("cred-billing").unwrap());
-    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-dead-grant.png");
-    browser.screenshot(&url, &shot);
 
     // The form, filled in and submitted by the browser: the page itself has no script,
     // so a copy of it (same form, same CSRF token) submits itself once loaded.
@@ -558,4 +556,64 @@ async fn authorize_again_through_the_admin_listener_in_chromium() {
         "nothing more was exchanged"
     );
     env.relay.stop().await;
+}
+
+/// The real binary with a dead grant: the page's command names this process's config
+/// file (absolute), never a placeholder. The dead-grant screenshot is of this page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_grant_names_the_real_config_file() {
+    let Some(browser) = Browser::new() else {
+        return;
+    };
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let yaml = format!(
+        r#"
+admin: {{ listen: "{admin}" }}
+store: {{ type: file, path: "{state}" }}
+credentials:
+  crm: {{ grant: refresh_token, token_url: "{t}", client_id: demo-client, client_secret: demo-secret, redirect_uri: "{REDIRECT}", refresh_token_idle_lifetime: 90d, allow_insecure_http: true }}
+  billing: {{ grant: client_credentials, token_url: "{t}", client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true }}
+upstreams:
+  crm: {{ listen: "127.0.0.1:0", url: "{u}", credential: crm, allow_insecure_http: true }}
+  billing: {{ listen: "127.0.0.1:0", url: "{u}", credential: billing, allow_insecure_http: true }}
+"#,
+        state = dir.path().join("state").display(),
+        t = auth.token_url(),
+        u = api.url()
+    );
+    let config = dir.path().join("tokenrelay.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    support::seed_refresh_token(&yaml, "crm", "a-refresh-token-the-server-never-issued").await;
+    let mut relay = support::ChildProc::spawn(&config, &dir.path().join("log"), &[]);
+    let status = format!("http://{admin}/status");
+    assert!(
+        support::eventually(Duration::from_secs(10), || async {
+            support::client()
+                .get(&status)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+                && support::status_json(&format!("http://{admin}")).await["credentials"]["crm"]
+                    ["state"]
+                    == "reauthorization_required"
+        })
+        .await,
+        "crm did not become reauthorization_required"
+    );
+    let url = format!("http://{admin}/");
+    let dom = browser.dom(&url);
+    let command = format!(
+        "tokenrelay authorize --config {} --credential crm",
+        config.display()
+    );
+    assert!(dom.contains(&command), "the page lacks {command:?}:\n{dom}");
+    assert!(!dom.contains("--config FILE"), "{dom}");
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-dead-grant.png");
+    browser.screenshot(&url, &shot);
+    relay.terminate();
 }
