@@ -443,7 +443,7 @@ impl Credential {
     }
 
     /// A request was sent again after a 401 with a newer token; `status` is its answer.
-    pub fn note_401_replay(&self, status: u16) {
+    pub(crate) fn note_401_replay(&self, status: u16) {
         self.events
             .push(crate::clock::now_ms(), events::Kind::Replay401(status));
     }
