@@ -177,7 +177,7 @@ fn what_to_do(name: &str, c: &Value, page: &Page) -> String {
         action = c["detail"].as_str().map(str::to_string);
     }
     if action.is_none() && state == "degraded" && c["grant"] == "static" {
-        action = Some("put a valid token in the credential's token or token_file (a token_file is re-read within 10 seconds)".into());
+        action = Some("put a valid token in the credential's token_file (re-read within 10 seconds), or in its token and reload the config".into());
     }
     let Some(action) = action else {
         return String::new();
@@ -426,6 +426,36 @@ mod tests {
 
     fn render(status: &Value) -> String {
         super::render(status, &PAGE)
+    }
+
+    /// A failing credential shows its next retry and backoff step; a scheduled one
+    /// its next refresh; a refresh token's death from the configured lifetime is an
+    /// estimate.
+    #[test]
+    fn countdowns_read_as_words() {
+        let status = serde_json::json!({"credentials": {
+            "a": {"state": "degraded", "grant": "refresh_token", "generation": 2,
+                "next_attempt": {"at": "1970-01-01T00:00:30Z", "kind": "retry", "backoff_step": 3},
+                "refresh_token_death": {"at": "1970-01-01T00:10:00Z", "in_seconds": 600, "kind": "absolute",
+                    "lifetime_seconds": 6000, "estimate": true}},
+            "b": {"state": "ready", "grant": "client_credentials", "generation": 1,
+                "next_attempt": {"at": "1970-01-01T01:00:00Z", "kind": "scheduled"}}
+        }});
+        let html = render(&status);
+        assert!(
+            html.contains("retry in 30s (1970-01-01T00:00:30Z) · backoff step 3"),
+            "{html}"
+        );
+        assert!(html.contains("scheduled refresh in 1h 0m"), "{html}");
+        assert!(
+            html.contains(
+                r#"<div class="bar warn"><div style="width:10%"></div></div> dies in 10m 0s"#
+            ),
+            "{html}"
+        );
+        assert!(html.contains("absolute lifetime since authorization"));
+        assert!(html.contains(r#"class="estimate""#));
+        assert!(html.contains("1 of 2 credentials healthy · 1 is degraded"));
     }
 
     #[test]
