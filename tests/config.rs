@@ -99,7 +99,7 @@ fn unknown_keys_are_named_with_their_full_path() {
             "  listen: 127.0.0.1:19090\n  frobnicate: 1\n",
         ),
         "admin.frobnicate",
-        &["unknown key (known here: listen)"],
+        &["unknown key (known here: listen, token_file)"],
     );
 }
 

@@ -428,10 +428,14 @@ async fn status_and_metrics_show_a_sunset_endpoint() {
     assert!(status["credentials"]["new"]["sunset"].is_null());
 
     let page = support::get_text(&relay.admin_url("/")).await;
+    let old = page.find("id=\"cred-old\"").expect("old's section");
+    let section = &page[old..];
+    let section = &section[..section.find("</section>").unwrap_or(section.len())];
     assert!(
-        page.contains(&format!("old: {HUBSPOT_V1} ends on 2027-02-16")),
+        section.contains(&format!("{HUBSPOT_V1} ends on 2027-02-16")),
         "{page}"
     );
+    assert_eq!(page.matches(" ends on ").count(), 1, "{page}");
 
     let metrics = support::metrics_text(&admin).await;
     let name = "tokenrelay_preset_sunset_timestamp_seconds";

@@ -210,6 +210,15 @@ async fn a_credential_is_handed_over_to_another_environment() {
         "{st}"
     );
     assert_eq!(get(&url_a).await, 503, "A no longer uses the credential");
+    // A's status page says where it went and how to take it back.
+    let page = support::get_text(&format!("{admin_a}/")).await;
+    for needle in [
+        "1 moved away",
+        r#"<dd class="moved">to environment-b"#,
+        "tokenrelay import --config",
+    ] {
+        assert!(page.contains(needle), "the page lacks {needle:?}:\n{page}");
+    }
 
     let out = import(&b, "crm", &bundle, &pass, &[]).await;
     assert!(out.status.success(), "import failed: {}", text(&out.stderr));

@@ -12,11 +12,9 @@ mod password;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -25,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, CredentialConfig, Grant};
-use crate::oauth::{GrantRequest, TokenAnswer, TokenClient};
+use crate::oauth::{TokenAnswer, TokenClient};
 
 pub use password::PasswordInput;
 
@@ -77,15 +75,11 @@ async fn exchange_code(
         Some(code) => (code.trim().to_string(), None),
         None => obtain_code(c).await?,
     };
-    let answer = client
-        .request(GrantRequest::AuthorizationCode { code: &code, code_verifier: verifier.as_deref() })
+    let answer = crate::instance::grant::exchange_code(client, &code, verifier.as_deref())
         .await
-        .map_err(|e| {
-            if e.is_invalid_grant() {
-                anyhow::anyhow!("the authorization code was rejected ({e}). Codes work once and expire within minutes: obtain a new one and run authorize again promptly")
-            } else {
-                anyhow::anyhow!("exchanging the authorization code failed: {e}")
-            }
+        .map_err(|e| match e {
+            crate::instance::grant::GrantError::CodeRejected(e) => anyhow::anyhow!("the authorization code was rejected ({e}). Codes work once and expire within minutes: obtain a new one and run authorize again promptly"),
+            e => e.into(),
         })?;
     Ok(answer)
 }
@@ -98,50 +92,28 @@ async fn store_answer(
     answer: TokenAnswer,
     what: &str,
 ) -> anyhow::Result<u64> {
-    // A refresh token is kept even when the access-token part is unusable: the grant is
-    // spent, and running instances redeem the refresh token for an access token.
-    let access = match answer.access {
-        Ok(a) => {
-            let expires = SystemTime::now() + a.expires_in;
-            let expires_ms = expires.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
-            // A long-lived token without `expires_in` has no known expiry (YooMoney).
-            let known = a.expires_in_stated || answer.refresh_token.is_some();
-            Some((a.token, known.then_some(expires_ms)))
-        }
-        Err(e) if answer.refresh_token.is_some() => {
-            eprintln!("warning: the answer's access token is unusable ({e}); storing the refresh token only");
-            None
-        }
-        Err(e) => bail!("exchanging {what} failed: {e}"),
-    };
-    if answer.refresh_token.is_none() {
-        // YooMoney and long-lived-token integrations: the access token is the grant.
-        eprintln!("note: the token endpoint issued no refresh_token; the access token is stored as a long-lived token and will not be refreshed (re-authorize when it expires)");
-    }
-    for (field, rule) in &answer.refused_fields {
-        eprintln!("warning: the answer's field {field} was not kept: {rule}");
+    let (grant, notes) = crate::instance::grant::Obtained::from_answer(answer, what)?;
+    for note in notes {
+        eprintln!("{note}");
     }
     super::seed::store_new_grant(
         cfg,
         credential,
-        answer.refresh_token,
-        access,
-        answer.refresh_expires_in,
-        answer.fields,
+        grant.refresh_token,
+        grant.access,
+        grant.refresh_expires_in,
+        grant.answer_fields,
     )
     .await
 }
 
-fn random_b64(n: usize) -> String {
-    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
-    B64URL.encode(bytes)
-}
-
 /// Prints the authorize URL and waits for the provider to redirect back with a code.
 async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<String>)> {
-    let Some(authorize_url) = &c.authorize_url else {
-        bail!("credentials.{}.authorize_url is not set: set it to the provider's authorization endpoint, or pass --code with a code obtained in the provider's UI", c.name);
-    };
+    let pkce = crate::instance::grant::Pkce::new();
+    let url = crate::instance::grant::authorize_url(c, &pkce).map_err(|e| match e {
+        crate::instance::grant::GrantError::NoAuthorizeUrl(name) => anyhow::anyhow!("credentials.{name}.authorize_url is not set: set it to the provider's authorization endpoint, or pass --code with a code obtained in the provider's UI"),
+        e => e.into(),
+    })?;
     let Some(redirect) = &c.redirect_uri else {
         bail!(
             "credentials.{}.redirect_uri is required to authorize",
@@ -149,25 +121,7 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
         );
     };
     let redirect_url = url::Url::parse(redirect).context("redirect_uri is not a URL")?;
-    let state = random_b64(16);
-    let verifier = random_b64(32);
-    let challenge = B64URL.encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        verifier.as_bytes(),
-    ));
-    let mut url = authorize_url.clone();
-    {
-        let mut q = url.query_pairs_mut();
-        q.append_pair("response_type", "code")
-            .append_pair("client_id", c.client_id.as_deref().unwrap_or_default())
-            .append_pair("redirect_uri", redirect)
-            .append_pair("state", &state)
-            .append_pair("code_challenge", &challenge)
-            .append_pair("code_challenge_method", "S256");
-        if !c.scopes.is_empty() {
-            q.append_pair("scope", &c.scopes.join(" "));
-        }
-    }
+    let crate::instance::grant::Pkce { state, verifier } = pkce;
     println!("Open this URL in a browser and approve access:\n\n  {url}\n");
     let local = matches!(
         redirect_url.host_str(),
@@ -230,16 +184,7 @@ async fn obtain_code(c: &CredentialConfig) -> anyhow::Result<(String, Option<Str
     }
 }
 
-/// Why the authorization callback brought no usable code.
-#[derive(Debug, thiserror::Error)]
-enum CallbackError {
-    #[error("the provider answered {error}{description}")]
-    Provider { error: String, description: String },
-    #[error("the callback's state does not match (stale or forged request)")]
-    State,
-    #[error("the callback carries no code")]
-    NoCode,
-}
+use crate::instance::grant::CallbackError;
 
 /// `Some(Ok(code))` for a valid callback, `Some(Err)` for a provider error or bad state,
 /// `None` for unrelated requests (favicon and the like).
@@ -251,27 +196,10 @@ fn callback_result<B>(
     if req.uri().path() != path {
         return None;
     }
-    let q: std::collections::HashMap<String, String> =
-        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
-    if let Some(err) = q.get("error") {
-        let desc = q
-            .get("error_description")
-            .map(|d| format!(": {d}"))
-            .unwrap_or_default();
-        return Some(Err(CallbackError::Provider {
-            error: err.clone(),
-            description: desc,
-        }));
-    }
-    if q.get("state").map(String::as_str) != Some(state) {
-        return Some(Err(CallbackError::State));
-    }
-    match q.get("code") {
-        Some(code) if !code.is_empty() => Some(Ok(code.clone())),
-        _ => Some(Err(CallbackError::NoCode)),
-    }
+    Some(crate::instance::grant::callback_code(
+        req.uri().query().unwrap_or(""),
+        state,
+    ))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 
 use crate::config::{Config, Grant};
 use crate::secret::Secret;
-use crate::store::{now_ms, CasOutcome, NewGrant, StoredState};
+use crate::store::now_ms;
 
 /// What `seed` stores.
 pub enum Seed<'a> {
@@ -105,40 +105,19 @@ pub async fn store_new_grant(
     answer_fields: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<u64> {
     let store = crate::store::open(&cfg.store).context("opening the store")?;
-    let rules = cfg
-        .credentials
-        .get(credential)
-        .map(|c| c.refresh_token.clone());
-    // A lost race with a running refresher is retried on the newer generation.
-    for _ in 0..10 {
-        let current = store.load(credential).await?;
-        let expected = current.as_ref().map(|s| s.generation).unwrap_or(0);
-        let now = now_ms();
-        let grant = NewGrant {
-            access_expires_at_ms: access.as_ref().and_then(|a| a.1),
-            access_token: access.as_ref().map(|a| a.0.clone()),
-            refresh_token: refresh_token.clone(),
-            refresh_expires_at_ms: refresh_token.as_ref().and(rules.as_ref()).and_then(|r| {
-                crate::credential::policy::refresh_token_expiry(
-                    now,
-                    refresh_expires_in,
-                    r.idle_lifetime.map(|d| d.0),
-                    r.absolute_lifetime.map(|d| d.0),
-                    Some(now),
-                )
-            }),
-            answer_fields: answer_fields.clone(),
-            issued_to: cfg
-                .credentials
-                .get(credential)
-                .map(|c| c.token_endpoint_identity()),
-        };
-        let by = format!("{} (seed)", cfg.runtime.instance_id);
-        let state = StoredState::new_grant(expected, grant, now, &by);
-        match store.compare_and_swap(credential, expected, &state).await? {
-            CasOutcome::Swapped => return Ok(state.generation),
-            CasOutcome::Conflict { .. } => continue,
-        }
-    }
-    bail!("the stored state kept changing; try again")
+    let by = format!("{} (seed)", cfg.runtime.instance_id);
+    let grant = crate::instance::grant::Obtained {
+        refresh_token,
+        access,
+        refresh_expires_in,
+        answer_fields,
+    };
+    Ok(crate::instance::grant::store_grant(
+        &*store,
+        credential,
+        cfg.credentials.get(credential),
+        &by,
+        grant,
+    )
+    .await?)
 }

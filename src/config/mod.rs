@@ -109,6 +109,11 @@ pub struct Config {
 #[derive(Debug, Serialize)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Where the bearer token of the admin actions comes from (`admin.token_file`).
+    pub token_file: Option<PathBuf>,
+    /// That token: the status page's actions require it when set.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Serialize)]

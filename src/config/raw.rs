@@ -53,6 +53,9 @@ pub struct RawWebhook {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    /// A file holding a bearer token: the status page's actions (POSTs) then require
+    /// it, from any address; without it they are allowed from loopback only.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

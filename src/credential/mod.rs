@@ -11,6 +11,7 @@
 //!   functions too (`refresher/decide/`).
 
 mod error;
+mod events;
 mod on_demand;
 pub mod policy;
 pub mod refresher;
@@ -127,6 +128,18 @@ struct Facts {
     refresh_expires_at_ms: Option<u64>,
     /// Where and when the credential was handed over (`tokenrelay export`).
     moved: Option<crate::store::Moved>,
+    /// The state last observed, and since when (wall time).
+    state_since: Option<(State, SystemTime)>,
+    /// When the refresher wakes by itself next (Unix ms), and after how many failures
+    /// in a row (the backoff step); `None` when it waits for something else.
+    next_attempt_ms: Option<u64>,
+    failures: u32,
+    /// When the current refresh token was obtained and the grant authorized (Unix ms),
+    /// from the stored state: where the refresh token's idle and absolute lifetimes start.
+    refresh_obtained_ms: Option<u64>,
+    authorized_ms: Option<u64>,
+    /// A static token the upstream answered 401 to, since when; cleared by a new token.
+    static_rejected: Option<SystemTime>,
 }
 
 /// One credential: its cell, state, and the channel to its refresher.
@@ -150,6 +163,8 @@ pub struct Credential {
     registry: Arc<Metrics>,
     /// The files each new token is written to (`sinks`), by a writer of their own.
     sinks: sink::Sinks,
+    /// Recent refreshes, state changes and 401 replays, for the status page.
+    events: events::Events,
 }
 
 impl std::fmt::Debug for Credential {
@@ -179,6 +194,7 @@ impl Credential {
             attempts,
             backoff: Mutex::new(policy::Backoff::default()),
             registry: metrics,
+            events: events::Events::default(),
         };
         c.update_gauges();
         c
@@ -332,6 +348,10 @@ impl Credential {
         if let Some(d) = took {
             self.metrics.refresh_duration.observe(d.as_secs_f64());
         }
+        self.events.push(
+            crate::clock::now_ms(),
+            events::Kind::Refresh(trigger, result),
+        );
         {
             let mut f = self.facts.lock().unwrap();
             f.attempted = true;
@@ -390,6 +410,42 @@ impl Credential {
 
     pub(crate) fn set_unavailable_reason(&self, why: Option<String>) {
         self.facts.lock().unwrap().unavailable_reason = why;
+    }
+
+    /// When the refresher wakes by itself next (Unix ms), and its backoff step
+    /// (refresher side, each time it goes to sleep).
+    pub(crate) fn set_schedule(&self, next_attempt_ms: Option<u64>, failures: u32) {
+        let mut f = self.facts.lock().unwrap();
+        f.next_attempt_ms = next_attempt_ms;
+        f.failures = failures;
+    }
+
+    /// When the current refresh token was obtained and its grant authorized (refresher
+    /// side, from the stored state).
+    pub(crate) fn set_refresh_life(&self, obtained_ms: Option<u64>, authorized_ms: Option<u64>) {
+        let mut f = self.facts.lock().unwrap();
+        f.refresh_obtained_ms = obtained_ms;
+        f.authorized_ms = authorized_ms;
+    }
+
+    /// The upstream answered 401 to the static token (`Some`), or a new static token
+    /// was published (`None`). Until the upstream accepts the token again, the
+    /// credential is not ready.
+    pub(crate) fn set_static_rejected(&self, rejected: bool) {
+        let mut f = self.facts.lock().unwrap();
+        match (rejected, f.static_rejected) {
+            (true, None) => f.static_rejected = Some(crate::clock::wall_now()),
+            (false, _) => f.static_rejected = None,
+            (true, Some(_)) => {}
+        }
+        drop(f);
+        self.update_gauges();
+    }
+
+    /// A request was sent again after a 401 with a newer token; `status` is its answer.
+    pub(crate) fn note_401_replay(&self, status: u16) {
+        self.events
+            .push(crate::clock::now_ms(), events::Kind::Replay401(status));
     }
 
     /// Marks the credential as handed over to another environment, or not.

@@ -19,6 +19,13 @@ pub struct LastRefresh {
     pub error: Option<String>,
 }
 
+/// How far back the timeline of `/status` reaches.
+const TIMELINE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string())
 }
@@ -35,9 +42,32 @@ impl Credential {
         }
         match self.usable(Instant::now()) {
             Some(_) if f.failing || f.store_error.is_some() => State::Degraded,
+            // A static token the upstream rejects is not ready, though requests still
+            // carry it: only a new token (or the upstream accepting it again) helps.
+            Some(t) if f.static_rejected.is_some() && !t.was_accepted() => State::Degraded,
             Some(_) => State::Ready,
             None if !f.attempted && f.unavailable_reason.is_none() => State::Initializing,
             None => State::Unavailable,
+        }
+    }
+
+    /// Notes `state` as observed now: a change is an event of the timeline, and
+    /// "since" moves. Returns since when the credential is in `state`. (States also
+    /// change without an event, by expiry: such a change is seen at the next look.)
+    fn observe(&self, state: State) -> SystemTime {
+        let now = crate::clock::wall_now();
+        let mut f = self.facts.lock().unwrap();
+        match f.state_since {
+            Some((seen, since)) if seen == state => since,
+            _ => {
+                f.state_since = Some((state, now));
+                drop(f);
+                let ms = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                self.events.push(ms, super::events::Kind::State(state));
+                now
+            }
         }
     }
 
@@ -46,12 +76,45 @@ impl Credential {
     pub fn status(&self, config_file: Option<&std::path::Path>) -> serde_json::Value {
         let config = config_file.map_or_else(|| "FILE".into(), |p| p.display().to_string());
         let state = self.state();
+        let since = self.observe(state);
         let token = self.current();
         let now_wall = crate::clock::wall_now();
         let expiring = token.as_ref().filter(|t| t.expiry_known);
+        let backoff = self.backoff();
+        let now_ms = crate::clock::now_ms();
+        let timeline: Vec<serde_json::Value> = self
+            .events
+            .since(now_ms.saturating_sub(TIMELINE.as_millis() as u64))
+            .iter()
+            .map(super::events::Event::json)
+            .collect();
         let f = self.facts.lock().unwrap();
+        let mut detail = if state == State::Unavailable || state == State::Initializing {
+            f.unavailable_reason.clone()
+        } else {
+            None
+        };
+        if let (State::Degraded, Some(at)) = (state, f.static_rejected) {
+            detail = Some(format!(
+                "the upstream rejects this static token (401 since {}); replace the token",
+                rfc3339(at)
+            ));
+        }
+        let next = f.next_attempt_ms.map(|at| {
+            let retry = backoff.retry_at_ms == Some(at);
+            serde_json::json!({
+                "at": rfc3339(crate::clock::from_ms(at)),
+                "in_seconds": (at as i64 - now_ms as i64) / 1000,
+                "kind": if retry { "retry" } else { "scheduled" },
+                "backoff_step": retry.then_some(f.failures),
+            })
+        });
         serde_json::json!({
             "state": state,
+            "state_since": rfc3339(since),
+            "next_attempt": next,
+            "refresh_token_death": self.refresh_token_death(&f, now_ms),
+            "timeline": timeline,
             "grant": self.config.grant,
             "generation": token.as_ref().map(|t| t.generation),
             // Static and long-lived tokens may have no known expiry: none is shown.
@@ -75,7 +138,7 @@ impl Credential {
                 "reason": why,
                 "action": format!("obtain a new token and run: tokenrelay authorize --config {config} --credential {0} (or tokenrelay seed --config {config} --credential {0} --refresh-token-file FILE, or --access-token-file FILE for a long-lived access token); running instances pick it up within seconds", self.name),
             })),
-            "detail": if state == State::Unavailable || state == State::Initializing { f.unavailable_reason.clone() } else { None },
+            "detail": detail,
             // Kept token-answer fields (instance addresses, never secrets) and where each
             // upstream with a url template goes with the current token.
             "answer_fields": token.as_ref().filter(|_| !self.config.answer_fields.is_empty()).map(|t| &t.fields),
@@ -85,6 +148,36 @@ impl Credential {
             // An endpoint of its preset that the provider shuts down within 90 days.
             "sunset": self.config.sunset().filter(|s| s.is_near(now_wall)).map(|s| s.status(now_wall)),
         })
+    }
+
+    /// When the refresh token dies, which lifetime ends it (`idle`, `absolute`, or
+    /// `reported` by the token endpoint), since when it has been running (for a bar),
+    /// and whether it is an `estimate` (from the configured lifetimes: the provider
+    /// does not say).
+    fn refresh_token_death(&self, f: &super::Facts, now_ms: u64) -> Option<serde_json::Value> {
+        let at = f.refresh_expires_at_ms?;
+        let rules = &self.config.refresh_token;
+        let ends = |start: Option<u64>, life: Option<std::time::Duration>| {
+            start
+                .zip(life)
+                .is_some_and(|(s, l)| (s + l.as_millis() as u64).abs_diff(at) < 1000)
+        };
+        let (kind, from, estimate) =
+            if ends(f.refresh_obtained_ms, rules.idle_lifetime.map(|d| d.0)) {
+                ("idle", f.refresh_obtained_ms, true)
+            } else if ends(f.authorized_ms, rules.absolute_lifetime.map(|d| d.0)) {
+                ("absolute", f.authorized_ms, true)
+            } else {
+                ("reported", f.refresh_obtained_ms, false)
+            };
+        Some(serde_json::json!({
+            "at": rfc3339(crate::clock::from_ms(at)),
+            "in_seconds": (at as i64 - now_ms as i64) / 1000,
+            "kind": kind,
+            "from": from.map(|ms| rfc3339(crate::clock::from_ms(ms))),
+            "lifetime_seconds": from.map(|ms| at.saturating_sub(ms) / 1000),
+            "estimate": estimate,
+        }))
     }
 
     /// Per upstream with a url template: the template, the url resolved for `token`,
@@ -117,6 +210,7 @@ impl Credential {
     pub fn update_gauges(&self) {
         let m = &self.registry;
         let state = self.state();
+        self.observe(state);
         for s in STATES {
             m.state
                 .with_label_values(&[&self.name, s])

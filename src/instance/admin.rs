@@ -1,5 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz`, `/status` (JSON), `/metrics` (Prometheus),
-//! and `POST /reload` (loopback peers only). Nothing here ever includes a token or
+//! `/` (the status page), `POST /reload` (loopback peers only) and the status page's
+//! actions (`POST /actions/...`: loopback only, or with the `admin.token_file` bearer
+//! token; a CSRF token in the form either way). Nothing here ever includes a token or
 //! secret value.
 
 use std::sync::{Arc, Mutex};
@@ -23,13 +25,35 @@ pub struct Admin {
     pub config: Arc<Mutex<ConfigStatus>>,
     /// Where `POST /reload` sends its request.
     pub reloads: mpsc::Sender<ReloadRequest>,
+    /// The status page's forms carry it; an action without it is refused. Random per
+    /// process: another site's page cannot read it, so it cannot forge an action.
+    pub csrf: String,
+    /// `admin.token_file`'s token: when set, actions require it (from any address).
+    pub token: Option<crate::secret::Secret>,
+    /// The address the admin listener is bound to: a `redirect_uri` pointing at it is
+    /// served here ("Authorize again").
+    pub address: Option<std::net::SocketAddr>,
+    /// Browser authorizations started from the page, awaiting their callback.
+    pub pending: Mutex<Vec<super::admin_actions::Pending>>,
 }
+
+pub use super::admin_actions::new_csrf;
 
 impl Admin {
     /// Routes one admin request.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         if req.uri().path() == "/reload" {
             return self.reload(&req).await;
+        }
+        if req.uri().path().starts_with("/actions/") {
+            return self.action(req).await;
+        }
+        if let Some(response) = self.callback(&req).await {
+            return response;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
@@ -39,7 +63,15 @@ impl Admin {
             "/readyz" => self.readyz(),
             "/status" => json(StatusCode::OK, &self.status()),
             "/metrics" => self.metrics(),
-            "/" => html(&crate::instance::status_page::render(&self.status())),
+            "/" => html(&crate::instance::status_page::render(
+                &self.status(),
+                &crate::instance::status_page::Page {
+                    now_ms: crate::clock::now_ms(),
+                    csrf: &self.csrf,
+                    token_required: self.token.is_some(),
+                    authorize_again: &self.authorize_again(),
+                },
+            )),
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /status, /metrics, /healthz, /readyz\n",
@@ -122,6 +154,8 @@ impl Admin {
                         "client_certificate": u.config.client_cert.as_ref().map(|c| c.status()),
                         "requests_total": counts.iter().map(|(_, n)| n).sum::<u64>(),
                         "requests": counts.iter().map(|(c, n)| (c.to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),
+                        // Per minute over the last hour, by status class (the page's sparkline).
+                        "requests_per_minute": u.request_rates(),
                     }),
                 )
             })
@@ -183,7 +217,7 @@ fn not_ready(c: &crate::credential::Credential) -> Vec<String> {
         .collect()
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+pub(super) fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -203,6 +237,12 @@ fn html(body: &str) -> Response<Full<Bytes>> {
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
+    r
+}
+
+pub(super) fn html_status(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = html(body);
+    *r.status_mut() = status;
     r
 }
 
@@ -234,12 +274,16 @@ mod tests {
             store: Mutex::new(StoreInfo::default()),
             config: Arc::new(Mutex::new(ConfigStatus::new(None))),
             reloads: tx,
+            csrf: "c5rf".into(),
+            token: None,
+            address: None,
+            pending: Mutex::new(Vec::new()),
         };
         (admin, rx)
     }
 
-    fn post_reload(peer: &str) -> Request<()> {
-        let mut req = Request::post("/reload").body(()).unwrap();
+    fn post_reload(peer: &str) -> Request<String> {
+        let mut req = Request::post("/reload").body(String::new()).unwrap();
         req.extensions_mut()
             .insert(crate::server::inbound::Peer(peer.parse().unwrap()));
         req
@@ -257,7 +301,7 @@ mod tests {
             assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
         }
         let get = admin
-            .handle(Request::get("/reload").body(()).unwrap())
+            .handle(Request::get("/reload").body(String::new()).unwrap())
             .await;
         assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert!(rx.try_recv().is_err(), "nothing reached the reload task");
@@ -285,6 +329,73 @@ mod tests {
             answer.await.unwrap();
             assert_eq!(r.status(), StatusCode::CONFLICT, "{peer}");
         }
+    }
+
+    fn post_action(peer: &str, form: &str) -> Request<String> {
+        let mut req = Request::post("/actions/authorize-code")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form.to_string())
+            .unwrap();
+        req.extensions_mut()
+            .insert(crate::server::inbound::Peer(peer.parse().unwrap()));
+        req
+    }
+
+    async fn body_text(r: Response<Full<Bytes>>) -> String {
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Off loopback an action is refused before its form is read, CSRF token or not;
+    /// on loopback the form's CSRF token is checked, and past both the action runs.
+    #[tokio::test]
+    async fn actions_are_refused_off_loopback_and_without_the_csrf_token() {
+        let (admin, _rx) = admin();
+        let form = "credential=crm&code=abc&csrf=c5rf";
+        for peer in [
+            "10.1.2.3:5000",
+            "[2001:db8::1]:5000",
+            "[::ffff:10.1.2.3]:5000",
+        ] {
+            let r = admin.handle(post_action(peer, form)).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{peer}");
+            assert!(body_text(r).await.contains("loopback addresses only"));
+        }
+        for form in [
+            "credential=crm&code=abc",
+            "credential=crm&code=abc&csrf=forged",
+        ] {
+            let r = admin.handle(post_action("127.0.0.1:5000", form)).await;
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{form}");
+            assert!(body_text(r).await.contains("CSRF token"));
+        }
+        // Past the guards: the action itself answers (no such credential here).
+        let r = admin.handle(post_action("127.0.0.1:5000", form)).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(body_text(r).await.contains("no credential"));
+    }
+
+    /// With an admin token, the token is required from loopback as well, and is enough
+    /// from elsewhere.
+    #[tokio::test]
+    async fn with_an_admin_token_actions_need_it() {
+        let (mut admin, _rx) = admin();
+        admin.token = Some(crate::secret::Secret::new("t0ken"));
+        let form = "credential=crm&code=abc&csrf=c5rf";
+        let r = admin.handle(post_action("127.0.0.1:5000", form)).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let mut req = post_action("10.1.2.3:5000", form);
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, "Bearer t0ken".parse().unwrap());
+        assert_eq!(admin.handle(req).await.status(), StatusCode::NOT_FOUND);
+        let with_field = format!("{form}&admin_token=t0ken");
+        let r = admin
+            .handle(post_action("10.1.2.3:5000", &with_field))
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

@@ -18,8 +18,10 @@
 //! - [`record`]: what a reload did, for the log, `/status` and `tokenrelay reload`.
 
 pub mod admin;
+mod admin_actions;
 pub mod config_file;
 mod credentials;
+pub mod grant;
 mod listeners;
 mod notify;
 pub mod record;
@@ -51,6 +53,9 @@ use record::{Applied, Changes};
 pub struct View {
     pub credentials: Vec<Arc<Credential>>,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Where the status page's code form stores a new grant, and as whom.
+    pub store: Option<Arc<dyn crate::store::Store>>,
+    pub instance_id: String,
 }
 
 /// The running credentials and listeners.
@@ -370,6 +375,8 @@ impl Instance {
                 .map(|r| r.credential.clone())
                 .collect(),
             upstreams: self.listeners.values().map(|l| l.upstream()).collect(),
+            store: self.ctx.store.clone(),
+            instance_id: self.ctx.instance_id.clone(),
         }));
         Ok(changes)
     }

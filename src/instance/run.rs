@@ -99,6 +99,7 @@ pub async fn run_with(
             .context("installing the SIGHUP handler")?;
     }
     let notify_config = config.notify.clone();
+    let admin_token = config.admin.token.clone();
     let mut instance = Instance::start(config, metrics.clone()).await?;
     let bound = Bound {
         admin: admin_listener.local_addr()?,
@@ -111,6 +112,10 @@ pub async fn run_with(
         store: Mutex::new(instance.store_info()),
         config: config_status.clone(),
         reloads: reload_tx,
+        csrf: super::admin::new_csrf(),
+        token: admin_token,
+        address: Some(bound.admin),
+        pending: Mutex::new(Vec::new()),
     });
     let stop_notifier = CancellationToken::new();
     let notifier = super::notify::spawn(

@@ -8,8 +8,10 @@ pub mod fast;
 pub mod hyper;
 pub mod outcome;
 pub mod policy;
+mod rates;
 mod upstream;
 
+pub use rates::Snapshot as RequestRates;
 pub use upstream::{Upstream, UpstreamSetupError};
 
 use std::net::SocketAddr;

@@ -186,6 +186,8 @@ pub struct Recorder {
     pub credential: String,
     pub metrics: UpstreamMetrics,
     pub access_log: bool,
+    /// The last hour per minute, for the status page.
+    pub rates: super::rates::Rates,
 }
 
 impl Recorder {
@@ -194,6 +196,7 @@ impl Recorder {
     pub fn record(&self, method: &str, path: &str, status: u16, started: Instant) {
         let elapsed = started.elapsed();
         self.metrics.count(status);
+        self.rates.count(status, started);
         self.metrics.duration.observe(elapsed.as_secs_f64());
         if self.access_log {
             info!(target: "tokenrelay::access", upstream = %self.name, method, path,
@@ -204,6 +207,9 @@ impl Recorder {
     /// Counts and logs a request that was not (successfully) forwarded, and renders
     /// the answer.
     pub fn refuse(&self, e: &ProxyError) -> Rendered {
+        if e.status().is_server_error() {
+            self.rates.count_own_5xx(Instant::now());
+        }
         if let Some(kind) = e.kind() {
             self.metrics.error(kind);
         }

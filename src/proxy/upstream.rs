@@ -78,6 +78,7 @@ impl Upstream {
                 credential: credential.name.clone(),
                 metrics: metrics.upstream(&config.name),
                 access_log,
+                rates: Default::default(),
             },
             config,
             listen,
@@ -152,6 +153,11 @@ impl Upstream {
     /// Requests answered so far by this upstream's listener, by status code.
     pub fn request_counts(&self) -> Vec<(u16, u64)> {
         self.recorder.metrics.counts()
+    }
+
+    /// Requests per minute over the last hour, by status class.
+    pub fn request_rates(&self) -> super::RequestRates {
+        self.recorder.rates.snapshot()
     }
 
     pub(super) fn metrics(&self) -> &UpstreamMetrics {

@@ -26,6 +26,12 @@ pub(super) fn validate(
     let admin_listen = raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
     let admin = AdminConfig {
         listen: parse_listen(&mut p, "admin.listen", admin_listen),
+        token: raw
+            .admin
+            .token_file
+            .as_deref()
+            .and_then(|f| super::secrets::read_secret_file(&mut p, "admin.token_file", f)),
+        token_file: raw.admin.token_file,
     };
     let store = validate_store(&mut p, raw.store);
     let notify = notify::validate_notify(&mut p, raw.notify);

@@ -205,6 +205,12 @@ impl Refresher {
         let mut store_rx = self.store.as_ref().map(|s| s.watch(&self.cred.name));
         loop {
             let wake = self.next_wakeup();
+            self.cred.set_schedule(
+                wake.map(|at| {
+                    now_ms() + at.saturating_duration_since(Instant::now()).as_millis() as u64
+                }),
+                self.failures,
+            );
             let store_changed = async {
                 match &mut store_rx {
                     Some(rx) => rx.changed().await.is_ok(),
@@ -458,6 +464,10 @@ impl Refresher {
     fn note_state(&mut self, s: &StoredState) {
         self.newest_authorization_ms = self.newest_authorization_ms.max(s.authorized_at_ms);
         self.cred.set_refresh_expiry(s.refresh_expires_at_ms);
+        self.cred.set_refresh_life(
+            s.refresh_token.as_ref().map(|_| s.obtained_at_ms),
+            s.authorized_at_ms,
+        );
         self.refresh_obtained_ms = s.refresh_token.as_ref().map(|_| s.obtained_at_ms);
         if !self.cred.config.refresh_token.rotating {
             self.remembered_refresh_token = s.refresh_token.clone();

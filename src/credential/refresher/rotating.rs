@@ -259,6 +259,7 @@ impl Refresher {
                 let new = self.write_durably(store, new).await?;
                 self.known_generation = new.generation;
                 self.cred.set_refresh_expiry(new.refresh_expires_at_ms);
+                self.cred.set_refresh_life(Some(now), new.authorized_at_ms);
                 self.refresh_obtained_ms = Some(now);
                 warn!(credential = %self.name(), generation = new.generation,
                     "token endpoint rotated the refresh token but its access token is unusable; the new refresh token is stored, the current access token stays in use");

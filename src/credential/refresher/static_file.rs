@@ -63,6 +63,7 @@ impl Refresher {
                 Some(Ok(Some(fresh))) => {
                     token = fresh;
                     generation += 1;
+                    self.cred.set_static_rejected(false);
                     self.cred
                         .record(trigger, RefreshResult::Success, None, None);
                     info!(credential = %self.name(), generation, trigger = trigger.as_str(), "static token reloaded from its token_file");
@@ -81,6 +82,14 @@ impl Refresher {
                     }
                 }
                 Some(Ok(None)) | None => {}
+            }
+            if trigger == Trigger::Upstream401 {
+                // The upstream rejects the token: not ready until it accepts it again
+                // (any answer but 401 marks it accepted) or a new token comes.
+                if let Some(t) = self.cred.current() {
+                    t.reset_accepted();
+                }
+                self.cred.set_static_rejected(true);
             }
             // Nothing newer: requests waiting after a 401 pass it on now.
             self.cred.wake_waiters();

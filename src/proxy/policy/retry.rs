@@ -60,6 +60,7 @@ impl RetryPolicy for Upstream {
     }
 
     fn retried(&self, status: u16) {
+        self.credential.note_401_replay(status);
         if status == 401 {
             self.metrics().retry_failure.inc();
         } else {
