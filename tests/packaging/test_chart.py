@@ -543,6 +543,7 @@ def test_notes_explain_how_to_use_the_sidecar() -> None:
     text = support.notes(support.render_set("native-sidecar"))
     assert "http://127.0.0.1:8081" in text
     assert "tokenrelay seed --config /etc/tokenrelay/config.yaml --credential crm --refresh-token-file -" in text
+    assert "tokenrelay authorize --config /etc/tokenrelay/config.yaml --credential crm --code CODE" in text
     assert "kubectl -n tokenrelay-test exec -i" in text
 
 
@@ -551,6 +552,7 @@ def test_notes_explain_how_to_use_the_standalone_service() -> None:
     assert f"http://{RELEASE}-tokenrelay.{NAMESPACE}.svc:8081" in text
     assert f"exec -i deploy/{RELEASE}-tokenrelay -c tokenrelay -- \\" in text
     assert "--credential crm --refresh-token-file -" in text
+    assert f"exec deploy/{RELEASE}-tokenrelay -c tokenrelay -- \\\n       tokenrelay authorize --config /etc/tokenrelay/config.yaml --credential crm --code CODE" in text
     assert "Secret crm-oauth, key client-secret" in text
     assert "emptyDir" in text  # the default store does not survive the pod
     assert "emptyDir" not in support.notes(support.render_set("monitoring"))
@@ -579,6 +581,7 @@ BAD_VALUES = [
     ({"store": {"type": "sqlite"}}, "type"),
     ({"credentials": [{"name": "crm", "grant": "refresh_token", "client_secret": "hunter2"}]}, "client_secret"),
     ({"credentials": [{"name": "crm", "grant": "implicit"}]}, "grant"),
+    ({"credentials": [{"name": "crm", "token_url": "https://e.com/t"}]}, "grant"),
     ({"upstreams": [{"name": "crm", "url": "https://example.com"}]}, "port"),
     ({"upstreams": [{"name": "crm", "port": 70000, "url": "https://example.com"}]}, "port"),
     ({"upstreams": [{"name": "a/b", "port": 8081, "url": "https://example.com"}]}, "name"),
@@ -607,6 +610,33 @@ def test_schema_accepts_env_reference_for_inline_secrets() -> None:
     values = {"credentials": [{"name": "crm", "grant": "refresh_token", "token_url": "https://e.com/t", "client_secret": "${CRM_SECRET}"}]}
     docs = support.manifests(support.render_chart(CHART, values))
     assert support.config(docs)["credentials"]["crm"]["client_secret"] == "${CRM_SECRET}"
+
+
+def test_a_preset_gives_the_grant() -> None:
+    """A credential with `provider` needs no `grant` (the preset has it); the install notes
+    offer a bootstrap for a preset that keeps a refresh token, and none for one whose grant
+    is an assertion."""
+    values = {
+        "credentials": [
+            {
+                "name": "crm",
+                "provider": "amocrm",
+                "provider_params": {"subdomain": "mycompany"},
+                "client_id": "${CRM_CLIENT_ID}",
+                "clientSecretRef": {"name": "crm-oauth", "key": "client-secret"},
+                "redirect_uri": "https://example.com/oauth",
+            },
+            {"name": "gcp", "provider": "google_service_account", "serviceAccountRef": {"name": "gcp-sa", "key": "sa.json"}},
+        ],
+        "upstreams": [{"name": "crm", "port": 8081, "url": "https://mycompany.amocrm.ru", "credential": "crm"}],
+    }
+    rendered = support.render_chart(CHART, values)
+    crm = support.config(support.manifests(rendered))["credentials"]["crm"]
+    assert crm["provider"] == "amocrm" and "grant" not in crm
+    text = support.notes(rendered)
+    assert "--credential crm --code CODE" in text
+    assert "--credential crm --refresh-token-file -" in text
+    assert "--credential gcp --code" not in text and "--credential gcp --refresh-token-file" not in text
 
 
 GUARDS = [

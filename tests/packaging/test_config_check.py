@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,35 @@ def test_check_rejects_plain_http_token_url(tokenrelay_bin: Path, example_chart:
     code, output = check(tokenrelay_bin, config_path, env)
     assert code == 1, output
     assert f"credentials.{name}.token_url" in output
+
+
+def quick_start_values() -> dict[str, Any]:
+    """The values file of docs/kubernetes.md's quick start (the yaml block that starts with
+    `# values-quickstart.yaml`)."""
+    text = (support.REPO / "docs" / "kubernetes.md").read_text()
+    blocks = [b.split("```")[0] for b in text.split("```yaml\n")[1:]]
+    found = [b for b in blocks if b.lstrip().startswith("# values-quickstart.yaml")]
+    assert len(found) == 1, "docs/kubernetes.md has no quick start values block"
+    return yaml.safe_load(textwrap.dedent(found[0]))
+
+
+def test_the_kubernetes_quick_start_installs_and_passes_check(tokenrelay_bin: Path, tmp_path: Path) -> None:
+    """The quick start's values render with the chart, use the image scripts/build-image.sh
+    names by default (and the quick start loads), and give a config `tokenrelay check`
+    accepts."""
+    values = quick_start_values()
+    version = re.search(r'^version\s*=\s*"([^"]+)"', (support.REPO / "Cargo.toml").read_text(), re.M)
+    assert version, "Cargo.toml has no version"
+    script = (support.REPO / "scripts" / "build-image.sh").read_text()
+    assert 'tag="localhost/tokenrelay:${version:-dev}"' in script, "build-image.sh names its image differently now"
+    image = f"{values['image']['repository']}:{values['image']['tag']}"
+    assert image == f"localhost/tokenrelay:{version.group(1)}", image
+    docs_text = (support.REPO / "docs" / "kubernetes.md").read_text()
+    for loader in ("kind load docker-image", "k3d image import", "minikube image load"):
+        assert f"{loader} {image}" in docs_text, f"the quick start does not load {image} with {loader}"
+    assert values["image"]["pullPolicy"] == "Never"
+    docs = support.manifests(support.render_chart(support.CHART, values))
+    config_path, env, never = materialize(support.config_text(docs), tmp_path)
+    code, output = check(tokenrelay_bin, config_path, env)
+    assert code == 0, f"tokenrelay check rejected the quick start's config:\n{output}\n--- config:\n{config_path.read_text()}"
+    assert not [s for s in never if s in output], "tokenrelay check printed a secret"

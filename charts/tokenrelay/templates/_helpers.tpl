@@ -80,6 +80,19 @@ Fixed paths inside the container.
 {{- define "tokenrelay.configPath" -}}/etc/tokenrelay/config.yaml{{- end }}
 {{- define "tokenrelay.secretsDir" -}}/run/secrets/tokenrelay{{- end }}
 
+{{/*
+Non-empty when a credential item keeps a refresh token that must be bootstrapped once
+(authorize --code or seed): grant refresh_token, or no grant and no preset whose grant is
+another one (the jwt_bearer presets need no bootstrap).
+*/}}
+{{- define "tokenrelay.needsBootstrap" -}}
+{{- if .grant -}}
+{{- if eq (toString .grant) "refresh_token" }}true{{ end -}}
+{{- else if not (has (toString .provider) (list "google_service_account" "salesforce_jwt")) -}}
+true
+{{- end -}}
+{{- end }}
+
 {{- define "tokenrelay.isSidecar" -}}
 {{- if eq .Values.mode "sidecar" }}true{{ end }}
 {{- end }}
