@@ -126,7 +126,14 @@ async fn store_answer(
         credential,
         answer.refresh_token,
         access,
-        answer.refresh_expires_in,
+        (
+            crate::credential::policy::Lifetimes {
+                stated: answer.refresh_expires_in,
+                stated_hard: answer.refresh_hard_expires_in,
+                ..Default::default()
+            },
+            super::seed::IssuedAt::Now,
+        ),
         answer.fields,
     )
     .await

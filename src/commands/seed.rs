@@ -12,8 +12,8 @@ use crate::store::{now_ms, CasOutcome, NewGrant, StoredState};
 
 /// What `seed` stores.
 pub enum Seed<'a> {
-    /// A refresh token obtained elsewhere.
-    RefreshToken(&'a Path),
+    /// A refresh token obtained elsewhere, and when it was issued if known (Unix ms).
+    RefreshToken(&'a Path, Option<u64>),
     /// A long-lived access token pasted from a provider's UI (YooMoney, amoCRM's
     /// long-lived tokens), with its lifetime when known. It is never refreshed.
     AccessToken(&'a Path, Option<std::time::Duration>),
@@ -37,18 +37,22 @@ pub async fn run(cfg: Config, credential: &str, what: Seed<'_>) -> anyhow::Resul
         );
     }
     let (file, kind) = match &what {
-        Seed::RefreshToken(f) => (*f, "refresh token"),
+        Seed::RefreshToken(f, _) => (*f, "refresh token"),
         Seed::AccessToken(f, _) => (*f, "access token"),
     };
     let token = read_token(file, kind)?;
     let generation = match what {
-        Seed::RefreshToken(_) => {
+        Seed::RefreshToken(_, issued_at) => {
+            let issued = match issued_at {
+                Some(ms) => IssuedAt::At(ms),
+                None => IssuedAt::Unknown,
+            };
             store_new_grant(
                 &cfg,
                 credential,
                 Some(token),
                 None,
-                None,
+                (Default::default(), issued),
                 Default::default(),
             )
             .await?
@@ -60,7 +64,7 @@ pub async fn run(cfg: Config, credential: &str, what: Seed<'_>) -> anyhow::Resul
                 credential,
                 None,
                 Some((token, expires)),
-                None,
+                (Default::default(), IssuedAt::Now),
                 Default::default(),
             )
             .await?
@@ -91,9 +95,53 @@ fn read_token(file: &Path, kind: &str) -> anyhow::Result<Secret> {
     Ok(token)
 }
 
+/// When a stored grant was issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssuedAt {
+    /// Just now (`authorize`: the answer came from the token endpoint).
+    Now,
+    /// At this time (Unix ms), as `seed --refresh-token-issued-at` said.
+    At(u64),
+    /// Some time before now (`seed` without its issue time): lifetimes counted from now
+    /// are estimates.
+    Unknown,
+}
+
+/// Why `--refresh-token-issued-at` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuedAtError {
+    #[error("not a time: {0:?} (write an RFC 3339 time like 2026-03-01T09:30:00Z, or a date like 2026-03-01)")]
+    NotATime(String),
+    #[error("{0} is in the future; give the time the provider issued the refresh token")]
+    InTheFuture(String),
+}
+
+/// `--refresh-token-issued-at`: an RFC 3339 time, or a date (midnight UTC); never in
+/// the future. Unix ms.
+pub fn parse_issued_at(text: &str) -> Result<u64, IssuedAtError> {
+    let t = text.trim();
+    let full = if t.len() == 10 {
+        format!("{t}T00:00:00Z")
+    } else {
+        t.to_string()
+    };
+    let at = humantime::parse_rfc3339_weak(&full)
+        .map_err(|_| IssuedAtError::NotATime(text.to_string()))?;
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| IssuedAtError::NotATime(text.to_string()))?
+        .as_millis() as u64;
+    // A minute of clock skew between the provider's page and this host is allowed.
+    if ms > now_ms() + 60_000 {
+        return Err(IssuedAtError::InTheFuture(text.to_string()));
+    }
+    Ok(ms.min(now_ms()))
+}
+
 /// Writes a fresh grant (a refresh token, an access token with its expiry if known, or
-/// both) as the next generation; used by `seed` and `authorize`. Returns the new
-/// generation. `answer_fields` are the kept fields of the answer that brought it (none
+/// both) as the next generation; used by `seed` and `authorize`. `stated` is what the
+/// answer said of the refresh token's life (nothing for a seeded one), and when it was
+/// issued. Returns the new generation. `answer_fields` are the kept fields of the answer that brought it (none
 /// for a seeded token: a new grant starts without the previous one's fields, and learns
 /// them from its first token answer).
 pub async fn store_new_grant(
@@ -101,7 +149,7 @@ pub async fn store_new_grant(
     credential: &str,
     refresh_token: Option<Secret>,
     access: Option<(Secret, Option<u64>)>,
-    refresh_expires_in: Option<std::time::Duration>,
+    (stated, issued): (crate::credential::policy::Lifetimes, IssuedAt),
     answer_fields: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<u64> {
     let store = crate::store::open(&cfg.store).context("opening the store")?;
@@ -114,19 +162,34 @@ pub async fn store_new_grant(
         let current = store.load(credential).await?;
         let expected = current.as_ref().map(|s| s.generation).unwrap_or(0);
         let now = now_ms();
+        let (from, exact) = match issued {
+            IssuedAt::Now => (now, true),
+            IssuedAt::At(ms) => (ms, true),
+            IssuedAt::Unknown => (now, false),
+        };
+        let expiry = refresh_token.as_ref().and(rules.as_ref()).and_then(|r| {
+            use crate::credential::policy;
+            let issued = policy::Issued {
+                obtained_ms: from,
+                obtained_exact: exact,
+                authorized_at_ms: Some(from),
+                authorized_exact: exact,
+            };
+            let lifetimes = policy::Lifetimes {
+                idle: r.idle_lifetime.map(|d| d.0),
+                absolute: r.absolute_lifetime.map(|d| d.0),
+                ..stated
+            };
+            policy::refresh_token_expiry(issued, lifetimes)
+        });
         let grant = NewGrant {
             access_expires_at_ms: access.as_ref().and_then(|a| a.1),
             access_token: access.as_ref().map(|a| a.0.clone()),
             refresh_token: refresh_token.clone(),
-            refresh_expires_at_ms: refresh_token.as_ref().and(rules.as_ref()).and_then(|r| {
-                crate::credential::policy::refresh_token_expiry(
-                    now,
-                    refresh_expires_in,
-                    r.idle_lifetime.map(|d| d.0),
-                    r.absolute_lifetime.map(|d| d.0),
-                    Some(now),
-                )
-            }),
+            refresh_expires_at_ms: expiry.map(|e| e.at_ms),
+            refresh_expires_estimated: expiry.is_some_and(|e| e.estimate),
+            issued_at_ms: matches!(issued, IssuedAt::At(_)).then_some(from),
+            issued_at_unknown: issued == IssuedAt::Unknown,
             answer_fields: answer_fields.clone(),
             issued_to: cfg
                 .credentials

@@ -33,9 +33,17 @@ impl Credential {
         if f.reauthorization.is_some() {
             return State::ReauthorizationRequired;
         }
+        // On demand, an access token left to expire is refreshed by the next request:
+        // ready, as long as nothing is failing.
+        let waits_for_demand = self.config.refresh_mode == crate::config::RefreshMode::OnDemand
+            && f.refreshable
+            && self.current().is_some()
+            && !f.failing
+            && f.store_error.is_none();
         match self.usable(Instant::now()) {
             Some(_) if f.failing || f.store_error.is_some() => State::Degraded,
             Some(_) => State::Ready,
+            None if waits_for_demand => State::Ready,
             None if !f.attempted && f.unavailable_reason.is_none() => State::Initializing,
             None => State::Unavailable,
         }
@@ -62,6 +70,9 @@ impl Credential {
             "expires_at": expiring.map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()),
             "refresh_token_expires_at": f.refresh_expires_at_ms.map(|ms| humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()),
             "refresh_token_expires_in_seconds": f.refresh_expires_at_ms.map(|ms| (ms as i64 - crate::store::now_ms() as i64) / 1000),
+            // Counted from the seed time because the grant's issue time is unknown: the
+            // token may die earlier (seed --refresh-token-issued-at gives the real time).
+            "refresh_token_expiry_estimated": f.refresh_expires_at_ms.map(|_| f.refresh_expires_estimated),
             "last_refresh": f.last_refresh,
             "last_success_at": f.last_success.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "store_error": f.store_error,

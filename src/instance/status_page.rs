@@ -38,6 +38,15 @@ fn expires(v: &Value) -> String {
     }
 }
 
+/// The refresh token's remaining life, marked when it is an estimate.
+fn refresh_expiry(c: &Value) -> String {
+    let left = expires(&c["refresh_token_expires_in_seconds"]);
+    match c["refresh_token_expiry_estimated"] == Value::Bool(true) {
+        true => format!("{left} (estimate)"),
+        false => left,
+    }
+}
+
 /// The access token's remaining life, or that none is known (static and long-lived
 /// tokens).
 fn token_expiry(c: &Value) -> String {
@@ -87,7 +96,7 @@ pub fn render(status: &Value) -> String {
                 esc(&text(&c["grant"])),
                 esc(&text(&c["generation"])),
                 esc(&token_expiry(c)),
-                esc(&expires(&c["refresh_token_expires_in_seconds"])),
+                esc(&refresh_expiry(c)),
                 esc(&last_text),
                 esc(&problem),
             ));

@@ -5,6 +5,7 @@ mod client;
 pub mod device;
 mod lenient;
 mod response;
+pub(crate) mod token_headers;
 
 pub use client::{GrantRequest, TokenClient, TokenClientError, TokenEndpoint};
 pub use response::{parse, AccessToken, Answer, TokenAnswer, TokenError, TokenResponse};
