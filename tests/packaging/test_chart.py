@@ -579,6 +579,8 @@ BAD_VALUES = [
     ({"store": {"type": "sqlite"}}, "type"),
     ({"credentials": [{"name": "crm", "grant": "refresh_token", "client_secret": "hunter2"}]}, "client_secret"),
     ({"credentials": [{"name": "crm", "grant": "implicit"}]}, "grant"),
+    # Neither a grant nor a preset that gives one.
+    ({"credentials": [{"name": "crm", "token_url": "https://e.com/t"}]}, "credentials"),
     ({"upstreams": [{"name": "crm", "url": "https://example.com"}]}, "port"),
     ({"upstreams": [{"name": "crm", "port": 70000, "url": "https://example.com"}]}, "port"),
     ({"upstreams": [{"name": "a/b", "port": 8081, "url": "https://example.com"}]}, "name"),
