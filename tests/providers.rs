@@ -487,7 +487,7 @@ async fn seeded_refresh_tokens_count_their_lifetime_from_their_issue_time() {
     };
     let ten_days_ago = std::time::SystemTime::now() - Duration::from_secs(10 * 86400);
     let ten_days_ago = humantime::format_rfc3339_seconds(ten_days_ago).to_string();
-    seed(Some(ten_days_ago)).await;
+    seed(Some(ten_days_ago.clone())).await;
     let relay = support::start(&j.yaml).await;
     let admin = format!("http://{}", relay.admin);
     let rotated = eventually(Duration::from_secs(15), || async {
@@ -520,19 +520,36 @@ async fn seeded_refresh_tokens_count_their_lifetime_from_their_issue_time() {
         .text()
         .await
         .unwrap();
-    relay.stop().await;
+    let out = support::cli(&["status", "--config", &config]).await;
+    let printed = text(&out.stdout);
     assert!(estimated, "{st}");
     let left = st["credentials"]["crm"]["refresh_token_expires_in_seconds"]
         .as_i64()
         .unwrap();
     assert!((14 * 86400 - 120..=14 * 86400).contains(&left), "{st}");
     assert!(page.contains("(estimate)"), "{page}");
-    let out = support::cli(&["status", "--config", &config]).await;
-    let printed = text(&out.stdout);
     assert!(
         printed.contains("(estimate: counted from the seed time"),
         "{printed}"
     );
+
+    // A later seed of a token issued before the current grant's seed is a new grant,
+    // adopted (not taken for a restored backup): its expiry counts from its issue time.
+    seed(Some(ten_days_ago)).await;
+    let adopted = eventually(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let st = status_json(&admin).await;
+            let c = &st["credentials"]["crm"];
+            c["refresh_token_expiry_estimated"] == false
+                && c["refresh_token_expires_in_seconds"].as_i64() < Some(5 * 86400)
+        }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    relay.stop().await;
+    assert!(adopted, "{st}");
+    assert_eq!(st["credentials"]["crm"]["state"], "ready", "{st}");
 
     // A time in the future is refused, saying why.
     let out = support::cli(&[

@@ -350,6 +350,7 @@ mod tests {
             refresh_token: Some(Secret::new("seeded")),
             refresh_expires_at_ms: Some(NOW + 1_000),
             refresh_expires_estimated: true,
+            issued_at_ms: Some(NOW - 86_400_000),
             issued_at_unknown: true,
             answer_fields: fields(&[("instance_url", "https://b")]),
             issued_to: Some(issued("b")),
@@ -364,9 +365,12 @@ mod tests {
                 obtained_at_ms: NOW,
                 updated_at_ms: NOW,
                 updated_by: BY.into(),
+                // Authorized now, whenever the token was issued: the authorization time
+                // orders grants (rollback detection), the issue time counts lifetimes.
                 authorized_at_ms: Some(NOW),
                 refresh_expires_at_ms: Some(NOW + 1_000),
                 refresh_expires_estimated: true,
+                issued_at_ms: Some(NOW - 86_400_000),
                 issued_at_unknown: true,
                 answer_fields: fields(&[("instance_url", "https://b")]),
                 issued_to: Some(issued("b")),
