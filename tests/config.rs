@@ -1287,6 +1287,36 @@ fn token_types_are_checked() {
     );
 }
 
+/// `refresh_mode: on_demand` (Bitrix24's preset) refreshes only for proxied requests, so
+/// `check` warns when sink files are to be kept fresh too.
+#[test]
+fn on_demand_refreshing_with_token_sinks_is_warned_about() {
+    let sinks = ", redirect_uri: https://example.com/cb, sinks: [{ file: /run/tokens/b24.json }]";
+    let warned = parse(&preset_yaml("bitrix24", "portal: acme.bitrix24.ru", sinks))
+        .unwrap()
+        .warnings();
+    assert!(
+        warned.iter().any(|w| {
+            w.starts_with(
+            "credentials.crm.refresh_mode: on_demand refreshes only for requests through tokenrelay"
+        )
+        }),
+        "{warned:?}"
+    );
+    let proactive = format!("{sinks}, refresh_mode: proactive");
+    let warned = parse(&preset_yaml(
+        "bitrix24",
+        "portal: acme.bitrix24.ru",
+        &proactive,
+    ))
+    .unwrap()
+    .warnings();
+    assert!(
+        !warned.iter().any(|w| w.contains("refresh_mode")),
+        "{warned:?}"
+    );
+}
+
 /// Every preset `tokenrelay providers` lists shows user-facing notes: at least 27 presets,
 /// none of whose notes speak of how its facts were gathered.
 #[test]
