@@ -205,3 +205,25 @@ pub async fn store_new_grant(
     }
     bail!("the stored state kept changing; try again")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue_times_are_rfc3339_times_or_dates_in_the_past() {
+        assert_eq!(parse_issued_at("2026-03-01").unwrap(), 1_772_323_200_000);
+        assert_eq!(
+            parse_issued_at("2026-03-01T09:30:00Z").unwrap(),
+            1_772_323_200_000 + (9 * 3600 + 30 * 60) * 1000
+        );
+        assert_eq!(
+            parse_issued_at("yesterday").unwrap_err().to_string(),
+            "not a time: \"yesterday\" (write an RFC 3339 time like 2026-03-01T09:30:00Z, or a date like 2026-03-01)"
+        );
+        assert_eq!(
+            parse_issued_at("2999-01-01").unwrap_err().to_string(),
+            "2999-01-01 is in the future; give the time the provider issued the refresh token"
+        );
+    }
+}
