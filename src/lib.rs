@@ -11,7 +11,8 @@
 //!   keys read from files), [`http_names`] (hop-by-hop and credential header rules),
 //!   [`target`] (an upstream's resolved base), [`watched_files`] (files re-read when
 //!   they change), [`clock`], [`shutdown`].
-//! - [`oauth`]: token endpoint requests and strict answer parsing.
+//! - [`oauth`]: token endpoint requests and strict answer parsing; authorization server
+//!   discovery (an `issuer`'s metadata fills endpoints at start and reload).
 //! - [`credential`]: the lock-free token cell, state, and the single-flight refresher.
 //! - [`store`]: durable shared state (`load`, CAS, lease, watch); file backend; encryption.
 //! - [`proxy`]: the forwarding path (headers, bodies, 401 retry, errors).

@@ -50,6 +50,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     sink_writes: IntCounterVec,
     pub client_cert_expiry: IntGaugeVec,
+    pub preset_sunset_timestamp: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -110,6 +111,11 @@ impl Metrics {
             expiry_timestamp: gv(
                 "tokenrelay_token_expiry_timestamp_seconds",
                 "Unix time at which the current access token expires.",
+                &["credential"],
+            ),
+            preset_sunset_timestamp: gv(
+                "tokenrelay_preset_sunset_timestamp_seconds",
+                "When the provider shuts down an endpoint or behaviour the credential's preset records as ending (sunset), as Unix time; absent when none concerns it.",
                 &["credential"],
             ),
             refresh_expiry_timestamp: gv(
@@ -271,6 +277,7 @@ impl Metrics {
             &self.generation,
             &self.ready,
             &self.last_success,
+            &self.preset_sunset_timestamp,
         ] {
             let _ = g.remove_label_values(&[name]);
         }

@@ -443,6 +443,26 @@ fn check_accepts_a_valid_config_without_touching_the_network() {
     assert!(!stdout.contains("secret-1"), "{stdout}");
 }
 
+/// A webhook URL often carries its secret in the path (Slack's do) or the query:
+/// `check` and the config's `Debug` show only its scheme and host.
+#[test]
+fn check_and_debug_keep_a_webhook_urls_path_and_query_out() {
+    let url = "https://hooks.example.com/services/T0/B0/path-secret-77?sig=query-secret-88";
+    let yaml = format!("{VALID}notify:\n  webhook:\n    url: {url}\n");
+    let (code, stdout, stderr) = check(&yaml);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("hooks.example.com"), "{stdout}");
+    let config = parse(&yaml).unwrap();
+    for shown in [stdout, stderr, format!("{config:?}")] {
+        for secret in ["path-secret-77", "query-secret-88"] {
+            assert!(!shown.contains(secret), "{secret} shown:\n{shown}");
+        }
+    }
+    // Delivery still goes to the whole URL.
+    let webhook = config.notify.webhook.expect("a webhook");
+    assert_eq!(webhook.url.as_url().as_str(), url);
+}
+
 /// The ```yaml blocks of a Markdown text.
 fn yaml_blocks(markdown: &str) -> Vec<String> {
     let mut blocks = Vec::new();

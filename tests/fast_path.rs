@@ -1,7 +1,8 @@
-//! The fast path (plain-http upstreams) against a scripted upstream that behaves the way
-//! real servers do at the edges: closing idle keep-alive connections, closing instead of
-//! answering, close-delimited bodies, interim 1xx responses, trailers, bodies cut short.
-//! Also pipelining, HEAD, and a connection handed to the general path midway.
+//! The fast path against a scripted upstream that behaves the way real servers do at
+//! the edges: closing idle keep-alive connections, closing instead of answering,
+//! close-delimited bodies, interim 1xx responses, trailers, bodies cut short; each over
+//! plain http and over TLS. Also pipelining, HEAD, and a connection handed to the
+//! general path midway.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use testkit::AuthServerOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use support::{demo_servers, one_upstream_yaml, DemoServers, Running};
@@ -42,37 +43,71 @@ impl Seen {
 
 type Script = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
 
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// An HTTP/1.1 upstream on 127.0.0.1:0 answering per `script(request, index on its
 /// connection)`.
 struct ScriptedUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Set when it speaks TLS: the private CA's PEM, written to a file for `ca_file`.
+    ca: Option<(tempfile::TempDir, std::path::PathBuf)>,
 }
 
 impl ScriptedUpstream {
     async fn start(script: Arc<Script>) -> ScriptedUpstream {
+        Self::start_over(false, script).await
+    }
+
+    /// Plain http, or TLS (http/1.1) with a certificate from a fresh private CA.
+    async fn start_over(tls: bool, script: Arc<Script>) -> ScriptedUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (conns, log) = (connections.clone(), seen.clone());
+        let (acceptor, ca) = if tls {
+            let (config, pem) = support::pki::localhost_server(&[b"http/1.1"]);
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("ca.pem");
+            std::fs::write(&file, pem).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            (Some(acceptor), Some((dir, file)))
+        } else {
+            (None, None)
+        };
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            while let Ok((tcp, _)) = listener.accept().await {
                 let connection = conns.fetch_add(1, Ordering::SeqCst);
-                let (script, log) = (script.clone(), log.clone());
-                tokio::spawn(serve_scripted(stream, connection, script, log));
+                let (script, log, acceptor) = (script.clone(), log.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let stream: Box<dyn Io> = match acceptor {
+                        Some(a) => match a.accept(tcp).await {
+                            Ok(s) => Box::new(s),
+                            Err(_) => return,
+                        },
+                        None => Box::new(tcp),
+                    };
+                    serve_scripted(stream, connection, script, log).await
+                });
             }
         });
         ScriptedUpstream {
             addr,
             connections,
             seen,
+            ca,
         }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca {
+            // The certificate names localhost.
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -81,7 +116,7 @@ impl ScriptedUpstream {
 }
 
 async fn serve_scripted(
-    mut stream: TcpStream,
+    mut stream: Box<dyn Io>,
     connection: usize,
     script: Arc<Script>,
     log: Arc<Mutex<Vec<Seen>>>,
@@ -105,6 +140,8 @@ async fn serve_scripted(
             }
             Reply::SendAndClose(bytes) => {
                 let _ = stream.write_all(&bytes).await;
+                // Over TLS this also sends close_notify.
+                let _ = stream.shutdown().await;
                 return;
             }
             Reply::Close => return,
@@ -113,7 +150,10 @@ async fn serve_scripted(
 }
 
 /// Reads one request (Content-Length or chunked body, decoded) from `stream`.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+async fn read_request<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<(String, Vec<u8>)> {
     let head_end = read_until(stream, buf, b"\r\n\r\n").await?;
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     buf.drain(..head_end);
@@ -151,7 +191,11 @@ fn content_length(lower_head: &str) -> usize {
 }
 
 /// Reads until `buf` holds `len` bytes and takes them.
-async fn read_length(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> Option<Vec<u8>> {
+async fn read_length<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> Option<Vec<u8>> {
     while buf.len() < len {
         read_more(stream, buf).await?;
     }
@@ -159,7 +203,11 @@ async fn read_length(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> O
 }
 
 /// Reads until `buf` contains `pattern`; returns the offset just past it.
-async fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) -> Option<usize> {
+async fn read_until<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    pattern: &[u8],
+) -> Option<usize> {
     loop {
         if let Some(i) = buf.windows(pattern.len()).position(|w| w == pattern) {
             return Some(i + pattern.len());
@@ -168,7 +216,7 @@ async fn read_until(stream: &mut TcpStream, buf: &mut Vec<u8>, pattern: &[u8]) -
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+async fn read_more<S: AsyncRead + Unpin + ?Sized>(stream: &mut S, buf: &mut Vec<u8>) -> Option<()> {
     let mut chunk = [0u8; 16 * 1024];
     match stream.read(&mut chunk).await {
         Ok(0) | Err(_) => None,
@@ -190,7 +238,11 @@ fn ok(body: &str) -> Vec<u8> {
 /// tokenrelay in front of `upstream`, with the demo authorization server for tokens.
 async fn relay_to(upstream: &ScriptedUpstream) -> (DemoServers, Running) {
     let demo = demo_servers(AuthServerOptions::default()).await;
-    let yaml = one_upstream_yaml(&demo.auth.token_url(), &upstream.url(), "", "timeout: 5s");
+    let extra = match &upstream.ca {
+        Some((_, file)) => format!("timeout: 5s, ca_file: \"{}\"", file.display()),
+        None => "timeout: 5s".to_string(),
+    };
+    let yaml = one_upstream_yaml(&demo.auth.token_url(), &upstream.url(), "", &extra);
     let running = support::start(&yaml).await;
     (demo, running)
 }
@@ -263,114 +315,130 @@ impl AppConn {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_the_upstream_closed_are_not_reused_and_requests_still_succeed() {
-    // Every answer is followed by the upstream closing, half of them without saying so.
-    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| {
-        if seen.connection.is_multiple_of(2) {
-            Reply::SendAndClose(ok("quiet close"))
-        } else {
-            Reply::SendAndClose(
-                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\nbye!".to_vec(),
-            )
+    for tls in [false, true] {
+        println!("over TLS: {tls}");
+        // Every answer is followed by the upstream closing, half of them without saying so.
+        let up = ScriptedUpstream::start_over(
+            tls,
+            Arc::new(|seen: &Seen, _| {
+                if seen.connection.is_multiple_of(2) {
+                    Reply::SendAndClose(ok("quiet close"))
+                } else {
+                    Reply::SendAndClose(
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\nbye!"
+                            .to_vec(),
+                    )
+                }
+            }),
+        )
+        .await;
+        let (_demo, tr) = relay_to(&up).await;
+        let c = support::client();
+        for i in 0..6u32 {
+            let method = if i.is_multiple_of(2) { "GET" } else { "POST" };
+            let resp = c
+                .request(method.parse().unwrap(), format!("{}/n{i}", tr.url("api")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "request {i} ({method})");
+            // Give the upstream's FIN time to arrive, as it would between real requests.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }))
-    .await;
-    let (_demo, tr) = relay_to(&up).await;
-    let c = support::client();
-    for i in 0..6u32 {
-        let method = if i.is_multiple_of(2) { "GET" } else { "POST" };
-        let resp = c
-            .request(method.parse().unwrap(), format!("{}/n{i}", tr.url("api")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "request {i} ({method})");
-        // Give the upstream's FIN time to arrive, as it would between real requests.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(up.connections.load(Ordering::SeqCst), 6);
+        tr.stop().await;
     }
-    assert_eq!(up.connections.load(Ordering::SeqCst), 6);
-    tr.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_connection_closed_instead_of_answering_is_retried_only_when_safe() {
-    // Each connection answers its first request and closes on its second.
-    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, index| match index {
-        0 => Reply::Send(ok(seen.target())),
-        _ => Reply::Close,
-    }))
-    .await;
-    let (_demo, tr) = relay_to(&up).await;
-    // One app connection, so one listener worker and its pool of upstream connections.
-    let mut conn = AppConn::open(&tr).await;
-    let first = conn
-        .exchange(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+    for tls in [false, true] {
+        println!("over TLS: {tls}");
+        // Each connection answers its first request and closes on its second.
+        let up = ScriptedUpstream::start_over(
+            tls,
+            Arc::new(|seen: &Seen, index| match index {
+                0 => Reply::Send(ok(seen.target())),
+                _ => Reply::Close,
+            }),
+        )
         .await;
-    assert_eq!(first.status, 200);
-    // Reuses the pooled connection, which closes: a GET is safe to send again.
-    let second = conn
-        .exchange(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await;
-    assert_eq!(
-        (second.status, second.body.as_slice()),
-        (200, &b"/second"[..])
-    );
-    // A POST is not: the upstream may have acted on it before closing.
-    let third = conn
-        .exchange(b"POST /third HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nonce")
-        .await;
-    assert_eq!(third.status, 502, "{}", third.head);
-    let text = String::from_utf8_lossy(&third.body);
-    assert!(
-        text.contains("closed the connection before answering"),
-        "{text}"
-    );
-    let posts = up.seen().iter().filter(|s| s.target() == "/third").count();
-    assert_eq!(posts, 1, "a POST must not be sent twice");
-    tr.stop().await;
+        let (_demo, tr) = relay_to(&up).await;
+        // One app connection, so one listener worker and its pool of upstream connections.
+        let mut conn = AppConn::open(&tr).await;
+        let first = conn
+            .exchange(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        assert_eq!(first.status, 200);
+        // Reuses the pooled connection, which closes: a GET is safe to send again.
+        let second = conn
+            .exchange(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        assert_eq!(
+            (second.status, second.body.as_slice()),
+            (200, &b"/second"[..])
+        );
+        // A POST is not: the upstream may have acted on it before closing.
+        let third = conn
+            .exchange(b"POST /third HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nonce")
+            .await;
+        assert_eq!(third.status, 502, "{}", third.head);
+        let text = String::from_utf8_lossy(&third.body);
+        assert!(
+            text.contains("closed the connection before answering"),
+            "{text}"
+        );
+        let posts = up.seen().iter().filter(|s| s.target() == "/third").count();
+        assert_eq!(posts, 1, "a POST must not be sent twice");
+        tr.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_delimited_interim_chunked_and_truncated_responses() {
-    let up = ScriptedUpstream::start(Arc::new(|seen: &Seen, _| match seen.target() {
-        "/until-close" => Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nall of it, until close".to_vec()),
-        "/early-hints" => Reply::Send(
-            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
-                .to_vec(),
-        ),
-        "/chunked" => Reply::Send(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-sum: 12\r\n\r\n"
-                .to_vec(),
-        ),
-        "/cut-short" => Reply::SendAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..".to_vec()),
-        other => Reply::Send(ok(other)),
-    }))
-    .await;
-    let (_demo, tr) = relay_to(&up).await;
-    let c = support::client();
-    let get = |path: &str| c.get(format!("{}{path}", tr.url("api"))).send();
+    for tls in [false, true] {
+        println!("over TLS: {tls}");
+        let up = ScriptedUpstream::start_over(tls, Arc::new(|seen: &Seen, _| match seen.target() {
+            "/until-close" => Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nall of it, until close".to_vec()),
+            "/early-hints" => Reply::Send(
+                b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
+                    .to_vec(),
+            ),
+            "/chunked" => Reply::Send(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-sum: 12\r\n\r\n"
+                    .to_vec(),
+            ),
+            "/cut-short" => Reply::SendAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..".to_vec()),
+            other => Reply::Send(ok(other)),
+        }))
+        .await;
+        let (_demo, tr) = relay_to(&up).await;
+        let c = support::client();
+        let get = |path: &str| c.get(format!("{}{path}", tr.url("api"))).send();
 
-    let resp = get("/until-close").await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "all of it, until close");
+        let resp = get("/until-close").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "all of it, until close");
 
-    let resp = get("/early-hints").await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "final");
+        let resp = get("/early-hints").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "final");
 
-    let resp = get("/chunked").await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "hello, world");
+        let resp = get("/chunked").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "hello, world");
 
-    let resp = get("/cut-short").await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(
-        resp.bytes().await.is_err(),
-        "a body cut short must reach the app as an error, not as a complete body"
-    );
+        let resp = get("/cut-short").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.bytes().await.is_err(),
+            "a body cut short must reach the app as an error, not as a complete body"
+        );
 
-    // The listener is still fine afterwards.
-    assert_eq!(get("/after").await.unwrap().text().await.unwrap(), "/after");
-    tr.stop().await;
+        // The listener is still fine afterwards.
+        assert_eq!(get("/after").await.unwrap().text().await.unwrap(), "/after");
+        tr.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,35 +529,41 @@ async fn pipelined_requests_head_and_a_handoff_to_the_general_path_on_one_connec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announced_keep_alive_timeout_is_not_used_to_its_end() {
-    // The upstream says it closes idle connections after 2 s (but keeps them open here,
-    // so only tokenrelay's own decision can make it open a new one).
-    let up = ScriptedUpstream::start(Arc::new(|_: &Seen, _| {
-        Reply::Send(
-            b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=2, max=100\r\ncontent-length: 2\r\n\r\nok"
-                .to_vec(),
+    for tls in [false, true] {
+        println!("over TLS: {tls}");
+        // The upstream says it closes idle connections after 2 s (but keeps them open here,
+        // so only tokenrelay's own decision can make it open a new one).
+        let up = ScriptedUpstream::start_over(
+            tls,
+            Arc::new(|_: &Seen, _| {
+                Reply::Send(
+                b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=2, max=100\r\ncontent-length: 2\r\n\r\nok"
+                    .to_vec(),
+            )
+            }),
         )
-    }))
-    .await;
-    let (_demo, tr) = relay_to(&up).await;
-    // One app connection, so one listener worker and its pool of upstream connections.
-    let mut conn = AppConn::open(&tr).await;
-    let mut post = async || {
-        conn.exchange(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
-            .await
-            .status
-    };
-    assert_eq!(post().await, 200);
-    assert_eq!(post().await, 200);
-    assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        1,
-        "reused while fresh"
-    );
-    // Within the last second of the announced timeout: a new connection.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(post().await, 200);
-    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
-    tr.stop().await;
+        .await;
+        let (_demo, tr) = relay_to(&up).await;
+        // One app connection, so one listener worker and its pool of upstream connections.
+        let mut conn = AppConn::open(&tr).await;
+        let mut post = async || {
+            conn.exchange(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
+                .await
+                .status
+        };
+        assert_eq!(post().await, 200);
+        assert_eq!(post().await, 200);
+        assert_eq!(
+            up.connections.load(Ordering::SeqCst),
+            1,
+            "reused while fresh"
+        );
+        // Within the last second of the announced timeout: a new connection.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(post().await, 200);
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+        tr.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

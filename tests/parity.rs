@@ -1,5 +1,7 @@
 //! One table of cases run against both forwarding engines: the fast path (a plain-http
-//! upstream) and the hyper path (an https upstream behind a private CA). Each case
+//! upstream, and an https one behind a private CA) and the hyper path (the same https
+//! upstream with `http2: true`, which the fast path leaves to hyper; the upstream offers
+//! only http/1.1, so hyper speaks HTTP/1.1 to it). Each case
 //! records what the upstream received and what the app received, normalised (header
 //! names lower-cased and sorted, the token, upstream authority and dates masked, bodies
 //! decoded), checks the case's expectation on each engine, and requires both engines to
@@ -20,7 +22,16 @@ use upstream::{Seen, Step, Upstream};
 #[derive(Clone, Copy, Debug)]
 enum Engine {
     Fast,
+    FastTls,
     Hyper,
+}
+
+const ENGINES: [Engine; 3] = [Engine::Fast, Engine::FastTls, Engine::Hyper];
+
+impl Engine {
+    fn tls(self) -> bool {
+        !matches!(self, Engine::Fast)
+    }
 }
 
 /// What the app does on its connection to the listener.
@@ -103,9 +114,9 @@ async fn run(engine: Engine, case: &Case) -> Observed {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    let up = Upstream::start(matches!(engine, Engine::Hyper), case.script.clone()).await;
+    let up = Upstream::start(engine.tls(), case.script.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = relay_yaml(&auth, &up, &dir, case.base_path, case.config);
+    let yaml = relay_yaml(&auth, &up, engine, &dir, case.base_path, case.config);
     let relay = support::start(&yaml).await;
     let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
         .await
@@ -146,6 +157,7 @@ async fn run(engine: Engine, case: &Case) -> Observed {
 fn relay_yaml(
     auth: &AuthServer,
     up: &Upstream,
+    engine: Engine,
     dir: &tempfile::TempDir,
     base_path: &str,
     config: &str,
@@ -158,9 +170,14 @@ fn relay_yaml(
         Some(pem) => {
             let ca = dir.path().join("ca.pem");
             std::fs::write(&ca, pem).unwrap();
+            let http2 = if matches!(engine, Engine::Hyper) {
+                ", http2: true"
+            } else {
+                ""
+            };
             (
                 format!("https://localhost:{}{base_path}", up.addr.port()),
-                format!("ca_file: \"{}\"", ca.display()),
+                format!("ca_file: \"{}\"{http2}", ca.display()),
             )
         }
     };
@@ -175,11 +192,16 @@ fn relay_yaml(
     )
 }
 
-/// Runs `case` on both engines; each result must satisfy `check`, and they must agree.
+/// Runs `case` on both engines (the fast one over plain http and TLS); each result must satisfy `check`, and they must agree.
 async fn both(case: Case, check: impl Fn(&Observed)) {
     let fast = run(Engine::Fast, &case).await;
+    let fast_tls = run(Engine::FastTls, &case).await;
     let hyper = run(Engine::Hyper, &case).await;
-    for (engine, seen) in [(Engine::Fast, &fast), (Engine::Hyper, &hyper)] {
+    for (engine, seen) in [
+        (Engine::Fast, &fast),
+        (Engine::FastTls, &fast_tls),
+        (Engine::Hyper, &hyper),
+    ] {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(seen)));
         if let Err(e) = result {
             let why = e
@@ -190,8 +212,14 @@ async fn both(case: Case, check: impl Fn(&Observed)) {
             panic!("{engine:?} engine: {why}\nobserved: {seen:#?}");
         }
     }
+    let fast = comparable(fast);
     assert_eq!(
-        comparable(fast),
+        fast,
+        comparable(fast_tls),
+        "the fast path disagrees with itself over TLS (left: plain, right: TLS)"
+    );
+    assert_eq!(
+        fast,
         comparable(hyper),
         "the engines disagree (left: fast, right: hyper)"
     );
@@ -214,9 +242,25 @@ fn comparable(mut o: Observed) -> Observed {
     o
 }
 
+/// The request line with the value of a query token (`auth=`, longer than an app's
+/// short test values) masked.
+fn mask_query_token(line: &str) -> String {
+    let Some(at) = line.find("auth=") else {
+        return line.to_string();
+    };
+    let start = at + "auth=".len();
+    let end = line[start..]
+        .find(['&', ' '])
+        .map_or(line.len(), |n| start + n);
+    if end - start <= 10 {
+        return line.to_string();
+    }
+    format!("{}TOKEN{}", &line[..start], &line[end..])
+}
+
 fn normalise_request(seen: &Seen) -> String {
     let mut lines = seen.head.trim_end().split("\r\n");
-    let first = lines.next().unwrap_or("").to_string();
+    let first = mask_query_token(lines.next().unwrap_or(""));
     let mut headers: Vec<String> = lines
         .map(|l| {
             let (name, value) = l.split_once(':').unwrap_or((l, ""));
@@ -537,10 +581,10 @@ async fn a_fragment_in_the_target_is_dropped_alike_on_both_engines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_request_body_is_cut_at_body_timeout() {
     let mut app = vec![App::Send(
-        b"POST /upload HTTP/1.1\r\nHost: app.local\r\nContent-Length: 20\r\nConnection: close\r\n\r\n"
+        b"POST /upload HTTP/1.1\r\nHost: app.local\r\nContent-Length: 40\r\nConnection: close\r\n\r\n"
             .to_vec(),
     )];
-    for _ in 0..20 {
+    for _ in 0..40 {
         app.push(App::Sleep(Duration::from_millis(200)));
         app.push(App::Send(b"x".to_vec()));
     }
@@ -558,8 +602,8 @@ async fn a_trickled_request_body_is_cut_at_body_timeout() {
         assert!(o.app[0].body.contains("body_timeout"), "{}", o.app[0].body);
     })
     .await;
-    // Two engines, each cut after about 1s (the trickle alone takes 4s).
-    assert!(started.elapsed() < Duration::from_secs(7));
+    // Three runs, each cut after about 1s; uncut, the trickles alone take 3 x 8s.
+    assert!(started.elapsed() < Duration::from_secs(18));
 }
 
 /// Drift 2: a response body that goes quiet is cut after `body_idle_timeout` on both
@@ -829,6 +873,44 @@ async fn hop_by_hop_credentials_and_redirects_are_handled_alike() {
     .await;
 }
 
+/// `token_query_param`: the app's own `auth` pairs are replaced by the token (also
+/// sent as the header), and response headers that would hand the token back are
+/// cleaned (a redirect keeping the query) or dropped (the token elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_the_query_is_put_in_and_kept_out_alike() {
+    let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
+        let target = seen.head.split(' ').nth(1).unwrap_or("").to_string();
+        let token = target.split("auth=").nth(1).unwrap_or("").to_string();
+        vec![Step::Send(response(
+            "302 Found",
+            &format!("Location: {target}&x=1\r\nContent-Location: /tokens/{token}\r\n"),
+            "",
+        ))]
+    });
+    let case = Case {
+        config: "token_query_param: auth",
+        base_path: "/base",
+        app: vec![App::Send(get_close(
+            "/rest/x.json?start=1&auth=app&%61uth=2",
+        ))],
+        methods: vec!["GET"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [302]);
+        let up = &o.upstream[0];
+        assert!(
+            up.starts_with("GET /base/rest/x.json?start=1&auth=TOKEN HTTP/1.1"),
+            "{up}"
+        );
+        assert!(up.contains("authorization: Bearer TOKEN"), "{up}");
+        let r = &o.app[0];
+        assert_eq!(r.header("location"), Some("/base/rest/x.json?start=1&x=1"));
+        assert_eq!(r.header("content-location"), None);
+    })
+    .await;
+}
+
 /// Drift 4: `check` refuses a credential header name that would break framing or
 /// routing (and the run path never starts with one).
 #[test]
@@ -944,11 +1026,56 @@ async fn a_401_is_retried_once_with_the_body() {
     .await;
 }
 
+/// With `token_query_param`, the retry after a 401 carries the newer token in the query
+/// in place of the first one: the query's token is the header's, each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_retry_puts_the_newer_token_in_the_query() {
+    let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
+        let target = seen.head.split(' ').nth(1).unwrap_or("");
+        let in_query = target.split("auth=").nth(1).unwrap_or("-");
+        let in_header = seen
+            .head
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: Bearer "))
+            .unwrap_or("")
+            .trim();
+        if in_query != in_header {
+            vec![Step::Send(response("400 Bad Request", "", "mismatch"))]
+        } else if target.starts_with("/first") {
+            vec![Step::Send(response("401 Unauthorized", "", "no"))]
+        } else {
+            vec![Step::Send(ok("yes"))]
+        }
+    });
+    let case = Case {
+        config: "token_query_param: auth",
+        base_path: "",
+        app: vec![App::Send(
+            b"POST /first?a=1 HTTP/1.1\r\nHost: app.local\r\nContent-Length: 4\r\n\r\nbodyPOST /second HTTP/1.1\r\nHost: app.local\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                .to_vec(),
+        )],
+        methods: vec!["POST", "POST"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [401, 200], "{:#?}", o.app);
+        assert_eq!(o.upstream.len(), 3, "{:#?}", o.upstream);
+        for (i, target) in ["/first?a=1&", "/first?a=1&", "/second?"]
+            .iter()
+            .enumerate()
+        {
+            let line = format!("POST {target}auth=TOKEN HTTP/1.1\n");
+            assert!(o.upstream[i].starts_with(&line), "{}", o.upstream[i]);
+        }
+    })
+    .await;
+}
+
 /// An app that stops reading a response is cut off after `limits.idle_timeout` on both
 /// engines, and the upstream connection is let go (its write fails) rather than held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_stops_reading_is_cut_after_the_idle_timeout() {
-    for engine in [Engine::Fast, Engine::Hyper] {
+    for engine in ENGINES {
         let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
             let body = vec![b'x'; 64 << 20];
             let mut bytes = format!(
@@ -962,9 +1089,9 @@ async fn an_app_that_stops_reading_is_cut_after_the_idle_timeout() {
         let auth = AuthServer::start(AuthServerOptions::default())
             .await
             .unwrap();
-        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let up = Upstream::start(engine.tls(), script).await;
         let dir = tempfile::tempdir().unwrap();
-        let yaml = relay_yaml(&auth, &up, &dir, "", "limits: { idle_timeout: 1s }");
+        let yaml = relay_yaml(&auth, &up, engine, &dir, "", "limits: { idle_timeout: 1s }");
         let relay = support::start(&yaml).await;
         let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
             .await
@@ -1095,7 +1222,7 @@ async fn chunked_and_expect_continue_uploads_arrive_whole() {
 /// engines (tokenrelay as a child process, its log read back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_response_body_logs_a_line() {
-    for engine in [Engine::Fast, Engine::Hyper] {
+    for engine in ENGINES {
         let script: Arc<upstream::Script> = Arc::new(|_: &Seen, _| {
             vec![
                 Step::Send(
@@ -1110,10 +1237,10 @@ async fn a_cut_response_body_logs_a_line() {
         let auth = AuthServer::start(AuthServerOptions::default())
             .await
             .unwrap();
-        let up = Upstream::start(matches!(engine, Engine::Hyper), script).await;
+        let up = Upstream::start(engine.tls(), script).await;
         let dir = tempfile::tempdir().unwrap();
         let (port, admin) = (support::free_port(), support::free_port());
-        let yaml = relay_yaml(&auth, &up, &dir, "", "body_idle_timeout: 1s")
+        let yaml = relay_yaml(&auth, &up, engine, &dir, "", "body_idle_timeout: 1s")
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1)
             .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
         let config = dir.path().join("config.yaml");

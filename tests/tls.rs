@@ -1,5 +1,6 @@
 //! TLS to upstreams and token endpoints: a private CA trusted through `ca_file` works
-//! (with HTTP/2 negotiated by ALPN where the server offers it); without it, the server's
+//! (HTTP/1.1 by default, on the fast path; HTTP/2 negotiated by ALPN where the upstream
+//! sets `http2` and the server offers it); without it, the server's
 //! certificate is refused — a 502 of kind `tls` for upstreams, a failed refresh for token
 //! endpoints — and nothing is sent. Certificates are made by the test (rcgen); a TLS
 //! terminator in the test relays to the plain-HTTP demo servers. Loopback only.
@@ -119,8 +120,13 @@ upstreams:
     )
 }
 
+/// The upstream entry of `yaml` with `http2: true`.
+fn with_http2(yaml: String) -> String {
+    yaml.replacen(", credential: api", ", credential: api, http2: true", 1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_private_ca_in_ca_file_is_trusted_and_h2_is_negotiated() {
+async fn a_private_ca_in_ca_file_is_trusted_and_http2_is_negotiated_where_asked() {
     // `_dir` holds the CA file for the test's duration.
     let Demo {
         pki,
@@ -130,31 +136,43 @@ async fn a_private_ca_in_ca_file_is_trusted_and_h2_is_negotiated() {
         api,
     } = demo_behind_a_private_ca().await;
     let (auth_tls, _) = tls_front(pki.server.clone(), auth.addr()).await;
-    let (api_tls, api_alpn) = tls_front(pki.server.clone(), api.addr()).await;
-
-    let relay = support::start(&yaml(
-        &format!("https://127.0.0.1:{}/oauth2/token", auth_tls.port()),
-        &format!("https://localhost:{}", api_tls.port()),
-        Some(&ca_file),
-        Some(&ca_file),
-    ))
-    .await;
-    let resp = support::client()
-        .get(format!("{}/echo?via=tls", relay.url("api")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(body["query"], "via=tls");
-    assert!(api.stats().authorized >= 1);
-    assert_eq!(
-        api_alpn.lock().unwrap().first().map(String::as_str),
-        Some("h2")
-    );
-    relay.stop().await;
+    for (http2, protocol) in [(false, "http/1.1"), (true, "h2")] {
+        let (api_tls, api_alpn) = tls_front(pki.server.clone(), api.addr()).await;
+        let config = yaml(
+            &format!("https://127.0.0.1:{}/oauth2/token", auth_tls.port()),
+            &format!("https://localhost:{}", api_tls.port()),
+            Some(&ca_file),
+            Some(&ca_file),
+        );
+        let relay = support::start(&if http2 { with_http2(config) } else { config }).await;
+        for _ in 0..3 {
+            let resp = support::client()
+                .get(format!("{}/echo?via=tls", relay.url("api")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["query"], "via=tls");
+        }
+        assert!(api.stats().authorized >= 3);
+        let status: serde_json::Value =
+            serde_json::from_str(&support::get_text(&relay.admin_url("/status")).await).unwrap();
+        let engine = if http2 { "general" } else { "fast" };
+        assert_eq!(
+            status["upstreams"]["api"]["engine"], engine,
+            "http2: {http2}"
+        );
+        let protocols = api_alpn.lock().unwrap().clone();
+        assert!(
+            !protocols.is_empty() && protocols.iter().all(|p| p == protocol),
+            "http2: {http2}: {protocols:?}"
+        );
+        relay.stop().await;
+    }
 }
 
+/// On both engines: the fast path (HTTP/1.1) and hyper (`http2: true`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_upstream_certificate_is_a_502_of_kind_tls() {
     let pki = pki(&[b"http/1.1"]);
@@ -163,32 +181,34 @@ async fn an_untrusted_upstream_certificate_is_a_502_of_kind_tls() {
         .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
     let (api_tls, _) = tls_front(pki.server, api.addr()).await;
-    let relay = support::start(&yaml(
-        &auth.token_url(),
-        &format!("https://localhost:{}", api_tls.port()),
-        None,
-        None,
-    ))
-    .await;
-    let resp = support::client()
-        .get(format!("{}/echo", relay.url("api")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 502);
-    let body: serde_json::Value = resp.json().await.unwrap();
-    let error = body["error"].as_str().unwrap_or_default().to_lowercase();
-    assert!(
-        error.contains("tls") && error.contains("certificate"),
-        "{body}"
-    );
-    assert_eq!(api.stats().requests, 0, "nothing reached the upstream");
-    let metrics = support::get_text(&relay.admin_url("/metrics")).await;
-    assert!(
-        metrics.contains(r#"tokenrelay_upstream_errors_total{kind="tls",upstream="api"} 1"#),
-        "{metrics}"
-    );
-    relay.stop().await;
+    for http2 in [false, true] {
+        let config = yaml(
+            &auth.token_url(),
+            &format!("https://localhost:{}", api_tls.port()),
+            None,
+            None,
+        );
+        let relay = support::start(&if http2 { with_http2(config) } else { config }).await;
+        let resp = support::client()
+            .get(format!("{}/echo", relay.url("api")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "http2: {http2}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        let error = body["error"].as_str().unwrap_or_default().to_lowercase();
+        assert!(
+            error.contains("tls") && error.contains("certificate"),
+            "http2: {http2}: {body}"
+        );
+        assert_eq!(api.stats().requests, 0, "nothing reached the upstream");
+        let metrics = support::get_text(&relay.admin_url("/metrics")).await;
+        assert!(
+            metrics.contains(r#"tokenrelay_upstream_errors_total{kind="tls",upstream="api"} 1"#),
+            "http2: {http2}: {metrics}"
+        );
+        relay.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,6 +340,17 @@ async fn https_upstreams_follow_https_proxy_and_no_proxy_from_the_environment() 
             "{run}: not ready\n{}",
             support::log_tail(&log, 30)
         );
+        // The fast path connects directly: a proxied upstream stays with the general one.
+        let status: serde_json::Value = serde_json::from_str(
+            &support::get_text(&format!("http://127.0.0.1:{admin}/status")).await,
+        )
+        .unwrap();
+        let engine = if no_proxy.is_empty() {
+            "general"
+        } else {
+            "fast"
+        };
+        assert_eq!(status["upstreams"]["api"]["engine"], engine, "{run}");
         let before = tunnels.lock().unwrap().len();
         let resp = support::client()
             .get(format!("http://127.0.0.1:{listen}/echo?run={run}"))
@@ -387,12 +418,12 @@ async fn an_http10_keep_alive_app_keeps_its_connection_over_an_h2_upstream() {
         api,
     } = demo_behind_a_private_ca().await;
     let (api_tls, api_alpn) = tls_front(pki.server.clone(), api.addr()).await;
-    let relay = support::start(&yaml(
+    let relay = support::start(&with_http2(yaml(
         &auth.token_url(),
         &format!("https://localhost:{}", api_tls.port()),
         None,
         Some(&ca_file),
-    ))
+    )))
     .await;
     let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
         .await

@@ -211,7 +211,7 @@ pub fn main(cli: Cli) -> ExitCode {
         LogFormatArg::Json => LogFormat::Json,
     });
     match cli.command {
-        Command::Check { config } => match Config::load(&config.config) {
+        Command::Check { config } => match Config::load(&config.config).and_then(discovered) {
             Ok(c) => {
                 print!("{}", c.to_redacted_yaml());
                 print!("{}", providers::origins_comment(&c));
@@ -280,7 +280,7 @@ pub fn main(cli: Cli) -> ExitCode {
             refresh_token_issued_at,
             access_token_file,
             expires_in,
-        } => with_config(&config, log_format, |cfg| async move {
+        } => with_config(&config, log_format, Discover::Yes, |cfg| async move {
             let what = match (&refresh_token_file, &access_token_file) {
                 (Some(f), _) => seed::Seed::RefreshToken(f, refresh_token_issued_at),
                 (None, Some(f)) => seed::Seed::AccessToken(f, expires_in),
@@ -310,7 +310,7 @@ pub fn main(cli: Cli) -> ExitCode {
             passphrase_file,
             copy,
             to,
-        } => with_config(&config, log_format, |cfg| {
+        } => with_config(&config, log_format, Discover::Yes, |cfg| {
             transfer::export(
                 cfg,
                 transfer::ExportArgs {
@@ -329,7 +329,7 @@ pub fn main(cli: Cli) -> ExitCode {
             passphrase_file,
             from_credential,
             force,
-        } => with_config(&config, log_format, |cfg| {
+        } => with_config(&config, log_format, Discover::Yes, |cfg| {
             transfer::import(
                 cfg,
                 transfer::ImportArgs {
@@ -360,14 +360,18 @@ pub fn main(cli: Cli) -> ExitCode {
             } else {
                 authorize::Mode::Code(code)
             };
-            with_config(&config, log_format, |cfg| {
+            with_config(&config, log_format, Discover::Yes, |cfg| {
                 authorize::run(cfg, &credential, mode)
             })
         }
         Command::Status { config, json } => {
-            with_config_exit(&config, log_format, |cfg| status::run(cfg, json))
+            // Status needs no endpoints, and must answer while the authorization server
+            // does not.
+            with_config_exit(&config, log_format, Discover::No, |cfg| {
+                status::run(cfg, json)
+            })
         }
-        Command::Reload { config } => with_config(&config, log_format, reload::run),
+        Command::Reload { config } => with_config(&config, log_format, Discover::No, reload::run),
         #[cfg(feature = "demo")]
         Command::Demo { state_dir } => {
             crate::logging::init(log_format.unwrap_or(LogFormat::Text), None);
@@ -419,24 +423,62 @@ fn config_error(path: &std::path::Path, e: &crate::config::ConfigError) -> ExitC
     ExitCode::FAILURE
 }
 
+/// Whether a command reads the endpoints an `issuer`'s metadata gives: those that
+/// store or send tokens do (a stored token records its token endpoint).
+#[derive(Clone, Copy)]
+enum Discover {
+    Yes,
+    No,
+}
+
+/// `config` with the endpoints its issuers' metadata give (on a runtime of its own, as
+/// config loading happens before any).
+fn discovered(mut config: Config) -> Result<Config, crate::config::ConfigError> {
+    if config.credentials.values().all(|c| c.issuer.is_none()) {
+        return Ok(config);
+    }
+    let rt = runtime(Some(1)).map_err(|e| crate::config::ConfigError {
+        problems: vec![format!("cannot start the runtime for discovery: {e}")],
+    })?;
+    rt.block_on(crate::oauth::discovery::resolve(
+        &mut config,
+        &Default::default(),
+    ))?;
+    Ok(config)
+}
+
 /// Loads the config and runs a short async command on a small runtime.
-fn with_config<F, Fut>(config: &ConfigArg, log_format: Option<LogFormat>, f: F) -> ExitCode
+fn with_config<F, Fut>(
+    config: &ConfigArg,
+    log_format: Option<LogFormat>,
+    discover: Discover,
+    f: F,
+) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    with_config_exit(config, log_format, |cfg| async move {
+    with_config_exit(config, log_format, discover, |cfg| async move {
         f(cfg).await.map(|()| ExitCode::SUCCESS)
     })
 }
 
 /// As [`with_config`], for a command that chooses its exit code.
-fn with_config_exit<F, Fut>(config: &ConfigArg, log_format: Option<LogFormat>, f: F) -> ExitCode
+fn with_config_exit<F, Fut>(
+    config: &ConfigArg,
+    log_format: Option<LogFormat>,
+    discover: Discover,
+    f: F,
+) -> ExitCode
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    let cfg = match Config::load(&config.config) {
+    let loaded = Config::load(&config.config).and_then(|c| match discover {
+        Discover::Yes => discovered(c),
+        Discover::No => Ok(c),
+    });
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => return config_error(&config.config, &e),
     };

@@ -78,7 +78,20 @@ fn render(name: Option<&str>, out: &mut String) -> ExitCode {
 /// One preset: what it sets (placeholders shown as `{param}`), its parameters, sources
 /// and uncertainties.
 fn describe(p: &preset::Preset) -> String {
-    let mut out = format!("# {} ({})\n# docs: {}\n", p.title, p.name, p.docs);
+    let mut out = format!(
+        "# {} ({})\n# docs: {}\n# verified against the sources on {}\n",
+        p.title, p.name, p.docs, p.verified.text
+    );
+    if let Some(s) = &p.sunset {
+        let what = s
+            .endpoint
+            .as_deref()
+            .unwrap_or("what this preset relies on");
+        out.push_str(&format!(
+            "# sunset: {what} ends on {}; instead: {} ({})\n",
+            s.date.text, s.replacement, s.source
+        ));
+    }
     for s in &p.sources {
         out.push_str(&format!("# source: {s}\n"));
     }
@@ -131,7 +144,7 @@ pub fn origins_comment(c: &Config) -> String {
     if c.origins.is_empty() {
         return String::new();
     }
-    let mut out = String::from("# origin of each value a provider preset filled in (the rest come from the file or defaults):\n");
+    let mut out = String::from("# origin of each value a provider preset or discovery filled in (the rest come from the file or defaults):\n");
     for (path, origin) in &c.origins {
         out.push_str(&format!("#   {path}: {origin}\n"));
     }

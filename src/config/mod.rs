@@ -11,6 +11,7 @@ pub(crate) mod provider_rules;
 mod raw;
 mod secrets;
 pub(crate) mod sink;
+mod sunset;
 pub(crate) mod units;
 mod unknown_keys;
 pub(crate) mod url_template;
@@ -39,6 +40,7 @@ use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};
 pub use secrets::{read_secret, read_static_token, SecretFileError};
 pub use sink::{FileMode, SinkConfig, SinkFormat};
+pub use sunset::{Day, Sunset, SUNSET_WARNING};
 use units::{ByteSize, HumanDuration};
 pub use url_template::{TemplatedUpstream, UpstreamUrl, UrlTemplate};
 use validate::validate;
@@ -179,12 +181,45 @@ pub struct NotifyConfig {
 /// A URL that gets a JSON POST for each event.
 #[derive(Clone, Debug, Serialize)]
 pub struct WebhookConfig {
-    pub url: Url,
+    pub url: WebhookUrl,
     /// The HMAC-SHA256 key read from `secret_file`.
     #[serde(skip)]
     pub secret: Option<Secret>,
     pub secret_file: Option<PathBuf>,
     pub events: BTreeSet<NotifyEvent>,
+}
+
+/// A webhook's URL. Many carry their secret in the path (Slack's) or the query, so it
+/// is shown (`Debug`, `check`) as its scheme and host only.
+#[derive(Clone)]
+pub struct WebhookUrl(Url);
+
+impl WebhookUrl {
+    pub fn new(url: Url) -> WebhookUrl {
+        WebhookUrl(url)
+    }
+
+    /// The whole URL, for delivery only.
+    pub fn as_url(&self) -> &Url {
+        &self.0
+    }
+
+    /// `scheme://host[:port]/…`.
+    pub fn shown(&self) -> String {
+        format!("{}/…", self.0.origin().ascii_serialization())
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+impl Serialize for WebhookUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shown())
+    }
 }
 
 /// What a notification tells.
@@ -288,6 +323,15 @@ pub struct CredentialConfig {
     pub authorize_url: Option<Url>,
     /// RFC 8628 §3.1's device authorization endpoint, for `authorize --device`.
     pub device_authorization_url: Option<Url>,
+    /// The authorization server's issuer identifier, exactly as written: its metadata
+    /// fills the endpoints named in `discover`.
+    pub issuer: Option<String>,
+    /// The endpoints the file leaves to discovery (unset, or set only by a preset).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discover: Vec<Endpoint>,
+    /// The sunset its preset records (see [`CredentialConfig::sunset`]).
+    #[serde(skip)]
+    pub preset_sunset: Option<Sunset>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
@@ -344,6 +388,61 @@ pub struct CredentialConfig {
     pub url_templates: Vec<TemplatedUpstream>,
 }
 
+/// An endpoint of an authorization server that its metadata may give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    TokenUrl,
+    AuthorizeUrl,
+    DeviceAuthorizationUrl,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [
+        Endpoint::TokenUrl,
+        Endpoint::AuthorizeUrl,
+        Endpoint::DeviceAuthorizationUrl,
+    ];
+
+    /// The config key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Endpoint::TokenUrl => "token_url",
+            Endpoint::AuthorizeUrl => "authorize_url",
+            Endpoint::DeviceAuthorizationUrl => "device_authorization_url",
+        }
+    }
+
+    /// The metadata field (RFC 8414 §2, RFC 8628 §4).
+    pub fn metadata_field(self) -> &'static str {
+        match self {
+            Endpoint::TokenUrl => "token_endpoint",
+            Endpoint::AuthorizeUrl => "authorization_endpoint",
+            Endpoint::DeviceAuthorizationUrl => "device_authorization_endpoint",
+        }
+    }
+}
+
+impl CredentialConfig {
+    /// The configured value of `endpoint`.
+    pub fn endpoint(&self, endpoint: Endpoint) -> Option<&Url> {
+        match endpoint {
+            Endpoint::TokenUrl => self.token_url.as_ref(),
+            Endpoint::AuthorizeUrl => self.authorize_url.as_ref(),
+            Endpoint::DeviceAuthorizationUrl => self.device_authorization_url.as_ref(),
+        }
+    }
+
+    /// The configured value of `endpoint`, to fill in.
+    pub fn endpoint_mut(&mut self, endpoint: Endpoint) -> &mut Option<Url> {
+        match endpoint {
+            Endpoint::TokenUrl => &mut self.token_url,
+            Endpoint::AuthorizeUrl => &mut self.authorize_url,
+            Endpoint::DeviceAuthorizationUrl => &mut self.device_authorization_url,
+        }
+    }
+}
+
 /// Inbound connection limits of one listener.
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {
@@ -364,7 +463,7 @@ pub struct UpstreamConfig {
     pub header: String,
     pub format: String,
     /// Also passes the bare token as this query parameter (Bitrix24's `auth`), replacing
-    /// any the app sent. Served by the general engine.
+    /// any the app sent.
     pub token_query_param: Option<String>,
     /// The provider reads query parameter names case-insensitively: the app's `AUTH` or
     /// `Auth` is removed along with its `auth`.
@@ -382,6 +481,9 @@ pub struct UpstreamConfig {
     /// Client certificate presented to the upstream (mutual TLS on every call).
     pub client_cert: Option<ClientCertConfig>,
     pub allow_insecure_http: bool,
+    /// Offer HTTP/2 to an https upstream (ALPN). Off: HTTP/1.1 on pooled keep-alive
+    /// connections, served by the fast engine.
+    pub http2: bool,
     pub limits: Limits,
 }
 
@@ -414,6 +516,14 @@ impl Config {
             unknown_keys::deserialize(value).map_err(|problems| ConfigError { problems })?;
         let mut config = validate(raw, env)?;
         config.origins = origins;
+        plan_discovery(&mut config);
+        for c in config.credentials.values_mut() {
+            c.preset_sunset = c
+                .provider
+                .as_deref()
+                .and_then(preset::get)
+                .and_then(|p| p.sunset);
+        }
         Ok(config)
     }
 
@@ -436,6 +546,34 @@ impl Config {
     /// The resolved config as YAML with every secret replaced by `<redacted>`.
     pub fn to_redacted_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Decides, per credential with an `issuer`, which endpoints its metadata fills: those
+/// the file does not set (explicit keys win over discovery, discovery over a preset). An
+/// issuer that only a preset gives is dropped when the file sets `token_url` itself: the
+/// credential was pointed elsewhere (a gateway, a test server), and the preset's
+/// authorization server is then not the one to ask.
+fn plan_discovery(config: &mut Config) {
+    for (name, c) in config.credentials.iter_mut() {
+        let from_preset = |key: &str| {
+            config
+                .origins
+                .get(&format!("credentials.{name}.{key}"))
+                .is_some_and(|o| o.starts_with("preset "))
+        };
+        if c.issuer.is_none() {
+            continue;
+        }
+        if from_preset("issuer") && c.token_url.is_some() && !from_preset("token_url") {
+            c.issuer = None;
+            config.origins.remove(&format!("credentials.{name}.issuer"));
+            continue;
+        }
+        c.discover = Endpoint::ALL
+            .into_iter()
+            .filter(|e| c.endpoint_mut(*e).is_none() || from_preset(e.key()))
+            .collect();
     }
 }
 

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use super::param_shape::ParamShape;
+use super::sunset::{Day, Sunset};
 
 /// The embedded preset files, by name.
 const FILES: &[(&str, &str)] = &[
@@ -83,6 +84,10 @@ pub struct Preset {
     /// `redirect_uri`, sent on every refresh too).
     #[serde(default)]
     pub requires: Vec<String>,
+    /// When the preset's facts were last checked against its sources.
+    pub verified: Day,
+    /// An endpoint or behaviour the provider announced it will end.
+    pub sunset: Option<Sunset>,
 }
 
 /// A `provider_params` entry a preset takes.
@@ -369,6 +374,25 @@ mod tests {
                 names()[names().iter().position(|n| *n == p.name).unwrap()]
             );
             assert!(!p.sources.is_empty(), "{}: no sources", p.name);
+            assert!(
+                p.verified.start <= std::time::SystemTime::now(),
+                "{}: verified in the future",
+                p.name
+            );
+            if let Some(s) = &p.sunset {
+                assert!(
+                    s.source.starts_with("https://"),
+                    "{}: sunset source",
+                    p.name
+                );
+                assert!(
+                    s.endpoint
+                        .as_deref()
+                        .is_none_or(|e| url::Url::parse(e).is_ok()),
+                    "{}: sunset endpoint",
+                    p.name
+                );
+            }
             assert!(p.docs.starts_with("https://"), "{}: docs", p.name);
             let params: BTreeMap<String, String> = p
                 .params
@@ -448,6 +472,72 @@ mod tests {
         let cfg = crate::config::Config::from_yaml(&yaml, &|_| None)
             .unwrap_or_else(|e| panic!("preset {name}: {e}"));
         cfg.credentials["c"].clone()
+    }
+
+    /// Discovery fills what the file does not set: explicit keys win over it, and it wins
+    /// over a preset's values. A preset's issuer is dropped when the file points
+    /// `token_url` elsewhere; an issuer the file sets is always used.
+    #[test]
+    fn discovery_fills_what_the_file_does_not_set() {
+        use crate::config::Endpoint::*;
+        let okta = resolved("okta", "domain: example.okta.com");
+        assert_eq!(
+            okta.issuer.as_deref(),
+            Some("https://example.okta.com/oauth2/default")
+        );
+        assert_eq!(
+            okta.discover,
+            [TokenUrl, AuthorizeUrl, DeviceAuthorizationUrl]
+        );
+        assert_eq!(
+            resolved("auth0", "domain: acme.eu.auth0.com")
+                .issuer
+                .as_deref(),
+            Some("https://acme.eu.auth0.com/")
+        );
+        assert_eq!(
+            resolved("microsoft", "tenant: contoso.onmicrosoft.com").issuer,
+            None
+        );
+        let yaml = |cred: &str| {
+            format!(
+                "credentials:\n  c: {{ {cred}, client_id: id, client_secret: s }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: c }}\n"
+            )
+        };
+        let cred = |c: &str| {
+            crate::config::Config::from_yaml(&yaml(c), &|_| None)
+                .unwrap_or_else(|e| panic!("{c}: {e}"))
+                .credentials["c"]
+                .clone()
+        };
+        let c = cred("grant: client_credentials, issuer: \"https://idp.example.com/realms/x\", authorize_url: https://idp.example.com/a");
+        assert_eq!(c.discover, [TokenUrl, DeviceAuthorizationUrl]);
+        assert_eq!(
+            c.issuer.as_deref(),
+            Some("https://idp.example.com/realms/x")
+        );
+        let c = cred("provider: okta, provider_params: { domain: example.okta.com }, token_url: https://gateway.example.com/token");
+        assert_eq!((c.issuer, c.discover), (None, vec![]));
+        let c = cred("provider: okta, provider_params: { domain: example.okta.com }, token_url: https://gateway.example.com/token, issuer: https://example.okta.com/oauth2/default");
+        assert_eq!(c.discover, [AuthorizeUrl, DeviceAuthorizationUrl]);
+        for (bad, why) in [
+            (
+                "issuer: \"https://idp.example.com/?x=1\"",
+                "has a query or fragment",
+            ),
+            ("issuer: \"http://idp.example.com\"", "must use https://"),
+        ] {
+            let e = crate::config::Config::from_yaml(
+                &yaml(&format!("grant: client_credentials, {bad}")),
+                &|_| None,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("credentials.c.issuer: ") && e.contains(why),
+                "{e}"
+            );
+        }
     }
 
     /// Values taken from the providers' own documentation (each cited in its preset).

@@ -112,6 +112,10 @@ pub struct RawCredential {
     /// The device authorization endpoint (RFC 8628 §3.1) for `tokenrelay authorize
     /// --device`; presets of providers that offer the flow set it.
     pub device_authorization_url: Option<String>,
+    /// The authorization server's issuer identifier: `token_url`, `authorize_url` and
+    /// `device_authorization_url` that are not set are read from its metadata (RFC 8414,
+    /// then OpenID Connect Discovery) at start and reload.
+    pub issuer: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]
@@ -196,6 +200,8 @@ pub struct RawUpstream {
     pub client_key_file: Option<PathBuf>,
     #[serde(default)]
     pub allow_insecure_http: bool,
+    #[serde(default)]
+    pub http2: bool,
     #[serde(default)]
     pub limits: RawLimits,
 }

@@ -15,6 +15,13 @@ pub(super) fn of(config: &Config) -> Vec<String> {
         {
             out.push(w);
         }
+        if let Some(s) = c
+            .sunset()
+            .filter(|s| s.is_near(std::time::SystemTime::now()))
+        {
+            let provider = c.provider.as_deref().unwrap_or_default();
+            out.push(s.warning(n, provider, std::time::SystemTime::now()));
+        }
         let rotating_preset = c
             .provider
             .as_deref()

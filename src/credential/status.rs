@@ -93,6 +93,8 @@ impl Credential {
             "upstream_urls": self.upstream_urls(token.as_deref()),
             // Token sink files: when each was last written, or why not.
             "sinks": self.sinks.status(),
+            // An endpoint of its preset that the provider shuts down within 90 days.
+            "sunset": self.config.sunset().filter(|s| s.is_near(now_wall)).map(|s| s.status(now_wall)),
         })
     }
 
@@ -130,6 +132,15 @@ impl Credential {
             m.state
                 .with_label_values(&[&self.name, s])
                 .set(i64::from(s == state.as_str()));
+        }
+        match self.config.sunset() {
+            Some(s) => m
+                .preset_sunset_timestamp
+                .with_label_values(&[&self.name])
+                .set(s.date.unix_seconds()),
+            None => {
+                let _ = m.preset_sunset_timestamp.remove_label_values(&[&self.name]);
+            }
         }
         let ready = matches!(state, State::Ready | State::Degraded);
         m.ready

@@ -118,6 +118,7 @@ impl Admin {
                         "listen": u.listen.to_string(),
                         "url": u.config.url.as_str(),
                         "credential": u.config.credential,
+                        "engine": u.engine(),
                         "client_certificate": u.config.client_cert.as_ref().map(|c| c.status()),
                         "requests_total": counts.iter().map(|(_, n)| n).sum::<u64>(),
                         "requests": counts.iter().map(|(c, n)| (c.to_string(), serde_json::json!(n))).collect::<serde_json::Map<_, _>>(),

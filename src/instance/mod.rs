@@ -156,6 +156,14 @@ impl Instance {
         }
     }
 
+    /// The running config of each credential, by name.
+    pub fn credential_configs(&self) -> BTreeMap<String, Arc<CredentialConfig>> {
+        self.credentials
+            .iter()
+            .map(|(name, r)| (name.clone(), r.credential.config.clone()))
+            .collect()
+    }
+
     /// Addresses the upstream listeners actually bound, by upstream name.
     pub fn upstream_addresses(&self) -> BTreeMap<String, SocketAddr> {
         self.listeners

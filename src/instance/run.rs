@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::units::{ByteSize, HumanDuration};
 use crate::config::{Config, ConfigError, Limits};
@@ -69,12 +69,17 @@ pub async fn run(
 /// any refresh in progress finish its durable write. `on_bound` learns the bound
 /// addresses once listening.
 pub async fn run_with(
-    config: Config,
+    mut config: Config,
     reloading: ReloadOptions,
     shutdown: impl Future<Output = ()>,
     on_bound: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
+    // Endpoints named by an `issuer` come from its metadata; at start there is nothing
+    // to fall back on, so a failure is a config error.
+    crate::oauth::discovery::resolve(&mut config, &BTreeMap::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
@@ -166,7 +171,18 @@ async fn reload(
     let outcome = match file.read_complete(RELOAD_SETTLE, RELOAD_MAX_WAIT).await {
         Err(e) => Err(ReloadError::Unreadable(e)),
         Ok(text) => match loader(&text) {
-            Ok(config) => instance.apply(config).await.map_err(ReloadError::from),
+            Ok(mut config) => {
+                let previous = instance.credential_configs();
+                match crate::oauth::discovery::resolve(&mut config, &previous).await {
+                    Ok(kept) => {
+                        for k in kept {
+                            warn!(credential = %k.credential, issuer = %k.issuer, error = %k.error, "discovery failed on reload; the credential keeps its previous endpoints");
+                        }
+                        instance.apply(config).await.map_err(ReloadError::from)
+                    }
+                    Err(e) => Err(ReloadError::Invalid(e)),
+                }
+            }
             Err(e) => Err(ReloadError::Invalid(e)),
         },
     };

@@ -152,7 +152,7 @@ th {{ background: #f4f4f4; }}
 <body>
 <h1>tokenrelay {version}</h1>
 <p>Store: {store}{rollback}. This page refreshes every 5 seconds; machine-readable: <a href="/status">/status</a>, <a href="/metrics">/metrics</a>.</p>
-<h2>Credentials</h2>
+{sunsets}<h2>Credentials</h2>
 <table><thead><tr><th>credential</th><th>state</th><th>grant</th><th>generation</th><th>expires in</th><th>refresh token dies in</th><th>last refresh</th><th>problem</th></tr></thead>
 <tbody>
 {creds}</tbody></table>
@@ -163,6 +163,7 @@ th {{ background: #f4f4f4; }}
 <footer>Token values are never shown here or anywhere else.</footer>
 </body></html>
 "#,
+        sunsets = sunset_notes(status),
         version = esc(&text(&status["version"])),
         store = esc(&text(&status["store"])),
         rollback = match status["store_rollback_detection"].as_str() {
@@ -170,6 +171,27 @@ th {{ background: #f4f4f4; }}
             None => String::new(),
         },
     )
+}
+
+/// One line per credential whose provider shuts down an endpoint it uses within 90 days.
+fn sunset_notes(status: &Value) -> String {
+    let Some(map) = status["credentials"].as_object() else {
+        return String::new();
+    };
+    map.iter()
+        .filter(|(_, c)| c["sunset"].is_object())
+        .map(|(name, c)| {
+            let s = &c["sunset"];
+            format!(
+                "<p class=\"err\">{}: {} ends on {}; use {} (<a href=\"{}\">announcement</a>)</p>\n",
+                esc(name),
+                esc(s["endpoint"].as_str().unwrap_or("what its preset relies on")),
+                esc(&text(&s["date"])),
+                esc(&text(&s["replacement"])),
+                esc(&text(&s["source"])),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -200,6 +222,23 @@ mod tests {
             "upstreams": {"sf": {"listen": "127.0.0.1:1", "url": "{token.instance_url}/x", "credential": "sf"}}
         });
         assert!(render(&status).contains("{token.instance_url}/x → https://na1.example.com/x"));
+    }
+
+    #[test]
+    fn shows_a_sunset_line() {
+        let html = render(&serde_json::json!({
+            "credentials": {"crm": {"state": "ready", "sunset": {
+                "date": "2027-02-16", "days_left": 71,
+                "endpoint": "https://api.hubapi.com/oauth/v1/token",
+                "replacement": "https://api.hubapi.com/oauth/2026-03/token",
+                "source": "https://developers.hubspot.com/changelog/v1-oauth-api-deprecation"}}},
+            "upstreams": {}
+        }));
+        assert!(html.contains("<p class=\"err\">crm: https://api.hubapi.com/oauth/v1/token ends on 2027-02-16; use https://api.hubapi.com/oauth/2026-03/token"), "{html}");
+        let html = render(
+            &serde_json::json!({"credentials": {"crm": {"state": "ready"}}, "upstreams": {}}),
+        );
+        assert!(!html.contains("ends on"), "{html}");
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Upstream {
             format,
             header_name: HeaderName::from_bytes(config.header.as_bytes())?,
             general: hyper::General::new(&config)?,
-            fast: fast::FastPath::for_upstream(&config, workers),
+            fast: fast::FastPath::for_upstream(&config, workers)?,
             base,
             recorder: Recorder {
                 name: config.name.clone(),
@@ -130,6 +130,17 @@ impl Upstream {
                 name,
                 ignore_case: self.config.token_query_param_ignore_case,
             })
+    }
+
+    /// Which engine serves this upstream's requests: `fast` (HTTP/1.1 to the upstream;
+    /// upgrades and unusual requests still go to the general engine) or `general`
+    /// (HTTP/2, an egress proxy or a url template).
+    pub fn engine(&self) -> &'static str {
+        if self.fast.is_some() {
+            "fast"
+        } else {
+            "general"
+        }
     }
 
     /// Requests answered so far by this upstream's listener, by status code.

@@ -32,6 +32,9 @@
 //! at runtime ([`FailureMode`]). Token values are never logged.
 
 mod device;
+mod discovery;
+
+pub use discovery::DiscoveryDocs;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -655,6 +658,8 @@ struct State {
     codes: HashMap<String, CodeEntry>,
     /// Device authorizations by device code (RFC 8628).
     devices: HashMap<String, device::DeviceEntry>,
+    /// Metadata documents (RFC 8414, OpenID Connect Discovery).
+    discovery: discovery::DiscoveryState,
     issued_since_prune: u32,
     /// `jti` values of assertions already accepted.
     replay: ReplayCache,
@@ -892,6 +897,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             device::device_authorization_endpoint(shared, req).await
         } else {
             method_not_allowed("POST")
+        }
+    } else if discovery::is_metadata_path(path) {
+        if req.method() == Method::GET {
+            discovery::metadata(&shared, path)
+        } else {
+            method_not_allowed("GET")
         }
     } else if path == device::VERIFICATION_PATH {
         if req.method() == Method::GET {

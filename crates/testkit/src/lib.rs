@@ -33,8 +33,8 @@ pub mod auth_server;
 
 pub use api_server::{pattern_byte, ApiServer, ApiStats, RecordedRequest};
 pub use auth_server::{
-    AuthServer, AuthServerOptions, AuthStats, FailureMode, LostAnswer, ProviderProfile,
-    TokenRequestRecord, INTUIT_HARD_EXPIRES_IN,
+    AuthServer, AuthServerOptions, AuthStats, DiscoveryDocs, FailureMode, LostAnswer,
+    ProviderProfile, TokenRequestRecord, INTUIT_HARD_EXPIRES_IN,
 };
 
 use std::convert::Infallible;

@@ -47,6 +47,8 @@ pub(super) fn validate_credential(
         }
         // A service account names its token endpoint.
         (None, Grant::JwtBearer) if c.service_account_file.is_some() => None,
+        // Discovery fills it in (the jwt_bearer grant's assertion needs its audience now).
+        (None, g) if c.issuer.is_some() && g != Grant::JwtBearer => None,
         (None, _) => {
             p.add(&at("token_url"), "is required");
             None
@@ -61,6 +63,10 @@ pub(super) fn validate_credential(
         .device_authorization_url
         .as_deref()
         .and_then(|u| parse_url(p, &at("device_authorization_url"), u, c.allow_insecure_http));
+    let issuer = c
+        .issuer
+        .as_deref()
+        .and_then(|i| issuer(p, &at("issuer"), i, grant, c.allow_insecure_http));
     // An assertion grant identifies the client by the assertion's issuer.
     if !matches!(grant, Grant::Static | Grant::JwtBearer)
         && c.client_id.as_deref().unwrap_or("").is_empty()
@@ -238,6 +244,10 @@ pub(super) fn validate_credential(
         token_url,
         authorize_url,
         device_authorization_url,
+        issuer,
+        // Filled in by `Config::from_yaml`, which knows what the file itself sets.
+        discover: Vec::new(),
+        preset_sunset: None,
         client_id: c.client_id,
         client_secret,
         client_auth: auth.method,
@@ -331,3 +341,24 @@ const RESERVED_PARAMS: &[&str] = &[
     "client_assertion_type",
     "assertion",
 ];
+
+/// An `issuer`: an http(s) URL (https unless `allow_insecure_http`) without query or
+/// fragment (RFC 8414 §2), kept exactly as written, since the metadata's `issuer` must
+/// equal it character for character.
+fn issuer(p: &mut Problems, path: &str, s: &str, grant: Grant, insecure: bool) -> Option<String> {
+    if grant == Grant::Static {
+        p.add(path, "not used by grant static; remove it");
+        return None;
+    }
+    let url = parse_url(p, path, s, insecure)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        p.add(
+            path,
+            format!(
+                "{s:?} has a query or fragment; an issuer identifier has neither (RFC 8414 §2)"
+            ),
+        );
+        return None;
+    }
+    Some(s.to_string())
+}

@@ -52,7 +52,7 @@ pub(super) fn validate_notify(p: &mut Problems, raw: RawNotify) -> NotifyConfig 
             }
         };
         Some(WebhookConfig {
-            url: url?,
+            url: super::super::WebhookUrl::new(url?),
             secret,
             secret_file: w.secret_file,
             events,

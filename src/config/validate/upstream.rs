@@ -197,6 +197,7 @@ pub(super) fn validate_upstream(
         ca_file: u.ca_file,
         client_cert,
         allow_insecure_http: u.allow_insecure_http,
+        http2: u.http2,
         limits,
     })
 }

@@ -58,7 +58,7 @@ impl Webhook {
             .build()
             .map_err(WebhookError::Client)?;
         Ok(Webhook {
-            url: config.url.clone(),
+            url: config.url.as_url().clone(),
             secret: config.secret.clone(),
             events: config.events.clone(),
             client,

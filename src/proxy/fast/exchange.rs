@@ -32,6 +32,8 @@ struct Resend<'r, 'c> {
     conn: &'r mut Conn<'c>,
     plan: &'r RequestPlan,
     auth_at: usize,
+    /// Bytes of the token put in the query (`plan.token_at`) by the last send.
+    in_query: usize,
     /// Where the held 401's body ends in its connection's buffer.
     held_end: usize,
 }
@@ -44,8 +46,10 @@ impl retry::Resend for Resend<'_, '_> {
     }
 
     async fn send(&mut self, token: &ActiveToken) -> Result<Self::Answer, ProxyError> {
-        self.conn.add_credential(token, self.plan, self.auth_at);
-        self.conn.send(self.plan).await
+        self.in_query = self
+            .conn
+            .add_credential(token, self.plan, self.auth_at, self.in_query);
+        self.conn.send(self.plan, token).await
     }
 
     async fn hold(&mut self, (conn, resp): &mut Self::Answer) -> bool {
@@ -86,6 +90,7 @@ impl Conn<'_> {
             conn: &mut *self,
             plan,
             auth_at,
+            in_query: 0,
             held_end: 0,
         };
         let ((conn, resp), _) = match retry::send_with_retry(up, &mut request, token).await {
@@ -99,10 +104,26 @@ impl Conn<'_> {
         }
     }
 
-    /// Completes the upstream request in `out`: credential header, end of head, body.
-    fn add_credential(&mut self, token: &ActiveToken, plan: &RequestPlan, auth_at: usize) {
+    /// Completes the upstream request in `out`: the token in the query where it goes
+    /// there (replacing the `in_query` bytes a previous send put), credential header, end
+    /// of head, body. Returns the bytes now in the query.
+    fn add_credential(
+        &mut self,
+        token: &ActiveToken,
+        plan: &RequestPlan,
+        auth_at: usize,
+        in_query: usize,
+    ) -> usize {
         let up = self.up;
-        self.out.truncate(auth_at);
+        self.out.truncate(auth_at + in_query);
+        let mut now_in_query = 0;
+        if let Some(at) = plan.token_at {
+            let tail = self.out.split_off(at + in_query);
+            self.out.truncate(at);
+            crate::proxy::policy::push_encoded_token(&mut self.out, token.value());
+            now_in_query = self.out.len() - at;
+            self.out.extend_from_slice(&tail);
+        }
         self.out
             .extend_from_slice(up.header_name.as_str().as_bytes());
         self.out.extend_from_slice(b": ");
@@ -110,6 +131,7 @@ impl Conn<'_> {
         self.out.extend_from_slice(b"\r\n\r\n");
         self.out
             .extend_from_slice(&self.inbuf[plan.head_len..plan.head_len + plan.body_len]);
+        now_in_query
     }
 
     /// Reads a response's whole body into `conn.buf` if it fits in [`HELD_401_LIMIT`]:
@@ -146,6 +168,7 @@ impl Conn<'_> {
     async fn send(
         &mut self,
         plan: &RequestPlan,
+        token: &ActiveToken,
     ) -> Result<(UpstreamConn, ResponseHead), ProxyError> {
         let up = self.up;
         let mut attempt = 0;
@@ -153,24 +176,22 @@ impl Conn<'_> {
             attempt += 1;
             let mut conn = match self.fast.pool.checkout(self.worker) {
                 Some(c) => c,
-                None => self.fast.pool.connect().await.map_err(|e| {
-                    let kind = if e.kind() == std::io::ErrorKind::TimedOut {
-                        UpstreamErrorKind::Timeout
-                    } else {
-                        UpstreamErrorKind::Connect
-                    };
-                    ProxyError::Upstream(kind, e.to_string())
-                })?,
+                None => self
+                    .fast
+                    .pool
+                    .connect()
+                    .await
+                    .map_err(|e| ProxyError::Upstream(e.kind(), e.to_string()))?,
             };
             let may_retry = conn.reused && attempt == 1;
             self.dl.after(up.config.timeout.0);
-            match self.dl.within(conn.stream.write_all(&self.out)).await {
+            match self.dl.within(conn.stream.send(&self.out)).await {
                 None => return Err(ProxyError::Timeout),
                 Some(Err(_)) if may_retry => continue,
                 Some(Err(e)) => return Err(protocol(format!("sending the request failed: {e}"))),
                 Some(Ok(())) => {}
             }
-            match self.read_response_head(&mut conn, plan).await {
+            match self.read_response_head(&mut conn, plan, token).await {
                 Ok(resp) => return Ok((conn, resp)),
                 Err(HeadError::ClosedEarly) if may_retry && plan.idempotent => continue,
                 Err(HeadError::ClosedEarly) => {
@@ -187,6 +208,7 @@ impl Conn<'_> {
         &mut self,
         conn: &mut UpstreamConn,
         plan: &RequestPlan,
+        token: &ActiveToken,
     ) -> Result<ResponseHead, HeadError> {
         let fast = self.fast;
         let host = plan
@@ -198,6 +220,7 @@ impl Conn<'_> {
         let redirects = Redirects {
             upstream_prefix: &fast.target.upstream_prefix,
             local_prefix: &local_prefix,
+            query_token: self.up.query_param().map(|p| (p, token.value())),
         };
         let mut any_byte = false;
         loop {
@@ -217,7 +240,12 @@ impl Conn<'_> {
                         conn.buf.advance(h.head_len);
                         continue;
                     }
-                    Ok(Some(h)) => return Ok(h),
+                    Ok(Some(h)) => {
+                        if h.token_header_dropped {
+                            crate::proxy::policy::warn_token_header_dropped(&self.up.config.name);
+                        }
+                        return Ok(h);
+                    }
                     Ok(None) if conn.buf.len() > MAX_RESPONSE_HEAD => {
                         return Err(HeadError::Failed(protocol(
                             "response head too large".into(),

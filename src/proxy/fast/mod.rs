@@ -19,6 +19,7 @@ mod exchange;
 pub mod framing;
 pub mod head;
 pub mod pool;
+mod stream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -59,32 +60,53 @@ pub struct FastPath {
 }
 
 impl FastPath {
-    /// For `http://` upstreams with a fixed url; `None` otherwise (TLS and HTTP/2 stay
-    /// with hyper, and so do url templates, whose authority may change with a token).
-    pub fn for_upstream(up: &crate::config::UpstreamConfig, workers: usize) -> Option<FastPath> {
-        let url = up.url.fixed()?;
-        // The fast path writes the target once, before the token is known; a token in the
-        // query is the general engine's.
-        if url.scheme() != "http" || up.token_query_param.is_some() {
-            return None;
-        }
-        let port = url.port_or_known_default()?;
-        Some(FastPath {
-            target: crate::target::Target::of(url).ok()?,
-            // Each app connection holds at most one upstream connection at a time.
-            pool: Pool::new(
-                url.host_str()?,
-                port,
-                up.connect_timeout.0,
-                up.limits.max_connections,
-                workers,
-            ),
+    /// For upstreams with a fixed url spoken to in HTTP/1.1, directly (plain http, or
+    /// https without `http2` and without an egress proxy); `None` otherwise: HTTP/2,
+    /// proxies and url templates (whose authority may change with a token) stay with
+    /// hyper.
+    pub fn for_upstream(
+        up: &crate::config::UpstreamConfig,
+        workers: usize,
+    ) -> Result<Option<FastPath>, crate::tls::TlsError> {
+        let Some(url) = up.url.fixed() else {
+            return Ok(None);
+        };
+        let tls = match url.scheme() {
+            "http" => None,
+            "https" if !up.http2 && !super::hyper::EgressConnector::tunnels(url) => {
+                Some(std::sync::Arc::new(crate::tls::client_config_with_cert(
+                    up.ca_file.as_deref(),
+                    &[b"http/1.1"],
+                    up.client_cert.as_ref().map(|c| &c.files),
+                )?))
+            }
+            _ => return Ok(None),
+        };
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Ok(None);
+        };
+        let endpoint = pool::Endpoint {
+            host,
+            port,
+            tls,
+            connect_timeout: up.connect_timeout.0,
+        };
+        // Each app connection holds at most one upstream connection at a time.
+        let Some(pool) = Pool::new(endpoint, up.limits.max_connections, workers) else {
+            return Ok(None);
+        };
+        let Ok(target) = crate::target::Target::of(url) else {
+            return Ok(None);
+        };
+        Ok(Some(FastPath {
+            target,
+            pool,
             body_limit: if up.retry_on_401 {
                 up.retry_body_limit.0
             } else {
                 64 * 1024
             },
-        })
+        }))
     }
 }
 
@@ -213,6 +235,7 @@ impl Conn<'_> {
             reject_authorization: self.up.config.inbound_authorization
                 == crate::config::InboundAuthorization::Reject,
             body_limit: self.fast.body_limit,
+            query: self.up.query_param(),
         };
         // The first request head must arrive within the header timeout of connecting;
         // later ones within it of their first byte.

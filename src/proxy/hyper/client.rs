@@ -1,5 +1,5 @@
 //! The pooled upstream HTTP client: hyper-util legacy client over hyper-rustls
-//! (TLS 1.2+, verified, ALPN h2 and http/1.1).
+//! (TLS 1.2+, verified; ALPN h2 and http/1.1 where the upstream sets `http2`).
 
 use std::time::Duration;
 
@@ -16,8 +16,10 @@ use crate::metrics::UpstreamErrorKind;
 pub type UpstreamClient = Client<HttpsConnector<EgressConnector>, UpstreamBody>;
 
 /// Builds the client of one upstream; `h2` false for the client that carries upgrades
-/// (WebSocket needs an HTTP/1.1 connection).
+/// (WebSocket needs an HTTP/1.1 connection). HTTP/2 is offered only where the upstream
+/// asks for it.
 pub fn build(config: &UpstreamConfig, h2: bool) -> Result<UpstreamClient, crate::tls::TlsError> {
+    let h2 = h2 && config.http2;
     // hyper-rustls sets ALPN (h2, http/1.1) itself from the enabled protocols.
     let tls = crate::tls::client_config_with_cert(
         config.ca_file.as_deref(),

@@ -31,6 +31,15 @@ impl EgressConnector {
         }
     }
 
+    /// Whether requests to `url` go through a proxy (then the fast path, which connects
+    /// directly, leaves them to this connector).
+    pub fn tunnels(url: &url::Url) -> bool {
+        let Ok(uri) = url.as_str().parse::<Uri>() else {
+            return false;
+        };
+        tunnelled(&uri) && Matcher::from_env().intercept(&uri).is_some()
+    }
+
     /// The proxy used for `url`, if any, for the startup log. The matcher keeps the
     /// proxy URL's credentials apart (see `basic_auth`), so this shows none.
     pub fn proxy_for(&self, url: &url::Url) -> Option<String> {

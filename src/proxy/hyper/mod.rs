@@ -8,6 +8,8 @@ mod client;
 mod egress;
 mod tunnel;
 
+pub use egress::EgressConnector;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +25,6 @@ use hyper::server::conn::http1;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
 
 use super::outcome::ProxyError;
 use super::policy::retry;
@@ -477,7 +478,7 @@ fn filter_response(
         // only values without it are rewritten.
         if let Some(param) = up.query_param() {
             if policy::keep_query_token_out(&mut parts.headers, param, token.value()) {
-                warn!(upstream = %up.config.name, "the upstream's Location or Content-Location carried the access token; dropped");
+                policy::warn_token_header_dropped(&up.config.name);
             }
         }
         if let Ok(target) = up.target(token) {

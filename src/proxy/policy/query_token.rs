@@ -48,18 +48,32 @@ impl QueryParam<'_> {
 /// sent, in any spelling, are dropped (its own token must not reach the upstream, and
 /// the upstream sees exactly one), and `name=<token>`, form encoded, is appended.
 pub fn with_query_token(target: &str, param: QueryParam<'_>, token: &str) -> String {
+    let mut out = Vec::with_capacity(target.len() + param.name.len() + token.len() + 2);
+    push_target_before_token(&mut out, target, param);
+    push_encoded_token(&mut out, token);
+    // Only `target`'s own bytes and ASCII were added.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `target` as the upstream gets it, up to where the token goes: the app's
+/// pairs naming `param` dropped, then `name=`. [`push_encoded_token`] completes it.
+pub fn push_target_before_token(out: &mut Vec<u8>, target: &str, param: QueryParam<'_>) {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut out = String::with_capacity(target.len() + param.name.len() + token.len() + 2);
-    out.push_str(path);
-    out.push('?');
+    out.extend_from_slice(path.as_bytes());
+    out.push(b'?');
     for pair in param.other_pairs(query) {
-        out.push_str(pair);
-        out.push('&');
+        out.extend_from_slice(pair.as_bytes());
+        out.push(b'&');
     }
-    out.push_str(param.name);
-    out.push('=');
-    out.extend(url::form_urlencoded::byte_serialize(token.as_bytes()));
-    out
+    out.extend_from_slice(param.name.as_bytes());
+    out.push(b'=');
+}
+
+/// The token as a query value (form encoded).
+pub fn push_encoded_token(out: &mut Vec<u8>, token: &str) {
+    for piece in url::form_urlencoded::byte_serialize(token.as_bytes()) {
+        out.extend_from_slice(piece.as_bytes());
+    }
 }
 
 /// `url` without the pairs of its query that name `param`; `None` when it has none.
@@ -92,23 +106,46 @@ pub fn keep_query_token_out(headers: &mut HeaderMap, param: QueryParam<'_>, toke
             continue;
         };
         let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        let stripped = without_query_param(&text, param);
-        let now = stripped.as_deref().unwrap_or(&text);
-        if carries_token(now, token) {
-            headers.remove(&name);
-            dropped = true;
-        } else if let Some(stripped) = stripped {
-            match HeaderValue::from_str(&stripped) {
+        match location_without_token(&text, param, token) {
+            None => {
+                headers.remove(&name);
+                dropped = true;
+            }
+            Some(Cow::Borrowed(_)) => {}
+            Some(Cow::Owned(stripped)) => match HeaderValue::from_str(&stripped) {
                 Ok(v) => {
                     headers.insert(name, v);
                 }
                 Err(_) => {
                     headers.remove(&name);
                 }
-            }
+            },
         }
     }
     dropped
+}
+
+/// Logs that a response header was dropped by [`location_without_token`].
+pub fn warn_token_header_dropped(upstream: &str) {
+    tracing::warn!(
+        upstream,
+        "the upstream's Location or Content-Location carried the access token; dropped"
+    );
+}
+
+/// A `Location` or `Content-Location` value as the app may see it: without the pairs
+/// naming `param`; `None` when it still carries the token elsewhere (then it is dropped).
+pub fn location_without_token<'v>(
+    value: &'v str,
+    param: QueryParam<'_>,
+    token: &str,
+) -> Option<Cow<'v, str>> {
+    let stripped = without_query_param(value, param);
+    let now = stripped.as_deref().unwrap_or(value);
+    if carries_token(now, token) {
+        return None;
+    }
+    Some(stripped.map_or(Cow::Borrowed(value), Cow::Owned))
 }
 
 /// Whether `text` holds `token`, as it is or form encoded as it went in the query.

@@ -20,6 +20,8 @@ pub struct Rules<'a> {
     pub reject_authorization: bool,
     /// Largest request body taken on the fast path (it is held whole, for a 401 retry).
     pub body_limit: u64,
+    /// `token_query_param`: the token also goes in the query, in place of the app's.
+    pub query: Option<policy::QueryParam<'a>>,
 }
 
 /// A request the fast path forwards.
@@ -43,6 +45,8 @@ pub struct RequestPlan {
     /// Method and path (without query) in the read buffer, for the access log.
     pub method: Range<usize>,
     pub path: Range<usize>,
+    /// With `token_query_param`: where in the upstream head the token's query value goes.
+    pub token_at: Option<usize>,
 }
 
 /// Result of looking at the start of the read buffer.
@@ -77,6 +81,17 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     if policy::write_upstream_target(rules.base_path, method, target, out).is_err() {
         return Parsed::Declined;
     }
+    let token_at = match rules.query {
+        Some(param) => {
+            let start = method.len() + 1;
+            let Ok(joined) = String::from_utf8(out.split_off(start)) else {
+                return Parsed::Declined;
+            };
+            policy::push_target_before_token(out, &joined, param);
+            Some(out.len())
+        }
+        None => None,
+    };
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(rules.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -165,6 +180,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         host,
         method: range_in(buf, method.as_bytes()),
         path: path.start..path.start + path_end,
+        token_at,
     })
 }
 
@@ -185,6 +201,7 @@ mod tests {
             credential_header: "authorization",
             reject_authorization: false,
             body_limit: 1024,
+            query: None,
         }
     }
 
@@ -226,6 +243,26 @@ mod tests {
             out,
             "GET /v1/a HTTP/1.1\r\nhost: api.example.com\r\nX-Kept: yes\r\n"
         );
+    }
+
+    /// The app's own `auth` pairs are dropped and the token's place is after `auth=`.
+    #[test]
+    fn a_query_token_has_its_place_in_the_target() {
+        let rules = Rules {
+            query: Some(policy::QueryParam {
+                name: "auth",
+                ignore_case: false,
+            }),
+            ..rules()
+        };
+        let mut out = Vec::new();
+        let head = b"GET /rest/x.json?start=5&auth=app&y=1 HTTP/1.1\r\nHost: h\r\n\r\n";
+        let Parsed::Fast(plan) = plan_request(head, &rules, &mut out) else {
+            panic!("declined");
+        };
+        let at = plan.token_at.expect("a place for the token");
+        assert_eq!(&out[..at], b"GET /v1/rest/x.json?start=5&y=1&auth=");
+        assert_eq!(&out[at..], b" HTTP/1.1\r\nhost: api.example.com\r\n");
     }
 
     #[test]

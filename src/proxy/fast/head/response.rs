@@ -1,6 +1,8 @@
 //! The upstream's response head, rewritten for the app: hop-by-hop headers dropped,
 //! redirects pointed at the listener, and where the body ends.
 
+use std::borrow::Cow;
+
 use super::{parse_length, MAX_HEADERS};
 use crate::proxy::fast::framing::{ChunkedScanner, Framing};
 use crate::proxy::policy::{self, rewrite_location_value};
@@ -16,6 +18,8 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// How long the upstream keeps the connection open when idle (`Keep-Alive: timeout=N`).
     pub keep_alive: Option<std::time::Duration>,
+    /// A `Location` or `Content-Location` carrying the query token was dropped.
+    pub token_header_dropped: bool,
 }
 
 /// Why an upstream response head could not be used.
@@ -42,6 +46,8 @@ pub struct Redirects<'a> {
     pub upstream_prefix: &'a str,
     /// The app's `Host` (if any) and the listener's address, to build `http://host`.
     pub local_prefix: &'a (dyn Fn() -> String + Sync),
+    /// `token_query_param` and the token sent: it never comes back to the app.
+    pub query_token: Option<(policy::QueryParam<'a>, &'a str)>,
 }
 
 /// Parses a response head from `buf`. `Ok(None)`: incomplete. Interim (1xx) responses
@@ -77,6 +83,7 @@ pub fn rewrite_response(
             framing: Framing::Empty,
             reusable: true,
             keep_alive: None,
+            token_header_dropped: false,
         }));
     }
 
@@ -143,6 +150,7 @@ pub fn rewrite_response(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut length_sent = false;
+    let mut token_header_dropped = false;
     for h in resp.headers.iter() {
         let name = h.name;
         let keep_te = chunked && name.eq_ignore_ascii_case("transfer-encoding");
@@ -157,17 +165,35 @@ pub fn rewrite_response(
             continue;
         }
         length_sent |= is_length;
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
         if name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location") {
-            let rewritten = std::str::from_utf8(h.value).ok().and_then(|v| {
+            // The token sent in the query never comes back to the app; this runs first,
+            // so only values without it are rewritten.
+            let value = match redirects.query_token {
+                Some((param, token)) => {
+                    let text = String::from_utf8_lossy(h.value);
+                    match policy::location_without_token(&text, param, token) {
+                        None => {
+                            token_header_dropped = true;
+                            continue;
+                        }
+                        Some(Cow::Owned(stripped)) => Cow::Owned(stripped.into_bytes()),
+                        Some(Cow::Borrowed(_)) => Cow::Borrowed(h.value),
+                    }
+                }
+                None => Cow::Borrowed(h.value),
+            };
+            let rewritten = std::str::from_utf8(&value).ok().and_then(|v| {
                 rewrite_location_value(v, redirects.upstream_prefix, &(redirects.local_prefix)())
             });
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
             match rewritten {
                 Some(v) => out.extend_from_slice(v.as_bytes()),
-                None => out.extend_from_slice(h.value),
+                None => out.extend_from_slice(&value),
             }
         } else {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
             out.extend_from_slice(h.value);
         }
         out.extend_from_slice(b"\r\n");
@@ -182,6 +208,7 @@ pub fn rewrite_response(
         reusable: !upstream_close && !matches!(framing, Framing::UntilClose),
         keep_alive,
         framing,
+        token_header_dropped,
     }))
 }
 
@@ -205,6 +232,7 @@ mod tests {
         let redirects = Redirects {
             upstream_prefix: "https://api.example.com/v1",
             local_prefix: &local,
+            query_token: None,
         };
         let mut out = Vec::new();
         let h = rewrite_response(head.as_bytes(), is_head, false, &redirects, &mut out)
@@ -256,6 +284,7 @@ mod tests {
         let redirects = Redirects {
             upstream_prefix: "",
             local_prefix: &local,
+            query_token: None,
         };
         let mut out = Vec::new();
         for head in [
