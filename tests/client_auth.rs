@@ -1156,6 +1156,53 @@ async fn tls_client_auth_presents_the_certificate_the_token_endpoint_requires() 
     relay.stop().await;
 }
 
+/// The SberBusiness API token endpoint requires mutual TLS whatever the client
+/// authentication: the `sber_business` preset refreshes with the secret in the form body,
+/// its request id header, and the configured client certificate, which a server accepting
+/// only certificates of the partner CA verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sber_business_refreshes_over_mutual_tls_with_the_secret_in_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (Ca::new(), Ca::new());
+    let ca_file = write(dir.path(), "server-ca.pem", &server_ca.pem());
+    let auth = AuthServer::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        AuthServerOptions::default(),
+        server_ca.server_requiring_client_certs(client_ca.roots()),
+    )
+    .await
+    .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let (cert, key) = client_ca
+        .client_cert("partner", None)
+        .write(dir.path(), "partner");
+    let credential = format!(
+        "provider: sber_business\nclient_id: demo-client\nclient_secret: demo-secret\nredirect_uri: https://example.com/cb\nca_file: {}\n{}",
+        ca_file.display(),
+        cert_files(&cert, &key)
+    );
+    let store = format!(
+        "store: {{ type: file, path: \"{}\" }}\ncredentials:\n",
+        dir.path().join("state").display()
+    );
+    let yaml = yaml(&auth.token_url(), &api.url(), &indent(&credential)).replacen(
+        "credentials:\n",
+        &store,
+        1,
+    );
+    support::seed_refresh_token(&yaml, "api", &auth.new_grant()).await;
+    let relay = support::start(&yaml).await;
+    assert_eq!(get(&relay, "api").await, 200);
+    relay.stop().await;
+    let r = last_request(&auth);
+    assert_eq!(
+        (r.status, r.grant_type.as_str(), r.client_auth.as_str()),
+        (200, "refresh_token", "body"),
+        "{r:?}"
+    );
+    assert_eq!(r.header("rquid").map(str::len), Some(32), "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_endpoint_certificate_is_never_shown_to_the_upstream() {
     let dir = tempfile::tempdir().unwrap();

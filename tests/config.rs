@@ -1307,6 +1307,55 @@ fn token_types_are_checked() {
     );
 }
 
+/// `refresh_mode: on_demand` (Bitrix24's preset) refreshes only for proxied requests, so
+/// `check` warns when sink files are to be kept fresh too.
+#[test]
+fn on_demand_refreshing_with_token_sinks_is_warned_about() {
+    let sinks = ", redirect_uri: https://example.com/cb, sinks: [{ file: /run/tokens/b24.json }]";
+    let warned = parse(&preset_yaml("bitrix24", "portal: acme.bitrix24.ru", sinks))
+        .unwrap()
+        .warnings();
+    assert!(
+        warned.iter().any(|w| {
+            w.starts_with(
+            "credentials.crm.refresh_mode: on_demand refreshes only for requests through tokenrelay"
+        )
+        }),
+        "{warned:?}"
+    );
+    let proactive = format!("{sinks}, refresh_mode: proactive");
+    let warned = parse(&preset_yaml(
+        "bitrix24",
+        "portal: acme.bitrix24.ru",
+        &proactive,
+    ))
+    .unwrap()
+    .warnings();
+    assert!(
+        !warned.iter().any(|w| w.contains("refresh_mode")),
+        "{warned:?}"
+    );
+}
+
+/// Every preset `tokenrelay providers` lists shows user-facing notes: at least 27 presets,
+/// none of whose notes speak of how its facts were gathered.
+#[test]
+fn every_preset_shows_user_facing_notes() {
+    let out = Command::new(support::binary())
+        .arg("providers")
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    let names: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(names.len() >= 27, "{list}");
+    listed_and_shown(&names);
+}
+
 /// Asserts that `tokenrelay providers` lists each of `names`, and that `tokenrelay
 /// providers NAME` shows its sources and user-facing notes; returns what each showed.
 fn listed_and_shown(names: &[&str]) -> Vec<(String, String)> {
@@ -1330,7 +1379,17 @@ fn listed_and_shown(names: &[&str]) -> Vec<(String, String)> {
             assert!(out.status.success(), "providers {name}");
             let shown = String::from_utf8_lossy(&out.stdout).into_owned();
             assert!(shown.contains("# source: https://"), "{shown}");
-            assert!(shown.contains("uncertain:"), "{shown}");
+            assert!(
+                shown.contains("\nnotes (what the provider's documentation leaves open"),
+                "{shown}"
+            );
+            // User-facing: nothing about how the facts were gathered.
+            for internal in ["brief", "issue 12", "pages read", "this project"] {
+                assert!(
+                    !shown.contains(internal),
+                    "{name}: {internal:?} in\n{shown}"
+                );
+            }
             (name.to_string(), shown)
         })
         .collect()

@@ -146,8 +146,10 @@ async fn refreshing_provider_journey(provider: &str, params: &str, profile: Prov
     let url = format!("{}/api/v4/leads", relay.url("crm"));
     assert_eq!(get(&url).await, 200, "traffic with the authorized token");
 
-    // A rotation (3 s tokens are refreshed about 2 s in), traffic unaffected.
+    // A rotation (3 s tokens are refreshed about 2 s in, or, for presets that refresh on
+    // demand, by the first request after they expire), traffic unaffected.
     let rotated = eventually(Duration::from_secs(15), || async {
+        assert_eq!(get(&url).await, 200, "traffic while the token rotates");
         j.auth.stats().rotations >= 1
     })
     .await;
@@ -222,6 +224,53 @@ async fn bitrix24_journey() {
         ProviderProfile::Bitrix24,
     )
     .await;
+}
+
+/// Bitrix24 calls hourly refreshes excessive: its preset refreshes on demand. With 2 s
+/// access tokens and no traffic, nothing is refreshed; the first request after expiry
+/// waits for one refresh and succeeds; a refresh token about to die unused (a 20 s idle
+/// lifetime here) gets a keep-alive refresh without any request. (A start with an expired
+/// stored token refreshes it, as in every mode.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitrix24_refreshes_only_on_demand_and_to_keep_the_grant_alive() {
+    let j = journey(
+        "bitrix24",
+        "portal: acme.bitrix24.ru",
+        ProviderProfile::Bitrix24,
+        Duration::from_secs(2),
+    )
+    .await;
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let url = format!("{}/api/v4/leads", relay.url("crm"));
+    assert_eq!(get(&url).await, 200);
+    // Three access-token lifetimes without traffic: no refresh, and the credential stays
+    // ready (the next request refreshes), so /readyz holds.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(j.auth.stats().refreshes, 0, "{:?}", j.auth.stats());
+    let admin = format!("http://{}", relay.admin);
+    assert_eq!(state(&admin).await, "ready");
+    assert_eq!(get(&format!("{admin}/readyz")).await, 200);
+    // The token has expired: the request waits for one refresh.
+    assert_eq!(get(&url).await, 200);
+    assert_eq!(j.auth.stats().refreshes, 1, "{:?}", j.auth.stats());
+    relay.stop().await;
+
+    // With a short idle lifetime the grant is kept alive without traffic.
+    let yaml = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        "    refresh_before: 1s\n    refresh_token_idle_lifetime: 20s\n",
+    );
+    // (The start refreshes the expired stored token; the next refresh is the keep-alive,
+    // 18 s later.)
+    let relay = support::start(&yaml).await;
+    let kept_alive = eventually(Duration::from_secs(40), || async {
+        j.auth.stats().refreshes >= 3
+    })
+    .await;
+    let st = status_json(&format!("http://{}", relay.admin)).await;
+    relay.stop().await;
+    assert!(kept_alive, "no keep-alive refresh: {st}");
 }
 
 /// Bitrix24's REST API takes the token as the `auth` query parameter: it is added to
@@ -403,6 +452,124 @@ async fn elma365_refresh_token_deadline_is_shown() {
         .as_i64()
         .unwrap();
     assert!((14 * 86400 - 60..=14 * 86400).contains(&left), "{st}");
+}
+
+/// A seeded refresh token's absolute lifetime counts from when the provider issued it:
+/// with `--refresh-token-issued-at` ten days ago, ELMA365's 14-day token has four days
+/// left and the expiry is known, through a refresh too; without it the seed time stands
+/// in, and `/status` and `tokenrelay status` call the expiry an estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_refresh_tokens_count_their_lifetime_from_their_issue_time() {
+    let j = journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+        Duration::from_secs(3),
+    )
+    .await;
+    let token = j._dir.path().join("refresh-token");
+    let config = path(&j.config);
+    let seed = |issued_at: Option<String>| {
+        let token = token.clone();
+        let config = config.clone();
+        let grant = j.auth.new_grant();
+        async move {
+            std::fs::write(&token, grant).unwrap();
+            let token = path(&token);
+            let mut args = vec!["seed", "--config", &config, "--credential", "crm"];
+            args.extend(["--refresh-token-file", &token]);
+            if let Some(at) = &issued_at {
+                args.extend(["--refresh-token-issued-at", at]);
+            }
+            let out = support::cli(&args).await;
+            assert!(out.status.success(), "seed: {}", text(&out.stderr));
+        }
+    };
+    let ten_days_ago = std::time::SystemTime::now() - Duration::from_secs(10 * 86400);
+    let ten_days_ago = humantime::format_rfc3339_seconds(ten_days_ago).to_string();
+    seed(Some(ten_days_ago.clone())).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    let st = status_json(&admin).await;
+    let c = &st["credentials"]["crm"];
+    let left = c["refresh_token_expires_in_seconds"].as_i64().unwrap();
+    assert!(rotated, "{st}");
+    assert!((4 * 86400 - 120..=4 * 86400).contains(&left), "{st}");
+    assert_eq!(c["refresh_token_expiry_estimated"], false, "{st}");
+
+    // Without the issue time: 14 days from the seed, an estimate.
+    seed(None).await;
+    let estimated = eventually(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let st = status_json(&admin).await;
+            st["credentials"]["crm"]["refresh_token_expiry_estimated"] == true
+        }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    let page = support::client()
+        .get(format!("{admin}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let out = support::cli(&["status", "--config", &config]).await;
+    let printed = text(&out.stdout);
+    assert!(estimated, "{st}");
+    let left = st["credentials"]["crm"]["refresh_token_expires_in_seconds"]
+        .as_i64()
+        .unwrap();
+    assert!((14 * 86400 - 120..=14 * 86400).contains(&left), "{st}");
+    assert!(page.contains("(estimate)"), "{page}");
+    assert!(
+        printed.contains("(estimate: counted from the seed time"),
+        "{printed}"
+    );
+
+    // A later seed of a token issued before the current grant's seed is a new grant,
+    // adopted (not taken for a restored backup): its expiry counts from its issue time.
+    seed(Some(ten_days_ago)).await;
+    let adopted = eventually(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let st = status_json(&admin).await;
+            let c = &st["credentials"]["crm"];
+            c["refresh_token_expiry_estimated"] == false
+                && c["refresh_token_expires_in_seconds"].as_i64() < Some(5 * 86400)
+        }
+    })
+    .await;
+    let st = status_json(&admin).await;
+    relay.stop().await;
+    assert!(adopted, "{st}");
+    assert_eq!(st["credentials"]["crm"]["state"], "ready", "{st}");
+
+    // A time in the future is refused, saying why.
+    let out = support::cli(&[
+        "seed",
+        "--config",
+        &config,
+        "--credential",
+        "crm",
+        "--refresh-token-file",
+        &path(&token),
+        "--refresh-token-issued-at",
+        "2999-01-01",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("2999-01-01 is in the future"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A refresh token with an idle lifetime shorter than the access token's is refreshed
@@ -794,6 +961,115 @@ async fn amocrm_expired_or_unreadable_refresh_tokens_are_dead_grants() {
             "401",
         )
         .await;
+    }
+}
+
+/// Intuit: each token request asks for the refresh token's absolute expiry
+/// (`x-include-refresh-token-hard-expires-in: true`), and the answer's
+/// `x_refresh_token_hard_expires_in` is the expiry `/status` shows, not the preset's
+/// 1825-day estimate nor the 100-day rolling lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intuit_asks_for_and_uses_the_hard_expiry_of_refresh_tokens() {
+    refreshing_provider_journey("intuit", "", ProviderProfile::Intuit).await;
+    let j = journey(
+        "intuit",
+        "",
+        ProviderProfile::Intuit,
+        Duration::from_secs(3),
+    )
+    .await;
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let admin = format!("http://{}", relay.admin);
+    let rotated = eventually(Duration::from_secs(15), || async {
+        j.auth.stats().rotations >= 1
+    })
+    .await;
+    let st = status_json(&admin).await;
+    relay.stop().await;
+    assert!(rotated, "{st}");
+    for r in j.auth.requests_log() {
+        assert!(
+            r.has_header("x-include-refresh-token-hard-expires-in"),
+            "{r:?}"
+        );
+    }
+    let c = &st["credentials"]["crm"];
+    let left = c["refresh_token_expires_in_seconds"].as_i64().unwrap();
+    let hard = testkit::INTUIT_HARD_EXPIRES_IN.as_secs() as i64;
+    assert!((hard - 60..=hard).contains(&left), "{st}");
+    assert_eq!(c["refresh_token_expiry_estimated"], false, "{st}");
+}
+
+/// SberBusiness API: form refreshes to `/ic/sso/api/v2/oauth/token`, rotating; every
+/// token request carries a new `RqUID` of 32 hex digits; the preset refuses a credential
+/// without the client certificate the token endpoint needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sber_business_sends_a_new_request_id_with_each_token_request() {
+    let mut j = journey(
+        "sber_business",
+        "",
+        ProviderProfile::Standard,
+        Duration::from_secs(3),
+    )
+    .await;
+    // Without the client certificate `check` refuses the credential.
+    let out = support::cli(&["check", "--config", &path(&j.config)]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(
+            "credentials.crm.client_cert_file: required by preset sber_business (see `tokenrelay providers sber_business`)"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    let ck = rcgen::generate_simple_self_signed(vec!["partner".into()]).unwrap();
+    let (cert, key) = (
+        j._dir.path().join("cert.pem"),
+        j._dir.path().join("key.pem"),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    j.yaml = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        &format!(
+            "    refresh_before: 1s\n    client_cert_file: {}\n    client_key_file: {}\n",
+            path(&cert),
+            path(&key)
+        ),
+    );
+    std::fs::write(&j.config, &j.yaml).unwrap();
+    check(&j, "sber_business").await;
+    authorize(&j).await;
+    let relay = support::start(&j.yaml).await;
+    let url = format!("{}/api/v4/leads", relay.url("crm"));
+    let rotated = eventually(Duration::from_secs(15), || async {
+        assert_eq!(get(&url).await, 200);
+        j.auth.stats().rotations >= 2
+    })
+    .await;
+    relay.stop().await;
+    assert!(rotated, "{:?}", j.auth.stats());
+    let log = j.auth.requests_log();
+    let ids: std::collections::BTreeSet<&str> = log
+        .iter()
+        .map(|r| {
+            r.header("rquid")
+                .unwrap_or_else(|| panic!("no RqUID: {r:?}"))
+        })
+        .collect();
+    assert_eq!(ids.len(), log.len(), "a new RqUID per request: {ids:?}");
+    for id in ids {
+        assert!(
+            id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+    for r in &log {
+        assert_eq!(
+            (r.client_auth.as_str(), r.content_type.as_str()),
+            ("body", "form")
+        );
     }
 }
 

@@ -96,15 +96,7 @@ async fn store_answer(
     for note in notes {
         eprintln!("{note}");
     }
-    super::seed::store_new_grant(
-        cfg,
-        credential,
-        grant.refresh_token,
-        grant.access,
-        grant.refresh_expires_in,
-        grant.answer_fields,
-    )
-    .await
+    super::seed::store_obtained(cfg, credential, grant).await
 }
 
 /// Prints the authorize URL and waits for the provider to redirect back with a code.

@@ -66,7 +66,7 @@ upstreams:
         "demo",
         Some(crate::secret::Secret::new(auth.new_grant())),
         None,
-        None,
+        (Default::default(), super::seed::IssuedAt::Now),
         Default::default(),
     )
     .await?;

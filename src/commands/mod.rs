@@ -85,6 +85,11 @@ pub enum Command {
         /// File holding the refresh token, or - for standard input.
         #[arg(long)]
         refresh_token_file: Option<PathBuf>,
+        /// When the provider issued the refresh token (RFC 3339 time, or a date): its
+        /// absolute lifetime counts from then. Without it the seed time stands in, and
+        /// `status` calls the refresh token's expiry an estimate.
+        #[arg(long, requires = "refresh_token_file", value_parser = seed::parse_issued_at)]
+        refresh_token_issued_at: Option<u64>,
         /// File holding a long-lived access token (no refresh token; never refreshed),
         /// or - for standard input.
         #[arg(long)]
@@ -272,11 +277,12 @@ pub fn main(cli: Cli) -> ExitCode {
             config,
             credential,
             refresh_token_file,
+            refresh_token_issued_at,
             access_token_file,
             expires_in,
         } => with_config(&config, log_format, Discover::Yes, |cfg| async move {
             let what = match (&refresh_token_file, &access_token_file) {
-                (Some(f), _) => seed::Seed::RefreshToken(f),
+                (Some(f), _) => seed::Seed::RefreshToken(f, refresh_token_issued_at),
                 (None, Some(f)) => seed::Seed::AccessToken(f, expires_in),
                 (None, None) => unreachable!("clap requires one"),
             };

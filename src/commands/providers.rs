@@ -128,7 +128,9 @@ fn describe(p: &preset::Preset) -> String {
         out.push_str(&format!("upstream token query parameter: {q:?}\n"));
     }
     if let Some(u) = &p.uncertain {
-        out.push_str("uncertain:\n");
+        // The preset file's `uncertain:` notes: what the provider's documentation does not
+        // settle, and what to set if your setup differs.
+        out.push_str("notes (what the provider's documentation leaves open, and what to set if yours differs):\n");
         for line in u.lines() {
             out.push_str(&format!("  {line}\n"));
         }

@@ -196,6 +196,7 @@ fn stored_entry(name: &str, grant: Grant, s: Option<&StoredState>) -> Value {
         "expires_at": valid_until.map(at),
         "expires_in_seconds": valid_until.map(|e| (e - now_ms()) / 1000),
         "refresh_token_expires_at": s.refresh_expires_at_ms.map(at),
+        "refresh_token_expiry_estimated": s.refresh_expires_at_ms.map(|_| s.refresh_expires_estimated),
         "refresh_token": if s.refresh_token.is_some() { "stored" } else { "none" },
         "updated_at": at(s.updated_at_ms),
         "updated_by": s.updated_by,
@@ -250,7 +251,13 @@ fn render(doc: &Value, from: &str, json_output: bool) -> String {
         line("store error:", &c["store_error"]);
         line("generation:", &c["generation"]);
         line("access token expires:", &c["expires_at"]);
-        line("refresh token dies:", &c["refresh_token_expires_at"]);
+        let dies = match (&c["refresh_token_expires_at"], &c["refresh_token_expiry_estimated"]) {
+            (Value::String(at), Value::Bool(true)) => Value::String(format!(
+                "{at} (estimate: counted from the seed time; seed --refresh-token-issued-at gives the real one)"
+            )),
+            (at, _) => at.clone(),
+        };
+        line("refresh token dies:", &dies);
         line("refresh token:", &c["refresh_token"]);
         line("last refresh:", &c["last_refresh"]["at"]);
         line("  result:", &c["last_refresh"]["result"]);

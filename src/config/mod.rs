@@ -33,7 +33,9 @@ pub use client_auth::{
     DEFAULT_ASSERTION_LIFETIME,
 };
 pub use compare::{IssuedTo, RESTART_ONLY};
-pub use provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshTokenRules, TokenMethod};
+pub use provider_rules::{
+    DeadGrantAnswer, ParamsIn, RateLimit, RefreshMode, RefreshTokenRules, TokenMethod,
+};
 use raw::RawConfig;
 use secrets::{check_ca_file, secret_from};
 pub use secrets::{read_secret, read_static_token, SecretFileError};
@@ -350,6 +352,8 @@ pub struct CredentialConfig {
     pub extra_params: BTreeMap<String, String>,
     pub refresh_at: f64,
     pub refresh_before: HumanDuration,
+    /// Whether the access token is refreshed before it expires or only when needed.
+    pub refresh_mode: RefreshMode,
     pub token_timeout: HumanDuration,
     pub default_expires_in: HumanDuration,
     /// Values may carry API keys, so `check` and `Debug` show only the names.

@@ -39,6 +39,7 @@ const FILES: &[(&str, &str)] = &[
     ("zendesk", include_str!("presets/zendesk.yaml")),
     ("pipedrive", include_str!("presets/pipedrive.yaml")),
     ("tbank", include_str!("presets/tbank.yaml")),
+    ("sber_business", include_str!("presets/sber_business.yaml")),
     ("yandex", include_str!("presets/yandex.yaml")),
     ("github_app", include_str!("presets/github_app.yaml")),
     ("shopify", include_str!("presets/shopify.yaml")),
@@ -413,6 +414,20 @@ mod tests {
             } else {
                 "client_secret: s, redirect_uri: https://example.com/cb".to_string()
             };
+            // A provider that requires mutual TLS (Sber) gets a certificate.
+            let user_keys = if p.requires.iter().any(|k| k == "client_cert_file") {
+                let ck = rcgen::generate_simple_self_signed(vec!["client".into()]).unwrap();
+                let (cert, key) = (key_dir.path().join("c.pem"), key_dir.path().join("ck.pem"));
+                std::fs::write(&cert, ck.cert.pem()).unwrap();
+                std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+                format!(
+                    "{user_keys}, client_cert_file: \"{}\", client_key_file: \"{}\"",
+                    cert.display(),
+                    key.display()
+                )
+            } else {
+                user_keys
+            };
             let yaml = format!(
                 "credentials:\n  c: {{ provider: {}, provider_params: {{ {param_yaml} }}, client_id: id, {user_keys} }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: c }}\n",
                 p.name
@@ -624,6 +639,35 @@ mod tests {
         assert!(
             e.contains("credentials.crm.provider: unknown preset \"amocrn\""),
             "{e}"
+        );
+    }
+
+    /// The whole messages for the mistakes people make with amoCRM: a pasted host, a
+    /// pasted address, and no `redirect_uri` (amoCRM needs it on every refresh).
+    #[test]
+    fn malformed_parameters_and_missing_requirements_say_what_to_write() {
+        let yaml = |subdomain: &str, redirect: &str| {
+            format!(
+                "credentials:\n  crm: {{ provider: amocrm, provider_params: {{ subdomain: \"{subdomain}\" }}, client_id: id, client_secret: s{redirect} }}\nupstreams:\n  u: {{ listen: 127.0.0.1:0, url: https://api.example.com, credential: crm }}\n"
+            )
+        };
+        let problems = |yaml: &str| {
+            crate::config::Config::from_yaml(yaml, &|_| None)
+                .unwrap_err()
+                .problems
+        };
+        let redirect = ", redirect_uri: https://example.com/cb";
+        assert_eq!(
+            problems(&yaml("mycompany.amocrm.ru", redirect)),
+            ["credentials.crm.provider_params.subdomain: \"mycompany.amocrm.ru\" is a whole host name; give only the first part of the host; write subdomain: mycompany"]
+        );
+        assert_eq!(
+            problems(&yaml("https://mycompany.amocrm.ru/", redirect)),
+            ["credentials.crm.provider_params.subdomain: \"https://mycompany.amocrm.ru/\" has a scheme; give only the first part of the host; write subdomain: mycompany"]
+        );
+        assert_eq!(
+            problems(&yaml("mycompany", "")),
+            ["credentials.crm.redirect_uri: required by preset amocrm (see `tokenrelay providers amocrm`)"]
         );
     }
 

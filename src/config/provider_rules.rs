@@ -32,6 +32,23 @@ pub enum ParamsIn {
     Query,
 }
 
+/// When a credential's access token is refreshed.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshMode {
+    /// Before the access token expires (`refresh_at`, `refresh_before`), so requests never
+    /// wait for a refresh.
+    #[default]
+    Proactive,
+    /// Only when a request finds no fresh token (or the upstream rejects it), and before
+    /// the refresh token would die unused (its idle lifetime): for providers that call
+    /// regular refreshes excessive (Bitrix24). A request after a quiet time waits for one
+    /// token request.
+    OnDemand,
+}
+
 /// A refresh rate limit: at most `count` refreshes per `per`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

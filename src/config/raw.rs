@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, TokenMethod};
+use super::provider_rules::{DeadGrantAnswer, ParamsIn, RateLimit, RefreshMode, TokenMethod};
 use super::sink::RawSink;
 
 use super::units::{ByteSize, HumanDuration};
@@ -125,6 +125,9 @@ pub struct RawCredential {
     pub extra_params: BTreeMap<String, String>,
     pub refresh_at: Option<f64>,
     pub refresh_before: Option<HumanDuration>,
+    /// `proactive` (default): before the access token expires; `on_demand`: when a
+    /// request needs a fresh token, and before the refresh token's idle lifetime ends.
+    pub refresh_mode: Option<RefreshMode>,
     pub token_timeout: Option<HumanDuration>,
     pub default_expires_in: Option<HumanDuration>,
     #[serde(default)]

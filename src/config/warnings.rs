@@ -35,6 +35,13 @@ pub(super) fn of(config: &Config) -> Vec<String> {
             ));
         }
     }
+    for (n, c) in &config.credentials {
+        if c.refresh_mode == super::RefreshMode::OnDemand && !c.sinks.is_empty() {
+            out.push(format!(
+                "credentials.{n}.refresh_mode: on_demand refreshes only for requests through tokenrelay, so the token in its sink files expires between them; set refresh_mode: proactive if programs read the files"
+            ));
+        }
+    }
     for (n, u) in &config.upstreams {
         if let Some(w) = u
             .client_cert

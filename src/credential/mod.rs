@@ -126,6 +126,13 @@ struct Facts {
     last_success: Option<SystemTime>,
     /// When the current refresh token dies (Unix ms), when known.
     refresh_expires_at_ms: Option<u64>,
+    /// That expiry is an estimate (counted from a seed time standing in for the grant's
+    /// unknown issue time).
+    refresh_expires_estimated: bool,
+    /// A new access token can be had when a request asks (a refresh token is stored, or
+    /// the grant needs none): with `refresh_mode: on_demand` an expired token is then
+    /// not a fault.
+    refreshable: bool,
     /// Where and when the credential was handed over (`tokenrelay export`).
     moved: Option<crate::store::Moved>,
     /// The state last observed, and since when (wall time).
@@ -403,8 +410,17 @@ impl Credential {
     }
 
     /// When the current refresh token dies (refresher side, from the stored state).
-    pub(crate) fn set_refresh_expiry(&self, at_ms: Option<u64>) {
-        self.facts.lock().unwrap().refresh_expires_at_ms = at_ms;
+    pub(crate) fn set_refresh_expiry(&self, at_ms: Option<u64>, estimated: bool) {
+        let mut facts = self.facts.lock().unwrap();
+        facts.refresh_expires_at_ms = at_ms;
+        facts.refresh_expires_estimated = estimated && at_ms.is_some();
+        drop(facts);
+        self.update_gauges();
+    }
+
+    /// Whether a new access token can be had on request (refresher side).
+    pub(crate) fn set_refreshable(&self, refreshable: bool) {
+        self.facts.lock().unwrap().refreshable = refreshable;
         self.update_gauges();
     }
 

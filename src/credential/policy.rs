@@ -181,24 +181,68 @@ pub fn lease_needed_to_send(token_timeout: Duration) -> Duration {
     token_timeout + Duration::from_secs(1)
 }
 
-/// When a refresh token obtained at `obtained_ms` dies (Unix ms): the earliest of what
-/// the token endpoint stated, its idle lifetime, and its absolute lifetime counted from
-/// the authorization. `None` when nothing is known.
-pub fn refresh_token_expiry(
-    obtained_ms: u64,
-    stated: Option<Duration>,
-    idle: Option<Duration>,
-    absolute: Option<Duration>,
-    authorized_at_ms: Option<u64>,
-) -> Option<u64> {
+/// What is known about a refresh token's life: what the answer that brought it stated,
+/// and the credential's rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// How long it lives unless used again, as the answer stated (`refresh_expires_in`,
+    /// `x_refresh_token_expires_in`, ...).
+    pub stated: Option<Duration>,
+    /// How long it lives at most, as the answer stated (Intuit's
+    /// `x_refresh_token_hard_expires_in`): the absolute expiry itself, so the configured
+    /// absolute lifetime is not counted when the answer says it.
+    pub stated_hard: Option<Duration>,
+    pub idle: Option<Duration>,
+    pub absolute: Option<Duration>,
+}
+
+/// When a refresh token came to be, for counting its lifetimes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// When it was obtained (Unix ms).
+    pub obtained_ms: u64,
+    /// False when `obtained_ms` only stands in for an unknown issue time (a token
+    /// seeded without `--refresh-token-issued-at` was issued some time before).
+    pub obtained_exact: bool,
+    /// When the grant was authorized, if known at all.
+    pub authorized_at_ms: Option<u64>,
+    /// False when `authorized_at_ms` is the seed time standing in for the real one.
+    pub authorized_exact: bool,
+}
+
+/// A refresh token's expiry (Unix ms), and whether it is an estimate: counted from a
+/// time that only stands in for the real one, so the token may die earlier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefreshExpiry {
+    pub at_ms: u64,
+    pub estimate: bool,
+}
+
+/// When a refresh token dies: the earliest of what the token endpoint stated, its idle
+/// lifetime, and its absolute lifetime counted from the authorization (or the hard
+/// expiry the answer stated instead). `None` when nothing is known.
+pub fn refresh_token_expiry(issued: Issued, l: Lifetimes) -> Option<RefreshExpiry> {
+    let from_obtained = |d: Duration| issued.obtained_ms + millis(d);
+    let absolute = match l.stated_hard {
+        Some(hard) => Some((from_obtained(hard), true)),
+        None => l
+            .absolute
+            .zip(issued.authorized_at_ms)
+            .map(|(d, at)| (at + millis(d), issued.authorized_exact)),
+    };
     [
-        stated.map(|d| obtained_ms + millis(d)),
-        idle.map(|d| obtained_ms + millis(d)),
-        absolute.zip(authorized_at_ms).map(|(d, at)| at + millis(d)),
+        l.stated.map(|d| (from_obtained(d), issued.obtained_exact)),
+        l.idle.map(|d| (from_obtained(d), issued.obtained_exact)),
+        absolute,
     ]
     .into_iter()
     .flatten()
-    .min()
+    // At equal times an exact term wins: the expiry is then known.
+    .min_by_key(|(at, exact)| (*at, !*exact))
+    .map(|(at_ms, exact)| RefreshExpiry {
+        at_ms,
+        estimate: !exact,
+    })
 }
 
 /// When to refresh only to keep a refresh token with an idle lifetime alive (even if the
@@ -398,23 +442,68 @@ mod tests {
 
     #[test]
     fn refresh_token_lifetimes() {
-        let d = |days: u64| Duration::from_secs(days * 86400);
+        let d = |days: u64| Some(Duration::from_secs(days * 86400));
         let day = 86_400_000;
+        let l = |stated, idle, absolute| Lifetimes {
+            stated,
+            idle,
+            absolute,
+            ..Lifetimes::default()
+        };
+        let exact = |authorized_at_ms| Issued {
+            obtained_ms: 5 * day,
+            obtained_exact: true,
+            authorized_at_ms,
+            authorized_exact: true,
+        };
+        let at = |days: u64| {
+            Some(RefreshExpiry {
+                at_ms: days * day,
+                estimate: false,
+            })
+        };
+        let estimated = |days: u64| {
+            Some(RefreshExpiry {
+                at_ms: days * day,
+                estimate: true,
+            })
+        };
+        // Seeded at day 5 without the issue time: both times stand in for unknown ones.
+        let seeded = Issued {
+            obtained_exact: false,
+            authorized_exact: false,
+            ..exact(Some(5 * day))
+        };
+        // Refreshed at day 5 from a grant seeded at day 1 without its issue time.
+        let from_seed = Issued {
+            authorized_exact: false,
+            ..exact(Some(day))
+        };
+        let hard = |hard_days: u64, absolute| Lifetimes {
+            stated: d(100),
+            stated_hard: d(hard_days),
+            absolute,
+            ..Lifetimes::default()
+        };
         #[rustfmt::skip]
         let cases = [
-            ("ELMA365: 14 days after the authorization", None, None, Some(d(14)), Some(day), Some(15 * day)),
-            ("Xero: 60 days idle, from the last refresh", None, Some(d(60)), None, None, Some(65 * day)),
-            ("the earliest of all, stated included", Some(d(1)), Some(d(60)), Some(d(14)), Some(0), Some(6 * day)),
-            ("stated only", Some(d(30)), None, None, None, Some(35 * day)),
-            ("absolute lifetime, authorization unknown", None, None, Some(d(14)), None, None),
-            ("nothing known", None, None, None, Some(day), None),
+            ("ELMA365: 14 days after the authorization", exact(Some(day)), l(None, None, d(14)), at(15)),
+            ("Xero: 60 days idle, from the last refresh", exact(None), l(None, d(60), None), at(65)),
+            ("the earliest of all, stated included", exact(Some(0)), l(d(1), d(60), d(14)), at(6)),
+            ("stated only", exact(None), l(d(30), None, None), at(35)),
+            ("absolute lifetime, authorization unknown", exact(None), l(None, None, d(14)), None),
+            ("nothing known", exact(Some(day)), l(None, None, None), None),
+            ("seeded: the idle lifetime from the seed time is an estimate", seeded, l(None, d(60), None), estimated(65)),
+            ("seeded: so is the absolute one", seeded, l(None, d(60), d(14)), estimated(19)),
+            ("refreshed since the seed: the idle lifetime is exact", from_seed, l(None, d(60), None), at(65)),
+            ("refreshed since the seed: the absolute one is not", from_seed, l(None, d(60), d(14)), estimated(15)),
+            ("an exact term at the same time wins", from_seed, l(d(10), None, d(14)), at(15)),
+            ("Intuit: the stated hard expiry replaces the absolute lifetime", from_seed, hard(20, d(1825)), at(25)),
+            ("Intuit: a hard expiry later than the configured absolute lifetime is believed", exact(Some(0)), Lifetimes { stated_hard: d(2000), absolute: d(1825), ..Lifetimes::default() }, at(2005)),
+            ("Intuit: the rolling expiry when earlier", exact(Some(0)), hard(200, None), at(105)),
         ];
-        for (case, stated, idle, absolute, authorized, expected) in cases {
-            assert_eq!(
-                refresh_token_expiry(5 * day, stated, idle, absolute, authorized),
-                expected,
-                "{case}"
-            );
+        for (case, issued, lifetimes, expected) in cases {
+            assert_eq!(refresh_token_expiry(issued, lifetimes), expected, "{case}");
         }
     }
 

@@ -40,12 +40,20 @@ impl Credential {
         if f.reauthorization.is_some() {
             return State::ReauthorizationRequired;
         }
+        // On demand, an access token left to expire is refreshed by the next request:
+        // ready, as long as nothing is failing.
+        let waits_for_demand = self.config.refresh_mode == crate::config::RefreshMode::OnDemand
+            && f.refreshable
+            && self.current().is_some()
+            && !f.failing
+            && f.store_error.is_none();
         match self.usable(Instant::now()) {
             Some(_) if f.failing || f.store_error.is_some() => State::Degraded,
             // A static token the upstream rejects is not ready, though requests still
             // carry it: only a new token (or the upstream accepting it again) helps.
             Some(t) if f.static_rejected.is_some() && !t.was_accepted() => State::Degraded,
             Some(_) => State::Ready,
+            None if waits_for_demand => State::Ready,
             None if !f.attempted && f.unavailable_reason.is_none() => State::Initializing,
             None => State::Unavailable,
         }
@@ -125,6 +133,9 @@ impl Credential {
             "expires_at": expiring.map(|t| humantime::format_rfc3339_seconds(t.expires_at_wall).to_string()),
             "refresh_token_expires_at": f.refresh_expires_at_ms.map(|ms| humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()),
             "refresh_token_expires_in_seconds": f.refresh_expires_at_ms.map(|ms| (ms as i64 - crate::store::now_ms() as i64) / 1000),
+            // Counted from the seed time because the grant's issue time is unknown: the
+            // token may die earlier (seed --refresh-token-issued-at gives the real time).
+            "refresh_token_expiry_estimated": f.refresh_expires_at_ms.map(|_| f.refresh_expires_estimated),
             "last_refresh": f.last_refresh,
             "last_success_at": f.last_success.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "store_error": f.store_error,
@@ -153,7 +164,7 @@ impl Credential {
     /// When the refresh token dies, which lifetime ends it (`idle`, `absolute`, or
     /// `reported` by the token endpoint), since when it has been running (for a bar),
     /// and whether it is an `estimate` (from the configured lifetimes: the provider
-    /// does not say).
+    /// does not say; or counted from a seed time standing in for the unknown issue time).
     fn refresh_token_death(&self, f: &super::Facts, now_ms: u64) -> Option<serde_json::Value> {
         let at = f.refresh_expires_at_ms?;
         let rules = &self.config.refresh_token;
@@ -176,7 +187,7 @@ impl Credential {
             "kind": kind,
             "from": from.map(|ms| rfc3339(crate::clock::from_ms(ms))),
             "lifetime_seconds": from.map(|ms| at.saturating_sub(ms) / 1000),
-            "estimate": estimate,
+            "estimate": estimate || f.refresh_expires_estimated,
         }))
     }
 

@@ -4,7 +4,7 @@
 //! through the store's watch.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::config::CredentialConfig;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenClient, TokenError};
@@ -148,8 +148,23 @@ pub struct Obtained {
     pub refresh_token: Option<Secret>,
     /// The access token and its expiry (Unix ms) when known.
     pub access: Option<(Secret, Option<u64>)>,
-    pub refresh_expires_in: Option<Duration>,
+    /// What the answer said of the refresh token's life (nothing for a seeded one).
+    pub stated: crate::credential::policy::Lifetimes,
+    /// When the refresh token was issued.
+    pub issued: IssuedAt,
     pub answer_fields: BTreeMap<String, String>,
+}
+
+/// When a stored grant was issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssuedAt {
+    /// Just now (`authorize`: the answer came from the token endpoint).
+    Now,
+    /// At this time (Unix ms), as `seed --refresh-token-issued-at` said.
+    At(u64),
+    /// Some time before now (`seed` without its issue time): lifetimes counted from now
+    /// are estimates.
+    Unknown,
 }
 
 impl Obtained {
@@ -196,7 +211,12 @@ impl Obtained {
             Obtained {
                 refresh_token: answer.refresh_token,
                 access,
-                refresh_expires_in: answer.refresh_expires_in,
+                stated: crate::credential::policy::Lifetimes {
+                    stated: answer.refresh_expires_in,
+                    stated_hard: answer.refresh_hard_expires_in,
+                    ..Default::default()
+                },
+                issued: IssuedAt::Now,
                 answer_fields: answer.fields,
             },
             notes,
@@ -219,25 +239,41 @@ pub async fn store_grant(
         let current = store.load(name).await?;
         let expected = current.as_ref().map(|s| s.generation).unwrap_or(0);
         let now = now_ms();
-        let new =
-            NewGrant {
-                access_expires_at_ms: grant.access.as_ref().and_then(|a| a.1),
-                access_token: grant.access.as_ref().map(|a| a.0.clone()),
-                refresh_token: grant.refresh_token.clone(),
-                refresh_expires_at_ms: grant.refresh_token.as_ref().and(rules.as_ref()).and_then(
-                    |r| {
-                        crate::credential::policy::refresh_token_expiry(
-                            now,
-                            grant.refresh_expires_in,
-                            r.idle_lifetime.map(|d| d.0),
-                            r.absolute_lifetime.map(|d| d.0),
-                            Some(now),
-                        )
-                    },
-                ),
-                answer_fields: grant.answer_fields.clone(),
-                issued_to: c.map(|c| c.token_endpoint_identity()),
-            };
+        let (from, exact) = match grant.issued {
+            IssuedAt::Now => (now, true),
+            IssuedAt::At(ms) => (ms, true),
+            IssuedAt::Unknown => (now, false),
+        };
+        let expiry = grant
+            .refresh_token
+            .as_ref()
+            .and(rules.as_ref())
+            .and_then(|r| {
+                use crate::credential::policy;
+                let issued = policy::Issued {
+                    obtained_ms: from,
+                    obtained_exact: exact,
+                    authorized_at_ms: Some(from),
+                    authorized_exact: exact,
+                };
+                let lifetimes = policy::Lifetimes {
+                    idle: r.idle_lifetime.map(|d| d.0),
+                    absolute: r.absolute_lifetime.map(|d| d.0),
+                    ..grant.stated
+                };
+                policy::refresh_token_expiry(issued, lifetimes)
+            });
+        let new = NewGrant {
+            access_expires_at_ms: grant.access.as_ref().and_then(|a| a.1),
+            access_token: grant.access.as_ref().map(|a| a.0.clone()),
+            refresh_token: grant.refresh_token.clone(),
+            refresh_expires_at_ms: expiry.map(|e| e.at_ms),
+            refresh_expires_estimated: expiry.is_some_and(|e| e.estimate),
+            issued_at_ms: matches!(grant.issued, IssuedAt::At(_)).then_some(from),
+            issued_at_unknown: grant.issued == IssuedAt::Unknown,
+            answer_fields: grant.answer_fields.clone(),
+            issued_to: c.map(|c| c.token_endpoint_identity()),
+        };
         let state = StoredState::new_grant(expected, new, now, by);
         match store.compare_and_swap(name, expected, &state).await? {
             CasOutcome::Swapped => return Ok(state.generation),

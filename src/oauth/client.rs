@@ -327,9 +327,7 @@ impl TokenClient {
         if let Some(value) = self.basic_authorization()? {
             req = req.header(http::header::AUTHORIZATION, value);
         }
-        for (k, v) in &c.token_headers {
-            req = req.header(k.as_str(), v.expose());
-        }
+        req = with_token_headers(req, c);
         let resp = req.send().await.map_err(describe_reqwest)?;
         RawAnswer::read(resp).await
     }
@@ -366,9 +364,7 @@ impl TokenClient {
         if let Some(value) = self.basic_authorization()? {
             req = req.header(http::header::AUTHORIZATION, value);
         }
-        for (k, v) in &c.token_headers {
-            req = req.header(k.as_str(), v.expose());
-        }
+        req = with_token_headers(req, c);
         let resp = req.send().await.map_err(describe_reqwest)?;
         let raw = RawAnswer::read(resp).await?;
         parse(
@@ -503,4 +499,15 @@ fn describe_reqwest(e: reqwest::Error) -> TokenError {
     } else {
         TokenError::InDoubt(message)
     }
+}
+
+/// The credential's `token_headers` on a token request, generated values made anew.
+fn with_token_headers(
+    mut req: reqwest::RequestBuilder,
+    c: &CredentialConfig,
+) -> reqwest::RequestBuilder {
+    for (k, v) in &c.token_headers {
+        req = req.header(k.as_str(), super::token_headers::value(v));
+    }
+    req
 }

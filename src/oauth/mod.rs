@@ -6,6 +6,7 @@ pub mod device;
 pub mod discovery;
 mod lenient;
 mod response;
+pub(crate) mod token_headers;
 
 pub use client::{GrantRequest, TokenClient, TokenClientError, TokenEndpoint};
 pub use response::{parse, AccessToken, Answer, TokenAnswer, TokenError, TokenResponse};

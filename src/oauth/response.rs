@@ -35,6 +35,10 @@ pub struct TokenAnswer {
     /// from Keycloak, `refresh_token_expires_in` from Microsoft, `x_refresh_token_expires_in`
     /// from Intuit); 0 or absent is unknown.
     pub refresh_expires_in: Option<Duration>,
+    /// How long the new refresh token lives at most, when the answer says (Intuit's
+    /// `x_refresh_token_hard_expires_in`, sent when the request asks for it with
+    /// `x-include-refresh-token-hard-expires-in: true`); 0 or absent is unknown.
+    pub refresh_hard_expires_in: Option<Duration>,
     /// The answer's extra string fields the credential keeps (`answer_fields`, e.g.
     /// Salesforce's `instance_url`); never a secret-looking one.
     pub fields: BTreeMap<String, String>,
@@ -138,6 +142,8 @@ struct Raw {
     refresh_expires_in: Option<serde_json::Value>,
     refresh_token_expires_in: Option<serde_json::Value>,
     x_refresh_token_expires_in: Option<serde_json::Value>,
+    /// Intuit's absolute expiry of the refresh token (five years at most).
+    x_refresh_token_hard_expires_in: Option<serde_json::Value>,
     scope: Option<serde_json::Value>,
     error: Option<serde_json::Value>,
     error_description: Option<serde_json::Value>,
@@ -171,12 +177,23 @@ impl Body {
             &r.x_refresh_token_expires_in,
         ]
         .into_iter()
-        .filter_map(|v| v.as_ref().and_then(as_text))
-        .filter_map(|t| t.trim().parse::<u64>().ok())
-        .filter(|secs| *secs > 0)
+        .filter_map(seconds)
         .min()
-        .map(Duration::from_secs)
     }
+
+    /// The refresh token's absolute expiry as a lifetime (0 is unknown).
+    fn refresh_hard_expires_in(&self) -> Option<Duration> {
+        seconds(&self.raw.x_refresh_token_hard_expires_in)
+    }
+}
+
+/// A positive number of seconds, given as a number or a string.
+fn seconds(v: &Option<serde_json::Value>) -> Option<Duration> {
+    v.as_ref()
+        .and_then(as_text)
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .filter(|secs| *secs > 0)
+        .map(Duration::from_secs)
 }
 
 fn as_text(v: &serde_json::Value) -> Option<String> {
@@ -247,6 +264,7 @@ pub fn parse(
                 refresh_token,
                 access,
                 refresh_expires_in: read.and_then(Body::refresh_expires_in),
+                refresh_hard_expires_in: read.and_then(Body::refresh_hard_expires_in),
                 fields,
                 refused_fields,
             })
@@ -532,6 +550,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.refresh_expires_in, None);
+        // Intuit's hard expiry is read apart from the rolling one.
+        let a = p(
+            200,
+            br#"{"access_token":"a","refresh_token":"r","x_refresh_token_expires_in":8726400,"x_refresh_token_hard_expires_in":"157680000"}"#,
+            D,
+        )
+        .unwrap();
+        assert_eq!(a.refresh_expires_in, Some(Duration::from_secs(8726400)));
+        assert_eq!(
+            a.refresh_hard_expires_in,
+            Some(Duration::from_secs(157680000))
+        );
     }
 
     /// amoCRM answers a revoked or reused refresh token with 401 problem+json; with the

@@ -145,6 +145,13 @@ struct Plain {
     obtained_at_ms: u64,
     authorized_at_ms: Option<u64>,
     refresh_expires_at_ms: Option<u64>,
+    /// Absent unless set (older bundles), as `answer_fields`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    refresh_expires_estimated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issued_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    issued_at_unknown: bool,
     /// Kept token-answer fields (`instance_url`, ...); absent in older bundles.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     answer_fields: std::collections::BTreeMap<String, String>,
@@ -218,6 +225,9 @@ pub fn seal(contents: &Contents, key: &Key) -> Result<Vec<u8>, BundleError> {
         obtained_at_ms: s.obtained_at_ms,
         authorized_at_ms: s.authorized_at_ms,
         refresh_expires_at_ms: s.refresh_expires_at_ms,
+        refresh_expires_estimated: s.refresh_expires_estimated,
+        issued_at_ms: s.issued_at_ms,
+        issued_at_unknown: s.issued_at_unknown,
         answer_fields: s.answer_fields.clone(),
     };
     let bytes = serde_json::to_vec(&plain).map_err(BundleError::Serialize)?;
@@ -269,6 +279,9 @@ pub fn open(bytes: &[u8], key: &Key) -> Result<Contents, BundleError> {
             obtained_at_ms: p.obtained_at_ms,
             authorized_at_ms: p.authorized_at_ms,
             refresh_expires_at_ms: p.refresh_expires_at_ms,
+            refresh_expires_estimated: p.refresh_expires_estimated,
+            issued_at_ms: p.issued_at_ms,
+            issued_at_unknown: p.issued_at_unknown,
             answer_fields: p.answer_fields,
             ..Default::default()
         },

@@ -52,6 +52,13 @@ struct Payload {
     authorized_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_expires_at_ms: Option<u64>,
+    /// Absent unless true (older versions ignore these three).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    refresh_expires_estimated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issued_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    issued_at_unknown: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     moved: Option<super::Moved>,
     /// Absent in states written before answer fields were kept (and ignored by such
@@ -118,6 +125,9 @@ impl Codec {
             reauthorization_required: s.reauthorization_required.clone(),
             authorized_at_ms: s.authorized_at_ms,
             refresh_expires_at_ms: s.refresh_expires_at_ms,
+            refresh_expires_estimated: s.refresh_expires_estimated,
+            issued_at_ms: s.issued_at_ms,
+            issued_at_unknown: s.issued_at_unknown,
             moved: s.moved.clone(),
             answer_fields: s.answer_fields.clone(),
             issued_to: s.issued_to.clone(),
@@ -195,6 +205,9 @@ impl Codec {
             reauthorization_required: payload.reauthorization_required,
             authorized_at_ms: payload.authorized_at_ms,
             refresh_expires_at_ms: payload.refresh_expires_at_ms,
+            refresh_expires_estimated: payload.refresh_expires_estimated,
+            issued_at_ms: payload.issued_at_ms,
+            issued_at_unknown: payload.issued_at_unknown,
             moved: payload.moved,
             answer_fields: payload.answer_fields,
             issued_to: payload.issued_to,

@@ -33,6 +33,15 @@ pub struct StoredState {
     /// When the current refresh token dies unless used again before (idle lifetime), or
     /// at the latest (absolute lifetime, or what the token endpoint said): the earlier.
     pub refresh_expires_at_ms: Option<u64>,
+    /// `refresh_expires_at_ms` is an estimate: counted from a time that stands in for an
+    /// unknown one (see `issued_at_unknown`), so the token may die earlier.
+    pub refresh_expires_estimated: bool,
+    /// When the grant was really issued, as `seed --refresh-token-issued-at` said:
+    /// absolute lifetimes count from it. `authorized_at_ms` stays the seed time, since it
+    /// orders authorizations (rollback detection).
+    pub issued_at_ms: Option<u64>,
+    /// The grant was seeded without its issue time: the seed time stands in for it.
+    pub issued_at_unknown: bool,
     /// Set by `tokenrelay export` (a handover): the tokens went elsewhere, and no process
     /// using this store refreshes the credential until an import brings it back.
     pub moved: Option<Moved>,
@@ -84,6 +93,10 @@ pub struct NewGrant {
     pub access_expires_at_ms: Option<u64>,
     pub refresh_token: Option<Secret>,
     pub refresh_expires_at_ms: Option<u64>,
+    pub refresh_expires_estimated: bool,
+    /// See [`StoredState::issued_at_ms`] and [`StoredState::issued_at_unknown`].
+    pub issued_at_ms: Option<u64>,
+    pub issued_at_unknown: bool,
     pub answer_fields: BTreeMap<String, String>,
     pub issued_to: Option<IssuedTo>,
 }
@@ -96,6 +109,7 @@ pub struct Rotation {
     /// `None` when the answer carried none: RFC 6749 §6, the presented one stays valid.
     pub refresh_token: Option<Secret>,
     pub refresh_expires_at_ms: Option<u64>,
+    pub refresh_expires_estimated: bool,
     /// The stored fields with the answer's merged in.
     pub answer_fields: BTreeMap<String, String>,
     pub issued_to: IssuedTo,
@@ -136,6 +150,9 @@ impl StoredState {
             reauthorization_required: None,
             authorized_at_ms: Some(now_ms),
             refresh_expires_at_ms: grant.refresh_expires_at_ms,
+            refresh_expires_estimated: grant.refresh_expires_estimated,
+            issued_at_ms: grant.issued_at_ms,
+            issued_at_unknown: grant.issued_at_unknown,
             moved: None,
             answer_fields: grant.answer_fields,
             issued_to: grant.issued_to,
@@ -154,6 +171,7 @@ impl StoredState {
             obtained_at_ms: now_ms,
             reauthorization_required: None,
             refresh_expires_at_ms: r.refresh_expires_at_ms,
+            refresh_expires_estimated: r.refresh_expires_estimated,
             moved: None,
             answer_fields: r.answer_fields,
             issued_to: Some(r.issued_to),
@@ -168,7 +186,7 @@ impl StoredState {
     pub fn rotated_refresh_token_only(
         &self,
         refresh_token: Secret,
-        refresh_expires_at_ms: Option<u64>,
+        (refresh_expires_at_ms, refresh_expires_estimated): (Option<u64>, bool),
         issued_to: IssuedTo,
         now_ms: u64,
         by: &str,
@@ -176,6 +194,7 @@ impl StoredState {
         StoredState {
             refresh_token: Some(refresh_token),
             refresh_expires_at_ms,
+            refresh_expires_estimated,
             reauthorization_required: None,
             issued_to: Some(issued_to),
             in_doubt: None,
@@ -308,6 +327,9 @@ mod tests {
             reauthorization_required: Some("was rejected".into()),
             authorized_at_ms: Some(NOW - 86_400_000),
             refresh_expires_at_ms: Some(NOW + 86_400_000),
+            refresh_expires_estimated: true,
+            issued_at_ms: Some(NOW - 2 * 86_400_000),
+            issued_at_unknown: false,
             moved: Some(moved()),
             answer_fields: fields(&[("instance_url", "https://na1.example.com")]),
             issued_to: Some(issued("a")),
@@ -327,6 +349,9 @@ mod tests {
         let grant = NewGrant {
             refresh_token: Some(Secret::new("seeded")),
             refresh_expires_at_ms: Some(NOW + 1_000),
+            refresh_expires_estimated: true,
+            issued_at_ms: Some(NOW - 86_400_000),
+            issued_at_unknown: true,
             answer_fields: fields(&[("instance_url", "https://b")]),
             issued_to: Some(issued("b")),
             ..Default::default()
@@ -340,8 +365,13 @@ mod tests {
                 obtained_at_ms: NOW,
                 updated_at_ms: NOW,
                 updated_by: BY.into(),
+                // Authorized now, whenever the token was issued: the authorization time
+                // orders grants (rollback detection), the issue time counts lifetimes.
                 authorized_at_ms: Some(NOW),
                 refresh_expires_at_ms: Some(NOW + 1_000),
+                refresh_expires_estimated: true,
+                issued_at_ms: Some(NOW - 86_400_000),
+                issued_at_unknown: true,
                 answer_fields: fields(&[("instance_url", "https://b")]),
                 issued_to: Some(issued("b")),
                 ..Default::default()
@@ -362,6 +392,7 @@ mod tests {
             access_expires_at_ms: NOW + 600_000,
             refresh_token: Some(Secret::new("r8")),
             refresh_expires_at_ms: Some(NOW + 5_000),
+            refresh_expires_estimated: false,
             answer_fields: fields(&[("instance_url", "https://na2.example.com")]),
             issued_to: issued("b"),
         };
@@ -380,6 +411,10 @@ mod tests {
                 reauthorization_required: None,
                 authorized_at_ms: old.authorized_at_ms,
                 refresh_expires_at_ms: Some(NOW + 5_000),
+                refresh_expires_estimated: false,
+                // The grant's issue time stays: absolute lifetimes count from it.
+                issued_at_ms: old.issued_at_ms,
+                issued_at_unknown: false,
                 moved: None,
                 answer_fields: fields(&[("instance_url", "https://na2.example.com")]),
                 issued_to: Some(issued("b")),
@@ -403,7 +438,7 @@ mod tests {
         let old = every_field();
         let new = old.rotated_refresh_token_only(
             Secret::new("r8"),
-            Some(NOW + 5_000),
+            (Some(NOW + 5_000), false),
             issued("b"),
             NOW,
             BY,
@@ -414,6 +449,7 @@ mod tests {
             StoredState {
                 refresh_token: Some(Secret::new("r8")),
                 refresh_expires_at_ms: Some(NOW + 5_000),
+                refresh_expires_estimated: false,
                 reauthorization_required: None,
                 issued_to: Some(issued("b")),
                 in_doubt: None,

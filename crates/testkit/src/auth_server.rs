@@ -166,7 +166,18 @@ pub enum ProviderProfile {
     /// with `error` `invalid_request`, so only the preset's rule can tell it is a dead
     /// grant).
     Zoom,
+    /// Intuit (QuickBooks Online): form bodies, the client authenticated by HTTP Basic
+    /// only; every answer states the refresh token's rolling
+    /// lifetime (`x_refresh_token_expires_in`, 100 days), and its absolute expiry
+    /// (`x_refresh_token_hard_expires_in`, [`INTUIT_HARD_EXPIRES_IN`] here) only when the
+    /// request carries `x-include-refresh-token-hard-expires-in: true`.
+    Intuit,
 }
+
+/// The `x_refresh_token_hard_expires_in` the Intuit emulation states: shorter than the
+/// preset's 1825-day estimate and the 100-day rolling lifetime, so a client that uses it
+/// shows it.
+pub const INTUIT_HARD_EXPIRES_IN: Duration = Duration::from_secs(30 * 86400);
 
 /// ELMA365's absolute refresh-token lifetime.
 const ELMA365_REFRESH_LIFETIME: Duration = Duration::from_secs(14 * 86400);
@@ -320,6 +331,9 @@ pub struct TokenRequestRecord {
     pub query_params: Vec<String>,
     /// Names of the request headers, lowercase, in the order received.
     pub header_names: Vec<String>,
+    /// Request headers with their values, lowercase names, except those that carry
+    /// credentials (`authorization`, `proxy-authorization`, `cookie`).
+    pub headers: Vec<(String, String)>,
     /// Status code of the answer.
     pub status: u16,
     /// The OAuth2 `error` code answered, if any.
@@ -332,6 +346,14 @@ impl TokenRequestRecord {
         self.params
             .iter()
             .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of request header `name` (any case), unless it carries credentials.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(h, _)| h.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
@@ -1147,6 +1169,9 @@ fn process_token_request(
                     if !state.answer_fields.is_empty() {
                         apply_patch(&mut body, state.answer_fields.clone());
                     }
+                    if shared.opts.profile == ProviderProfile::Intuit {
+                        intuit_lifetimes(&mut body, parts);
+                    }
                     if let Some(patch) = state.next_answer_patch.take() {
                         apply_patch(&mut body, patch);
                     }
@@ -1222,6 +1247,22 @@ fn process_token_request(
             .keys()
             .map(|h| h.as_str().to_owned())
             .collect(),
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(h, _)| {
+                ![
+                    header::AUTHORIZATION,
+                    header::PROXY_AUTHORIZATION,
+                    header::COOKIE,
+                ]
+                .contains(h)
+            })
+            .map(|(h, v)| {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (h.as_str().to_owned(), v)
+            })
+            .collect(),
         status: response.status().as_u16(),
         error,
     };
@@ -1230,6 +1271,24 @@ fn process_token_request(
     }
     state.log.push_back(record);
     response
+}
+
+/// Intuit's refresh-token lifetimes in a success answer: the rolling one always, the
+/// absolute one when asked for.
+fn intuit_lifetimes(body: &mut Value, parts: &Parts) {
+    let asked = parts
+        .headers
+        .get("x-include-refresh-token-hard-expires-in")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let mut patch = serde_json::Map::new();
+    patch.insert("x_refresh_token_expires_in".into(), 8_640_000.into());
+    if asked {
+        patch.insert(
+            "x_refresh_token_hard_expires_in".into(),
+            INTUIT_HARD_EXPIRES_IN.as_secs().into(),
+        );
+    }
+    apply_patch(body, patch);
 }
 
 /// Validates the request and runs the grant; the JSON success body on success.
@@ -1350,6 +1409,7 @@ fn profile_rules(
         | ProviderProfile::Pipedrive
         | ProviderProfile::TBank
         | ProviderProfile::Zoom
+        | ProviderProfile::Intuit
             if !media.starts_with("application/x-www-form-urlencoded") =>
         {
             Err(OAuthError::invalid_request("a form body is required"))
@@ -1357,7 +1417,10 @@ fn profile_rules(
         ProviderProfile::Zendesk if !media.starts_with("application/json") => {
             Err(OAuthError::invalid_request("a JSON body is required"))
         }
-        ProviderProfile::Pipedrive | ProviderProfile::TBank | ProviderProfile::Zoom
+        ProviderProfile::Pipedrive
+        | ProviderProfile::TBank
+        | ProviderProfile::Zoom
+        | ProviderProfile::Intuit
             if param(params, "client_secret").is_some()
                 || parts.headers.get(header::AUTHORIZATION).is_none() =>
         {

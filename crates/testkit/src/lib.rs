@@ -34,7 +34,7 @@ pub mod auth_server;
 pub use api_server::{pattern_byte, ApiServer, ApiStats, RecordedRequest};
 pub use auth_server::{
     AuthServer, AuthServerOptions, AuthStats, DiscoveryDocs, FailureMode, LostAnswer,
-    ProviderProfile, TokenRequestRecord,
+    ProviderProfile, TokenRequestRecord, INTUIT_HARD_EXPIRES_IN,
 };
 
 use std::convert::Infallible;

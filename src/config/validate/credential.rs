@@ -231,6 +231,12 @@ pub(super) fn validate_credential(
     let sinks = super::super::sink::validate(p, &path, c.sinks);
     provider_rules::check_dead_grant(p, &path, &c.dead_grant_answers);
     provider_rules::check_rate_limit(p, &at("refresh_rate_limit"), &c.refresh_rate_limit);
+    if grant == Grant::Static && c.refresh_mode.is_some() {
+        p.add(
+            &at("refresh_mode"),
+            "not used by grant static (there is nothing to refresh)",
+        );
+    }
     Some(CredentialConfig {
         name: name.to_string(),
         provider: c.provider,
@@ -256,6 +262,7 @@ pub(super) fn validate_credential(
         refresh_before: c
             .refresh_before
             .unwrap_or(HumanDuration(DEFAULT_REFRESH_BEFORE)),
+        refresh_mode: c.refresh_mode.unwrap_or_default(),
         token_timeout,
         default_expires_in,
         token_headers: c

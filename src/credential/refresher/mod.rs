@@ -200,6 +200,8 @@ impl Refresher {
         if self.cred.config.grant == Grant::Static {
             return self.run_static().await;
         }
+        // Grants without a store can always get a new token when asked.
+        self.cred.set_refreshable(self.store.is_none());
         let outcome = self.startup().await;
         self.after(outcome);
         let mut store_rx = self.store.as_ref().map(|s| s.watch(&self.cred.name));
@@ -364,9 +366,11 @@ impl Refresher {
                     refresh_before: config.refresh_before.0,
                     idle_lifetime: config.refresh_token.idle_lifetime.map(|d| d.0),
                     refresh_obtained_ms: self.refresh_obtained_ms,
+                    on_demand: config.refresh_mode == crate::config::RefreshMode::OnDemand,
                 };
                 let jitter01 = self.jitter.gen::<f64>();
-                let at = decide::proactive_refresh_at(token, rules, jitter01, now, now_ms);
+                // On demand without a keep-alive: wake only when asked.
+                let at = decide::proactive_refresh_at(token, rules, jitter01, now, now_ms)?;
                 self.scheduled = Some((token.generation, at));
                 Some(at)
             }
@@ -463,12 +467,14 @@ impl Refresher {
     /// the metrics, when it was obtained for the keep-alive refresh).
     fn note_state(&mut self, s: &StoredState) {
         self.newest_authorization_ms = self.newest_authorization_ms.max(s.authorized_at_ms);
-        self.cred.set_refresh_expiry(s.refresh_expires_at_ms);
+        self.cred
+            .set_refresh_expiry(s.refresh_expires_at_ms, s.refresh_expires_estimated);
         self.cred.set_refresh_life(
             s.refresh_token.as_ref().map(|_| s.obtained_at_ms),
             s.authorized_at_ms,
         );
         self.refresh_obtained_ms = s.refresh_token.as_ref().map(|_| s.obtained_at_ms);
+        self.cred.set_refreshable(s.refresh_token.is_some());
         if !self.cred.config.refresh_token.rotating {
             self.remembered_refresh_token = s.refresh_token.clone();
         }

@@ -240,7 +240,8 @@ impl Refresher {
         answer: TokenAnswer,
     ) -> Result<RefreshResult, Failure> {
         let now = now_ms();
-        let refresh_expires_at_ms = self.refresh_expiry(now, answer.refresh_expires_in, stored);
+        let expiry = self.refresh_expiry(now, &answer, stored);
+        let refresh_expiry = (expiry.map(|e| e.at_ms), expiry.is_some_and(|e| e.estimate));
         let issued_to = self.cred.config.token_endpoint_identity();
         let access = match answer.access {
             Ok(access) => access,
@@ -251,14 +252,15 @@ impl Refresher {
                 };
                 let new = stored.rotated_refresh_token_only(
                     refresh_token,
-                    refresh_expires_at_ms,
+                    refresh_expiry,
                     issued_to,
                     now,
                     &self.instance_id,
                 );
                 let new = self.write_durably(store, new).await?;
                 self.known_generation = new.generation;
-                self.cred.set_refresh_expiry(new.refresh_expires_at_ms);
+                self.cred
+                    .set_refresh_expiry(new.refresh_expires_at_ms, new.refresh_expires_estimated);
                 self.cred.set_refresh_life(Some(now), new.authorized_at_ms);
                 self.refresh_obtained_ms = Some(now);
                 warn!(credential = %self.name(), generation = new.generation,
@@ -270,7 +272,8 @@ impl Refresher {
             access_token: access.token,
             access_expires_at_ms: now + access.expires_in.as_millis() as u64,
             refresh_token: answer.refresh_token,
-            refresh_expires_at_ms,
+            refresh_expires_at_ms: refresh_expiry.0,
+            refresh_expires_estimated: refresh_expiry.1,
             // A field this answer omits keeps its stored value (Salesforce sends
             // instance_url on some answers only).
             answer_fields: merge_fields(&stored.answer_fields, &answer.fields),
@@ -333,21 +336,27 @@ impl Refresher {
     }
 
     /// When the refresh token obtained at `now_ms` dies, from what the answer stated and
-    /// the credential's rules.
+    /// the credential's rules; absolute lifetimes count from the grant's issue time.
     fn refresh_expiry(
         &self,
         now_ms: u64,
-        stated: Option<Duration>,
+        answer: &TokenAnswer,
         stored: &StoredState,
-    ) -> Option<u64> {
+    ) -> Option<policy::RefreshExpiry> {
         let rules = &self.cred.config.refresh_token;
-        policy::refresh_token_expiry(
-            now_ms,
-            stated,
-            rules.idle_lifetime.map(|d| d.0),
-            rules.absolute_lifetime.map(|d| d.0),
-            stored.authorized_at_ms,
-        )
+        let issued = policy::Issued {
+            obtained_ms: now_ms,
+            obtained_exact: true,
+            authorized_at_ms: stored.issued_at_ms.or(stored.authorized_at_ms),
+            authorized_exact: !stored.issued_at_unknown,
+        };
+        let lifetimes = policy::Lifetimes {
+            stated: answer.refresh_expires_in,
+            stated_hard: answer.refresh_hard_expires_in,
+            idle: rules.idle_lifetime.map(|d| d.0),
+            absolute: rules.absolute_lifetime.map(|d| d.0),
+        };
+        policy::refresh_token_expiry(issued, lifetimes)
     }
 
     /// Compare-and-swap of `new` over generation `expected`, retried while the store

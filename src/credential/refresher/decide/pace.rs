@@ -151,33 +151,39 @@ pub struct Proactive {
     pub idle_lifetime: Option<Duration>,
     /// When the stored refresh token was obtained (Unix ms), if one is stored.
     pub refresh_obtained_ms: Option<u64>,
+    /// `refresh_mode: on_demand`: no refresh by the access token's lifetime, only the
+    /// keep-alive one (requests ask for the rest).
+    pub on_demand: bool,
 }
 
-/// When to refresh `token` proactively, given `jitter01` in [0, 1): by its lifetime (see
-/// [`schedule::refresh_after`]), or earlier to keep a refresh token with an idle lifetime
-/// from dying unused.
+/// When to refresh `token` without being asked, given `jitter01` in [0, 1): by its
+/// lifetime (see [`schedule::refresh_after`]; not in on-demand mode), or earlier to keep a
+/// refresh token with an idle lifetime from dying unused. `None`: only when asked.
 pub fn proactive_refresh_at(
     token: TokenTimes,
     rules: Proactive,
     jitter01: f64,
     now: Instant,
     now_ms: u64,
-) -> Instant {
-    let after = schedule::refresh_after(
-        token.lifetime,
-        rules.refresh_at,
-        rules.refresh_before,
-        jitter01,
-    );
-    // `expires_at - lifetime` is when the token was published here.
-    let at = token.expires_at - token.lifetime + after;
-    match rules.idle_lifetime.zip(rules.refresh_obtained_ms) {
-        Some((idle, obtained)) => {
-            let keep_alive = policy::keep_alive_at(obtained, idle);
-            at.min(now + Duration::from_millis(keep_alive.saturating_sub(now_ms)))
-        }
-        None => at,
-    }
+) -> Option<Instant> {
+    let by_lifetime = (!rules.on_demand).then(|| {
+        let after = schedule::refresh_after(
+            token.lifetime,
+            rules.refresh_at,
+            rules.refresh_before,
+            jitter01,
+        );
+        // `expires_at - lifetime` is when the token was published here.
+        token.expires_at - token.lifetime + after
+    });
+    let keep_alive = rules
+        .idle_lifetime
+        .zip(rules.refresh_obtained_ms)
+        .map(|(idle, obtained)| {
+            let at_ms = policy::keep_alive_at(obtained, idle);
+            now + Duration::from_millis(at_ms.saturating_sub(now_ms))
+        });
+    [by_lifetime, keep_alive].into_iter().flatten().min()
 }
 
 #[cfg(test)]
@@ -321,6 +327,11 @@ mod tests {
             refresh_before: S(60),
             idle_lifetime: None,
             refresh_obtained_ms: None,
+            on_demand: false,
+        };
+        let on_demand = Proactive {
+            on_demand: true,
+            ..rules
         };
         let idle = |obtained_ago_s: u64| Proactive {
             idle_lifetime: Some(S(1_000)),
@@ -328,13 +339,16 @@ mod tests {
             ..rules
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, Proactive, f64, Instant)> = vec![
-            ("by its lifetime, 480 s after publishing", rules, 0.0, now + S(380)),
-            ("full jitter: 5% of the lifetime earlier", rules, 1.0, now + S(350)),
-            ("idle lifetime far off", idle(0), 0.0, now + S(380)),
-            ("idle lifetime first: a tenth before it dies", idle(700), 0.0, now + S(200)),
-            ("idle lifetime overdue: now", idle(2_000), 0.0, now),
-            ("idle lifetime without a stored refresh token", Proactive { refresh_obtained_ms: None, ..idle(700) }, 0.0, now + S(380)),
+        let cases: Vec<(&str, Proactive, f64, Option<Instant>)> = vec![
+            ("by its lifetime, 480 s after publishing", rules, 0.0, Some(now + S(380))),
+            ("full jitter: 5% of the lifetime earlier", rules, 1.0, Some(now + S(350))),
+            ("idle lifetime far off", idle(0), 0.0, Some(now + S(380))),
+            ("idle lifetime first: a tenth before it dies", idle(700), 0.0, Some(now + S(200))),
+            ("idle lifetime overdue: now", idle(2_000), 0.0, Some(now)),
+            ("idle lifetime without a stored refresh token", Proactive { refresh_obtained_ms: None, ..idle(700) }, 0.0, Some(now + S(380))),
+            ("on demand: never by the lifetime", on_demand, 0.0, None),
+            ("on demand: the keep-alive only, though far off", Proactive { on_demand: true, ..idle(0) }, 0.0, Some(now + S(900))),
+            ("on demand: the keep-alive when due", Proactive { on_demand: true, ..idle(700) }, 0.0, Some(now + S(200))),
         ];
         for (case, rules, jitter01, expected) in cases {
             assert_eq!(

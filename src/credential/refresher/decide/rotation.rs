@@ -334,6 +334,7 @@ mod tests {
                 Err(TokenError::InDoubt("no access_token".into()))
             },
             refresh_expires_in: None,
+            refresh_hard_expires_in: None,
             fields: Default::default(),
             refused_fields: Default::default(),
         }
