@@ -527,7 +527,8 @@ async fn seeded_refresh_tokens_count_their_lifetime_from_their_issue_time() {
         .as_i64()
         .unwrap();
     assert!((14 * 86400 - 120..=14 * 86400).contains(&left), "{st}");
-    assert!(page.contains("(estimate)"), "{page}");
+    // The refresh token's countdown bar is marked as an estimate.
+    assert!(page.contains(r#"<span class="estimate""#), "{page}");
     assert!(
         printed.contains("(estimate: counted from the seed time"),
         "{printed}"
