@@ -63,6 +63,16 @@ impl ScriptedUpstream {
 
     /// Plain http, or TLS (http/1.1) with a certificate from a fresh private CA.
     async fn start_over(tls: bool, script: Arc<Script>) -> ScriptedUpstream {
+        Self::start_reading_after(Duration::ZERO, tls, script).await
+    }
+
+    /// As [`Self::start_over`], each connection read only after `pause` (so what is
+    /// sent to it backs up in the sender's buffers meanwhile).
+    async fn start_reading_after(
+        pause: Duration,
+        tls: bool,
+        script: Arc<Script>,
+    ) -> ScriptedUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -90,6 +100,7 @@ impl ScriptedUpstream {
                         },
                         None => Box::new(tcp),
                     };
+                    tokio::time::sleep(pause).await;
                     serve_scripted(stream, connection, script, log).await
                 });
             }
@@ -237,10 +248,15 @@ fn ok(body: &str) -> Vec<u8> {
 
 /// tokenrelay in front of `upstream`, with the demo authorization server for tokens.
 async fn relay_to(upstream: &ScriptedUpstream) -> (DemoServers, Running) {
+    relay_with(upstream, "").await
+}
+
+/// As [`relay_to`], with `extra` upstream YAML entries (`, key: value`).
+async fn relay_with(upstream: &ScriptedUpstream, extra: &str) -> (DemoServers, Running) {
     let demo = demo_servers(AuthServerOptions::default()).await;
     let extra = match &upstream.ca {
-        Some((_, file)) => format!("timeout: 5s, ca_file: \"{}\"", file.display()),
-        None => "timeout: 5s".to_string(),
+        Some((_, file)) => format!("timeout: 5s, ca_file: \"{}\"{extra}", file.display()),
+        None => format!("timeout: 5s{extra}"),
     };
     let yaml = one_upstream_yaml(&demo.auth.token_url(), &upstream.url(), "", &extra);
     let running = support::start(&yaml).await;
@@ -601,4 +617,39 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
         seen[0].head
     );
     tr.stop().await;
+}
+
+/// An 8 MiB body (held whole for a possible 401 retry) to an upstream that starts
+/// reading late reaches it whole, over plain http and over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_reaches_a_slow_upstream_whole() {
+    for tls in [false, true] {
+        println!("over TLS: {tls}");
+        let up = ScriptedUpstream::start_reading_after(
+            Duration::from_millis(500),
+            tls,
+            Arc::new(|seen: &Seen, _| Reply::Send(ok(&seen.body.len().to_string()))),
+        )
+        .await;
+        let (_demo, tr) = relay_with(&up, ", retry_body_limit: 16MiB").await;
+        let mut conn = AppConn::open(&tr).await;
+        let body = vec![b'x'; 8 << 20];
+        let mut request = format!(
+            "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let resp = conn.exchange(&request).await;
+        assert_eq!(
+            (
+                resp.status,
+                String::from_utf8_lossy(&resp.body).into_owned()
+            ),
+            (200, (8 << 20).to_string()),
+            "{}",
+            resp.head
+        );
+        tr.stop().await;
+    }
 }
