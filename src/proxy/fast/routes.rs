@@ -27,8 +27,8 @@ pub enum Routes {
 
 /// How a templated upstream reaches whatever origin a token names.
 pub struct Origins {
-    /// For https origins (ALPN http/1.1), built once.
-    tls: Arc<rustls::ClientConfig>,
+    /// For https origins (ALPN http/1.1), built once; none for a fixed http url.
+    tls: Option<Arc<rustls::ClientConfig>>,
     connect_timeout: Duration,
     max_idle: usize,
     workers: usize,
@@ -46,11 +46,17 @@ impl Routes {
         if up.http2 {
             return Ok(None);
         }
-        let tls = Arc::new(crate::tls::client_config_with_cert(
-            up.ca_file.as_deref(),
-            &[b"http/1.1"],
-            up.client_cert.as_ref().map(|c| &c.files),
-        )?);
+        // A template may name an https origin with any token.
+        let may_use_tls = up.url.fixed().is_none_or(|url| url.scheme() == "https");
+        let tls = if may_use_tls {
+            Some(Arc::new(crate::tls::client_config_with_cert(
+                up.ca_file.as_deref(),
+                &[b"http/1.1"],
+                up.client_cert.as_ref().map(|c| &c.files),
+            )?))
+        } else {
+            None
+        };
         let origins = Origins {
             tls,
             connect_timeout: up.connect_timeout.0,
@@ -116,7 +122,7 @@ impl Origins {
         let tls = match url.scheme() {
             "http" => None,
             "https" if !super::super::hyper::EgressConnector::tunnels(&url) => {
-                Some(self.tls.clone())
+                Some(self.tls.clone()?)
             }
             _ => return None,
         };
