@@ -30,7 +30,19 @@ done
 export SIMULATION_HISTORIES="${SIMULATION_HISTORIES:-300}"
 export TOKENRELAY_REQUIRE_TOOLS="${TOKENRELAY_REQUIRE_TOOLS:-1}"
 
-exec cargo mutants --features etcd --timeout 300 --output target \
+# Without debug info the per-mutant link is several seconds shorter.
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-0}"
+
+# cargo-nextest runs the targets' tests side by side: most of them wait on timers, so
+# a mutant's verdict then takes about as long as the slowest test, not the sum.
+tool=(--test-tool cargo)
+threads=()
+if cargo nextest --version >/dev/null 2>&1; then
+    tool=(--test-tool nextest)
+    threads=(--test-threads "${MUTANTS_TEST_THREADS:-6}")
+fi
+
+exec cargo mutants --features etcd --timeout 300 --output target "${tool[@]}" \
     "$@" "${scope[@]}" \
-    -- --lib --test simulation --test store_contract --test in_doubt --test promise \
+    -- "${threads[@]}" --lib --test simulation --test store_contract --test in_doubt --test promise \
     --test rotation --test single_flight

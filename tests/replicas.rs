@@ -1538,3 +1538,120 @@ async fn stopping_waits_for_the_store_to_keep_a_rotated_token() {
     );
     assert!(log.contains("waiting for the store"), "{log}");
 }
+
+/// What a reload during a store outage does to the credential whose rotated refresh
+/// token is waiting to be stored.
+#[derive(Clone, Copy, PartialEq)]
+enum ReloadChange {
+    /// Changes a setting but keeps its token endpoint, client and grant.
+    Setting,
+    /// Moves it to another grant: nobody refreshes with the stored token any more.
+    Grant,
+}
+
+/// A reload that changes a credential while the store cannot keep its just-rotated
+/// refresh token: the new refresher takes the pending write over, and once the store
+/// is back it holds the live token and serves it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_takes_over_a_rotated_token_the_store_has_not_kept() {
+    reload_during_a_pending_write(ReloadChange::Setting).await;
+}
+
+/// A reload that moves a credential off the refresh-token grant while its rotated
+/// token waits for the store: the write is finished in the background, as soon as the
+/// store is back (shutdown waits for it: `stopping_waits_for_the_store_…`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_credential_moved_off_its_grant_still_gets_its_rotated_token_stored() {
+    reload_during_a_pending_write(ReloadChange::Grant).await;
+}
+
+/// The reload is not held up by the outage, and the store ends up with the live token.
+async fn reload_during_a_pending_write(change: ReloadChange) {
+    if !have_tool("redis-server") {
+        return;
+    }
+    let mut redis = RedisServer::start().await;
+    let auth = AuthServer::start(rotating(Duration::from_secs(6)))
+        .await
+        .unwrap();
+    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (token_url, api_url, store_yaml) =
+        (auth.token_url(), api.url(), redis_store_yaml(&redis.url()));
+    let spec = ReplicaSpec {
+        store_yaml: &store_yaml,
+        token_url: &token_url,
+        api_url: &api_url,
+        token_timeout: "10s",
+    };
+    let mut replicas = start_fleet(1, dir.path(), "handover", &spec, &auth).await;
+    // The next rotation is made at once and answered 4 s later, with the store gone.
+    auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
+    let acted = support::eventually(Duration::from_secs(20), || {
+        let n = auth.stats().answers_lost;
+        async move { n >= 1 }
+    })
+    .await;
+    assert!(acted, "no rotation: {:?}", auth.stats());
+    redis.kill9();
+    let pending = support::eventually(Duration::from_secs(20), || {
+        let log = replicas[0].log_tail(20);
+        async move { log.contains("cannot persist the rotated token yet") }
+    })
+    .await;
+    assert!(pending, "no pending write:\n{}", replicas[0].log_tail(30));
+
+    let yaml = std::fs::read_to_string(&replicas[0].config).unwrap();
+    let changed = match change {
+        ReloadChange::Setting => yaml.replace(
+            "    token_timeout: 10s\n",
+            "    token_timeout: 10s\n    refresh_before: 2s\n",
+        ),
+        ReloadChange::Grant => yaml.replace("grant: refresh_token", "grant: client_credentials"),
+    };
+    assert_ne!(yaml, changed);
+    std::fs::write(&replicas[0].config, changed).unwrap();
+    let reload = reqwest::Client::new()
+        .post(format!("{}/reload", replicas[0].admin_url()))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await;
+    let reloaded_in_outage = reload.is_ok_and(|r| r.status().as_u16() == 200);
+    redis.spawn().await;
+    let auth_ref = &auth;
+    let kept = support::eventually(Duration::from_secs(30), || {
+        let r = &replicas[0];
+        async move {
+            matches!(stored(r).await, Some(s) if s.refresh_token.as_ref()
+                .is_some_and(|t| auth_ref.is_valid_refresh_token(t.expose())))
+        }
+    })
+    .await;
+    let log = replicas[0].log_tail(40);
+    assert!(
+        reloaded_in_outage,
+        "the reload waited for the store:\n{log}"
+    );
+    assert!(kept, "the stored refresh token is not the live one:\n{log}");
+    assert_eq!(auth.stats().refresh_reuse_detected, 0, "{:?}", auth.stats());
+    match change {
+        ReloadChange::Setting => {
+            assert!(log.contains("takes over"), "{log}");
+            let served = support::eventually(Duration::from_secs(20), || {
+                let url = replicas[0].url("/api/v4/leads");
+                async move {
+                    reqwest::get(url)
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                }
+            })
+            .await;
+            assert!(served, "{}", replicas[0].log_tail(40));
+            assert_eq!(replicas[0].terminate().await, Some(0));
+        }
+        ReloadChange::Grant => {
+            assert!(log.contains("written in the background"), "{log}");
+            assert_eq!(replicas[0].terminate().await, Some(0));
+        }
+    }
+}

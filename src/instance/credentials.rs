@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::credential::refresher::handover::PendingWrites;
 use crate::credential::refresher::Refresher;
 use crate::credential::Credential;
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown; each refresher's own token is a child of it.
     pub stop_all: CancellationToken,
+    /// Durable writes stopped refreshers could not finish, for their successors.
+    pub pending_writes: Arc<PendingWrites>,
 }
 
 impl Prepared {
@@ -51,7 +54,8 @@ impl Prepared {
             ctx.instance_id.clone(),
             ctx.metrics.clone(),
             stop.clone(),
-        )?;
+        )?
+        .with_handover(ctx.pending_writes.clone());
         Ok(Prepared {
             credential,
             refresher,

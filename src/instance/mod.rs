@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, CredentialConfig, Grant, UpstreamConfig};
+use crate::credential::refresher::handover;
 use crate::credential::Credential;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
@@ -73,6 +74,8 @@ pub struct Instance {
     access_log: bool,
     shutdown_grace: Duration,
     view: Arc<ArcSwap<View>>,
+    /// Writes handed over by refreshers a reload stopped and no new refresher takes.
+    finishing: TaskTracker,
 }
 
 /// An upstream's part in a config being applied.
@@ -126,7 +129,9 @@ impl Instance {
                 instance_id: config.runtime.instance_id.clone(),
                 metrics,
                 stop_all: CancellationToken::new(),
+                pending_writes: Default::default(),
             },
+            finishing: TaskTracker::new(),
             access_log: config.log.access_log,
             shutdown_grace: config.runtime.shutdown_grace.0,
             base: config,
@@ -337,6 +342,7 @@ impl Instance {
         for name in &changes.credentials_removed {
             self.ctx.metrics.forget_credential(name);
         }
+        self.finish_orphaned_writes(&changes, &fresh);
         for (name, p) in fresh {
             self.credentials.insert(name, p.start());
         }
@@ -399,6 +405,47 @@ impl Instance {
         self.ctx.stop_all.cancel();
         futures_util::future::join_all(self.credentials.into_values().map(RunningCredential::stop))
             .await;
+        // What the stopped refreshers handed over is written before the process ends.
+        if let Some(store) = &self.ctx.store {
+            for (name, state) in self.ctx.pending_writes.take_all() {
+                self.finishing.spawn(handover::finish(
+                    store.clone(),
+                    name,
+                    state,
+                    self.ctx.metrics.clone(),
+                ));
+            }
+        }
+        self.finishing.close();
+        self.finishing.wait().await;
+    }
+
+    /// A stopped refresher's pending write goes to the credential's new refresher when
+    /// there is one of the same grant; else (removed, or no longer a refresh-token
+    /// grant) it is finished in the background.
+    fn finish_orphaned_writes(&self, changes: &Changes, fresh: &BTreeMap<String, Prepared>) {
+        let Some(store) = &self.ctx.store else { return };
+        for name in changes
+            .credentials_changed
+            .iter()
+            .chain(&changes.credentials_removed)
+        {
+            let taken_over = fresh
+                .get(name)
+                .is_some_and(|p| p.credential.config.grant == Grant::RefreshToken);
+            if taken_over {
+                continue;
+            }
+            if let Some(state) = self.ctx.pending_writes.take(name) {
+                warn!(credential = %name, generation = state.generation, "the rotated refresh token of a credential no longer refreshed is written in the background");
+                self.finishing.spawn(handover::finish(
+                    store.clone(),
+                    name.clone(),
+                    state,
+                    self.ctx.metrics.clone(),
+                ));
+            }
+        }
     }
 }
 

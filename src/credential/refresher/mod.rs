@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 mod decide;
+pub mod handover;
 mod in_doubt;
 mod local;
 mod rotating;
@@ -93,6 +94,9 @@ pub struct Refresher {
     /// Spreads refreshes and retries of the fleet; seeded in a simulation so that a
     /// history can be replayed.
     jitter: StdRng,
+    /// Where a write this refresher cannot finish before it stops is left for the
+    /// credential's next refresher, and where it finds one its predecessor left.
+    handover: Option<Arc<handover::PendingWrites>>,
 }
 
 impl Refresher {
@@ -138,6 +142,7 @@ impl Refresher {
             set_aside_stored: false,
             foreign_up_to: None,
             jitter: StdRng::from_entropy(),
+            handover: None,
         })
     }
 
@@ -151,6 +156,13 @@ impl Refresher {
     /// Draws the jitter of refresh times and retries from `seed` (a simulation).
     pub fn with_jitter_seed(mut self, seed: u64) -> Self {
         self.jitter = StdRng::seed_from_u64(seed);
+        self
+    }
+
+    /// Hands a write it cannot finish when stopped to `pending`, and takes over the one
+    /// its predecessor left there (a reload).
+    pub fn with_handover(mut self, pending: Arc<handover::PendingWrites>) -> Self {
+        self.handover = Some(pending);
         self
     }
 
@@ -202,6 +214,9 @@ impl Refresher {
         }
         // Grants without a store can always get a new token when asked.
         self.cred.set_refreshable(self.store.is_none());
+        if self.take_over_pending_write().await.is_err() {
+            return;
+        }
         let outcome = self.startup().await;
         self.after(outcome);
         let mut store_rx = self.store.as_ref().map(|s| s.watch(&self.cred.name));
@@ -220,6 +235,8 @@ impl Refresher {
                 }
             };
             let trigger = tokio::select! {
+                // Stopping wins over a refresh that is due at the same moment.
+                biased;
                 _ = self.shutdown.cancelled() => return,
                 _ = sleep_until(wake) => {
                     if self.cred.usable(Instant::now()).is_some() { Trigger::Scheduled } else { Trigger::Expired }
@@ -406,6 +423,28 @@ impl Refresher {
         if next.wake_waiters {
             // Now waiting requests can tell whether the retry comes in time for them.
             self.cred.wake_waiters();
+        }
+    }
+
+    /// Writes the state a stopped predecessor could not (a reload during a store
+    /// outage) before anything else: it may hold the only live refresh token. `Err`
+    /// when this refresher was stopped in turn and handed it on.
+    async fn take_over_pending_write(&mut self) -> Result<(), Failure> {
+        let (Some(store), Some(pending)) = (self.store.clone(), self.handover.clone()) else {
+            return Ok(());
+        };
+        let Some(state) = pending.take(self.name()) else {
+            return Ok(());
+        };
+        warn!(credential = %self.name(), generation = state.generation, "the new refresher takes over the write of a rotated refresh token the store has not kept yet");
+        match self.write_durably(&store, state).await {
+            Ok(written) => {
+                info!(credential = %self.name(), generation = written.generation, "the rotated refresh token handed over is stored");
+                Ok(())
+            }
+            Err(Failure::HandedOver) => Err(Failure::HandedOver),
+            // Superseded by a seed or authorize: startup reads what won.
+            Err(_) => Ok(()),
         }
     }
 
@@ -605,7 +644,7 @@ impl Refresher {
                 self.cred.record(trigger, result, None, Some(took));
                 Attempt::Done
             }
-            Err(Failure::Idle) => Attempt::Idle,
+            Err(Failure::Idle | Failure::HandedOver) => Attempt::Idle,
             Err(Failure::Error(e)) => {
                 warn!(
                     credential = %self.name(),
@@ -632,6 +671,8 @@ enum Failure {
     Error(RefreshError),
     /// Nothing to do until the store changes; already reported.
     Idle,
+    /// Stopping: the durable write of this attempt is left to the next refresher.
+    HandedOver,
 }
 
 async fn sleep_until(at: Option<Instant>) {

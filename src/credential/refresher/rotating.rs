@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 use crate::oauth::{GrantRequest, TokenAnswer, TokenError};
 use crate::store::{now_ms, CasOutcome, InDoubt, Lease, Rotation, Store, StoredState};
 
+use super::handover::{self, WriteStep};
+
 use super::decide::rotation::{LEASE_POLL, LONG_LIVED_EXPIRED, NO_REFRESH_TOKEN};
 use super::decide::{self, AfterAnswer, AfterRejection, LeaseBusy, Loaded, Spend, UnderLease};
 use super::in_doubt;
@@ -359,52 +361,47 @@ impl Refresher {
         policy::refresh_token_expiry(issued, lifetimes)
     }
 
-    /// Compare-and-swap of `new` over generation `expected`, retried while the store
-    /// fails (the answer being written may hold the only live refresh token).
-    async fn write_durably(
+    /// Compare-and-swap of `new` over the generation before it, retried while the store
+    /// fails (the answer being written may hold the only live refresh token). Never
+    /// given up: a refresher stopped meanwhile hands the write over (see [`handover`]),
+    /// or, without anyone to take it, keeps trying until only SIGKILL ends it.
+    pub(super) async fn write_durably(
         &mut self,
         store: &Arc<dyn Store>,
         new: StoredState,
     ) -> Result<StoredState, Failure> {
-        let mut delay = Duration::from_millis(50);
+        let mut delay = None;
         loop {
-            let expected = new.generation - 1;
-            match store.compare_and_swap(self.name(), expected, &new).await {
-                Ok(CasOutcome::Swapped) => {
+            match handover::write_once(store.as_ref(), self.name(), &new).await {
+                WriteStep::Kept => {
                     self.metrics.store_op("compare_and_swap", true);
                     self.cred.set_store_error(None);
                     return Ok(new);
                 }
-                Ok(CasOutcome::Conflict { current_generation })
-                    if current_generation == new.generation
-                        && self.is_our_write(store, &new).await =>
-                {
-                    // An earlier attempt was written but its answer was lost.
-                    self.metrics.store_op("compare_and_swap", true);
-                    self.cred.set_store_error(None);
-                    return Ok(new);
-                }
-                Ok(CasOutcome::Conflict { current_generation }) => {
+                WriteStep::Superseded { found } => {
                     self.metrics.store_op("compare_and_swap", false);
                     // Only a write without the lease (seed/authorize) can get here; the
                     // operator's new state wins and is adopted through the watch.
-                    error!(credential = %self.name(), expected, found = current_generation,
+                    error!(credential = %self.name(), expected = new.generation - 1, found,
                         "stored state changed during a refresh (seed or authorize?); keeping the stored state");
                     return Err(Failure::Error(RefreshError::StoredStateChanged));
                 }
-                Err(e) => {
+                WriteStep::Failed(e) => {
                     self.metrics.store_op("compare_and_swap", false);
                     self.cred.set_store_error(Some(e.to_string()));
-                    // Never given up, not even when stopping (shutdown, or a reload that
-                    // changed this credential waits for it): it may hold the only live
-                    // refresh token. Only SIGKILL ends this loop.
+                    let wait = handover::next_delay(delay);
                     if self.shutdown.is_cancelled() {
-                        error!(credential = %self.name(), error = %e, retry_in = ?delay, "stopping, but the rotated refresh token is not stored yet: waiting for the store (the process must not be killed now)");
+                        if let Some(pending) = &self.handover {
+                            warn!(credential = %self.name(), error = %e, generation = new.generation, "stopping with the rotated refresh token not stored yet: its write is handed over");
+                            pending.put(self.name(), new);
+                            return Err(Failure::HandedOver);
+                        }
+                        error!(credential = %self.name(), error = %e, retry_in = ?wait, "stopping, but the rotated refresh token is not stored yet: waiting for the store (the process must not be killed now)");
                     } else {
-                        error!(credential = %self.name(), error = %e, retry_in = ?delay, "cannot persist the rotated token yet; retrying");
+                        error!(credential = %self.name(), error = %e, retry_in = ?wait, "cannot persist the rotated token yet; retrying");
                     }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(wait).await;
+                    delay = Some(wait);
                 }
             }
         }
@@ -430,12 +427,6 @@ impl Refresher {
         let new = self.write_durably(store, new).await?;
         self.known_generation = new.generation;
         Ok(new)
-    }
-
-    /// True if the store holds exactly `new` (same generation and refresh token).
-    async fn is_our_write(&self, store: &Arc<dyn Store>, new: &StoredState) -> bool {
-        matches!(store.load(self.name()).await,
-            Ok(Some(s)) if s.generation == new.generation && s.refresh_token == new.refresh_token)
     }
 
     /// `invalid_grant`: adopt if another process rotated meanwhile, else record that a
