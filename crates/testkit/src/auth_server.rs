@@ -419,6 +419,7 @@ impl AuthServer {
             origin,
             opts,
             state: Mutex::new(State::default()),
+            held: tokio::sync::watch::Sender::new(false),
         });
         let handler_shared = Arc::clone(&shared);
         let server = Server::start(listener, tls, move |req| {
@@ -529,6 +530,20 @@ impl AuthServer {
     }
 
     /// Changes how the token endpoint behaves from the next request on.
+    /// Holds every token request before it is processed until
+    /// [`release_token_requests`](Self::release_token_requests): a refresh stays in
+    /// flight for as long as a test needs, however fast the machine is.
+    pub fn hold_token_requests(&self) {
+        tracing::info!("demo auth server: token requests held");
+        self.shared.held.send_replace(true);
+    }
+
+    /// Lets held and later token requests proceed.
+    pub fn release_token_requests(&self) {
+        tracing::info!("demo auth server: token requests released");
+        self.shared.held.send_replace(false);
+    }
+
     pub fn set_mode(&self, mode: FailureMode) {
         tracing::info!(?mode, "demo auth server: failure mode set");
         self.shared.lock().mode = mode;
@@ -612,6 +627,9 @@ struct Shared {
     // A plain mutex: it is never held across an await, and every token operation
     // (check, retire, issue) must be atomic for rotation to be race-free.
     state: Mutex<State>,
+    /// True while token requests are held before processing, see
+    /// [`AuthServer::hold_token_requests`].
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -926,6 +944,7 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
 }
 
 async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let _ = shared.held.subscribe().wait_for(|held| !held).await;
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_TOKEN_REQUEST_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
