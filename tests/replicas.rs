@@ -1571,7 +1571,8 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
         return;
     }
     let mut redis = RedisServer::start().await;
-    let auth = AuthServer::start(rotating(Duration::from_secs(6)))
+    // 30 s tokens refreshed after 3 s: the token in use stays valid through the outage.
+    let auth = AuthServer::start(rotating(Duration::from_secs(30)))
         .await
         .unwrap();
     let api = ApiServer::start(Some(auth.validator())).await.unwrap();
@@ -1584,7 +1585,20 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
         api_url: &api_url,
         token_timeout: "10s",
     };
-    let mut replicas = start_fleet(1, dir.path(), "handover", &spec, &auth).await;
+    let mut replica = Replica::new(dir.path(), "handover", &spec);
+    let yaml = std::fs::read_to_string(&replica.config).unwrap();
+    std::fs::write(
+        &replica.config,
+        yaml.replace(
+            "    token_timeout: 10s\n",
+            "    token_timeout: 10s\n    refresh_at: 0.1\n",
+        ),
+    )
+    .unwrap();
+    seed(&replica, &auth);
+    replica.spawn();
+    replica.ready(Duration::from_secs(20)).await;
+    let mut replicas = [replica];
     // The next rotation is made at once and answered 4 s later, with the store gone.
     auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
     let acted = support::eventually(Duration::from_secs(20), || {
@@ -1617,6 +1631,13 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
         .send()
         .await;
     let reloaded_in_outage = reload.is_ok_and(|r| r.status().as_u16() == 200);
+    // The changed credential serves the token in use until its own is stored.
+    let served_in_outage = reqwest::Client::new()
+        .get(replicas[0].url("/api/v4/leads"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
     redis.spawn().await;
     let auth_ref = &auth;
     let kept = support::eventually(Duration::from_secs(30), || {
@@ -1637,6 +1658,10 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
     match change {
         ReloadChange::Setting => {
             assert!(log.contains("takes over"), "{log}");
+            assert!(
+                matches!(served_in_outage, Ok(200)),
+                "during the outage: {served_in_outage:?}\n{log}"
+            );
             let served = support::eventually(Duration::from_secs(20), || {
                 let url = replicas[0].url("/api/v4/leads");
                 async move {

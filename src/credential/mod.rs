@@ -309,6 +309,22 @@ impl Credential {
         Ok(())
     }
 
+    /// Serves `from`'s current token until this credential's refresher publishes one of
+    /// its own: a reload that changes a credential's settings, but not whom its tokens
+    /// are issued to, keeps requests served, also while the store is unreachable.
+    pub fn carry_over(&self, from: &Credential) {
+        let Some(t) = from.current() else { return };
+        let expiry = t.expiry_known.then_some(t.expires_at_wall);
+        // The token made valid headers before; it makes them again.
+        let _ = self.publish_with_fields(
+            t.secret(),
+            t.generation,
+            expiry,
+            t.fields.clone(),
+            &BTreeMap::new(),
+        );
+    }
+
     /// The fields kept with the current token (for a refresh answer to update: a field
     /// it omits keeps its value).
     pub(crate) fn current_fields(&self) -> BTreeMap<String, String> {

@@ -95,6 +95,11 @@ impl ActiveToken {
         })
     }
 
+    /// The access token itself.
+    pub(crate) fn secret(&self) -> &Secret {
+        &self.access_token
+    }
+
     /// The same token with header values for `formats` (a superset of the formats it
     /// was built for: formats already handed out keep their index).
     pub(crate) fn with_formats(&self, formats: &[String]) -> Result<ActiveToken, InvalidToken> {

@@ -251,6 +251,11 @@ impl Instance {
                             != cfg.token_endpoint_identity()
                     });
                     let cred = Arc::new(Credential::new(Arc::new(cfg), ctx.metrics.clone()));
+                    if let Some(o) = old.filter(|o| {
+                        !other_identity && o.credential.config.grant == cred.config.grant
+                    }) {
+                        cred.carry_over(&o.credential);
+                    }
                     let mut p =
                         Prepared::new(cred, &ctx).map_err(|source| ApplyError::Credential {
                             name: name.clone(),
