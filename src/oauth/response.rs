@@ -702,6 +702,33 @@ mod tests {
         assert_eq!(r.refresh_token.unwrap().expose(), "r2");
     }
 
+    /// Real answers carry long JWTs (Entra ID and Keycloak tokens run to several KiB):
+    /// an answer of up to the limit is judged whole; one byte more is not strict JSON,
+    /// and its refresh token is still kept.
+    #[test]
+    fn answers_up_to_the_limit_are_judged_whole() {
+        let long_jwt = "e".repeat(16 * 1024);
+        let real = format!(r#"{{"access_token":"{long_jwt}","expires_in":60}}"#);
+        let r = p(200, real.as_bytes(), D).unwrap().into_response().unwrap();
+        assert_eq!(r.access_token.expose(), long_jwt);
+        let frame = r#"{"access_token":"","expires_in":60,"refresh_token":"r2"}"#;
+        let jwt = "e".repeat(ANSWER_LIMIT - frame.len());
+        let at_limit =
+            format!(r#"{{"access_token":"{jwt}","expires_in":60,"refresh_token":"r2"}}"#);
+        assert_eq!(at_limit.len(), ANSWER_LIMIT);
+        let r = p(200, at_limit.as_bytes(), D)
+            .unwrap()
+            .into_response()
+            .unwrap();
+        assert_eq!(r.access_token.expose().len(), jwt.len());
+        assert_eq!(r.expires_in, Duration::from_secs(60));
+        let over = format!(r#"{{"access_token":"{jwt}e","expires_in":60,"refresh_token":"r2"}}"#);
+        let answer = p(200, over.as_bytes(), D).unwrap();
+        assert_eq!(answer.refresh_token.unwrap().expose(), "r2");
+        let e = answer.access.unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+    }
+
     /// Two names for the refresh token's lifetime: the shorter one holds.
     #[test]
     fn two_names_for_the_refresh_lifetime_take_the_shorter() {
