@@ -415,6 +415,22 @@ def test_secrets_are_mounted_files_never_inlined(name: str, example_chart: Path)
         assert any(m["mountPath"] == "/run/secrets/tokenrelay" and m["readOnly"] for m in c["volumeMounts"]) == bool(referenced)
 
 
+def test_admin_token_comes_from_a_mounted_secret() -> None:
+    """`admin.tokenSecretRef` mounts the Secret key as a file and names it in
+    `admin.token_file`; without it the config has no admin token."""
+    values = support.load_values("default")
+    values["admin"] = {"port": 9090, "tokenSecretRef": {"name": "relay-admin", "key": "token"}}
+    docs = support.manifests(support.render_chart(CHART, values))
+    cfg = support.config(docs)
+    path = "/run/secrets/tokenrelay/admin/token"
+    assert cfg["admin"] == {"listen": "0.0.0.0:9090", "token_file": path}
+    assert "token_file" not in cfg["store"]
+    spec = support.pod_spec(support.one(docs, "Deployment"))
+    assert mounted_secret_items(spec)[path] == ("relay-admin", "token")
+    plain = support.config(support.manifests(support.render_set("default")))
+    assert "token_file" not in plain["admin"]
+
+
 def test_redis_url_comes_from_a_secret_through_env() -> None:
     docs = support.manifests(support.render_set("redis"))
     cfg = support.config(docs)

@@ -139,6 +139,11 @@ secretsDir. Projected without subPath, so rotated keys and certificates reach th
 {{- $files = append $files (dict "credential" "" "configKey" "encryption_key_file" "secretName" .name "secretKey" .key "path" "store/encryption-key") }}
 {{- end }}
 {{- end }}
+{{- with .Values.admin.tokenSecretRef }}
+{{- if .name }}
+{{- $files = append $files (dict "credential" "" "admin" true "configKey" "token_file" "secretName" .name "secretKey" .key "path" "admin/token") }}
+{{- end }}
+{{- end }}
 {{- toYaml $files }}
 {{- end }}
 
@@ -235,7 +240,7 @@ keys, so the output is stable and its checksum changes only when the config does
 {{- $_ := set $store "endpoints" .Values.store.etcd.endpoints }}
 {{- end }}
 {{- range $files }}
-{{- if and (not .credential) (not .upstream) }}
+{{- if and (not .credential) (not .upstream) (not .admin) }}
 {{- $_ := set $store .configKey (printf "%s/%s" $secretsDir .path) }}
 {{- end }}
 {{- end }}
@@ -264,7 +269,13 @@ keys, so the output is stable and its checksum changes only when the config does
 {{- $_ := set (index $upstreams .upstream) .configKey (printf "%s/%s" $secretsDir .path) }}
 {{- end }}
 {{- end }}
-{{- $config := dict "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port))) "store" $store "credentials" $credentials "upstreams" $upstreams }}
+{{- $admin := dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)) }}
+{{- range $files }}
+{{- if .admin }}
+{{- $_ := set $admin .configKey (printf "%s/%s" $secretsDir .path) }}
+{{- end }}
+{{- end }}
+{{- $config := dict "admin" $admin "store" $store "credentials" $credentials "upstreams" $upstreams }}
 {{- with .Values.log }}
 {{- $_ := set $config "log" (deepCopy .) }}
 {{- end }}
