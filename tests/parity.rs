@@ -988,6 +988,75 @@ async fn a_url_template_is_served_alike() {
     .await;
 }
 
+/// A WebSocket handshake: sent with the upgrade headers and the credential, sent again
+/// with a newer token after a 401; the upstream's 101 reaches the app without its
+/// hop-by-hop headers, followed by the tunnel's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_handshake_is_retried_after_a_401_and_switches() {
+    // Each engine's first handshake gets a 401, its retry the 101 (runs are sequential).
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let script: Arc<upstream::Script> = Arc::new(move |_: &Seen, _| {
+        if handshakes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .is_multiple_of(2)
+        {
+            return vec![Step::Send(response("401 Unauthorized", "", "no"))];
+        }
+        let mut switched =
+            b"HTTP/1.1 101 Switching Protocols\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\
+            Upgrade: websocket\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                .to_vec();
+        switched.extend_from_slice(b"from upstream");
+        vec![
+            Step::Send(switched),
+            Step::Sleep(Duration::from_millis(200)),
+            Step::Close,
+        ]
+    });
+    let case = Case {
+        config: "",
+        base_path: "/base",
+        app: vec![App::Send(
+            b"GET /chat?room=1 HTTP/1.1\r\nHost: app.local\r\nConnection: keep-alive, Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Basic app\r\n\r\n"
+                .to_vec(),
+        )],
+        methods: vec!["GET"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [101]);
+        assert_eq!(o.upstream.len(), 2, "{:#?}", o.upstream);
+        for up in &o.upstream {
+            assert!(up.starts_with("GET /base/chat?room=1 HTTP/1.1"), "{up}");
+            for kept in [
+                "connection: upgrade",
+                "upgrade: websocket",
+                "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+                "authorization: Bearer TOKEN",
+            ] {
+                assert!(up.contains(kept), "{kept} did not reach the upstream: {up}");
+            }
+            assert!(
+                !up.contains("keep-alive") && !up.contains("Basic app"),
+                "{up}"
+            );
+        }
+        let r = &o.app[0];
+        assert_eq!(r.header("connection"), Some("upgrade"));
+        assert_eq!(r.header("upgrade"), Some("websocket"));
+        assert_eq!(
+            r.header("sec-websocket-accept"),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        assert_eq!((r.header("x-hop"), r.header("keep-alive")), (None, None));
+        assert_eq!(o.trailing, "from upstream");
+    })
+    .await;
+}
+
 /// `token_query_param`: the app's own `auth` pairs are replaced by the token (also
 /// sent as the header), and response headers that would hand the token back are
 /// cleaned (a redirect keeping the query) or dropped (the token elsewhere).
