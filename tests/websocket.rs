@@ -457,3 +457,51 @@ async fn a_handshake_with_a_body_is_refused_with_400() {
         relay.stop().await;
     }
 }
+
+/// A client that sends its first message right behind the handshake, before the 101
+/// (as the handshake's own bytes allow): the message reaches the upstream once it
+/// switched, and its echo comes back, on both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_with_the_handshake_goes_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    for engine in ENGINES {
+        let server = EchoServer::start(engine.tls()).await;
+        let (relay, _dir) = relay(&server, &auth, engine.config()).await;
+        let mut request = b"GET /early HTTP/1.1\r\nHost: app.local\r\nConnection: Upgrade\r\n\
+            Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            .to_vec();
+        // A masked text frame "early" (a client's frames are masked, RFC 6455 §5.3).
+        let key = [1u8, 2, 3, 4];
+        request.extend_from_slice(&[0x81, 0x80 | 5]);
+        request.extend_from_slice(&key);
+        request.extend(b"early".iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
+            .await
+            .unwrap();
+        conn.write_all(&request).await.unwrap();
+        let echo = b"\x81\x05early";
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while !got.windows(echo.len()).any(|w| w == echo) {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(support::raw_status(&text), Some(101), "{engine:?}: {text}");
+        assert!(
+            got.windows(echo.len()).any(|w| w == echo),
+            "{engine:?}: no echo of the early message: {text:?}"
+        );
+        drop(conn);
+        relay.stop().await;
+    }
+}
