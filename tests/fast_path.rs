@@ -74,6 +74,29 @@ impl ScriptedUpstream {
         script: Arc<Script>,
     ) -> ScriptedUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, pause, tls, script)
+    }
+
+    /// As [`Self::start_reading_after`], on a listener whose connections have a narrow
+    /// window (small segments, a small receive buffer): what a sender can put in its
+    /// socket before the upstream reads is then small and the same on every connection
+    /// (100 to 150 KiB on Linux), so a sweep of body sizes meets it.
+    async fn start_narrow(pause: Duration, tls: bool, script: Arc<Script>) -> ScriptedUpstream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Advertised in the SYN-ACK: the sender's buffer is sized from it.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::TcpMaxSeg, &1000).unwrap();
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
+        Self::start_on(listener, pause, tls, script)
+    }
+
+    fn start_on(
+        listener: TcpListener,
+        pause: Duration,
+        tls: bool,
+        script: Arc<Script>,
+    ) -> ScriptedUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -650,6 +673,56 @@ async fn a_large_body_reaches_a_slow_upstream_whole() {
             "{}",
             resp.head
         );
+        tr.stop().await;
+    }
+}
+
+/// Over TLS, the request's last bytes can still sit in rustls when the write of head and
+/// body returns: the socket was full, and rustls had taken in the rest of the plaintext
+/// (up to 64 KiB of records). Nothing writes again while the response is awaited; the
+/// fast path's flush sends them. That happens when the request is larger than what the
+/// socket holds by at most 64 KiB and the upstream starts reading late. Sizes from 64
+/// KiB up in steps of 48 KiB, each on a new upstream connection, meet that window on
+/// an upstream whose window is narrow (see [`ScriptedUpstream::start_narrow`]); without
+/// the flush, the upstream waits for the rest of the body and the app gets a 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_of_every_size_reach_an_upstream_that_reads_late() {
+    for tls in [false, true] {
+        println!("over TLS: {tls}");
+        let up = ScriptedUpstream::start_narrow(
+            Duration::from_millis(200),
+            tls,
+            Arc::new(|seen: &Seen, _| {
+                let body = seen.body.len().to_string();
+                Reply::SendAndClose(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes(),
+                )
+            }),
+        )
+        .await;
+        let (_demo, tr) = relay_with(&up, ", retry_body_limit: 1MiB").await;
+        let mut conn = AppConn::open(&tr).await;
+        for size in (64..=640).step_by(48).map(|k| k * 1024) {
+            let mut request =
+                format!("POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n")
+                    .into_bytes();
+            request.resize(request.len() + size, b'x');
+            let resp = conn.exchange(&request).await;
+            assert_eq!(
+                (
+                    resp.status,
+                    String::from_utf8_lossy(&resp.body).into_owned()
+                ),
+                (200, size.to_string()),
+                "a body of {size} bytes: {}",
+                resp.head
+            );
+        }
+        assert_eq!(up.connections.load(Ordering::SeqCst), 13);
         tr.stop().await;
     }
 }

@@ -5,7 +5,8 @@
 //! records what the upstream received and what the app received, normalised (header
 //! names lower-cased and sorted, the token, upstream authority and dates masked, bodies
 //! decoded), checks the case's expectation on each engine, and requires both engines to
-//! agree exactly. A rule changed in one engine only fails here.
+//! agree exactly. A rule changed in one engine only fails here. A case can also run with the
+//! upstream's url as a template the token answer fills in (`{token.instance_url}`).
 
 mod support;
 #[path = "parity/upstream.rs"]
@@ -110,14 +111,49 @@ fn echo_target() -> Arc<upstream::Script> {
     })
 }
 
-async fn run(engine: Engine, case: &Case) -> Observed {
+/// How the upstream's url is configured.
+#[derive(Clone, Copy, Debug)]
+enum Url {
+    /// `url: "http(s)://host:port{base_path}"`.
+    Fixed,
+    /// `url: "{token.instance_url}{base_path}"`, the token answers naming the upstream's
+    /// origin as `instance_url`.
+    Template,
+}
+
+async fn run(engine: Engine, case: &Case, url: Url) -> Observed {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
     let up = Upstream::start(engine.tls(), case.script.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = relay_yaml(&auth, &up, engine, &dir, case.base_path, case.config);
+    let yaml = match url {
+        Url::Fixed => yaml,
+        Url::Template => {
+            let origin = origin_of(&up);
+            let mut fields = serde_json::Map::new();
+            fields.insert("instance_url".into(), origin.clone().into());
+            auth.set_answer_fields(fields);
+            let fixed = format!("url: \"{origin}{}\"", case.base_path);
+            assert!(yaml.contains(&fixed), "{yaml}");
+            yaml.replace(
+                &fixed,
+                &format!("url: \"{{token.instance_url}}{}\"", case.base_path),
+            )
+        }
+    };
     let relay = support::start(&yaml).await;
+    if matches!(url, Url::Template) {
+        // Until a token names the url, a templated upstream's requests are the general
+        // engine's: the fast one is compared only once it can serve them.
+        let ready = relay.admin_url("/readyz");
+        let is_ready = || async {
+            let r = support::client().get(ready.as_str()).send().await;
+            r.is_ok_and(|r| r.status() == 200)
+        };
+        assert!(support::eventually(Duration::from_secs(10), is_ready).await);
+    }
     let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
         .await
         .unwrap();
@@ -152,6 +188,14 @@ async fn run(engine: Engine, case: &Case) -> Observed {
     }
 }
 
+/// The scheme and authority tokenrelay is configured to reach `up` at.
+fn origin_of(up: &Upstream) -> String {
+    match &up.ca_pem {
+        None => format!("http://127.0.0.1:{}", up.addr.port()),
+        Some(_) => format!("https://localhost:{}", up.addr.port()),
+    }
+}
+
 /// tokenrelay in front of `up` (plain http, or https trusting its CA, whose PEM goes to
 /// `dir`), with `config` as extra upstream YAML entries.
 fn relay_yaml(
@@ -162,9 +206,10 @@ fn relay_yaml(
     base_path: &str,
     config: &str,
 ) -> String {
+    let origin = origin_of(up);
     let (url, extra) = match &up.ca_pem {
         None => (
-            format!("http://127.0.0.1:{}{base_path}", up.addr.port()),
+            format!("{origin}{base_path}"),
             "allow_insecure_http: true".to_string(),
         ),
         Some(pem) => {
@@ -176,7 +221,7 @@ fn relay_yaml(
                 ""
             };
             (
-                format!("https://localhost:{}{base_path}", up.addr.port()),
+                format!("{origin}{base_path}"),
                 format!("ca_file: \"{}\"{http2}", ca.display()),
             )
         }
@@ -194,9 +239,14 @@ fn relay_yaml(
 
 /// Runs `case` on both engines (the fast one over plain http and TLS); each result must satisfy `check`, and they must agree.
 async fn both(case: Case, check: impl Fn(&Observed)) {
-    let fast = run(Engine::Fast, &case).await;
-    let fast_tls = run(Engine::FastTls, &case).await;
-    let hyper = run(Engine::Hyper, &case).await;
+    both_with(Url::Fixed, case, check).await
+}
+
+/// As [`both`], with the upstream's url configured as `url` says.
+async fn both_with(url: Url, case: Case, check: impl Fn(&Observed)) {
+    let fast = run(Engine::Fast, &case, url).await;
+    let fast_tls = run(Engine::FastTls, &case, url).await;
+    let hyper = run(Engine::Hyper, &case, url).await;
     for (engine, seen) in [
         (Engine::Fast, &fast),
         (Engine::FastTls, &fast_tls),
@@ -869,6 +919,140 @@ async fn hop_by_hop_credentials_and_redirects_are_handled_alike() {
         assert_eq!(r.header("keep-alive"), None);
         assert_eq!(r.header("proxy-foo"), None);
         assert_eq!(r.header("x-kept"), Some("yes"));
+    })
+    .await;
+}
+
+/// A url template (`{token.instance_url}/base`): the requests go to the origin the token
+/// answer names, under the template's path, with the credential; a body arrives whole,
+/// and the upstream's redirects to its own urls are pointed at the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_template_is_served_alike() {
+    let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
+        let target = seen.head.split(' ').nth(1).unwrap_or("").to_string();
+        let host = seen
+            .head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("host: ")
+                    .or_else(|| l.strip_prefix("Host: "))
+            })
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let scheme = if host.starts_with("localhost") {
+            "https"
+        } else {
+            "http"
+        };
+        let answer = if target.starts_with("/base/moved") {
+            response(
+                "301 Moved Permanently",
+                &format!("Location: {scheme}://{host}/base/new?y=2\r\n"),
+                "",
+            )
+        } else {
+            ok(&format!("{target} {}", seen.body.len()))
+        };
+        vec![Step::Send(answer)]
+    });
+    let case = Case {
+        config: "",
+        base_path: "/base",
+        app: vec![
+            App::Send(get("/a/b?x=1")),
+            App::Send(
+                b"POST /submit HTTP/1.1\r\nHost: app.local\r\nContent-Length: 5\r\n\r\nhello"
+                    .to_vec(),
+            ),
+            App::Send(get_close("/moved")),
+        ],
+        methods: vec!["GET", "POST", "GET"],
+        script,
+    };
+    both_with(Url::Template, case, |o| {
+        assert_eq!(statuses(o), [200, 200, 301]);
+        assert_eq!(o.app[0].body, "/base/a/b?x=1 0");
+        assert_eq!(o.app[1].body, "/base/submit 5");
+        assert_eq!(
+            o.app[2].header("location"),
+            Some("http://app.local/new?y=2")
+        );
+        assert_eq!(o.upstream.len(), 3, "{:?}", o.upstream);
+        for up in &o.upstream {
+            assert!(up.contains("authorization: Bearer TOKEN"), "{up}");
+            assert!(up.contains("host: UPSTREAM"), "{up}");
+        }
+        assert!(o.upstream[1].ends_with("body: hello"), "{}", o.upstream[1]);
+    })
+    .await;
+}
+
+/// A WebSocket handshake: sent with the upgrade headers and the credential, sent again
+/// with a newer token after a 401; the upstream's 101 reaches the app without its
+/// hop-by-hop headers, followed by the tunnel's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_handshake_is_retried_after_a_401_and_switches() {
+    // Each engine's first handshake gets a 401, its retry the 101 (runs are sequential).
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let script: Arc<upstream::Script> = Arc::new(move |_: &Seen, _| {
+        if handshakes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .is_multiple_of(2)
+        {
+            return vec![Step::Send(response("401 Unauthorized", "", "no"))];
+        }
+        let mut switched =
+            b"HTTP/1.1 101 Switching Protocols\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\
+            Upgrade: websocket\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                .to_vec();
+        switched.extend_from_slice(b"from upstream");
+        vec![
+            Step::Send(switched),
+            Step::Sleep(Duration::from_millis(200)),
+            Step::Close,
+        ]
+    });
+    let case = Case {
+        config: "",
+        base_path: "/base",
+        app: vec![App::Send(
+            b"GET /chat?room=1 HTTP/1.1\r\nHost: app.local\r\nConnection: keep-alive, Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Basic app\r\n\r\n"
+                .to_vec(),
+        )],
+        methods: vec!["GET"],
+        script,
+    };
+    both(case, |o| {
+        assert_eq!(statuses(o), [101]);
+        assert_eq!(o.upstream.len(), 2, "{:#?}", o.upstream);
+        for up in &o.upstream {
+            assert!(up.starts_with("GET /base/chat?room=1 HTTP/1.1"), "{up}");
+            for kept in [
+                "connection: upgrade",
+                "upgrade: websocket",
+                "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+                "authorization: Bearer TOKEN",
+            ] {
+                assert!(up.contains(kept), "{kept} did not reach the upstream: {up}");
+            }
+            assert!(
+                !up.contains("keep-alive") && !up.contains("Basic app"),
+                "{up}"
+            );
+        }
+        let r = &o.app[0];
+        assert_eq!(r.header("connection"), Some("upgrade"));
+        assert_eq!(r.header("upgrade"), Some("websocket"));
+        assert_eq!(
+            r.header("sec-websocket-accept"),
+            Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        );
+        assert_eq!((r.header("x-hop"), r.header("keep-alive")), (None, None));
+        assert_eq!(o.trailing, "from upstream");
     })
     .await;
 }

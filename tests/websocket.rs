@@ -1,7 +1,9 @@
 //! WebSocket through both engines: a real client (tokio-tungstenite) talks to the
 //! listener, a real WebSocket server sits behind it on plain http (ws) or behind TLS
-//! with a private CA (wss). The handshake carries the credential, messages flow both
-//! ways, the tunnel ends with either side or after the idle timeout, and it is counted.
+//! with a private CA (wss). The fast engine serves both; the general one serves the TLS
+//! upstream configured with `http2: true`. The handshake carries the credential,
+//! messages flow both ways, the tunnel ends with either side or after the idle timeout,
+//! and it is counted.
 
 mod support;
 #[path = "parity/upstream.rs"]
@@ -17,6 +19,49 @@ use testkit::{AuthServer, AuthServerOptions};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
+
+/// The engine that serves an upstream: the fast one over plain http or TLS, or the
+/// general one (TLS with `http2: true`, which the fast engine leaves to it).
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Fast,
+    FastTls,
+    General,
+}
+
+const ENGINES: [Engine; 3] = [Engine::Fast, Engine::FastTls, Engine::General];
+
+impl Engine {
+    fn tls(self) -> bool {
+        !matches!(self, Engine::Fast)
+    }
+
+    /// Upstream YAML entries that pick this engine.
+    fn config(self) -> &'static str {
+        match self {
+            Engine::General => ", http2: true",
+            _ => "",
+        }
+    }
+
+    /// The engine `/status` names for the upstream.
+    fn name(self) -> &'static str {
+        match self {
+            Engine::General => "general",
+            _ => "fast",
+        }
+    }
+}
+
+/// The relay's upstream `api` is served by `engine`, as `/status` says.
+async fn assert_engine(relay: &support::Running, engine: Engine) {
+    let status = support::status_json(&relay.admin_url("")).await;
+    assert_eq!(
+        status["upstreams"]["api"]["engine"],
+        engine.name(),
+        "{engine:?}"
+    );
+}
 
 /// A WebSocket echo server; records each handshake's path and Authorization header.
 struct EchoServer {
@@ -137,12 +182,13 @@ async fn relay_to(
     (support::start(&yaml).await, dir)
 }
 
-async fn messages_flow_with_the_credential(tls: bool) {
+async fn messages_flow_with_the_credential(engine: Engine) {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    let server = EchoServer::start(tls).await;
-    let (relay, _dir) = relay(&server, &auth, "").await;
+    let server = EchoServer::start(engine.tls()).await;
+    let (relay, _dir) = relay(&server, &auth, engine.config()).await;
+    assert_engine(&relay, engine).await;
     let url = format!("ws://{}/chat?room=1", relay.upstreams["api"]);
     let (mut ws, resp) = tokio::time::timeout(
         Duration::from_secs(10),
@@ -205,22 +251,34 @@ async fn messages_flow_with_the_credential(tls: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_over_a_plain_http_upstream() {
-    messages_flow_with_the_credential(false).await;
+    messages_flow_with_the_credential(Engine::Fast).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_over_an_https_upstream() {
-    messages_flow_with_the_credential(true).await;
+    messages_flow_with_the_credential(Engine::FastTls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_on_the_general_engine() {
+    messages_flow_with_the_credential(Engine::General).await;
 }
 
 /// A quiet tunnel ends after the listener's idle timeout; the client sees it close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_tunnel_ends_after_the_idle_timeout() {
+    for engine in [Engine::FastTls, Engine::General] {
+        a_quiet_tunnel_ends_on(engine).await;
+    }
+}
+
+async fn a_quiet_tunnel_ends_on(engine: Engine) {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    let server = EchoServer::start(true).await;
-    let (relay, _dir) = relay(&server, &auth, ", limits: { idle_timeout: 1s }").await;
+    let server = EchoServer::start(engine.tls()).await;
+    let extra = format!("{}, limits: {{ idle_timeout: 1s }}", engine.config());
+    let (relay, _dir) = relay(&server, &auth, &extra).await;
     let url = format!("ws://{}/quiet", relay.upstreams["api"]);
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
@@ -233,7 +291,7 @@ async fn a_quiet_tunnel_ends_after_the_idle_timeout() {
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(800) && waited < Duration::from_secs(15),
-        "{waited:?}"
+        "{engine:?}: {waited:?}"
     );
     relay.stop().await;
 }
@@ -320,7 +378,7 @@ fn handshake(extra: &str, body: &str) -> Vec<u8> {
 /// tokenrelay in front of a scripted upstream (plain or TLS) that answers every
 /// request with `answer`.
 async fn scripted(
-    tls: bool,
+    engine: Engine,
     answer: &'static str,
     auth: &AuthServer,
 ) -> (support::Running, upstream::Upstream, tempfile::TempDir) {
@@ -330,8 +388,9 @@ async fn scripted(
             upstream::Step::Sleep(Duration::from_secs(5)),
         ]
     });
-    let up = upstream::Upstream::start(tls, script).await;
-    let (relay, dir) = relay_to(up.addr, up.ca_pem.as_deref(), "", auth, ", timeout: 3s").await;
+    let up = upstream::Upstream::start(engine.tls(), script).await;
+    let extra = format!(", timeout: 3s{}", engine.config());
+    let (relay, dir) = relay_to(up.addr, up.ca_pem.as_deref(), "", auth, &extra).await;
     (relay, up, dir)
 }
 
@@ -342,12 +401,12 @@ async fn a_101_for_another_protocol_is_refused_not_tunnelled() {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    for tls in [false, true] {
+    for engine in ENGINES {
         for answer in [
             "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
         ] {
-            let (relay, up, _dir) = scripted(tls, answer, &auth).await;
+            let (relay, up, _dir) = scripted(engine, answer, &auth).await;
             let got = support::raw_exchange(
                 relay.upstreams["api"],
                 &handshake("", ""),
@@ -357,11 +416,11 @@ async fn a_101_for_another_protocol_is_refused_not_tunnelled() {
             assert_eq!(
                 support::raw_status(&got),
                 Some(502),
-                "tls {tls}, {answer:?}: {got}"
+                "{engine:?}, {answer:?}: {got}"
             );
             assert!(
                 support::raw_body(&got).contains("websocket"),
-                "tls {tls}: {got}"
+                "{engine:?}: {got}"
             );
             assert_eq!(up.seen().len(), 1, "the handshake reached the upstream");
             relay.stop().await;
@@ -377,9 +436,10 @@ async fn a_handshake_with_a_body_is_refused_with_400() {
     let auth = AuthServer::start(AuthServerOptions::default())
         .await
         .unwrap();
-    for tls in [false, true] {
-        let server = EchoServer::start(tls).await;
-        let (relay, _dir) = relay(&server, &auth, ", timeout: 3s").await;
+    for engine in ENGINES {
+        let server = EchoServer::start(engine.tls()).await;
+        let extra = format!(", timeout: 3s{}", engine.config());
+        let (relay, _dir) = relay(&server, &auth, &extra).await;
         for request in [
             handshake("Content-Length: 5\r\n", "hello"),
             handshake("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n0\r\n\r\n"),
@@ -387,10 +447,61 @@ async fn a_handshake_with_a_body_is_refused_with_400() {
             let got =
                 support::raw_exchange(relay.upstreams["api"], &request, Duration::from_secs(10))
                     .await;
-            assert_eq!(support::raw_status(&got), Some(400), "tls {tls}: {got}");
-            assert!(support::raw_body(&got).contains("body"), "tls {tls}: {got}");
+            assert_eq!(support::raw_status(&got), Some(400), "{engine:?}: {got}");
+            assert!(
+                support::raw_body(&got).contains("body"),
+                "{engine:?}: {got}"
+            );
         }
         assert!(server.handshakes.lock().unwrap().is_empty());
+        relay.stop().await;
+    }
+}
+
+/// A client that sends its first message right behind the handshake, before the 101
+/// (as the handshake's own bytes allow): the message reaches the upstream once it
+/// switched, and its echo comes back, on both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_with_the_handshake_goes_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = AuthServer::start(AuthServerOptions::default())
+        .await
+        .unwrap();
+    for engine in ENGINES {
+        let server = EchoServer::start(engine.tls()).await;
+        let (relay, _dir) = relay(&server, &auth, engine.config()).await;
+        let mut request = b"GET /early HTTP/1.1\r\nHost: app.local\r\nConnection: Upgrade\r\n\
+            Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            .to_vec();
+        // A masked text frame "early" (a client's frames are masked, RFC 6455 §5.3).
+        let key = [1u8, 2, 3, 4];
+        request.extend_from_slice(&[0x81, 0x80 | 5]);
+        request.extend_from_slice(&key);
+        request.extend(b"early".iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        let mut conn = tokio::net::TcpStream::connect(relay.upstreams["api"])
+            .await
+            .unwrap();
+        conn.write_all(&request).await.unwrap();
+        let echo = b"\x81\x05early";
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while !got.windows(echo.len()).any(|w| w == echo) {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(support::raw_status(&text), Some(101), "{engine:?}: {text}");
+        assert!(
+            got.windows(echo.len()).any(|w| w == echo),
+            "{engine:?}: no echo of the early message: {text:?}"
+        );
+        drop(conn);
         relay.stop().await;
     }
 }

@@ -1,14 +1,17 @@
 //! The forwarding path of one upstream, and the dispatch of each app connection to an
 //! engine. [`Upstream`] holds the resolved, immutable facts; [`policy`] and [`outcome`]
 //! hold every rule (headers, target, credential, the 401 sequence, errors, metrics and
-//! access log); two engines do only framing and I/O: [`fast`] for plain-http upstreams,
-//! [`hyper`] for everything else (https, HTTP/2, and whatever the fast path hands over).
+//! access log); two engines do only framing and I/O: [`fast`] for upstreams spoken to in
+//! HTTP/1.1 (plain or TLS, WebSocket included), [`hyper`] for the rest (HTTP/2, an egress
+//! proxy, and whatever the fast path hands over). `tunnel` carries WebSocket tunnels
+//! for both.
 
 pub mod fast;
 pub mod hyper;
 pub mod outcome;
 pub mod policy;
 mod rates;
+mod tunnel;
 mod upstream;
 
 pub use rates::Snapshot as RequestRates;

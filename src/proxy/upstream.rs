@@ -139,9 +139,9 @@ impl Upstream {
             })
     }
 
-    /// Which engine serves this upstream's requests: `fast` (HTTP/1.1 to the upstream;
-    /// upgrades and unusual requests still go to the general engine) or `general`
-    /// (HTTP/2, or an egress proxy for a fixed url).
+    /// Which engine serves this upstream's requests: `fast` (HTTP/1.1 to the upstream,
+    /// WebSocket included; unusual requests still go to the general engine) or `general`
+    /// (HTTP/2, or an egress proxy for a fixed url; WebSocket there too).
     pub fn engine(&self) -> &'static str {
         if self.fast.is_some() {
             "fast"

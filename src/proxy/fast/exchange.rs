@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::buffers::reserve;
 use super::framing::Framing;
-use super::head::{self, Redirects, RequestPlan, ResponseHead};
+use super::head::{self, BadResponse, Redirects, RequestPlan, ResponseHead, WebSocket};
 use super::pool::UpstreamConn;
 use super::{Conn, COALESCE_LIMIT, HELD_401_LIMIT, MAX_RESPONSE_HEAD};
 use crate::credential::ActiveToken;
@@ -76,10 +76,17 @@ impl retry::Resend for Resend<'_, '_> {
 
 impl Conn<'_> {
     /// Forwards one request and relays its response. Returns whether the app's
-    /// connection can carry another request.
+    /// connection can carry another request. When the upstream switched a WebSocket
+    /// handshake, its connection is left in `self.switched` for the tunnel (and this
+    /// returns `false`).
     pub(super) async fn exchange(&mut self, plan: &mut RequestPlan) -> bool {
         let started = Instant::now();
         let up = self.up;
+        if plan.websocket == WebSocket::WithBody {
+            return self
+                .refuse(ProxyError::HandshakeWithBody, plan, started)
+                .await;
+        }
         let token = match up.credential.acquire().await {
             Ok(t) => t,
             Err(e) => {
@@ -101,6 +108,9 @@ impl Conn<'_> {
             Err(e) => return self.refuse(e, plan, started).await,
         };
         let plan = &*plan;
+        if resp.status == 101 {
+            return self.switch(conn, &resp, plan, started).await;
+        }
         match self.relay(conn, resp, plan, started).await {
             Ok(keep_open) => keep_open,
             Err(Failed::Before(e)) => self.refuse(e, plan, started).await,
@@ -282,10 +292,11 @@ impl Conn<'_> {
                     &conn.buf,
                     plan.is_head,
                     close,
+                    plan.websocket == WebSocket::Handshake,
                     &redirects,
                     &mut self.head,
                 ) {
-                    Ok(Some(h)) if (100..200).contains(&h.status) => {
+                    Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                         // Interim responses are not passed on (nothing we send asks for one).
                         conn.buf.advance(h.head_len);
                         continue;
@@ -302,6 +313,7 @@ impl Conn<'_> {
                         )))
                     }
                     Ok(None) => {}
+                    Err(BadResponse::NotWebSocket(e)) => return Err(HeadError::Failed(e)),
                     Err(e) => return Err(HeadError::Failed(protocol(e.to_string()))),
                 }
             }
@@ -407,6 +419,28 @@ impl Conn<'_> {
             self.check_in(conn, &resp);
         }
         Ok(!plan.close && !matches!(resp.framing, Framing::UntilClose))
+    }
+
+    /// Sends the app the 101 (with what the upstream sent after its own, the tunnel's
+    /// first bytes) and leaves the upstream connection for the tunnel; it is never
+    /// pooled. Returns `false`: no request follows on the app's connection.
+    async fn switch(
+        &mut self,
+        conn: UpstreamConn,
+        resp: &ResponseHead,
+        plan: &RequestPlan,
+        started: Instant,
+    ) -> bool {
+        self.record(plan, resp.status, started);
+        self.head.extend_from_slice(&conn.buf[resp.head_len..]);
+        self.dl.after(self.up.config.limits.idle_timeout.0);
+        if matches!(
+            self.dl.within(self.client.write_all(&self.head)).await,
+            Some(Ok(()))
+        ) {
+            self.switched = Some(conn);
+        }
+        false
     }
 
     /// Answers with one of our own errors (the shared renderer). Returns whether the

@@ -7,8 +7,10 @@
 //!
 //! It takes the common case only: HTTP/1.1, origin-form targets, no body or a
 //! `Content-Length` body up to the retry limit (held whole, so a 401 can be retried;
-//! `Expect: 100-continue` is answered here). At the first request that is anything
-//! else (chunked or large uploads, other expectations, WebSocket handshakes, HTTP/1.0,
+//! `Expect: 100-continue` is answered here), and WebSocket handshakes (after the
+//! upstream's 101 the connection carries the tunnel until it ends, see
+//! `proxy::tunnel`). At the first request that is anything
+//! else (chunked or large uploads, other expectations, HTTP/1.0,
 //! absolute-form, `CONNECT`, a path escaping the base path, malformed or oversized heads)
 //! the connection is handed, with the bytes already read, to the general hyper path for
 //! the rest of its life, which forwards or refuses it. Both apply the rules of
@@ -121,6 +123,7 @@ pub async fn serve(
         shutdown: &shutdown,
         drain_until: None,
         close_announced: Cell::new(false),
+        switched: None,
         dl: Deadline::new(now + limits.header_read_timeout.0),
     };
     let mut cancelled = pin!(shutdown.cancelled());
@@ -145,6 +148,10 @@ pub async fn serve(
         let mut plan = plan;
         let keep_open = conn.exchange(&mut plan).await;
         conn.inbuf.advance(plan.head_len + plan.body_len);
+        if let Some(upstream) = conn.switched.take() {
+            conn.tunnel(upstream).await;
+            break;
+        }
         if conn.close_announced.get() {
             // Retired: the app was told; it reads the answer, not a reset.
             conn.linger().await;
@@ -188,6 +195,8 @@ struct Conn<'a> {
     drain_until: Option<Instant>,
     /// The answer sent last said `Connection: close` because the connection is retired.
     close_announced: Cell<bool>,
+    /// The upstream connection of a WebSocket handshake the upstream switched.
+    switched: Option<pool::UpstreamConn>,
     dl: Deadline,
 }
 
@@ -386,6 +395,21 @@ impl Conn<'_> {
             self.close_announced.set(true);
         }
         self.close_announced.get()
+    }
+
+    /// Carries a WebSocket tunnel on this connection until it ends: what the app sent
+    /// after its handshake goes first, and the connection's buffers go back to the pool
+    /// for the tunnel's life.
+    async fn tunnel(&mut self, upstream: pool::UpstreamConn) {
+        let mut stream = upstream.stream;
+        if !self.inbuf.is_empty() {
+            self.dl.after(self.up.config.limits.idle_timeout.0);
+            if !matches!(self.dl.within(stream.send(&self.inbuf)).await, Some(Ok(()))) {
+                return;
+            }
+        }
+        buffers::give(self.release_buffers());
+        super::tunnel::carry(self.up, &mut self.client, &mut stream, self.shutdown).await;
     }
 
     /// Takes the connection's buffers out, leaving none allocated.

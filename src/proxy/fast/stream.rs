@@ -22,6 +22,10 @@ impl UpstreamStream {
         self.write_all(buf).await?;
         match self {
             UpstreamStream::Plain(_) => Ok(()),
+            // A write that found the socket full returns once rustls has taken in the
+            // plaintext; its last records are only sent here. Nothing else would write
+            // them while the response is awaited (tests/fast_path.rs,
+            // `bodies_of_every_size_reach_an_upstream_that_reads_late`).
             UpstreamStream::Tls(s) => s.flush().await,
         }
     }

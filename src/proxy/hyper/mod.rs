@@ -420,13 +420,7 @@ async fn websocket_handshake(
         ));
     }
     if !policy::switched_to_websocket(resp.headers()) {
-        let to = resp
-            .headers()
-            .get(header::UPGRADE)
-            .map(HeaderValue::as_bytes);
-        return Err(ProxyError::SwitchedToOtherProtocol(
-            String::from_utf8_lossy(to.unwrap_or_default()).into_owned(),
-        ));
+        return Err(policy::not_websocket_in(resp.headers()));
     }
     let upstream_upgrade = ::hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();

@@ -5,6 +5,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::http_names::{connection_may_drop, list_items, HOP_BY_HOP};
+use crate::proxy::outcome::ProxyError;
 
 /// Whether a header the app sent is one of the app's own credentials, which never reach
 /// the upstream: `Authorization`, and the header tokenrelay puts the credential in.
@@ -50,22 +51,37 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// A header field as bytes, name and value: how the rules below also read a head the
+/// fast engine parsed itself.
+pub type Field<'a> = (&'a [u8], &'a [u8]);
+
+/// The fields of `headers`.
+fn fields(headers: &HeaderMap) -> impl Iterator<Item = Field<'_>> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+}
+
 /// Whether an app's request asks to switch to WebSocket: `Connection` lists `upgrade`
 /// and `Upgrade` lists `websocket` (RFC 9110 §7.8). Any other upgrade (`h2c`, as Java's
 /// default client asks of every http:// request) is ignored, as §7.8 lets a server do:
 /// `Upgrade` and `HTTP2-Settings` are hop-by-hop, so they are dropped, and the request is
 /// served over HTTP/1.1.
 pub fn wants_websocket(headers: &HeaderMap) -> bool {
-    let listed = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| list_items(v.as_bytes()))
-        .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
-    listed
-        && headers
-            .get_all(header::UPGRADE)
-            .iter()
-            .any(|v| lists_websocket(v.as_bytes()))
+    asks_websocket(fields(headers))
+}
+
+/// [`wants_websocket`] over a head's fields.
+pub fn asks_websocket<'a>(fields: impl IntoIterator<Item = Field<'a>>) -> bool {
+    let (mut listed, mut offered) = (false, false);
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"connection") {
+            listed |= list_items(value).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            offered |= lists_websocket(value);
+        }
+    }
+    listed && offered
 }
 
 /// Whether an `Upgrade` value offers WebSocket among its protocols (`name[/version]`).
@@ -82,21 +98,47 @@ fn is_websocket(protocol: &[u8]) -> bool {
 /// for: its `Upgrade` names websocket and nothing else (RFC 9110 §7.8, RFC 6455 §4.1).
 /// A 101 to anything else must not be tunnelled as if it were WebSocket.
 pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
-    let mut protocols = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|v| list_items(v.as_bytes()));
+    upgraded_to_websocket(fields(headers))
+}
+
+/// [`switched_to_websocket`] over a head's fields.
+pub fn upgraded_to_websocket<'a>(fields: impl IntoIterator<Item = Field<'a>>) -> bool {
+    let mut protocols = fields
+        .into_iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"))
+        .flat_map(|(_, value)| list_items(value));
     matches!((protocols.next(), protocols.next()), (Some(p), None) if is_websocket(p))
+}
+
+/// The refusal of a 101 that did not switch to WebSocket: it names the first `Upgrade`
+/// value of the upstream's answer.
+pub fn not_websocket<'a>(fields: impl IntoIterator<Item = Field<'a>>) -> ProxyError {
+    let to = fields
+        .into_iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(b"upgrade"))
+        .map(|(_, value)| value);
+    ProxyError::SwitchedToOtherProtocol(
+        String::from_utf8_lossy(to.unwrap_or_default()).into_owned(),
+    )
+}
+
+/// [`not_websocket`] for a parsed answer.
+pub fn not_websocket_in(headers: &HeaderMap) -> ProxyError {
+    not_websocket(fields(headers))
 }
 
 /// Whether a request carries a body: a `Transfer-Encoding`, or a `Content-Length` other
 /// than 0 (RFC 9112 §6.3). A WebSocket handshake cannot forward one.
 pub fn has_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v.as_bytes().trim_ascii() != b"0")
+    carries_body(fields(headers))
+}
+
+/// [`has_body`] over a head's fields.
+pub fn carries_body<'a>(fields: impl IntoIterator<Item = Field<'a>>) -> bool {
+    fields.into_iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case(b"transfer-encoding")
+            || (name.eq_ignore_ascii_case(b"content-length") && value.trim_ascii() != b"0")
+    })
 }
 
 /// Removes `Expect: 100-continue`: the listener answers it itself before reading the
@@ -116,11 +158,19 @@ pub fn is_100_continue(expect: &[u8]) -> bool {
     expect.trim_ascii().eq_ignore_ascii_case(b"100-continue")
 }
 
-/// Puts back the two headers of a WebSocket upgrade (after hop-by-hop stripping
-/// removed them): in the handshake to the upstream and in its 101 to the app.
+/// The two headers of a WebSocket upgrade as tokenrelay sends them, in the handshake to
+/// the upstream and in its 101 to the app (hop-by-hop stripping removed the peer's own).
+pub const WEBSOCKET_UPGRADE: [(&str, &str); 2] =
+    [("connection", "upgrade"), ("upgrade", "websocket")];
+
+/// Puts back the two headers of a WebSocket upgrade ([`WEBSOCKET_UPGRADE`]).
 pub fn ask_websocket(headers: &mut HeaderMap) {
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    for (name, value) in WEBSOCKET_UPGRADE {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
 }
 
 /// Several `Content-Length` values that all agree are sent as one (RFC 9112 §6.3);

@@ -7,8 +7,8 @@ mod response;
 
 use std::ops::Range;
 
-pub use request::{plan_request, Parsed, RequestPlan, Rules};
-pub use response::{rewrite_response, Redirects, ResponseHead};
+pub use request::{plan_request, Parsed, RequestPlan, Rules, WebSocket};
+pub use response::{rewrite_response, BadResponse, Redirects, ResponseHead};
 
 /// httparse's header slots; more than this many headers goes to the general path.
 const MAX_HEADERS: usize = 100;

@@ -47,6 +47,17 @@ pub struct RequestPlan {
     pub path: Range<usize>,
     /// With `token_query_param`: where in the upstream head the token's query value goes.
     pub token_at: Option<usize>,
+    pub websocket: WebSocket,
+}
+
+/// Whether a request asks to switch to WebSocket ([`policy::asks_websocket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebSocket {
+    No,
+    /// A handshake: sent with the upgrade headers, and a 101 starts a tunnel.
+    Handshake,
+    /// A handshake with a body, which cannot be forwarded: refused.
+    WithBody,
 }
 
 /// Result of looking at the start of the read buffer.
@@ -100,6 +111,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     let mut close = false;
     let mut expect_continue = false;
     let mut host = None;
+    let mut offers_websocket = false;
     for h in req.headers.iter() {
         let name = h.name;
         match name.len() {
@@ -146,10 +158,10 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         if name.eq_ignore_ascii_case("transfer-encoding") {
             return Parsed::Declined;
         }
-        // A WebSocket handshake is the general path's; any other upgrade (h2c) is
-        // ignored, and its hop-by-hop headers are dropped below.
+        // Looked at whole below when it offers WebSocket; any other upgrade (h2c) is
+        // ignored. Either way its hop-by-hop headers are dropped here.
         if name.eq_ignore_ascii_case("upgrade") && policy::lists_websocket(h.value) {
-            return Parsed::Declined;
+            offers_websocket = true;
         }
         if policy::is_hop_by_hop(name) || policy::is_app_credential(name, rules.credential_header) {
             continue;
@@ -163,9 +175,26 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
     if body_len > rules.body_limit {
         return Parsed::Declined;
     }
-    let close_upstream = policy::closes_after(method);
+    let fields = || req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    let websocket = if !offers_websocket || !policy::asks_websocket(fields()) {
+        WebSocket::No
+    } else if policy::carries_body(fields()) {
+        WebSocket::WithBody
+    } else {
+        WebSocket::Handshake
+    };
+    // A handshake asks for the upgrade instead of a close (as the general engine sends it).
+    let close_upstream = policy::closes_after(method) && websocket == WebSocket::No;
     if close_upstream {
         out.extend_from_slice(b"connection: close\r\n");
+    }
+    if websocket == WebSocket::Handshake {
+        for (name, value) in policy::WEBSOCKET_UPGRADE {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     let path_end = target.find(['?', '#']).unwrap_or(target.len());
     let path = range_in(buf, target.as_bytes());
@@ -181,6 +210,7 @@ pub fn plan_request(buf: &[u8], rules: &Rules<'_>, out: &mut Vec<u8>) -> Parsed 
         method: range_in(buf, method.as_bytes()),
         path: path.start..path.start + path_end,
         token_at,
+        websocket,
     })
 }
 
@@ -265,6 +295,30 @@ mod tests {
         assert_eq!(&out[at..], b" HTTP/1.1\r\nhost: api.example.com\r\n");
     }
 
+    /// A WebSocket handshake is sent with the upgrade headers as the general engine sends
+    /// them; one with a body is marked for refusal; `Upgrade` without `Connection:
+    /// upgrade` is an ordinary hop-by-hop header.
+    #[test]
+    fn a_websocket_handshake_keeps_its_upgrade() {
+        let (p, out) = plan(
+            "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\
+             Upgrade: h2c, WebSocket\r\nSec-WebSocket-Key: k\r\n\r\n",
+        );
+        assert_eq!(p.expect("fast").websocket, WebSocket::Handshake);
+        assert_eq!(
+            out,
+            "GET /v1/chat HTTP/1.1\r\nhost: api.example.com\r\nSec-WebSocket-Key: k\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n"
+        );
+        let (p, _) = plan(
+            "GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 1\r\n\r\nx",
+        );
+        assert_eq!(p.expect("fast").websocket, WebSocket::WithBody);
+        let (p, out) = plan("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n");
+        assert_eq!(p.expect("fast").websocket, WebSocket::No);
+        assert_eq!(out, "GET /v1/ HTTP/1.1\r\nhost: api.example.com\r\n");
+    }
+
     #[test]
     fn unusual_requests_are_declined() {
         for head in [
@@ -276,8 +330,6 @@ mod tests {
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 99999\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: something-else\r\nContent-Length: 1\r\n\r\n",
-            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            "GET / HTTP/1.1\r\nUpgrade: h2c, websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n",

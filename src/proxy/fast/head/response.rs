@@ -23,12 +23,14 @@ pub struct ResponseHead {
 }
 
 /// Why an upstream response head could not be used.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum BadResponse {
     /// httparse's error, or a missing/invalid piece.
     Malformed(String),
     /// `101 Switching Protocols` without our asking.
     UnexpectedUpgrade,
+    /// A 101 to a WebSocket handshake that switched to something else.
+    NotWebSocket(crate::proxy::outcome::ProxyError),
 }
 
 impl std::fmt::Display for BadResponse {
@@ -36,6 +38,7 @@ impl std::fmt::Display for BadResponse {
         match self {
             BadResponse::Malformed(why) => write!(f, "invalid response head: {why}"),
             BadResponse::UnexpectedUpgrade => f.write_str("unexpected 101 Switching Protocols"),
+            BadResponse::NotWebSocket(e) => e.fmt(f),
         }
     }
 }
@@ -51,11 +54,14 @@ pub struct Redirects<'a> {
 }
 
 /// Parses a response head from `buf`. `Ok(None)`: incomplete. Interim (1xx) responses
-/// are reported with `Framing::Empty` and an empty `out`; the caller skips them.
+/// are reported with `Framing::Empty` and an empty `out`; the caller skips them. To a
+/// WebSocket handshake (`websocket`), a 101 that switched to WebSocket is reported with
+/// its head for the app in `out`; the connection then carries the tunnel.
 pub fn rewrite_response(
     buf: &[u8],
     is_head_request: bool,
     app_wants_close: bool,
+    websocket: bool,
     redirects: &Redirects<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, BadResponse> {
@@ -70,6 +76,17 @@ pub fn rewrite_response(
         return Err(BadResponse::Malformed("no status".into()));
     };
     out.clear();
+    if status == 101 && websocket {
+        switched_head(&resp, out)?;
+        return Ok(Some(ResponseHead {
+            status,
+            head_len,
+            framing: Framing::Empty,
+            reusable: false,
+            keep_alive: None,
+            token_header_dropped: false,
+        }));
+    }
     if status == 101 {
         return Err(BadResponse::UnexpectedUpgrade);
     }
@@ -212,6 +229,47 @@ pub fn rewrite_response(
     }))
 }
 
+/// The app's 101 from the upstream's, which must have switched to WebSocket: its
+/// headers without the hop-by-hop ones, and the upgrade headers as tokenrelay sends
+/// them (as the general engine answers).
+fn switched_head(resp: &httparse::Response<'_, '_>, out: &mut Vec<u8>) -> Result<(), BadResponse> {
+    let fields = || resp.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    if !policy::upgraded_to_websocket(fields()) {
+        return Err(BadResponse::NotWebSocket(policy::not_websocket(fields())));
+    }
+    let named: Vec<&[u8]> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| policy::list_items(h.value))
+        .filter(|t| policy::connection_may_drop(t))
+        .collect();
+    out.extend_from_slice(b"HTTP/1.1 101 ");
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        if policy::is_hop_by_hop(h.name)
+            || named
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(h.name.as_bytes()))
+        {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in policy::WEBSOCKET_UPGRADE {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
 /// `timeout=N` of a `Keep-Alive` header, in seconds.
 fn keep_alive_timeout(v: &[u8]) -> Option<std::time::Duration> {
     std::str::from_utf8(v)
@@ -235,7 +293,7 @@ mod tests {
             query_token: None,
         };
         let mut out = Vec::new();
-        let h = rewrite_response(head.as_bytes(), is_head, false, &redirects, &mut out)
+        let h = rewrite_response(head.as_bytes(), is_head, false, false, &redirects, &mut out)
             .unwrap()
             .unwrap();
         (h, String::from_utf8(out).unwrap())
@@ -278,6 +336,38 @@ mod tests {
         assert_eq!((h.status, out.as_str()), (100, ""));
     }
 
+    /// To a handshake, a 101 to WebSocket goes to the app with the upgrade headers as
+    /// tokenrelay sends them; a 101 to anything else is refused, naming it.
+    #[test]
+    fn a_101_to_a_handshake_switches_only_to_websocket() {
+        let local = String::new;
+        let redirects = Redirects {
+            upstream_prefix: "",
+            local_prefix: &local,
+            query_token: None,
+        };
+        let mut out = Vec::new();
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade, X-Hop\r\n\
+                    X-Hop: 1\r\nKeep-Alive: 5\r\nSec-WebSocket-Accept: a\r\n\r\nframe";
+        let h = rewrite_response(head.as_bytes(), false, false, true, &redirects, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (h.status, h.head_len, h.reusable),
+            (101, head.len() - 5, false)
+        );
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: a\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        let other = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n";
+        match rewrite_response(other.as_bytes(), false, false, true, &redirects, &mut out) {
+            Err(BadResponse::NotWebSocket(e)) => assert!(e.to_string().contains("h2c"), "{e}"),
+            r => panic!("{r:?}"),
+        }
+    }
+
     #[test]
     fn bad_response_heads_are_named() {
         let local = String::new;
@@ -294,7 +384,8 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
         ] {
             assert!(
-                rewrite_response(head.as_bytes(), false, false, &redirects, &mut out).is_err(),
+                rewrite_response(head.as_bytes(), false, false, false, &redirects, &mut out)
+                    .is_err(),
                 "{head:?}"
             );
         }
