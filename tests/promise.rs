@@ -582,7 +582,10 @@ fn with_two_refresh_lifetimes(body: Vec<u8>) -> Vec<u8> {
 /// 3 MiB of padding in another field: over the answer limit (256 KiB), within what is
 /// read to salvage the refresh token (4 MiB).
 fn padded_past_the_limit(body: Vec<u8>) -> Vec<u8> {
-    after_brace(body, &format!(r#""padding":"{}","#, "x".repeat(3 * 1024 * 1024)))
+    after_brace(
+        body,
+        &format!(r#""padding":"{}","#, "x".repeat(3 * 1024 * 1024)),
+    )
 }
 
 macro_rules! strange_bytes {

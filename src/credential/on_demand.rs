@@ -61,7 +61,12 @@ impl Credential {
     /// A usable token, waiting for the single in-flight refresh when the current one has
     /// expired. Fails promptly when no token can be had (backoff, re-authorization).
     pub async fn acquire(&self) -> Result<Arc<ActiveToken>, NoToken> {
-        if let Some(t) = self.usable(Instant::now()) {
+        self.acquire_at(Instant::now()).await
+    }
+
+    /// [`acquire`](Self::acquire) judged at `now`, a time the caller has just read.
+    pub async fn acquire_at(&self, now: Instant) -> Result<Arc<ActiveToken>, NoToken> {
+        if let Some(t) = self.usable(now) {
             return Ok(t);
         }
         self.wait_for_refresh(Trigger::Expired, None).await

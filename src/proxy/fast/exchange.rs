@@ -69,7 +69,7 @@ impl retry::Resend for Resend<'_, '_> {
 
     fn discard(&mut self, (conn, resp): Self::Answer) {
         if resp.reusable && self.held_end == conn.buf.len() && !self.plan.close_upstream {
-            self.conn.check_in(conn, &resp);
+            self.conn.check_in(conn, &resp, Instant::now());
         }
     }
 }
@@ -87,7 +87,7 @@ impl Conn<'_> {
                 .refuse(ProxyError::HandshakeWithBody, plan, started)
                 .await;
         }
-        let token = match up.credential.acquire().await {
+        let token = match up.credential.acquire_at(started.into()).await {
             Ok(t) => t,
             Err(e) => {
                 return self
@@ -153,9 +153,9 @@ impl Conn<'_> {
     }
 
     /// Returns a connection whose exchange ended cleanly to its route's pool.
-    fn check_in(&self, conn: UpstreamConn, resp: &ResponseHead) {
+    fn check_in(&self, conn: UpstreamConn, resp: &ResponseHead, now: Instant) {
         if let Some(route) = &self.route {
-            route.pool.checkin(self.worker, conn, resp.keep_alive);
+            route.pool.checkin(self.worker, conn, resp.keep_alive, now);
         }
     }
 
@@ -232,16 +232,20 @@ impl Conn<'_> {
             let Some(route) = &self.route else {
                 return Err(ProxyError::BadTarget("no upstream route".into()));
             };
-            let mut conn = match route.pool.checkout(self.worker) {
-                Some(c) => c,
-                None => route
-                    .pool
-                    .connect()
-                    .await
-                    .map_err(|e| ProxyError::Upstream(e.kind(), e.to_string()))?,
+            let now = Instant::now();
+            let (mut conn, now) = match route.pool.checkout(self.worker, now) {
+                Some(c) => (c, now),
+                None => {
+                    let c = route
+                        .pool
+                        .connect()
+                        .await
+                        .map_err(|e| ProxyError::Upstream(e.kind(), e.to_string()))?;
+                    (c, Instant::now())
+                }
             };
             let may_retry = conn.reused && attempt == 1;
-            self.dl.after(up.config.timeout.0);
+            self.dl.set(now + up.config.timeout.0);
             match self.dl.within(conn.stream.send(&self.out)).await {
                 None => return Err(ProxyError::Timeout),
                 Some(Err(_)) if may_retry => continue,
@@ -356,8 +360,10 @@ impl Conn<'_> {
             .map_err(|_| Failed::Before(protocol("invalid chunked response body".into())))?;
         let mut clean = n == body.len();
         let (emit, crlf) = resp.framing.emit(n, done);
-        self.record(plan, resp.status, started);
-        self.dl.after(limits.idle_timeout.0);
+        // One clock read serves the metrics, the write's deadline and the pool.
+        let mut now = Instant::now();
+        self.record(plan, resp.status, started, now);
+        self.dl.set(now + limits.idle_timeout.0);
         let sent = if emit <= COALESCE_LIMIT {
             self.head.extend_from_slice(&body[..emit]);
             if crlf {
@@ -377,7 +383,9 @@ impl Conn<'_> {
             conn.buf.clear();
             reserve(&mut conn.buf);
             self.dl.after(up.config.body_idle_timeout.0);
-            match self.dl.within(conn.stream.read_buf(&mut conn.buf)).await {
+            let read = self.dl.within(conn.stream.read_buf(&mut conn.buf)).await;
+            now = Instant::now();
+            match read {
                 Some(Ok(0)) if matches!(resp.framing, Framing::UntilClose) => {
                     done = true;
                     continue;
@@ -405,7 +413,7 @@ impl Conn<'_> {
                 conn.buf.extend_from_slice(b"\r\n");
             }
             let end = if crlf { emit + 2 } else { emit };
-            self.dl.after(limits.idle_timeout.0);
+            self.dl.set(now + limits.idle_timeout.0);
             match self
                 .dl
                 .within(self.client.write_all(&conn.buf[..end]))
@@ -416,7 +424,8 @@ impl Conn<'_> {
             }
         }
         if resp.reusable && clean && !plan.close_upstream {
-            self.check_in(conn, &resp);
+            // Idle from before the last write: its usable time errs short.
+            self.check_in(conn, &resp, now);
         }
         Ok(!plan.close && !matches!(resp.framing, Framing::UntilClose))
     }
@@ -431,9 +440,10 @@ impl Conn<'_> {
         plan: &RequestPlan,
         started: Instant,
     ) -> bool {
-        self.record(plan, resp.status, started);
+        let now = Instant::now();
+        self.record(plan, resp.status, started, now);
         self.head.extend_from_slice(&conn.buf[resp.head_len..]);
-        self.dl.after(self.up.config.limits.idle_timeout.0);
+        self.dl.set(now + self.up.config.limits.idle_timeout.0);
         if matches!(
             self.dl.within(self.client.write_all(&self.head)).await,
             Some(Ok(()))
@@ -456,25 +466,27 @@ impl Conn<'_> {
         let close = self.announce_close() || plan.close || e.closes_connection();
         self.head.clear();
         rendered.write_to(&mut self.head, close, !plan.is_head);
-        self.record(plan, rendered.status.as_u16(), started);
-        self.dl.after(up.config.limits.idle_timeout.0);
+        let now = Instant::now();
+        self.record(plan, rendered.status.as_u16(), started, now);
+        self.dl.set(now + up.config.limits.idle_timeout.0);
         let sent = self.dl.within(self.client.write_all(&self.head)).await;
         matches!(sent, Some(Ok(()))) && !close
     }
 
     /// Metrics and the access log line of one answered request.
-    fn record(&self, plan: &RequestPlan, status: u16, started: Instant) {
+    fn record(&self, plan: &RequestPlan, status: u16, started: Instant, now: Instant) {
         let recorder = &self.up.recorder;
         if recorder.access_log {
             let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&self.inbuf[r]);
-            recorder.record(
+            recorder.record_until(
                 &text(plan.method.clone()),
                 &text(plan.path.clone()),
                 status,
                 started,
+                now,
             );
         } else {
-            recorder.record("", "", status, started);
+            recorder.record_until("", "", status, started, now);
         }
     }
 }

@@ -104,9 +104,8 @@ impl Pool {
         &self.idle[worker % self.idle.len()]
     }
 
-    /// An idle connection of `worker`'s that still looks open, if any.
-    pub fn checkout(&self, worker: usize) -> Option<UpstreamConn> {
-        let now = Instant::now();
+    /// An idle connection of `worker`'s that still looks open at `now`, if any.
+    pub fn checkout(&self, worker: usize, now: Instant) -> Option<UpstreamConn> {
         loop {
             let mut conn = self
                 .mine(worker)
@@ -165,14 +164,20 @@ impl Pool {
     /// time the upstream announced (`Keep-Alive: timeout=N`); the connection is not
     /// reused in the last second of it, when the upstream may close it as a request
     /// arrives.
-    pub fn checkin(&self, worker: usize, mut conn: UpstreamConn, keep_alive: Option<Duration>) {
+    pub fn checkin(
+        &self,
+        worker: usize,
+        mut conn: UpstreamConn,
+        keep_alive: Option<Duration>,
+        now: Instant,
+    ) {
         let limit = match keep_alive {
             Some(t) if t <= KEEP_ALIVE_MARGIN => return,
             Some(t) => (t - KEEP_ALIVE_MARGIN).min(IDLE_LIMIT),
             None => IDLE_LIMIT,
         };
         conn.buf.clear();
-        conn.usable_until = Instant::now() + limit;
+        conn.usable_until = now + limit;
         let mut idle = self.mine(worker).lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(conn);
