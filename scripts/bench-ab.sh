@@ -6,7 +6,7 @@
 #   scripts/bench-ab.sh BEFORE_BINARY AFTER_BINARY        # plain http, then https upstream
 # Both binaries are built as for scripts/bench-ours.sh, e.g. for a commit C:
 #   git worktree add /tmp/before C && (cd /tmp/before && cargo build --release)
-# Knobs: ROUNDS [5], and the bench's own (DURATION, CONNS, WORKERS, PIN, ...).
+# Knobs: ROUNDS [5], KINDS ["0 1": plain, then https; "1": https only], and the bench's own (DURATION, CONNS, WORKERS, PIN, ...).
 # The bench harness takes one 'ours' slot; a temporary copy of it gains a second one
 # ('base', port 18085) started the same way. Nothing outside the copy is changed.
 set -euo pipefail
@@ -41,7 +41,7 @@ sub('  *) echo "unknown peer $peer" >&2; exit 2;;',
 open(p, "w").write(s)
 PATCH
 export BASE_CMD="env TOKENRELAY_BIN=$before $here/scripts/bench-ours.sh"
-for tls in 0 1; do
+for tls in ${KINDS:-0 1}; do
   echo "=== UPSTREAM_TLS=$tls   ours = $after   base = $before"
   UPSTREAM_TLS=$tls PEERS=nginx ROUNDS=${ROUNDS:-5} MAX_SECONDS=${MAX_SECONDS:-900} \
     TOKENRELAY_BIN=$after "$copy/run.sh" "$here/scripts/bench-ours.sh" 18084
