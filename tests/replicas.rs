@@ -1476,6 +1476,44 @@ async fn etcd_lease_is_secured_for_the_request_or_refused() {
 // Stopping never abandons a rotated token.
 // ---------------------------------------------------------------------------------------
 
+/// The demo servers (rotating refresh tokens) and a directory, for one replica on a
+/// Redis store with a 10 s token timeout.
+struct OneRedisReplica {
+    auth: AuthServer,
+    _api: ApiServer,
+    dir: tempfile::TempDir,
+    token_url: String,
+    api_url: String,
+    store_yaml: String,
+}
+
+impl OneRedisReplica {
+    /// The Redis server and the rest, tokens living `access_ttl`.
+    async fn start(access_ttl: Duration) -> (RedisServer, OneRedisReplica) {
+        let redis = RedisServer::start().await;
+        let auth = AuthServer::start(rotating(access_ttl)).await.unwrap();
+        let api = ApiServer::start(Some(auth.validator())).await.unwrap();
+        let f = OneRedisReplica {
+            token_url: auth.token_url(),
+            api_url: api.url(),
+            store_yaml: redis_store_yaml(&redis.url()),
+            auth,
+            _api: api,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        (redis, f)
+    }
+
+    fn spec(&self) -> ReplicaSpec<'_> {
+        ReplicaSpec {
+            store_yaml: &self.store_yaml,
+            token_url: &self.token_url,
+            api_url: &self.api_url,
+            token_timeout: "10s",
+        }
+    }
+}
+
 /// SIGTERM while a rotation's answer is on its way and the store is down: the process
 /// does not exit (for longer than any grace period) until the store is back and the new
 /// refresh token is stored; then it exits cleanly, and the stored token is the live one.
@@ -1484,21 +1522,9 @@ async fn stopping_waits_for_the_store_to_keep_a_rotated_token() {
     if !have_tool("redis-server") {
         return;
     }
-    let mut redis = RedisServer::start().await;
-    let auth = AuthServer::start(rotating(Duration::from_secs(6)))
-        .await
-        .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (token_url, api_url, store_yaml) =
-        (auth.token_url(), api.url(), redis_store_yaml(&redis.url()));
-    let spec = ReplicaSpec {
-        store_yaml: &store_yaml,
-        token_url: &token_url,
-        api_url: &api_url,
-        token_timeout: "10s",
-    };
-    let mut replicas = start_fleet(1, dir.path(), "stopping", &spec, &auth).await;
+    let (mut redis, f) = OneRedisReplica::start(Duration::from_secs(6)).await;
+    let auth = &f.auth;
+    let mut replicas = start_fleet(1, f.dir.path(), "stopping", &f.spec(), auth).await;
     // The next rotation is made at once and answered 4 s later.
     auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
     let acted = support::eventually(Duration::from_secs(20), || {
@@ -1570,22 +1596,10 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
     if !have_tool("redis-server") {
         return;
     }
-    let mut redis = RedisServer::start().await;
     // 30 s tokens refreshed after 3 s: the token in use stays valid through the outage.
-    let auth = AuthServer::start(rotating(Duration::from_secs(30)))
-        .await
-        .unwrap();
-    let api = ApiServer::start(Some(auth.validator())).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (token_url, api_url, store_yaml) =
-        (auth.token_url(), api.url(), redis_store_yaml(&redis.url()));
-    let spec = ReplicaSpec {
-        store_yaml: &store_yaml,
-        token_url: &token_url,
-        api_url: &api_url,
-        token_timeout: "10s",
-    };
-    let mut replica = Replica::new(dir.path(), "handover", &spec);
+    let (mut redis, f) = OneRedisReplica::start(Duration::from_secs(30)).await;
+    let auth = &f.auth;
+    let mut replica = Replica::new(f.dir.path(), "handover", &f.spec());
     let yaml = std::fs::read_to_string(&replica.config).unwrap();
     std::fs::write(
         &replica.config,
@@ -1595,7 +1609,7 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
         ),
     )
     .unwrap();
-    seed(&replica, &auth);
+    seed(&replica, auth);
     replica.spawn();
     replica.ready(Duration::from_secs(20)).await;
     let mut replicas = [replica];
@@ -1639,12 +1653,11 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
         .await
         .map(|r| r.status().as_u16());
     redis.spawn().await;
-    let auth_ref = &auth;
     let kept = support::eventually(Duration::from_secs(30), || {
         let r = &replicas[0];
         async move {
             matches!(stored(r).await, Some(s) if s.refresh_token.as_ref()
-                .is_some_and(|t| auth_ref.is_valid_refresh_token(t.expose())))
+                .is_some_and(|t| auth.is_valid_refresh_token(t.expose())))
         }
     })
     .await;
