@@ -867,27 +867,34 @@ async fn late_bytes_after_a_head_response_are_not_read_as_the_next_response() {
     .await;
 }
 
+/// The scheme and `Host` the upstream saw a request with (its TLS listener is named
+/// `localhost`), for redirects back to itself.
+fn scheme_and_host(seen: &Seen) -> (&'static str, String) {
+    let host = seen
+        .head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("host: ")
+                .or_else(|| l.strip_prefix("Host: "))
+        })
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let scheme = if host.starts_with("localhost") {
+        "https"
+    } else {
+        "http"
+    };
+    (scheme, host)
+}
+
 /// The hygiene rules on both engines: hop-by-hop and `Connection`-named headers, the
 /// app's `Authorization` and `Proxy-*` never reach the upstream, and the response's
 /// hop-by-hop headers never reach the app; redirects are pointed at the listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_credentials_and_redirects_are_handled_alike() {
     let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
-        let host = seen
-            .head
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("host: ")
-                    .or_else(|| l.strip_prefix("Host: "))
-            })
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        let scheme = if host.starts_with("localhost") {
-            "https"
-        } else {
-            "http"
-        };
+        let (scheme, host) = scheme_and_host(seen);
         vec![Step::Send(response(
             "302 Found",
             &format!(
@@ -930,21 +937,7 @@ async fn hop_by_hop_credentials_and_redirects_are_handled_alike() {
 async fn a_url_template_is_served_alike() {
     let script: Arc<upstream::Script> = Arc::new(|seen: &Seen, _| {
         let target = seen.head.split(' ').nth(1).unwrap_or("").to_string();
-        let host = seen
-            .head
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("host: ")
-                    .or_else(|| l.strip_prefix("Host: "))
-            })
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        let scheme = if host.starts_with("localhost") {
-            "https"
-        } else {
-            "http"
-        };
+        let (scheme, host) = scheme_and_host(seen);
         let answer = if target.starts_with("/base/moved") {
             response(
                 "301 Moved Permanently",
