@@ -411,10 +411,11 @@ fn judge(
 
 fn access_token(raw: &Raw) -> Result<String, TokenError> {
     let token = match &raw.access_token {
-        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        // Empty and blank strings are refused by the token check below, with the rest.
+        Some(serde_json::Value::String(s)) => s.clone(),
         Some(_) => {
             return Err(TokenError::Transient(
-                "token endpoint answered with an empty or non-string access_token".into(),
+                "token endpoint answered with a non-string access_token".into(),
             ))
         }
         None => {
@@ -619,6 +620,8 @@ mod tests {
             b"",
             br#"{"token_type":"Bearer"}"#,
             br#"{"access_token":""}"#,
+            br#"{"access_token":"  "}"#,
+            br#"{"access_token":"\t"}"#,
         ] {
             let e = p(200, body, D).unwrap_err();
             assert!(e.is_in_doubt(), "{e}");
