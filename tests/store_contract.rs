@@ -152,6 +152,12 @@ impl Backend {
             lose,
         };
         assert_eq!(backend.ours.kind(), kind);
+        // `/status` shows what the store can tell of a restored older state.
+        let rollback = backend.ours.rollback_detection();
+        assert!(
+            rollback.contains("restore") && rollback.contains("refused"),
+            "{kind}: {rollback}"
+        );
         backend
     }
 
