@@ -243,3 +243,28 @@ pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watch of the Redis and etcd stores turns what it read into a signal: the
+    /// stored generation, nothing stored as 0, a failed read as its error.
+    #[test]
+    fn a_read_of_the_state_becomes_its_signal() {
+        let state = StoredState {
+            generation: 7,
+            ..StoredState::default()
+        };
+        let bytes = codec::Codec::new(None)
+            .unwrap()
+            .encode("crm", &state)
+            .unwrap();
+        let read = StoreSignal::from_state_bytes(Ok::<_, &str>(Some(&bytes)));
+        assert_eq!((read.generation, read.error), (7, None));
+        let none = StoreSignal::from_state_bytes(Ok::<_, &str>(None));
+        assert_eq!((none.generation, none.error), (0, None));
+        let failed = StoreSignal::from_state_bytes(Err("connection refused"));
+        assert_eq!(failed.error.as_deref(), Some("connection refused"));
+    }
+}
