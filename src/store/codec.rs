@@ -108,11 +108,6 @@ impl Codec {
         })
     }
 
-    /// True when values are encrypted at rest.
-    pub fn encrypts(&self) -> bool {
-        self.cipher.is_some()
-    }
-
     /// Serializes (and seals) a state.
     pub fn encode(&self, name: &str, s: &StoredState) -> Result<Vec<u8>, CodecError> {
         let payload = Payload {

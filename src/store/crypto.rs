@@ -105,6 +105,14 @@ mod tests {
         Cipher::new(&Secret::new(key)).unwrap()
     }
 
+    /// Debug output names the cipher and never shows the key.
+    #[test]
+    fn debug_output_redacts_the_key() {
+        let shown = format!("{:?}", cipher(0xab));
+        assert_eq!(shown, "Cipher(AES-256-GCM, key redacted)");
+        assert!(!shown.to_lowercase().contains("abab"));
+    }
+
     #[test]
     fn round_trip_and_failures() {
         let c = cipher(7);
