@@ -508,3 +508,51 @@ async fn the_etcd_store_keeps_the_contract() {
         .check_contract()
         .await;
 }
+
+/// The etcd store moves on from an endpoint that does not answer: at the first connect
+/// (a dead first endpoint) and when the member in use dies (its client is dropped for
+/// the next endpoint), each request going once around the list at most.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_store_moves_on_from_endpoints_that_do_not_answer() {
+    if support::tools::tool("etcd").is_none() {
+        return;
+    }
+    let mut etcd = support::stores::EtcdCluster::start(3).await;
+    let live = etcd.endpoints();
+    let dead = format!("http://127.0.0.1:{}", support::free_ports(1)[0]);
+    let endpoints = [vec![dead], live].concat();
+    let store = open(&format!(
+        "  type: etcd\n  endpoints: [{}]\n",
+        endpoints.join(", ")
+    ));
+    let swap = |generation: u64| {
+        let store = store.clone();
+        async move {
+            store
+                .compare_and_swap("crm", generation - 1, &state(generation, "failover"))
+                .await
+        }
+    };
+    assert!(
+        matches!(swap(1).await, Ok(CasOutcome::Swapped)),
+        "past the dead first endpoint"
+    );
+    // The first live member answered; it dies, and the store moves on to the next.
+    etcd.kill9(0);
+    let mut outcome = swap(2).await;
+    for _ in 0..5 {
+        // The cluster may be electing a new leader: a few more tries, not forever.
+        if outcome.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        outcome = swap(2).await;
+    }
+    assert!(
+        matches!(outcome, Ok(CasOutcome::Swapped)),
+        "after the member in use died: {outcome:?}"
+    );
+    let loaded = store.load("crm").await.unwrap().expect("stored");
+    assert_eq!(loaded.generation, 2);
+}
