@@ -1514,6 +1514,19 @@ impl OneRedisReplica {
     }
 }
 
+/// Lets the next rotation be made at once and answered 4 s later, waits until the
+/// server has made it, and kills Redis while the answer is on its way.
+async fn rotate_then_lose_the_store(auth: &AuthServer, redis: &mut RedisServer) {
+    auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
+    let acted = support::eventually(Duration::from_secs(20), || {
+        let n = auth.stats().answers_lost;
+        async move { n >= 1 }
+    })
+    .await;
+    assert!(acted, "no rotation: {:?}", auth.stats());
+    redis.kill9();
+}
+
 /// SIGTERM while a rotation's answer is on its way and the store is down: the process
 /// does not exit (for longer than any grace period) until the store is back and the new
 /// refresh token is stored; then it exits cleanly, and the stored token is the live one.
@@ -1525,15 +1538,7 @@ async fn stopping_waits_for_the_store_to_keep_a_rotated_token() {
     let (mut redis, f) = OneRedisReplica::start(Duration::from_secs(6)).await;
     let auth = &f.auth;
     let mut replicas = start_fleet(1, f.dir.path(), "stopping", &f.spec(), auth).await;
-    // The next rotation is made at once and answered 4 s later.
-    auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
-    let acted = support::eventually(Duration::from_secs(20), || {
-        let n = auth.stats().answers_lost;
-        async move { n >= 1 }
-    })
-    .await;
-    assert!(acted, "no rotation: {:?}", auth.stats());
-    redis.kill9();
+    rotate_then_lose_the_store(auth, &mut redis).await;
     let mut p = replicas[0].proc.take().unwrap();
     support::sigterm(&p.child);
     // Past every bound the old code had (10 s), the process must still be waiting.
@@ -1613,15 +1618,7 @@ async fn reload_during_a_pending_write(change: ReloadChange) {
     replica.spawn();
     replica.ready(Duration::from_secs(20)).await;
     let mut replicas = [replica];
-    // The next rotation is made at once and answered 4 s later, with the store gone.
-    auth.lose_next_answers(1, testkit::LostAnswer::Hang(Duration::from_secs(4)));
-    let acted = support::eventually(Duration::from_secs(20), || {
-        let n = auth.stats().answers_lost;
-        async move { n >= 1 }
-    })
-    .await;
-    assert!(acted, "no rotation: {:?}", auth.stats());
-    redis.kill9();
+    rotate_then_lose_the_store(auth, &mut redis).await;
     let pending = support::eventually(Duration::from_secs(20), || {
         let log = replicas[0].log_tail(20);
         async move { log.contains("cannot persist the rotated token yet") }

@@ -336,16 +336,20 @@ mod tests {
         assert_eq!((h.status, out.as_str()), (100, ""));
     }
 
+    /// Redirect rules that touch nothing (no upstream prefix, no query token).
+    fn no_redirects() -> Redirects<'static> {
+        Redirects {
+            upstream_prefix: "",
+            local_prefix: &String::new,
+            query_token: None,
+        }
+    }
+
     /// To a handshake, a 101 to WebSocket goes to the app with the upgrade headers as
     /// tokenrelay sends them; a 101 to anything else is refused, naming it.
     #[test]
     fn a_101_to_a_handshake_switches_only_to_websocket() {
-        let local = String::new;
-        let redirects = Redirects {
-            upstream_prefix: "",
-            local_prefix: &local,
-            query_token: None,
-        };
+        let redirects = no_redirects();
         let mut out = Vec::new();
         let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade, X-Hop\r\n\
                     X-Hop: 1\r\nKeep-Alive: 5\r\nSec-WebSocket-Accept: a\r\n\r\nframe";
@@ -370,12 +374,7 @@ mod tests {
 
     #[test]
     fn bad_response_heads_are_named() {
-        let local = String::new;
-        let redirects = Redirects {
-            upstream_prefix: "",
-            local_prefix: &local,
-            query_token: None,
-        };
+        let redirects = no_redirects();
         let mut out = Vec::new();
         for head in [
             "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
