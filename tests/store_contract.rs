@@ -556,3 +556,66 @@ async fn the_etcd_store_moves_on_from_endpoints_that_do_not_answer() {
     let loaded = store.load("crm").await.unwrap().expect("stored");
     assert_eq!(loaded.generation, 2);
 }
+
+/// With etcd authentication (`store.username`/`password`) connecting is a request of its
+/// own: a refused endpoint fails there and the store moves on to the next.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_store_with_authentication_moves_on_from_endpoints_that_do_not_answer() {
+    if support::tools::tool("etcd").is_none() {
+        return;
+    }
+    let etcd = support::stores::EtcdCluster::start(1).await;
+    etcd.enable_authentication("contract-password").await;
+    // With authentication the client connects (and authenticates) before its first
+    // request, so a refused endpoint fails the connect, not a request.
+    let dead = format!("http://127.0.0.1:{}", support::free_ports(1)[0]);
+    let endpoints = [vec![dead], etcd.endpoints()].concat();
+    let store = open(&format!(
+        "  type: etcd\n  endpoints: [{}]\n  username: root\n  password: contract-password\n",
+        endpoints.join(", ")
+    ));
+    let outcome = store
+        .compare_and_swap("crm", 0, &state(1, "authenticated"))
+        .await;
+    assert!(
+        matches!(outcome, Ok(CasOutcome::Swapped)),
+        "past the dead first endpoint: {outcome:?}"
+    );
+    let loaded = store.load("crm").await.unwrap().expect("stored");
+    assert_eq!(loaded.generation, 1);
+}
+
+/// Requests that fail on the same endpoint at once move the store on by one endpoint, not
+/// one per request: a second move would skip the live member for a dead one.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_failing_together_on_one_etcd_member_move_on_once() {
+    if support::tools::tool("etcd").is_none() {
+        return;
+    }
+    let etcd = support::stores::EtcdCluster::start(3).await;
+    let leader = etcd.leader().await.expect("the cluster has a leader");
+    let follower = (leader + 1) % 3;
+    let live = etcd.endpoints();
+    let dead = format!("http://127.0.0.1:{}", support::free_ports(1)[0]);
+    // A follower first, so that pausing it needs no election; then the leader; then an
+    // endpoint nobody listens on, which a second move would land on.
+    let endpoints = [live[follower].clone(), live[leader].clone(), dead];
+    let store = open(&format!(
+        "  type: etcd\n  endpoints: [{}]\n",
+        endpoints.join(", ")
+    ));
+    store
+        .compare_and_swap("crm", 0, &state(1, "together"))
+        .await
+        .expect("the first endpoint answers");
+    etcd.pause(follower);
+    // Both reads wait on the paused member and fail together: the store must move on to
+    // the leader once, not once per failed request.
+    let (a, b) = tokio::join!(store.load("crm"), store.load("crm"));
+    for (which, loaded) in [("first", a), ("second", b)] {
+        let loaded = loaded.unwrap_or_else(|e| panic!("the {which} read failed: {e}"));
+        assert_eq!(loaded.expect("stored").generation, 1, "the {which} read");
+    }
+}

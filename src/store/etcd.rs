@@ -56,8 +56,8 @@ struct Conn {
     /// Index into `endpoints` of the endpoint in use.
     endpoint: usize,
     client: Option<Client>,
-    /// Bumped whenever the endpoint is abandoned, so that concurrent failures of the
-    /// same endpoint move on only once.
+    /// Bumped whenever the client in use is abandoned, so that concurrent failures of
+    /// the same client move on only once.
     epoch: u64,
 }
 
@@ -134,8 +134,9 @@ impl Inner {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connecting to etcd timed out".to_string(),
         };
+        // The epoch stays: it names the clients handed out, and a failed connect hands
+        // out none, so no request can fail on this endpoint and move on a second time.
         conn.endpoint = (conn.endpoint + 1) % self.endpoints.len();
-        conn.epoch += 1;
         Err(StoreError::backend(op, name, message))
     }
 

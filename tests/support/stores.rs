@@ -296,6 +296,33 @@ impl EtcdCluster {
     pub fn kill9(&mut self, i: usize) {
         kill_child(&mut self.members[i].child);
     }
+
+    /// SIGSTOP member `i`: its connections stay open and its requests go unanswered, as
+    /// with a hung host.
+    pub fn pause(&self, i: usize) {
+        let child = self.members[i].child.as_ref().expect("etcd member running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("signal etcd");
+    }
+
+    /// Turns authentication on with one user, `root`, whose password is `password`.
+    pub async fn enable_authentication(&self, password: &str) {
+        let endpoints = self.endpoints();
+        let mut client = etcd_client::Client::connect(&endpoints, None)
+            .await
+            .expect("connect to etcd");
+        // The root role is built in on recent etcd releases; adding it again is refused.
+        let _ = client.role_add("root").await;
+        client
+            .user_add("root", password, None)
+            .await
+            .expect("add root");
+        client
+            .user_grant_role("root", "root")
+            .await
+            .expect("grant root its role");
+        client.auth_enable().await.expect("enable authentication");
+    }
 }
 
 #[cfg(feature = "etcd")]
