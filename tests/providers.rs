@@ -631,6 +631,50 @@ async fn a_refresh_rate_limit_is_never_exceeded() {
     assert!(error.contains("refresh limits"), "{st}");
 }
 
+/// A provider's minimum token age (Exact Online refuses to refresh younger tokens) holds
+/// back a refresh that the token's lifetime asks for: with 2 s tokens refreshed 1 s before
+/// they expire and a minimum age of 3 s, refreshes are sent 3 s apart, and still sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_wait_for_the_minimum_token_age() {
+    const MIN_AGE: Duration = Duration::from_secs(3);
+    let j = journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+        Duration::from_secs(2),
+    )
+    .await;
+    let yaml = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        "    refresh_before: 1s\n    min_token_age: 3s\n",
+    );
+    authorize(&j).await;
+    let relay = support::start(&yaml).await;
+    let refreshed = eventually(Duration::from_secs(30), || async {
+        j.auth.stats().refreshes >= 3
+    })
+    .await;
+    let st = status_json(&format!("http://{}", relay.admin)).await;
+    relay.stop().await;
+    assert!(refreshed, "fewer than 3 refreshes in 30 s: {st}");
+    let sent: Vec<_> = j
+        .auth
+        .requests_log()
+        .into_iter()
+        .filter(|r| r.grant_type == "refresh_token")
+        .map(|r| r.at)
+        .collect();
+    for pair in sent.windows(2) {
+        // The refresher counts the age from the answer, which came after the server
+        // logged the request; a millisecond is lost to the stored time's resolution.
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap + Duration::from_millis(5) >= MIN_AGE,
+            "a refresh {gap:?} after the one before"
+        );
+    }
+}
+
 /// Zendesk: JSON bodies to `/oauth/tokens`, each refresh rotating the pair, a dead grant
 /// answered `400 invalid_grant`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
