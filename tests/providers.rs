@@ -228,7 +228,7 @@ async fn bitrix24_journey() {
 
 /// Bitrix24 calls hourly refreshes excessive: its preset refreshes on demand. With 2 s
 /// access tokens and no traffic, nothing is refreshed; the first request after expiry
-/// waits for one refresh and succeeds; a refresh token about to die unused (a 20 s idle
+/// waits for one refresh and succeeds; a refresh token about to die unused (an 8 s idle
 /// lifetime here) gets a keep-alive refresh without any request. (A start with an expired
 /// stored token refreshes it, as in every mode.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,10 +259,10 @@ async fn bitrix24_refreshes_only_on_demand_and_to_keep_the_grant_alive() {
     // With a short idle lifetime the grant is kept alive without traffic.
     let yaml = j.yaml.replace(
         "    refresh_before: 1s\n",
-        "    refresh_before: 1s\n    refresh_token_idle_lifetime: 20s\n",
+        "    refresh_before: 1s\n    refresh_token_idle_lifetime: 8s\n",
     );
     // (The start refreshes the expired stored token; the next refresh is the keep-alive,
-    // 18 s later.)
+    // a tenth of the idle lifetime before it ends: 7.2 s later.)
     let relay = support::start(&yaml).await;
     let kept_alive = eventually(Duration::from_secs(40), || async {
         j.auth.stats().refreshes >= 3
