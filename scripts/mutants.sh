@@ -75,7 +75,7 @@ run_scope() {
     for word in $(targets_of "$scope"); do
         targets+=("--cargo-arg=$word")
     done
-    cargo mutants --features etcd --timeout 300 --output "target/mutants-$scope" \
+    cargo mutants --features etcd --timeout "${MUTANTS_TIMEOUT:-120}" --output "target/mutants-$scope" \
         "${tool[@]}" "${targets[@]}" "$@" "${files[@]}" \
         -- "${threads[@]}"
 }
