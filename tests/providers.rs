@@ -629,6 +629,10 @@ async fn a_refresh_rate_limit_is_never_exceeded() {
         .as_str()
         .unwrap_or_default();
     assert!(error.contains("refresh limits"), "{st}");
+    // The next refresh waits for the window to move on: about 50 s from now.
+    let next = &st["credentials"]["crm"]["next_attempt"];
+    let in_seconds = next["in_seconds"].as_i64().unwrap_or_default();
+    assert!((20..=60).contains(&in_seconds), "next attempt: {next}");
 }
 
 /// A provider's minimum token age (Exact Online refuses to refresh younger tokens) holds
