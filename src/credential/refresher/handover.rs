@@ -114,6 +114,43 @@ pub async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+    use crate::store::codec::Codec;
+    use crate::store::file::FileStore;
+
+    fn rotated(generation: u64, refresh: &str) -> StoredState {
+        StoredState {
+            generation,
+            refresh_token: Some(Secret::new(refresh)),
+            ..Default::default()
+        }
+    }
+
+    /// A write whose answer was lost is sent again: the store then holds it, and the
+    /// second try must know it as its own, not as another writer's state.
+    #[tokio::test]
+    async fn a_write_sent_again_after_it_landed_is_kept_and_another_state_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let codec = Codec::new(None).unwrap();
+        let store =
+            FileStore::open(dir.path(), None, false, codec, Duration::from_secs(1)).unwrap();
+        let ours = rotated(1, "ours");
+        for attempt in ["first", "sent again"] {
+            let step = write_once(&store, "crm", &ours).await;
+            assert!(matches!(step, WriteStep::Kept), "{attempt} write not kept");
+        }
+        // The same generation with another refresh token is another writer's state.
+        let theirs = rotated(1, "theirs");
+        let step = write_once(&store, "crm", &theirs).await;
+        assert!(
+            matches!(step, WriteStep::Superseded { found: 1 }),
+            "another writer's state of the same generation taken as ours"
+        );
+        // A later generation found stored supersedes too.
+        write_once(&store, "crm", &rotated(2, "later")).await;
+        let step = write_once(&store, "crm", &rotated(1, "ours")).await;
+        assert!(matches!(step, WriteStep::Superseded { found: 2 }));
+    }
 
     #[test]
     fn a_failed_write_is_retried_sooner_first_then_every_two_seconds() {
