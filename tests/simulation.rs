@@ -131,6 +131,43 @@ async fn a_lost_acknowledgement_is_recognised_as_our_write() {
     assert_eq!(r.requests, r.current);
 }
 
+/// A replica waiting for the lease adopts the holder's rotation as soon as it is stored,
+/// not when the holder's lease runs out: here the release is lost, as when the holder
+/// dies between its write and its release, and the lease outlives the write.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_replica_adopts_a_rotation_as_soon_as_it_is_stored() {
+    let w = World::new(2, Duration::ZERO, 8);
+    // A slow write: the other replica's refresh comes due while the holder writes.
+    w.store.faults(|f| {
+        f.write_delay = Duration::from_secs(6);
+        f.lose_releases = 1;
+    });
+    let mut waited = Duration::ZERO;
+    while w.store.state().map(|s| s.generation) == Some(1) {
+        assert!(waited < 5 * MINUTE, "no rotation in five minutes");
+        w.pass(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    let stored = w.store.state().unwrap().generation;
+    assert!(
+        w.store.lease_id().is_some(),
+        "the holder's lease outlives its write"
+    );
+    w.pass(Duration::from_secs(1)).await;
+    for (i, replica) in w.replicas.iter().enumerate() {
+        let serving = replica
+            .as_ref()
+            .and_then(|r| r.credential.current())
+            .map(|t| t.generation);
+        assert_eq!(
+            serving,
+            Some(stored),
+            "replica {i}, a second after the write:\n{}",
+            w.report().log.join("\n")
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Replays of the model's named exceptions: the outcome it assigns, on the real code.
 // ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! An in-memory store with the contract of `tokenrelay::store::Store` (compare-and-swap
 //! on the generation, a lease with a TTL, a watch), whose faults a simulation injects:
-//! lost acknowledgements, failed renewals, lease expiry on demand, writes by someone
+//! lost acknowledgements, failed renewals, lost releases, lease expiry on demand, writes by someone
 //! else (conflicts), delayed writes, outages and a rollback to an older state.
 //!
 //! Time is tokio's (paused in a simulation). A lease dropped without `release` stays
@@ -22,6 +22,9 @@ pub struct Faults {
     pub lose_acks: u32,
     /// The next lease renewals fail (without renewing).
     pub fail_renewals: u32,
+    /// The next lease releases are lost: the lease stays until its TTL runs out, as
+    /// when its holder dies between its write and its release.
+    pub lose_releases: u32,
     /// How long a compare-and-swap takes before it lands.
     pub write_delay: Duration,
     /// The next load made while a lease is held and not yet confirmed expires that
@@ -292,6 +295,10 @@ impl Lease for SimLease {
 
     async fn release(self: Box<Self>) {
         let mut i = self.inner.lock().unwrap();
+        if i.faults.lose_releases > 0 {
+            i.faults.lose_releases -= 1;
+            return;
+        }
         if i.lease.as_ref().is_some_and(|l| l.id == self.id) {
             i.lease = None;
         }
