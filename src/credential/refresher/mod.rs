@@ -26,7 +26,7 @@ mod local;
 mod rotating;
 mod static_file;
 
-pub use rotating::lease_ttl;
+pub use decide::lease_ttl;
 
 use super::policy::{self, On401};
 use super::{Credential, RefreshError, RefreshResult, Trigger};
@@ -117,8 +117,7 @@ impl Refresher {
         } else {
             None
         };
-        let lease_ttl =
-            lease_ttl.unwrap_or_else(|| rotating::lease_ttl(cred.config.token_timeout.0));
+        let lease_ttl = lease_ttl.unwrap_or_else(|| decide::lease_ttl(cred.config.token_timeout.0));
         Ok(Refresher {
             cred,
             client,

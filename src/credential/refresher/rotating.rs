@@ -23,12 +23,6 @@ use super::decide::rotation::{LEASE_POLL, LONG_LIVED_EXPIRED, NO_REFRESH_TOKEN};
 use super::decide::{self, AfterAnswer, AfterRejection, LeaseBusy, Loaded, Spend, UnderLease};
 use super::in_doubt;
 
-/// How long a lease is taken for: well above the token request timeout, so a lease
-/// cannot expire while its holder waits for the token endpoint.
-pub fn lease_ttl(token_timeout: Duration) -> Duration {
-    token_timeout * 3 + Duration::from_secs(5)
-}
-
 impl Refresher {
     /// The rotating refresh protocol; see the module docs.
     pub(super) async fn refresh_rotating(
@@ -37,8 +31,8 @@ impl Refresher {
     ) -> Result<RefreshResult, Failure> {
         let store = self.store.clone().expect("refresh_token grant has a store");
         let ttl = self.lease_ttl;
-        // A holder's refresh lasts at most its token request plus the durable write.
-        let deadline = Instant::now() + ttl + self.cred.config.token_timeout.0 * 2;
+        let deadline =
+            decide::lease_wait_deadline(Instant::now(), ttl, self.cred.config.token_timeout.0);
         let lease = loop {
             match store.try_lease(self.name(), ttl).await {
                 Ok(Some(lease)) => {

@@ -22,7 +22,7 @@ pub use pace::{
     Wakeup,
 };
 pub use rotation::{
-    after_answer, after_rejection, lease_busy, spend, under_lease, AfterAnswer, AfterRejection,
-    LeaseBusy, Loaded, Spend, UnderLease,
+    after_answer, after_rejection, lease_busy, lease_ttl, lease_wait_deadline, spend, under_lease,
+    AfterAnswer, AfterRejection, LeaseBusy, Loaded, Spend, UnderLease,
 };
 pub use stored::{hold, refresh_without_store, unadopted, worth_adopting, Hold, Unadopted};

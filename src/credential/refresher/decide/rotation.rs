@@ -26,6 +26,21 @@ pub enum LeaseBusy {
     GiveUp,
 }
 
+/// How long a lease is taken for. It is renewed every third of it, so two renewal
+/// periods must outlast a token request plus the durable write (each bounded by the
+/// token timeout): then a lease cannot expire while its holder waits for the token
+/// endpoint, even after one failed renewal.
+pub fn lease_ttl(token_timeout: Duration) -> Duration {
+    token_timeout * 3 + Duration::from_secs(5)
+}
+
+/// Until when a process whose lease request, made at `started`, found another holder
+/// waits for that holder's result: the holder may have taken the lease just before, and
+/// its refresh lasts at most the lease's TTL, its token request and the durable write.
+pub fn lease_wait_deadline(started: Instant, ttl: Duration, token_timeout: Duration) -> Instant {
+    started + ttl + token_timeout * 2
+}
+
 /// `deadline`: how long a holder's refresh lasts at most, from when this one started
 /// waiting: the lease's TTL, its token request and the durable write.
 pub fn lease_busy(now: Instant, deadline: Instant, stopping: bool) -> LeaseBusy {
@@ -219,6 +234,29 @@ mod tests {
         ];
         for (case, now, stopping, expected) in cases {
             assert_eq!(lease_busy(now, deadline, stopping), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_lease_outlasts_its_holders_token_request_and_write() {
+        for secs in [1, 2, 10, 30, 120] {
+            let timeout = Duration::from_secs(secs);
+            let ttl = lease_ttl(timeout);
+            // Two renewal periods (a third of the TTL each), one renewal missed, still
+            // cover a token request and the write, with seconds to spare.
+            assert!(
+                ttl * 2 / 3 >= timeout * 2 + Duration::from_secs(3),
+                "a {timeout:?} token timeout: a {ttl:?} lease"
+            );
+            let started = Instant::now();
+            let deadline = lease_wait_deadline(started, ttl, timeout);
+            // A holder that took the lease just before us is done by the deadline, even
+            // when its lease ran out and its request and write took their full time.
+            assert!(
+                deadline >= started + ttl + timeout * 2,
+                "a {timeout:?} token timeout: waiting {:?}",
+                deadline - started
+            );
         }
     }
 
