@@ -115,6 +115,10 @@ async fn a_slow_write_keeps_its_lease() {
     w.pass(5 * MINUTE).await;
     let r = w.report();
     healthy(&w, &r);
+    let lost: f64 = (0..2)
+        .map(|i| w.metric(i, "tokenrelay_refresh_lease_lost_total"))
+        .sum();
+    assert_eq!(lost, 0.0, "a lease renewed throughout was counted as lost");
 }
 
 /// Model: "blind write instead of compare-and-swap": a write whose acknowledgement was
