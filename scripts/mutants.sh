@@ -4,7 +4,7 @@
 #
 #   credential  src/credential/**        unit tests, the simulation, the store contract,
 #                                        the in-doubt, promise, rotation, single-flight,
-#                                        provider and replica tests
+#                                        provider, replica and grant tests
 #   store       src/store/**             unit tests, the store contract (file, Redis,
 #                                        etcd), the simulation, Redis durability,
 #                                        rollback, encryption and transfer tests
@@ -54,7 +54,7 @@ files_of() {
 
 targets_of() {
     case "$1" in
-        credential) echo "--lib --test simulation --test store_contract --test in_doubt --test promise --test rotation --test single_flight --test providers --test replicas" ;;
+        credential) echo "--lib --test simulation --test store_contract --test in_doubt --test promise --test rotation --test single_flight --test providers --test replicas --test grants" ;;
         store) echo "--lib --test store_contract --test simulation --test redis_durability --test rollback --test encryption --test transfer" ;;
         response) echo "--lib --test in_doubt --test promise --test rotation --test grants --test providers" ;;
     esac
