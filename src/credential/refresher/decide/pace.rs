@@ -294,6 +294,11 @@ mod tests {
             expiry_known: false,
             ..token
         };
+        let short = TokenTimes {
+            expires_at: now + S(4),
+            lifetime: S(4),
+            ..token
+        };
         #[rustfmt::skip]
         let cases: Vec<(&str, Wake, Wakeup)> = vec![
             ("idle", Wake { idle: true, retry_at_ms: Some(NOW_MS), ..wake }, Wakeup::Never),
@@ -302,6 +307,7 @@ mod tests {
             ("backing off without a token", Wake { retry_at_ms: Some(NOW_MS + 1), token: None, ..wake }, Wakeup::At(now + Duration::from_millis(1))),
             ("no token", Wake { token: None, ..wake }, Wakeup::Never),
             ("long-lived, expiry known", Wake { long_lived: true, ..wake }, Wakeup::At(now + S(598))),
+            ("long-lived, 4 s: a quarter of its life before it expires", Wake { long_lived: true, token: Some(short), ..wake }, Wakeup::At(now + S(3))),
             ("long-lived, expiry unknown", Wake { long_lived: true, token: Some(unknown_expiry), ..wake }, Wakeup::Never),
             ("refresh time drawn for this token", Wake { scheduled: Some((4, now + S(450))), ..wake }, Wakeup::At(now + S(450))),
             ("refresh time drawn for an older token", Wake { scheduled: Some((3, now + S(450))), ..wake }, Wakeup::Schedule(token)),
