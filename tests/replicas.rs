@@ -1138,14 +1138,24 @@ async fn etcd_cluster_member_killed_under_load() {
 // 5. Store down: a fallback self-refresh only where refresh tokens do not rotate.
 // ---------------------------------------------------------------------------------------
 
-/// One tokenrelay on Redis with 3 s tokens; Redis is SIGKILLed and stays down while the
-/// token expires. Returns the statuses of requests made after expiry and the refresh
-/// requests the token endpoint saw while the store was down.
-async fn store_down_past_expiry(rotates: bool) -> (Vec<u16>, u64) {
+/// What a credential did while its store was down past its token's expiry.
+struct StoreDown {
+    /// Statuses of the requests made after the token expired.
+    statuses: Vec<u16>,
+    /// Refresh requests the token endpoint saw while the store was down.
+    refreshes: u64,
+    /// How long after the token in use was issued the first of them was sent.
+    first_refresh_after_issue: Option<Duration>,
+}
+
+/// One tokenrelay on Redis with 8 s tokens refreshed half-way (4 s), which are usable
+/// until 2 s before they expire (6 s); Redis is SIGKILLed and stays down while the token
+/// expires.
+async fn store_down_past_expiry(rotates: bool) -> StoreDown {
     let mut redis = RedisServer::start().await;
     let auth = AuthServer::start(AuthServerOptions {
         rotate_refresh_tokens: rotates,
-        ..rotating(Duration::from_secs(3))
+        ..rotating(Duration::from_secs(8))
     })
     .await
     .unwrap();
@@ -1154,7 +1164,7 @@ async fn store_down_past_expiry(rotates: bool) -> (Vec<u16>, u64) {
         "admin: {{ listen: 127.0.0.1:0 }}
 store:
 {store}credentials:
-  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, token_timeout: 1s, rotating_refresh_token: {rotates} }}
+  crm: {{ grant: refresh_token, token_url: {token_url}, client_id: demo-client, client_secret: demo-secret, allow_insecure_http: true, token_timeout: 1s, refresh_at: 0.5, rotating_refresh_token: {rotates} }}
 upstreams:
   crm: {{ listen: 127.0.0.1:0, url: {api_url}, credential: crm, allow_insecure_http: true }}
 ",
@@ -1177,7 +1187,8 @@ upstreams:
     assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
     redis.kill9();
     let refreshes_before = auth.stats().refreshes;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let issued = auth.requests_log().last().expect("the first refresh").at;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let mut statuses = Vec::new();
     for _ in 0..5 {
         statuses.push(
@@ -1191,7 +1202,16 @@ upstreams:
     }
     let refreshes = auth.stats().refreshes - refreshes_before;
     relay.stop().await;
-    (statuses, refreshes)
+    let first_refresh_after_issue = auth
+        .requests_log()
+        .iter()
+        .find(|r| r.at > issued)
+        .map(|r| r.at - issued);
+    StoreDown {
+        statuses,
+        refreshes,
+        first_refresh_after_issue,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1199,10 +1219,21 @@ async fn non_rotating_credentials_refresh_alone_while_the_store_is_down() {
     if !have_tool("redis-server") {
         return;
     }
-    let (statuses, refreshes) = store_down_past_expiry(false).await;
+    let down = store_down_past_expiry(false).await;
+    let StoreDown {
+        statuses,
+        refreshes,
+        first_refresh_after_issue,
+    } = &down;
     eprintln!("non-rotating, store down: statuses {statuses:?}, refreshes {refreshes}");
-    assert!(refreshes >= 1, "no fallback refresh");
+    assert!(*refreshes >= 1, "no fallback refresh");
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Not at the refresh time drawn (4 s): only once the token is no longer usable (6 s).
+    let first = first_refresh_after_issue.expect("a fallback refresh");
+    assert!(
+        first >= Duration::from_millis(5_900),
+        "refreshed without the store {first:?} after the token was issued, while it was usable"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1210,7 +1241,11 @@ async fn rotating_credentials_wait_for_the_store() {
     if !have_tool("redis-server") {
         return;
     }
-    let (statuses, refreshes) = store_down_past_expiry(true).await;
+    let StoreDown {
+        statuses,
+        refreshes,
+        ..
+    } = store_down_past_expiry(true).await;
     eprintln!("rotating, store down: statuses {statuses:?}, refreshes {refreshes}");
     assert_eq!(
         refreshes, 0,
