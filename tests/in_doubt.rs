@@ -124,13 +124,7 @@ async fn a_lost_answer_is_recovered_by_one_retry_within_the_grace_window() {
     assert_eq!(stats.grace_reuses, 1, "the retry presents the same token");
     // The retry leaves only when the lease's secured time for the lost request is over
     // (token_timeout 2 s + 1 s margin), never at once.
-    let refreshes: Vec<_> = f
-        .auth
-        .requests_log()
-        .into_iter()
-        .filter(|r| r.grant_type == "refresh_token")
-        .map(|r| r.at)
-        .collect();
+    let refreshes = f.auth.refresh_request_times();
     let lost_at = refreshes[before.refreshes as usize];
     let retried_at = refreshes[before.refreshes as usize + 1];
     assert!(

@@ -95,6 +95,25 @@ async fn check(j: &Journey, provider: &str) {
     assert!(!printed.contains("demo-secret"), "check shows the secret");
 }
 
+/// The ELMA365 journey with `access_ttl` tokens and one more credential setting (a
+/// line of YAML), authorized, and tokenrelay started on it.
+async fn elma365_with(access_ttl: Duration, setting: &str) -> (Journey, support::Running) {
+    let j = journey(
+        "elma365",
+        "base_url: https://acme.elma365.ru",
+        ProviderProfile::Elma365,
+        access_ttl,
+    )
+    .await;
+    let yaml = j.yaml.replace(
+        "    refresh_before: 1s\n",
+        &format!("    refresh_before: 1s\n    {setting}\n"),
+    );
+    authorize(&j).await;
+    let relay = support::start(&yaml).await;
+    (j, relay)
+}
+
 /// `tokenrelay authorize --code` with a fresh code from the provider.
 async fn authorize(j: &Journey) {
     let code = j.auth.new_authorization_code(REDIRECT_URI);
@@ -577,19 +596,8 @@ async fn seeded_refresh_tokens_count_their_lifetime_from_their_issue_time() {
 /// before it would die unused (a keep-alive refresh).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_tokens_with_an_idle_lifetime_are_kept_alive() {
-    let j = journey(
-        "elma365",
-        "base_url: https://acme.elma365.ru",
-        ProviderProfile::Elma365,
-        Duration::from_secs(120),
-    )
-    .await;
-    let yaml = j.yaml.replace(
-        "    refresh_before: 1s\n",
-        "    refresh_before: 1s\n    refresh_token_idle_lifetime: 10s\n",
-    );
-    authorize(&j).await;
-    let relay = support::start(&yaml).await;
+    let (j, relay) =
+        elma365_with(Duration::from_secs(120), "refresh_token_idle_lifetime: 10s").await;
     let kept_alive = eventually(Duration::from_secs(20), || async {
         j.auth.stats().rotations >= 1
     })
@@ -607,19 +615,11 @@ async fn refresh_tokens_with_an_idle_lifetime_are_kept_alive() {
 /// says why the next one waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_rate_limit_is_never_exceeded() {
-    let j = journey(
-        "elma365",
-        "base_url: https://acme.elma365.ru",
-        ProviderProfile::Elma365,
+    let (j, relay) = elma365_with(
         Duration::from_secs(2),
+        "refresh_rate_limit: { count: 2, per: 1m }",
     )
     .await;
-    let yaml = j.yaml.replace(
-        "    refresh_before: 1s\n",
-        "    refresh_before: 1s\n    refresh_rate_limit: { count: 2, per: 1m }\n",
-    );
-    authorize(&j).await;
-    let relay = support::start(&yaml).await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let st = status_json(&format!("http://{}", relay.admin)).await;
     relay.stop().await;
@@ -641,19 +641,7 @@ async fn a_refresh_rate_limit_is_never_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refreshes_wait_for_the_minimum_token_age() {
     const MIN_AGE: Duration = Duration::from_secs(3);
-    let j = journey(
-        "elma365",
-        "base_url: https://acme.elma365.ru",
-        ProviderProfile::Elma365,
-        Duration::from_secs(2),
-    )
-    .await;
-    let yaml = j.yaml.replace(
-        "    refresh_before: 1s\n",
-        "    refresh_before: 1s\n    min_token_age: 3s\n",
-    );
-    authorize(&j).await;
-    let relay = support::start(&yaml).await;
+    let (j, relay) = elma365_with(Duration::from_secs(2), "min_token_age: 3s").await;
     let refreshed = eventually(Duration::from_secs(30), || async {
         j.auth.stats().refreshes >= 3
     })
@@ -661,13 +649,7 @@ async fn refreshes_wait_for_the_minimum_token_age() {
     let st = status_json(&format!("http://{}", relay.admin)).await;
     relay.stop().await;
     assert!(refreshed, "fewer than 3 refreshes in 30 s: {st}");
-    let sent: Vec<_> = j
-        .auth
-        .requests_log()
-        .into_iter()
-        .filter(|r| r.grant_type == "refresh_token")
-        .map(|r| r.at)
-        .collect();
+    let sent = j.auth.refresh_request_times();
     for pair in sent.windows(2) {
         // The refresher counts the age from the answer, which came after the server
         // logged the request; a millisecond is lost to the stored time's resolution.

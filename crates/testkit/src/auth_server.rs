@@ -609,6 +609,17 @@ impl AuthServer {
         self.shared.lock().log.iter().cloned().collect()
     }
 
+    /// When each refresh-token request was processed, oldest first.
+    pub fn refresh_request_times(&self) -> Vec<Instant> {
+        let shared = self.shared.lock();
+        shared
+            .log
+            .iter()
+            .filter(|r| r.grant_type == "refresh_token")
+            .map(|r| r.at)
+            .collect()
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to two seconds) and closes
     /// all connections. Token state stays readable through validators handed out.
     pub async fn shutdown(self) {
