@@ -592,6 +592,23 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
+    /// A state file or generation mark that cannot be read is an error, never "nothing
+    /// stored": an empty store would let a seed replace a live refresh token.
+    #[tokio::test]
+    async fn an_unreadable_state_or_mark_is_an_error_not_an_empty_store() {
+        for unreadable in ["crm.json", "crm.generation"] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = store(dir.path(), false);
+            rotate(&s, 0, 1).await;
+            // A directory where the file should be: reading it fails, even for root.
+            let path = dir.path().join(unreadable);
+            fs::remove_file(&path).unwrap();
+            fs::create_dir(&path).unwrap();
+            let loaded = s.load("crm").await;
+            assert!(loaded.is_err(), "{unreadable} unreadable: {loaded:?}");
+        }
+    }
+
     #[tokio::test]
     async fn a_conflict_writes_no_mark() {
         let dir = tempfile::tempdir().unwrap();
