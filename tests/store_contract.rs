@@ -49,6 +49,19 @@ fn open(store_yaml: &str) -> Arc<dyn Store> {
     tokenrelay::store::open(&config.store).unwrap_or_else(|e| panic!("store not opened: {e}"))
 }
 
+/// The `store:` entries of an etcd store on `endpoints`, then `more` (indented entries).
+fn etcd_yaml(endpoints: &[String], more: &str) -> String {
+    format!(
+        "  type: etcd\n  endpoints: [{}]\n{more}",
+        endpoints.join(", ")
+    )
+}
+
+/// A loopback endpoint nobody listens on: every connection to it is refused.
+fn unanswered_endpoint() -> String {
+    format!("http://127.0.0.1:{}", support::free_ports(1)[0])
+}
+
 /// A state of generation `generation` with tokens named after it.
 fn state(generation: u64, tag: &str) -> StoredState {
     StoredState {
@@ -503,7 +516,7 @@ async fn the_etcd_store_keeps_the_contract() {
     }
     let etcd = support::stores::EtcdCluster::start(1).await;
     let endpoints = etcd.endpoints();
-    let store_yaml = format!("  type: etcd\n  endpoints: [{}]\n", endpoints.join(", "));
+    let store_yaml = etcd_yaml(&endpoints, "");
     Backend::new("etcd", &store_yaml, LoseLease::Etcd(endpoints[0].clone()))
         .check_contract()
         .await;
@@ -520,12 +533,8 @@ async fn the_etcd_store_moves_on_from_endpoints_that_do_not_answer() {
     }
     let mut etcd = support::stores::EtcdCluster::start(3).await;
     let live = etcd.endpoints();
-    let dead = format!("http://127.0.0.1:{}", support::free_ports(1)[0]);
-    let endpoints = [vec![dead], live].concat();
-    let store = open(&format!(
-        "  type: etcd\n  endpoints: [{}]\n",
-        endpoints.join(", ")
-    ));
+    let endpoints = [vec![unanswered_endpoint()], live].concat();
+    let store = open(&etcd_yaml(&endpoints, ""));
     let swap = |generation: u64| {
         let store = store.clone();
         async move {
@@ -569,11 +578,10 @@ async fn the_etcd_store_with_authentication_moves_on_from_endpoints_that_do_not_
     etcd.enable_authentication("contract-password").await;
     // With authentication the client connects (and authenticates) before its first
     // request, so a refused endpoint fails the connect, not a request.
-    let dead = format!("http://127.0.0.1:{}", support::free_ports(1)[0]);
-    let endpoints = [vec![dead], etcd.endpoints()].concat();
-    let store = open(&format!(
-        "  type: etcd\n  endpoints: [{}]\n  username: root\n  password: contract-password\n",
-        endpoints.join(", ")
+    let endpoints = [vec![unanswered_endpoint()], etcd.endpoints()].concat();
+    let store = open(&etcd_yaml(
+        &endpoints,
+        "  username: root\n  password: contract-password\n",
     ));
     let outcome = store
         .compare_and_swap("crm", 0, &state(1, "authenticated"))
@@ -598,14 +606,14 @@ async fn requests_failing_together_on_one_etcd_member_move_on_once() {
     let leader = etcd.leader().await.expect("the cluster has a leader");
     let follower = (leader + 1) % 3;
     let live = etcd.endpoints();
-    let dead = format!("http://127.0.0.1:{}", support::free_ports(1)[0]);
     // A follower first, so that pausing it needs no election; then the leader; then an
     // endpoint nobody listens on, which a second move would land on.
-    let endpoints = [live[follower].clone(), live[leader].clone(), dead];
-    let store = open(&format!(
-        "  type: etcd\n  endpoints: [{}]\n",
-        endpoints.join(", ")
-    ));
+    let endpoints = [
+        live[follower].clone(),
+        live[leader].clone(),
+        unanswered_endpoint(),
+    ];
+    let store = open(&etcd_yaml(&endpoints, ""));
     store
         .compare_and_swap("crm", 0, &state(1, "together"))
         .await

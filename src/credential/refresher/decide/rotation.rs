@@ -41,8 +41,7 @@ pub fn lease_wait_deadline(started: Instant, ttl: Duration, token_timeout: Durat
     started + ttl + token_timeout * 2
 }
 
-/// `deadline`: how long a holder's refresh lasts at most, from when this one started
-/// waiting: the lease's TTL, its token request and the durable write.
+/// `deadline`: from [`lease_wait_deadline`].
 pub fn lease_busy(now: Instant, deadline: Instant, stopping: bool) -> LeaseBusy {
     if now >= deadline || stopping {
         LeaseBusy::GiveUp
